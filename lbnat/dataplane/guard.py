@@ -1,0 +1,148 @@
+"""Keep the LB host's own TCP/UDP stack away from the packets lbnat owns.
+
+lbnat reads copies of frames from a packet socket; the originals still climb the kernel's
+stack, which has no socket for the VIP ports or the NAT ports and would answer with RSTs (TCP)
+or ICMP port-unreachables (UDP), killing the flows lbnat is translating. So lbnat installs an
+nftables table of its own that drops exactly those packets in prerouting (after the packet
+socket got its copy) -- only to the LB address, only those ports: the rest of the host, its
+other services and its own connections, are untouched. The C++ guideline dropped every RST the
+host sent; that breaks every other TCP service of the host and is not done here.
+
+The NAT port range is also added to net.ipv4.ip_local_reserved_ports, so the host never picks
+one of lbnat's NAT ports as the source port of its own connections (their replies would be
+dropped by the guard). Both are undone at exit; a table left by a crash is replaced at start.
+
+The output chain only counts: a RST the kernel itself sends from lbnat's ports (lbnat's own
+frames leave through the packet socket and never pass that hook). It should stay at zero, and
+the integration tests check it does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+RESERVED_PORTS = "/proc/sys/net/ipv4/ip_local_reserved_ports"
+
+
+class GuardError(Exception):
+    pass
+
+
+def table_name(lb_ip: str) -> str:
+    return "lbnat_" + lb_ip.replace(".", "_")
+
+
+def _set(ports: Iterable[int], nat_ports: tuple[int, int]) -> str:
+    items = [str(port) for port in sorted(set(ports))] + [f"{nat_ports[0]}-{nat_ports[1]}"]
+    return "{ " + ", ".join(items) + " }"
+
+
+def ruleset(
+    lb_ip: str, tcp_ports: Iterable[int], udp_ports: Iterable[int], nat_ports: tuple[int, int]
+) -> str:
+    """The nft script: replace any old table (a crash leftover) and create the new one, in one
+    atomic transaction."""
+    name = table_name(lb_ip)
+    tcp = _set(tcp_ports, nat_ports)
+    udp = _set(udp_ports, nat_ports)
+    return f"""
+table ip {name}
+delete table ip {name}
+table ip {name} {{
+    chain prerouting {{
+        type filter hook prerouting priority raw - 10; policy accept;
+        ip daddr {lb_ip} tcp dport {tcp} counter drop comment "lbnat owns these"
+        ip daddr {lb_ip} udp dport {udp} counter drop comment "lbnat owns these"
+    }}
+    chain output {{
+        type filter hook output priority raw - 10; policy accept;
+        ip saddr {lb_ip} tcp sport {tcp} tcp flags & rst == rst counter comment "kernel RSTs"
+    }}
+}}
+"""
+
+
+def nft(script: str) -> None:
+    try:
+        result = subprocess.run(
+            ["nft", "-f", "-"], input=script, text=True, capture_output=True, timeout=10
+        )
+    except FileNotFoundError:
+        raise GuardError("the nft command is not installed (apt-get install nftables)") from None
+    if result.returncode != 0:
+        raise GuardError(f"nft failed: {result.stderr.strip()}")
+
+
+def _parse_ranges(text: str) -> list[tuple[int, int]]:
+    ranges = []
+    for part in text.replace("\n", "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        ranges.append((int(low), int(high or low)))
+    return ranges
+
+
+def _format_ranges(ranges: list[tuple[int, int]]) -> str:
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges)
+
+
+@dataclass
+class KernelGuard:
+    lb_ip: str
+    tcp_ports: list[int]
+    udp_ports: list[int]
+    nat_ports: tuple[int, int]
+    reserved_path: str = RESERVED_PORTS
+    _saved_reserved: str | None = field(default=None, init=False)
+    installed: bool = field(default=False, init=False)
+
+    def install(self) -> None:
+        nft(ruleset(self.lb_ip, self.tcp_ports, self.udp_ports, self.nat_ports))
+        self.installed = True
+        try:
+            with open(self.reserved_path) as f:
+                self._saved_reserved = f.read().strip()
+            ranges = _parse_ranges(self._saved_reserved)
+            if self.nat_ports not in ranges:
+                ranges.append(self.nat_ports)
+            with open(self.reserved_path, "w") as f:
+                f.write(_format_ranges(ranges) + "\n")
+        except OSError as error:
+            self.remove()
+            raise GuardError(
+                f"cannot reserve the NAT ports in {self.reserved_path}: {error}"
+            ) from None
+
+    def remove(self) -> None:
+        """Undo install(). Safe to call twice and after a partial install."""
+        if self._saved_reserved is not None:
+            try:
+                with open(self.reserved_path, "w") as f:
+                    f.write(self._saved_reserved + "\n")  # a bare "" would write nothing
+            except OSError:
+                pass
+            self._saved_reserved = None
+        if self.installed:
+            name = table_name(self.lb_ip)
+            with contextlib.suppress(GuardError):
+                nft(f"table ip {name}\ndelete table ip {name}\n")
+            self.installed = False
+
+    def kernel_rsts(self) -> int:
+        """Packets counted by the output chain: RSTs the kernel sent from lbnat's ports."""
+        result = subprocess.run(
+            ["nft", "list", "chain", "ip", table_name(self.lb_ip), "output"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        for line in result.stdout.splitlines():
+            if "kernel RSTs" in line and "packets" in line:
+                words = line.split()
+                return int(words[words.index("packets") + 1])
+        return 0

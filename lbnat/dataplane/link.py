@@ -1,0 +1,194 @@
+"""The interface lbnat works on, and next-hop MAC addresses from the kernel's neighbour table.
+
+lbnat sends whole Ethernet frames, so for every packet it needs the MAC of the next hop: the
+destination itself when it is on the interface's subnet, else the default gateway. The kernel
+already keeps that table (ARP); lbnat reads it (/proc/net/arp, about 50 us) into a dict and
+looks frames up there. A miss never stalls the loop: the frame waits in a short per-hop queue,
+one ICMP echo makes the kernel resolve the address, and the loop re-reads the table every few
+milliseconds while anything waits. A periodic re-read picks up a neighbour whose MAC changed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from collections import deque
+from dataclasses import dataclass
+
+import netifaces
+
+from lbnat.packet import checksum
+
+
+class LinkError(Exception):
+    """The address or interface asked for is not usable (a clear message, no traceback)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    interface: str
+    ip: str
+    network: ipaddress.IPv4Network
+    mac: bytes
+
+    @property
+    def ip_int(self) -> int:
+        return int(ipaddress.IPv4Address(self.ip))
+
+
+def _mac_bytes(text: str) -> bytes:
+    return bytes(int(part, 16) for part in text.split(":"))
+
+
+def find_link(ip: str, interface: str | None = None) -> Link:
+    """The interface that holds `ip` (or check that `interface` holds it)."""
+    try:
+        ipaddress.IPv4Address(ip)
+    except ValueError:
+        raise LinkError(f"{ip!r} is not an IPv4 address") from None
+    names = [interface] if interface else netifaces.interfaces()
+    for name in names:
+        try:
+            addresses = netifaces.ifaddresses(name)
+        except ValueError:
+            raise LinkError(f"no interface named {name!r}") from None
+        for entry in addresses.get(netifaces.AF_INET, []):
+            if entry.get("addr") == ip:
+                network = ipaddress.IPv4Network(
+                    f"{ip}/{entry.get('netmask', '255.255.255.255')}", strict=False
+                )
+                links = addresses.get(netifaces.AF_LINK, [])
+                mac = links[0].get("addr", "") if links else ""
+                if not mac or name == "lo":
+                    raise LinkError(f"{ip} is on {name}, which has no Ethernet address")
+                return Link(name, ip, network, _mac_bytes(mac))
+    where = f"interface {interface}" if interface else "any interface"
+    raise LinkError(f"{ip} is not an address of {where} in this network namespace")
+
+
+def default_gateway(interface: str) -> int | None:
+    gateways = netifaces.gateways().get("default", {})
+    entry = gateways.get(netifaces.AF_INET)
+    if entry and entry[1] == interface:
+        return int(ipaddress.IPv4Address(entry[0]))
+    return None
+
+
+def read_arp_table(interface: str, path: str = "/proc/net/arp") -> dict[int, bytes]:
+    """Complete entries of the kernel's IPv4 neighbour table on `interface`: ip -> MAC."""
+    table: dict[int, bytes] = {}
+    try:
+        with open(path) as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if len(fields) < 6 or fields[5] != interface:
+                    continue
+                if not int(fields[2], 16) & 0x2 or fields[3] == "00:00:00:00:00:00":
+                    continue  # incomplete
+                table[int(ipaddress.IPv4Address(fields[0]))] = _mac_bytes(fields[3])
+    except OSError:
+        pass
+    return table
+
+
+class Neighbours:
+    """Ethernet headers (destination MAC + our MAC + IPv4 ethertype) per destination address."""
+
+    QUEUE_LIMIT = 64  # frames kept per unresolved next hop
+    GIVE_UP_AFTER = 3.0  # seconds
+
+    def __init__(self, link: Link, arp_path: str = "/proc/net/arp") -> None:
+        self.link = link
+        self.arp_path = arp_path
+        self._network = int(link.network.network_address)
+        self._netmask = int(link.network.netmask)
+        self._gateway = default_gateway(link.interface)
+        self.headers: dict[int, bytes] = {}  # destination ip -> 14-byte Ethernet header
+        self.pending: dict[int, tuple[float, deque[bytes]]] = {}  # next hop -> (since, frames)
+        self.gave_up = 0
+        self._macs: dict[int, bytes] = {}
+        self._asked: dict[int, float] = {}
+        self._icmp: socket.socket | None = None
+        self.refresh()
+
+    def next_hop(self, destination: int) -> int | None:
+        if destination & self._netmask == self._network:
+            return destination
+        return self._gateway
+
+    def refresh(self) -> list[int]:
+        """Re-read the kernel's table. Returns the next hops that just became known."""
+        macs = read_arp_table(self.link.interface, self.arp_path)
+        learned = [ip for ip in macs if self._macs.get(ip) != macs[ip]]
+        self._macs.update(macs)  # keep a MAC the kernel aged out: it is still the best guess
+        if learned:
+            self.headers.clear()  # rebuilt lazily from _macs
+        return learned
+
+    def header_for(self, destination: int) -> bytes | None:
+        """The Ethernet header for a frame to `destination`, or None while unresolved."""
+        header = self.headers.get(destination)
+        if header is not None:
+            return header
+        hop = self.next_hop(destination)
+        if hop is None:
+            return None
+        mac = self._macs.get(hop)
+        if mac is None:
+            return None
+        header = self.headers[destination] = mac + self.link.mac + b"\x08\x00"
+        return header
+
+    def hold(self, destination: int, frame: bytes, now: float) -> bool:
+        """Queue a frame for an unresolved destination and ask the kernel to resolve it.
+        False when the destination has no route or the queue is full (the frame is dropped)."""
+        if self.next_hop(destination) is None:
+            return False
+        _since, queue = self.pending.setdefault(destination, (now, deque()))
+        if len(queue) >= self.QUEUE_LIMIT:
+            return False
+        queue.append(frame)
+        self.solicit(destination, now)
+        return True
+
+    def solicit(self, destination: int, now: float) -> None:
+        """One ICMP echo from the kernel's stack: it makes the kernel ARP for the next hop."""
+        hop = self.next_hop(destination)
+        if hop is None or now - self._asked.get(hop, -10.0) < 1.0:
+            return
+        self._asked[hop] = now
+        try:
+            if self._icmp is None:
+                self._icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+                self._icmp.setblocking(False)
+            echo = bytearray(struct.pack("!BBHHH", 8, 0, 0, 0x4C42, 1) + b"lbnat neighbour")
+            struct.pack_into("!H", echo, 2, checksum(echo))
+            self._icmp.sendto(bytes(echo), (str(ipaddress.IPv4Address(hop)), 0))
+        except OSError:
+            pass  # resolution is retried on the next held frame
+
+    def release(self, now: float) -> tuple[list[tuple[bytes, bytes]], int]:
+        """Frames whose next hop is now known, with their Ethernet header; and how many frames
+        were given up on (unresolved for GIVE_UP_AFTER seconds)."""
+        if not self.pending:
+            return [], 0
+        self.refresh()
+        ready: list[tuple[bytes, bytes]] = []
+        dropped = 0
+        for destination in list(self.pending):
+            since, queue = self.pending[destination]
+            header = self.header_for(destination)
+            if header is not None:
+                ready.extend((header, frame) for frame in queue)
+                del self.pending[destination]
+            elif now - since > self.GIVE_UP_AFTER:
+                dropped += len(queue)
+                del self.pending[destination]
+        self.gave_up += dropped
+        return ready, dropped
+
+    def close(self) -> None:
+        if self._icmp is not None:
+            self._icmp.close()

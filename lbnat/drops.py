@@ -1,0 +1,30 @@
+"""Why a packet was dropped. Every drop is counted under one of these names (`lbnat status`)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class DropReason(enum.IntEnum):
+    # Malformed or unsupported input, decided by lbnat.packet.parse.
+    TRUNCATED = 1
+    NOT_IPV4 = 2
+    BAD_IHL = 3
+    BAD_TOTAL_LENGTH = 4
+    FRAGMENT = 5  # any IP fragment: ports are missing or the datagram is incomplete
+    NOT_TCP_UDP = 6
+    BAD_TCP_OFFSET = 7
+    BAD_TCP_FLAGS = 8  # no flag at all, SYN+FIN, SYN+RST
+    BAD_UDP_LENGTH = 9
+    # Decided by the engine.
+    NOT_FOR_US = 20  # not to the LB address, or to a port lbnat does not own
+    NO_SESSION = 21  # a non-SYN segment (or a reply) that matches no row
+    NO_BACKEND = 22  # no eligible backend for a new flow (TCP: answered with a RST)
+    NAT_PORTS_EXHAUSTED = 23
+    TABLE_FULL = 24
+    NO_NEXT_HOP = 25  # data plane: the next hop's MAC is not known yet
+    SEND_FAILED = 26  # data plane: the kernel refused the frame
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()

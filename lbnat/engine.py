@@ -1,0 +1,303 @@
+"""The sans-IO core: an IPv4 packet and the time in, one verdict out, events on the side.
+
+    engine.handle(buf, start, end, partial, now) -> Action
+    engine.tick(now)                              # expiry sweep; call between batches
+    engine.events                                 # FlowOpened / FlowEnded / NoBackend, drained by I/O
+
+The packet is rewritten in place in `buf` (the data plane's receive buffer). An action is a
+plain tuple, so the verdict costs no object construction on the packet path:
+
+    (FORWARD, next_hop)          send buf[start:end] as rewritten, to IPv4 address next_hop (int)
+    (REPLY, packet, next_hop)    send this new IPv4 packet instead (a RST lbnat makes itself)
+    (DROP, reason)               send nothing; the reason has been counted
+
+Direction is told by the destination port on the LB address: a service's VIP port means
+client -> backend; a port in the NAT range means backend -> client (a reply to a NAT port).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lbnat.backends import Backend, BackendKey
+from lbnat.drops import DropReason
+from lbnat.nat import ENDED, Affinity, Ended, EndReason, Refusal, SessionTable, State, Timeouts
+from lbnat.packet import ACK, RST, SYN, TCP, parse, rewrite, tcp_segment, tcp_window_scale
+from lbnat.scheduler import make_scheduler
+from lbnat.service import Service, ServiceState
+
+FORWARD = 1
+REPLY = 2
+DROP = 3
+
+Action = tuple[Any, ...]  # (FORWARD, int) | (REPLY, bytes, int) | (DROP, int): see above
+
+_DROP_ACTIONS: dict[DropReason, Action] = {reason: (DROP, int(reason)) for reason in DropReason}
+_REFUSAL_DROPS = {
+    Refusal.NAT_PORTS_EXHAUSTED: DropReason.NAT_PORTS_EXHAUSTED,
+    Refusal.TABLE_FULL: DropReason.TABLE_FULL,
+}
+
+
+def ip_text(address: int) -> str:
+    return socket.inet_ntoa(struct.pack("!I", address))
+
+
+def ip_int(text: str) -> int:
+    return int.from_bytes(socket.inet_aton(text), "big")
+
+
+@dataclass(frozen=True, slots=True)
+class FlowOpened:
+    service: str
+    client: tuple[str, int]
+    backend: BackendKey
+    nat_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEnded:
+    """A flow is over (FIN both ways, an in-window RST, a timeout). Printed at once, as the
+    original does: "client <ip,port> terminated" and "Current NAT table length : N"."""
+
+    service: str
+    client: tuple[str, int]
+    backend: BackendKey
+    reason: EndReason
+    open_flows: int
+
+
+@dataclass(frozen=True, slots=True)
+class NoBackend:
+    service: str
+    client: tuple[str, int]
+
+
+Event = FlowOpened | FlowEnded | NoBackend
+
+
+class _ActiveFlows(Mapping[BackendKey, int]):
+    """Open flows per backend of one service, read from the port pools (for least-conn)."""
+
+    def __init__(self, table: SessionTable, service: ServiceState) -> None:
+        self._table = table
+        self._service = service
+
+    def __getitem__(self, key: BackendKey) -> int:
+        backend = self._service.by_key[key]
+        pool = self._table.pools.get((self._service.proto << 48) | (backend.ip_int << 16) | backend.port)
+        return 0 if pool is None else pool.active
+
+    def __iter__(self) -> Iterator[BackendKey]:
+        return iter(self._service.by_key)
+
+    def __len__(self) -> int:
+        return len(self._service.by_key)
+
+
+class Engine:
+    def __init__(
+        self,
+        lb_ip: str,
+        services: Sequence[Service],
+        nat_ports: tuple[int, int] = (61000, 65535),
+        timeouts: Timeouts | None = None,
+        table_cap: int = 1_000_000,
+    ) -> None:
+        self.lb_ip = ip_int(lb_ip)
+        self.table = SessionTable(self.lb_ip, nat_ports, timeouts, table_cap)
+        self.nat_first, self.nat_last = self.table.port_range
+        self.services: dict[str, ServiceState] = {}
+        self._by_port: dict[int, ServiceState] = {}  # (proto << 16) | port -> service
+        for spec in services:
+            self.add_service(spec)
+        self.events: list[Event] = []
+        self.drops: dict[DropReason, int] = {}
+        self.packets = 0
+
+    def add_service(self, spec: Service) -> ServiceState:
+        if spec.name in self.services:
+            raise ValueError(f"service {spec.name!r} is defined twice")
+        if self.nat_first <= spec.port <= self.nat_last:
+            raise ValueError(
+                f"service {spec.name}: port {spec.port} is inside the NAT port range "
+                f"{self.nat_first}-{self.nat_last}"
+            )
+        key = (spec.proto_number << 16) | spec.port
+        if key in self._by_port:
+            raise ValueError(f"service {spec.name}: {spec.proto} port {spec.port} is already used")
+        service = ServiceState(spec, make_scheduler(spec.scheduler))
+        self.services[spec.name] = service
+        self._by_port[key] = service
+        if spec.affinity_timeout:
+            self._affinity[spec.name] = Affinity(spec.affinity_timeout)
+        return service
+
+    @property
+    def _affinity(self) -> dict[str, Affinity]:
+        try:
+            return self.__dict__["_affinity_records"]  # type: ignore[no-any-return]
+        except KeyError:
+            records: dict[str, Affinity] = {}
+            self.__dict__["_affinity_records"] = records
+            return records
+
+    def set_backends(self, service: str, backends: Sequence[Backend]) -> None:
+        """Publish a new snapshot of a service's backends (health, weights, draining)."""
+        state = self.services[service]
+        state.publish(tuple(backends))
+        for backend in state.backends:
+            pool = self.table.pools.get((state.proto << 48) | (backend.ip_int << 16) | backend.port)
+            if pool is not None:
+                pool.backend = backend
+
+    # --- the packet path ---------------------------------------------------------------------
+
+    def handle(self, buf: bytearray, start: int, end: int, partial: bool, now: float) -> Action:
+        self.packets += 1
+        headers = parse(buf, start, end)
+        if headers.__class__ is not tuple:
+            return self._drop(headers)  # type: ignore[arg-type]
+        proto, l4, src, dst, sport, dport, flags, seq, ack, win, _ = headers  # type: ignore[misc]
+        if dst != self.lb_ip:
+            return self._drop(DropReason.NOT_FOR_US)
+        table = self.table
+
+        if self.nat_first <= dport <= self.nat_last:  # backend -> client
+            pool = table.pools.get((proto << 48) | (src << 16) | sport)
+            s = None if pool is None else pool.rows[dport - pool.first]
+            if s is None:
+                return self._drop(DropReason.NO_SESSION)
+            ended = None
+            if proto == TCP:
+                if flags & SYN and s.state == State.SYN_SENT:
+                    table.note_server_wscale(s, tcp_window_scale(buf, l4, end))
+                ended = table.track_server(s, flags, seq, ack, win, now)
+            else:
+                table.track_udp_reply(s, now)
+            deltas = s.rev_deltas
+            rewrite(buf, start, l4, proto, s.rev_addresses, s.rev_ports, deltas >> 16, deltas & 0xFFFF, partial)
+            pool.packets += 1
+            pool.bytes += end - start
+            service = s.service
+            service.packets += 1
+            service.bytes += end - start
+            if ended is not None:
+                self._flow_ended(ended)
+            return (FORWARD, (s.key >> 16) & 0xFFFFFFFF)
+
+        service = self._by_port.get((proto << 16) | dport)  # type: ignore[assignment]
+        if service is None:
+            return self._drop(DropReason.NOT_FOR_US)
+        s = table.forward.get((proto << 48) | (src << 16) | sport)
+        if s is None or (flags & SYN and not flags & ACK and s.state in ENDED):
+            if proto == TCP and (flags & (SYN | ACK | RST)) != SYN:
+                return self._drop(DropReason.NO_SESSION)
+            if s is not None:
+                table.remove(s)  # a new SYN on an ended row is a new flow
+            opened = self._open(service, proto, src, sport, flags, seq, buf, l4, end, now)
+            if opened.__class__ is tuple:
+                return opened  # type: ignore[return-value]
+            s = opened  # type: ignore[assignment]
+        elif proto == TCP:
+            ended = table.track_client(s, flags, seq, ack, win, now)
+            if ended is not None:
+                self._flow_ended(ended)
+        else:
+            s.expires = now + table.timeout_of[s.state]
+        assert s is not None
+        deltas = s.fwd_deltas
+        pool = s.pool
+        rewrite(buf, start, l4, proto, pool.fwd_addresses, s.fwd_ports, deltas >> 16, deltas & 0xFFFF, partial)
+        pool.packets += 1
+        pool.bytes += end - start
+        service.packets += 1
+        service.bytes += end - start
+        return (FORWARD, pool.backend.ip_int)
+
+    def _open(
+        self,
+        service: ServiceState,
+        proto: int,
+        client_ip: int,
+        client_port: int,
+        flags: int,
+        seq: int,
+        buf: bytearray,
+        l4: int,
+        end: int,
+        now: float,
+    ) -> object:
+        """Schedule a new flow: a Session, or an Action when it cannot be made."""
+        key = (proto << 48) | (client_ip << 16) | client_port
+        backend: Backend | None = None
+        affinity = self._affinity.get(service.name) if self._affinity else None
+        if affinity is not None:
+            remembered = affinity.get(service.port, client_ip, now)
+            if remembered is not None:
+                candidate = service.by_key.get(remembered)
+                if candidate is not None and candidate.eligible:
+                    backend = candidate
+        if backend is None:
+            backend = service.scheduler.pick(key, _ActiveFlows(self.table, service))
+        if backend is None:
+            service.count_drop(DropReason.NO_BACKEND)
+            self.count_drop(DropReason.NO_BACKEND)
+            self.events.append(NoBackend(service.name, (ip_text(client_ip), client_port)))
+            if proto == TCP:
+                # Refuse at once, as a closed port would: RST+ACK acknowledging the SYN.
+                rst = tcp_segment(
+                    self.lb_ip, client_ip, service.port, client_port, 0, (seq + 1) & 0xFFFFFFFF, RST | ACK
+                )
+                return (REPLY, rst, client_ip)
+            return _DROP_ACTIONS[DropReason.NO_BACKEND]
+        opened, evicted = self.table.open(now, service, proto, client_ip, client_port, self.lb_ip, backend)
+        for victim in evicted:
+            self._flow_ended(victim)
+        if isinstance(opened, Refusal):
+            reason = _REFUSAL_DROPS[opened]
+            service.count_drop(reason)
+            return self._drop(reason)
+        if proto == TCP:
+            self.table.start_tcp(opened, seq, flags, tcp_window_scale(buf, l4, end))
+        if affinity is not None:
+            affinity.remember(service.port, client_ip, backend.key, now)
+        service.flows += 1
+        self.events.append(FlowOpened(service.name, opened.client, backend.key, opened.nat_port))
+        return opened
+
+    def _drop(self, reason: DropReason) -> Action:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+        return _DROP_ACTIONS[reason]
+
+    def count_drop(self, reason: DropReason) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    def _flow_ended(self, ended: Ended) -> None:
+        s = ended.session
+        affinity = self._affinity.get(s.service.name) if self._affinity else None
+        if affinity is not None:
+            # IPVS persistence counts from the end of the client's last connection.
+            affinity.remember(s.service.port, s.client_ip, s.backend.key, s.expires)
+        self.events.append(FlowEnded(s.service.name, s.client, s.backend.key, ended.reason, ended.open_flows))
+
+    # --- between batches ---------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Expire rows and affinity records whose time has come."""
+        for ended in self.table.expire(now):
+            self._flow_ended(ended)
+        for affinity in self._affinity.values():
+            affinity.expire(now)
+
+    def take_events(self) -> list[Event]:
+        events, self.events = self.events, []
+        return events
+
+    @property
+    def open_flows(self) -> int:
+        return self.table.open_flows

@@ -1,0 +1,595 @@
+"""The NAT session table: one row per flow, found from either side, expired by state.
+
+    forward:  (proto, client ip, client port)           -> Session   (a dict keyed by one int)
+    reverse:  (proto, backend ip, backend port, NAT port) -> Session (a per-backend array
+                                                                       indexed by NAT port)
+
+A `PortPool` per (proto, backend) hands out NAT ports so that (backend, NAT port) is unique:
+two clients that use the same source port get different NAT ports, and the reverse lookup
+needs no dict of its own (which is most of why a row costs under 500 bytes).
+
+TCP rows follow a simplified Linux conntrack / IPVS state machine with per-state timeouts.
+Sequence numbers are tracked just enough to tell an in-window RST (closes the row) from a
+stale or forged one (forwarded, changes nothing): each side's last ACK and scaled window.
+
+Expiry is lazy: a packet only moves `session.expires`. Rows sit in one-second buckets keyed by
+the deadline they had when bucketed; a sweep visits only the buckets that came due and either
+expires a row or re-buckets it at its newer deadline, so a sweep costs O(due rows), never a
+scan of the table, and the packet path touches no timer structure.
+
+Pure: time comes in as `now` (seconds, any monotonic origin); nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import math
+import socket
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from lbnat.backends import Backend, BackendKey
+from lbnat.packet import ACK, FIN, RST, SYN, TCP, UDP, rewrite_deltas, seq_after
+from lbnat.service import ServiceState
+
+_ADDR = struct.Struct("!I")
+_PORTS = struct.Struct("!HH")
+
+
+class State(enum.IntEnum):
+    SYN_SENT = 0
+    SYN_RECV = 1
+    ESTABLISHED = 2
+    FIN_WAIT = 3  # a FIN seen from one side
+    TIME_WAIT = 4  # FINs seen from both sides: the flow has ended, the row lingers
+    CLOSE = 5  # an in-window RST: the flow has ended, the row lingers briefly
+    UDP_UNREPLIED = 6
+    UDP_REPLIED = 7
+
+
+ENDED = (State.TIME_WAIT, State.CLOSE)
+HALF_OPEN = (State.SYN_SENT, State.SYN_RECV, State.UDP_UNREPLIED)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds a row lives without traffic, per state (Linux conntrack's defaults)."""
+
+    syn_sent: float = 120.0
+    syn_recv: float = 60.0
+    established: float = 900.0
+    fin_wait: float = 120.0
+    time_wait: float = 120.0
+    close: float = 10.0
+    udp: float = 30.0
+    udp_replied: float = 120.0
+
+    def by_state(self) -> tuple[float, ...]:
+        return (
+            self.syn_sent,
+            self.syn_recv,
+            self.established,
+            self.fin_wait,
+            self.time_wait,
+            self.close,
+            self.udp,
+            self.udp_replied,
+        )
+
+
+class EndReason(enum.Enum):
+    FIN = "fin"
+    RST = "rst"
+    TIMEOUT = "timeout"
+    EVICTED = "evicted"
+    RESET_BY_ADMIN = "reset"
+
+
+class Refusal(enum.Enum):
+    """Why `SessionTable.open` could not make a row."""
+
+    NAT_PORTS_EXHAUSTED = "nat_ports_exhausted"
+    TABLE_FULL = "table_full"
+
+
+def forward_key(proto: int, client_ip: int, client_port: int) -> int:
+    return (proto << 48) | (client_ip << 16) | client_port
+
+
+def pool_key(proto: int, backend_ip: int, backend_port: int) -> int:
+    return (proto << 48) | (backend_ip << 16) | backend_port
+
+
+class PortPool:
+    """NAT ports towards one (proto, backend ip, backend port), and the rows that hold them.
+
+    Never-used ports are handed out first, then freed ports oldest-freed first, so a port is
+    reused as late as possible (the backend may still hold the old connection in TIME_WAIT).
+    It also keeps the per-backend counters.
+    """
+
+    __slots__ = (
+        "active",
+        "backend",
+        "bytes",
+        "closed",
+        "first",
+        "flows",
+        "free",
+        "fwd_addresses",
+        "last",
+        "next_unused",
+        "packets",
+        "rows",
+    )
+
+    def __init__(self, backend: Backend, lb_ip: int, first: int, last: int) -> None:
+        self.backend = backend
+        self.first = first
+        self.last = last
+        self.next_unused = first
+        self.free: deque[int] = deque()
+        self.rows: list[Session | None] = [None] * (last - first + 1)
+        self.closed: OrderedDict[Session, None] = OrderedDict()  # ended rows, oldest first
+        # src LB, dst backend: the same for every flow to this backend.
+        self.fwd_addresses = _ADDR.pack(lb_ip) + _ADDR.pack(backend.ip_int)
+        self.active = 0  # open flows (not ended)
+        self.flows = 0  # flows ever scheduled here
+        self.packets = 0
+        self.bytes = 0
+
+    def take(self) -> int | None:
+        if self.next_unused <= self.last:
+            port = self.next_unused
+            self.next_unused += 1
+            return port
+        if self.free:
+            return self.free.popleft()
+        return None
+
+    def lookup(self, nat_port: int) -> Session | None:
+        index = nat_port - self.first
+        if 0 <= index < len(self.rows):
+            return self.rows[index]
+        return None
+
+    @property
+    def rows_held(self) -> int:
+        return sum(1 for row in self.rows if row is not None)
+
+
+class Session:
+    """One row. Slots only, and shared objects where rows can share them (memory per row)."""
+
+    __slots__ = (
+        "ack_c",
+        "ack_s",
+        "bucket",
+        "created",
+        "expires",
+        "fins",
+        "fwd_deltas",
+        "fwd_ports",
+        "key",
+        "nat_port",
+        "pool",
+        "rev_addresses",
+        "rev_deltas",
+        "rev_ports",
+        "service",
+        "state",
+        "win_c",
+        "win_s",
+        "wscale",
+    )
+
+    def __init__(self) -> None:
+        self.key = 0
+        self.service: ServiceState
+        self.pool: PortPool
+        self.nat_port = 0
+        self.state = State.SYN_SENT
+        self.created = 0.0
+        self.expires = 0.0
+        self.bucket = 0  # the second this row was last bucketed at; -1 once removed
+        # Rewrites: (ip_delta << 16) | l4_delta per direction; see lbnat.packet.rewrite.
+        self.fwd_ports = b""
+        self.fwd_deltas = 0
+        self.rev_addresses = b""
+        self.rev_ports = b""
+        self.rev_deltas = 0
+        # TCP tracking: each side's last ACK and window (scaled), window scales packed
+        # (client << 4 | server, 0xF0/0x0F meaning "not offered"), FINs seen (1 client, 2 server).
+        self.ack_c = 0
+        self.win_c = 0
+        self.ack_s = 0
+        self.win_s = 0
+        self.wscale = 0
+        self.fins = 0
+
+    # Derived views, for logs and `lbnat sessions`; never used per packet.
+    @property
+    def proto(self) -> int:
+        return self.key >> 48
+
+    @property
+    def client_ip(self) -> int:
+        return (self.key >> 16) & 0xFFFFFFFF
+
+    @property
+    def client_port(self) -> int:
+        return self.key & 0xFFFF
+
+    @property
+    def client(self) -> tuple[str, int]:
+        return socket.inet_ntoa(_ADDR.pack(self.client_ip)), self.client_port
+
+    @property
+    def backend(self) -> Backend:
+        return self.pool.backend
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """A flow that just ended (its row may linger). `open_flows` counts the rest."""
+
+    session: Session
+    reason: EndReason
+    open_flows: int
+
+
+class SessionTable:
+    def __init__(
+        self,
+        lb_ip: int,
+        port_range: tuple[int, int] = (61000, 65535),
+        timeouts: Timeouts | None = None,
+        cap: int = 1_000_000,
+    ) -> None:
+        first, last = port_range
+        if not 0 < first <= last < 65536:
+            raise ValueError(f"bad NAT port range {first}-{last}")
+        if cap < 1:
+            raise ValueError("the table cap must be at least 1")
+        self.lb_ip = lb_ip
+        self.port_range = (first, last)
+        self.timeouts = timeouts or Timeouts()
+        self.timeout_of = self.timeouts.by_state()
+        self.cap = cap
+        self.forward: dict[int, Session] = {}
+        self.pools: dict[int, PortPool] = {}
+        self.open_flows = 0
+        self.half_open: OrderedDict[Session, None] = OrderedDict()  # eviction candidates
+        self.closed: OrderedDict[Session, None] = OrderedDict()
+        self._buckets: dict[int, list[Session]] = {}
+        self._due: list[int] = []  # heap of bucket seconds
+        self.refused = {reason: 0 for reason in Refusal}
+        self.evicted = 0
+        self.rst_ignored = 0
+
+    def __len__(self) -> int:
+        return len(self.forward)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self.forward.values()))
+
+    # --- lookups (per packet) ---------------------------------------------------------------
+
+    def reverse(self, proto: int, backend_ip: int, backend_port: int, nat_port: int) -> Session | None:
+        pool = self.pools.get((proto << 48) | (backend_ip << 16) | backend_port)
+        if pool is None:
+            return None
+        index = nat_port - pool.first
+        if 0 <= index < len(pool.rows):
+            return pool.rows[index]
+        return None
+
+    def pool_for(self, proto: int, backend: Backend) -> PortPool:
+        key = pool_key(proto, backend.ip_int, backend.port)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = PortPool(backend, self.lb_ip, *self.port_range)
+        else:
+            pool.backend = backend  # the newest snapshot's record (health, weight)
+        return pool
+
+    # --- creating and removing rows ---------------------------------------------------------
+
+    def open(
+        self,
+        now: float,
+        service: ServiceState,
+        proto: int,
+        client_ip: int,
+        client_port: int,
+        vip: int,
+        backend: Backend,
+    ) -> tuple[Session | Refusal, list[Ended]]:
+        """Make the row for a new flow to `backend`. Returns the row (or why not) and any flows
+        that eviction ended to make room."""
+        ended: list[Ended] = []
+        if len(self.forward) >= self.cap:
+            victim = self._eviction_candidate()
+            if victim is None:
+                self.refused[Refusal.TABLE_FULL] += 1
+                return Refusal.TABLE_FULL, ended
+            was_open = not victim.ended
+            self.remove(victim)
+            self.evicted += 1
+            if was_open:
+                ended.append(Ended(victim, EndReason.EVICTED, self.open_flows))
+        pool = self.pool_for(proto, backend)
+        nat_port = pool.take()
+        if nat_port is None and pool.closed:
+            # Recycle the port of this backend's longest-ended row rather than refuse a flow.
+            oldest = next(iter(pool.closed))
+            self.remove(oldest)
+            nat_port = pool.take()
+        if nat_port is None:
+            self.refused[Refusal.NAT_PORTS_EXHAUSTED] += 1
+            return Refusal.NAT_PORTS_EXHAUSTED, ended
+
+        s = Session()
+        s.key = forward_key(proto, client_ip, client_port)
+        s.service = service
+        s.pool = pool
+        s.nat_port = nat_port
+        s.created = now
+        client_address = _ADDR.pack(client_ip)
+        vip_address = _ADDR.pack(vip)
+        client_ports = _PORTS.pack(client_port, service.port)
+        s.fwd_ports = _PORTS.pack(nat_port, backend.port)
+        ip_delta, l4_delta = rewrite_deltas(
+            client_address + vip_address, pool.fwd_addresses, client_ports, s.fwd_ports
+        )
+        s.fwd_deltas = (ip_delta << 16) | l4_delta
+        s.rev_addresses = vip_address + client_address
+        s.rev_ports = _PORTS.pack(service.port, client_port)
+        ip_delta, l4_delta = rewrite_deltas(
+            pool.fwd_addresses[4:] + pool.fwd_addresses[:4],
+            s.rev_addresses,
+            _PORTS.pack(backend.port, nat_port),
+            s.rev_ports,
+        )
+        s.rev_deltas = (ip_delta << 16) | l4_delta
+
+        self.forward[s.key] = s
+        pool.rows[nat_port - pool.first] = s
+        pool.active += 1
+        pool.flows += 1
+        self.open_flows += 1
+        s.state = State.SYN_SENT if proto == TCP else State.UDP_UNREPLIED
+        self.half_open[s] = None
+        self._schedule(s, now + self.timeout_of[s.state])
+        return s, ended
+
+    def remove(self, s: Session) -> None:
+        """Forget a row at once (its port goes back to the pool). Idempotent."""
+        if s.bucket < 0:
+            return
+        s.bucket = -1
+        del self.forward[s.key]
+        pool = s.pool
+        pool.rows[s.nat_port - pool.first] = None
+        pool.free.append(s.nat_port)
+        self.half_open.pop(s, None)
+        if s.state in ENDED:
+            self.closed.pop(s, None)
+            pool.closed.pop(s, None)
+        else:
+            self.open_flows -= 1
+            pool.active -= 1
+
+    def end(self, s: Session, state: State, now: float) -> None:
+        """Move an open row to TIME_WAIT or CLOSE: the flow is over, the row lingers."""
+        self.half_open.pop(s, None)
+        s.state = state
+        self.open_flows -= 1
+        s.pool.active -= 1
+        self.closed[s] = None
+        s.pool.closed[s] = None
+        self._deadline(s, now)
+
+    def _move(self, s: Session, state: State, now: float) -> None:
+        """Change the state of an open row and restart its timeout."""
+        if state not in HALF_OPEN:
+            self.half_open.pop(s, None)
+        s.state = state
+        self._deadline(s, now)
+
+    def _deadline(self, s: Session, now: float) -> None:
+        s.expires = now + self.timeout_of[s.state]
+        # A later deadline is found by the sweep; an earlier one needs an earlier bucket.
+        if math.ceil(s.expires) < s.bucket:
+            self._schedule(s, s.expires)
+
+    def _eviction_candidate(self) -> Session | None:
+        """Ended rows first, then half-open ones; never an established flow."""
+        for queue in (self.closed, self.half_open):
+            if queue:
+                return next(iter(queue))
+        return None
+
+    # --- per-packet state tracking ----------------------------------------------------------
+
+    def track_client(self, s: Session, flags: int, seq: int, ack: int, win: int, now: float) -> Ended | None:
+        """Account a TCP segment from the client on row `s`. Returns the flow's end, if this
+        segment ended it."""
+        state = s.state
+        if flags & RST:
+            return self._reset(s, seq, s.ack_s, s.win_s, now)
+        if flags & ACK:
+            s.ack_c = ack
+            scale = s.wscale >> 4
+            s.win_c = win << scale if scale < 15 and not flags & SYN else win
+        if state == State.ESTABLISHED and not flags & FIN:
+            s.expires = now + self.timeout_of[State.ESTABLISHED]
+            return None
+        if flags & SYN:
+            if state == State.SYN_SENT:
+                # A retransmitted SYN (or a new ISN from the same port): same row, refreshed.
+                self._client_syn(s, seq, flags)
+                s.expires = now + self.timeout_of[state]
+            return None
+        if state == State.SYN_RECV and flags & ACK:
+            state = State.ESTABLISHED
+        return self._fin_or_refresh(s, state, flags, 1, now)
+
+    def track_server(self, s: Session, flags: int, seq: int, ack: int, win: int, now: float) -> Ended | None:
+        """Account a TCP segment from the backend on row `s`."""
+        state = s.state
+        if flags & RST:
+            if state == State.SYN_SENT:
+                # A refused connection: acceptable only if it acknowledges the client's SYN.
+                if flags & ACK and ack == s.ack_s:
+                    return self._close(s, now)
+                self.rst_ignored += 1
+                return None
+            return self._reset(s, seq, s.ack_c, s.win_c, now)
+        if flags & SYN:
+            if state == State.SYN_SENT and flags & ACK:
+                s.ack_s = ack
+                s.win_s = win  # never scaled in a SYN
+                self._move(s, State.SYN_RECV, now)
+            return None
+        if flags & ACK:
+            s.ack_s = ack
+            scale = s.wscale & 0x0F
+            s.win_s = win << scale if scale < 15 else win
+        if state == State.ESTABLISHED and not flags & FIN:
+            s.expires = now + self.timeout_of[State.ESTABLISHED]
+            return None
+        return self._fin_or_refresh(s, state, flags, 2, now)
+
+    def _fin_or_refresh(self, s: Session, state: State, flags: int, side: int, now: float) -> Ended | None:
+        """The shared tail of both directions: a FIN moves the row on (the second FIN ends the
+        flow); any other segment of an open row restarts its state's timeout."""
+        if s.state in ENDED:
+            return None  # late packets of an ended flow are translated, the linger runs out
+        if flags & FIN:
+            s.fins |= side
+            if s.fins == 3:
+                self.end(s, State.TIME_WAIT, now)
+                return Ended(s, EndReason.FIN, self.open_flows)
+            state = State.FIN_WAIT
+        if state != s.state:
+            self._move(s, state, now)
+        else:
+            s.expires = now + self.timeout_of[state]
+        return None
+
+    def start_tcp(self, s: Session, seq: int, flags: int, client_wscale: int | None) -> None:
+        """Initialise tracking from the client's first SYN."""
+        s.wscale = ((15 if client_wscale is None else client_wscale) << 4) | 15
+        self._client_syn(s, seq, flags)
+
+    def note_server_wscale(self, s: Session, server_wscale: int | None) -> None:
+        """Record the backend's window scale from its SYN-ACK. Scaling is in force only when
+        both sides offered it (RFC 7323); otherwise both shifts are 0."""
+        client = s.wscale >> 4
+        if server_wscale is None or client == 15:
+            s.wscale = 0
+        else:
+            s.wscale = (client << 4) | server_wscale
+
+    @staticmethod
+    def _client_syn(s: Session, seq: int, flags: int) -> None:
+        # Until the backend speaks, "what the backend acknowledges" is the client's ISN + 1:
+        # the only sequence a RST from the client may carry, and the ACK a refusing RST needs.
+        s.ack_s = (seq + 1) & 0xFFFFFFFF
+        s.win_s = 0
+
+    def _reset(self, s: Session, seq: int, peer_ack: int, peer_win: int, now: float) -> Ended | None:
+        """A RST closes the row only when its sequence number is inside the window the peer
+        advertised: [peer's last ACK, ACK + window]; one behind is allowed for a sender that
+        has not seen its last segment acknowledged."""
+        if s.state in ENDED:
+            return None
+        offset = (seq - peer_ack) & 0xFFFFFFFF
+        if offset <= max(peer_win, 1) or offset == 0xFFFFFFFF:
+            return self._close(s, now)
+        self.rst_ignored += 1
+        return None
+
+    def _close(self, s: Session, now: float) -> Ended:
+        self.end(s, State.CLOSE, now)
+        return Ended(s, EndReason.RST, self.open_flows)
+
+    def track_udp_reply(self, s: Session, now: float) -> None:
+        if s.state == State.UDP_UNREPLIED:
+            self._move(s, State.UDP_REPLIED, now)
+        else:
+            s.expires = now + self.timeout_of[State.UDP_REPLIED]
+
+    # --- expiry -----------------------------------------------------------------------------
+
+    def _schedule(self, s: Session, deadline: float) -> None:
+        second = math.ceil(deadline)
+        s.expires = deadline
+        s.bucket = second
+        bucket = self._buckets.get(second)
+        if bucket is None:
+            self._buckets[second] = [s]
+            heapq.heappush(self._due, second)
+        else:
+            bucket.append(s)
+
+    def expire(self, now: float) -> list[Ended]:
+        """Remove every row whose deadline has passed. Returns the flows this ended (rows that
+        had already ended, by FIN or RST, go silently)."""
+        ended: list[Ended] = []
+        due = self._due
+        while due and due[0] <= now:
+            second = heapq.heappop(due)
+            for s in self._buckets.pop(second):
+                if s.bucket != second:
+                    continue  # removed, or re-bucketed earlier by end()
+                if s.expires > now:
+                    self._schedule(s, s.expires)
+                    continue
+                was_open = s.state not in ENDED
+                self.remove(s)
+                if was_open:
+                    ended.append(Ended(s, EndReason.TIMEOUT, self.open_flows))
+        return ended
+
+    def next_deadline(self) -> float | None:
+        return float(self._due[0]) if self._due else None
+
+
+class Affinity:
+    """Client-IP persistence (IPVS's): while a client's record lives, its new flows go to the
+    same backend. The record is refreshed by each new flow; expiry is O(expired)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._records: OrderedDict[tuple[int, int], tuple[BackendKey, float]] = OrderedDict()
+
+    def get(self, service_port: int, client_ip: int, now: float) -> BackendKey | None:
+        record = self._records.get((service_port, client_ip))
+        if record is None or record[1] <= now:
+            return None
+        return record[0]
+
+    def remember(self, service_port: int, client_ip: int, backend: BackendKey, now: float) -> None:
+        key = (service_port, client_ip)
+        self._records[key] = (backend, now + self.timeout)
+        self._records.move_to_end(key)
+
+    def expire(self, now: float) -> None:
+        records = self._records
+        while records:
+            key, (_, deadline) = next(iter(records.items()))
+            if deadline > now:
+                break
+            del records[key]
+
+    def __len__(self) -> int:
+        return len(self._records)

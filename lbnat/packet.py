@@ -1,0 +1,278 @@
+"""IPv4 + TCP/UDP headers: parse in place, rewrite addresses and ports, fix checksums.
+
+Pure and allocation-light: everything works on a bytearray and offsets into it, because the
+data plane hands us the receive buffer itself and sends the same buffer back out.
+
+Checksums are never recomputed on the packet path. A NAT rewrite of a flow is the same for
+every packet of that flow, so its checksum effect (RFC 1624's ~m + m') is folded once into a
+16-bit `delta` when the session is created; each packet then costs two additions:
+
+    HC' = ~(~HC + delta)                      (RFC 1624, eqn. 3)
+
+A packet whose transport checksum is still *partial* (offloaded: the kernel will finish it on
+the way out, see the PACKET_VNET_HDR notes in docs/architecture.md) holds in its checksum field
+only the uncomplemented sum of the pseudo-header. The ports are covered later by the final
+computation over the segment, so only the address part of the delta is added to the field:
+
+    field' = field + delta_addresses
+
+Fragments: lbnat does not reassemble. A non-first fragment carries no ports and a first
+fragment's datagram cannot be delivered whole through a port-based NAT without reassembly, so
+every fragment (MF set or offset non-zero) is dropped and counted as FRAGMENT.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from lbnat.drops import DropReason
+
+TCP = 6
+UDP = 17
+
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+PSH = 0x08
+ACK = 0x10
+URG = 0x20
+
+# Offsets inside the IPv4 header.
+IP_CHECKSUM = 10
+IP_ADDRESSES = 12  # source then destination, 8 bytes
+# Offset of the checksum inside each transport header.
+L4_CHECKSUM = {TCP: 16, UDP: 6}
+
+_IPV4 = struct.Struct("!BxHxxHxBxxII")  # ver/ihl, total length, frag word, proto, src, dst
+_TCP = struct.Struct("!HHIIBBH")  # ports, seq, ack, data offset, flags, window
+_UDP = struct.Struct("!HHH")  # ports, length
+_U16 = struct.Struct("!H")
+
+Headers = tuple[int, int, int, int, int, int, int, int, int, int, int]
+"""What `parse` returns for a packet it accepts, as a plain tuple because this runs per packet:
+
+    (proto, l4_offset, src_ip, dst_ip, src_port, dst_port, tcp_flags, seq, ack, window,
+     payload_length)
+
+Addresses are 32-bit ints; `l4_offset` is absolute in the buffer. For UDP the TCP fields are 0.
+"""
+
+
+def parse(buf: bytearray | bytes | memoryview, start: int, end: int) -> Headers | DropReason:
+    """Validate and read the headers of the IPv4 packet in buf[start:end]. Never raises."""
+    if start < 0 or end > len(buf) or end - start < 20:
+        return DropReason.TRUNCATED
+    vihl, total, frag, proto, src, dst = _IPV4.unpack_from(buf, start)
+    if vihl >> 4 != 4:
+        return DropReason.NOT_IPV4
+    ihl = (vihl & 0x0F) << 2
+    if ihl < 20:
+        return DropReason.BAD_IHL
+    if total < ihl or start + total > end:
+        return DropReason.BAD_TOTAL_LENGTH
+    if frag & 0x3FFF:  # MF flag or a fragment offset
+        return DropReason.FRAGMENT
+    l4 = start + ihl
+    l4_len = total - ihl
+    if proto == TCP:
+        if l4_len < 20:
+            return DropReason.TRUNCATED
+        sport, dport, seq, ack, offset, flags, window = _TCP.unpack_from(buf, l4)
+        data_offset = (offset >> 4) << 2
+        if data_offset < 20 or data_offset > l4_len:
+            return DropReason.BAD_TCP_OFFSET
+        syn_like = flags & (SYN | FIN | RST)
+        if (
+            not flags & 0x3F
+            or syn_like == SYN | FIN
+            or syn_like == SYN | RST
+            or syn_like == SYN | FIN | RST
+        ):
+            return DropReason.BAD_TCP_FLAGS
+        return (proto, l4, src, dst, sport, dport, flags, seq, ack, window, l4_len - data_offset)
+    if proto == UDP:
+        if l4_len < 8:
+            return DropReason.TRUNCATED
+        sport, dport, length = _UDP.unpack_from(buf, l4)
+        if length < 8 or length > l4_len:
+            return DropReason.BAD_UDP_LENGTH
+        return (proto, l4, src, dst, sport, dport, 0, 0, 0, 0, length - 8)
+    return DropReason.NOT_TCP_UDP
+
+
+# --- ones' complement arithmetic ------------------------------------------------------------
+
+
+def fold(value: int) -> int:
+    """Fold a ones' complement sum of any size into 16 bits (end-around carries)."""
+    while value > 0xFFFF:
+        value = (value & 0xFFFF) + (value >> 16)
+    return value
+
+
+def ones_sum(data: bytes | bytearray | memoryview) -> int:
+    """The 16-bit ones' complement sum of `data` (odd length padded with a zero byte).
+
+    int.from_bytes + modulo is the fastest pure-Python way (DESIGN.md): x mod 0xffff equals
+    the end-around-carry sum, with 0xffff for a non-zero sum that is a multiple of 0xffff.
+    """
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    if not data:
+        return 0
+    total = int.from_bytes(data, "big") % 0xFFFF
+    if total == 0 and any(data):
+        return 0xFFFF
+    return total
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """The Internet checksum (RFC 1071) of `data`."""
+    return ~ones_sum(data) & 0xFFFF
+
+
+def delta(old: bytes, new: bytes) -> int:
+    """The folded sum of ~m + m' over the 16-bit words of equal-length `old` and `new`."""
+    if len(old) != len(new) or len(old) % 2:
+        raise ValueError("delta needs two byte strings of the same even length")
+    total = 0
+    for i in range(0, len(old), 2):
+        total += (~((old[i] << 8) | old[i + 1]) & 0xFFFF) + ((new[i] << 8) | new[i + 1])
+    return fold(total)
+
+
+def add(a: int, b: int) -> int:
+    """Ones' complement addition of two 16-bit values."""
+    return fold(a + b)
+
+
+def apply_delta(check: int, change: int) -> int:
+    """RFC 1624 eqn. 3 on a complete checksum: HC' = ~(~HC + delta)."""
+    total = (~check & 0xFFFF) + change
+    total = (total & 0xFFFF) + (total >> 16)
+    return ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
+
+
+def rewrite(
+    buf: bytearray,
+    start: int,
+    l4: int,
+    proto: int,
+    addresses: bytes,
+    ports: bytes,
+    ip_delta: int,
+    l4_delta: int,
+    partial: bool,
+) -> None:
+    """Write new addresses (8 bytes: src, dst) and ports (4 bytes) and fix both checksums.
+
+    `ip_delta` is the checksum delta of the address change alone (it is also the pseudo-header
+    part of the transport checksum); `l4_delta` is that plus the port change.
+    """
+    buf[start + IP_ADDRESSES : start + IP_ADDRESSES + 8] = addresses
+    buf[l4 : l4 + 4] = ports
+    # The IP header checksum is always complete: the stack fills it even when offloading.
+    at = start + IP_CHECKSUM
+    total = (~((buf[at] << 8) | buf[at + 1]) & 0xFFFF) + ip_delta
+    total = (total & 0xFFFF) + (total >> 16)
+    check = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
+    buf[at] = check >> 8
+    buf[at + 1] = check & 0xFF
+
+    at = l4 + (16 if proto == TCP else 6)
+    field = (buf[at] << 8) | buf[at + 1]
+    if partial:
+        # Uncomplemented pseudo-header sum: add the address change only.
+        total = field + ip_delta
+        total = (total & 0xFFFF) + (total >> 16)
+        field = (total & 0xFFFF) + (total >> 16)
+    elif field == 0 and proto == UDP:
+        return  # UDP "no checksum" stays so
+    else:
+        total = (~field & 0xFFFF) + l4_delta
+        total = (total & 0xFFFF) + (total >> 16)
+        field = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
+        if field == 0 and proto == UDP:
+            field = 0xFFFF  # a computed 0 is sent as all ones (RFC 768)
+    buf[at] = field >> 8
+    buf[at + 1] = field & 0xFF
+
+
+def rewrite_deltas(
+    old_addresses: bytes, new_addresses: bytes, old_ports: bytes, new_ports: bytes
+) -> tuple[int, int]:
+    """(ip_delta, l4_delta) for a rewrite, computed once per session and direction."""
+    ip_delta = delta(old_addresses, new_addresses)
+    return ip_delta, add(ip_delta, delta(old_ports, new_ports))
+
+
+# --- building packets (not on the per-packet path) ------------------------------------------
+
+
+def pseudo_header_sum(src: int, dst: int, proto: int, length: int) -> int:
+    return fold((src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + proto + length)
+
+
+def transport_checksum(src: int, dst: int, proto: int, segment: bytes | bytearray) -> int:
+    """Full TCP/UDP checksum of `segment` (its checksum field must hold zero)."""
+    total = add(pseudo_header_sum(src, dst, proto, len(segment)), ones_sum(segment))
+    check = ~total & 0xFFFF
+    if proto == UDP and check == 0:
+        check = 0xFFFF
+    return check
+
+
+def ipv4_header(src: int, dst: int, proto: int, payload_length: int, ttl: int = 64) -> bytes:
+    header = bytearray(
+        struct.pack("!BBHHHBBHII", 0x45, 0, 20 + payload_length, 0, 0x4000, ttl, proto, 0, src, dst)
+    )
+    _U16.pack_into(header, IP_CHECKSUM, checksum(header))
+    return bytes(header)
+
+
+def tcp_segment(
+    src: int,
+    dst: int,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int = 0,
+    payload: bytes = b"",
+) -> bytes:
+    """A complete IPv4 + TCP packet with correct checksums (used for RSTs lbnat sends itself)."""
+    segment = bytearray(
+        struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, window, 0, 0) + payload
+    )
+    _U16.pack_into(segment, 16, transport_checksum(src, dst, TCP, segment))
+    return ipv4_header(src, dst, TCP, len(segment)) + bytes(segment)
+
+
+def seq_after(a: int, b: int) -> bool:
+    """Is sequence number a after b (modulo 2**32)?"""
+    return 0 < ((a - b) & 0xFFFFFFFF) < 0x80000000
+
+
+def tcp_window_scale(buf: bytearray | bytes, l4: int, end: int) -> int | None:
+    """The window scale option of a SYN at `l4`, or None. Tolerates any option garbage."""
+    if l4 + 13 > end:
+        return None
+    options_end = min(l4 + ((buf[l4 + 12] >> 4) << 2), end)
+    at = l4 + 20
+    while at < options_end:
+        kind = buf[at]
+        if kind == 0:
+            break
+        if kind == 1:
+            at += 1
+            continue
+        if at + 1 >= options_end:
+            break
+        length = buf[at + 1]
+        if length < 2:
+            break
+        if kind == 3 and length == 3 and at + 2 < options_end:
+            return min(buf[at + 2], 14)  # RFC 7323 caps the shift at 14
+        at += length
+    return None

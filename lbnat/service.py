@@ -1,0 +1,67 @@
+"""A virtual service: one protocol and port on the LB address, and the backends behind it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lbnat.backends import Backend, BackendKey
+from lbnat.drops import DropReason
+from lbnat.packet import TCP, UDP
+from lbnat.scheduler import Scheduler
+
+PROTOCOLS = {"tcp": TCP, "udp": UDP}
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    proto: str  # "tcp" or "udp"
+    port: int
+    scheduler: str = "rr"
+    affinity_timeout: float = 0.0  # seconds a client IP stays with its backend; 0 = off
+    backends: tuple[Backend, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.proto not in PROTOCOLS:
+            raise ValueError(f"protocol {self.proto!r} is not tcp or udp")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"{self.port} is not a valid port")
+        if self.affinity_timeout < 0:
+            raise ValueError("affinity timeout is negative")
+
+    @property
+    def proto_number(self) -> int:
+        return PROTOCOLS[self.proto]
+
+
+class ServiceState:
+    """A service at run time: its current backend snapshot, scheduler and counters.
+
+    Owned by the packet loop. `backends` is replaced whole (never mutated) when the health
+    checker or the control channel publishes a new snapshot.
+    """
+
+    def __init__(self, spec: Service, scheduler: Scheduler) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.port = spec.port
+        self.proto = spec.proto_number
+        self.scheduler = scheduler
+        self.backends: tuple[Backend, ...] = ()
+        self.by_key: dict[BackendKey, Backend] = {}
+        self.packets = 0
+        self.bytes = 0
+        self.flows = 0
+        self.drops: dict[DropReason, int] = {}
+        self.publish(spec.backends)
+
+    def publish(self, backends: tuple[Backend, ...]) -> None:
+        keys = [b.key for b in backends]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"service {self.name}: a backend is listed twice")
+        self.backends = backends
+        self.by_key = dict(zip(keys, backends, strict=True))
+        self.scheduler.update(backends)
+
+    def count_drop(self, reason: DropReason) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install what lbnat, its lab, its tests and its benchmarks need on a fresh Debian machine:
+# the Debian tools (nft, ip, ping, ethtool, iperf3, socat, curl, nginx, haproxy, tcpdump) and
+# the project itself with its test extras. Idempotent; skips apt when every tool is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(nftables iproute2 iputils-ping ethtool iperf3 socat curl nginx-light haproxy tcpdump procps)
+tools=(nft ip ping ethtool iperf3 socat curl nginx haproxy tcpdump ps)
+
+missing=0
+for tool in "${tools[@]}"; do
+	command -v "$tool" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1 || missing=1
+done
+if [ "$missing" = 1 ] || [ "${LBNAT_FORCE_APT:-0}" = 1 ]; then
+	if [ "$(id -u)" -ne 0 ]; then
+		echo "install-deps: run as root (apt-get needs it)" >&2
+		exit 1
+	fi
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -q
+	# policy-rc.d 101: do not start nginx/haproxy as host services; the lab starts its own.
+	printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+	apt-get install -y -q --no-install-recommends "${packages[@]}"
+	rm -f /usr/sbin/policy-rc.d
+fi
+
+python3 -m pip install -q -e '.[test]'

@@ -1,0 +1,306 @@
+#!/bin/bash
+# SPDX-License-Identifier: MIT
+#
+# lbnat test lab: one L2 segment built from network namespaces and veth pairs.
+#
+#      ${P}-c1          ${P}-c2          ${P}-lb
+#   198.18.0.11      198.18.0.12       198.18.0.2
+#      eth0             eth0              eth0
+#        |                |                 |
+#  +-----c1---------------c2----------------lb-------------+
+#  |                     br0                               |  ${P}-sw
+#  +-----b1---------------b2----------------b3------ bN ---+  (the switch)
+#        |                |                 |         |
+#      eth0             eth0              eth0       eth0
+#      ${P}-b1          ${P}-b2          ${P}-b3     ${P}-bN
+#   198.18.0.21      198.18.0.22       198.18.0.23  198.18.0.(20+N)
+#
+# All addresses are in 198.18.0.0/24 (from the benchmarking range 198.18.0.0/15).
+# Every host is a namespace of its own with lo and one veth "eth0"; the peer of each eth0
+# lives in the switch namespace ${P}-sw (named after the host: c1, lb, b3, ...) and is
+# enslaved to the bridge br0 there, so the root namespace is never touched.
+# Offloads (TSO/GSO, checksum) are left at the veth defaults; IPv6 is disabled on the lab's
+# interfaces so no DAD or router solicitations add noise to captures.
+#
+# Usage: lab.sh up | down | status | check | add-backend N
+#   P = ${LAB_PREFIX:-lbnat};  up creates ${LAB_BACKENDS:-3} backends.
+#   up and down are idempotent; down first kills (by pid) whatever still runs inside the
+#   lab's namespaces, then deletes them.
+#   status exits 0 when every host of the lab is up, 1 otherwise.
+#   check pings every host from lb and from c1 (inside the namespaces only).
+
+set -euo pipefail
+
+# Kselftest framework requirement - SKIP code is 4.
+ksft_skip=4
+
+P="${LAB_PREFIX:-lbnat}"
+NBACKENDS="${LAB_BACKENDS:-3}"
+SW="${P}-sw"
+BR="br0"
+NET="198.18.0"
+PLEN=24
+MAX_BACKENDS=99
+
+log() { echo "lab: $*"; }
+die() { echo "lab: error: $*" >&2; exit 1; }
+
+usage() {
+	echo "usage: LAB_PREFIX=P LAB_BACKENDS=N $0 up|down|status|check|add-backend N" >&2
+	exit 2
+}
+
+require() {
+	if [ "$(id -u)" -ne 0 ]; then
+		echo "SKIP: lab.sh needs root" >&2
+		exit $ksft_skip
+	fi
+	if ! command -v ip >/dev/null 2>&1; then
+		echo "SKIP: could not run without the ip tool (iproute2)" >&2
+		exit $ksft_skip
+	fi
+}
+
+valid_prefix() {
+	# Namespace names become file names under /run/netns; keep them plain and short.
+	[[ "$P" =~ ^[A-Za-z0-9_.]{1,16}$ ]] || die "bad LAB_PREFIX '$P' (1-16 of [A-Za-z0-9_.])"
+}
+
+valid_count() {
+	if ! [[ "$1" =~ ^[0-9]+$ ]] || [ "$1" -lt 1 ] || [ "$1" -gt $MAX_BACKENDS ]; then
+		die "backend number '$1' out of range 1..$MAX_BACKENDS"
+	fi
+}
+
+# host name (c1, lb, b3) -> address
+host_ip() {
+	case "$1" in
+	lb) echo "$NET.2" ;;
+	c[0-9]*) echo "$NET.$((10 + ${1#c}))" ;;
+	b[0-9]*) echo "$NET.$((20 + ${1#b}))" ;;
+	*) die "unknown host '$1'" ;;
+	esac
+}
+
+ns_exists() {
+	ip netns list | awk '{print $1}' | grep -x -- "$1" >/dev/null
+}
+
+# Namespaces of this lab that exist now (exact prefix, so lbt1 never matches lbt12-*).
+lab_namespaces() {
+	ip netns list | awk '{print $1}' |
+		grep -E -- "^${P//./\\.}-(sw|lb|c[0-9]+|b[0-9]+)\$" || true
+}
+
+# Existing backend hosts (b1, b2, ...), sorted by number.
+existing_backends() {
+	lab_namespaces | sed -n "s/^${P//./\\.}-\(b[0-9]*\)\$/\1/p" | sort -t b -k 2 -n
+}
+
+expected_hosts() {
+	local i
+	echo c1
+	echo c2
+	echo lb
+	for ((i = 1; i <= NBACKENDS; i++)); do echo "b$i"; done
+	# backends added later with add-backend count as part of the lab too
+	existing_backends
+}
+
+# expected_hosts without duplicates, in order
+lab_hosts() {
+	expected_hosts | awk '!seen[$0]++'
+}
+
+no_ipv6() {
+	# $1 namespace, $2.. interfaces; quiet no-op where the kernel has no IPv6
+	local ns="$1" dev
+	shift
+	[ -d /proc/sys/net/ipv6 ] || return 0
+	for dev in "$@"; do
+		ip netns exec "$ns" sysctl -qw "net.ipv6.conf.$dev.disable_ipv6=1" >/dev/null 2>&1 || true
+	done
+}
+
+make_ns() {
+	local ns="$1"
+	if ! ns_exists "$ns"; then
+		ip netns add "$ns"
+	fi
+	ip -n "$ns" link set lo up
+	# new interfaces in this namespace start without IPv6
+	no_ipv6 "$ns" default all
+}
+
+make_switch() {
+	make_ns "$SW"
+	if ! ip -n "$SW" link show "$BR" >/dev/null 2>&1; then
+		# STP off (the default): ports forward at once, no listening/learning delay
+		ip -n "$SW" link add "$BR" type bridge stp_state 0
+	fi
+	no_ipv6 "$SW" "$BR"
+	# with br_netfilter loaded, bridged IPv4 would also traverse this namespace's
+	# netfilter hooks; a switch should just switch
+	ip netns exec "$SW" sysctl -qw net.bridge.bridge-nf-call-iptables=0 \
+		net.bridge.bridge-nf-call-ip6tables=0 net.bridge.bridge-nf-call-arptables=0 \
+		>/dev/null 2>&1 || true
+	ip -n "$SW" link set "$BR" up
+}
+
+# make_host NAME: namespace ${P}-NAME, eth0 with its address, peer NAME on the bridge
+make_host() {
+	local h="$1" ns="${P}-$1" addr
+	addr="$(host_ip "$h")"
+	make_ns "$ns"
+	if ! ip -n "$ns" link show eth0 >/dev/null 2>&1; then
+		# a stale switch-side peer (its host end is gone) would block the name
+		ip -n "$SW" link del "$h" >/dev/null 2>&1 || true
+		ip -n "$SW" link add "$h" type veth peer name eth0 netns "$ns"
+	fi
+	no_ipv6 "$ns" eth0
+	no_ipv6 "$SW" "$h"
+	ip -n "$SW" link set "$h" master "$BR"
+	ip -n "$SW" link set "$h" up
+	ip -n "$ns" addr replace "$addr/$PLEN" dev eth0
+	ip -n "$ns" link set eth0 up
+}
+
+wait_up() {
+	# veth carrier comes up asynchronously; give it a moment
+	local h ns i
+	for h in $(lab_hosts); do
+		ns="${P}-$h"
+		for ((i = 0; i < 50; i++)); do
+			if ip -n "$ns" link show eth0 2>/dev/null | grep 'state UP' >/dev/null; then
+				break
+			fi
+			sleep 0.1
+		done
+	done
+}
+
+cmd_up() {
+	local h
+	make_switch
+	for h in $(lab_hosts); do
+		make_host "$h"
+	done
+	wait_up
+	log "up: $(lab_namespaces | tr '\n' ' ')"
+}
+
+kill_ns_pids() {
+	local ns="$1" pids pid i
+	pids="$(ip netns pids "$ns" 2>/dev/null || true)"
+	[ -n "$pids" ] || return 0
+	for pid in $pids; do
+		log "killing pid $pid left in $ns"
+		kill -TERM "$pid" 2>/dev/null || true
+	done
+	for ((i = 0; i < 20; i++)); do
+		[ -n "$(ip netns pids "$ns" 2>/dev/null || true)" ] || return 0
+		sleep 0.1
+	done
+	for pid in $(ip netns pids "$ns" 2>/dev/null || true); do
+		kill -KILL "$pid" 2>/dev/null || true
+	done
+}
+
+cmd_down() {
+	local ns
+	for ns in $(lab_namespaces); do
+		kill_ns_pids "$ns"
+	done
+	# hosts first, the switch last: deleting a host namespace destroys its veth pair
+	for ns in $(lab_namespaces | grep -v -- "-sw\$" || true) $(lab_namespaces | grep -- "-sw\$" || true); do
+		ip netns del "$ns" 2>/dev/null || true
+	done
+	if [ -n "$(lab_namespaces)" ]; then
+		die "down: namespaces left: $(lab_namespaces | tr '\n' ' ')"
+	fi
+	log "down: prefix $P clean"
+}
+
+cmd_status() {
+	local ok=0 h ns state addr
+	if ns_exists "$SW" && ip -n "$SW" link show "$BR" 2>/dev/null | grep 'state UP\|state UNKNOWN' >/dev/null; then
+		printf '%-14s %-18s %s\n' "$SW" "bridge $BR" "up"
+	else
+		printf '%-14s %-18s %s\n' "$SW" "bridge $BR" "MISSING"
+		ok=1
+	fi
+	for h in $(lab_hosts); do
+		ns="${P}-$h"
+		if ! ns_exists "$ns"; then
+			printf '%-14s %-18s %s\n' "$ns" "-" "MISSING"
+			ok=1
+			continue
+		fi
+		addr="$(ip -n "$ns" -4 -o addr show dev eth0 2>/dev/null | awk '{print $4; exit}' || true)"
+		state="down"
+		if ip -n "$ns" link show eth0 2>/dev/null | grep 'state UP' >/dev/null &&
+			[ "$addr" = "$(host_ip "$h")/$PLEN" ] &&
+			ns_exists "$SW" && ip -n "$SW" link show "$h" 2>/dev/null | grep "master $BR.*state UP" >/dev/null; then
+			state="up"
+		else
+			ok=1
+		fi
+		printf '%-14s %-18s %s\n' "$ns" "${addr:--}" "$state"
+	done
+	if [ $ok -eq 0 ]; then
+		log "status: up"
+	else
+		log "status: NOT up"
+	fi
+	return $ok
+}
+
+cmd_check() {
+	local from h ret=0
+	if ! command -v ping >/dev/null 2>&1; then
+		echo "SKIP: check needs ping (iputils-ping)" >&2
+		exit $ksft_skip
+	fi
+	cmd_status >/dev/null || die "check: lab is not up (run: $0 up)"
+	for from in lb c1; do
+		for h in $(lab_hosts); do
+			[ "$h" != "$from" ] || continue
+			if ip netns exec "${P}-$from" ping -q -c 1 -W 2 "$(host_ip "$h")" >/dev/null 2>&1; then
+				echo "PASS: ping $from -> $h ($(host_ip "$h"))"
+			else
+				echo "FAIL: ping $from -> $h ($(host_ip "$h"))"
+				ret=1
+			fi
+		done
+	done
+	return $ret
+}
+
+cmd_add_backend() {
+	local n="$1"
+	valid_count "$n"
+	ns_exists "$SW" || die "add-backend: lab $P is not up (no $SW)"
+	make_switch
+	make_host "b$n"
+	log "added ${P}-b$n $(host_ip "b$n")"
+}
+
+main() {
+	[ $# -ge 1 ] || usage
+	require
+	valid_prefix
+	valid_count "$NBACKENDS"
+	case "$1" in
+	up) cmd_up ;;
+	down) cmd_down ;;
+	status) cmd_status ;;
+	check) cmd_check ;;
+	add-backend)
+		[ $# -eq 2 ] || usage
+		cmd_add_backend "$2"
+		;;
+	*) usage ;;
+	esac
+}
+
+main "$@"

@@ -1,0 +1,320 @@
+"""The network-namespace lab of scripts/lab.sh as a Python object, for pytest fixtures.
+
+Not a test module. Typical fixture::
+
+    @pytest.fixture
+    def lab() -> Iterator[Lab]:
+        if (reason := skip_reason()) is not None:
+            pytest.skip(reason)
+        with Lab() as lab:
+            yield lab
+
+    def test_chat_direct(lab: Lab) -> None:
+        lab.popen("b1", *CHAT, "server", "--port", "9000", "--name", "b1")
+        lab.wait_tcp_listening("b1", 9000)
+        client = lab.popen("c1", *CHAT, "client", BACKENDS["b1"], "9000", "alice",
+                           stdin=subprocess.PIPE)
+        lab.expect(client, "* connected to b1")
+
+Every host is a namespace named ``<prefix>-<host>`` (hosts: c1, c2, lb, b1, b2, ...); the
+prefix is unique per Lab so parallel runs never meet. `close` (or leaving the ``with``) ends
+every process the Lab started, by pid (SIGTERM, then SIGKILL), then runs ``lab.sh down``.
+
+Run this file by hand as root for a self-check: ``python tests/integration/lab.py``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+REPO = Path(__file__).resolve().parents[2]
+LAB_SH = REPO / "scripts" / "lab.sh"
+
+PLEN = 24
+LB_IP = "198.18.0.2"
+CLIENTS: dict[str, str] = {"c1": "198.18.0.11", "c2": "198.18.0.12"}
+BACKENDS: dict[str, str] = {f"b{n}": f"198.18.0.{20 + n}" for n in range(1, 5)}
+"""b1..b4; `lab.sh up` makes the first LAB_BACKENDS (3) of them, `Lab.add_backend` more."""
+HOSTS: dict[str, str] = {"lb": LB_IP, **CLIENTS, **BACKENDS}
+
+CHAT: tuple[str, ...] = (sys.executable, "-m", "lbnat.chat")
+"""argv prefix of the chat server/client, to run with `Lab.run` / `Lab.popen`."""
+
+_HOST_RE = re.compile(r"^(lb|c[1-9][0-9]?|b[1-9][0-9]?)$")
+SCRIPT_TIMEOUT = 60.0
+RUN_TIMEOUT = 30.0
+TERMINATE_TIMEOUT = 5.0
+
+
+def host_ip(host: str) -> str:
+    """Address of a lab host: lb, cN (198.18.0.10+N) or bN (198.18.0.20+N)."""
+    if not _HOST_RE.match(host):
+        raise ValueError(f"{host!r} is not a lab host (lb, c1, c2, b1, b2, ...)")
+    if host == "lb":
+        return LB_IP
+    base = 10 if host[0] == "c" else 20
+    return f"198.18.0.{base + int(host[1:])}"
+
+
+def skip_reason() -> str | None:
+    """Why netns tests cannot run here, or None if they can."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    for tool in ("ip", "ss", "bash"):
+        if shutil.which(tool) is None:
+            return f"needs the {tool!r} tool"
+    if not LAB_SH.exists():
+        return f"{LAB_SH} is missing"
+    return None
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    # chat and the daemon are run from the source tree, without installing
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.update(extra)
+    return env
+
+
+def wait_tcp_listening(netns: str, port: int, timeout: float = 10.0) -> None:
+    """Poll ``ss -ltn`` in namespace `netns` until something listens on TCP `port`."""
+    deadline = time.monotonic() + timeout
+    argv = ["ip", "netns", "exec", netns, "ss", "-Hltn", f"sport = :{port}"]
+    while True:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        if result.returncode == 0 and result.stdout.strip():
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"nothing listens on tcp port {port} in {netns} after {timeout}s")
+        time.sleep(0.05)
+
+
+class Lab:
+    """One lab: namespaces up on construction, everything gone after `close`."""
+
+    def __init__(self, backends: int = 3, prefix: str | None = None) -> None:
+        self.prefix = prefix or f"lbt{secrets.token_hex(3)}"
+        self.backends = backends
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._buffers: dict[int, bytearray] = {}
+        self._closed = False
+        atexit.register(self.close)  # a forgotten close still cleans up at exit
+        try:
+            self.script("up")
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the lab itself ------------------------------------------------------------------------
+
+    def script(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``scripts/lab.sh ARGS`` for this lab's prefix; raise with its output on error."""
+        result = subprocess.run(
+            ["bash", str(LAB_SH), *args],
+            env=_env(LAB_PREFIX=self.prefix, LAB_BACKENDS=str(self.backends)),
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT,
+        )
+        if result.returncode != 0 and args[0] != "status":
+            raise RuntimeError(
+                f"lab.sh {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout}{result.stderr}"
+            )
+        return result
+
+    def is_up(self) -> bool:
+        return self.script("status").returncode == 0
+
+    def add_backend(self, n: int) -> str:
+        """Create backend bN (198.18.0.(20+N)) if missing, return its host name."""
+        self.script("add-backend", str(n))
+        return f"b{n}"
+
+    def ns(self, host: str) -> str:
+        """Namespace name of a lab host ("c1" -> "<prefix>-c1")."""
+        host_ip(host)  # validates the name
+        return f"{self.prefix}-{host}"
+
+    @staticmethod
+    def ip(host: str) -> str:
+        return host_ip(host)
+
+    # -- commands inside the namespaces --------------------------------------------------------
+
+    def _argv(self, host: str, argv: Sequence[str]) -> list[str]:
+        if not argv:
+            raise ValueError("no command given")
+        return ["ip", "netns", "exec", self.ns(host), *map(str, argv)]
+
+    def run(self, host: str, *argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        """Run a command in `host`'s namespace and wait for it (check, capture, text, timeout
+        by default; any subprocess.run keyword overrides)."""
+        options: dict[str, Any] = {
+            "check": True,
+            "capture_output": True,
+            "text": True,
+            "timeout": RUN_TIMEOUT,
+            "env": _env(),
+        }
+        options.update(kw)
+        result: subprocess.CompletedProcess[str] = subprocess.run(self._argv(host, argv), **options)
+        return result
+
+    def popen(self, host: str, *argv: str, **kw: Any) -> subprocess.Popen[bytes]:
+        """Start a command in `host`'s namespace in the background and remember it, so that
+        `close` ends it. Defaults: stdin from /dev/null, stdout and stderr piped (bytes).
+        ``ip netns exec`` execs the command, so the Popen's pid is the command's own."""
+        if self._closed:
+            raise RuntimeError("lab is closed")
+        options: dict[str, Any] = {
+            "stdin": subprocess.DEVNULL,
+            "stdout": subprocess.PIPE,
+            "stderr": subprocess.PIPE,
+            "env": _env(),
+        }
+        options.update(kw)
+        proc: subprocess.Popen[bytes] = subprocess.Popen(self._argv(host, argv), **options)
+        self._procs.append(proc)
+        return proc
+
+    def wait_tcp_listening(self, host: str, port: int, timeout: float = 10.0) -> None:
+        wait_tcp_listening(self.ns(host), port, timeout)
+
+    def expect(self, proc: subprocess.Popen[Any], needle: str, timeout: float = 10.0) -> str:
+        """Read `proc`'s stdout (started with stdout=PIPE) until a line containing `needle`
+        arrives; return that line (without its newline). Lines before it are consumed.
+        Raises TimeoutError, or EOFError if the process closes its stdout first."""
+        stream: IO[Any] | None = proc.stdout
+        if stream is None:
+            raise ValueError("process was not started with stdout=PIPE")
+        fd = stream.fileno()
+        buf = self._buffers.setdefault(fd, bytearray())
+        deadline = time.monotonic() + timeout
+        wanted = needle.encode()
+        while True:
+            while (nl := buf.find(b"\n")) >= 0:
+                line = bytes(buf[:nl])
+                del buf[: nl + 1]
+                if wanted in line:
+                    return line.decode(errors="replace")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"{needle!r} not seen within {timeout}s (pending {bytes(buf)!r})"
+                )
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                data = os.read(fd, 65536)
+                if not data:
+                    raise EOFError(f"stdout closed before {needle!r} (pending {bytes(buf)!r})")
+                buf += data
+
+    # -- teardown ------------------------------------------------------------------------------
+
+    def stop(self, proc: subprocess.Popen[Any], timeout: float = TERMINATE_TIMEOUT) -> int:
+        """SIGTERM one process, SIGKILL it after `timeout`; return its exit code."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        return proc.returncode
+
+    def _stop_all(self) -> None:
+        live = [p for p in self._procs if p.poll() is None]
+        for proc in live:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + TERMINATE_TIMEOUT
+        for proc in live:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(TERMINATE_TIMEOUT)
+        for proc in self._procs:
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+        self._procs.clear()
+        self._buffers.clear()
+
+    def close(self) -> None:
+        """End every process this Lab started, then take the namespaces down. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        try:
+            self._stop_all()
+        finally:
+            self.script("down")
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _self_check() -> int:
+    """By hand, as root: a chat server in b1, clients in c1 and c2 straight to 198.18.0.21."""
+    reason = skip_reason()
+    if reason is not None:
+        print(f"SKIP: {reason}")
+        return 4
+    port = 9000
+    with Lab() as lab:
+        print(f"lab {lab.prefix} up: {lab.is_up()}")
+        print(lab.run("c1", "ping", "-c", "1", "-W", "2", BACKENDS["b1"]).stdout.splitlines()[-2])
+        server = lab.popen("b1", *CHAT, "server", "--port", str(port), "--name", "b1")
+        lab.wait_tcp_listening("b1", port, timeout=5)
+        alice = lab.popen("c1", *CHAT, "client", BACKENDS["b1"], str(port), "alice",
+                          stdin=subprocess.PIPE)  # fmt: skip
+        bob = lab.popen("c2", *CHAT, "client", BACKENDS["b1"], str(port), "bob",
+                        stdin=subprocess.PIPE)  # fmt: skip
+        for client in (alice, bob):
+            print("greeting:", lab.expect(client, "* connected to", timeout=5))
+        print("server log:", lab.expect(server, "(total 2)", timeout=5))
+        assert alice.stdin is not None
+        alice.stdin.write(b"hello from c1\n")
+        alice.stdin.flush()
+        for client in (alice, bob):
+            print("received:", lab.expect(client, "[alice] hello from c1", timeout=5))
+        alice.stdin.write(b"q\n")
+        alice.stdin.flush()
+        print("alice exit code:", alice.wait(5))
+        print("server exit code after SIGTERM:", lab.stop(server))
+        leftover = bob  # still running: close() must end it
+    print("bob ended by close():", leftover.returncode is not None)
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    left = [line for line in names.splitlines() if line.startswith(f"{lab.prefix}-")]
+    print("namespaces left:", left)
+    return 0 if not left else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_self_check())
