@@ -162,14 +162,16 @@ class Engine:
         headers = parse(buf, start, end)
         if headers.__class__ is not tuple:
             return self._drop(headers)  # type: ignore[arg-type]
-        proto, l4, src, dst, sport, dport, flags, seq, ack, win, _ = headers  # type: ignore[misc]
+        proto, l4, src, dst, sport, dport, flags, seq, ack, win, _ = headers
         if dst != self.lb_ip:
             return self._drop(DropReason.NOT_FOR_US)
         table = self.table
 
         if self.nat_first <= dport <= self.nat_last:  # backend -> client
             pool = table.pools.get((proto << 48) | (src << 16) | sport)
-            s = None if pool is None else pool.rows[dport - pool.first]
+            if pool is None:
+                return self._drop(DropReason.NO_SESSION)
+            s = pool.rows[dport - pool.first]
             if s is None:
                 return self._drop(DropReason.NO_SESSION)
             ended = None
@@ -201,7 +203,7 @@ class Engine:
                 table.remove(s)  # a new SYN on an ended row is a new flow
             opened = self._open(service, proto, src, sport, flags, seq, buf, l4, end, now)
             if opened.__class__ is tuple:
-                return opened  # type: ignore[return-value]
+                return opened
             s = opened  # type: ignore[assignment]
         elif proto == TCP:
             ended = table.track_client(s, flags, seq, ack, win, now)

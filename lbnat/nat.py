@@ -457,6 +457,10 @@ class SessionTable:
             if state == State.SYN_SENT and flags & ACK:
                 s.ack_s = ack
                 s.win_s = win  # never scaled in a SYN
+                # Until the client ACKs, "what the client acknowledges" is the backend's ISN + 1
+                # (as _client_syn does for the other side): a RST from the backend right after
+                # its SYN-ACK carries that sequence and must close the row.
+                s.ack_c = (seq + 1) & 0xFFFFFFFF
                 self._move(s, State.SYN_RECV, now)
             return None
         if flags & ACK:

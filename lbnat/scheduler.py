@@ -61,8 +61,8 @@ class _Rotation:
 
     def __init__(self) -> None:
         self._backends: tuple[Backend, ...] = ()
-        # Where the next scan starts. When _last_key is set, _next is the slot after it; when
-        # it is None (nothing picked yet, or the last pick was removed) _next itself is the anchor.
+        # Where the next scan starts. When _last_key is in the snapshot, _next is the slot after
+        # it; otherwise (nothing picked yet, or the last pick was removed) _next is the anchor.
         self._next = 0
         self._last_key: BackendKey | None = None
 
@@ -75,8 +75,8 @@ class _Rotation:
         new = tuple(backends)
         self._backends = new
         if not new:
-            self._next = 0
-            self._last_key = None
+            # Keep the anchor: when backends come back, the rotation goes on after the last
+            # one picked instead of giving it a second turn in a row.
             return
         index_of = {backend.key: i for i, backend in enumerate(new)}
         if self._last_key is not None and self._last_key in index_of:
@@ -85,8 +85,9 @@ class _Rotation:
         # The anchor is gone (or there never was one): resume at the first backend, from the
         # old scan position on, that survives into the new snapshot. That is "the position where
         # the removed backend was", robust to other removals around it.
+        # The last pick's key is kept: if that backend returns in a later snapshot, the rotation
+        # continues after it rather than giving it a second turn in a row.
         start = self._next % len(old) if old else 0
-        self._last_key = None
         self._next = 0
         for step in range(len(old)):
             survivor = index_of.get(old[(start + step) % len(old)].key)
