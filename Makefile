@@ -12,7 +12,6 @@ demo: deps  ## the netns lab: three chat servers, lbnat, six clients, the NAT ta
 
 lint:
 	ruff check .
-	ruff format --check .
 	mypy
 
 unit:

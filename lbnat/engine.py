@@ -2,7 +2,7 @@
 
     engine.handle(buf, start, end, partial, now) -> Action
     engine.tick(now)                              # expiry sweep; call between batches
-    engine.events                                 # FlowOpened / FlowEnded / NoBackend, drained by I/O
+    engine.events              # FlowOpened / FlowEnded / NoBackend, drained by the I/O edge
 
 The packet is rewritten in place in `buf` (the data plane's receive buffer). An action is a
 plain tuple, so the verdict costs no object construction on the packet path:
@@ -25,7 +25,18 @@ from typing import Any
 
 from lbnat.backends import Backend, BackendKey
 from lbnat.drops import DropReason
-from lbnat.nat import ENDED, Affinity, Ended, EndReason, Refusal, SessionTable, State, Timeouts
+from lbnat.nat import (
+    ENDED,
+    Affinity,
+    Ended,
+    EndReason,
+    Refusal,
+    Session,
+    SessionTable,
+    State,
+    Timeouts,
+    forward_key,
+)
 from lbnat.packet import ACK, RST, SYN, TCP, parse, rewrite, tcp_segment, tcp_window_scale
 from lbnat.scheduler import make_scheduler
 from lbnat.service import Service, ServiceState
@@ -89,7 +100,9 @@ class _ActiveFlows(Mapping[BackendKey, int]):
 
     def __getitem__(self, key: BackendKey) -> int:
         backend = self._service.by_key[key]
-        pool = self._table.pools.get((self._service.proto << 48) | (backend.ip_int << 16) | backend.port)
+        pool = self._table.pools.get(
+            (self._service.proto << 48) | (backend.ip_int << 16) | backend.port
+        )
         return 0 if pool is None else pool.active
 
     def __iter__(self) -> Iterator[BackendKey]:
@@ -112,6 +125,7 @@ class Engine:
         self.table = SessionTable(self.lb_ip, nat_ports, timeouts, table_cap)
         self.nat_first, self.nat_last = self.table.port_range
         self.services: dict[str, ServiceState] = {}
+        self._affinity: dict[str, Affinity] = {}  # per service with client-IP affinity
         self._by_port: dict[int, ServiceState] = {}  # (proto << 16) | port -> service
         for spec in services:
             self.add_service(spec)
@@ -137,15 +151,6 @@ class Engine:
             self._affinity[spec.name] = Affinity(spec.affinity_timeout)
         return service
 
-    @property
-    def _affinity(self) -> dict[str, Affinity]:
-        try:
-            return self.__dict__["_affinity_records"]  # type: ignore[no-any-return]
-        except KeyError:
-            records: dict[str, Affinity] = {}
-            self.__dict__["_affinity_records"] = records
-            return records
-
     def set_backends(self, service: str, backends: Sequence[Backend]) -> None:
         """Publish a new snapshot of a service's backends (health, weights, draining)."""
         state = self.services[service]
@@ -162,7 +167,7 @@ class Engine:
         headers = parse(buf, start, end)
         if headers.__class__ is not tuple:
             return self._drop(headers)  # type: ignore[arg-type]
-        proto, l4, src, dst, sport, dport, flags, seq, ack, win, _ = headers
+        proto, l4, src, dst, sport, dport, flags, seq, ack, win, length = headers
         if dst != self.lb_ip:
             return self._drop(DropReason.NOT_FOR_US)
         table = self.table
@@ -176,45 +181,52 @@ class Engine:
                 return self._drop(DropReason.NO_SESSION)
             ended = None
             if proto == TCP:
-                if flags & SYN and s.state == State.SYN_SENT:
+                if flags & SYN and s.state is State.SYN_SENT:
                     table.note_server_wscale(s, tcp_window_scale(buf, l4, end))
                 ended = table.track_server(s, flags, seq, ack, win, now)
             else:
                 table.track_udp_reply(s, now)
-            deltas = s.rev_deltas
-            rewrite(buf, start, l4, proto, s.rev_addresses, s.rev_ports, deltas >> 16, deltas & 0xFFFF, partial)
+            deltas = s.deltas
+            rewrite(
+                buf, start, l4, proto, s.rev_addresses, s.rev_ports,
+                (deltas >> 16) & 0xFFFF, deltas & 0xFFFF, partial,
+            )  # fmt: skip
             pool.packets += 1
             pool.bytes += end - start
             service = s.service
             service.packets += 1
             service.bytes += end - start
             if ended is not None:
-                self._flow_ended(ended)
+                self._flow_ended(ended, now)
             return (FORWARD, (s.key >> 16) & 0xFFFFFFFF)
 
-        service = self._by_port.get((proto << 16) | dport)  # type: ignore[assignment]
-        if service is None:
+        target = self._by_port.get((proto << 16) | dport)
+        if target is None:
             return self._drop(DropReason.NOT_FOR_US)
-        s = table.forward.get((proto << 48) | (src << 16) | sport)
-        if s is None or (flags & SYN and not flags & ACK and s.state in ENDED):
+        service = target
+        row = table.forward.get((proto << 64) | (dport << 48) | (src << 16) | sport)
+        if row is None or (flags & SYN and not flags & ACK and row.state in ENDED):
             if proto == TCP and (flags & (SYN | ACK | RST)) != SYN:
+                service.count_drop(DropReason.NO_SESSION)
                 return self._drop(DropReason.NO_SESSION)
-            if s is not None:
-                table.remove(s)  # a new SYN on an ended row is a new flow
-            opened = self._open(service, proto, src, sport, flags, seq, buf, l4, end, now)
-            if opened.__class__ is tuple:
+            if row is not None:
+                table.remove(row)  # a new SYN on an ended row is a new flow
+            opened = self._open(service, proto, src, sport, flags, seq, length, buf, l4, end, now)
+            if not isinstance(opened, Session):
                 return opened
-            s = opened  # type: ignore[assignment]
+            row = opened
         elif proto == TCP:
-            ended = table.track_client(s, flags, seq, ack, win, now)
+            ended = table.track_client(row, flags, seq, ack, win, now)
             if ended is not None:
-                self._flow_ended(ended)
+                self._flow_ended(ended, now)
         else:
-            s.expires = now + table.timeout_of[s.state]
-        assert s is not None
-        deltas = s.fwd_deltas
-        pool = s.pool
-        rewrite(buf, start, l4, proto, pool.fwd_addresses, s.fwd_ports, deltas >> 16, deltas & 0xFFFF, partial)
+            row.seen = now
+        deltas = row.deltas
+        pool = row.pool
+        rewrite(
+            buf, start, l4, proto, pool.fwd_addresses, row.fwd_ports,
+            deltas >> 48, (deltas >> 32) & 0xFFFF, partial,
+        )  # fmt: skip
         pool.packets += 1
         pool.bytes += end - start
         service.packets += 1
@@ -229,15 +241,16 @@ class Engine:
         client_port: int,
         flags: int,
         seq: int,
+        length: int,
         buf: bytearray,
         l4: int,
         end: int,
         now: float,
-    ) -> object:
-        """Schedule a new flow: a Session, or an Action when it cannot be made."""
-        key = (proto << 48) | (client_ip << 16) | client_port
+    ) -> Session | Action:
+        """Schedule a new flow: its row, or the action to take when it cannot be made."""
+        key = forward_key(proto, client_ip, client_port, service.port)
         backend: Backend | None = None
-        affinity = self._affinity.get(service.name) if self._affinity else None
+        affinity = self._affinity.get(service.name)
         if affinity is not None:
             remembered = affinity.get(service.port, client_ip, now)
             if remembered is not None:
@@ -251,15 +264,19 @@ class Engine:
             self.count_drop(DropReason.NO_BACKEND)
             self.events.append(NoBackend(service.name, (ip_text(client_ip), client_port)))
             if proto == TCP:
-                # Refuse at once, as a closed port would: RST+ACK acknowledging the SYN.
+                # Refuse at once, as a closed port would: a RST+ACK acknowledging the SYN and
+                # any data it carried (RFC 793: SEG.SEQ + SEG.LEN, the SYN counting one).
+                ack = (seq + 1 + length) & 0xFFFFFFFF
                 rst = tcp_segment(
-                    self.lb_ip, client_ip, service.port, client_port, 0, (seq + 1) & 0xFFFFFFFF, RST | ACK
+                    self.lb_ip, client_ip, service.port, client_port, 0, ack, RST | ACK
                 )
                 return (REPLY, rst, client_ip)
             return _DROP_ACTIONS[DropReason.NO_BACKEND]
-        opened, evicted = self.table.open(now, service, proto, client_ip, client_port, self.lb_ip, backend)
+        opened, evicted = self.table.open(
+            now, service, proto, client_ip, client_port, self.lb_ip, backend
+        )
         for victim in evicted:
-            self._flow_ended(victim)
+            self._flow_ended(victim, now)
         if isinstance(opened, Refusal):
             reason = _REFUSAL_DROPS[opened]
             service.count_drop(reason)
@@ -279,20 +296,22 @@ class Engine:
     def count_drop(self, reason: DropReason) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
-    def _flow_ended(self, ended: Ended) -> None:
+    def _flow_ended(self, ended: Ended, now: float) -> None:
         s = ended.session
-        affinity = self._affinity.get(s.service.name) if self._affinity else None
+        affinity = self._affinity.get(s.service.name)
         if affinity is not None:
             # IPVS persistence counts from the end of the client's last connection.
-            affinity.remember(s.service.port, s.client_ip, s.backend.key, s.expires)
-        self.events.append(FlowEnded(s.service.name, s.client, s.backend.key, ended.reason, ended.open_flows))
+            affinity.remember(s.service.port, s.client_ip, s.backend.key, now)
+        self.events.append(
+            FlowEnded(s.service.name, s.client, s.backend.key, ended.reason, ended.open_flows)
+        )
 
     # --- between batches ---------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
         """Expire rows and affinity records whose time has come."""
         for ended in self.table.expire(now):
-            self._flow_ended(ended)
+            self._flow_ended(ended, now)
         for affinity in self._affinity.values():
             affinity.expire(now)
 

@@ -1,6 +1,6 @@
 """The NAT session table: one row per flow, found from either side, expired by state.
 
-    forward:  (proto, client ip, client port)           -> Session   (a dict keyed by one int)
+    forward:  (proto, service port, client ip, client port) -> Session (a dict keyed by one int)
     reverse:  (proto, backend ip, backend port, NAT port) -> Session (a per-backend array
                                                                        indexed by NAT port)
 
@@ -12,10 +12,11 @@ TCP rows follow a simplified Linux conntrack / IPVS state machine with per-state
 Sequence numbers are tracked just enough to tell an in-window RST (closes the row) from a
 stale or forged one (forwarded, changes nothing): each side's last ACK and scaled window.
 
-Expiry is lazy: a packet only moves `session.expires`. Rows sit in one-second buckets keyed by
-the deadline they had when bucketed; a sweep visits only the buckets that came due and either
-expires a row or re-buckets it at its newer deadline, so a sweep costs O(due rows), never a
-scan of the table, and the packet path touches no timer structure.
+Expiry is lazy: a packet only sets `session.seen`; a row's deadline is seen + its state's
+timeout. Rows sit in one-second buckets keyed by the deadline they had when filed; a sweep
+visits only the buckets that came due and either expires a row or re-files it at its newer
+deadline, so a sweep costs O(due rows), never a scan of the table, and the packet path touches
+no timer structure.
 
 Pure: time comes in as `now` (seconds, any monotonic origin); nothing here reads a clock.
 """
@@ -28,11 +29,11 @@ import math
 import socket
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from lbnat.backends import Backend, BackendKey
-from lbnat.packet import ACK, FIN, RST, SYN, TCP, UDP, rewrite_deltas, seq_after
+from lbnat.packet import ACK, FIN, RST, SYN, TCP, rewrite_deltas
 from lbnat.service import ServiceState
 
 _ADDR = struct.Struct("!I")
@@ -95,27 +96,76 @@ class Refusal(enum.Enum):
     TABLE_FULL = "table_full"
 
 
-def forward_key(proto: int, client_ip: int, client_port: int) -> int:
-    return (proto << 48) | (client_ip << 16) | client_port
+def forward_key(proto: int, client_ip: int, client_port: int, service_port: int) -> int:
+    """One int for (proto, service port, client ip, client port). The service port is part of
+    the key: one client socket may talk to two services of the LB from the same port."""
+    return (proto << 64) | (service_port << 48) | (client_ip << 16) | client_port
 
 
 def pool_key(proto: int, backend_ip: int, backend_port: int) -> int:
     return (proto << 48) | (backend_ip << 16) | backend_port
 
 
+# Shared int objects for every port and window value: a row that holds one of these holds a
+# pointer, not a 28-byte int of its own (memory per row, see Session).
+PORTS: tuple[int, ...] = tuple(range(65536))
+
+
+class _Fifo:
+    """Rows in arrival order, for eviction and port recycling, with lazy deletion.
+
+    A row leaves by being skipped when it reaches the front (its owner only lowers `live`), so
+    leaving costs nothing and an entry costs 8 bytes where an OrderedDict entry costs ~100. The
+    queue is compacted when dead entries outnumber live ones, so it stays O(live).
+    """
+
+    __slots__ = ("_queue", "_valid", "live")
+
+    def __init__(self, valid: Callable[[Session], bool]) -> None:
+        self._queue: deque[Session] = deque()
+        self._valid = valid
+        self.live = 0
+
+    def push(self, row: Session) -> None:
+        self._queue.append(row)
+        self.live += 1
+        if len(self._queue) > 2 * self.live + 64:
+            self._queue = deque(r for r in self._queue if self._valid(r))
+
+    def oldest(self) -> Session | None:
+        queue = self._queue
+        while queue:
+            row = queue[0]
+            if self._valid(row):
+                return row
+            queue.popleft()
+        return None
+
+    def rows(self) -> list[Session]:
+        return [r for r in self._queue if self._valid(r)]
+
+
+def _is_half_open(row: Session) -> bool:
+    return row.bucket >= 0 and row.state in HALF_OPEN
+
+
+def _is_ended(row: Session) -> bool:
+    return row.bucket >= 0 and row.state in ENDED
+
+
 class PortPool:
     """NAT ports towards one (proto, backend ip, backend port), and the rows that hold them.
 
-    Never-used ports are handed out first, then freed ports oldest-freed first, so a port is
-    reused as late as possible (the backend may still hold the old connection in TIME_WAIT).
-    It also keeps the per-backend counters.
+    `rows[nat_port - first]` is the reverse map. Never-used ports are handed out first, then
+    freed ports oldest-freed first, so a port is reused as late as possible (the backend may
+    still hold the old connection in TIME_WAIT). It also keeps the per-backend counters.
     """
 
     __slots__ = (
+        "_closed",
         "active",
         "backend",
         "bytes",
-        "closed",
         "first",
         "flows",
         "free",
@@ -124,16 +174,25 @@ class PortPool:
         "next_unused",
         "packets",
         "rows",
+        "timeout_of",
     )
 
-    def __init__(self, backend: Backend, lb_ip: int, first: int, last: int) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        lb_ip: int,
+        first: int,
+        last: int,
+        timeout_of: tuple[float, ...] = (),
+    ) -> None:
         self.backend = backend
         self.first = first
         self.last = last
+        self.timeout_of = timeout_of or Timeouts().by_state()
         self.next_unused = first
         self.free: deque[int] = deque()
         self.rows: list[Session | None] = [None] * (last - first + 1)
-        self.closed: OrderedDict[Session, None] = OrderedDict()  # ended rows, oldest first
+        self._closed = _Fifo(_is_ended)  # this backend's ended rows, oldest first
         # src LB, dst backend: the same for every flow to this backend.
         self.fwd_addresses = _ADDR.pack(lb_ip) + _ADDR.pack(backend.ip_int)
         self.active = 0  # open flows (not ended)
@@ -143,7 +202,7 @@ class PortPool:
 
     def take(self) -> int | None:
         if self.next_unused <= self.last:
-            port = self.next_unused
+            port = PORTS[self.next_unused]
             self.next_unused += 1
             return port
         if self.free:
@@ -157,28 +216,37 @@ class PortPool:
         return None
 
     @property
+    def closed(self) -> list[Session]:
+        """This backend's ended rows, oldest first."""
+        return self._closed.rows()
+
+    @property
     def rows_held(self) -> int:
         return sum(1 for row in self.rows if row is not None)
 
 
 class Session:
-    """One row. Slots only, and shared objects where rows can share them (memory per row)."""
+    """One row: about 450 bytes with its share of the maps (scripts/bench_engine.py).
+
+    Slots only; per-packet state is kept in objects rows can share: the last-seen time is the
+    packet loop's `now` of the batch (not a deadline float per row), ports and windows are the
+    shared ints of PORTS, both directions' checksum deltas are packed into one int.
+    """
 
     __slots__ = (
         "ack_c",
         "ack_s",
         "bucket",
         "created",
-        "expires",
+        "deltas",
         "fins",
-        "fwd_deltas",
         "fwd_ports",
         "key",
         "nat_port",
         "pool",
         "rev_addresses",
-        "rev_deltas",
         "rev_ports",
+        "seen",
         "service",
         "state",
         "win_c",
@@ -187,22 +255,22 @@ class Session:
     )
 
     def __init__(self) -> None:
-        self.key = 0
+        self.key = 0  # forward key, see forward_key()
         self.service: ServiceState
         self.pool: PortPool
         self.nat_port = 0
         self.state = State.SYN_SENT
-        self.created = 0.0
-        self.expires = 0.0
-        self.bucket = 0  # the second this row was last bucketed at; -1 once removed
-        # Rewrites: (ip_delta << 16) | l4_delta per direction; see lbnat.packet.rewrite.
+        self.created = 0  # whole second
+        self.seen = 0.0  # time of the last packet that refreshed the row
+        self.bucket = 0  # the expiry bucket (a second) the row is filed in; -1 once removed
+        # Rewrites: addresses/ports to write per direction and the checksum deltas of both,
+        # (fwd_ip << 48) | (fwd_l4 << 32) | (rev_ip << 16) | rev_l4; see lbnat.packet.rewrite.
         self.fwd_ports = b""
-        self.fwd_deltas = 0
         self.rev_addresses = b""
         self.rev_ports = b""
-        self.rev_deltas = 0
-        # TCP tracking: each side's last ACK and window (scaled), window scales packed
-        # (client << 4 | server, 0xF0/0x0F meaning "not offered"), FINs seen (1 client, 2 server).
+        self.deltas = 0
+        # TCP tracking: each side's last ACK and raw window; window scales packed as
+        # (client << 4) | server (15: not offered); FINs seen (1 client, 2 server).
         self.ack_c = 0
         self.win_c = 0
         self.ack_s = 0
@@ -210,10 +278,18 @@ class Session:
         self.wscale = 0
         self.fins = 0
 
-    # Derived views, for logs and `lbnat sessions`; never used per packet.
+    # Derived views, for tests, logs and `lbnat sessions`; never used per packet.
+    @property
+    def expires(self) -> float:
+        return self.seen + self.pool.timeout_of[self.state]
+
     @property
     def proto(self) -> int:
-        return self.key >> 48
+        return self.key >> 64
+
+    @property
+    def service_port(self) -> int:
+        return (self.key >> 48) & 0xFFFF
 
     @property
     def client_ip(self) -> int:
@@ -245,6 +321,11 @@ class Ended:
     open_flows: int
 
 
+_ESTABLISHED = State.ESTABLISHED
+_SYN_SENT = State.SYN_SENT
+_SYN_RECV = State.SYN_RECV
+
+
 class SessionTable:
     def __init__(
         self,
@@ -266,10 +347,11 @@ class SessionTable:
         self.forward: dict[int, Session] = {}
         self.pools: dict[int, PortPool] = {}
         self.open_flows = 0
-        self.half_open: OrderedDict[Session, None] = OrderedDict()  # eviction candidates
-        self.closed: OrderedDict[Session, None] = OrderedDict()
+        self._half_open = _Fifo(_is_half_open)  # eviction candidates, oldest first
+        self._closed = _Fifo(_is_ended)
         self._buckets: dict[int, list[Session]] = {}
         self._due: list[int] = []  # heap of bucket seconds
+        self._seconds: dict[int, int] = {}  # one shared int object per live second
         self.refused = {reason: 0 for reason in Refusal}
         self.evicted = 0
         self.rst_ignored = 0
@@ -280,22 +362,30 @@ class SessionTable:
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self.forward.values()))
 
-    # --- lookups (per packet) ---------------------------------------------------------------
+    @property
+    def half_open(self) -> list[Session]:
+        """Half-open rows (SYN_SENT, SYN_RECV, UDP_UNREPLIED), oldest first."""
+        return self._half_open.rows()
 
-    def reverse(self, proto: int, backend_ip: int, backend_port: int, nat_port: int) -> Session | None:
+    @property
+    def closed(self) -> list[Session]:
+        """Ended rows still lingering (TIME_WAIT, CLOSE), oldest first."""
+        return self._closed.rows()
+
+    # --- lookups ----------------------------------------------------------------------------
+
+    def reverse(
+        self, proto: int, backend_ip: int, backend_port: int, nat_port: int
+    ) -> Session | None:
         pool = self.pools.get((proto << 48) | (backend_ip << 16) | backend_port)
-        if pool is None:
-            return None
-        index = nat_port - pool.first
-        if 0 <= index < len(pool.rows):
-            return pool.rows[index]
-        return None
+        return None if pool is None else pool.lookup(nat_port)
 
     def pool_for(self, proto: int, backend: Backend) -> PortPool:
         key = pool_key(proto, backend.ip_int, backend.port)
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = PortPool(backend, self.lb_ip, *self.port_range)
+            pool = PortPool(backend, self.lb_ip, *self.port_range, self.timeout_of)
+            self.pools[key] = pool
         else:
             pool.backend = backend  # the newest snapshot's record (health, weight)
         return pool
@@ -314,10 +404,24 @@ class SessionTable:
     ) -> tuple[Session | Refusal, list[Ended]]:
         """Make the row for a new flow to `backend`. Returns the row (or why not) and any flows
         that eviction ended to make room."""
+        pool = self.pool_for(proto, backend)
+        nat_port = pool.take()
+        if nat_port is None:
+            # Recycle the port of this backend's longest-ended row rather than refuse a flow.
+            oldest = pool._closed.oldest()
+            if oldest is not None:
+                self.remove(oldest)
+                nat_port = pool.take()
+        if nat_port is None:
+            self.refused[Refusal.NAT_PORTS_EXHAUSTED] += 1
+            return Refusal.NAT_PORTS_EXHAUSTED, []
         ended: list[Ended] = []
         if len(self.forward) >= self.cap:
-            victim = self._eviction_candidate()
+            # Only now, with a port in hand: evicting for a flow that is refused anyway would
+            # end a flow for nothing.
+            victim = self._closed.oldest() or self._half_open.oldest()
             if victim is None:
+                pool.free.appendleft(nat_port)
                 self.refused[Refusal.TABLE_FULL] += 1
                 return Refusal.TABLE_FULL, ended
             was_open = not victim.ended
@@ -325,40 +429,32 @@ class SessionTable:
             self.evicted += 1
             if was_open:
                 ended.append(Ended(victim, EndReason.EVICTED, self.open_flows))
-        pool = self.pool_for(proto, backend)
-        nat_port = pool.take()
-        if nat_port is None and pool.closed:
-            # Recycle the port of this backend's longest-ended row rather than refuse a flow.
-            oldest = next(iter(pool.closed))
-            self.remove(oldest)
-            nat_port = pool.take()
-        if nat_port is None:
-            self.refused[Refusal.NAT_PORTS_EXHAUSTED] += 1
-            return Refusal.NAT_PORTS_EXHAUSTED, ended
 
         s = Session()
-        s.key = forward_key(proto, client_ip, client_port)
+        s.key = forward_key(proto, client_ip, client_port, service.port)
         s.service = service
         s.pool = pool
         s.nat_port = nat_port
-        s.created = now
+        second = math.floor(now)
+        s.created = self._seconds.setdefault(second, second)
         client_address = _ADDR.pack(client_ip)
         vip_address = _ADDR.pack(vip)
-        client_ports = _PORTS.pack(client_port, service.port)
         s.fwd_ports = _PORTS.pack(nat_port, backend.port)
-        ip_delta, l4_delta = rewrite_deltas(
-            client_address + vip_address, pool.fwd_addresses, client_ports, s.fwd_ports
+        fwd_ip, fwd_l4 = rewrite_deltas(
+            client_address + vip_address,
+            pool.fwd_addresses,
+            _PORTS.pack(client_port, service.port),
+            s.fwd_ports,
         )
-        s.fwd_deltas = (ip_delta << 16) | l4_delta
         s.rev_addresses = vip_address + client_address
-        s.rev_ports = _PORTS.pack(service.port, client_port)
-        ip_delta, l4_delta = rewrite_deltas(
+        s.rev_ports = service.reply_ports(client_port)
+        rev_ip, rev_l4 = rewrite_deltas(
             pool.fwd_addresses[4:] + pool.fwd_addresses[:4],
             s.rev_addresses,
             _PORTS.pack(backend.port, nat_port),
             s.rev_ports,
         )
-        s.rev_deltas = (ip_delta << 16) | l4_delta
+        s.deltas = (fwd_ip << 48) | (fwd_l4 << 32) | (rev_ip << 16) | rev_l4
 
         self.forward[s.key] = s
         pool.rows[nat_port - pool.first] = s
@@ -366,7 +462,8 @@ class SessionTable:
         pool.flows += 1
         self.open_flows += 1
         s.state = State.SYN_SENT if proto == TCP else State.UDP_UNREPLIED
-        self.half_open[s] = None
+        self._half_open.push(s)
+        s.seen = now
         self._schedule(s, now + self.timeout_of[s.state])
         return s, ended
 
@@ -374,105 +471,112 @@ class SessionTable:
         """Forget a row at once (its port goes back to the pool). Idempotent."""
         if s.bucket < 0:
             return
+        if s.state in HALF_OPEN:
+            self._half_open.live -= 1
+        if s.state in ENDED:
+            self._closed.live -= 1
+            s.pool._closed.live -= 1
+        else:
+            self.open_flows -= 1
+            s.pool.active -= 1
         s.bucket = -1
         del self.forward[s.key]
         pool = s.pool
         pool.rows[s.nat_port - pool.first] = None
         pool.free.append(s.nat_port)
-        self.half_open.pop(s, None)
-        if s.state in ENDED:
-            self.closed.pop(s, None)
-            pool.closed.pop(s, None)
-        else:
-            self.open_flows -= 1
-            pool.active -= 1
 
     def end(self, s: Session, state: State, now: float) -> None:
         """Move an open row to TIME_WAIT or CLOSE: the flow is over, the row lingers."""
-        self.half_open.pop(s, None)
+        if s.state in HALF_OPEN:
+            self._half_open.live -= 1
         s.state = state
         self.open_flows -= 1
         s.pool.active -= 1
-        self.closed[s] = None
-        s.pool.closed[s] = None
+        self._closed.push(s)
+        s.pool._closed.push(s)
         self._deadline(s, now)
 
     def _move(self, s: Session, state: State, now: float) -> None:
         """Change the state of an open row and restart its timeout."""
-        if state not in HALF_OPEN:
-            self.half_open.pop(s, None)
+        if s.state in HALF_OPEN and state not in HALF_OPEN:
+            self._half_open.live -= 1
         s.state = state
         self._deadline(s, now)
 
     def _deadline(self, s: Session, now: float) -> None:
-        s.expires = now + self.timeout_of[s.state]
+        s.seen = now
+        deadline = now + self.timeout_of[s.state]
         # A later deadline is found by the sweep; an earlier one needs an earlier bucket.
-        if math.ceil(s.expires) < s.bucket:
-            self._schedule(s, s.expires)
-
-    def _eviction_candidate(self) -> Session | None:
-        """Ended rows first, then half-open ones; never an established flow."""
-        for queue in (self.closed, self.half_open):
-            if queue:
-                return next(iter(queue))
-        return None
+        if math.ceil(deadline) < s.bucket:
+            self._schedule(s, deadline)
 
     # --- per-packet state tracking ----------------------------------------------------------
 
-    def track_client(self, s: Session, flags: int, seq: int, ack: int, win: int, now: float) -> Ended | None:
+    def track_client(
+        self, s: Session, flags: int, seq: int, ack: int, win: int, now: float
+    ) -> Ended | None:
         """Account a TCP segment from the client on row `s`. Returns the flow's end, if this
         segment ended it."""
         state = s.state
+        if state is _ESTABLISHED and not flags & 0x07:  # no FIN, SYN, RST: the common case
+            s.seen = now
+            s.ack_c = ack
+            s.win_c = PORTS[win]
+            return None
         if flags & RST:
-            return self._reset(s, seq, s.ack_s, s.win_s, now)
+            return self._reset(s, seq, s.ack_s, s.win_s, s.wscale & 0x0F, now)
         if flags & ACK:
             s.ack_c = ack
-            scale = s.wscale >> 4
-            s.win_c = win << scale if scale < 15 and not flags & SYN else win
-        if state == State.ESTABLISHED and not flags & FIN:
-            s.expires = now + self.timeout_of[State.ESTABLISHED]
-            return None
+            s.win_c = PORTS[win]
         if flags & SYN:
-            if state == State.SYN_SENT:
+            if state is _SYN_SENT:
                 # A retransmitted SYN (or a new ISN from the same port): same row, refreshed.
-                self._client_syn(s, seq, flags)
-                s.expires = now + self.timeout_of[state]
+                self._client_syn(s, seq)
+            if state not in ENDED:
+                s.seen = now
             return None
-        if state == State.SYN_RECV and flags & ACK:
-            state = State.ESTABLISHED
+        if state is _SYN_RECV and flags & ACK:
+            state = _ESTABLISHED
         return self._fin_or_refresh(s, state, flags, 1, now)
 
-    def track_server(self, s: Session, flags: int, seq: int, ack: int, win: int, now: float) -> Ended | None:
+    def track_server(
+        self, s: Session, flags: int, seq: int, ack: int, win: int, now: float
+    ) -> Ended | None:
         """Account a TCP segment from the backend on row `s`."""
         state = s.state
+        if state is _ESTABLISHED and not flags & 0x07:
+            s.seen = now
+            s.ack_s = ack
+            s.win_s = PORTS[win]
+            return None
         if flags & RST:
-            if state == State.SYN_SENT:
+            if state is _SYN_SENT:
                 # A refused connection: acceptable only if it acknowledges the client's SYN.
                 if flags & ACK and ack == s.ack_s:
                     return self._close(s, now)
                 self.rst_ignored += 1
                 return None
-            return self._reset(s, seq, s.ack_c, s.win_c, now)
+            return self._reset(s, seq, s.ack_c, s.win_c, s.wscale >> 4, now)
         if flags & SYN:
-            if state == State.SYN_SENT and flags & ACK:
+            if state is _SYN_SENT and flags & ACK:
                 s.ack_s = ack
-                s.win_s = win  # never scaled in a SYN
+                s.win_s = PORTS[win]  # never scaled in a SYN
                 # Until the client ACKs, "what the client acknowledges" is the backend's ISN + 1
                 # (as _client_syn does for the other side): a RST from the backend right after
                 # its SYN-ACK carries that sequence and must close the row.
                 s.ack_c = (seq + 1) & 0xFFFFFFFF
-                self._move(s, State.SYN_RECV, now)
+                self._move(s, _SYN_RECV, now)
+            elif state is _SYN_RECV:
+                s.seen = now  # a retransmitted SYN-ACK
             return None
         if flags & ACK:
             s.ack_s = ack
-            scale = s.wscale & 0x0F
-            s.win_s = win << scale if scale < 15 else win
-        if state == State.ESTABLISHED and not flags & FIN:
-            s.expires = now + self.timeout_of[State.ESTABLISHED]
-            return None
+            s.win_s = PORTS[win]
         return self._fin_or_refresh(s, state, flags, 2, now)
 
-    def _fin_or_refresh(self, s: Session, state: State, flags: int, side: int, now: float) -> Ended | None:
+    def _fin_or_refresh(
+        self, s: Session, state: State, flags: int, side: int, now: float
+    ) -> Ended | None:
         """The shared tail of both directions: a FIN moves the row on (the second FIN ends the
         flow); any other segment of an open row restarts its state's timeout."""
         if s.state in ENDED:
@@ -486,13 +590,13 @@ class SessionTable:
         if state != s.state:
             self._move(s, state, now)
         else:
-            s.expires = now + self.timeout_of[state]
+            s.seen = now
         return None
 
     def start_tcp(self, s: Session, seq: int, flags: int, client_wscale: int | None) -> None:
         """Initialise tracking from the client's first SYN."""
         s.wscale = ((15 if client_wscale is None else client_wscale) << 4) | 15
-        self._client_syn(s, seq, flags)
+        self._client_syn(s, seq)
 
     def note_server_wscale(self, s: Session, server_wscale: int | None) -> None:
         """Record the backend's window scale from its SYN-ACK. Scaling is in force only when
@@ -504,20 +608,25 @@ class SessionTable:
             s.wscale = (client << 4) | server_wscale
 
     @staticmethod
-    def _client_syn(s: Session, seq: int, flags: int) -> None:
+    def _client_syn(s: Session, seq: int) -> None:
         # Until the backend speaks, "what the backend acknowledges" is the client's ISN + 1:
         # the only sequence a RST from the client may carry, and the ACK a refusing RST needs.
         s.ack_s = (seq + 1) & 0xFFFFFFFF
         s.win_s = 0
 
-    def _reset(self, s: Session, seq: int, peer_ack: int, peer_win: int, now: float) -> Ended | None:
+    def _reset(
+        self, s: Session, seq: int, peer_ack: int, peer_win: int, peer_scale: int, now: float
+    ) -> Ended | None:
         """A RST closes the row only when its sequence number is inside the window the peer
         advertised: [peer's last ACK, ACK + window]; one behind is allowed for a sender that
-        has not seen its last segment acknowledged."""
+        has not seen its last segment acknowledged. Windows are kept raw and scaled here (a
+        SYN's window, never scaled, is then over-estimated: lenient only before the
+        handshake completes)."""
         if s.state in ENDED:
             return None
         offset = (seq - peer_ack) & 0xFFFFFFFF
-        if offset <= max(peer_win, 1) or offset == 0xFFFFFFFF:
+        window = peer_win << min(peer_scale, 14)
+        if offset <= max(window, 1) or offset == 0xFFFFFFFF:
             return self._close(s, now)
         self.rst_ignored += 1
         return None
@@ -526,17 +635,21 @@ class SessionTable:
         self.end(s, State.CLOSE, now)
         return Ended(s, EndReason.RST, self.open_flows)
 
+    def track_udp(self, s: Session, now: float) -> None:
+        """A datagram from the client on an existing row."""
+        s.seen = now
+
     def track_udp_reply(self, s: Session, now: float) -> None:
         if s.state == State.UDP_UNREPLIED:
             self._move(s, State.UDP_REPLIED, now)
         else:
-            s.expires = now + self.timeout_of[State.UDP_REPLIED]
+            s.seen = now
 
     # --- expiry -----------------------------------------------------------------------------
 
     def _schedule(self, s: Session, deadline: float) -> None:
         second = math.ceil(deadline)
-        s.expires = deadline
+        second = self._seconds.setdefault(second, second)
         s.bucket = second
         bucket = self._buckets.get(second)
         if bucket is None:
@@ -550,18 +663,24 @@ class SessionTable:
         had already ended, by FIN or RST, go silently)."""
         ended: list[Ended] = []
         due = self._due
+        timeout_of = self.timeout_of
         while due and due[0] <= now:
             second = heapq.heappop(due)
+            self._seconds.pop(second, None)
             for s in self._buckets.pop(second):
                 if s.bucket != second:
-                    continue  # removed, or re-bucketed earlier by end()
-                if s.expires > now:
-                    self._schedule(s, s.expires)
+                    continue  # removed, or re-filed earlier by _deadline()
+                deadline = s.seen + timeout_of[s.state]
+                if deadline > now:
+                    self._schedule(s, deadline)
                     continue
                 was_open = s.state not in ENDED
                 self.remove(s)
                 if was_open:
                     ended.append(Ended(s, EndReason.TIMEOUT, self.open_flows))
+        if len(self._seconds) > 4 * len(self._buckets) + 4096:
+            # created-second entries are only for sharing objects; drop the old ones.
+            self._seconds = {k: k for k in self._buckets}
         return ended
 
     def next_deadline(self) -> float | None:

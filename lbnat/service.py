@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 from lbnat.backends import Backend, BackendKey
@@ -10,6 +11,7 @@ from lbnat.packet import TCP, UDP
 from lbnat.scheduler import Scheduler
 
 PROTOCOLS = {"tcp": TCP, "udp": UDP}
+_PORTS = struct.Struct("!HH")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +55,16 @@ class ServiceState:
         self.bytes = 0
         self.flows = 0
         self.drops: dict[DropReason, int] = {}
+        # (service port, client port) as bytes, shared by every row of a client port: the
+        # reply rewrite writes these 4 bytes, and most clients reuse few source ports.
+        self._reply_ports: list[bytes | None] = [None] * 65536
         self.publish(spec.backends)
+
+    def reply_ports(self, client_port: int) -> bytes:
+        ports = self._reply_ports[client_port]
+        if ports is None:
+            ports = self._reply_ports[client_port] = _PORTS.pack(self.port, client_port)
+        return ports
 
     def publish(self, backends: tuple[Backend, ...]) -> None:
         keys = [b.key for b in backends]

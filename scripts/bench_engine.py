@@ -22,6 +22,7 @@ import tracemalloc
 
 from lbnat.backends import Backend
 from lbnat.engine import FORWARD, Engine, ip_int
+from lbnat.nat import State, forward_key
 from lbnat.packet import ACK, SYN, TCP, tcp_segment
 from lbnat.service import Service
 
@@ -41,13 +42,27 @@ def syn(client_ip: int, client_port: int) -> bytearray:
 
 
 def fill(engine: Engine, rows: int) -> None:
-    """Open `rows` flows from distinct clients (synthetic SYNs through the real engine)."""
+    """Open `rows` ESTABLISHED flows from distinct clients through the real engine (SYN,
+    SYN-ACK, ACK each). Every row gets its own time value: the pessimistic case for memory,
+    where no two rows share a last-seen float (the packet loop shares one per batch)."""
     base = ip_int("198.19.0.0")
+    lb = ip_int(LB)
+    table = engine.table
     for i in range(rows):
-        packet = syn(base + (i >> 14), 1024 + (i & 0x3FFF))
-        engine.handle(packet, 0, len(packet), False, 0.0)
-    if len(engine.table) != rows:
-        sys.exit(f"bench: only {len(engine.table)} of {rows} rows were created")
+        now = i * 1e-6
+        client, port = base + (i >> 14), 1024 + (i & 0x3FFF)
+        packet = syn(client, port)
+        engine.handle(packet, 0, len(packet), False, now)
+        row = table.forward[forward_key(TCP, client, port, 80)]
+        backend = row.backend
+        packet = bytearray(
+            tcp_segment(backend.ip_int, lb, 8080, row.nat_port, 5000 + i, 1001, SYN | ACK, 64240)
+        )
+        engine.handle(packet, 0, len(packet), False, now)
+        packet = bytearray(tcp_segment(client, lb, port, 80, 1001, 5001 + i, ACK, 502))
+        engine.handle(packet, 0, len(packet), False, now)
+    if len(table) != rows or table.open_flows != rows:
+        sys.exit(f"bench: only {len(table)} of {rows} rows were created")
     engine.take_events()
 
 
@@ -56,9 +71,11 @@ def establish(engine: Engine) -> tuple[bytes, bytes]:
     client, lb = ip_int("198.18.0.11"), ip_int(LB)
     packet = syn(client, 40000)
     engine.handle(packet, 0, len(packet), False, 0.0)
-    row = engine.table.forward[(TCP << 48) | (client << 16) | 40000]
+    row = engine.table.forward[forward_key(TCP, client, 40000, 80)]
     backend, nat_port = row.backend, row.nat_port
-    synack = bytearray(tcp_segment(backend.ip_int, lb, 8080, nat_port, 5000, 1001, SYN | ACK, 64240))
+    synack = bytearray(
+        tcp_segment(backend.ip_int, lb, 8080, nat_port, 5000, 1001, SYN | ACK, 64240)
+    )
     engine.handle(synack, 0, len(synack), False, 0.0)
     ack = bytearray(tcp_segment(client, lb, 40000, 80, 1001, 5001, ACK, 502))
     engine.handle(ack, 0, len(ack), False, 0.0)
@@ -125,6 +142,9 @@ def main() -> None:
         "backend_to_client": per_packet_us(big, rev),
     }
     results["table_rows"] = len(big.table)
+    results["established_rows"] = sum(
+        1 for r in big.table.forward.values() if r.state is State.ESTABLISHED
+    )
 
     print(json.dumps(results, indent=2))
     if args.json:
@@ -134,7 +154,8 @@ def main() -> None:
     many = results[f"us_per_packet_{args.rows}_rows"]
     assert isinstance(one, dict) and isinstance(many, dict)
     print(
-        f"\nper packet (median us)  1 row: {one['client_to_backend']:.2f} / {one['backend_to_client']:.2f}"
+        f"\nper packet (median us)  1 row: {one['client_to_backend']:.2f} / "
+        f"{one['backend_to_client']:.2f}"
         f"   {args.rows} rows: {many['client_to_backend']:.2f} / {many['backend_to_client']:.2f}"
         f"   (client->backend / backend->client)\n"
         f"memory per session: {results['bytes_per_session']:.0f} bytes"

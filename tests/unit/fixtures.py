@@ -387,7 +387,7 @@ class Flow:
     @property
     def session(self) -> Session | None:
         table = self.lab.engine.table
-        return table.forward.get(forward_key(PROTO_TCP, addr(self.client), self.port))
+        return table.forward.get(forward_key(PROTO_TCP, addr(self.client), self.port, WEB_PORT))
 
     @property
     def state(self) -> State | None:
@@ -449,12 +449,25 @@ class Flow:
     # -- backend side --
 
     def from_server(
-        self, flags: str, seq: int, ack: int = 0, payload: bytes = b"", window: int = 65535,
+        self,
+        flags: str,
+        seq: int,
+        ack: int = 0,
+        payload: bytes = b"",
+        window: int = 65535,
         options: Sequence[tuple[str, Any]] = (),
     ) -> Result:
         assert self.backend is not None and self.nat_port is not None, "no SYN was forwarded"
         packet = tcp(
-            self.backend, LB, WEB_BACKEND_PORT, self.nat_port, flags, seq, ack, window, payload,
+            self.backend,
+            LB,
+            WEB_BACKEND_PORT,
+            self.nat_port,
+            flags,
+            seq,
+            ack,
+            window,
+            payload,
             options,
         )
         result = self.lab.send(packet)
@@ -534,7 +547,7 @@ class UdpFlow:
     @property
     def session(self) -> Session | None:
         table = self.lab.engine.table
-        return table.forward.get(forward_key(PROTO_UDP, addr(self.client), self.port))
+        return table.forward.get(forward_key(PROTO_UDP, addr(self.client), self.port, DNS_PORT))
 
     @property
     def state(self) -> State | None:

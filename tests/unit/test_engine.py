@@ -264,7 +264,9 @@ def test_counters_per_service_and_per_backend() -> None:
     assert web.flows == 2
     assert web.packets == packets[B1] + packets[B2] == 12
     assert web.bytes == sizes[B1] + sizes[B2]
-    assert web.drops == {}  # drops before a service is known are engine-wide
+    # A segment to the service port without a row counts against the service; a packet to no
+    # service's port only engine-wide.
+    assert web.drops == {DropReason.NO_SESSION: 1}
     dns = lab.engine.services["dns"]
     assert (dns.flows, dns.packets, dns.bytes) == (1, 1, 20 + 8 + 5)
     pools = {pool.backend.key: pool for pool in lab.table.pools.values()}
@@ -425,3 +427,47 @@ def test_two_services_share_a_backend_without_mixing_flows() -> None:
             CLIENT1, service_port, client_port,
         )
         verify_checksums(buf)
+
+
+def test_one_client_port_towards_two_services_makes_two_flows() -> None:
+    """Linux lets one source port talk to two destinations: the service port is in the key."""
+    lb_ip = "198.18.0.2"
+    engine = Engine(
+        lb_ip,
+        [
+            Service("a", "tcp", 80, backends=(Backend("198.18.0.21", 8080),)),
+            Service("b", "tcp", 81, backends=(Backend("198.18.0.22", 8081),)),
+        ],
+    )
+    outputs = []
+    for port in (80, 81):
+        buf = wire(tcp(CLIENT1, lb_ip, 40000, port, "S", seq=7))
+        action = engine.handle(buf, 0, len(buf), False, 0.0)
+        assert action[0] == FORWARD
+        outputs.append(IP(bytes(buf)))
+    assert len(engine.table) == 2
+    assert [(p.dst, p[ScapyTCP].dport) for p in outputs] == [
+        ("198.18.0.21", 8080),
+        ("198.18.0.22", 8081),
+    ]
+
+
+def test_no_backend_rst_acknowledges_syn_data() -> None:
+    """RFC 793: the RST's ACK is SEG.SEQ + SEG.LEN, the SYN counting one (TCP Fast Open SYN)."""
+    lab = Lab(backends=1)
+    lab.set_health(0, Health.DEAD)
+    result = lab.send(tcp(CLIENT1, LB, 40000, WEB_PORT, "S", seq=100, payload=b"hello"))
+    assert result.kind == REPLY
+    assert IP(result.reply)[ScapyTCP].ack == 100 + 1 + 5
+
+
+def test_a_full_table_evicts_nothing_for_a_flow_refused_for_lack_of_ports() -> None:
+    """Eviction happens only once the new flow has a NAT port: a refused flow ends nobody."""
+    lab = Lab(backends=1, nat_ports=(61000, 61001), cap=2)
+    lab.flow(CLIENT1, 40001).syn()
+    lab.flow(CLIENT1, 40002).syn()  # two half-open rows: the table is full, the ports are gone
+    lab.events()
+    result = lab.flow(CLIENT2, 40003).syn()
+    assert result.drop_reason == DropReason.NAT_PORTS_EXHAUSTED
+    assert len(lab.table) == 2 and lab.table.evicted == 0
+    assert lab.events() == []

@@ -52,7 +52,13 @@ UDP_CLIENTS = [(CLIENT1, 2000), (CLIENT2, 2000)]
 CAP = 4
 NAT_PORTS = (61000, 61002)
 TIMEOUTS = Timeouts(
-    syn_sent=12, syn_recv=6, established=90, fin_wait=12, time_wait=12, close=1, udp=3,
+    syn_sent=12,
+    syn_recv=6,
+    established=90,
+    fin_wait=12,
+    time_wait=12,
+    close=1,
+    udp=3,
     udp_replied=12,
 )
 TIMEOUT_OF = TIMEOUTS.by_state()
@@ -100,7 +106,10 @@ class NatMachine(RuleBasedStateMachine):
         return self.lab.now
 
     def row(self, proto: int, client: tuple[str, int]) -> Session | None:
-        return self.lab.table.forward.get(forward_key(proto, addr(client[0]), client[1]))
+        service_port = WEB_PORT if proto == TCP else DNS_PORT
+        return self.lab.table.forward.get(
+            forward_key(proto, addr(client[0]), client[1], service_port)
+        )
 
     def eligible(self) -> dict[str, set[BackendKey]]:
         return {
@@ -127,7 +136,7 @@ class NatMachine(RuleBasedStateMachine):
         if target is None or target not in rows_after:
             parsed = parse(raw, 0, len(raw))
             assert isinstance(parsed, tuple)
-            key = forward_key(parsed[0], parsed[2], parsed[4])
+            key = forward_key(parsed[0], parsed[2], parsed[4], parsed[5])
             target = table.forward.get(key)
         if target is not None and target in rows_after:
             self.touched[target] = self.now
@@ -264,8 +273,18 @@ class NatMachine(RuleBasedStateMachine):
         client = TCP_CLIENTS[index]
         before = self.row(TCP, client)
         flags = ("F" if fin else "") + ("PA" if length else "A")
-        raw = bytes(tcp(client[0], LB, client[1], WEB_PORT, flags, conn.c_next, conn.s_next,
-                        payload=b"c" * length))
+        raw = bytes(
+            tcp(
+                client[0],
+                LB,
+                client[1],
+                WEB_PORT,
+                flags,
+                conn.c_next,
+                conn.s_next,
+                payload=b"c" * length,
+            )
+        )
         action, buf = self.send(raw, before)
         conn.client_acked = conn.s_next
         conn.c_next = (conn.c_next + length + fin) & MASK
@@ -285,8 +304,18 @@ class NatMachine(RuleBasedStateMachine):
         if s is None or conn is None or conn.s_isn is None:
             return
         flags = ("F" if fin else "") + ("PA" if length else "A")
-        raw = bytes(tcp(s.backend.ip, LB, s.backend.port, s.nat_port, flags, conn.s_next,
-                        conn.c_next, payload=b"s" * length))
+        raw = bytes(
+            tcp(
+                s.backend.ip,
+                LB,
+                s.backend.port,
+                s.nat_port,
+                flags,
+                conn.s_next,
+                conn.c_next,
+                payload=b"s" * length,
+            )
+        )
         action, buf = self.send(raw, s)
         assert action[0] == FORWARD
         conn.server_acked = conn.c_next
@@ -312,8 +341,9 @@ class NatMachine(RuleBasedStateMachine):
             raw = bytes(tcp(s.backend.ip, LB, s.backend.port, s.nat_port, "RA", off, ack))
         else:
             expected = conn.client_acked if conn.client_acked is not None else conn.s_isn + 1
-            raw = bytes(tcp(s.backend.ip, LB, s.backend.port, s.nat_port, "R",
-                            (expected + off) & MASK))
+            raw = bytes(
+                tcp(s.backend.ip, LB, s.backend.port, s.nat_port, "R", (expected + off) & MASK)
+            )
         was_open, state, expires = not s.ended, s.state, s.expires
         side = "backend" if from_backend else "client"
         event(f"rst {'in' if in_window else 'out'} {side} {state.name}")
@@ -348,8 +378,11 @@ class NatMachine(RuleBasedStateMachine):
                 assert buf[26:28] == b"\0\0"
         else:
             assert action[0] == DROP and after is None
-            assert action[1] in (DropReason.NO_BACKEND, DropReason.NAT_PORTS_EXHAUSTED,
-                                 DropReason.TABLE_FULL)
+            assert action[1] in (
+                DropReason.NO_BACKEND,
+                DropReason.NAT_PORTS_EXHAUSTED,
+                DropReason.TABLE_FULL,
+            )
 
     @rule(index=udp_clients, length=lengths)
     def udp_reply(self, index: int, length: int) -> None:
