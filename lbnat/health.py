@@ -54,7 +54,7 @@ def judge(verdict: Verdict, ok: bool, policy: HealthPolicy) -> Verdict:
             return Verdict(Health.DEAD, 0, successes)
         return Verdict(Health.ALIVE)
     failures = verdict.failures + 1
-    if failures >= policy.fall:
+    if failures >= policy.fall or verdict.health is Health.DEAD:  # a failure resets "rise"
         return Verdict(Health.DEAD, failures, 0)
     return Verdict(Health.BAD, failures, 0)
 

@@ -15,6 +15,7 @@ import socket
 import struct
 from collections import deque
 from dataclasses import dataclass
+from typing import Literal
 
 import netifaces
 
@@ -99,12 +100,17 @@ class Neighbours:
     QUEUE_LIMIT = 64  # frames kept per unresolved next hop
     GIVE_UP_AFTER = 3.0  # seconds
 
-    def __init__(self, link: Link, arp_path: str = "/proc/net/arp") -> None:
+    def __init__(
+        self,
+        link: Link,
+        arp_path: str = "/proc/net/arp",
+        gateway: int | Literal["auto"] | None = "auto",
+    ) -> None:
         self.link = link
         self.arp_path = arp_path
         self._network = int(link.network.network_address)
         self._netmask = int(link.network.netmask)
-        self._gateway = default_gateway(link.interface)
+        self._gateway = default_gateway(link.interface) if gateway == "auto" else gateway
         self.headers: dict[int, bytes] = {}  # destination ip -> 14-byte Ethernet header
         self.pending: dict[int, tuple[float, deque[bytes]]] = {}  # next hop -> (since, frames)
         self.gave_up = 0
