@@ -1,0 +1,130 @@
+"""lbnat's command line in a namespace: bad input ends in exit code 2 with one line on stderr
+and nothing left behind; SIGTERM and SIGINT end it cleanly and undo what it did to the host."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import (
+    LBNAT_TABLE,
+    NAT_PORTS,
+    RESERVED_PORTS,
+    VIP_PORT,
+    Bed,
+    console_script,
+    require,
+)
+from tests.integration.lab import LB_IP, host_ip
+
+pytestmark = pytest.mark.netns
+
+B1 = host_ip("b1")
+B2 = host_ip("b2")
+ROOT_RESERVED = Path(RESERVED_PORTS)  # read from the test process: the root namespace
+
+
+def run_lbnat(bed: Bed, *args: str) -> subprocess.CompletedProcess[str]:
+    """`lbnat run ARGS` in the lb namespace, to completion (bounded), whatever its exit code."""
+    return bed.lab.run("lb", console_script("lbnat"), "run", *args, check=False)
+
+
+def assert_refused(bed: Bed, result: subprocess.CompletedProcess[str], *words: str) -> str:
+    """Exit code 2, exactly one line on stderr (naming `words`), no start, nothing left."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("lbnat: "), lines
+    for word in words:
+        assert word in lines[0], lines
+    assert "srcIP" not in result.stdout
+    assert LBNAT_TABLE not in bed.nft_tables()
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        pytest.param((f"{LB_IP[:-1]}99", B1, "9000"), ("198.18.0.99",), id="srcip-on-no-interface"),
+        pytest.param((LB_IP, B1, "9000", B2), ("odd number",), id="odd-ip-port-words"),
+        pytest.param((LB_IP, B1, "9000", "--port", "70000"), ("70000", "range"), id="vip-70000"),
+        pytest.param((LB_IP, B1, "0"), ("0", "range"), id="backend-port-0"),
+        pytest.param((LB_IP, B1, "65536"), ("65536", "range"), id="backend-port-65536"),
+        pytest.param((LB_IP, "198.18.0.300", "9000"), ("198.18.0.300",), id="bad-backend-ip"),
+    ],
+)
+def test_bad_command_lines_exit_2(bed: Bed, args: tuple[str, ...], words: tuple[str, ...]) -> None:
+    before = bed.read_file("lb", RESERVED_PORTS)
+    assert_refused(bed, run_lbnat(bed, *args), *words)
+    assert bed.read_file("lb", RESERVED_PORTS) == before
+
+
+def test_vip_port_used_by_another_program(bed: Bed) -> None:
+    require("socat")
+    squatter = bed.start(
+        "lb", "socat", "-u", f"TCP-LISTEN:{VIP_PORT},bind={LB_IP},reuseaddr", "OPEN:/dev/null",
+        name="socat on the VIP port",
+    )  # fmt: skip
+    bed.lab.wait_tcp_listening("lb", VIP_PORT)
+    before = bed.read_file("lb", RESERVED_PORTS)
+    assert_refused(bed, run_lbnat(bed, LB_IP, B1, "9000"), str(VIP_PORT), "already used")
+    assert bed.read_file("lb", RESERVED_PORTS) == before
+    assert squatter.popen.poll() is None  # lbnat left the other program alone
+
+
+def test_not_root_exit_2(bed: Bed) -> None:
+    """As user nobody: refused with a clear message. Python may sit where nobody cannot read
+    it (under /root, as with pyenv): then nobody gets CAP_DAC_READ_SEARCH only (read any
+    file), which is still no root -- no packet socket, no nftables, euid 65534."""
+    require("setpriv")
+    nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    reader = ("--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search")
+    lbnat = console_script("lbnat")
+    for prefix in (nobody, (*nobody, *reader)):
+        probe = bed.lab.run("lb", *prefix, lbnat, "--help", check=False)
+        if probe.returncode == 0:
+            break
+    else:
+        pytest.skip(f"user nobody cannot run lbnat here: {probe.stderr.strip()[-300:]}")
+    result = bed.lab.run("lb", *prefix, lbnat, "run", LB_IP, B1, "9000", check=False)
+    assert_refused(bed, result, "must run as root")
+
+
+@pytest.mark.parametrize(
+    ("signum", "seed"),
+    [
+        pytest.param(signal.SIGTERM, "40000-40010", id="SIGTERM-reserved-ports-set"),
+        pytest.param(signal.SIGINT, "", id="SIGINT-reserved-ports-empty"),
+    ],
+)
+def test_signal_stops_cleanly(bed: Bed, signum: signal.Signals, seed: str) -> None:
+    """Exit 0, "lbnat stopped", its nft table gone, ip_local_reserved_ports as it was (set to
+    `seed` first, in the lab's namespace: the sysctl is per network namespace)."""
+    root_before = ROOT_RESERVED.read_text().strip()
+    if seed:
+        bed.lab.run("lb", "sysctl", "-qw", f"net.ipv4.ip_local_reserved_ports={seed}")
+        if ROOT_RESERVED.read_text().strip() != root_before:  # not per namespace: put it back
+            ROOT_RESERVED.write_text(root_before + "\n")
+            pytest.fail("ip_local_reserved_ports is not per network namespace on this kernel")
+    assert bed.read_file("lb", RESERVED_PORTS) == seed
+
+    bed.chat_server("b1")
+    lbnat = bed.lbnat("--health-interval", "0.5", backends=("b1",))
+    assert LBNAT_TABLE in bed.nft_tables()
+    nat_range = f"{NAT_PORTS[0]}-{NAT_PORTS[1]}"
+    reserved = bed.read_file("lb", RESERVED_PORTS)
+    assert reserved == (f"{seed},{nat_range}" if seed else nat_range), reserved
+    assert ROOT_RESERVED.read_text().strip() == root_before
+    _, server = bed.chat_client("c1", "alice")  # a flow still open at the signal
+    assert server == "b1"
+
+    lbnat.signal(signum)
+    assert lbnat.wait() == 0
+    assert lbnat.out.snapshot()[-1] == "lbnat stopped"
+    assert lbnat.err.snapshot() == []
+    assert LBNAT_TABLE not in bed.nft_tables()
+    assert bed.read_file("lb", RESERVED_PORTS) == seed
+    assert ROOT_RESERVED.read_text().strip() == root_before
