@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,17 +60,34 @@ def judge(verdict: Verdict, ok: bool, policy: HealthPolicy) -> Verdict:
     return Verdict(Health.BAD, failures, 0)
 
 
+DRAIN_SECONDS = 0.5  # how long a probe waits for the server's side of the close
+
 Probe = Callable[[str, int, float], bool]
 """A probe kind: (ip, port, timeout) -> did the backend answer as a live one would?"""
 
 
 def tcp_connect_probe(ip: str, port: int, timeout: float) -> bool:
-    """Connect and close: the C++ original's check."""
+    """Connect and close: the C++ original's check. The verdict is the connect alone.
+
+    The close is a polite one: a FIN first, then whatever the server already sent (a greeting)
+    is read until it closes too, for a short while. Closing with unread data makes the kernel
+    send a RST instead of a FIN, and a backend should not see a reset every probe interval.
+    """
     try:
-        with socket.create_connection((ip, port), timeout=timeout):
-            return True
+        sock = socket.create_connection((ip, port), timeout=timeout)
     except OSError:
         return False
+    with sock:
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + min(timeout, DRAIN_SECONDS)
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                if not sock.recv(65536):
+                    break
+        except OSError:
+            pass  # the server kept the connection open, or reset it: the probe still passed
+    return True
 
 
 @dataclass
@@ -109,9 +127,11 @@ class HealthChecker:
         }
         results = {key: future.result() for key, future in futures.items()}
         for key, ok in results.items():
-            before = self.verdicts.get(key, Verdict())
-            after = judge(before, ok, self.policy)
+            before = self.verdicts.get(key)
+            after = judge(before or Verdict(), ok, self.policy)
             self.verdicts[key] = after
-            self.report(unique[key], after.health, after.health is not before.health)
+            # A backend's first verdict is news too: until then its state was unknown.
+            changed = before is None or after.health is not before.health
+            self.report(unique[key], after.health, changed)
         for name, backends in services.items():
             self.publish(name, tuple(b.with_health(self.verdicts[b.key].health) for b in backends))

@@ -20,6 +20,7 @@ the integration tests check it does.
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ def ruleset(
 table ip {name}
 delete table ip {name}
 table ip {name} {{
+    comment "lbnat reserved ports {nat_ports[0]}-{nat_ports[1]}"
     chain prerouting {{
         type filter hook prerouting priority raw - 10; policy accept;
         ip daddr {lb_ip} tcp dport {tcp} counter drop comment "lbnat owns these"
@@ -74,6 +76,23 @@ def nft(script: str) -> None:
         raise GuardError("the nft command is not installed (apt-get install nftables)") from None
     if result.returncode != 0:
         raise GuardError(f"nft failed: {result.stderr.strip()}")
+
+
+def leftover_reservation(lb_ip: str) -> tuple[int, int] | None:
+    """The NAT range a crashed lbnat reserved, read from the comment of the table it left."""
+    try:
+        result = subprocess.run(
+            ["nft", "list", "table", "ip", table_name(lb_ip)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"lbnat reserved ports (\d+)-(\d+)", result.stdout)
+    if result.returncode != 0 or match is None:
+        return None
+    return int(match.group(1)), int(match.group(2))
 
 
 def _parse_ranges(text: str) -> list[tuple[int, int]]:
@@ -102,12 +121,17 @@ class KernelGuard:
     installed: bool = field(default=False, init=False)
 
     def install(self) -> None:
+        # A table left by a crash means its NAT range is still reserved: that reservation is
+        # lbnat's, not the host's, and must not be restored as "what was there before".
+        crashed = leftover_reservation(self.lb_ip)
         nft(ruleset(self.lb_ip, self.tcp_ports, self.udp_ports, self.nat_ports))
         self.installed = True
         try:
             with open(self.reserved_path) as f:
-                self._saved_reserved = f.read().strip()
-            ranges = _parse_ranges(self._saved_reserved)
+                ranges = _parse_ranges(f.read())
+            if crashed in ranges:
+                ranges.remove(crashed)
+            self._saved_reserved = _format_ranges(ranges)
             if self.nat_ports not in ranges:
                 ranges.append(self.nat_ports)
             with open(self.reserved_path, "w") as f:

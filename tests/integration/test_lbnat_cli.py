@@ -128,3 +128,25 @@ def test_signal_stops_cleanly(bed: Bed, signum: signal.Signals, seed: str) -> No
     assert LBNAT_TABLE not in bed.nft_tables()
     assert bed.read_file("lb", RESERVED_PORTS) == seed
     assert ROOT_RESERVED.read_text().strip() == root_before
+
+
+@pytest.mark.netns
+def test_restart_after_a_crash_restores_the_hosts_reservations(bed: Bed) -> None:
+    """SIGKILL leaves the nft table and the reserved NAT range behind; the next lbnat replaces
+    the table and, at its clean exit, restores the host's own reservations, not the crashed
+    run's."""
+    bed.lab.run("lb", "sysctl", "-qw", "net.ipv4.ip_local_reserved_ports=8080")
+    bed.chat_server("b1")
+    crashed = bed.lbnat("--no-health", backends=("b1",))
+    crashed.signal(signal.SIGKILL)
+    crashed.wait()
+    assert LBNAT_TABLE in bed.nft_tables()  # the crash left its table ...
+    assert bed.read_file("lb", RESERVED_PORTS) == "8080,61000-65535"  # ... and its reservation
+
+    again = bed.lbnat("--no-health", backends=("b1",))
+    _, server = bed.chat_client("c1", "alice")  # the replaced table works: flows go through
+    assert server == "b1"
+    again.signal(signal.SIGTERM)
+    assert again.wait() == 0
+    assert LBNAT_TABLE not in bed.nft_tables()
+    assert bed.read_file("lb", RESERVED_PORTS) == "8080"

@@ -266,3 +266,21 @@ def test_health_policy_rejects_nonsense() -> None:
     for bad in ({"interval": 0}, {"timeout": -1}, {"fall": 0}, {"rise": 0}):
         with pytest.raises(ValueError):
             HealthPolicy(**bad)
+
+
+def test_guard_does_not_restore_a_crashed_runs_reservation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("lbnat.dataplane.guard.nft", lambda script: None)
+    monkeypatch.setattr("lbnat.dataplane.guard.leftover_reservation", lambda ip: (50000, 50999))
+    sysctl = tmp_path / "reserved"
+    sysctl.write_text("8080,50000-50999\n")  # 50000-50999: the crashed run's
+    guard = KernelGuard(LB, [20000], [], NAT, reserved_path=str(sysctl))
+    guard.install()
+    assert sysctl.read_text() == "8080,61000-65535\n"
+    guard.remove()
+    assert sysctl.read_text() == "8080\n"
+
+
+def test_ruleset_records_the_reserved_range() -> None:
+    assert 'comment "lbnat reserved ports 61000-65535"' in ruleset(LB, [20000], [], NAT)
