@@ -11,7 +11,6 @@ A process's stdout and stderr are read by one thread each into `Output`, which k
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
@@ -27,7 +26,7 @@ from typing import IO, TypeVar
 
 import pytest
 
-from tests.integration.lab import CHAT, LB_IP, Lab, host_ip, skip_reason
+from tests.integration.lab import CHAT, LB_IP, Lab, host_ip, skip_reason, terminate
 
 T = TypeVar("T")
 
@@ -265,17 +264,7 @@ class Bed:
         """Stop every process of this test by pid (SIGTERM to all, then SIGKILL to any still
         running after STOP_TIMEOUT); show their output (pytest prints it for failed tests)."""
         try:
-            live = [p.popen for p in reversed(self.procs) if p.popen.poll() is None]
-            for popen in live:  # all at once: a chat client takes up to 0.5 s to notice
-                with contextlib.suppress(ProcessLookupError):
-                    popen.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT
-            for popen in live:
-                try:
-                    popen.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    popen.kill()
-                    popen.wait(STOP_TIMEOUT)
+            terminate([p.popen for p in reversed(self.procs)], STOP_TIMEOUT)
         finally:
             for proc in self.procs:
                 proc.out.join(2.0)

@@ -103,6 +103,22 @@ def wait_tcp_listening(netns: str, port: int, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def terminate(procs: Sequence[subprocess.Popen[Any]], timeout: float) -> None:
+    """Stop processes by pid: SIGTERM to every live one at once (a chat client takes up to
+    0.5 s to notice), then SIGKILL to any still running `timeout` seconds later."""
+    live = [p for p in procs if p.poll() is None]
+    for proc in live:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in live:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
 class Lab:
     """One lab: namespaces up on construction, everything gone after `close`."""
 
@@ -238,17 +254,7 @@ class Lab:
         return proc.returncode
 
     def _stop_all(self) -> None:
-        live = [p for p in self._procs if p.poll() is None]
-        for proc in live:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + TERMINATE_TIMEOUT
-        for proc in live:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(TERMINATE_TIMEOUT)
+        terminate(self._procs, TERMINATE_TIMEOUT)
         for proc in self._procs:
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 if stream is not None:
