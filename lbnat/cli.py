@@ -15,7 +15,7 @@ import click
 
 from lbnat.backends import Backend
 from lbnat.daemon import Daemon, Settings, StartError
-from lbnat.health import HealthPolicy
+from lbnat.health import PROBE_KINDS, HealthPolicy, ProbeSettings, make_probe
 from lbnat.nat import Timeouts
 from lbnat.scheduler import SCHEDULERS
 from lbnat.service import Service
@@ -133,6 +133,25 @@ def main() -> None:
     help="Good probes before alive again.",
 )
 @click.option("--no-health", is_flag=True, help="Do not probe backends (all are taken as alive).")
+@click.option(
+    "--health-check",
+    type=click.Choice(PROBE_KINDS),
+    default=None,
+    help="Probe kind (default: syn for tcp, udp for udp).",
+)
+@click.option(
+    "--probe-send", default="HealthCheck", show_default=True, help="hello/udp: what to send."
+)
+@click.option("--probe-expect", default=None, help="hello/udp: regex the reply must match.")
+@click.option("--http-path", default="/", show_default=True, help="http: the path to GET.")
+@click.option("--http-status", type=click.IntRange(100, 599), default=200, show_default=True)
+@click.option(
+    "--on-dead",
+    type=click.Choice(["keep", "reset"]),
+    default="keep",
+    show_default=True,
+    help="Flows of a backend that dies: keep them, or RST both ends.",
+)
 @click.option("--log-transitions", is_flag=True, help="Health lines only when a state changes.")
 @click.option(
     "--time-wait",
@@ -160,6 +179,12 @@ def run(
     fall: int,
     rise: int,
     no_health: bool,
+    health_check: str | None,
+    probe_send: str,
+    probe_expect: str | None,
+    http_path: str,
+    http_status: int,
+    on_dead: str,
     log_transitions: bool,
     time_wait: float,
     quiet: bool,
@@ -177,9 +202,12 @@ def run(
     first, last = parse_range(nat_ports)
     if first <= port <= last:
         fail(f"virtual port {port} is inside the NAT port range {first}-{last}")
+    probe = ProbeSettings(health_check, probe_send, probe_expect, http_path, http_status)
     try:
         health = None if no_health else HealthPolicy(health_interval, health_timeout, fall, rise)
         service = Service(f"{proto}:{port}", proto, port, scheduler, affinity, parsed)
+        if health is not None:
+            make_probe(probe, proto)  # a kind that does not fit the protocol, a bad pattern
     except ValueError as error:
         fail(str(error))
     settings = Settings(
@@ -190,6 +218,8 @@ def run(
         timeouts=Timeouts(time_wait=time_wait),
         table_cap=table_cap,
         health=health,
+        probe=probe,
+        on_dead=on_dead,
         log_transitions=log_transitions,
         quiet=quiet,
         log_format=log_format,

@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TextIO
 
-from lbnat.backends import Backend, Health
+from lbnat.backends import Backend, BackendKey, Health
 from lbnat.dataplane.guard import GuardError, KernelGuard
 from lbnat.dataplane.link import Link, LinkError, Neighbours, find_link
 from lbnat.dataplane.loop import PacketLoop
 from lbnat.dataplane.packet_socket import build_filter, open_packet_socket
 from lbnat.engine import Engine, Event, FlowEnded, FlowOpened, NoBackend
-from lbnat.health import HealthChecker, HealthPolicy
+from lbnat.health import HealthCheck, HealthChecker, HealthPolicy, ProbeSettings, make_probe
+from lbnat.health.checker import Report
 from lbnat.nat import Timeouts
 from lbnat.service import Service
 
@@ -45,10 +46,10 @@ class Settings:
     nat_ports: tuple[int, int] = (61000, 65535)
     timeouts: Timeouts = field(default_factory=Timeouts)
     table_cap: int = 1_000_000
-    health: HealthPolicy | None = field(default_factory=HealthPolicy)
-    log_transitions: bool = (
-        False  # health lines only on change (default: every round, as the original)
-    )
+    health: HealthPolicy | None = field(default_factory=HealthPolicy)  # None: no probes
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    on_dead: str = "keep"  # or "reset": RST both ends of a dead backend's flows
+    log_transitions: bool = False  # health lines only on change (default: every round)
     quiet: bool = False
     log_format: str = "text"  # or "json"
 
@@ -89,6 +90,16 @@ def check_port_free(ip: str, port: int, proto: str) -> None:
             ) from None
 
 
+def health_checks(settings: Settings) -> dict[str, HealthCheck]:
+    """One check per service (its probe fits its protocol); none with --no-health."""
+    if settings.health is None:
+        return {}
+    return {
+        service.name: HealthCheck(settings.health, make_probe(settings.probe, service.proto))
+        for service in settings.services
+    }
+
+
 class Daemon:
     def __init__(self, settings: Settings, out: TextIO = sys.stdout) -> None:
         self.settings = settings
@@ -122,6 +133,7 @@ class Daemon:
             check_port_free(s.lb_ip, service.port, service.proto)
         try:
             self.engine = Engine(s.lb_ip, s.services, s.nat_ports, s.timeouts, s.table_cap)
+            checks = health_checks(s)
         except ValueError as error:
             raise StartError(str(error)) from None
         tcp_ports = [sv.port for sv in s.services if sv.proto == "tcp"]
@@ -145,10 +157,8 @@ class Daemon:
                     verbose=True,
                     service=service.name,
                 )
-        if s.health is not None:
-            self.health = HealthChecker(
-                s.health, self.current_backends, self._publish, self._report
-            )
+        if checks:
+            self.health = HealthChecker(checks, self.current_backends, self._publish, self._report)
             self.health.start()
 
     def run(self) -> int:
@@ -226,18 +236,35 @@ class Daemon:
         if self.loop is not None:
             self.loop.submit(lambda engine: engine.set_backends(service, snapshot))
 
-    def _report(self, backend: Backend, health: Health, changed: bool) -> None:
-        quiet_round = self.settings.log_transitions and not changed
-        if quiet_round:
+    def _report(self, report: Report) -> None:
+        backend = report.backend
+        if report.changed and report.health is Health.DEAD and self.settings.on_dead == "reset":
+            self._submit_reset(report.service, backend.key)
+        if self.settings.log_transitions and not report.changed:
             return
         self.log(
-            f"IP : {backend.ip}, Port : {backend.port} Server is {health.value}",
+            f"IP : {backend.ip}, Port : {backend.port} Server is {report.health.value}",
             "health",
-            verbose=not changed,
+            verbose=not report.changed,
+            service=report.service,
             backend=f"{backend.ip}:{backend.port}",
-            health=health.value,
-            changed=changed,
+            health=report.health.value,
+            changed=report.changed,
+            probe=report.result.detail,
         )
+
+    def _submit_reset(self, service: str, backend: BackendKey) -> None:
+        """--on-dead reset: on the loop's thread, end the dead backend's flows with RSTs."""
+        loop = self.loop
+        if loop is None:
+            return
+
+        def reset(engine: Engine) -> None:
+            now = time.monotonic()
+            for packet, destination in engine.reset_flows(service, backend, now):
+                loop.send_packet(packet, destination, now)
+
+        loop.submit(reset)
 
     # --- events from the packet loop ---------------------------------------------------------
 

@@ -306,6 +306,35 @@ class Engine:
             FlowEnded(s.service.name, s.client, s.backend.key, ended.reason, ended.open_flows)
         )
 
+    def reset_flows(self, service: str, backend: BackendKey, now: float) -> list[tuple[bytes, int]]:
+        """End every open flow of `service` to `backend` (`--on-dead reset`, HAProxy's
+        on-marked-down shutdown-sessions): a RST to each end, rows removed, FlowEnded events.
+        Returns the packets to send, with their next hop.
+
+        Each RST carries the sequence number its receiver expects next (the peer's last ACK
+        the engine tracked), so the endpoint accepts it. The client of a row still in SYN_SENT
+        has not seen the backend's sequence numbers: it gets none and retries its SYN."""
+        state = self.services[service]
+        ip, port = backend
+        backend_ip = ip_int(ip)
+        pool = self.table.pools.get((state.proto << 48) | (backend_ip << 16) | port)
+        if pool is None:
+            return []
+        packets: list[tuple[bytes, int]] = []
+        for row in [r for r in pool.rows if r is not None and r.service is state and not r.ended]:
+            if state.proto == TCP:
+                client_ip, client_port = row.client_ip, row.client_port
+                if row.state is not State.SYN_SENT:
+                    rst = tcp_segment(
+                        self.lb_ip, client_ip, state.port, client_port, row.ack_c, 0, RST
+                    )
+                    packets.append((rst, client_ip))
+                rst = tcp_segment(self.lb_ip, backend_ip, row.nat_port, port, row.ack_s, 0, RST)
+                packets.append((rst, backend_ip))
+            self.table.remove(row)
+            self._flow_ended(Ended(row, EndReason.BACKEND_DEAD, self.table.open_flows), now)
+        return packets
+
     # --- between batches ---------------------------------------------------------------------
 
     def tick(self, now: float) -> None:

@@ -86,7 +86,7 @@ class EndReason(enum.Enum):
     RST = "rst"
     TIMEOUT = "timeout"
     EVICTED = "evicted"
-    RESET_BY_ADMIN = "reset"
+    BACKEND_DEAD = "backend_dead"  # --on-dead reset: lbnat reset both ends
 
 
 class Refusal(enum.Enum):

@@ -103,13 +103,7 @@ class PacketLoop:
                         buf[10:24] = header
                         self._send(send, view[:n])
                     else:  # REPLY: a packet the engine made (a RST)
-                        _, packet, destination = action
-                        frame = NO_VNET_HDR + bytes(14) + packet
-                        header = header_for(destination)
-                        if header is None:
-                            self._hold(destination, frame, now)
-                        else:
-                            self._send(send, NO_VNET_HDR + header + packet)
+                        self.send_packet(action[1], action[2], now)
             now = clock()
             if self.neighbours.pending:
                 ready, given_up = self.neighbours.release(now)
@@ -126,6 +120,14 @@ class PacketLoop:
             self._drain_commands()
             if engine.events:
                 self.on_events(engine.take_events())
+
+    def send_packet(self, packet: bytes, destination: int, now: float) -> None:
+        """Send an IPv4 packet lbnat made itself (complete checksums, no GSO)."""
+        header = self.neighbours.header_for(destination)
+        if header is None:
+            self._hold(destination, NO_VNET_HDR + bytes(14) + packet, now)
+        else:
+            self._send(self.sock.send, NO_VNET_HDR + header + packet)
 
     def _hold(self, destination: int, frame: bytes, now: float) -> None:
         if not self.neighbours.hold(destination, frame, now):

@@ -51,7 +51,7 @@ _RET_K = 0x06
 Insn = tuple[int, str | int, str | int, int]  # (code, true target, false target, k)
 
 
-def _assemble(program: Sequence[tuple[str | None, Insn]]) -> bytes:
+def assemble(program: Sequence[tuple[str | None, Insn]]) -> bytes:
     """Resolve symbolic jump targets ("next" or a label) into BPF's relative offsets."""
     labels = {label: index for index, (label, _) in enumerate(program) if label}
     out = bytearray()
@@ -109,7 +109,7 @@ def build_filter(
         ("accept", (_RET_K, 0, 0, 0x40000)),
         ("reject", (_RET_K, 0, 0, 0)),
     ]
-    return _assemble(p)
+    return assemble(p)
 
 
 def attach_filter(sock: socket.socket, program: bytes) -> None:

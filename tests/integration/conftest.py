@@ -365,6 +365,47 @@ class Bed:
         return self.lab.run(host, "cat", path).stdout.strip()
 
 
+NGINX_CONF = """\
+user root;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    default_type text/plain;
+    keepalive_timeout 0;
+    server {{
+        listen {ip}:80;
+        root {d}/www;
+    }}
+}}
+"""
+
+
+def start_nginx(bed: Bed, backend: str) -> Path:
+    """Debian's nginx in a backend namespace, everything under tmp_path; its directory."""
+    d = bed.tmp / f"nginx-{backend}"
+    (d / "www").mkdir(parents=True)
+    (d / "tmp").mkdir()
+    (d / "www" / "index.html").write_text(f"backend {backend}\n")
+    conf = d / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(d=d, ip=host_ip(backend)))
+    bed.start(
+        backend,
+        "nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(conf), "-g", "daemon off;",
+        name=f"nginx {backend}",
+    )  # fmt: skip
+    bed.lab.wait_tcp_listening(backend, 80)
+    return d
+
+
+
 @pytest.fixture
 def bed(tmp_path: Path) -> Iterator[Bed]:
     """A fresh lab (c1, c2, lb, b1..b3) for one test; everything gone afterwards."""

@@ -211,13 +211,13 @@ def test_lb_kernel_sends_no_rst_and_other_services_work(scratch: Path, bed: Bed)
     assert LBNAT_TABLE not in bed.nft_tables()
 
 
-def test_health_probes_make_the_lb_host_send_no_rst(bed: Bed) -> None:
-    """A probe connects, half-closes and reads what the server sent (the chat greeting) before
+def test_tcp_probes_make_the_lb_host_send_no_rst(bed: Bed) -> None:
+    """A tcp probe connects, half-closes and reads what the server sent (the chat greeting) before
     it closes: several rounds of probes leave the LB host's RST counter at zero, and the chat
     servers log only orderly closes."""
     bed.lab.run("lb", "nft", "-f", "-", input=LBTEST_RULES)
     servers = {b: bed.chat_server(b) for b in ("b1", "b2", "b3")}
-    lbnat = bed.lbnat("--health-interval", "0.2", "--log-transitions")
+    lbnat = bed.lbnat("--health-check", "tcp", "--health-interval", "0.2", "--log-transitions")
     for server in servers.values():
         for _ in range(5):  # five probe rounds seen by every backend
             server.expect("closed client : ")

@@ -1,5 +1,6 @@
-"""Tests for lbnat.chat on 127.0.0.1 with ephemeral ports: greeting, broadcast with the
-client's prefix, quitting, and a server that survives rude clients. Every wait is bounded."""
+"""Tests for lbnat.chat with ephemeral ports, inside a network namespace of the test's own
+(tests/unit/conftest.py, address HOST): greeting, broadcast with the client's prefix,
+quitting, and a server that survives rude clients. Every wait is bounded."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ import pytest
 
 from lbnat import chat
 from lbnat.chat import MAX_LINE, ChatClient, ChatServer, _Client
+from tests.unit.conftest import HOST
+
+pytestmark = pytest.mark.usefixtures("private_netns")
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 5.0
@@ -62,7 +66,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
 
 
 class RunningServer:
-    def __init__(self, host: str = "127.0.0.1", name: str | None = "srv") -> None:
+    def __init__(self, host: str = HOST, name: str | None = "srv") -> None:
         self.log = Sink()
         self.server = ChatServer(host, 0, name, out=self.log)
         self.port = self.server.port
@@ -70,7 +74,7 @@ class RunningServer:
         self.thread.start()
 
     def connect(self) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
+        sock = socket.create_connection((HOST, self.port), timeout=TIMEOUT)
         return sock
 
     def stop(self) -> None:
@@ -104,7 +108,7 @@ class InProcessClient:
     """A ChatClient whose stdin is a pipe the test writes to."""
 
     def __init__(self, port: int, name: str) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.sock = socket.create_connection((HOST, port), timeout=TIMEOUT)
         self.sock.settimeout(None)
         self.stdin_r, self.stdin_w = os.pipe()
         self.out = Sink()
@@ -142,20 +146,20 @@ class InProcessClient:
 def test_greeting_names_the_server(server: RunningServer) -> None:
     with server.connect() as sock:
         assert read_line(sock) == b"* connected to srv\n"
-    server.log.wait_for("closed client : 127.0.0.1:")
+    server.log.wait_for(f"closed client : {HOST}:")
 
 
 def test_default_name_is_the_address_the_client_reached() -> None:
     running = RunningServer(host="0.0.0.0", name=None)
     try:
         with running.connect() as sock:
-            assert read_line(sock) == f"* connected to 127.0.0.1:{running.port}\n".encode()
+            assert read_line(sock) == f"* connected to {HOST}:{running.port}\n".encode()
     finally:
         running.stop()
-    running = RunningServer(host="127.0.0.1", name=None)
+    running = RunningServer(host=HOST, name=None)
     try:
         with running.connect() as sock:
-            assert read_line(sock) == f"* connected to 127.0.0.1:{running.port}\n".encode()
+            assert read_line(sock) == f"* connected to {HOST}:{running.port}\n".encode()
     finally:
         running.stop()
 
@@ -164,12 +168,12 @@ def test_log_lines(server: RunningServer) -> None:
     with server.connect() as first:
         read_line(first)
         port = first.getsockname()[1]
-        text = server.log.wait_for(f"connected client : 127.0.0.1:{port} (total 1)")
-        assert text.splitlines()[0] == f"chat server srv listening on 127.0.0.1:{server.port}"
+        text = server.log.wait_for(f"connected client : {HOST}:{port} (total 1)")
+        assert text.splitlines()[0] == f"chat server srv listening on {HOST}:{server.port}"
         with server.connect() as second:
             read_line(second)
             server.log.wait_for("(total 2)")
-    server.log.wait_for(f"closed client : 127.0.0.1:{port} (total 0)")
+    server.log.wait_for(f"closed client : {HOST}:{port} (total 0)")
 
 
 def test_broadcast_reaches_every_client_with_the_prefix(server: RunningServer) -> None:
@@ -235,7 +239,7 @@ def test_client_notices_the_server_closing() -> None:
 def test_server_survives_rude_clients(server: RunningServer) -> None:
     # connect and close at once, as a TCP health check does
     for _ in range(5):
-        socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT).close()
+        socket.create_connection((HOST, server.port), timeout=TIMEOUT).close()
     # connect and reset
     rst = server.connect()
     rst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -266,8 +270,8 @@ def test_slow_reader_is_dropped(server: RunningServer, monkeypatch: pytest.Monke
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     slow.settimeout(TIMEOUT)
-    slow.connect(("127.0.0.1", server.port))
-    slow_peer = f"127.0.0.1:{slow.getsockname()[1]}"
+    slow.connect((HOST, server.port))
+    slow_peer = f"{HOST}:{slow.getsockname()[1]}"
     with slow, server.connect() as talker:
         read_line(talker)
         wait_until(lambda: server.server.client_count == 2)
@@ -327,7 +331,7 @@ def python_m(*argv: str, stdin: int | None = None) -> subprocess.Popen[bytes]:
 
 def free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
         return port
 
@@ -335,14 +339,14 @@ def free_port() -> int:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_cli_server_and_client(signum: int) -> None:
     port = free_port()
-    srv = python_m("server", "--host", "127.0.0.1", "--port", str(port), "--name", "b1")
+    srv = python_m("server", "--host", HOST, "--port", str(port), "--name", "b1")
     try:
         assert srv.stdout is not None
         ready, _, _ = select.select([srv.stdout], [], [], TIMEOUT)
         assert ready, "server printed nothing"
         first = srv.stdout.readline()
-        assert first == f"chat server b1 listening on 127.0.0.1:{port}\n".encode()
-        cli = python_m("client", "127.0.0.1", str(port), "eve", stdin=subprocess.PIPE)
+        assert first == f"chat server b1 listening on {HOST}:{port}\n".encode()
+        cli = python_m("client", HOST, str(port), "eve", stdin=subprocess.PIPE)
         out, err = cli.communicate(b"hello\nq\nnot sent\n", timeout=TIMEOUT)
         assert cli.returncode == 0, err
         assert out.decode().splitlines() == ["* connected to b1", "[eve] hello"]
@@ -351,9 +355,9 @@ def test_cli_server_and_client(signum: int) -> None:
         assert srv.returncode == 0, err
         assert err == b""
         log = rest.decode().splitlines()
-        assert log[0].startswith("connected client : 127.0.0.1:")
+        assert log[0].startswith(f"connected client : {HOST}:")
         assert log[0].endswith(" (total 1)")
-        assert log[1].startswith("closed client : 127.0.0.1:")
+        assert log[1].startswith(f"closed client : {HOST}:")
         assert log[1].endswith(" (total 0)")
         assert log[-1] == "chat server b1 stopped"
     finally:
@@ -364,20 +368,20 @@ def test_cli_server_and_client(signum: int) -> None:
 
 def test_cli_client_connection_refused() -> None:
     port = free_port()  # nothing listens there
-    cli = python_m("client", "127.0.0.1", str(port), "frank", stdin=subprocess.DEVNULL)
+    cli = python_m("client", HOST, str(port), "frank", stdin=subprocess.DEVNULL)
     out, err = cli.communicate(timeout=TIMEOUT)
     assert cli.returncode == 1
     assert out == b""
-    assert err.decode() == f"chat client: cannot connect to 127.0.0.1:{port}: Connection refused\n"
+    assert err.decode() == f"chat client: cannot connect to {HOST}:{port}: Connection refused\n"
 
 
 def test_cli_server_port_in_use() -> None:
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
+        taken.bind((HOST, 0))
         taken.listen()
         port = taken.getsockname()[1]
-        srv = python_m("server", "--host", "127.0.0.1", "--port", str(port))
+        srv = python_m("server", "--host", HOST, "--port", str(port))
         _out, err = srv.communicate(timeout=TIMEOUT)
     assert srv.returncode == 1
     assert b"Traceback" not in err
-    assert err.decode().startswith(f"chat server: cannot listen on 127.0.0.1:{port}: ")
+    assert err.decode().startswith(f"chat server: cannot listen on {HOST}:{port}: ")

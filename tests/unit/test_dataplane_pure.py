@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import ipaddress
-import struct
 from pathlib import Path
 
 import pytest
@@ -22,56 +21,11 @@ from lbnat.dataplane.guard import KernelGuard, _format_ranges, _parse_ranges, ru
 from lbnat.dataplane.link import Link, Neighbours, read_arp_table
 from lbnat.dataplane.packet_socket import build_filter
 from lbnat.health import HealthPolicy, Verdict, judge
+from tests.unit.cbpf import run_bpf
 
 LB = "198.18.0.2"
 LB_INT = int(ipaddress.IPv4Address(LB))
 NAT = (61000, 65535)
-
-
-def run_bpf(program: bytes, frame: bytes) -> int:
-    """A classic BPF interpreter for the opcodes build_filter uses; returns the snap length."""
-    insns = [struct.unpack_from("=HBBI", program, i) for i in range(0, len(program), 8)]
-    a = x = 0
-    pc = 0
-
-    def load(offset: int, size: int) -> int | None:
-        if offset < 0 or offset + size > len(frame):
-            return None  # the kernel returns 0 (reject) on an out-of-bounds load
-        value: int = int.from_bytes(frame[offset : offset + size], "big")
-        return value
-
-    while True:
-        code, jt, jf, k = insns[pc]
-        pc += 1
-        if code in (0x20, 0x28, 0x30):  # ld w/h/b [k]
-            value = load(k, {0x20: 4, 0x28: 2, 0x30: 1}[code])
-            if value is None:
-                return 0
-            a = value
-        elif code == 0x48:  # ldh [x + k]
-            value = load(x + k, 2)
-            if value is None:
-                return 0
-            a = value
-        elif code == 0xB1:  # ldxb 4 * ([k] & 0xf)
-            value = load(k, 1)
-            if value is None:
-                return 0
-            x = 4 * (value & 0x0F)
-        elif code == 0x05:  # ja
-            pc += k
-        elif code in (0x15, 0x25, 0x35, 0x45):
-            taken = {
-                0x15: a == k,
-                0x25: a > k,
-                0x35: a >= k,
-                0x45: bool(a & k),
-            }[code]
-            pc += jt if taken else jf
-        elif code == 0x06:
-            return int(k)
-        else:
-            raise AssertionError(f"unexpected opcode {code:#x}")
 
 
 FILTER = build_filter(LB_INT, tcp_ports=[20000, 80], udp_ports=[5353], nat_ports=NAT)

@@ -1,0 +1,100 @@
+"""The health checker thread: probes every backend of every checked service, each service at
+its own interval, runs the state machine and publishes the results.
+
+It never touches the session table: after probing a service it publishes a new immutable
+snapshot of that service's backends through `publish`, which the daemon hands to the packet
+loop's command queue. A probe never blocks the packet loop; the probes of one round run in
+parallel on a small pool, so a few dead backends (each costing a full timeout) do not stretch
+the round.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from lbnat.backends import Backend, Health
+from lbnat.health.probe import Probe, ProbeResult
+from lbnat.health.state import HealthPolicy, Verdict, judge
+
+VerdictKey = tuple[str, str, int]  # (service, backend ip, backend port)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    policy: HealthPolicy
+    probe: Probe
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One probe's outcome, for the log: the original's "IP : a, Port : p Server is x"."""
+
+    service: str
+    backend: Backend
+    health: Health
+    changed: bool  # a transition (or the backend's first verdict)
+    result: ProbeResult
+
+
+@dataclass
+class HealthChecker:
+    checks: Mapping[str, HealthCheck]  # per service name; services not here are not probed
+    backends: Callable[[], Mapping[str, Sequence[Backend]]]  # current backends per service
+    publish: Callable[[str, tuple[Backend, ...]], None]
+    report: Callable[[Report], None]
+    verdicts: dict[VerdictKey, Verdict] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lbnat-health", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            timeout = max((c.policy.timeout for c in self.checks.values()), default=0.0)
+            self._thread.join(timeout=timeout + 1)
+
+    def _run(self) -> None:
+        next_due = dict.fromkeys(self.checks, 0.0)
+        with ThreadPoolExecutor(max_workers=16, thread_name_prefix="lbnat-probe") as pool:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                due = [name for name, at in next_due.items() if at <= now]
+                if due:
+                    self.round(pool, due)
+                    for name in due:
+                        next_due[name] = now + self.checks[name].policy.interval
+                wait = min(next_due.values(), default=1.0) - time.monotonic()
+                self._stop.wait(max(wait, 0.0))
+
+    def round(self, pool: ThreadPoolExecutor, services: Sequence[str]) -> None:
+        """Probe every backend of these services once, then report and publish."""
+        current = self.backends()
+        futures = {}
+        for name in services:
+            check = self.checks[name]
+            for backend in current.get(name, ()):
+                futures[(name, backend.ip, backend.port)] = pool.submit(
+                    check.probe.check, backend.ip, backend.port, check.policy.timeout
+                )
+        results = {key: future.result() for key, future in futures.items()}
+        for name in services:
+            backends = current.get(name, ())
+            for backend in backends:
+                key = (name, backend.ip, backend.port)
+                before = self.verdicts.get(key)
+                after = judge(before or Verdict(), results[key].ok, self.checks[name].policy)
+                self.verdicts[key] = after
+                # A backend's first verdict is news too: until then its state was unknown.
+                changed = before is None or after.health is not before.health
+                self.report(Report(name, backend, after.health, changed, results[key]))
+            self.publish(
+                name,
+                tuple(b.with_health(self.verdicts[(name, b.ip, b.port)].health) for b in backends),
+            )

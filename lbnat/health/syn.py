@@ -1,0 +1,112 @@
+"""`syn`: a half-open check. The default for TCP services.
+
+A SYN goes out from a raw socket; a SYN-ACK that acknowledges it means alive, a RST means
+refused. The backend's application never sees a connection: accept() returns only after a
+three-way handshake, and this one never completes. The LB host's kernel answers the SYN-ACK
+with a RST by itself, because no socket of its own knows the connection (the local port is
+held by a bound, unconnected socket only so nothing else takes it meanwhile). This is the fix
+for the C++ guideline's complaint that health-check connections clutter the server's terminal.
+
+Packet building and reply classification are pure functions; only `check` touches sockets.
+"""
+
+from __future__ import annotations
+
+import secrets
+import select
+import socket
+import struct
+import time
+
+from lbnat.dataplane.packet_socket import Insn, assemble, attach_filter
+from lbnat.health.probe import ProbeResult, error_detail
+from lbnat.packet import ACK, RST, SYN, TCP, parse, transport_checksum
+
+_BPF_LD_W_ABS, _BPF_LD_H_IND, _BPF_LDX_B_MSH, _BPF_JEQ, _BPF_RET = 0x20, 0x48, 0xB1, 0x15, 0x06
+
+
+def syn_segment(src: int, dst: int, sport: int, dport: int, isn: int) -> bytes:
+    """A TCP SYN (header only, MSS option, correct checksum) for a raw IPPROTO_TCP socket."""
+    header = bytearray(
+        struct.pack("!HHIIBBHHH", sport, dport, isn, 0, 6 << 4, SYN, 64240, 0, 0)
+        + b"\x02\x04\x05\xb4"  # MSS 1460
+    )
+    struct.pack_into("!H", header, 16, transport_checksum(src, dst, TCP, header))
+    return bytes(header)
+
+
+def classify(
+    packet: bytes, backend: int, port: int, local_port: int, isn: int
+) -> ProbeResult | None:
+    """The verdict an IPv4 packet read from the raw socket gives, or None if it is not the
+    answer to our SYN."""
+    headers = parse(packet, 0, len(packet))
+    if not isinstance(headers, tuple):
+        return None
+    proto, _, src, _, sport, dport, flags, _, ack, _, _ = headers
+    if (proto, src, sport, dport) != (TCP, backend, port, local_port):
+        return None
+    if ack != (isn + 1) & 0xFFFFFFFF or not flags & ACK:
+        return None  # not an answer to this SYN (a stale segment)
+    if flags & RST:
+        return ProbeResult(False, "connection refused")
+    if flags & SYN:
+        return ProbeResult(True, "syn-ack")
+    return None
+
+
+def reply_filter(backend: int, port: int, local_port: int) -> bytes:
+    """cBPF for an AF_INET raw socket (data starts at the IP header): only TCP segments from
+    backend:port to our local port reach Python."""
+    program: list[tuple[str | None, Insn]] = [
+        (None, (_BPF_LD_W_ABS, 0, 0, 12)),  # source address
+        (None, (_BPF_JEQ, "next", "reject", backend)),
+        (None, (_BPF_LDX_B_MSH, 0, 0, 0)),  # X = IP header length
+        (None, (_BPF_LD_H_IND, 0, 0, 0)),  # source port
+        (None, (_BPF_JEQ, "next", "reject", port)),
+        (None, (_BPF_LD_H_IND, 0, 0, 2)),  # destination port
+        (None, (_BPF_JEQ, "accept", "reject", local_port)),
+        ("accept", (_BPF_RET, 0, 0, 0xFFFF)),
+        ("reject", (_BPF_RET, 0, 0, 0)),
+    ]
+    return assemble(program)
+
+
+def _source_address(ip: str, port: int) -> str:
+    """The address the kernel's routing picks to reach ip (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((ip, port))
+        address: str = probe.getsockname()[0]
+        return address
+
+
+class SynProbe:
+    kind = "syn"
+
+    def check(self, ip: str, port: int, timeout: float) -> ProbeResult:
+        deadline = time.monotonic() + timeout
+        try:
+            source = _source_address(ip, port)
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder,
+                socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as raw,
+            ):
+                holder.bind((source, 0))  # an ephemeral port: outside the NAT range and guard
+                local_port = holder.getsockname()[1]
+                backend = int.from_bytes(socket.inet_aton(ip), "big")
+                attach_filter(raw, reply_filter(backend, port, local_port))
+                isn = secrets.randbits(32)
+                src = int.from_bytes(socket.inet_aton(source), "big")
+                raw.sendto(syn_segment(src, backend, local_port, port, isn), (ip, 0))
+                while (left := deadline - time.monotonic()) > 0:
+                    readable, _, _ = select.select([raw], [], [], left)
+                    if not readable:
+                        break
+                    verdict = classify(raw.recv(65535), backend, port, local_port, isn)
+                    if verdict is not None:
+                        return verdict
+        except PermissionError:
+            return ProbeResult(False, "the syn probe needs root (a raw socket)")
+        except OSError as error:
+            return ProbeResult(False, error_detail(error))
+        return ProbeResult(False, "timeout")
