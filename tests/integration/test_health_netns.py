@@ -149,7 +149,7 @@ def test_hello_probe(bed: Bed) -> None:
         bed.lab.wait_tcp_listening(backend, BACKEND_PORT)
     lbnat = bed.lbnat(*FAST, "--health-check", "hello", backends=("b1", "b2"))
     wait_report(lbnat, "b2", "dead")
-    assert reports(lbnat, "b1")[:5] == ["alive"] * 5 or set(reports(lbnat, "b1")) == {"alive"}
+    assert set(reports(lbnat, "b1")) == {"alive"}
     assert "alive" not in reports(lbnat, "b2")
 
 
