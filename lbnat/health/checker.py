@@ -89,7 +89,10 @@ class HealthChecker:
             for backend in backends:
                 key = (name, backend.ip, backend.port)
                 before = self.verdicts.get(key)
-                after = judge(before or Verdict(), results[key].ok, self.checks[name].policy)
+                # A backend never judged starts from the health it was published with: alive
+                # for a configured one, dead for one that registered and awaits a good probe.
+                start = before or Verdict(backend.health)
+                after = judge(start, results[key].ok, self.checks[name].policy)
                 self.verdicts[key] = after
                 # A backend's first verdict is news too: until then its state was unknown.
                 changed = before is None or after.health is not before.health
