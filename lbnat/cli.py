@@ -1,26 +1,38 @@
-"""Command line: `lbnat run ...` and the C++ original's `loadbalancerLobin SRCIP IP PORT ...`.
+"""Command line: `lbnat run ...`, the C++ original's `loadbalancerLobin SRCIP IP PORT ...`, and
+the commands that talk to a running lbnat (register, unregister, status, sessions, backend,
+reload) or check a config file.
 
 Every mistake on the command line ends in one line on stderr and exit code 2, with nothing left
-behind (the daemon has not touched the host yet when arguments are checked).
+behind (the daemon has not touched the host yet when arguments are checked). A command that
+reaches a running lbnat which says no prints its reason and exits 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import json
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
 import click
+from click.core import ParameterSource
 
 from lbnat.backends import Backend
-from lbnat.daemon import Daemon, Settings, StartError
+from lbnat.config import Config, ConfigError, ControlConfig, ServiceConfig, load_config
+from lbnat.control.protocol import encode, sign
+from lbnat.control.server import request_line
+from lbnat.daemon import Daemon, StartError
 from lbnat.health import PROBE_KINDS, HealthPolicy, ProbeSettings, make_probe
 from lbnat.nat import Timeouts
 from lbnat.scheduler import SCHEDULERS
 from lbnat.service import Service
 
 DEFAULT_VIP_PORT = 20000
+DEFAULT_CONTROL_PORT = 7000
+DEFAULT_ADMIN_SOCKET = "/run/lbnat/lbnat.sock"
 
 
 def fail(message: str) -> NoReturn:
@@ -72,9 +84,16 @@ def parse_range(text: str) -> tuple[int, int]:
     return first, last
 
 
-def start(settings: Settings) -> NoReturn:
-    daemon = Daemon(settings)
+def parse_hostport(text: str, default_port: int, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(default_port)
+    return parse_ip(host, what), parse_port(port, f"{what} port")
+
+
+def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None) -> NoReturn:
     try:
+        daemon = Daemon(config, reload_config=reload_config)
         code = daemon.run()
     except StartError as error:
         fail(str(error))
@@ -90,9 +109,21 @@ def main() -> None:
     """
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
-@click.argument("srcip")
-@click.argument("backends", nargs=-1)
+# --- lbnat run ----------------------------------------------------------------------------------
+
+GLOBAL_OPTIONS = {  # option -> Config field it overrides when given with --config
+    "interface": "interface",
+    "table_cap": "table_cap",
+    "quiet": "quiet",
+    "log_format": "log_format",
+    "log_transitions": "log_transitions",
+    "drain_timeout": "drain_timeout",
+}
+
+
+@main.command()
+@click.argument("words", nargs=-1, metavar="[SRCIP] [IP PORT]...")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="JSON config file.")
 @click.option(
     "--port",
     "vip_port",
@@ -160,71 +191,207 @@ def main() -> None:
     show_default=True,
     help="TIME_WAIT linger in seconds.",
 )
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="Seconds a draining backend keeps its flows.",
+)
+@click.option(
+    "--control",
+    "control_listen",
+    default=None,
+    help="Listen for backend registrations on HOST:PORT.",
+)
+@click.option(
+    "--secret-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Shared secret for signed registrations.",
+)
+@click.option(
+    "--allow", multiple=True, help="Network allowed to register (repeatable; default any)."
+)
+@click.option(
+    "--admin-socket",
+    default=DEFAULT_ADMIN_SOCKET,
+    show_default=True,
+    help="Unix socket of lbnat status/sessions/backend/reload ('' to disable).",
+)
 @click.option("--quiet", is_flag=True, help="No per-flow and per-probe lines.")
 @click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
+@click.pass_context
 def run(
-    srcip: str,
-    backends: tuple[str, ...],
-    vip_port: str,
-    proto: str,
-    interface: str | None,
-    scheduler: str,
-    nat_ports: str,
-    table_cap: int,
-    affinity: float,
-    health_interval: float,
-    health_timeout: float,
-    fall: int,
-    rise: int,
-    no_health: bool,
-    health_check: str | None,
-    probe_send: str,
-    probe_expect: str | None,
-    http_path: str,
-    http_status: int,
-    on_dead: str,
-    log_transitions: bool,
-    time_wait: float,
-    quiet: bool,
-    log_format: str,
+    ctx: click.Context, /, words: tuple[str, ...], config_file: str | None, **options: Any
 ) -> None:
-    """Balance SRCIP:PORT over the backends IP PORT [IP PORT ...].
+    """Balance SRCIP:PORT over the backends IP PORT [IP PORT ...] (and/or a --config file).
 
     Example: sudo lbnat run 198.18.0.2 198.18.0.21 9000 198.18.0.22 9000
     """
-    lb_ip = parse_ip(srcip, "SRCIP")
-    port = parse_port(vip_port, "virtual port")
-    parsed = parse_backends(backends)
-    if not parsed:
-        fail("give at least one backend: IP PORT [IP PORT ...]")
-    first, last = parse_range(nat_ports)
-    if first <= port <= last:
-        fail(f"virtual port {port} is inside the NAT port range {first}-{last}")
-    probe = ProbeSettings(health_check, probe_send, probe_expect, http_path, http_status)
+    given = {
+        name for name in options if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+    }
+
+    def build() -> Config:
+        return build_config(words, config_file, options, given)
+
     try:
-        health = None if no_health else HealthPolicy(health_interval, health_timeout, fall, rise)
-        service = Service(f"{proto}:{port}", proto, port, scheduler, affinity, parsed)
-        if health is not None:
+        config = build()
+    except ConfigError as error:
+        fail(str(error))
+    run_daemon(config, build if config_file else None)
+
+
+def cli_service(options: dict[str, Any], backends: tuple[Backend, ...]) -> ServiceConfig:
+    port = parse_port(options["vip_port"], "virtual port")
+    proto = options["proto"]
+    probe = ProbeSettings(
+        options["health_check"],
+        options["probe_send"],
+        options["probe_expect"],
+        options["http_path"],
+        options["http_status"],
+    )
+    try:
+        health = None
+        if not options["no_health"]:
+            health = HealthPolicy(
+                options["health_interval"],
+                options["health_timeout"],
+                options["fall"],
+                options["rise"],
+            )
             make_probe(probe, proto)  # a kind that does not fit the protocol, a bad pattern
+        service = Service(
+            f"{proto}:{port}", proto, port, options["scheduler"], options["affinity"], backends
+        )
     except ValueError as error:
         fail(str(error))
-    settings = Settings(
-        lb_ip=lb_ip,
-        services=[service],
-        interface=interface,
-        nat_ports=(first, last),
-        timeouts=Timeouts(time_wait=time_wait),
-        table_cap=table_cap,
-        health=health,
-        probe=probe,
-        on_dead=on_dead,
-        log_transitions=log_transitions,
-        quiet=quiet,
-        log_format=log_format,
+    return ServiceConfig(service, health, probe, options["on_dead"])
+
+
+def build_config(
+    words: Sequence[str], config_file: str | None, options: dict[str, Any], given: set[str]
+) -> Config:
+    """The command line alone, or merged into the file: SRCIP and explicitly given options
+    win; the command line's backends join the file's service of the same protocol and port
+    (or form a new service)."""
+    base = (
+        load_config(config_file, default_port=parse_port(options["vip_port"], "virtual port"))
+        if config_file
+        else None
     )
-    start(settings)
+    if base is None and not words:
+        fail("give SRCIP and at least one backend: SRCIP IP PORT [IP PORT ...]")
+    # Without a file the first word is SRCIP; with one, an odd count means SRCIP comes first.
+    has_srcip = base is None or len(words) % 2 == 1
+    lb_ip = parse_ip(words[0], "SRCIP") if has_srcip else None
+    backends = parse_backends(words[1:] if has_srcip else words)
+    nat_ports = parse_range(options["nat_ports"])
+    ours = cli_service(options, backends)
+    control = None
+    if options["control_listen"]:
+        host, port = parse_hostport(
+            options["control_listen"], DEFAULT_CONTROL_PORT, "control address"
+        )
+        secret = None
+        if options["secret_file"]:
+            try:
+                secret = Path(options["secret_file"]).read_bytes().strip()
+            except OSError as error:
+                fail(f"cannot read the secret file: {error.strerror}")
+        try:
+            allow = tuple(ipaddress.IPv4Network(net, strict=False) for net in options["allow"])
+        except ValueError as error:
+            fail(f"--allow: {error}")
+        control = ControlConfig(host, port, secret, allow, 30.0)
+
+    if base is None:
+        if not backends:
+            fail("give at least one backend: IP PORT [IP PORT ...]")
+        config = Config(
+            lb_ip=lb_ip,
+            interface=options["interface"],
+            nat_ports=nat_ports,
+            table_cap=options["table_cap"],
+            timeouts=Timeouts(time_wait=options["time_wait"]),
+            log_format=options["log_format"],
+            quiet=options["quiet"],
+            log_transitions=options["log_transitions"],
+            control=control,
+            admin_socket=options["admin_socket"],
+            drain_timeout=options["drain_timeout"],
+            services=(ours,),
+        )
+    else:
+        services = list(base.services)
+        spec = ours.service
+        match = next(
+            (
+                i
+                for i, s in enumerate(services)
+                if (s.service.proto, s.service.port) == (spec.proto, spec.port)
+            ),
+            None,
+        )
+        if match is None and backends:
+            services.append(ours)
+        elif match is not None:
+            services[match] = merge_service(services[match], ours, given)
+        changes: dict[str, Any] = {
+            field: options[option] for option, field in GLOBAL_OPTIONS.items() if option in given
+        }
+        if "nat_ports" in given:
+            changes["nat_ports"] = nat_ports
+        if "time_wait" in given:
+            changes["timeouts"] = dataclasses.replace(base.timeouts, time_wait=options["time_wait"])
+        if "admin_socket" in given:
+            changes["admin_socket"] = options["admin_socket"]
+        if control is not None:
+            changes["control"] = control
+        config = dataclasses.replace(
+            base, lb_ip=lb_ip or base.lb_ip, services=tuple(services), **changes
+        )
+    if config.lb_ip is None:
+        fail("no SRCIP: give it first on the command line or as lb_ip in the config")
+    for service in config.services:
+        if config.nat_ports[0] <= service.service.port <= config.nat_ports[1]:
+            fail(
+                f"virtual port {service.service.port} is inside the NAT port range "
+                f"{config.nat_ports[0]}-{config.nat_ports[1]}"
+            )
+    return config
+
+
+def merge_service(file: ServiceConfig, ours: ServiceConfig, given: set[str]) -> ServiceConfig:
+    """The file's service with the command line's backends added and its explicit options."""
+    keys = {b.key for b in file.service.backends}
+    for backend in ours.service.backends:
+        if backend.key in keys:
+            raise ConfigError(
+                f"services[{file.service.name}].backends",
+                f"{backend.ip}:{backend.port} is both in the config and on the command line",
+            )
+    service = dataclasses.replace(
+        file.service, backends=file.service.backends + ours.service.backends
+    )
+    if "scheduler" in given:
+        service = dataclasses.replace(service, scheduler=ours.service.scheduler)
+    if "affinity" in given:
+        service = dataclasses.replace(service, affinity_timeout=ours.service.affinity_timeout)
+    health, probe, on_dead = file.health, file.probe, file.on_dead
+    if "no_health" in given:
+        health = None
+    elif given & {"health_interval", "health_timeout", "fall", "rise"}:
+        health = ours.health
+    if given & {"health_check", "probe_send", "probe_expect", "http_path", "http_status"}:
+        probe = ours.probe
+    if "on_dead" in given:
+        on_dead = ours.on_dead
+    return ServiceConfig(service, health, probe, on_dead)
 
 
 def lobin_main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -240,7 +407,247 @@ def lobin_main(argv: Sequence[str] | None = None) -> NoReturn:
     if not backends:
         fail("give at least one backend: SRCIP IP PORT [IP PORT ...]")
     service = Service(f"tcp:{DEFAULT_VIP_PORT}", "tcp", DEFAULT_VIP_PORT, backends=backends)
-    start(Settings(lb_ip=lb_ip, services=[service]))
+    config = Config(
+        lb_ip=lb_ip,
+        interface=None,
+        nat_ports=(61000, 65535),
+        table_cap=1_000_000,
+        timeouts=Timeouts(),
+        log_format="text",
+        quiet=False,
+        log_transitions=False,
+        control=None,
+        admin_socket=DEFAULT_ADMIN_SOCKET,
+        drain_timeout=300.0,
+        services=(ServiceConfig(service, HealthPolicy(), ProbeSettings(), "keep"),),
+    )
+    run_daemon(config)
+
+
+# --- lbnat check-config -------------------------------------------------------------------------
+
+
+@main.command("check-config")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--port",
+    "vip_port",
+    default=str(DEFAULT_VIP_PORT),
+    help="Virtual port for a servers.json file.",
+)
+def check_config(file: str, vip_port: str) -> None:
+    """Validate a config file without starting anything.
+
+    Example: lbnat check-config /etc/lbnat/lbnat.json
+    """
+    try:
+        config = load_config(file, default_port=parse_port(vip_port, "virtual port"))
+    except ConfigError as error:
+        fail(str(error))
+    backends = sum(len(s.service.backends) for s in config.services)
+    names = ", ".join(
+        f"{s.service.name} ({s.service.proto}/{s.service.port})" for s in config.services
+    )
+    click.echo(
+        f"{file}: ok: {len(config.services)} services: {names or 'none'}; {backends} backends"
+    )
+
+
+# --- talking to a running lbnat -------------------------------------------------------------------
+
+
+def talk(target: str | tuple[str, int], message: dict[str, object]) -> dict[str, Any]:
+    """Send one request, return the reply; unreachable lbnat -> exit 1 with a clear line."""
+    where = target if isinstance(target, str) else f"{target[0]}:{target[1]}"
+    try:
+        line = request_line(target, encode(message))
+    except FileNotFoundError:
+        click.echo(f"lbnat: no admin socket at {where}: is lbnat running?", err=True)
+        raise SystemExit(1) from None
+    except OSError as error:
+        click.echo(f"lbnat: cannot reach lbnat at {where}: {error.strerror or error}", err=True)
+        raise SystemExit(1) from None
+    try:
+        reply: dict[str, Any] = json.loads(line)
+    except ValueError:
+        click.echo(f"lbnat: {where} did not answer with JSON", err=True)
+        raise SystemExit(1) from None
+    if not reply.get("ok"):
+        click.echo(f"lbnat: refused: {reply.get('error', 'no reason given')}", err=True)
+        raise SystemExit(1)
+    return reply
+
+
+def registration(op: str, lb: str, service: str, ip: str, port: str, weight: int, name: str,
+                 secret: str | None, secret_file: str | None) -> None:  # fmt: skip
+    host, control_port = parse_hostport(lb, DEFAULT_CONTROL_PORT, "--lb")
+    message: dict[str, object] = {
+        "op": op,
+        "service": service,
+        "ip": parse_ip(ip, "backend address"),
+        "port": parse_port(port, "backend port"),
+    }
+    if op == "register":
+        message["weight"] = weight
+        if name:
+            message["name"] = name
+    key = secret.encode() if secret else None
+    if secret_file:
+        try:
+            key = Path(secret_file).read_bytes().strip()
+        except OSError as error:
+            fail(f"cannot read the secret file: {error.strerror}")
+    if key:
+        import time
+
+        message = sign(message, key, time.time())
+    reply = talk((host, control_port), message)
+    click.echo(
+        f"{op}: {reply.get('backend')} in service {reply.get('service')}: {reply.get('state')}"
+    )
+
+
+def registration_command(op: str) -> click.Command:
+    @click.command(op)
+    @click.option("--lb", required=True, help="The load balancer's control channel, HOST[:PORT].")
+    @click.option("--service", required=True, help="Service name.")
+    @click.argument("ip")
+    @click.argument("port")
+    @click.option("--weight", type=click.IntRange(0, 65535), default=1, show_default=True)
+    @click.option("--name", default="", help="A name for the backend.")
+    @click.option("--secret", default=None, help="Shared secret (prefer --secret-file).")
+    @click.option("--secret-file", type=click.Path(dir_okay=False), default=None)
+    def command(lb: str, service: str, ip: str, port: str, weight: int, name: str,
+                secret: str | None, secret_file: str | None) -> None:  # fmt: skip
+        registration(op, lb, service, ip, port, weight, name, secret, secret_file)
+
+    command.help = (
+        f"{op.capitalize()} backend IP PORT "
+        f"{'with' if op == 'register' else 'from'} a running lbnat.\n\n"
+        f"Example: lbnat {op} --lb 198.18.0.2:7000 --service chat 198.18.0.24 9000"
+    )
+    return command
+
+
+main.add_command(registration_command("register"))
+main.add_command(registration_command("unregister"))
+
+admin_socket_option = click.option(
+    "--admin-socket", default=DEFAULT_ADMIN_SOCKET, show_default=True, help="lbnat's admin socket."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+@main.command()
+@admin_socket_option
+@json_option
+def status(admin_socket: str, as_json: bool) -> None:
+    """Services and backends: health, weight, flows, traffic, last probe.
+
+    Example: sudo lbnat status
+    """
+    reply = talk(admin_socket, {"op": "status"})
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+        return
+    click.echo(
+        f"lbnat {reply['lb_ip']}  up {reply['uptime']} s  rows {reply['rows']}  "
+        f"open flows {reply['open_flows']}"
+    )
+    for s in reply["services"]:
+        drops = " ".join(f"{k} {v}" for k, v in s["drops"].items())
+        click.echo(
+            f"service {s['name']}  {s['proto']} :{s['port']}  {s['scheduler']}  "
+            f"check {s['health_check']}  flows {s['flows']}  packets {s['packets']}  "
+            f"bytes {human_bytes(s['bytes'])}" + (f"  drops {drops}" if drops else "")
+        )
+        for b in s["backends"]:
+            state = b["health"] + (" draining" if b["draining"] else "")
+            probe = (
+                f"  probe {b['last_probe']} {b['last_probe_age']} s ago" if b["last_probe"] else ""
+            )
+            click.echo(
+                f"  {b['ip']}:{b['port']:<5}  {b['name']:<16}  {state:<14}  weight {b['weight']}  "
+                f"active {b['active']}  flows {b['flows']}  packets {b['packets']}  "
+                f"bytes {human_bytes(b['bytes'])}{probe}"
+            )
+
+
+@main.command()
+@admin_socket_option
+@json_option
+def sessions(admin_socket: str, as_json: bool) -> None:
+    """The NAT table: client <-> backend, NAT port, state, age.
+
+    Example: sudo lbnat sessions
+    """
+    reply = talk(admin_socket, {"op": "sessions"})
+    rows = reply["sessions"]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'proto':<6}{'client':<22}{'backend':<22}{'NAT port':<10}{'state':<14}age")
+    for r in rows:
+        click.echo(
+            f"{r['proto']:<6}{r['client']:<22}{r['backend']:<22}{r['nat_port']:<10}"
+            f"{r['state']:<14}{r['age']:.0f} s"
+        )
+    click.echo(f"{len(rows)} rows")
+
+
+@main.command()
+@click.argument("action", type=click.Choice(["add", "remove", "drain"]))
+@click.argument("service")
+@click.argument("ip")
+@click.argument("port")
+@click.option("--weight", type=click.IntRange(0, 65535), default=1, show_default=True)
+@click.option("--name", default="")
+@admin_socket_option
+@json_option
+def backend(action: str, service: str, ip: str, port: str, weight: int, name: str,
+            admin_socket: str, as_json: bool) -> None:  # fmt: skip
+    """Add, remove or drain a backend of a running lbnat.
+
+    Example: sudo lbnat backend drain chat 198.18.0.22 9000
+    """
+    message: dict[str, object] = {
+        "op": f"backend_{action}",
+        "service": service,
+        "ip": parse_ip(ip, "backend address"),
+        "port": parse_port(port, "backend port"),
+    }
+    if action == "add":
+        message["weight"] = weight
+        if name:
+            message["name"] = name
+    reply = talk(admin_socket, message)
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+    else:
+        click.echo(
+            f"{action}: {reply.get('backend')} in service {reply.get('service')}: "
+            f"{reply.get('state')}"
+        )
+
+
+@main.command()
+@admin_socket_option
+def reload(admin_socket: str) -> None:
+    """Re-read the config file of a running lbnat (as kill -HUP does), keeping every session.
+
+    Example: sudo lbnat reload
+    """
+    talk(admin_socket, {"op": "reload"})
+    click.echo("reload: applied")
 
 
 if __name__ == "__main__":

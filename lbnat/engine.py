@@ -30,6 +30,7 @@ from lbnat.nat import (
     Affinity,
     Ended,
     EndReason,
+    PortPool,
     Refusal,
     Session,
     SessionTable,
@@ -159,6 +160,36 @@ class Engine:
             pool = self.table.pools.get((state.proto << 48) | (backend.ip_int << 16) | backend.port)
             if pool is not None:
                 pool.backend = backend
+
+    def reconfigure_service(self, spec: Service) -> None:
+        """Apply a reloaded service's scheduler and affinity (same protocol and port)."""
+        state = self.services[spec.name]
+        if (spec.proto_number, spec.port) != (state.proto, state.port):
+            raise ValueError(f"service {spec.name}: its protocol and port cannot change live")
+        if spec.scheduler != state.spec.scheduler:
+            state.scheduler = make_scheduler(spec.scheduler)
+            state.scheduler.update(state.backends)
+        if spec.affinity_timeout:
+            current = self._affinity.get(spec.name)
+            if current is None or current.timeout != spec.affinity_timeout:
+                self._affinity[spec.name] = Affinity(spec.affinity_timeout)
+        else:
+            self._affinity.pop(spec.name, None)
+        state.spec = spec
+
+    def pool_of(self, service: str, backend: BackendKey) -> PortPool | None:
+        """The port pool (rows and counters) of one backend of a service, if it has had flows."""
+        state = self.services[service]
+        ip, port = backend
+        return self.table.pools.get((state.proto << 48) | (ip_int(ip) << 16) | port)
+
+    def active_flows(self, service: str, backend: BackendKey) -> int:
+        """Open flows of `service` to `backend` (a pool may be shared by two services)."""
+        pool = self.pool_of(service, backend)
+        if pool is None:
+            return 0
+        state = self.services[service]
+        return sum(1 for r in pool.rows if r is not None and r.service is state and not r.ended)
 
     # --- the packet path ---------------------------------------------------------------------
 

@@ -142,6 +142,11 @@ class KernelGuard:
                 f"cannot reserve the NAT ports in {self.reserved_path}: {error}"
             ) from None
 
+    def update(self) -> None:
+        """Replace the table with one for the current ports (a service added on reload), in one
+        transaction: no moment without a guard. The reserved ports stay as they are."""
+        nft(ruleset(self.lb_ip, self.tcp_ports, self.udp_ports, self.nat_ports))
+
     def remove(self) -> None:
         """Undo install(). Safe to call twice and after a partial install."""
         if self._saved_reserved is not None:

@@ -38,12 +38,14 @@ class PacketLoop:
         neighbours: Neighbours,
         on_events: Callable[[list[Event]], None],
         clock: Callable[[], float] = time.monotonic,
+        on_tick: Callable[[Engine, float], None] | None = None,
     ) -> None:
         self.engine = engine
         self.sock = sock
         self.neighbours = neighbours
         self.on_events = on_events
         self.clock = clock
+        self.on_tick = on_tick  # housekeeping on the loop's thread (draining backends)
         self.commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.sent = 0
@@ -116,6 +118,8 @@ class PacketLoop:
                 next_refresh = now + NEIGHBOUR_REFRESH
             if now >= next_tick:
                 engine.tick(now)
+                if self.on_tick is not None:
+                    self.on_tick(engine, now)
                 next_tick = now + TICK_EVERY
             self._drain_commands()
             if engine.events:

@@ -48,6 +48,7 @@ class HealthChecker:
     report: Callable[[Report], None]
     verdicts: dict[VerdictKey, Verdict] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _wake: threading.Event = field(default_factory=threading.Event)  # stop or new checks
     _thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -56,29 +57,45 @@ class HealthChecker:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             timeout = max((c.policy.timeout for c in self.checks.values()), default=0.0)
             self._thread.join(timeout=timeout + 1)
 
+    def set_checks(self, checks: Mapping[str, HealthCheck]) -> None:
+        """New checks (a reload); the thread picks them up at its next wake-up. Verdicts of
+        backends that stay are kept."""
+        self.checks = dict(checks)  # one reference swap: the thread reads either whole dict
+        self._wake.set()
+
     def _run(self) -> None:
-        next_due = dict.fromkeys(self.checks, 0.0)
+        next_due: dict[str, float] = {}
         with ThreadPoolExecutor(max_workers=16, thread_name_prefix="lbnat-probe") as pool:
             while not self._stop.is_set():
+                checks = self.checks
+                next_due = {name: next_due.get(name, 0.0) for name in checks}
                 now = time.monotonic()
                 due = [name for name, at in next_due.items() if at <= now]
                 if due:
-                    self.round(pool, due)
+                    self.round(pool, due, checks)
                     for name in due:
-                        next_due[name] = now + self.checks[name].policy.interval
+                        next_due[name] = now + checks[name].policy.interval
                 wait = min(next_due.values(), default=1.0) - time.monotonic()
-                self._stop.wait(max(wait, 0.0))
+                self._wake.wait(max(wait, 0.0))
+                self._wake.clear()
 
-    def round(self, pool: ThreadPoolExecutor, services: Sequence[str]) -> None:
+    def round(
+        self,
+        pool: ThreadPoolExecutor,
+        services: Sequence[str],
+        checks: Mapping[str, HealthCheck] | None = None,
+    ) -> None:
         """Probe every backend of these services once, then report and publish."""
+        checks = self.checks if checks is None else checks
         current = self.backends()
         futures = {}
         for name in services:
-            check = self.checks[name]
+            check = checks[name]
             for backend in current.get(name, ()):
                 futures[(name, backend.ip, backend.port)] = pool.submit(
                     check.probe.check, backend.ip, backend.port, check.policy.timeout
@@ -92,7 +109,7 @@ class HealthChecker:
                 # A backend never judged starts from the health it was published with: alive
                 # for a configured one, dead for one that registered and awaits a good probe.
                 start = before or Verdict(backend.health)
-                after = judge(start, results[key].ok, self.checks[name].policy)
+                after = judge(start, results[key].ok, checks[name].policy)
                 self.verdicts[key] = after
                 # A backend's first verdict is news too: until then its state was unknown.
                 changed = before is None or after.health is not before.health

@@ -302,6 +302,8 @@ class Bed:
         words: list[str] = []
         for backend in backends:
             words += [host_ip(backend), str(port)]
+        if "--admin-socket" not in options:  # one per test: tests may run side by side
+            options = (*options, "--admin-socket", str(self.tmp / "admin.sock"))
         argv = [console_script("lbnat"), "run", LB_IP, *words, *options]
         proc = self.start("lb", *argv, name="lbnat")
         self.wait_ready(proc, backends if "--no-health" not in options else (), port)

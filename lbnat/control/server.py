@@ -1,0 +1,156 @@
+"""The control channel's servers: thin I/O around lbnat.control.protocol.
+
+- `RegistrationServer`: TCP, JSON lines, for backends registering and unregistering
+  themselves (authenticated with HMAC when a secret is configured, loopback only otherwise).
+- `AdminServer`: a Unix socket, mode 0600 in a 0700 directory (root only), for `lbnat status`,
+  `sessions`, `backend add|remove|drain` and `reload`.
+
+Each connection gets a thread (socketserver's ThreadingMixIn): requests are rare and short,
+and the packet loop never waits for them. Every request line gets exactly one reply line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import socketserver
+import stat
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+from lbnat.control.protocol import MAX_LINE, Authenticator, Nack, Request, nack, parse_request
+
+Apply = Callable[[Request, str], bytes]  # (request, who asked) -> the reply line
+Refused = Callable[[str, str], None]  # (who asked, why) -> log it
+
+REQUESTS_PER_CONNECTION = 100
+IDLE_TIMEOUT = 10.0  # seconds a connection may stay silent
+
+
+class _LineHandler(socketserver.StreamRequestHandler):
+    timeout = IDLE_TIMEOUT
+
+    def handle(self) -> None:
+        server = cast(_LineServer, self.server)
+        peer = server.peer_name(self.client_address)
+        for _ in range(REQUESTS_PER_CONNECTION):
+            try:
+                line = self.rfile.readline(MAX_LINE + 1)
+            except OSError:
+                return
+            if not line:
+                return
+            if len(line) > MAX_LINE or not line.endswith(b"\n"):
+                self._reply(nack(f"a request is one line of at most {MAX_LINE} bytes"))
+                return
+            self._reply(server.answer(line, peer))
+
+    def _reply(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            self.wfile.write(data)
+            self.wfile.flush()
+
+
+class _LineServer:
+    """What both servers share: one request line in, one reply line out."""
+
+    admin = False
+    auth: Authenticator | None = None
+    apply: Apply
+    refused: Refused
+
+    def peer_name(self, address: Any) -> str:
+        return "admin" if self.admin else str(address[0])
+
+    def answer(self, line: bytes, peer: str) -> bytes:
+        source = "127.0.0.1" if self.admin else peer
+        request = parse_request(
+            line, source_ip=source, now=time.time(), auth=self.auth, admin=self.admin
+        )
+        if isinstance(request, Nack):
+            self.refused(peer, request.reason)
+            return nack(request.reason)
+        return self.apply(request, peer)
+
+
+class RegistrationServer(_LineServer, socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(
+        self, host: str, port: int, auth: Authenticator, apply: Apply, refused: Refused
+    ) -> None:
+        self.auth = auth
+        self.apply = apply
+        self.refused = refused
+        socketserver.TCPServer.__init__(self, (host, port), _LineHandler)
+
+
+class AdminServer(_LineServer, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    admin = True
+
+    def __init__(self, path: str, apply: Apply, refused: Refused) -> None:
+        self.apply = apply
+        self.refused = refused
+        self.path = path
+        prepare_socket_path(path)
+        old_umask = os.umask(0o177)  # the socket is created 0600: root only
+        try:
+            socketserver.UnixStreamServer.__init__(self, path, _LineHandler)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+
+    def server_close(self) -> None:
+        super().server_close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def prepare_socket_path(path: str) -> None:
+    """Make the socket's directory (0700) and clear a stale socket; refuse if another lbnat
+    answers there."""
+    directory = Path(path).parent
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # a socket left by a crash
+            return
+    raise OSError(f"another lbnat answers on {path} (use --admin-socket for a second one)")
+
+
+def serve_in_thread(server: socketserver.BaseServer, name: str) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, args=(0.2,), name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def request_line(target: str | tuple[str, int], line: bytes, timeout: float = 5.0) -> bytes:
+    """The client side: send one request line to a Unix socket path or a (host, port), return
+    the reply line."""
+    family = socket.AF_UNIX if isinstance(target, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(target)
+        sock.sendall(line)
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        return reply
