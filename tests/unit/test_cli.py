@@ -1,0 +1,67 @@
+"""Command-line commands that need no root: check-config, and argument errors of run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from lbnat.cli import main
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "config.example.json"
+
+
+def test_check_config_accepts_the_example() -> None:
+    result = CliRunner().invoke(main, ["check-config", str(EXAMPLE)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{EXAMPLE}: ok: 2 services: ")
+
+
+def test_check_config_names_the_key_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"services": [{"backends": [{"ip": "198.18.0.21", "port": 70000}]}]}))
+    result = CliRunner().invoke(main, ["check-config", str(bad)])
+    assert result.exit_code == 2
+    assert (
+        result.output == f"lbnat: {bad}: services[0].backends[0].port: 70000 is not a valid port\n"
+    )
+
+
+def test_check_config_maps_a_java_servers_json(tmp_path: Path) -> None:
+    servers = tmp_path / "servers.json"
+    servers.write_text(
+        json.dumps(
+            {
+                "servers": [
+                    {"protocol": "TCP", "ipAddress": "198.18.0.21", "port": 9000},
+                    {"protocol": "UDP", "ipAddress": "198.18.0.22", "port": 9053},
+                ]
+            }
+        )
+    )
+    result = CliRunner().invoke(main, ["check-config", str(servers)])
+    assert result.exit_code == 0, result.output
+    assert "2 services: tcp (tcp/20000), udp (udp/20000); 2 backends" in result.output
+
+
+def test_run_argument_errors_are_one_line_and_exit_2() -> None:
+    cases = [
+        (["run", "198.18.0.2", "198.18.0.21"], "odd number of words"),
+        (["run", "198.18.0.2", "198.18.0.21", "9000", "--port", "70000"], "out of range"),
+        (["run", "not-an-ip", "198.18.0.21", "9000"], "is not an IPv4 address"),
+        (
+            ["run", "198.18.0.2", "198.18.0.21", "9000", "--port", "62000"],
+            "inside the NAT port range",
+        ),
+        (
+            ["run", "198.18.0.2", "198.18.0.21", "9000", "--health-check", "udp"],
+            "cannot probe a tcp",
+        ),
+        (["run", "--config", "/nonexistent/lbnat.json"], "cannot read the file"),
+    ]
+    for argv, message in cases:
+        result = CliRunner().invoke(main, argv)
+        assert result.exit_code == 2, (argv, result.output)
+        lines = result.output.splitlines()
+        assert len(lines) == 1 and message in lines[0], (argv, result.output)
