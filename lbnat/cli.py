@@ -192,6 +192,20 @@ GLOBAL_OPTIONS = {  # option -> Config field it overrides when given with --conf
     help="TIME_WAIT linger in seconds.",
 )
 @click.option(
+    "--udp-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Idle seconds before a UDP flow ends.",
+)
+@click.option(
+    "--udp-replied-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=120.0,
+    show_default=True,
+    help="The same, once the backend has replied.",
+)
+@click.option(
     "--drain-timeout",
     type=click.FloatRange(min=0),
     default=300.0,
@@ -317,7 +331,11 @@ def build_config(
             interface=options["interface"],
             nat_ports=nat_ports,
             table_cap=options["table_cap"],
-            timeouts=Timeouts(time_wait=options["time_wait"]),
+            timeouts=Timeouts(
+                time_wait=options["time_wait"],
+                udp=options["udp_timeout"],
+                udp_replied=options["udp_replied_timeout"],
+            ),
             log_format=options["log_format"],
             quiet=options["quiet"],
             log_transitions=options["log_transitions"],
@@ -346,8 +364,17 @@ def build_config(
         }
         if "nat_ports" in given:
             changes["nat_ports"] = nat_ports
-        if "time_wait" in given:
-            changes["timeouts"] = dataclasses.replace(base.timeouts, time_wait=options["time_wait"])
+        timeouts = {
+            field: options[option]
+            for option, field in (
+                ("time_wait", "time_wait"),
+                ("udp_timeout", "udp"),
+                ("udp_replied_timeout", "udp_replied"),
+            )
+            if option in given
+        }
+        if timeouts:
+            changes["timeouts"] = dataclasses.replace(base.timeouts, **timeouts)
         if "admin_socket" in given:
             changes["admin_socket"] = options["admin_socket"]
         if control is not None:

@@ -38,7 +38,20 @@ from lbnat.nat import (
     Timeouts,
     forward_key,
 )
-from lbnat.packet import ACK, RST, SYN, TCP, parse, rewrite, tcp_segment, tcp_window_scale
+from lbnat.packet import (
+    ACK,
+    ICMP,
+    RST,
+    SYN,
+    TCP,
+    parse,
+    parse_icmp_error,
+    rewrite,
+    rewrite_deltas,
+    rewrite_icmp_error,
+    tcp_segment,
+    tcp_window_scale,
+)
 from lbnat.scheduler import make_scheduler
 from lbnat.service import Service, ServiceState
 
@@ -53,6 +66,10 @@ _REFUSAL_DROPS = {
     Refusal.NAT_PORTS_EXHAUSTED: DropReason.NAT_PORTS_EXHAUSTED,
     Refusal.TABLE_FULL: DropReason.TABLE_FULL,
 }
+
+
+_ADDRESS = struct.Struct("!I")
+_PORT_PAIR = struct.Struct("!HH")
 
 
 def ip_text(address: int) -> str:
@@ -133,6 +150,7 @@ class Engine:
         self.events: list[Event] = []
         self.drops: dict[DropReason, int] = {}
         self.packets = 0
+        self.icmp_translated = 0
 
     def add_service(self, spec: Service) -> ServiceState:
         if spec.name in self.services:
@@ -197,6 +215,8 @@ class Engine:
         self.packets += 1
         headers = parse(buf, start, end)
         if headers.__class__ is not tuple:
+            if headers is DropReason.NOT_TCP_UDP and buf[start + 9] == ICMP:
+                return self._icmp_error(buf, start, end)
             return self._drop(headers)  # type: ignore[arg-type]
         proto, l4, src, dst, sport, dport, flags, seq, ack, win, length = headers
         if dst != self.lb_ip:
@@ -263,6 +283,36 @@ class Engine:
         service.packets += 1
         service.bytes += end - start
         return (FORWARD, pool.backend.ip_int)
+
+    def _icmp_error(self, buf: bytearray, start: int, end: int) -> Action:
+        """An ICMP error about a packet lbnat sent to a backend (port unreachable, fragmentation
+        needed, ...), from the backend or a router on the way: translated for the client, as if
+        the VIP had answered about the client's own packet."""
+        error = parse_icmp_error(buf, start, end)
+        if not isinstance(error, tuple):
+            return self._drop(error)
+        _, _, proto, src, dst, sport, dport = error
+        outer_dst = int.from_bytes(buf[start + 16 : start + 20], "big")
+        if (
+            outer_dst != self.lb_ip
+            or src != self.lb_ip
+            or not self.nat_first <= sport <= self.nat_last
+        ):
+            return self._drop(DropReason.NOT_FOR_US)  # about the LB host's own traffic
+        row = self.table.reverse(proto, dst, dport, sport)
+        if row is None:
+            return self._drop(DropReason.NO_SESSION)
+        client = _ADDRESS.pack(row.client_ip)
+        vip = _ADDRESS.pack(self.lb_ip)
+        client_ports = _PORT_PAIR.pack(row.client_port, row.service.port)
+        ip_delta, l4_delta = rewrite_deltas(
+            vip + _ADDRESS.pack(dst), client + vip, _PORT_PAIR.pack(sport, dport), client_ports
+        )
+        rewrite_icmp_error(
+            buf, start, error, vip + client, client + vip, client_ports, ip_delta, l4_delta
+        )
+        self.icmp_translated += 1
+        return (FORWARD, row.client_ip)
 
     def _open(
         self,

@@ -276,3 +276,80 @@ def tcp_window_scale(buf: bytearray | bytes, l4: int, end: int) -> int | None:
             return min(buf[at + 2], 14)  # RFC 7323 caps the shift at 14
         at += length
     return None
+
+
+# --- ICMP errors about a translated flow (not on the per-packet path) ------------------------
+
+ICMP = 1
+ICMP_DEST_UNREACHABLE = 3  # port unreachable (code 3), fragmentation needed (code 4), ...
+ICMP_TIME_EXCEEDED = 11
+
+IcmpError = tuple[int, int, int, int, int, int, int]
+"""What `parse_icmp_error` returns: (icmp_offset, inner_start, inner_proto, inner_src,
+inner_dst, inner_sport, inner_dport), offsets absolute in the buffer."""
+
+
+def parse_icmp_error(buf: bytearray | bytes, start: int, end: int) -> IcmpError | DropReason:
+    """An ICMP destination-unreachable or time-exceeded message whose quoted packet is TCP or
+    UDP (its IP header and at least its ports). Never raises."""
+    if end > len(buf) or end - start < 20 or buf[start] >> 4 != 4:
+        return DropReason.TRUNCATED
+    ihl = (buf[start] & 0x0F) << 2
+    total = (buf[start + 2] << 8) | buf[start + 3]
+    if ihl < 20 or total < ihl or start + total > end or buf[start + 9] != ICMP:
+        return DropReason.NOT_TCP_UDP
+    if (buf[start + 6] << 8 | buf[start + 7]) & 0x3FFF:
+        return DropReason.FRAGMENT
+    icmp = start + ihl
+    packet_end = start + total
+    if icmp + 8 + 20 > packet_end or buf[icmp] not in (ICMP_DEST_UNREACHABLE, ICMP_TIME_EXCEEDED):
+        return DropReason.NOT_TCP_UDP
+    inner = icmp + 8
+    if buf[inner] >> 4 != 4:
+        return DropReason.NOT_TCP_UDP
+    inner_ihl = (buf[inner] & 0x0F) << 2
+    inner_proto = buf[inner + 9]
+    if inner_ihl < 20 or inner + inner_ihl + 8 > packet_end or inner_proto not in (TCP, UDP):
+        return DropReason.NOT_TCP_UDP
+    _, _, _, _, src, dst = _IPV4.unpack_from(buf, inner)
+    sport, dport = struct.unpack_from("!HH", buf, inner + inner_ihl)
+    return (icmp, inner, inner_proto, src, dst, sport, dport)
+
+
+def rewrite_icmp_error(
+    buf: bytearray,
+    start: int,
+    error: IcmpError,
+    outer_addresses: bytes,
+    inner_addresses: bytes,
+    inner_ports: bytes,
+    inner_ip_delta: int,
+    inner_l4_delta: int,
+) -> None:
+    """Translate an ICMP error and the packet it quotes: new outer addresses (src, dst), new
+    inner addresses and ports, the inner checksums updated incrementally (the quoted packet is
+    cut, so its transport checksum cannot be recomputed; a UDP checksum of 0 stays 0; a TCP
+    checksum is updated only if the quote reaches it), the ICMP and outer IP checksums
+    recomputed over what is there."""
+    icmp, inner, proto = error[0], error[1], error[2]
+    total = (buf[start + 2] << 8) | buf[start + 3]
+    packet_end = start + total
+    inner_l4 = inner + ((buf[inner] & 0x0F) << 2)
+    buf[inner + IP_ADDRESSES : inner + IP_ADDRESSES + 8] = inner_addresses
+    buf[inner_l4 : inner_l4 + 4] = inner_ports
+    at = inner + IP_CHECKSUM
+    _U16.pack_into(buf, at, apply_delta(_U16.unpack_from(buf, at)[0], inner_ip_delta))
+    at = inner_l4 + L4_CHECKSUM[proto]
+    if at + 2 <= packet_end:
+        check = _U16.unpack_from(buf, at)[0]
+        if not (proto == UDP and check == 0):
+            check = apply_delta(check, inner_l4_delta)
+            if proto == UDP and check == 0:
+                check = 0xFFFF
+            _U16.pack_into(buf, at, check)
+    _U16.pack_into(buf, icmp + 2, 0)
+    _U16.pack_into(buf, icmp + 2, checksum(buf[icmp:packet_end]))
+    buf[start + IP_ADDRESSES : start + IP_ADDRESSES + 8] = outer_addresses
+    header_end = start + ((buf[start] & 0x0F) << 2)
+    _U16.pack_into(buf, start + IP_CHECKSUM, 0)
+    _U16.pack_into(buf, start + IP_CHECKSUM, checksum(buf[start:header_end]))

@@ -40,6 +40,7 @@ _LD_W_ABS = 0x20
 _LD_H_ABS = 0x28
 _LD_B_ABS = 0x30
 _LD_H_IND = 0x48
+_LD_B_IND = 0x50
 _LDX_B_MSH = 0xB1
 _JA = 0x05
 _JEQ = 0x15
@@ -81,8 +82,9 @@ def build_filter(
     nat_ports: tuple[int, int],
 ) -> bytes:
     """Accept IPv4 TCP/UDP to lb_ip whose destination port is a service port of its protocol
-    or in the NAT range (either protocol); also IP fragments of TCP/UDP to lb_ip, so they are
-    counted as drops. Everything else is left to the kernel and never copied to Python."""
+    or in the NAT range (either protocol); ICMP errors to lb_ip (they may be about a
+    translated flow); IP fragments of TCP/UDP to lb_ip, so they are counted as drops.
+    Everything else is left to the kernel and never copied to Python."""
     first, last = nat_ports
     p: list[tuple[str | None, Insn]] = [
         (None, (_LD_H_ABS, 0, 0, 12)),  # ethertype
@@ -93,7 +95,13 @@ def build_filter(
         (None, (_JSET, "fragment", "next", 0x3FFF)),
         (None, (_LD_B_ABS, 0, 0, ETH_HDR_LEN + 9)),  # protocol
         (None, (_JEQ, "tcp", "next", 6)),
-        (None, (_JEQ, "udp", "reject", 17)),
+        (None, (_JEQ, "udp", "next", 17)),
+        (None, (_JEQ, "icmp", "reject", 1)),
+        # ICMP destination-unreachable and time-exceeded: maybe about a translated flow.
+        ("icmp", (_LDX_B_MSH, 0, 0, ETH_HDR_LEN)),
+        (None, (_LD_B_IND, 0, 0, ETH_HDR_LEN)),  # ICMP type
+        (None, (_JEQ, "accept", "next", 3)),
+        (None, (_JEQ, "accept", "reject", 11)),
     ]
     for label, ports in (("tcp", sorted(set(tcp_ports))), ("udp", sorted(set(udp_ports)))):
         p.append((label, (_LDX_B_MSH, 0, 0, ETH_HDR_LEN)))  # X = IP header length

@@ -26,8 +26,8 @@ def run_bpf(program: bytes, frame: bytes) -> int:
             if value is None:
                 return 0
             a = value
-        elif code == 0x48:  # ldh [x + k]
-            value = load(x + k, 2)
+        elif code in (0x48, 0x50):  # ldh / ldb [x + k]
+            value = load(x + k, 2 if code == 0x48 else 1)
             if value is None:
                 return 0
             a = value

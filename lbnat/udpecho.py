@@ -1,0 +1,72 @@
+"""A UDP echo server for the lab: every datagram comes back prefixed with the server's name,
+so a client can tell which backend answered; "HealthCheck" is answered "OK" (lbnat's udp probe).
+
+    python -m lbnat.udpecho --port 9000 --name b1 [--host 0.0.0.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+from types import FrameType
+
+HEALTH_CHECK = b"HealthCheck"
+
+
+def answer(name: bytes, datagram: bytes) -> bytes:
+    if datagram.strip() == HEALTH_CHECK:
+        return b"OK\n"
+    return b"[" + name + b"] " + datagram
+
+
+def serve(host: str, port: int, name: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            print(f"udpecho: cannot listen on {host}:{port}: {error.strerror}", file=sys.stderr)
+            return 1
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.settimeout(0.2)  # wake up to notice a signal
+        print(f"udp echo {name} listening on {host}:{port}", flush=True)
+        stopping = False
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        label = name.encode()
+        served = 0
+        while not stopping:
+            try:
+                datagram, peer = sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                continue  # an ICMP error about an earlier reply: nothing to do
+            try:
+                sock.sendto(answer(label, datagram), peer)
+                served += 1
+            except OSError:
+                pass
+        print(f"udp echo {name} stopped after {served} datagrams", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lbnat.udpecho", description=__doc__)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", default=None, help="default: host:port")
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"port {args.port} is out of range")
+    return serve(args.host, args.port, args.name or f"{args.host}:{args.port}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
