@@ -80,13 +80,27 @@ def test_port_unreachable_from_a_stopped_backend_reaches_the_client(bed: Bed) ->
     assert refused == {"error": "refused"}
 
 
+UNREACHABLE_COUNTER = """
+table ip lbtest {
+    chain out {
+        type filter hook output priority 0; policy accept;
+        icmp type destination-unreachable counter comment "icmp unreachable"
+    }
+}
+"""
+
+
 def test_ten_thousand_datagrams_per_client_arrive_unaltered(bed: Bed) -> None:
+    """...and the LB host's kernel never answers the VIP port with a port-unreachable (the
+    guard drops lbnat's UDP before the kernel's UDP stack sees it)."""
+    bed.lab.run("lb", "nft", "-f", "-", input=UNREACHABLE_COUNTER)
     for b in ("b1", "b2"):
         echo_server(bed, b)
     udp_lbnat(bed, "--health-interval", "1", "--quiet", backends=("b1", "b2"))
     for client in ("c1", "c2"):
         counts = udptool(bed, client, "flood", LB_IP, str(UDP_PORT), "--count", "10000")
         assert counts == {"sent": 10000, "received": 10000, "altered": 0, "lost": 0}, counts
+    assert bed.nft_counters("ip", "lbtest") == {"icmp unreachable": 0}
 
 
 def test_tcp_and_udp_services_side_by_side(bed: Bed) -> None:
