@@ -5,13 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nftables iproute2 iputils-ping ethtool iperf3 socat curl nginx-light haproxy tcpdump procps)
+packages=(nftables iproute2 iputils-ping ethtool iperf3 socat curl nginx-light libnginx-mod-stream haproxy tcpdump procps)
 tools=(nft ip ping ethtool iperf3 socat curl nginx haproxy tcpdump ps)
 
 missing=0
 for tool in "${tools[@]}"; do
 	command -v "$tool" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1 || missing=1
 done
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing=1  # nginx's stream proxy (benchmarks)
 if [ "$missing" = 1 ] || [ "${LBNAT_FORCE_APT:-0}" = 1 ]; then
 	if [ "$(id -u)" -ne 0 ]; then
 		echo "install-deps: run as root (apt-get needs it)" >&2

@@ -80,8 +80,10 @@ class HealthChecker:
                     self.round(pool, due, checks)
                     for name in due:
                         next_due[name] = now + checks[name].policy.interval
-                wait = min(next_due.values(), default=1.0) - time.monotonic()
-                self._wake.wait(max(wait, 0.0))
+                # With nothing to probe, sleep until woken (new checks, or stop): a zero wait
+                # here would spin and starve the packet loop of the GIL.
+                wait = min(next_due.values()) - time.monotonic() if next_due else None
+                self._wake.wait(None if wait is None else max(wait, 0.0))
                 self._wake.clear()
 
     def round(

@@ -297,3 +297,37 @@ def test_http_probe() -> None:
         server.shutdown()
         server.server_close()
     assert not HttpProbe("/").check(HOST, free_port(), 1.0).ok
+
+
+class CountingEvent(threading.Event):
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        return super().wait(timeout)
+
+
+def test_checker_with_nothing_to_probe_sleeps() -> None:
+    """No checks (--no-health): the thread must block, not spin (a spinning thread starves the
+    packet loop of the GIL; it once cut UDP forwarding to a tenth). New checks wake it."""
+    wake = CountingEvent()
+    probe = ScriptedProbe({1: [True]})
+    published: list[str] = []
+    checker = HealthChecker(
+        {}, lambda: {"web": (Backend("198.18.0.21", 1),)}, lambda n, s: published.append(n),
+        lambda report: None, _wake=wake,
+    )  # fmt: skip
+    checker.start()
+    try:
+        threading.Event().wait(0.3)
+        assert wake.waits <= 2, wake.waits
+        checker.set_checks({"web": HealthCheck(HealthPolicy(interval=10, timeout=1), probe)})
+        for _ in range(50):
+            if published:
+                break
+            threading.Event().wait(0.05)
+        assert published == ["web"]  # woken at once, probed, published
+    finally:
+        checker.stop()
