@@ -18,12 +18,12 @@ OUT="${3:-}"
 export LAB_PREFIX="${LAB_PREFIX:-lbb$$}"
 P="$LAB_PREFIX"
 work=$(mktemp -d /tmp/lbnat-bench.XXXXXX)
-pids=()
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 cleanup() {
 	set +e
-	for pid in "${pids[@]:-}"; do [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; done
-	for pid in "${pids[@]:-}"; do [ -n "$pid" ] && wait "$pid" 2>/dev/null; done
+	stop_pids
 	scripts/lab.sh down >/dev/null
 	rm -rf "$work"
 }

@@ -22,12 +22,12 @@ PAYLOAD=64
 export LAB_PREFIX="${LAB_PREFIX:-lbu$$}"
 P="$LAB_PREFIX"
 work=$(mktemp -d /tmp/lbnat-bench-udp.XXXXXX)
-pids=()
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 cleanup() {
 	set +e
-	for pid in "${pids[@]:-}"; do [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; done
-	for pid in "${pids[@]:-}"; do [ -n "$pid" ] && wait "$pid" 2>/dev/null; done
+	stop_pids
 	scripts/lab.sh down >/dev/null
 	rm -rf "$work"
 }

@@ -20,7 +20,8 @@ P="$LAB_PREFIX"
 LB_IP=198.18.0.2
 VIP_PORT=20000
 work=$(mktemp -d /tmp/lbnat-demo.XXXXXX)
-pids=()
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 lbnat_pid=""
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -29,8 +30,7 @@ cleanup() {
 	set +e
 	for fd in "${fds[@]:-}"; do [ -n "$fd" ] && exec {fd}>&-; done 2>/dev/null
 	[ -n "$lbnat_pid" ] && kill -TERM "$lbnat_pid" 2>/dev/null && wait "$lbnat_pid" 2>/dev/null
-	for pid in "${pids[@]:-}"; do [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; done
-	for pid in "${pids[@]:-}"; do [ -n "$pid" ] && wait "$pid" 2>/dev/null; done
+	stop_pids
 	scripts/lab.sh down >/dev/null
 	rm -rf "$work"
 }
