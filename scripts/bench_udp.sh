@@ -25,13 +25,7 @@ work=$(mktemp -d /tmp/lbnat-bench-udp.XXXXXX)
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 
-cleanup() {
-	set +e
-	stop_pids
-	scripts/lab.sh down >/dev/null
-	rm -rf "$work"
-}
-trap cleanup EXIT
+trap cleanup_lab EXIT
 trap 'exit 130' INT TERM
 
 [ "$(id -u)" -eq 0 ] || { echo "bench: run as root" >&2; exit 1; }

@@ -11,3 +11,12 @@ stop_pids() {
 	for pid in "${pids[@]:-}"; do [ -n "$pid" ] && wait "$pid" 2>/dev/null; done
 	pids=()
 }
+
+# cleanup_lab: for `trap cleanup_lab EXIT` in a script that brought the lab up and keeps its
+# files in $work: stop its processes, take the lab down, remove $work.
+cleanup_lab() {
+	set +e
+	stop_pids
+	scripts/lab.sh down >/dev/null
+	rm -rf "${work:?}"
+}
