@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ from lbnat.service import Service
 DEFAULT_VIP_PORT = 20000
 DEFAULT_CONTROL_PORT = 7000
 DEFAULT_ADMIN_SOCKET = "/run/lbnat/lbnat.sock"
+ADMIN_SOCKET_ENV = "LBNAT_ADMIN_SOCKET"  # overrides the default, for the server and the clients
 
 
 def fail(message: str) -> NoReturn:
@@ -230,6 +232,7 @@ GLOBAL_OPTIONS = {  # option -> Config field it overrides when given with --conf
 @click.option(
     "--admin-socket",
     default=DEFAULT_ADMIN_SOCKET,
+    envvar=ADMIN_SOCKET_ENV,
     show_default=True,
     help="Unix socket of lbnat status/sessions/backend/reload ('' to disable).",
 )
@@ -444,7 +447,7 @@ def lobin_main(argv: Sequence[str] | None = None) -> NoReturn:
         quiet=False,
         log_transitions=False,
         control=None,
-        admin_socket=DEFAULT_ADMIN_SOCKET,
+        admin_socket=os.environ.get(ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET),
         drain_timeout=300.0,
         services=(ServiceConfig(service, HealthPolicy(), ProbeSettings(), "keep"),),
     )
@@ -560,7 +563,11 @@ main.add_command(registration_command("register"))
 main.add_command(registration_command("unregister"))
 
 admin_socket_option = click.option(
-    "--admin-socket", default=DEFAULT_ADMIN_SOCKET, show_default=True, help="lbnat's admin socket."
+    "--admin-socket",
+    default=DEFAULT_ADMIN_SOCKET,
+    envvar=ADMIN_SOCKET_ENV,
+    show_default=True,
+    help="lbnat's admin socket.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
 

@@ -130,7 +130,10 @@ def prepare_socket_path(path: str) -> None:
         except OSError:
             os.unlink(path)  # a socket left by a crash
             return
-    raise OSError(f"another lbnat answers on {path} (use --admin-socket for a second one)")
+    raise OSError(
+        f"another lbnat answers on {path} "
+        "(use --admin-socket or LBNAT_ADMIN_SOCKET for a second one)"
+    )
 
 
 def serve_in_thread(server: socketserver.BaseServer, name: str) -> threading.Thread:

@@ -105,6 +105,7 @@ class HealthChecker:
         results = {key: future.result() for key, future in futures.items()}
         for name in services:
             backends = current.get(name, ())
+            reports = []
             for backend in backends:
                 key = (name, backend.ip, backend.port)
                 before = self.verdicts.get(key)
@@ -115,8 +116,12 @@ class HealthChecker:
                 self.verdicts[key] = after
                 # A backend's first verdict is news too: until then its state was unknown.
                 changed = before is None or after.health is not before.health
-                self.report(Report(name, backend, after.health, changed, results[key]))
+                reports.append(Report(name, backend, after.health, changed, results[key]))
+            # Publish first, then tell: once "Server is dead" is in the log, the snapshot that
+            # stops new flows to that backend is already on its way to the packet loop.
             self.publish(
                 name,
                 tuple(b.with_health(self.verdicts[(name, b.ip, b.port)].health) for b in backends),
             )
+            for report in reports:
+                self.report(report)

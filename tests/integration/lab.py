@@ -124,6 +124,8 @@ class Lab:
 
     def __init__(self, backends: int = 3, prefix: str | None = None) -> None:
         self.prefix = prefix or f"lbt{secrets.token_hex(3)}"
+        # Each lab's lbnat gets its own admin socket (labs may run side by side on one host).
+        self.admin_socket = f"/run/lbnat/{self.prefix}.sock"
         self.backends = backends
         self._procs: list[subprocess.Popen[Any]] = []
         self._buffers: dict[int, bytearray] = {}
@@ -185,7 +187,7 @@ class Lab:
             "capture_output": True,
             "text": True,
             "timeout": RUN_TIMEOUT,
-            "env": _env(),
+            "env": _env(LBNAT_ADMIN_SOCKET=self.admin_socket),
         }
         options.update(kw)
         result: subprocess.CompletedProcess[str] = subprocess.run(self._argv(host, argv), **options)
@@ -201,7 +203,7 @@ class Lab:
             "stdin": subprocess.DEVNULL,
             "stdout": subprocess.PIPE,
             "stderr": subprocess.PIPE,
-            "env": _env(),
+            "env": _env(LBNAT_ADMIN_SOCKET=self.admin_socket),
         }
         options.update(kw)
         proc: subprocess.Popen[bytes] = subprocess.Popen(self._argv(host, argv), **options)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.netns
 
 SERVICE = "tcp:20000"  # the name of the service `lbnat run` makes from its command line
 CONTROL = f"{LB_IP}:7000"
-FAST = ("--health-interval", "0.2", "--health-timeout", "0.3")
+FAST = ("--health-interval", "0.2", "--health-timeout", "1")
 
 
 def secret_file(bed: Bed, text: str = "lab secret") -> Path:

@@ -2,8 +2,9 @@
 alive -> bad -> dead sequence, revival, what happens to a dead backend's flows (--on-dead), and
 clients refused at once when every backend is dead.
 
-Probe intervals and timeouts are short here (0.2-0.3 s) so a test sees several rounds quickly;
-nothing asserts on how long anything took.
+Probe intervals are short here (0.2 s) so a test sees several rounds quickly; the probe timeout
+stays at 1 s so a loaded machine does not fail healthy backends. Nothing asserts on how long
+anything took.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from tests.integration.lab import LB_IP, host_ip
 
 pytestmark = pytest.mark.netns
 
-FAST = ("--health-interval", "0.2", "--health-timeout", "0.3")
+FAST = ("--health-interval", "0.2", "--health-timeout", "1")
+
+
+def healthy(lbnat: Proc, backend: str, port: int = BACKEND_PORT) -> bool:
+    """Never dead, and alive at its latest report. (A single slow answer on a loaded machine
+    may make a healthy backend "bad" for a round: that is the state machine doing its job.)"""
+    states = reports(lbnat, backend, port)
+    return bool(states) and "dead" not in states and states[-1] == "alive"
 
 
 def reports(lbnat: Proc, backend: str, port: int = BACKEND_PORT) -> list[str]:
@@ -56,6 +64,7 @@ def test_syn_probes_leave_the_backend_application_untouched(bed: Bed) -> None:
     for backend in servers:
         for _ in range(5):
             wait_report(lbnat, backend, "alive")
+        assert healthy(lbnat, backend), reports(lbnat, backend)
     for server in servers.values():
         assert not any("connected client" in line for line in server.out.snapshot())
     client, landed = bed.chat_client("c1", "alice")
@@ -71,9 +80,10 @@ def test_dead_after_fall_failures_and_alive_again(bed: Bed) -> None:
     servers = {b: bed.chat_server(b) for b in ("b1", "b2", "b3")}
     lbnat = bed.lbnat(*FAST)
     wait_report(lbnat, "b2", "alive")
+    before_kill = len(reports(lbnat, "b2"))
     assert bed.stop(servers["b2"]) == 0
     wait_report(lbnat, "b2", "dead")
-    states = reports(lbnat, "b2")
+    states = reports(lbnat, "b2")[before_kill:]
     first_failure = next(i for i, state in enumerate(states) if state != "alive")
     assert states[first_failure : first_failure + 3] == ["bad", "bad", "dead"], states
 
@@ -121,8 +131,9 @@ def test_all_backends_dead_refuses_at_once(bed: Bed) -> None:
     lbnat = bed.lbnat(*FAST, backends=("b1", "b2"))
     for server in servers:
         bed.stop(server)
-    wait_report(lbnat, "b1", "dead")
-    wait_report(lbnat, "b2", "dead")
+    for _ in range(2):  # the second report: the loop has surely applied the first one's snapshot
+        wait_report(lbnat, "b1", "dead")
+        wait_report(lbnat, "b2", "dead")
     code = (
         "import socket, sys\n"
         "try:\n"
@@ -149,22 +160,23 @@ def test_hello_probe(bed: Bed) -> None:
         bed.lab.wait_tcp_listening(backend, BACKEND_PORT)
     lbnat = bed.lbnat(*FAST, "--health-check", "hello", backends=("b1", "b2"))
     wait_report(lbnat, "b2", "dead")
-    assert set(reports(lbnat, "b1")) == {"alive"}
+    assert healthy(lbnat, "b1"), reports(lbnat, "b1")
     assert "alive" not in reports(lbnat, "b2")
 
 
 def test_udp_probe(bed: Bed) -> None:
     """udp: b1 answers "OK"; b2 has no UDP server, so its ICMP port-unreachable fails every
     probe at once."""
-    require("socat")
-    bed.start(
-        "b1", "socat", f"UDP4-RECVFROM:{BACKEND_PORT},fork", "SYSTEM:echo OK", name="udp ok b1"
-    )
+    echo = bed.start(
+        "b1", sys.executable, "-m", "lbnat.udpecho", "--port", str(BACKEND_PORT), "--name", "b1",
+        name="udp echo b1",
+    )  # fmt: skip
+    echo.expect("listening")
     lbnat = bed.lbnat(*FAST, "--proto", "udp", backends=("b1", "b2"))
     wait_report(lbnat, "b2", "dead")
     for _ in range(3):
         wait_report(lbnat, "b1", "alive")
-    assert set(reports(lbnat, "b1")) == {"alive"}
+    assert healthy(lbnat, "b1"), reports(lbnat, "b1")
 
 
 def test_http_probe(bed: Bed) -> None:
@@ -178,6 +190,6 @@ def test_http_probe(bed: Bed) -> None:
         backends=("b1", "b2"), port=80,
     )  # fmt: skip
     wait_report(lbnat, "b2", "dead", port=80)
-    assert set(reports(lbnat, "b1", port=80)) == {"alive"}
+    assert healthy(lbnat, "b1", port=80), reports(lbnat, "b1", port=80)
     flow_lines = [line for line in lbnat.out.snapshot() if NEW_CLIENT_RE.search(line)]
     assert flow_lines == []  # probes are not flows through lbnat
