@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -528,8 +529,6 @@ def registration(op: str, lb: str, service: str, ip: str, port: str, weight: int
         except OSError as error:
             fail(f"cannot read the secret file: {error.strerror}")
     if key:
-        import time
-
         message = sign(message, key, time.time())
     reply = talk((host, control_port), message)
     click.echo(

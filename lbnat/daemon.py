@@ -35,7 +35,7 @@ from lbnat.dataplane.link import Link, LinkError, Neighbours, find_link
 from lbnat.dataplane.loop import PacketLoop
 from lbnat.dataplane.packet_socket import attach_filter, build_filter, open_packet_socket
 from lbnat.engine import Engine, Event, FlowEnded, FlowOpened, NoBackend
-from lbnat.health import HealthCheck, HealthChecker, make_probe
+from lbnat.health import HealthCheck, HealthChecker, make_probe, probe_kind
 from lbnat.health.checker import Report
 from lbnat.registry import Registry, RegistryError
 
@@ -450,8 +450,7 @@ class Daemon:
                         "proto": config.service.proto,
                         "port": config.service.port,
                         "scheduler": state.spec.scheduler,
-                        "health_check": config.probe.kind
-                        or ("syn" if config.service.proto == "tcp" else "udp")
+                        "health_check": probe_kind(config.probe, config.service.proto)
                         if config.health
                         else "off",
                         "flows": state.flows,

@@ -37,6 +37,7 @@ from lbnat.nat import (
     State,
     Timeouts,
     forward_key,
+    pool_key,
 )
 from lbnat.packet import (
     ACK,
@@ -118,9 +119,7 @@ class _ActiveFlows(Mapping[BackendKey, int]):
 
     def __getitem__(self, key: BackendKey) -> int:
         backend = self._service.by_key[key]
-        pool = self._table.pools.get(
-            (self._service.proto << 48) | (backend.ip_int << 16) | backend.port
-        )
+        pool = self._table.pools.get(pool_key(self._service.proto, backend.ip_int, backend.port))
         return 0 if pool is None else pool.active
 
     def __iter__(self) -> Iterator[BackendKey]:
@@ -175,7 +174,7 @@ class Engine:
         state = self.services[service]
         state.publish(tuple(backends))
         for backend in state.backends:
-            pool = self.table.pools.get((state.proto << 48) | (backend.ip_int << 16) | backend.port)
+            pool = self.table.pools.get(pool_key(state.proto, backend.ip_int, backend.port))
             if pool is not None:
                 pool.backend = backend
 
@@ -199,7 +198,7 @@ class Engine:
         """The port pool (rows and counters) of one backend of a service, if it has had flows."""
         state = self.services[service]
         ip, port = backend
-        return self.table.pools.get((state.proto << 48) | (ip_int(ip) << 16) | port)
+        return self.table.pools.get(pool_key(state.proto, ip_int(ip), port))
 
     def active_flows(self, service: str, backend: BackendKey) -> int:
         """Open flows of `service` to `backend` (a pool may be shared by two services)."""
@@ -224,7 +223,7 @@ class Engine:
         table = self.table
 
         if self.nat_first <= dport <= self.nat_last:  # backend -> client
-            pool = table.pools.get((proto << 48) | (src << 16) | sport)
+            pool = table.pools.get((proto << 48) | (src << 16) | sport)  # pool_key(), inlined
             if pool is None:
                 return self._drop(DropReason.NO_SESSION)
             s = pool.rows[dport - pool.first]
@@ -371,7 +370,7 @@ class Engine:
         return opened
 
     def _drop(self, reason: DropReason) -> Action:
-        self.drops[reason] = self.drops.get(reason, 0) + 1
+        self.count_drop(reason)
         return _DROP_ACTIONS[reason]
 
     def count_drop(self, reason: DropReason) -> None:
@@ -396,11 +395,10 @@ class Engine:
         the engine tracked), so the endpoint accepts it. The client of a row still in SYN_SENT
         has not seen the backend's sequence numbers: it gets none and retries its SYN."""
         state = self.services[service]
-        ip, port = backend
-        backend_ip = ip_int(ip)
-        pool = self.table.pools.get((state.proto << 48) | (backend_ip << 16) | port)
+        pool = self.pool_of(service, backend)
         if pool is None:
             return []
+        backend_ip, port = ip_int(backend[0]), backend[1]
         packets: list[tuple[bytes, int]] = []
         for row in [r for r in pool.rows if r is not None and r.service is state and not r.ended]:
             if state.proto == TCP:

@@ -377,7 +377,7 @@ class SessionTable:
     def reverse(
         self, proto: int, backend_ip: int, backend_port: int, nat_port: int
     ) -> Session | None:
-        pool = self.pools.get((proto << 48) | (backend_ip << 16) | backend_port)
+        pool = self.pools.get(pool_key(proto, backend_ip, backend_port))
         return None if pool is None else pool.lookup(nat_port)
 
     def pool_for(self, proto: int, backend: Backend) -> PortPool:
@@ -634,10 +634,6 @@ class SessionTable:
     def _close(self, s: Session, now: float) -> Ended:
         self.end(s, State.CLOSE, now)
         return Ended(s, EndReason.RST, self.open_flows)
-
-    def track_udp(self, s: Session, now: float) -> None:
-        """A datagram from the client on an existing row."""
-        s.seen = now
 
     def track_udp_reply(self, s: Session, now: float) -> None:
         if s.state == State.UDP_UNREPLIED:

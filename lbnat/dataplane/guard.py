@@ -124,7 +124,7 @@ class KernelGuard:
         # A table left by a crash means its NAT range is still reserved: that reservation is
         # lbnat's, not the host's, and must not be restored as "what was there before".
         crashed = leftover_reservation(self.lb_ip)
-        nft(ruleset(self.lb_ip, self.tcp_ports, self.udp_ports, self.nat_ports))
+        self.update()
         self.installed = True
         try:
             with open(self.reserved_path) as f:
@@ -143,8 +143,9 @@ class KernelGuard:
             ) from None
 
     def update(self) -> None:
-        """Replace the table with one for the current ports (a service added on reload), in one
-        transaction: no moment without a guard. The reserved ports stay as they are."""
+        """Create the table, or replace it with one for the current ports (a crash's leftover,
+        a service added on reload), in one transaction: no moment without a guard. The reserved
+        ports are install()'s business."""
         nft(ruleset(self.lb_ip, self.tcp_ports, self.udp_ports, self.nat_ports))
 
     def remove(self) -> None:

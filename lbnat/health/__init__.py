@@ -17,9 +17,15 @@ from lbnat.health.udp import UdpProbe
 PROBE_KINDS = ("syn", "tcp", "hello", "udp", "http")
 
 
+def probe_kind(settings: ProbeSettings, proto: str) -> str:
+    """The probe kind a service of protocol `proto` gets: the one asked for, else syn for TCP
+    and udp for UDP."""
+    return settings.kind or ("syn" if proto == "tcp" else "udp")
+
+
 def make_probe(settings: ProbeSettings, proto: str) -> Probe:
     """The probe a service of protocol `proto` gets from these settings."""
-    kind = settings.kind or ("syn" if proto == "tcp" else "udp")
+    kind = probe_kind(settings, proto)
     if (kind == "udp") != (proto == "udp"):
         raise ValueError(f"a {kind} health check cannot probe a {proto} service")
     if kind == "syn":
@@ -51,4 +57,5 @@ __all__ = [
     "Verdict",
     "judge",
     "make_probe",
+    "probe_kind",
 ]
