@@ -259,9 +259,18 @@ class Engine:
             if proto == TCP and (flags & (SYN | ACK | RST)) != SYN:
                 service.count_drop(DropReason.NO_SESSION)
                 return self._drop(DropReason.NO_SESSION)
+            reopen: Session | None = None
             if row is not None:
-                table.remove(row)  # a new SYN on an ended row is a new flow
-            opened = self._open(service, proto, src, sport, flags, seq, length, buf, l4, end, now)
+                # A new SYN on an ended row is a new flow. It keeps the old flow's backend and
+                # NAT port when it can (as conntrack does): that backend may still hold the
+                # old connection in TIME_WAIT, and only this same client socket's sequence
+                # numbers and timestamps are sure to be newer than the old ones, so only its
+                # SYN is accepted there without a challenge ACK and a 1 s retry.
+                table.remove(row)
+                reopen = row
+            opened = self._open(
+                service, proto, src, sport, flags, seq, length, buf, l4, end, now, reopen
+            )
             if not isinstance(opened, Session):
                 return opened
             row = opened
@@ -326,12 +335,21 @@ class Engine:
         l4: int,
         end: int,
         now: float,
+        reopen: Session | None = None,
     ) -> Session | Action:
-        """Schedule a new flow: its row, or the action to take when it cannot be made."""
+        """Schedule a new flow: its row, or the action to take when it cannot be made.
+
+        `reopen` is the ended row this client socket had: its backend and NAT port are taken
+        again if that backend may still take new flows."""
         key = forward_key(proto, client_ip, client_port, service.port)
         backend: Backend | None = None
+        nat_port: int | None = None
+        if reopen is not None:
+            previous = service.by_key.get(reopen.pool.backend.key)
+            if previous is not None and previous.eligible:
+                backend, nat_port = previous, reopen.nat_port
         affinity = self._affinity.get(service.name)
-        if affinity is not None:
+        if affinity is not None and backend is None:
             remembered = affinity.get(service.port, client_ip, now)
             if remembered is not None:
                 candidate = service.by_key.get(remembered)
@@ -353,7 +371,7 @@ class Engine:
                 return (REPLY, rst, client_ip)
             return _DROP_ACTIONS[DropReason.NO_BACKEND]
         opened, evicted = self.table.open(
-            now, service, proto, client_ip, client_port, self.lb_ip, backend
+            now, service, proto, client_ip, client_port, self.lb_ip, backend, nat_port
         )
         for victim in evicted:
             self._flow_ended(victim, now)

@@ -401,11 +401,16 @@ class SessionTable:
         client_port: int,
         vip: int,
         backend: Backend,
+        nat_port: int | None = None,
     ) -> tuple[Session | Refusal, list[Ended]]:
         """Make the row for a new flow to `backend`. Returns the row (or why not) and any flows
-        that eviction ended to make room."""
+        that eviction ended to make room. `nat_port`: the port of the row just removed for
+        this client socket, to be taken again (it is the last one freed)."""
         pool = self.pool_for(proto, backend)
-        nat_port = pool.take()
+        if nat_port is not None and pool.free and pool.free[-1] == nat_port:
+            pool.free.pop()
+        else:
+            nat_port = pool.take()
         if nat_port is None:
             # Recycle the port of this backend's longest-ended row rather than refuse a flow.
             oldest = pool._closed.oldest()

@@ -213,6 +213,50 @@ def test_dead_backend_keeps_its_existing_flows() -> None:
     assert [f.backend for f in fresh_again] == [B3, B1]  # b1 is back in its old place
 
 
+def closed(flow: Flow) -> None:
+    """The backend closes first, as an HTTP server with "Connection: close" does: the backend
+    end is the one left in TIME_WAIT, on (LB:nat_port, backend:port)."""
+    flow.fin_s()
+    flow.fin_c()
+    assert flow.ack_s().forwarded
+    assert flow.state == State.TIME_WAIT
+
+
+def test_a_reused_client_port_reopens_its_ended_row_on_the_same_backend_and_nat_port() -> None:
+    """Like conntrack: only the same client socket's ISN and timestamps are sure to be newer
+    than the ones the backend's TIME_WAIT remembers for that NAT port, so the new flow keeps
+    them; round-robin does not move on for it."""
+    lab = Lab()
+    first = established(lab, CLIENT1, 1000)
+    closed(first)
+    backend, nat_port = first.backend, first.nat_port
+    assert first.syn(new_isn=90_000).forwarded
+    assert (first.backend, first.nat_port) == (backend, nat_port)
+    assert first.state == State.SYN_SENT
+    first.synack()
+    assert first.ack().forwarded and first.data_c().forwarded and first.data_s().forwarded
+    other = lab.flow(CLIENT2, 2000)
+    other.syn()
+    assert other.backend == B2  # the reopened flow did not take b2's turn
+    assert describe_events(lab.events())[-2:] == ["open b1", "open b2"]
+
+
+@pytest.mark.parametrize("health", [Health.DEAD, "draining"])
+def test_a_reused_client_port_is_rescheduled_when_its_backend_takes_no_new_flows(
+    health: Health | str,
+) -> None:
+    lab = Lab()
+    first = established(lab, CLIENT1, 1000)
+    closed(first)
+    if health == "draining":
+        lab.set_health(0, Health.ALIVE, draining=True)
+    else:
+        lab.set_health(0, Health.DEAD)
+    assert first.syn(new_isn=90_000).forwarded
+    assert first.backend == B2
+    check_table(lab.table)
+
+
 def test_backend_added_while_flows_exist() -> None:
     lab = Lab(backends=2)
     one = established(lab, CLIENT1, 1)

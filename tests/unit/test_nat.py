@@ -243,11 +243,11 @@ SCENARIOS = [
          ("S synack", FWD, SYN_RECV, [])],
     ),
     Scenario(
-        "new SYN on a TIME_WAIT row is a new flow, on the next backend",
+        "new SYN on a TIME_WAIT row is a new flow, on the same backend (and NAT port)",
         [*HANDSHAKE,
          ("C fin", FWD, FIN_WAIT, []),
          ("S fin", FWD, TIME_WAIT, ["end fin 0"]),
-         ("C syn-new", FWD, SYN_SENT, ["open b2"]),
+         ("C syn-new", FWD, SYN_SENT, ["open b1"]),
          ("S synack", FWD, SYN_RECV, []),
          ("C ack", FWD, ESTABLISHED, [])],
     ),
@@ -255,7 +255,7 @@ SCENARIOS = [
         "new SYN on a CLOSE row is a new flow",
         [("C syn", FWD, SYN_SENT, ["open b1"]),
          ("S refuse", FWD, CLOSE, ["end rst 0"]),
-         ("C syn-new", FWD, SYN_SENT, ["open b2"]),
+         ("C syn-new", FWD, SYN_SENT, ["open b1"]),
          ("S refuse", FWD, CLOSE, ["end rst 0"])],
     ),
     Scenario(
