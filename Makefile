@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: deps demo test lint unit netns bench-core bench clean-lab
+.PHONY: deps demo test lint unit netns bench-core bench bench-quick clean-lab
 
 deps:  ## Debian tools + the project with its test extras
 	scripts/install-deps.sh
@@ -23,11 +23,14 @@ netns:
 test: lint  ## lint, unit tests and netns integration tests (root), in one pytest run
 	$(PYTEST) -ra tests
 
-bench-core:  ## engine cost per packet at 1 and 1,000,000 rows, memory per session
-	$(PYTHON) scripts/bench_engine.py
+bench-core:  ## engine only: cost per packet and memory per session with 1,000,000 rows
+	$(PYTHON) -m lbnat.bench.scale --rows 1000000 --tracemalloc
 
-bench:  ## iperf3 through direct, lbnat and HAProxy in the netns lab, same run
-	scripts/bench_iperf.sh
+bench: deps  ## direct, lbnat, HAProxy, nginx stream side by side (< 10 min); docs/benchmarks/
+	$(PYTHON) -m lbnat.bench $(BENCH_ARGS)
+
+bench-quick: deps  ## the same, one short repetition (about a minute), into /tmp/lbnat-bench
+	$(PYTHON) -m lbnat.bench --quick --out /tmp/lbnat-bench
 
 clean-lab:  ## remove the demo lab if a run was interrupted
 	LAB_PREFIX=lbnat scripts/lab.sh down

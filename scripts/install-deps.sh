@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Install what lbnat, its lab, its tests and its benchmarks need on a fresh Debian machine:
-# the Debian tools (nft, ip, ping, ethtool, iperf3, socat, curl, nginx, haproxy, tcpdump) and
+# the Debian tools (nft, ip, ping, ethtool, iperf3, socat, curl, nginx, haproxy, tcpdump, wrk) and
 # the project itself with its test extras. Idempotent; skips apt when every tool is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nftables iproute2 iputils-ping ethtool iperf3 socat curl nginx-light libnginx-mod-stream haproxy tcpdump procps)
-tools=(nft ip ping ethtool iperf3 socat curl nginx haproxy tcpdump ps)
+packages=(nftables iproute2 iputils-ping ethtool iperf3 socat curl nginx-light libnginx-mod-stream haproxy tcpdump procps wrk)
+tools=(nft ip ping ethtool iperf3 socat curl nginx haproxy tcpdump ps wrk)
 
 missing=0
 for tool in "${tools[@]}"; do

@@ -1,0 +1,479 @@
+"""Benchmark results: parse the tools' output, take medians, compare paths, write markdown.
+
+Pure: text and numbers in, numbers and text out; no process is started here. A *record* is one
+repetition of one workload through one path: ``{"workload", "path", "rep", <metric>: float}``.
+The summary is the median of every metric over the repetitions, per workload and path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Record = dict[str, Any]
+Summary = dict[str, dict[str, dict[str, float]]]
+"""workload -> path -> metric -> median over the repetitions"""
+
+
+class ParseError(ValueError):
+    """A tool's output did not hold the figures it should (the run failed)."""
+
+
+# --- the tools' output ------------------------------------------------------------------------
+
+_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+_LATENCY_RE = re.compile(r"^\s*(50|75|90|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m)\s*$", re.M)
+_RPS_RE = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
+_TOTAL_RE = re.compile(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m),", re.M)
+_SOCKET_ERRORS_RE = re.compile(
+    r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
+)
+_NON_2XX_RE = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+
+
+def parse_wrk(text: str) -> dict[str, float]:
+    """Figures from wrk's text report (run with --latency for the percentiles).
+
+    Returns rps, requests, seconds, errors (socket errors + non-2xx/3xx) and p50_ms, p75_ms,
+    p90_ms, p99_ms when the latency distribution is there."""
+    rps = _RPS_RE.search(text)
+    total = _TOTAL_RE.search(text)
+    if rps is None or total is None:
+        raise ParseError(f"no 'Requests/sec' in wrk's output: {text.strip()[-300:]!r}")
+    out = {
+        "rps": float(rps.group(1)),
+        "requests": float(total.group(1)),
+        "seconds": float(total.group(2)) * _UNIT_MS[total.group(3)] / 1e3,
+    }
+    errors = 0
+    if (m := _SOCKET_ERRORS_RE.search(text)) is not None:
+        errors += sum(int(g) for g in m.groups())
+    if (m := _NON_2XX_RE.search(text)) is not None:
+        errors += int(m.group(1))
+    out["errors"] = float(errors)
+    for pct, value, unit in _LATENCY_RE.findall(text):
+        out[f"p{pct}_ms"] = float(value) * _UNIT_MS[unit]
+    return out
+
+
+def parse_iperf_tcp(text: str) -> dict[str, float]:
+    """Receiver-side throughput from ``iperf3 -J`` of a TCP test: gbit_s, bytes, seconds."""
+    end = _iperf_end(text)
+    try:
+        received = end["sum_received"]
+        return {
+            "gbit_s": float(received["bits_per_second"]) / 1e9,
+            "bytes": float(received["bytes"]),
+            "seconds": float(received["seconds"]),
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ParseError(f"iperf3 TCP report without sum_received: {exc}") from None
+
+
+def parse_iperf_udp(text: str) -> dict[str, float]:
+    """Figures from ``iperf3 -u -J``: delivered pps (packets that reached the server per
+    second), sent packets, loss_pct and bytes received."""
+    end = _iperf_end(text)
+    try:
+        total = end["sum"]
+        packets = float(total["packets"])
+        lost = float(total["lost_packets"])
+        seconds = float(total["seconds"])
+        received_bytes = float(end.get("sum_received", total).get("bytes", total["bytes"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ParseError(f"iperf3 UDP report without sum: {exc}") from None
+    if seconds <= 0:
+        raise ParseError("iperf3 UDP report with a zero duration")
+    return {
+        "pps": (packets - lost) / seconds,
+        "packets": packets,
+        "loss_pct": 100.0 * lost / packets if packets else 100.0,
+        "bytes": received_bytes,
+        "seconds": seconds,
+    }
+
+
+def _iperf_end(text: str) -> Mapping[str, Any]:
+    try:
+        report = json.loads(text)
+    except ValueError:
+        raise ParseError(f"iperf3 printed no JSON: {text.strip()[-300:]!r}") from None
+    if not isinstance(report, dict):
+        raise ParseError("iperf3's JSON is not an object")
+    if report.get("error"):
+        raise ParseError(f"iperf3: {report['error']}")
+    end = report.get("end")
+    if not isinstance(end, dict) or not end:
+        raise ParseError("iperf3's JSON has no 'end' section")
+    return end
+
+
+def cpu_seconds(stat_line: str) -> float:
+    """utime + stime of one /proc/<pid>/stat line, in clock ticks (divide by SC_CLK_TCK).
+
+    The command name (field 2) may hold spaces and parentheses; fields are counted from the
+    last ')'."""
+    rest = stat_line[stat_line.rindex(")") + 2 :].split()
+    # rest[0] is field 3 (state); utime and stime are fields 14 and 15
+    return float(int(rest[11]) + int(rest[12]))
+
+
+# --- what is measured, and how it is shown ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    workload: str
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    digits: int = 1
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("bulk_1", "gbit_s", "bulk TCP, 1 stream", "Gbit/s", True, 2),
+    Metric("bulk_8", "gbit_s", "bulk TCP, 8 streams", "Gbit/s", True, 2),
+    Metric("bulk_1", "cpu_s_per_gb", "LB CPU per GB (1 stream)", "CPU s", False, 2),
+    Metric("conn_rate", "rps", "new connections/s (Connection: close)", "conn/s", True, 0),
+    Metric("conn_rate", "cpu_s_per_kconn", "LB CPU per 1,000 connections", "CPU s", False, 3),
+    Metric("keepalive", "rps", "keep-alive requests/s", "req/s", True, 0),
+    Metric("keepalive", "p50_ms", "keep-alive latency p50", "ms", False, 2),
+    Metric("keepalive", "p99_ms", "keep-alive latency p99", "ms", False, 2),
+    Metric("fixed_rate", "rps", "fixed-rate requests/s", "req/s", True, 0),
+    Metric("fixed_rate", "p50_ms", "fixed-rate latency p50", "ms", False, 2),
+    Metric("fixed_rate", "p99_ms", "fixed-rate latency p99", "ms", False, 2),
+    Metric("fixed_rate", "added_p99_ms", "fixed-rate added p99 (vs direct)", "ms", False, 2),
+    Metric("udp_low", "pps", "UDP delivered, low offered rate", "pps", True, 0),
+    Metric("udp_low", "loss_pct", "UDP loss, low offered rate", "%", False, 2),
+    Metric("udp_high", "pps", "UDP delivered, high offered rate", "pps", True, 0),
+    Metric("udp_high", "loss_pct", "UDP loss, high offered rate", "%", False, 2),
+)
+
+PATH_LABELS = {"direct": "direct", "lbnat": "lbnat", "haproxy": "HAProxy", "nginx": "nginx stream"}
+
+
+def path_label(path: str) -> str:
+    return PATH_LABELS.get(path, path)
+
+
+def is_lbnat(path: str) -> bool:
+    return path == "lbnat" or path.startswith("lbnat-")
+
+
+# --- medians and ratios -----------------------------------------------------------------------
+
+
+def derive(records: Iterable[Record]) -> list[Record]:
+    """Add the figures computed from others within one record: CPU seconds per GB and per
+    1,000 connections, from the load balancer's CPU seconds of that run."""
+    out = []
+    for record in records:
+        r = dict(record)
+        cpu = r.get("lb_cpu_s")
+        if cpu is not None and r.get("bytes"):
+            r["cpu_s_per_gb"] = cpu / (r["bytes"] / 1e9)
+        if cpu is not None and r.get("workload") == "conn_rate" and r.get("requests"):
+            r["cpu_s_per_kconn"] = cpu / (r["requests"] / 1000)
+        out.append(r)
+    return out
+
+
+def summarize(records: Iterable[Record]) -> Summary:
+    """Median of every numeric metric per (workload, path); then the latency each path adds
+    to direct's (``added_p50_ms``, ``added_p99_ms``), from the medians."""
+    grouped: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for record in derive(records):
+        metrics = grouped.setdefault(record["workload"], {}).setdefault(record["path"], {})
+        for key, value in record.items():
+            if key in ("workload", "path", "rep") or not isinstance(value, int | float):
+                continue
+            if isinstance(value, bool) or not math.isfinite(value):
+                continue
+            metrics.setdefault(key, []).append(float(value))
+    summary: Summary = {
+        workload: {
+            path: {key: statistics.median(values) for key, values in metrics.items()}
+            for path, metrics in paths.items()
+        }
+        for workload, paths in grouped.items()
+    }
+    for by_path in summary.values():
+        direct = by_path.get("direct", {})
+        for medians in by_path.values():
+            for pct in ("p50", "p99"):
+                key = f"{pct}_ms"
+                if key in medians and key in direct:
+                    medians[f"added_{pct}_ms"] = medians[key] - direct[key]
+    return summary
+
+
+def ratio(summary: Summary, workload: str, key: str, path: str, peer: str) -> float | None:
+    """path's median over peer's median, or None when either is missing or the peer's is 0."""
+    try:
+        mine = summary[workload][path][key]
+        theirs = summary[workload][peer][key]
+    except KeyError:
+        return None
+    if theirs == 0:
+        return None
+    return mine / theirs
+
+
+# --- goals (shown, never asserted) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Goal:
+    text: str
+    workload: str
+    key: str
+    peer: str
+    bound: float
+    at_least: bool  # True: ratio >= bound is met; False: ratio <= bound
+    difference: bool = False  # compare path - peer against bound instead of path / peer
+
+
+GOALS: tuple[Goal, ...] = (
+    Goal("bulk 1 stream ≥ 2 × HAProxy", "bulk_1", "gbit_s", "haproxy", 2.0, True),
+    Goal("bulk 8 streams ≥ 2 × HAProxy", "bulk_8", "gbit_s", "haproxy", 2.0, True),
+    Goal("bulk 1 stream ≥ 0.7 × direct", "bulk_1", "gbit_s", "direct", 0.7, True),
+    Goal("bulk 8 streams ≥ 0.7 × direct", "bulk_8", "gbit_s", "direct", 0.7, True),
+    Goal("new connections/s ≥ HAProxy's", "conn_rate", "rps", "haproxy", 1.0, True),
+    Goal("keep-alive requests/s ≥ HAProxy's", "keepalive", "rps", "haproxy", 1.0, True),
+    Goal(
+        "added p99 at fixed rate ≤ HAProxy's (ms)",
+        "fixed_rate",
+        "added_p99_ms",
+        "haproxy",
+        0.0,
+        False,
+        difference=True,
+    ),
+    Goal(
+        "added p99 at saturation ≤ HAProxy's (ms)",
+        "keepalive",
+        "added_p99_ms",
+        "haproxy",
+        0.0,
+        False,
+        difference=True,
+    ),
+)
+
+FLAT = 1.25
+"""'Flat' for the scale goals: the 1M-row figure is within this factor of the 10k-row one."""
+
+
+def goal_rows(summary: Summary, scale: Sequence[Record], path: str = "lbnat") -> list[Record]:
+    """Where each goal stands for `path`: text, value, met (None when not measured)."""
+    rows: list[Record] = []
+    for goal in GOALS:
+        try:
+            mine = summary[goal.workload][path][goal.key]
+            theirs = summary[goal.workload][goal.peer][goal.key]
+        except KeyError:
+            rows.append({"goal": goal.text, "value": None, "met": None})
+            continue
+        if goal.difference:
+            value = mine - theirs
+        elif theirs:
+            value = mine / theirs
+        else:
+            rows.append({"goal": goal.text, "value": None, "met": None})
+            continue
+        met = value >= goal.bound if goal.at_least else value <= goal.bound
+        rows.append({"goal": goal.text, "value": value, "met": met})
+    by_rows = {int(r["rows"]): r for r in scale}
+    if by_rows:
+        small, big = by_rows[min(by_rows)], by_rows[max(by_rows)]
+        span = f"{_rows_label(min(by_rows))} → {_rows_label(max(by_rows))} rows"
+        for key, text in (
+            ("us_per_packet", f"per-packet cost flat, {span} (≤ {FLAT} ×)"),
+            ("bytes_per_session", f"memory per session flat, {span} (≤ {FLAT} ×)"),
+        ):
+            if small.get(key) and big.get(key) is not None and min(by_rows) != max(by_rows):
+                value = big[key] / small[key]
+                rows.append({"goal": text, "value": value, "met": value <= FLAT})
+            else:
+                rows.append({"goal": text, "value": None, "met": None})
+    return rows
+
+
+# --- markdown ---------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def _rows_label(rows: int) -> str:
+    if rows >= 1_000_000 and rows % 1_000_000 == 0:
+        return f"{rows // 1_000_000}M"
+    if rows >= 1000 and rows % 1000 == 0:
+        return f"{rows // 1000}k"
+    return str(rows)
+
+
+def markdown_table(summary: Summary, paths: Sequence[str]) -> str:
+    """Medians per metric and path, then each lbnat path's ratio to direct and to HAProxy
+    (for latencies and CPU, lower is better; the arrow in the first column says which)."""
+    lbnats = [p for p in paths if is_lbnat(p)]
+    head = ["metric", *(path_label(p) for p in paths)]
+    for p in lbnats:
+        head += [f"{path_label(p)} ÷ direct", f"{path_label(p)} ÷ HAProxy"]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|---" + "|---:" * (len(head) - 1) + "|",
+    ]
+    for metric in METRICS:
+        paths_seen = summary.get(metric.workload, {})
+        if not any(metric.key in paths_seen.get(p, {}) for p in paths):
+            continue
+        arrow = "↑" if metric.higher_is_better else "↓"
+        cells = [f"{metric.label} ({metric.unit}) {arrow}"]
+        for p in paths:
+            cells.append(_fmt(paths_seen.get(p, {}).get(metric.key), metric.digits))
+        for p in lbnats:
+            for peer in ("direct", "haproxy"):
+                if metric.key.startswith("added_"):
+                    cells.append("")
+                    continue
+                r = ratio(summary, metric.workload, metric.key, p, peer)
+                cells.append("–" if r is None else f"{r:.2f} ×")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_scale(scale: Sequence[Record]) -> str:
+    lines = [
+        "| table rows | µs per packet (client→backend) | µs per packet (backend→client) "
+        "| RSS (MB) | bytes per session |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(scale, key=lambda r: int(r["rows"])):
+        lines.append(
+            f"| {_rows_label(int(r['rows']))} | {r['us_per_packet_fwd']:.2f} "
+            f"| {r['us_per_packet_rev']:.2f} | {r['rss_bytes'] / 1e6:,.0f} "
+            f"| {r['bytes_per_session']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown_goals(rows: Sequence[Record]) -> str:
+    lines = ["| goal | measured | met? |", "|---|---:|:---:|"]
+    for row in rows:
+        value = row["value"]
+        shown = "–" if value is None else f"{value:.2f}"
+        met = {True: "yes", False: "**no**", None: "not measured"}[row["met"]]
+        lines.append(f"| {row['goal']} | {shown} | {met} |")
+    return "\n".join(lines)
+
+
+def markdown_report(results: Mapping[str, Any], charts: Sequence[str] = ()) -> str:
+    """The whole docs/benchmarks/README.md: machine, table, goals, scale, charts."""
+    meta = results["meta"]
+    paths = results["paths"]
+    summary = results["summary"]
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(meta.get("versions", {}).items()))
+    parts = [
+        "# lbnat benchmarks",
+        "",
+        f"Run {meta['started']} with `{meta['command']}`: {meta['reps']} repetition(s) of "
+        f"{meta['seconds']} s per workload and path, paths alternating, medians shown. "
+        f"Kernel {meta['kernel']}, {meta['cpus']} CPUs ({meta['cpu_model']}), Python "
+        f"{meta['python']}; {versions}. Everything (client, load balancer, backend) runs on "
+        "this one machine in network namespaces joined by veth pairs and a bridge, so the "
+        "load generator, the load balancer and the backend share the CPUs.",
+        "",
+        markdown_table(summary, paths),
+        "",
+        "HAProxy has no UDP (the UDP rows show it as –). \"Added p99\" is the path's p99 minus "
+        "direct's. CPU is the load balancer's processes' user + system time during the run "
+        "(/proc/PID/stat), per GB received or per 1,000 connections; softirq work the kernel "
+        "does on the sender's behalf is not in it for any path.",
+        "",
+        "## Goals (reported, never asserted)",
+        "",
+        markdown_goals(results.get("goals", [])),
+    ]
+    if results.get("scale"):
+        parts += [
+            "",
+            "## lbnat's own scale",
+            "",
+            "The engine with a session table filled synthetically (established flows, "
+            "distinct clients), in a fresh process per size; per-packet cost of an "
+            "established flow, median, and the process's resident set size.",
+            "",
+            markdown_scale(results["scale"]),
+        ]
+    if charts:
+        parts += ["", "## Charts", ""]
+        parts += [f"![{name}]({name})" for name in charts]
+    parts += ["", "Settings of this run:", "", "```", json.dumps(meta["settings"], indent=2),
+              "```", ""]
+    return "\n".join(parts)
+
+
+# --- profiles and the README block ------------------------------------------------------------
+
+_FRAME_LINE_RE = re.compile(r":\d+\)$")
+
+
+def profile_summary(collapsed: str, workload: str, top: int = 12) -> str:
+    """Markdown table of the functions holding the most samples in py-spy's collapsed stacks
+    (``--format raw``: ``frame;frame;...;leaf count`` per line, root first). "self" counts a
+    function when it is the leaf; "total" when it is anywhere on the stack (once per stack)."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [_FRAME_LINE_RE.sub(")", f.strip()) for f in stack.split(";") if f.strip()]
+        if not frames:
+            continue
+        samples += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            total[frame] = total.get(frame, 0) + count
+    lines = [
+        f"### Profile of lbnat under `{workload}` (py-spy, {samples} samples)",
+        "",
+        "| function | self % | total % |",
+        "|---|---:|---:|",
+    ]
+    if samples == 0:
+        return "\n".join([*lines, "| (no samples) | | |"])
+    for frame, count in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(
+            f"| `{frame}` | {100 * count / samples:.1f} | {100 * total[frame] / samples:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def readme_block(results: Mapping[str, Any]) -> str:
+    """What the top-level README shows of a full run: the table, the goals, two charts."""
+    meta = results["meta"]
+    return "\n".join([
+        f"Measured {meta['started']} on {meta['cpus']} CPUs, kernel {meta['kernel']} "
+        f"(`make bench`; medians of {meta['reps']} × {meta['seconds']:g} s; the full report, "
+        "JSON and charts are in [docs/benchmarks/](docs/benchmarks/README.md)).",
+        "",
+        markdown_table(results["summary"], results["paths"]),
+        "",
+        markdown_goals(results.get("goals", [])),
+        "",
+        "![bulk throughput](docs/benchmarks/bulk.png)",
+        "![requests](docs/benchmarks/requests.png)",
+    ])

@@ -1,0 +1,803 @@
+"""The benchmark runner: the netns lab, the servers, the load balancers and the workloads.
+
+    python -m lbnat.bench [--quick] [--out DIR] [--reps N] [--seconds S] [--profile]
+
+Topology (scripts/lab.sh with one backend; every host a network namespace on one bridge)::
+
+    c1 198.18.0.11 ──► b1 198.18.0.21 :5201 iperf3, :80 nginx (HTTP)      direct
+    c1 ──► lb 198.18.0.2 :5201 tcp+udp, :80   lbnat ─────────────────► b1  lbnat
+    c1 ──► lb 198.18.0.2 :8201, :8080         HAProxy (mode tcp) ────► b1  haproxy
+    c1 ──► lb 198.18.0.2 :9201 tcp+udp, :9080 nginx stream ──────────► b1  nginx
+
+All load balancers run at once (idle ones cost nothing measurable); each workload runs through
+each path in turn, the order rotating every repetition so slow drift in the machine does not
+favour one path. The load balancer's CPU time is read from /proc before and after each run.
+
+Tuning, the same for every path:
+
+- The client may reuse its own TIME_WAIT ports for new connections (net.ipv4.tcp_tw_reuse=1),
+  as load generators are run: wrk often closes first, and without it the client runs out of
+  ports within seconds of a connections-per-second run and then burns CPU looking for one.
+- In the lb namespace the kernel's ephemeral ports (HAProxy's and nginx's upstream
+  connections) are 10000-32767 and lbnat's NAT ports 32768-65535, more than the client's
+  28,232 ephemeral ports: lbnat gives a client socket that comes back the NAT port it had (the
+  backend may hold that port in TIME_WAIT, and only the same client socket's SYN is accepted
+  there), so the NAT range never has to recycle another client's port in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from lbnat.bench import report
+from lbnat.bench.report import Record
+
+REPO = Path(__file__).resolve().parents[2]
+LAB_SH = REPO / "scripts" / "lab.sh"
+DEFAULT_OUT = REPO / "docs" / "benchmarks"
+README = REPO / "README.md"
+README_BEGIN = "<!-- bench:begin (written by python -m lbnat.bench) -->"
+README_END = "<!-- bench:end -->"
+
+LB_IP = "198.18.0.2"
+CLIENT = "c1"
+BACKEND = "b1"
+BACKEND_IP = "198.18.0.21"
+IPERF_PORT = 5201
+HTTP_PORT = 80
+EPHEMERAL = "10000 32767"
+NAT_PORTS = "32768-65535"
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """Where a client connects to reach the backend through one path."""
+
+    name: str
+    host: str
+    iperf_port: int
+    http_port: int
+    udp: bool = True
+
+
+PATHS: dict[str, PathSpec] = {
+    "direct": PathSpec("direct", BACKEND_IP, IPERF_PORT, HTTP_PORT),
+    "lbnat": PathSpec("lbnat", LB_IP, IPERF_PORT, HTTP_PORT),
+    "haproxy": PathSpec("haproxy", LB_IP, 8201, 8080, udp=False),  # HAProxy has no UDP
+    "nginx": PathSpec("nginx", LB_IP, 9201, 9080),
+}
+
+
+@dataclass
+class Settings:
+    quick: bool = False
+    reps: int = 3
+    seconds: float = 4.0
+    paths: list[str] = field(default_factory=lambda: list(PATHS))
+    workloads: list[str] = field(
+        default_factory=lambda: [
+            "bulk_1", "bulk_8", "conn_rate", "keepalive", "fixed_rate", "udp_low", "udp_high"
+        ]
+    )
+    scale_rows: list[int] = field(default_factory=lambda: [10_000, 100_000, 1_000_000])
+    conn_rate_connections: int = 32
+    keepalive_connections: int = 64
+    fixed_rate_rps: int = 1000
+    fixed_rate_connections: int = 10
+    udp_low_pps: int = 50_000
+    udp_high_pps: int = 200_000
+    udp_payload: int = 64
+    threads: int = 2
+    nat_ports: str = NAT_PORTS
+    profile: bool = False
+
+    @classmethod
+    def quick_mode(cls) -> Settings:
+        return cls(quick=True, reps=1, seconds=1.0, scale_rows=[10_000, 100_000])
+
+
+class BenchError(RuntimeError):
+    """A setup step or a workload failed; the message says which and why."""
+
+
+# --- processes in namespaces ------------------------------------------------------------------
+
+
+class Lab:
+    """The namespaces of one run and every process started in them (stopped by pid)."""
+
+    def __init__(self, work: Path) -> None:
+        self.prefix = f"lbb{secrets.token_hex(3)}"
+        self.work = work
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.names: dict[int, str] = {}
+        self.env = {**os.environ, "LAB_PREFIX": self.prefix, "LAB_BACKENDS": "1"}
+
+    def up(self) -> None:
+        self.script("up")
+
+    def down(self) -> None:
+        stop(self.procs)
+        self.procs.clear()
+        with contextlib.suppress(BenchError):
+            self.script("down")
+
+    def script(self, action: str) -> None:
+        done = subprocess.run(
+            ["bash", str(LAB_SH), action], env=self.env, capture_output=True, text=True,
+            timeout=120, check=False,
+        )
+        if done.returncode != 0:
+            raise BenchError(f"lab.sh {action} failed: {done.stderr.strip()[-500:]}")
+
+    def ns(self, host: str) -> str:
+        return f"{self.prefix}-{host}"
+
+    def argv(self, host: str, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.ns(host), *argv]
+
+    def start(self, host: str, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        """Start a server in `host`; its output goes to <work>/<name>.log."""
+        log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        try:
+            proc = subprocess.Popen(
+                self.argv(host, argv), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        finally:
+            log.close()
+        self.procs.append(proc)
+        self.names[proc.pid] = name
+        return proc
+
+    def check_alive(self) -> None:
+        """Raise with the tail of its log if a server started here has exited."""
+        for proc in self.procs:
+            if proc.poll() is not None:
+                name = self.names[proc.pid]
+                log = (self.work / f"{name}.log").read_text(errors="replace").strip()
+                raise BenchError(f"{name} exited {proc.returncode}: {log[-500:]}")
+
+    def run(self, host: str, argv: Sequence[str], timeout: float) -> str:
+        """Run a client in `host` to completion; its stdout (stderr appended on failure)."""
+        try:
+            done = subprocess.run(
+                self.argv(host, argv), capture_output=True, text=True, timeout=timeout,
+                check=False, start_new_session=True,
+            )
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"{argv[0]} did not finish in {timeout:.0f} s") from None
+        if done.returncode != 0:
+            raise BenchError(
+                f"{' '.join(argv)} exited {done.returncode}: "
+                f"{(done.stdout + done.stderr).strip()[-400:]}"
+            )
+        return done.stdout
+
+    def sysctl(self, host: str, setting: str) -> None:
+        self.run(host, ["sysctl", "-qw", setting], timeout=10)
+
+    def wait_listening(self, host: str, port: int, udp: bool = False, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        pattern = re.compile(rf":{port}\s")
+        while True:
+            out = self.run(host, ["ss", "-Hlnu" if udp else "-Hlnt"], timeout=10)
+            if pattern.search(out):
+                return
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"nothing listens on {host} port {port} after {timeout} s")
+            time.sleep(0.1)
+
+
+def stop(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 5.0) -> None:
+    """SIGTERM every live process at once, SIGKILL any still running `timeout` s later."""
+    live = [p for p in procs if p.poll() is None]
+    for proc in live:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in live:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (nginx's workers are children of its master)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds of these processes (all their threads) so far."""
+    ticks = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+            ticks += report.cpu_seconds(f.read())
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+# --- configuration files of the peers ---------------------------------------------------------
+
+
+def backend_nginx_conf(work: Path) -> str:
+    root = work / "b1-nginx"
+    root.mkdir(exist_ok=True)
+    return f"""
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+user root;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {root};
+    proxy_temp_path {root};
+    fastcgi_temp_path {root};
+    uwsgi_temp_path {root};
+    scgi_temp_path {root};
+    server {{
+        listen {BACKEND_IP}:{HTTP_PORT} reuseport backlog=4096;
+        location / {{ return 200 "hello from b1\\n"; }}
+    }}
+}}
+"""
+
+
+def haproxy_conf(cpus: int) -> str:
+    p = PATHS["haproxy"]
+    return f"""
+global
+    nbthread {cpus}
+    maxconn 8000
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+frontend iperf
+    bind {LB_IP}:{p.iperf_port}
+    default_backend iperf
+backend iperf
+    server b1 {BACKEND_IP}:{IPERF_PORT}
+
+frontend http
+    bind {LB_IP}:{p.http_port}
+    default_backend http
+backend http
+    server b1 {BACKEND_IP}:{HTTP_PORT}
+"""
+
+
+def nginx_stream_conf(work: Path, cpus: int) -> str:
+    root = work / "lb-nginx"
+    root.mkdir(exist_ok=True)
+    p = PATHS["nginx"]
+    return f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+user root;
+worker_processes {cpus};
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 16384; }}
+stream {{
+    server {{ listen {LB_IP}:{p.iperf_port} reuseport; proxy_pass {BACKEND_IP}:{IPERF_PORT}; }}
+    server {{ listen {LB_IP}:{p.iperf_port} udp reuseport;
+              proxy_pass {BACKEND_IP}:{IPERF_PORT}; proxy_timeout 10s; }}
+    server {{ listen {LB_IP}:{p.http_port} reuseport backlog=4096;
+              proxy_pass {BACKEND_IP}:{HTTP_PORT}; }}
+}}
+"""
+
+
+def lbnat_conf(work: Path, nat_ports: str) -> dict[str, Any]:
+    off = {"enabled": False}  # iperf3's server takes a probe's connect for a test client
+    return {
+        "lb_ip": LB_IP,
+        "nat_ports": nat_ports,
+        "admin_socket": str(work / "lbnat.sock"),
+        "log": {"quiet": True},
+        "services": [
+            {"name": "iperf", "protocol": "tcp", "port": IPERF_PORT, "health": off,
+             "backends": [{"ip": BACKEND_IP, "port": IPERF_PORT}]},
+            {"name": "iperf-udp", "protocol": "udp", "port": IPERF_PORT, "health": off,
+             "backends": [{"ip": BACKEND_IP, "port": IPERF_PORT}]},
+            {"name": "http", "protocol": "tcp", "port": HTTP_PORT,
+             "health": {"check": "syn", "interval": 2},
+             "backends": [{"ip": BACKEND_IP, "port": HTTP_PORT}]},
+        ],
+    }
+
+
+# --- the bed: lab + servers + load balancers --------------------------------------------------
+
+
+class Bed:
+    def __init__(self, settings: Settings, work: Path) -> None:
+        self.settings = settings
+        self.work = work
+        self.lab = Lab(work)
+        self.cpus = os.cpu_count() or 1
+        self.lb_pid: dict[str, int] = {}
+        self.iperf_server: subprocess.Popen[bytes] | None = None
+
+    def up(self) -> None:
+        lab, work = self.lab, self.work
+        lab.up()
+        lab.sysctl("lb", f"net.ipv4.ip_local_port_range={EPHEMERAL}")
+        lab.sysctl(CLIENT, "net.ipv4.tcp_tw_reuse=1")
+        (work / "b1-nginx.conf").write_text(backend_nginx_conf(work))
+        lab.start(BACKEND, "b1-nginx", ["nginx", "-e", str(work / "b1-nginx" / "error.log"),
+                                        "-c", str(work / "b1-nginx.conf"), "-g", "daemon off;"])
+        self.start_iperf_server()
+        (work / "haproxy.cfg").write_text(haproxy_conf(self.cpus))
+        (work / "lb-nginx.conf").write_text(nginx_stream_conf(work, self.cpus))
+        (work / "lbnat.json").write_text(json.dumps(lbnat_conf(work, self.settings.nat_ports)))
+        if "haproxy" in self.settings.paths:
+            proc = lab.start("lb", "haproxy", ["haproxy", "-db", "-f", str(work / "haproxy.cfg")])
+            self.lb_pid["haproxy"] = proc.pid
+        if "nginx" in self.settings.paths:
+            proc = lab.start("lb", "lb-nginx", [
+                "nginx", "-e", str(work / "lb-nginx" / "error.log"),
+                "-c", str(work / "lb-nginx.conf"), "-g", "daemon off;"])
+            self.lb_pid["nginx"] = proc.pid
+        if "lbnat" in self.settings.paths:
+            proc = lab.start("lb", "lbnat", [
+                sys.executable, "-m", "lbnat.cli", "run", "--config", str(work / "lbnat.json")])
+            self.lb_pid["lbnat"] = proc.pid
+        lab.wait_listening(BACKEND, HTTP_PORT)
+        lab.wait_listening(BACKEND, IPERF_PORT)
+        for path in ("haproxy", "nginx"):
+            if path in self.lb_pid:
+                lab.wait_listening("lb", PATHS[path].http_port)
+                lab.wait_listening("lb", PATHS[path].iperf_port)
+        if "lbnat" in self.lb_pid:
+            self.wait_lbnat()
+
+    def start_iperf_server(self) -> None:
+        if self.iperf_server is not None:
+            stop([self.iperf_server])
+        self.iperf_server = self.lab.start(BACKEND, "b1-iperf3", ["iperf3", "-s", "-p",
+                                                                  str(IPERF_PORT)])
+
+    def wait_lbnat(self, timeout: float = 20) -> None:
+        """Ready when the admin socket answers `status` and the http backend is alive."""
+        deadline = time.monotonic() + timeout
+        sock = str(self.work / "lbnat.sock")
+        last = ""
+        while time.monotonic() < deadline:
+            done = subprocess.run(
+                [sys.executable, "-m", "lbnat.cli", "status", "--json", "--admin-socket", sock],
+                capture_output=True, text=True, timeout=10, check=False,
+            )
+            last = done.stdout + done.stderr
+            if done.returncode == 0 and '"alive"' in done.stdout:
+                return
+            proc = next(p for p in self.lab.procs if p.pid == self.lb_pid["lbnat"])
+            if proc.poll() is not None:
+                log = (self.work / "lbnat.log").read_text(errors="replace")
+                raise BenchError(f"lbnat exited {proc.returncode} at start: {log[-500:]}")
+            time.sleep(0.2)
+        raise BenchError(f"lbnat did not become ready in {timeout} s: {last[-300:]}")
+
+    def down(self) -> None:
+        self.lab.down()
+
+    def lb_cpu(self, path: str) -> float | None:
+        pid = self.lb_pid.get(path)
+        return None if pid is None else cpu_seconds(process_tree(pid))
+
+
+# --- workloads ---------------------------------------------------------------------------------
+
+
+Workload = Callable[[Bed, PathSpec], Record]
+
+
+def _iperf(bed: Bed, path: PathSpec, extra: Sequence[str], udp: bool) -> Record:
+    s = bed.settings
+    argv = ["iperf3", "-c", path.host, "-p", str(path.iperf_port), "-t", f"{s.seconds:g}",
+            "-J", *extra]
+    text = bed.lab.run(CLIENT, argv, timeout=s.seconds + 30)
+    return report.parse_iperf_udp(text) if udp else report.parse_iperf_tcp(text)
+
+
+def bulk_1(bed: Bed, path: PathSpec) -> Record:
+    return _iperf(bed, path, [], udp=False)
+
+
+def bulk_8(bed: Bed, path: PathSpec) -> Record:
+    return _iperf(bed, path, ["-P", "8"], udp=False)
+
+
+def _udp(bed: Bed, path: PathSpec, pps: int) -> Record:
+    s = bed.settings
+    bits = pps * s.udp_payload * 8
+    figures = _iperf(bed, path, ["-u", "-l", str(s.udp_payload), "-b", str(bits)], udp=True)
+    figures["offered_pps"] = float(pps)
+    return figures
+
+
+def udp_low(bed: Bed, path: PathSpec) -> Record:
+    return _udp(bed, path, bed.settings.udp_low_pps)
+
+
+def udp_high(bed: Bed, path: PathSpec) -> Record:
+    return _udp(bed, path, bed.settings.udp_high_pps)
+
+
+def _wrk(bed: Bed, path: PathSpec, connections: int, extra: Sequence[str]) -> Record:
+    s = bed.settings
+    url = f"http://{path.host}:{path.http_port}/"
+    argv = ["wrk", "-t", str(min(s.threads, connections)), "-c", str(connections),
+            "-d", f"{max(1, round(s.seconds))}s", "--timeout", "5s", "--latency", *extra, url]
+    figures = report.parse_wrk(bed.lab.run(CLIENT, argv, timeout=s.seconds + 30))
+    if figures["requests"] == 0:
+        raise BenchError(f"wrk through {path.name}: no request completed")
+    return figures
+
+
+def conn_rate(bed: Bed, path: PathSpec) -> Record:
+    """One request per connection: the client asks the server to close after the reply."""
+    s = bed.settings
+    return _wrk(bed, path, s.conn_rate_connections, ["-H", "Connection: close"])
+
+
+def keepalive(bed: Bed, path: PathSpec) -> Record:
+    return _wrk(bed, path, bed.settings.keepalive_connections, [])
+
+
+def fixed_rate(bed: Bed, path: PathSpec) -> Record:
+    """A steady request rate well below saturation: each connection waits `delay` ms before
+    each request (wrk's delay() hook), so the rate is about connections x 1000 / delay."""
+    s = bed.settings
+    delay_ms = s.fixed_rate_connections * 1000 / s.fixed_rate_rps
+    script = bed.work / "fixed_rate.lua"
+    script.write_text(f"function delay()\n  return {delay_ms:g}\nend\n")
+    figures = _wrk(bed, path, s.fixed_rate_connections, ["-s", str(script)])
+    figures["target_rps"] = float(s.fixed_rate_rps)
+    return figures
+
+
+WORKLOADS: dict[str, Workload] = {
+    "bulk_1": bulk_1,
+    "bulk_8": bulk_8,
+    "conn_rate": conn_rate,
+    "keepalive": keepalive,
+    "fixed_rate": fixed_rate,
+    "udp_low": udp_low,
+    "udp_high": udp_high,
+}
+UDP_WORKLOADS = {"udp_low", "udp_high"}
+PROFILED = ("bulk_1", "conn_rate", "keepalive", "udp_high")
+"""the workloads --profile samples lbnat under (one more run each, not counted)"""
+
+
+# --- one run -----------------------------------------------------------------------------------
+
+
+def measure(bed: Bed, workload: str, path: PathSpec, rep: int, log: IO[str]) -> Record:
+    """One workload through one path, with the load balancer's CPU seconds; one retry."""
+    for attempt in (1, 2):
+        before = bed.lb_cpu(path.name)
+        try:
+            figures = WORKLOADS[workload](bed, path)
+        except (BenchError, report.ParseError) as exc:
+            print(f"  {workload} via {path.name}: attempt {attempt} failed: {exc}", file=log)
+            if attempt == 2:
+                return {"workload": workload, "path": path.name, "rep": rep, "error": str(exc)}
+            if workload.startswith(("bulk", "udp")):
+                bed.start_iperf_server()  # iperf3 -s can stay 'busy' after a failed test
+                bed.lab.wait_listening(BACKEND, IPERF_PORT)
+            time.sleep(1)
+            continue
+        after = bed.lb_cpu(path.name)
+        record: Record = {"workload": workload, "path": path.name, "rep": rep, **figures}
+        if before is not None and after is not None:
+            record["lb_cpu_s"] = after - before
+        return record
+    raise AssertionError("unreachable")
+
+
+def one_line(record: Record) -> str:
+    if "error" in record:
+        return f"FAILED: {record['error']}"
+    keys = ("gbit_s", "rps", "pps", "loss_pct", "p50_ms", "p99_ms", "lb_cpu_s")
+    return "  ".join(f"{k} {record[k]:.3g}" for k in keys if k in record)
+
+
+def scale_records(rows_list: Sequence[int], log: IO[str]) -> list[Record]:
+    out = []
+    for rows in rows_list:
+        done = subprocess.run(
+            [sys.executable, "-m", "lbnat.bench.scale", "--rows", str(rows)],
+            capture_output=True, text=True, timeout=600, check=False,
+        )
+        if done.returncode != 0:
+            print(f"  scale {rows} rows failed: {done.stderr.strip()[-300:]}", file=log)
+            continue
+        record = json.loads(done.stdout)
+        print(f"  scale {rows:>9,} rows: {record['us_per_packet']:.2f} us/packet, "
+              f"{record['bytes_per_session']:.0f} B/session, RSS "
+              f"{record['rss_bytes'] / 1e6:.0f} MB", file=log)
+        out.append(record)
+    return out
+
+
+def profile_lbnat(bed: Bed, workload: str, log: IO[str]) -> str | None:
+    """Sample lbnat's threads with py-spy while `workload` runs through lbnat; the collapsed
+    stacks are summarised into the functions that hold the most samples."""
+    pyspy = shutil.which("py-spy")
+    if pyspy is None or "lbnat" not in bed.lb_pid:
+        print("  profile: py-spy not found; skipped", file=log)
+        return None
+    raw = bed.work / f"profile-{workload}.txt"
+    seconds = max(1, round(bed.settings.seconds))
+    sampler = subprocess.Popen(
+        [pyspy, "record", "--pid", str(bed.lb_pid["lbnat"]), "--duration", str(seconds),
+         "--rate", "250", "--format", "raw", "--nonblocking", "--output", str(raw)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        measure(bed, workload, PATHS["lbnat"], -1, log)
+    finally:
+        try:
+            sampler.wait(seconds + 30)
+        except subprocess.TimeoutExpired:
+            sampler.kill()
+            sampler.wait()
+    if not raw.exists():
+        why = sampler.stderr.read().decode(errors="replace") if sampler.stderr else ""
+        print(f"  profile: py-spy wrote nothing: {why.strip()[-300:]}", file=log)
+        return None
+    return report.profile_summary(raw.read_text(), workload)
+
+
+def versions() -> dict[str, str]:
+    def first_line(argv: Sequence[str], pattern: str) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        except OSError:
+            return "missing"
+        m = re.search(pattern, done.stdout + done.stderr)
+        return m.group(1) if m else "unknown"
+
+    from lbnat import __version__
+
+    return {
+        "lbnat": __version__,
+        "haproxy": first_line(["haproxy", "-v"], r"version (\S+)"),
+        "nginx": first_line(["nginx", "-v"], r"nginx/(\S+)"),
+        "iperf3": first_line(["iperf3", "-v"], r"iperf (\S+)"),
+        "wrk": first_line(["wrk", "-v"], r"wrk (\S+)"),
+    }
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def preflight(settings: Settings) -> None:
+    if os.geteuid() != 0:
+        raise BenchError("run as root: the benchmark builds network namespaces")
+    needed = {"ip": "iproute2", "iperf3": "iperf3", "wrk": "wrk", "ss": "iproute2"}
+    if "haproxy" in settings.paths:
+        needed["haproxy"] = "haproxy"
+    if "nginx" in settings.paths or "direct" in settings.paths:
+        needed["nginx"] = "nginx-light"
+    missing = [f"{tool} (Debian package {pkg})" for tool, pkg in needed.items()
+               if shutil.which(tool) is None]
+    if "nginx" in settings.paths and not Path(
+        "/usr/lib/nginx/modules/ngx_stream_module.so"
+    ).exists():
+        missing.append("nginx's stream module (Debian package libnginx-mod-stream)")
+    if missing:
+        raise BenchError("missing: " + ", ".join(missing) + "; run `make deps`")
+
+
+def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, Any]:
+    preflight(settings)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    t0 = time.monotonic()
+    records: list[Record] = []
+    profiles: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="lbnat-bench.") as tmp:
+        bed = Bed(settings, Path(tmp))
+        try:
+            bed.up()
+            print(f"bench: lab {bed.lab.prefix} up; {settings.reps} rep(s) x "
+                  f"{settings.seconds:g} s; paths {', '.join(settings.paths)}", file=log)
+            for rep in range(settings.reps):
+                for w_index, workload in enumerate(settings.workloads):
+                    order = [p for p in settings.paths
+                             if workload not in UDP_WORKLOADS or PATHS[p].udp]
+                    shift = (rep + w_index) % len(order)
+                    for name in order[shift:] + order[:shift]:
+                        record = measure(bed, workload, PATHS[name], rep, log)
+                        print(f"  rep {rep + 1} {workload:<10} {name:<8} {one_line(record)}",
+                              file=log)
+                        records.append(record)
+            if settings.profile:
+                for workload in [w for w in PROFILED if w in settings.workloads]:
+                    profile = profile_lbnat(bed, workload, log)
+                    if profile:
+                        profiles.append(profile)
+        finally:
+            bed.down()
+    scale = scale_records(settings.scale_rows, log)
+    good = [r for r in records if "error" not in r]
+    summary = report.summarize(good)
+    results: dict[str, Any] = {
+        "meta": {
+            "started": started,
+            "command": command,
+            "seconds_total": round(time.monotonic() - t0, 1),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "cpu_model": cpu_model(),
+            "versions": versions(),
+            "reps": settings.reps,
+            "seconds": settings.seconds,
+            "settings": asdict(settings),
+        },
+        "paths": settings.paths,
+        "records": records,
+        "failed": [r for r in records if "error" in r],
+        "summary": summary,
+        "scale": scale,
+        "goals": report.goal_rows(summary, scale),
+        "profiles": profiles,
+    }
+    write_outputs(results, out)
+    return results
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> None:
+    from lbnat.bench import charts  # matplotlib is imported only when charts are drawn
+
+    names = charts.draw_all(results, out)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = report.markdown_report(results, names)
+    (out / "README.md").write_text(text)
+
+
+def update_readme(results: dict[str, Any], readme: Path = README) -> bool:
+    """Put the run's table and charts between the README's bench markers."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    block = report.readme_block(results)
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_BEGIN}\n{block}\n{README_END}{tail}")
+    return True
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
+    parser = argparse.ArgumentParser(
+        prog="python -m lbnat.bench",
+        description="lbnat against direct, HAProxy and nginx stream in a netns lab (root). "
+        "Example: sudo python -m lbnat.bench --quick --out /tmp/bench",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run of about a minute: 1 repetition of 1 s, small scale")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output directory (default {DEFAULT_OUT.relative_to(REPO)})")
+    parser.add_argument("--reps", type=int, help="repetitions per workload and path")
+    parser.add_argument("--seconds", type=float, help="seconds per run")
+    parser.add_argument("--paths", help=f"comma-separated subset of {','.join(PATHS)}")
+    parser.add_argument("--workloads", help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    parser.add_argument("--scale-rows", help="comma-separated table sizes, e.g. 10000,1000000; "
+                        "'' to skip")
+    parser.add_argument("--profile", action="store_true",
+                        help="also sample lbnat with py-spy under keep-alive, UDP and bulk load")
+    parser.add_argument("--no-readme", action="store_true",
+                        help="do not update README.md's benchmark section")
+    args = parser.parse_args(argv)
+    settings = Settings.quick_mode() if args.quick else Settings()
+    if args.reps is not None:
+        if args.reps < 1:
+            parser.error("--reps must be at least 1")
+        settings.reps = args.reps
+    if args.seconds is not None:
+        if not 1 <= args.seconds <= 600:
+            parser.error("--seconds must be between 1 and 600")
+        settings.seconds = args.seconds
+    if args.paths is not None:
+        settings.paths = _subset(parser, "--paths", args.paths, PATHS)
+    if args.workloads is not None:
+        settings.workloads = _subset(parser, "--workloads", args.workloads, WORKLOADS)
+    if args.scale_rows is not None:
+        try:
+            settings.scale_rows = [int(x) for x in args.scale_rows.split(",") if x.strip()]
+        except ValueError:
+            parser.error(f"--scale-rows: not a list of integers: {args.scale_rows!r}")
+        if any(not 1 <= r <= 2_000_000 for r in settings.scale_rows):
+            parser.error("--scale-rows: each size must be between 1 and 2,000,000")
+    settings.profile = args.profile
+    out = args.out or DEFAULT_OUT
+    readme = not args.no_readme and not args.quick and out.resolve() == DEFAULT_OUT.resolve()
+    return settings, out, readme
+
+
+def _subset(parser: argparse.ArgumentParser, option: str, value: str, known: Any) -> list[str]:
+    chosen = [x.strip() for x in value.split(",") if x.strip()]
+    unknown = [x for x in chosen if x not in known]
+    if unknown or not chosen:
+        parser.error(f"{option}: unknown {', '.join(unknown) or '(empty)'}; "
+                     f"choose from {', '.join(known)}")
+    return chosen
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, out, readme = parse_args(argv)
+    command = "python -m lbnat.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def interrupted(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        results = run(settings, out, command.strip(), sys.stdout)
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; the lab was taken down", file=sys.stderr)
+        return 130
+    print()
+    print(report.markdown_table(results["summary"], results["paths"]))
+    print()
+    print(report.markdown_goals(results["goals"]))
+    for profile in results["profiles"]:
+        print()
+        print(profile)
+    if readme and update_readme(results):
+        print(f"\nbench: README.md's benchmark section updated from {out}/results.json")
+    print(f"\nbench: wrote {out}/results.json, README.md and charts in "
+          f"{results['meta']['seconds_total']:.0f} s")
+    return 1 if results["failed"] else 0
+

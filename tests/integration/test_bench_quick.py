@@ -1,0 +1,70 @@
+"""The benchmark suite's quick mode, run once: every workload through every path produced a
+figure, and the report, the JSON and the charts were written. Nothing is asserted about speed
+(the benchmark reports; it never judges)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import require
+from tests.integration.lab import REPO, skip_reason
+
+pytestmark = pytest.mark.netns
+
+PNG = b"\x89PNG\r\n\x1a\n"
+PRIMARY = {  # workload -> the figure every path must have produced
+    "bulk_1": "gbit_s",
+    "bulk_8": "gbit_s",
+    "conn_rate": "rps",
+    "keepalive": "rps",
+    "fixed_rate": "rps",
+    "udp_low": "pps",
+    "udp_high": "pps",
+}
+PATHS = ("direct", "lbnat", "haproxy", "nginx")
+
+
+def test_quick_benchmark_produces_every_result(tmp_path: Path) -> None:
+    if (reason := skip_reason()) is not None:
+        pytest.skip(reason)
+    require("iperf3", "wrk", "haproxy", "nginx")
+    if not Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists():
+        pytest.skip("needs nginx's stream module (libnginx-mod-stream)")
+    out = tmp_path / "bench"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "lbnat.bench", "--quick", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["failed"] == []
+    assert results["meta"]["settings"]["quick"] is True
+    seen = {(r["workload"], r["path"]): r for r in results["records"]}
+    for workload, key in PRIMARY.items():
+        for path in PATHS:
+            if path == "haproxy" and workload.startswith("udp"):
+                assert (workload, path) not in seen  # HAProxy has no UDP
+                continue
+            record = seen[(workload, path)]
+            assert record[key] > 0, (workload, path, record)
+            if path != "direct":
+                assert record["lb_cpu_s"] >= 0, (workload, path, record)
+    assert [r["rows"] for r in results["scale"]] == [10_000, 100_000]
+    for row in results["scale"]:
+        assert row["us_per_packet"] > 0 and row["bytes_per_session"] > 0
+
+    readme = (out / "README.md").read_text()
+    assert "| metric | direct | lbnat | HAProxy | nginx stream |" in readme
+    charts = sorted(p.name for p in out.glob("*.png"))
+    assert charts == ["bulk.png", "cpu.png", "latency.png", "requests.png", "scale.png", "udp.png"]
+    for chart in charts:
+        assert (out / chart).read_bytes().startswith(PNG)
+        assert f"![{chart}]({chart})" in readme
