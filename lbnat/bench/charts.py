@@ -126,17 +126,22 @@ def draw_all(results: Mapping[str, Any], out_dir: Path) -> list[str]:
         "per second (higher is better)",
         "HTTP through each path, wrk",
     )
-    chart(
-        "latency.png",
-        [
-            ("fixed_rate", "p50_ms", "fixed rate p50"),
-            ("fixed_rate", "p99_ms", "fixed rate p99"),
-            ("keepalive", "p50_ms", "saturated p50"),
-            ("keepalive", "p99_ms", "saturated p99"),
-        ],
-        "ms (lower is better)",
-        "HTTP latency, wrk --latency",
-    )
+    latency = [
+        ([("fixed_rate", "p50_ms", "p50"), ("fixed_rate", "p99_ms", "p99")],
+         f"at a fixed {results['meta']['settings'].get('fixed_rate_rps', '')} requests/s"),
+        ([("keepalive", "p50_ms", "p50"), ("keepalive", "p99_ms", "p99")],
+         "saturated (keep-alive, as fast as it goes)"),
+    ]
+    if any(summary.get(w, {}).get(p, {}).get(k) is not None
+           for groups, _ in latency for w, k, _ in groups for p in paths):
+        # two panels, each on its own scale: saturation latencies dwarf the fixed-rate ones
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+        for ax, (groups, heading) in zip(axes, latency, strict=True):
+            _bars(ax, summary, records, paths, groups, "ms (lower is better)")
+            ax.set_title(heading, fontsize=9)
+        fig.suptitle(f"HTTP latency, wrk --latency ({title})", fontsize=10)
+        _save(fig, out_dir / "latency.png")
+        written.append("latency.png")
     chart(
         "udp.png",
         [("udp_low", "pps", "low offered rate"), ("udp_high", "pps", "high offered rate")],

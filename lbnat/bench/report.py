@@ -27,9 +27,10 @@ class ParseError(ValueError):
 # --- the tools' output ------------------------------------------------------------------------
 
 _UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
-_LATENCY_RE = re.compile(r"^\s*(50|75|90|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m)\s*$", re.M)
-_RPS_RE = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
-_TOTAL_RE = re.compile(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m),", re.M)
+_NUMBER = r"(\d+(?:\.\d+)?)"
+_LATENCY_RE = re.compile(rf"^\s*(50|75|90|99)(?:\.0+)?%\s+{_NUMBER}(us|ms|s|m)\s*$", re.M)
+_RPS_RE = re.compile(rf"^Requests/sec:\s+{_NUMBER}", re.M)
+_TOTAL_RE = re.compile(rf"^\s*(\d+) requests in {_NUMBER}(us|ms|s|m),", re.M)
 _SOCKET_ERRORS_RE = re.compile(
     r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
 )
@@ -71,7 +72,7 @@ def parse_iperf_tcp(text: str) -> dict[str, float]:
             "bytes": float(received["bytes"]),
             "seconds": float(received["seconds"]),
         }
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ParseError(f"iperf3 TCP report without sum_received: {exc}") from None
 
 
@@ -85,7 +86,7 @@ def parse_iperf_udp(text: str) -> dict[str, float]:
         lost = float(total["lost_packets"])
         seconds = float(total["seconds"])
         received_bytes = float(end.get("sum_received", total).get("bytes", total["bytes"]))
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise ParseError(f"iperf3 UDP report without sum: {exc}") from None
     if seconds <= 0:
         raise ParseError("iperf3 UDP report with a zero duration")
@@ -101,7 +102,7 @@ def parse_iperf_udp(text: str) -> dict[str, float]:
 def _iperf_end(text: str) -> Mapping[str, Any]:
     try:
         report = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ParseError(f"iperf3 printed no JSON: {text.strip()[-300:]!r}") from None
     if not isinstance(report, dict):
         raise ParseError("iperf3's JSON is not an object")
@@ -134,6 +135,7 @@ class Metric:
     unit: str
     higher_is_better: bool
     digits: int = 1
+    ratios: bool = True  # False: a ratio would mislead (a percentage near zero)
 
 
 METRICS: tuple[Metric, ...] = (
@@ -150,9 +152,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("fixed_rate", "p99_ms", "fixed-rate latency p99", "ms", False, 2),
     Metric("fixed_rate", "added_p99_ms", "fixed-rate added p99 (vs direct)", "ms", False, 2),
     Metric("udp_low", "pps", "UDP delivered, low offered rate", "pps", True, 0),
-    Metric("udp_low", "loss_pct", "UDP loss, low offered rate", "%", False, 2),
+    Metric("udp_low", "loss_pct", "UDP loss, low offered rate", "%", False, 2, ratios=False),
     Metric("udp_high", "pps", "UDP delivered, high offered rate", "pps", True, 0),
-    Metric("udp_high", "loss_pct", "UDP loss, high offered rate", "%", False, 2),
+    Metric("udp_high", "loss_pct", "UDP loss, high offered rate", "%", False, 2, ratios=False),
 )
 
 PATH_LABELS = {"direct": "direct", "lbnat": "lbnat", "haproxy": "HAProxy", "nginx": "nginx stream"}
@@ -343,7 +345,7 @@ def markdown_table(summary: Summary, paths: Sequence[str]) -> str:
             cells.append(_fmt(paths_seen.get(p, {}).get(metric.key), metric.digits))
         for p in lbnats:
             for peer in ("direct", "haproxy"):
-                if metric.key.startswith("added_"):
+                if metric.key.startswith("added_") or not metric.ratios:
                     cells.append("")
                     continue
                 r = ratio(summary, metric.workload, metric.key, p, peer)
@@ -397,8 +399,10 @@ def markdown_report(results: Mapping[str, Any], charts: Sequence[str] = ()) -> s
         "",
         "HAProxy has no UDP (the UDP rows show it as –). \"Added p99\" is the path's p99 minus "
         "direct's. CPU is the load balancer's processes' user + system time during the run "
-        "(/proc/PID/stat), per GB received or per 1,000 connections; softirq work the kernel "
-        "does on the sender's behalf is not in it for any path.",
+        "(/proc/PID/stat), per GB received or per 1,000 connections. With veth, part of the "
+        "receiving namespace's network stack runs inside the sender's send call, and how much "
+        "of it the kernel charges to the sending process depends on its IRQ-time accounting: "
+        "compare these figures between the paths of one run, not across machines.",
         "",
         "## Goals (reported, never asserted)",
         "",
@@ -415,6 +419,18 @@ def markdown_report(results: Mapping[str, Any], charts: Sequence[str] = ()) -> s
             "",
             markdown_scale(results["scale"]),
         ]
+    if results.get("profiles"):
+        parts += [
+            "",
+            "## Where lbnat's time goes",
+            "",
+            "py-spy sampled lbnat's threads during one extra run of each workload (`--profile`). "
+            "Time in a system call counts for the Python function that made it: with veth, "
+            "the kernel delivers a sent frame to the receiving namespace within the sender's "
+            "`send()`, so `PacketLoop._send` includes the peer's network stack.",
+        ]
+        for profile in results["profiles"]:
+            parts += ["", profile]
     if charts:
         parts += ["", "## Charts", ""]
         parts += [f"![{name}]({name})" for name in charts]

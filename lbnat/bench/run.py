@@ -106,6 +106,7 @@ class Settings:
     threads: int = 2
     nat_ports: str = NAT_PORTS
     profile: bool = False
+    redraw: bool = False
 
     @classmethod
     def quick_mode(cls) -> Settings:
@@ -657,7 +658,7 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
                     for name in order[shift:] + order[:shift]:
                         record = measure(bed, workload, PATHS[name], rep, log)
                         print(f"  rep {rep + 1} {workload:<10} {name:<8} {one_line(record)}",
-                              file=log)
+                              file=log, flush=True)
                         records.append(record)
             if settings.profile:
                 for workload in [w for w in PROFILED if w in settings.workloads]:
@@ -716,6 +717,23 @@ def update_readme(results: dict[str, Any], readme: Path = README) -> bool:
     return True
 
 
+def redraw(out: Path, readme: bool) -> int:
+    """Rewrite the report, the goals and the charts of an earlier run from its JSON."""
+    try:
+        results = json.loads((out / "results.json").read_text())
+        results["summary"] = report.summarize(r for r in results["records"] if "error" not in r)
+        results["goals"] = report.goal_rows(results["summary"], results.get("scale", []))
+        write_outputs(results, out)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"bench: error: cannot redraw from {out / 'results.json'}: {exc!r}",
+              file=sys.stderr)
+        return 1
+    if readme:
+        update_readme(results)
+    print(f"bench: redrew {out}/README.md and charts from results.json")
+    return 0
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
     parser = argparse.ArgumentParser(
         prog="python -m lbnat.bench",
@@ -736,6 +754,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
                         help="also sample lbnat with py-spy under keep-alive, UDP and bulk load")
     parser.add_argument("--no-readme", action="store_true",
                         help="do not update README.md's benchmark section")
+    parser.add_argument("--redraw", action="store_true",
+                        help="run nothing: redraw the report and charts from OUT/results.json")
     args = parser.parse_args(argv)
     settings = Settings.quick_mode() if args.quick else Settings()
     if args.reps is not None:
@@ -758,6 +778,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
         if any(not 1 <= r <= 2_000_000 for r in settings.scale_rows):
             parser.error("--scale-rows: each size must be between 1 and 2,000,000")
     settings.profile = args.profile
+    settings.redraw = args.redraw
     out = args.out or DEFAULT_OUT
     readme = not args.no_readme and not args.quick and out.resolve() == DEFAULT_OUT.resolve()
     return settings, out, readme
@@ -779,6 +800,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def interrupted(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
+    if settings.redraw:
+        return redraw(out, readme)
     signal.signal(signal.SIGTERM, interrupted)
     try:
         results = run(settings, out, command.strip(), sys.stdout)
