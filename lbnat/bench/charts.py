@@ -69,10 +69,10 @@ def _bars(
             yerr=[low, high],
             capsize=3,
         )
-        for x, h in zip(xs, heights, strict=True):
-            ax.annotate(
-                _short(h), (x, h), ha="center", va="bottom", fontsize=7, xytext=(0, 2),
-                textcoords="offset points",
+        for x, h, above in zip(xs, heights, high, strict=True):
+            ax.annotate(  # the median, written above the bar's error bar
+                _short(h), (x, h + above), ha="center", va="bottom", fontsize=7,
+                xytext=(0, 2), textcoords="offset points",
             )
     ax.set_xticks(range(len(groups)), [label for _w, _k, label in groups])
     ax.set_ylabel(ylabel)
