@@ -134,7 +134,7 @@ class Lab:
         self.script("up")
 
     def down(self) -> None:
-        stop(self.procs)
+        terminate(self.procs)
         self.procs.clear()
         with contextlib.suppress(BenchError):
             self.script("down")
@@ -207,8 +207,10 @@ class Lab:
             time.sleep(0.1)
 
 
-def stop(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 5.0) -> None:
-    """SIGTERM every live process at once, SIGKILL any still running `timeout` s later."""
+def terminate(procs: Sequence[subprocess.Popen[Any]], timeout: float = 5.0) -> None:
+    """Stop processes by pid: SIGTERM to every live one at once (a chat client takes up to
+    0.5 s to notice), then SIGKILL to any still running `timeout` seconds later. The test lab
+    (tests/integration/lab.py) stops its processes with this too."""
     live = [p for p in procs if p.poll() is None]
     for proc in live:
         with contextlib.suppress(ProcessLookupError):
@@ -394,7 +396,7 @@ class Bed:
 
     def start_iperf_server(self) -> None:
         if self.iperf_server is not None:
-            stop([self.iperf_server])
+            terminate([self.iperf_server])
         self.iperf_server = self.lab.start(BACKEND, "b1-iperf3", ["iperf3", "-s", "-p",
                                                                   str(IPERF_PORT)])
 

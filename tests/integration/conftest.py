@@ -26,7 +26,8 @@ from typing import IO, TypeVar
 
 import pytest
 
-from tests.integration.lab import CHAT, LB_IP, Lab, host_ip, skip_reason, terminate
+from lbnat.bench.run import terminate
+from tests.integration.lab import CHAT, LB_IP, Lab, host_ip, skip_reason
 
 T = TypeVar("T")
 

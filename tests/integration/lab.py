@@ -41,6 +41,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from lbnat.bench.run import terminate
+
 REPO = Path(__file__).resolve().parents[2]
 LAB_SH = REPO / "scripts" / "lab.sh"
 
@@ -101,22 +103,6 @@ def wait_tcp_listening(netns: str, port: int, timeout: float = 10.0) -> None:
         if time.monotonic() >= deadline:
             raise TimeoutError(f"nothing listens on tcp port {port} in {netns} after {timeout}s")
         time.sleep(0.05)
-
-
-def terminate(procs: Sequence[subprocess.Popen[Any]], timeout: float) -> None:
-    """Stop processes by pid: SIGTERM to every live one at once (a chat client takes up to
-    0.5 s to notice), then SIGKILL to any still running `timeout` seconds later."""
-    live = [p for p in procs if p.poll() is None]
-    for proc in live:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for proc in live:
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
 
 
 class Lab:
