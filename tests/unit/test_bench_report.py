@@ -473,3 +473,54 @@ def test_charts_draw_all_writes_pngs(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     for name in names:
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_update_readme_replaces_only_the_marked_block(tmp_path: Path) -> None:
+    from lbnat.bench import run
+
+    readme = tmp_path / "README.md"
+    res = results(SUMMARY, [], SCALE_FULL)
+    readme.write_text(f"# top\n\n{run.README_BEGIN}\nold table\n{run.README_END}\n\n## after\n")
+    assert run.update_readme(res, readme)
+    text = readme.read_text()
+    assert "old table" not in text
+    assert text.startswith(f"# top\n\n{run.README_BEGIN}\n{report.readme_block(res)}\n")
+    assert text.endswith(f"{run.README_END}\n\n## after\n")
+    assert run.update_readme(res, readme)  # idempotent: the markers survive
+    assert readme.read_text() == text
+    unmarked = tmp_path / "OTHER.md"
+    unmarked.write_text("# no markers\n")
+    assert not run.update_readme(res, unmarked)
+    assert unmarked.read_text() == "# no markers\n"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--reps", "0"],
+    ["--seconds", "0.5"],
+    ["--paths", "lbnat,f5"],
+    ["--paths", ","],
+    ["--workloads", "bulk_1,ping"],
+    ["--scale-rows", "10k"],
+    ["--scale-rows", "0"],
+])
+def test_bench_arguments_refused_with_a_message(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lbnat.bench import run
+
+    with pytest.raises(SystemExit) as exit_info:
+        run.parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+
+
+def test_bench_arguments() -> None:
+    from lbnat.bench import run
+
+    quick, out, readme = run.parse_args(["--quick", "--out", "/tmp/x"])
+    assert (quick.reps, quick.seconds, quick.scale_rows) == (1, 1.0, [10_000, 100_000])
+    assert (out, readme) == (Path("/tmp/x"), False)
+    full, out, readme = run.parse_args(["--paths", "lbnat,haproxy", "--scale-rows", ""])
+    assert full.paths == ["lbnat", "haproxy"] and full.scale_rows == [] and full.reps == 3
+    assert out == run.DEFAULT_OUT and readme  # only a full run into docs/benchmarks edits README
