@@ -114,13 +114,18 @@ def _iperf_end(text: str) -> Mapping[str, Any]:
     return end
 
 
-def cpu_seconds(stat_line: str) -> float:
-    """utime + stime of one /proc/<pid>/stat line, in clock ticks (divide by SC_CLK_TCK).
+def stat_fields(stat_line: str) -> list[str]:
+    """Fields 3 and on of one /proc/<pid>/stat line (index 0 is field 3, the state).
 
     The command name (field 2) may hold spaces and parentheses; fields are counted from the
     last ')'."""
-    rest = stat_line[stat_line.rindex(")") + 2 :].split()
-    # rest[0] is field 3 (state); utime and stime are fields 14 and 15
+    return stat_line[stat_line.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(stat_line: str) -> float:
+    """utime + stime (fields 14 and 15) of one /proc/<pid>/stat line, in clock ticks (divide
+    by SC_CLK_TCK)."""
+    rest = stat_fields(stat_line)
     return float(int(rest[11]) + int(rest[12]))
 
 

@@ -235,7 +235,7 @@ def process_tree(root: int) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        ppid = int(report.stat_fields(stat)[1])  # field 4
         children.setdefault(ppid, []).append(int(entry))
     tree, todo = [], [root]
     while todo:
