@@ -23,7 +23,18 @@ import click
 from click.core import ParameterSource
 
 from lbnat.backends import Backend
-from lbnat.config import Config, ConfigError, ControlConfig, ServiceConfig, load_config
+from lbnat.config import (
+    IO_KINDS,
+    MAX_WORKERS,
+    RX_RINGS,
+    Config,
+    ConfigError,
+    ControlConfig,
+    ServiceConfig,
+    check_slices,
+    default_workers,
+    load_config,
+)
 from lbnat.control.protocol import encode, sign
 from lbnat.control.server import request_line
 from lbnat.daemon import Daemon, StartError
@@ -121,7 +132,23 @@ GLOBAL_OPTIONS = {  # option -> Config field it overrides when given with --conf
     "log_format": "log_format",
     "log_transitions": "log_transitions",
     "drain_timeout": "drain_timeout",
+    "io": "io",
+    "rx_ring": "rx_ring",
 }
+WORKERS_ENV = "LBNAT_WORKERS"
+
+
+def parse_workers(text: str) -> int:
+    """--workers: a count or "auto" (one per core)."""
+    if text == "auto":
+        return default_workers()
+    try:
+        workers = int(text)
+    except ValueError:
+        fail(f'--workers: {text!r} is not a number of workers or "auto"')
+    if not 1 <= workers <= MAX_WORKERS:
+        fail(f"--workers: {workers} is not between 1 and {MAX_WORKERS}")
+    return workers
 
 
 @main.command()
@@ -237,6 +264,27 @@ GLOBAL_OPTIONS = {  # option -> Config field it overrides when given with --conf
     show_default=True,
     help="Unix socket of lbnat status/sessions/backend/reload ('' to disable).",
 )
+@click.option(
+    "--workers",
+    default="auto",
+    envvar=WORKERS_ENV,
+    show_default=True,
+    help="Data-plane processes sharing the interface (PACKET_FANOUT); auto: one per core.",
+)
+@click.option(
+    "--io",
+    type=click.Choice(IO_KINDS),
+    default="rings",
+    show_default=True,
+    help="rings: mmap'ed TPACKET rings; socket: the simple path, a syscall per packet.",
+)
+@click.option(
+    "--rx-ring",
+    type=click.Choice(RX_RINGS),
+    default="frames",
+    show_default=True,
+    help="Receive ring: frames (per-frame hand-over) or blocks (TPACKET_V3, adds latency).",
+)
 @click.option("--quiet", is_flag=True, help="No per-flow and per-probe lines.")
 @click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
@@ -347,6 +395,9 @@ def build_config(
             admin_socket=options["admin_socket"],
             drain_timeout=options["drain_timeout"],
             services=(ours,),
+            workers=parse_workers(options["workers"]),
+            io=options["io"],
+            rx_ring=options["rx_ring"],
         )
     else:
         services = list(base.services)
@@ -368,6 +419,8 @@ def build_config(
         }
         if "nat_ports" in given:
             changes["nat_ports"] = nat_ports
+        if "workers" in given or os.environ.get(WORKERS_ENV):
+            changes["workers"] = parse_workers(options["workers"])
         timeouts = {
             field: options[option]
             for option, field in (
@@ -388,6 +441,9 @@ def build_config(
         )
     if config.lb_ip is None:
         fail("no SRCIP: give it first on the command line or as lb_ip in the config")
+    problem = check_slices(config.nat_ports, config.workers)
+    if problem:
+        fail(problem)
     for service in config.services:
         if config.nat_ports[0] <= service.service.port <= config.nat_ports[1]:
             fail(
@@ -451,6 +507,7 @@ def lobin_main(argv: Sequence[str] | None = None) -> NoReturn:
         admin_socket=os.environ.get(ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET),
         drain_timeout=300.0,
         services=(ServiceConfig(service, HealthPolicy(), ProbeSettings(), "keep"),),
+        workers=parse_workers(os.environ.get(WORKERS_ENV, "auto")),
     )
     run_daemon(config)
 

@@ -47,13 +47,18 @@ __all__ = [
     "DEFAULT_PORT",
     "DEFAULT_TABLE_CAP",
     "DEFAULT_WINDOW",
+    "IO_KINDS",
     "LOG_FORMATS",
+    "MAX_WORKERS",
     "ON_DEAD",
+    "RX_RINGS",
     "Config",
     "ConfigError",
     "ControlConfig",
     "FileReader",
     "ServiceConfig",
+    "check_slices",
+    "default_workers",
     "load_config",
     "parse_config",
 ]
@@ -64,6 +69,14 @@ DEFAULT_TABLE_CAP: Final = 1_000_000
 DEFAULT_ADMIN_SOCKET: Final = "/run/lbnat/lbnat.sock"
 DEFAULT_DRAIN_TIMEOUT: Final = 300.0
 DEFAULT_WINDOW: Final = 30.0
+IO_KINDS: Final = ("rings", "socket")
+RX_RINGS: Final = ("frames", "blocks")
+MAX_WORKERS: Final = 64
+
+
+def default_workers() -> int:
+    """One worker per core (`workers: "auto"`)."""
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 LOG_FORMATS: Final = ("text", "json")
 ON_DEAD: Final = ("keep", "reset")
 PROTOCOL_NAMES: Final = ("tcp", "udp")
@@ -135,6 +148,9 @@ class Config:
     admin_socket: str = DEFAULT_ADMIN_SOCKET
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     services: tuple[ServiceConfig, ...] = ()
+    workers: int = 1  # data-plane processes; the CLI and the file default to one per core
+    io: str = "rings"  # "rings" (mmap'ed TPACKET rings) or "socket" (a syscall per packet)
+    rx_ring: str = "frames"  # receive ring layout: "frames" (TPACKET_V2) or "blocks" (V3)
 
 
 # --- the keys of each block (docs/config.schema.json describes the same) --------------------
@@ -150,7 +166,9 @@ TOP_KEYS: Final = (
     "admin_socket",
     "drain_timeout",
     "services",
+    "dataplane",
 )
+DATAPLANE_KEYS: Final = ("workers", "io", "rx_ring")
 TIMEOUT_KEYS: Final = tuple(f.name for f in dataclasses.fields(Timeouts))
 LOG_KEYS: Final = ("format", "quiet", "transitions")
 CONTROL_KEYS: Final = ("listen", "secret", "secret_file", "allow", "window")
@@ -258,6 +276,11 @@ def _native(data: dict[str, object], default_port: int, read_file: FileReader) -
         top.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT), "drain_timeout", zero=True
     )
     services = _services(top.get("services", []), "services", default_port, nat_ports)
+    dataplane = _object(top.get("dataplane", {}), "dataplane", DATAPLANE_KEYS)
+    workers = _workers(dataplane.get("workers", "auto"), "dataplane.workers")
+    io = _choice(dataplane.get("io", "rings"), "dataplane.io", IO_KINDS)
+    rx_ring = _choice(dataplane.get("rx_ring", "frames"), "dataplane.rx_ring", RX_RINGS)
+    _check_slices(nat_ports, workers, "dataplane.workers")
     control = None
     if top.get("control") is not None:
         control = _control(top["control"], "control", read_file)
@@ -275,6 +298,9 @@ def _native(data: dict[str, object], default_port: int, read_file: FileReader) -
         admin_socket=admin_socket,
         drain_timeout=drain_timeout,
         services=services,
+        workers=workers,
+        io=io,
+        rx_ring=rx_ring,
     )
 
 
@@ -308,7 +334,7 @@ def _servers_json(data: dict[str, object], default_port: int) -> Config:
         ServiceConfig(Service(proto, proto, default_port, backends=tuple(backends[proto])))
         for proto in present
     )
-    return Config(services=services)
+    return Config(services=services, workers=default_workers())
 
 
 # --- blocks ----------------------------------------------------------------------------------
@@ -487,6 +513,29 @@ def _int(
     if maximum is not None and value > maximum:
         _fail(path, f"{_show(value)} must be at most {maximum}")
     return value
+
+
+def _workers(value: object, path: str) -> int:
+    """A worker count, or "auto": one per core."""
+    if value == "auto":
+        return default_workers()
+    if isinstance(value, str):
+        _fail(path, f'{_show(value)} is not a number of workers or "auto"')
+    return _int(value, path, minimum=1, maximum=MAX_WORKERS)
+
+
+def check_slices(nat_ports: tuple[int, int], workers: int) -> str | None:
+    """Each worker needs NAT ports of its own: the problem, or None."""
+    first, last = nat_ports
+    if (last - first + 1) // workers < 1:
+        return f"nat_ports {first}-{last} has fewer ports than the {workers} workers"
+    return None
+
+
+def _check_slices(nat_ports: tuple[int, int], workers: int, path: str) -> None:
+    problem = check_slices(nat_ports, workers)
+    if problem:
+        _fail(path, problem)
 
 
 def _port(value: object, path: str) -> int:

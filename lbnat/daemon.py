@@ -1,13 +1,17 @@
 """Wiring: the packet loop, the engine, the kernel guard, the backend registry, the health
 thread, the control channel, the admin socket, signals and logs.
 
-Thread model (docs/architecture.md, "Threads and why"):
-- the main thread runs the packet loop and owns the engine and its session table;
+Thread and process model (docs/architecture.md, "Threads, processes and why"):
+- the data plane is one packet loop on the main thread (`--workers 1`) or N worker processes
+  that the main thread supervises (lbnat.dataplane.workers); each loop owns its engine and
+  its slice of the session table;
 - the health thread probes backends; the registration and admin servers answer requests; all
   three change backends only through the registry (one lock) and hand the resulting snapshot to
-  the loop's command queue; questions about the table (status, sessions) run on the loop too;
+  the data plane as a change; questions about the table (status, sessions) are answered by
+  every engine and merged here (lbnat.views);
 - signal handlers only ask: stop (SIGINT, SIGTERM), dump the table (SIGUSR1), reload (SIGHUP);
-  cleanup (nftables table, reserved ports, sockets) runs on the main thread on the way out.
+  cleanup (workers, nftables table, reserved ports, sockets) runs on the main thread on the way
+  out.
 """
 
 from __future__ import annotations
@@ -30,16 +34,29 @@ from lbnat.backends import Backend, BackendKey, Health
 from lbnat.config import Config, ConfigError, ServiceConfig
 from lbnat.control.protocol import Authenticator, Request, ack, nack
 from lbnat.control.server import AdminServer, RegistrationServer, serve_in_thread
+from lbnat.dataplane.fanout import nat_slices
 from lbnat.dataplane.guard import GuardError, KernelGuard
-from lbnat.dataplane.link import Link, LinkError, Neighbours, find_link
-from lbnat.dataplane.loop import PacketLoop
-from lbnat.dataplane.packet_socket import attach_filter, build_filter, open_packet_socket
+from lbnat.dataplane.link import Link, LinkError, find_link
+from lbnat.dataplane.packet_socket import build_filter
+from lbnat.dataplane.rings import RingSpec
+from lbnat.dataplane.workers import (
+    InlinePlane,
+    SharedCursors,
+    WorkerError,
+    WorkerPool,
+    WorkerSetup,
+    build_loop,
+    open_worker_sockets,
+)
 from lbnat.engine import Engine, Event, FlowEnded, FlowOpened, NoBackend
 from lbnat.health import HealthCheck, HealthChecker, make_probe, probe_kind
 from lbnat.health.checker import Report
+from lbnat.nat import ENDED
 from lbnat.registry import Registry, RegistryError
+from lbnat.views import merge_counters
 
 T = TypeVar("T")
+ENDED_NAMES = frozenset(state.name for state in ENDED)
 
 
 class StartError(Exception):
@@ -102,14 +119,13 @@ class Daemon:
         self.lb_ip: str = config.lb_ip
         self.reload_config = reload_config
         self.log = Log(out, config.log_format, config.quiet)
-        self.engine: Engine | None = None
-        self.loop: PacketLoop | None = None
+        self.plane: InlinePlane | WorkerPool | None = None
         self.guard: KernelGuard | None = None
         self.health: HealthChecker | None = None
         self.link: Link | None = None
         self.started = time.monotonic()
-        self._sock: socket.socket | None = None
-        self._neighbours: Neighbours | None = None
+        self._open_flows: list[int] = []  # per worker, from its last FlowEnded
+        self._slots: dict[str, int] = {}  # service -> its round-robin cursor in SharedCursors
         self._servers: list[RegistrationServer | AdminServer] = []
         self._lock = threading.Lock()  # the registry, service configs and probe reports
         self.registry = Registry(drain_timeout=config.drain_timeout)
@@ -121,6 +137,7 @@ class Daemon:
     def _define(self, service: ServiceConfig) -> None:
         name = service.service.name
         self.services[name] = service
+        self._slots.setdefault(name, len(self._slots))
         self.registry.set_service(name, service.service.backends, probed=service.health is not None)
 
     # --- start and stop ----------------------------------------------------------------------
@@ -128,6 +145,7 @@ class Daemon:
     def start(self) -> None:
         """Everything up to the first packet. On any failure, undo what was done."""
         c = self.config
+        rings = RingSpec(rx="blocks" if c.rx_ring == "blocks" else "frames")
         if os.geteuid() != 0:
             raise StartError(
                 "lbnat must run as root (it opens a packet socket and installs nftables rules)"
@@ -147,7 +165,8 @@ class Daemon:
                 replace(s.service, backends=self.registry.snapshot(name))
                 for name, s in self.services.items()
             ]
-            self.engine = Engine(self.lb_ip, specs, c.nat_ports, c.timeouts, c.table_cap)
+            engine = Engine(self.lb_ip, specs, c.nat_ports, c.timeouts, c.table_cap)
+            slices = nat_slices(c.nat_ports, c.workers)
             checks = {
                 name: check for name, s in self.services.items() if (check := health_check(s))
             }
@@ -156,21 +175,73 @@ class Daemon:
         self.guard = self._guard()
         try:
             self.guard.install()
-            self._sock = open_packet_socket(self.link.interface, self._filter())
-            self._neighbours = Neighbours(self.link)
+            socks = open_worker_sockets(
+                self.link, self._filter(), c.nat_ports, c.workers, c.io, rings
+            )
+            self._open_flows = [0] * c.workers
+            if c.workers == 1:
+                try:
+                    loop = build_loop(engine, socks[0], self.link, c.io, rings, self._inline_events)
+                except BaseException:
+                    socks[0].close()
+                    raise
+                self.plane = InlinePlane(loop, socks[0])
+            else:
+                self.plane = WorkerPool(
+                    socks,
+                    lambda index: self._setup(index, slices[index]),
+                    self._on_events,
+                    self.log,
+                    SharedCursors(),
+                )
+                self.plane.start()
             self._start_servers()
-        except (GuardError, OSError) as error:
+        except (GuardError, OSError, WorkerError) as error:
             self.close()
             raise StartError(str(error)) from None
-        self.loop = PacketLoop(
-            self.engine, self._sock, self._neighbours, self._on_events, on_tick=self._maintain
+        self.log(
+            f"srcIP : {self.lb_ip}",
+            "start",
+            interface=self.link.interface,
+            workers=c.workers,
+            io=c.io if c.io == "socket" else f"rings ({c.rx_ring})",
         )
-        self.log(f"srcIP : {self.lb_ip}", "start", interface=self.link.interface)
+        if c.workers > 1 or c.io != "rings":
+            self.log(
+                f"data plane : {c.workers} worker{'s' if c.workers > 1 else ''}, "
+                f"{'mmap rings' if c.io == 'rings' else 'one syscall per packet'}",
+                "dataplane",
+                verbose=True,
+            )
         for name, service in self.services.items():
             for b in service.service.backends:
                 self.log(f"server {name} : {b.ip}:{b.port}", "backend", verbose=True, service=name)
         self.health = HealthChecker(checks, self.current_backends, self._publish, self._report)
         self.health.start()
+
+    def _setup(self, index: int, nat_ports: tuple[int, int]) -> WorkerSetup:
+        """What worker `index` starts with (also when it is restarted: the backends as now)."""
+        c = self.config
+        assert self.link is not None
+        with self._lock:
+            specs = tuple(
+                replace(s.service, backends=self.registry.snapshot(name))
+                for name, s in self.services.items()
+            )
+            slots = dict(self._slots)
+        return WorkerSetup(
+            index=index,
+            lb_ip=self.lb_ip,
+            link=self.link,
+            specs=specs,
+            nat_ports=nat_ports,
+            timeouts=c.timeouts,
+            table_cap=max(1, c.table_cap // c.workers),
+            io=c.io,
+            rings=RingSpec(rx="blocks" if c.rx_ring == "blocks" else "frames"),
+            flow_events=not c.quiet,
+            cursor_slots=slots,
+        )
 
     def _ports(self, proto: str) -> list[int]:
         return [s.service.port for s in self.services.values() if s.service.proto == proto]
@@ -206,7 +277,7 @@ class Daemon:
     def run(self) -> int:
         """Start, forward until SIGINT/SIGTERM, clean up. Returns the exit code."""
         self.start()
-        assert self.loop is not None
+        assert self.plane is not None
         handlers: dict[signal.Signals, Callable[[int, FrameType | None], None]] = {
             signal.SIGINT: self._on_stop_signal,
             signal.SIGTERM: self._on_stop_signal,
@@ -215,7 +286,7 @@ class Daemon:
         }
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:
-            self.loop.run()
+            self.plane.run(self._maintain)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -224,12 +295,11 @@ class Daemon:
         return 0
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.loop is not None:
-            self.loop.stop()
+        if self.plane is not None:
+            self.plane.stop()
 
     def _on_dump_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.loop is not None:
-            self.loop.submit(self.dump_table)
+        threading.Thread(target=self.dump_table, name="lbnat-dump", daemon=True).start()
 
     def _on_reload_signal(self, signum: int, frame: FrameType | None) -> None:
         threading.Thread(target=self.reload, name="lbnat-reload", daemon=True).start()
@@ -242,57 +312,50 @@ class Daemon:
         if self.health is not None:
             self.health.stop()
             self.health = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        if self._neighbours is not None:
-            self._neighbours.close()
-            self._neighbours = None
+        if self.plane is not None:
+            self.plane.close()
+            self.plane = None
         if self.guard is not None:
             self.guard.remove()
             self.guard = None
 
-    # --- the loop's thread -------------------------------------------------------------------
+    # --- the data plane ------------------------------------------------------------------------
 
-    def on_loop(self, question: Callable[[Engine], T], timeout: float = 5.0) -> T:
-        """Run `question` on the packet loop's thread (it owns the engine) and wait for it."""
-        loop = self.loop
-        if loop is None:
+    def ask(self, question: tuple[Any, ...], timeout: float = 5.0) -> list[Any]:
+        """Every engine's answer to `question` (lbnat.views.answer), one per live worker."""
+        plane = self.plane
+        if plane is None:
             raise RuntimeError("lbnat is not running")
-        done = threading.Event()
-        box: list[Any] = []
-
-        def command(engine: Engine) -> None:
-            try:
-                box.append((True, question(engine)))
-            except Exception as error:  # handed to the asking thread
-                box.append((False, error))
-            finally:
-                done.set()
-
-        loop.submit(command)
-        if not done.wait(timeout):
-            raise TimeoutError("the packet loop did not answer in time")
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value  # type: ignore[no-any-return]
+        return plane.ask(question, timeout)
 
     def _push(self, service: str) -> None:
-        """Hand the service's current snapshot to the loop. Called with the lock held, so
-        snapshots reach the loop in the order they were made."""
+        """Hand the service's current snapshot to the data plane. Called with the lock held,
+        so snapshots reach every worker in the order they were made."""
         snapshot = self.registry.snapshot(service)
-        if self.loop is not None:
-            self.loop.submit(lambda engine: engine.set_backends(service, snapshot))
+        if self.plane is not None:
+            self.plane.change(("backends", service, snapshot))
 
-    def _maintain(self, engine: Engine, now: float) -> None:
-        """Every tick, on the loop: remove drained backends whose last flow has ended."""
+    def _maintain(self, now: float) -> None:
+        """Upkeep between batches (one worker) or by the supervisor (N workers): remove drained
+        backends whose last flow has ended in every worker."""
         with self._lock:
             if not self.registry.any_draining:
                 return
-            removed = self.registry.sweep(now, engine.active_flows)
+            keys = tuple(
+                (name, entry.backend.key)
+                for name in self.registry.services()
+                for entry in self.registry.entries(name)
+                if entry.draining
+            )
+        try:
+            counts = merge_counters([{"active": answer} for answer in self.ask(("active", keys))])
+        except (TimeoutError, RuntimeError):
+            return  # asked again at the next upkeep
+        active = counts.get("active", {})
+        with self._lock:
+            removed = self.registry.sweep(now, lambda name, key: active.get((name, key), 0))
             for service in {name for name, _ in removed}:
-                engine.set_backends(service, self.registry.snapshot(service))
+                self._push(service)
         for service, entry in removed:
             b = entry.backend
             self.log(
@@ -340,17 +403,9 @@ class Daemon:
         )
 
     def _submit_reset(self, service: str, backend: BackendKey) -> None:
-        """--on-dead reset: on the loop's thread, end the dead backend's flows with RSTs."""
-        loop = self.loop
-        if loop is None:
-            return
-
-        def reset(engine: Engine) -> None:
-            now = time.monotonic()
-            for packet, destination in engine.reset_flows(service, backend, now):
-                loop.send_packet(packet, destination, now)
-
-        loop.submit(reset)
+        """--on-dead reset: every worker ends the dead backend's flows it owns with RSTs."""
+        if self.plane is not None:
+            self.plane.change(("reset", service, backend))
 
     # --- requests from the control channel and the admin socket ------------------------------
 
@@ -374,9 +429,9 @@ class Daemon:
             ):
                 return self._change_backend(request, peer)
             if request.op == "status":
-                return ack(op="status", **self.on_loop(self.status))
+                return ack(op="status", **self.status())
             if request.op == "sessions":
-                return ack(op="sessions", sessions=self.on_loop(self.sessions))
+                return ack(op="sessions", sessions=self.sessions())
             if request.op == "reload":
                 error = self.reload()
                 return nack(error) if error else ack(op="reload")
@@ -415,17 +470,20 @@ class Daemon:
             op=request.op, service=service, backend=f"{request.ip}:{request.port}", state=state
         )
 
-    def status(self, engine: Engine) -> dict[str, object]:
-        """Services, backends with state and counters. Runs on the loop's thread."""
+    def status(self) -> dict[str, object]:
+        """Services, backends with state, and counters summed over every worker."""
+        assert self.plane is not None
+        counters = merge_counters(self.ask(("counters",)))
         now = time.monotonic()
         services = []
         with self._lock:
             for name, config in self.services.items():
-                state = engine.services[name]
+                counted = counters["services"].get(name, {})
+                per_backend = counted.get("backends", {})
                 backends = []
                 for entry in self.registry.entries(name):
                     b = entry.backend
-                    pool = engine.pool_of(name, b.key)
+                    count = per_backend.get(b.key, {})
                     detail, at = self._last_probe.get((name, b.key), ("", now))
                     backends.append(
                         {
@@ -436,10 +494,10 @@ class Daemon:
                             "health": entry.health.value,
                             "draining": entry.draining,
                             "origin": entry.origin,
-                            "active": engine.active_flows(name, b.key),
-                            "flows": 0 if pool is None else pool.flows,
-                            "packets": 0 if pool is None else pool.packets,
-                            "bytes": 0 if pool is None else pool.bytes,
+                            "active": count.get("active", 0),
+                            "flows": count.get("flows", 0),
+                            "packets": count.get("packets", 0),
+                            "bytes": count.get("bytes", 0),
                             "last_probe": detail,
                             "last_probe_age": round(now - at, 1) if detail else None,
                         }
@@ -449,56 +507,51 @@ class Daemon:
                         "name": name,
                         "proto": config.service.proto,
                         "port": config.service.port,
-                        "scheduler": state.spec.scheduler,
+                        "scheduler": config.service.scheduler,
                         "health_check": probe_kind(config.probe, config.service.proto)
                         if config.health
                         else "off",
-                        "flows": state.flows,
-                        "packets": state.packets,
-                        "bytes": state.bytes,
-                        "drops": {reason.label: n for reason, n in state.drops.items()},
+                        "flows": counted.get("flows", 0),
+                        "packets": counted.get("packets", 0),
+                        "bytes": counted.get("bytes", 0),
+                        "drops": counted.get("drops", {}),
                         "backends": backends,
                     }
                 )
+        c = self.config
         return {
             "lb_ip": self.lb_ip,
             "uptime": round(now - self.started, 1),
-            "rows": len(engine.table),
-            "open_flows": engine.open_flows,
-            "drops": {reason.label: n for reason, n in engine.drops.items()},
+            "workers": self.plane.info(),
+            "io": c.io if c.io == "socket" else f"rings ({c.rx_ring})",
+            "rows": counters["rows"],
+            "open_flows": counters["open_flows"],
+            "drops": counters["drops"],
             "services": services,
         }
 
-    @staticmethod
-    def sessions(engine: Engine) -> list[dict[str, object]]:
-        now = time.monotonic()
-        rows = []
-        for row in engine.table:
-            ip, port = row.client
-            backend = row.backend
-            rows.append(
-                {
-                    "service": row.service.name,
-                    "proto": row.service.spec.proto,
-                    "client": f"{ip}:{port}",
-                    "backend": f"{backend.ip}:{backend.port}",
-                    "nat_port": row.nat_port,
-                    "state": row.state.name,
-                    "age": round(max(0.0, now - row.created), 0),
-                }
-            )
+    def sessions(self) -> list[dict[str, object]]:
+        """Every worker's rows, each marked with its worker."""
+        rows: list[dict[str, object]] = []
+        for worker, answer in enumerate(self.ask(("sessions",))):
+            rows.extend({**row, "worker": worker} for row in answer)
         return rows
 
-    def dump_table(self, engine: Engine) -> None:
-        """`kill -USR1`: the NAT table into the log (runs on the packet loop's thread)."""
-        table = engine.table
+    def dump_table(self) -> None:
+        """`kill -USR1`: the NAT table into the log (on a thread of its own)."""
+        try:
+            rows = self.sessions()
+        except (TimeoutError, RuntimeError) as error:
+            self.log(f"NAT table : not available ({error})", "table_error", error=str(error))
+            return
+        open_rows = sum(1 for row in rows if row["state"] not in ENDED_NAMES)
         self.log(
-            f"NAT table : {len(table)} rows, {table.open_flows} open",
+            f"NAT table : {len(rows)} rows, {open_rows} open",
             "table",
-            rows=len(table),
-            open=table.open_flows,
+            rows=len(rows),
+            open=open_rows,
         )
-        for row in self.sessions(engine):
+        for row in rows:
             self.log(
                 f"  {row['proto']} client {row['client']} <-> server {row['backend']} "
                 f"NAT port {row['nat_port']} {row['state']} age {row['age']:.1f}s",
@@ -568,19 +621,14 @@ class Daemon:
             ]
         added_names = {s.service.name for s in added}
 
-        def apply(engine: Engine) -> None:
-            for spec in specs:
-                if spec.name in added_names:
-                    engine.add_service(spec)
-                else:
-                    engine.reconfigure_service(spec)
-                    engine.set_backends(spec.name, spec.backends)
-
-        self.on_loop(apply)
-        if added and self.guard is not None and self._sock is not None:
+        assert self.plane is not None
+        with self._lock:
+            slots = dict(self._slots)
+        self.plane.change(("services", tuple(specs), added_names, slots))
+        if added and self.guard is not None:
             self.guard.tcp_ports, self.guard.udp_ports = self._ports("tcp"), self._ports("udp")
             self.guard.update()
-            attach_filter(self._sock, self._filter())
+            self.plane.set_filter(self._filter())
         if self.health is not None:
             self.health.set_checks({name: check for name, check in checks.items() if check})
         self.config = replace(
@@ -596,9 +644,15 @@ class Daemon:
 
     # --- events from the packet loop ---------------------------------------------------------
 
-    def _on_events(self, events: list[Event]) -> None:
+    def _inline_events(self, events: list[Event]) -> None:
+        self._on_events(0, events)
+
+    def _on_events(self, worker: int, events: list[Event]) -> None:
+        """Events from worker `worker` (on its reader thread, or on the loop with one worker)."""
         for event in events:
             if isinstance(event, FlowEnded):
+                self._open_flows[worker] = event.open_flows
+                total = sum(self._open_flows)
                 ip, port = event.client
                 self.log(
                     f"\nclient <{ip},{port}> terminated ",
@@ -609,12 +663,13 @@ class Daemon:
                     reason=event.reason.value,
                 )
                 self.log(
-                    f"Current NAT table length : {event.open_flows}",
+                    f"Current NAT table length : {total}",
                     "table_length",
                     verbose=True,
-                    length=event.open_flows,
+                    length=total,
                 )
             elif isinstance(event, FlowOpened):
+                self._open_flows[worker] = event.open_flows
                 ip, port = event.client
                 self.log(
                     f"new client <{ip},{port}> -> server {event.backend[0]}:{event.backend[1]} "

@@ -24,6 +24,7 @@ class DropReason(enum.IntEnum):
     TABLE_FULL = 24
     NO_NEXT_HOP = 25  # data plane: the next hop's MAC is not known yet
     SEND_FAILED = 26  # data plane: the kernel refused the frame
+    RING_TRUNCATED = 27  # data plane: too big for a ring slot and no whole copy was queued
 
     @property
     def label(self) -> str:

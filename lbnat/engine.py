@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +53,7 @@ from lbnat.packet import (
     tcp_segment,
     tcp_window_scale,
 )
-from lbnat.scheduler import make_scheduler
+from lbnat.scheduler import Scheduler, SharedCursor, make_scheduler
 from lbnat.service import Service, ServiceState
 
 FORWARD = 1
@@ -68,6 +68,8 @@ _REFUSAL_DROPS = {
     Refusal.TABLE_FULL: DropReason.TABLE_FULL,
 }
 
+
+SHARES_TURNS = ("rr", "lc")  # schedulers whose rotation workers can share (see _Rotation)
 
 _ADDRESS = struct.Struct("!I")
 _PORT_PAIR = struct.Struct("!HH")
@@ -87,6 +89,7 @@ class FlowOpened:
     client: tuple[str, int]
     backend: BackendKey
     nat_port: int
+    open_flows: int = 0  # open flows of this engine with this one
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +140,11 @@ class Engine:
         nat_ports: tuple[int, int] = (61000, 65535),
         timeouts: Timeouts | None = None,
         table_cap: int = 1_000_000,
+        cursors: Callable[[str], SharedCursor | None] | None = None,
     ) -> None:
         self.lb_ip = ip_int(lb_ip)
+        # Workers share round-robin turns through a cursor per service (lbnat.dataplane.workers).
+        self._cursors = cursors
         self.table = SessionTable(self.lb_ip, nat_ports, timeouts, table_cap)
         self.nat_first, self.nat_last = self.table.port_range
         self.services: dict[str, ServiceState] = {}
@@ -162,12 +168,18 @@ class Engine:
         key = (spec.proto_number << 16) | spec.port
         if key in self._by_port:
             raise ValueError(f"service {spec.name}: {spec.proto} port {spec.port} is already used")
-        service = ServiceState(spec, make_scheduler(spec.scheduler))
+        service = ServiceState(spec, self._scheduler(spec))
         self.services[spec.name] = service
         self._by_port[key] = service
         if spec.affinity_timeout:
             self._affinity[spec.name] = Affinity(spec.affinity_timeout)
         return service
+
+    def _scheduler(self, spec: Service) -> Scheduler:
+        cursor = self._cursors(spec.name) if self._cursors is not None else None
+        if cursor is not None and spec.scheduler in SHARES_TURNS:
+            return make_scheduler(spec.scheduler, cursor=cursor)
+        return make_scheduler(spec.scheduler)
 
     def set_backends(self, service: str, backends: Sequence[Backend]) -> None:
         """Publish a new snapshot of a service's backends (health, weights, draining)."""
@@ -184,7 +196,7 @@ class Engine:
         if (spec.proto_number, spec.port) != (state.proto, state.port):
             raise ValueError(f"service {spec.name}: its protocol and port cannot change live")
         if spec.scheduler != state.spec.scheduler:
-            state.scheduler = make_scheduler(spec.scheduler)
+            state.scheduler = self._scheduler(spec)
             state.scheduler.update(state.backends)
         if spec.affinity_timeout:
             current = self._affinity.get(spec.name)
@@ -384,7 +396,11 @@ class Engine:
         if affinity is not None:
             affinity.remember(service.port, client_ip, backend.key, now)
         service.flows += 1
-        self.events.append(FlowOpened(service.name, opened.client, backend.key, opened.nat_port))
+        self.events.append(
+            FlowOpened(
+                service.name, opened.client, backend.key, opened.nat_port, self.table.open_flows
+            )
+        )
         return opened
 
     def _drop(self, reason: DropReason) -> Action:

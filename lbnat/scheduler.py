@@ -27,7 +27,9 @@ __all__ = [
     "Maglev",
     "RoundRobin",
     "Scheduler",
+    "SharedCursor",
     "WeightedRoundRobin",
+    "backend_code",
     "make_scheduler",
 ]
 
@@ -49,22 +51,43 @@ class Scheduler(Protocol):
         ...
 
 
+class SharedCursor(Protocol):
+    """One word that several workers' rotations share (lbnat.dataplane.workers maps it)."""
+
+    def load(self) -> int: ...
+
+    def store(self, value: int) -> None: ...
+
+
+def backend_code(backend: Backend) -> int:
+    """A backend as one non-zero integer, for a SharedCursor (0 means nothing picked yet)."""
+    return ((backend.ip_int << 16) | backend.port) + 1
+
+
 class _Rotation:
     """A round-robin cursor that survives snapshot changes.
 
     The cursor is anchored to the last picked backend's KEY, not to an index: a new snapshot may
     insert or remove backends, and an index would then point at a different backend and make the
     rotation jump (or give one backend two turns in a row).
+
+    With a SharedCursor, workers that each own a rotation over the same backends take turns in
+    one rotation: the last pick (as `backend_code`) is published, and a rotation that sees a
+    newer one re-anchors there before it scans. No lock: two workers picking at the same instant
+    may both take the same backend, which moves the balance by one flow, never a flow's path.
     """
 
-    __slots__ = ("_backends", "_last_key", "_next")
+    __slots__ = ("_backends", "_codes", "_cursor", "_last_key", "_next", "_seen")
 
-    def __init__(self) -> None:
+    def __init__(self, cursor: SharedCursor | None = None) -> None:
         self._backends: tuple[Backend, ...] = ()
         # Where the next scan starts. When _last_key is in the snapshot, _next is the slot after
         # it; otherwise (nothing picked yet, or the last pick was removed) _next is the anchor.
         self._next = 0
         self._last_key: BackendKey | None = None
+        self._cursor = cursor
+        self._seen = 0  # the shared code this rotation last read or wrote
+        self._codes: dict[int, int] = {}  # backend_code -> index in the snapshot
 
     @property
     def backends(self) -> tuple[Backend, ...]:
@@ -74,6 +97,8 @@ class _Rotation:
         old = self._backends
         new = tuple(backends)
         self._backends = new
+        if self._cursor is not None:
+            self._codes = {backend_code(b): i for i, b in enumerate(new)}
         if not new:
             # Keep the anchor: when backends come back, the rotation goes on after the last
             # one picked instead of giving it a second turn in a row.
@@ -97,6 +122,14 @@ class _Rotation:
 
     def order(self) -> list[int]:
         """Indices of the snapshot in scan order, starting after the last pick."""
+        if self._cursor is not None:
+            shared = self._cursor.load()
+            if shared != self._seen:
+                self._seen = shared
+                index = self._codes.get(shared)
+                if index is not None:  # another worker picked last: go on after its pick
+                    self._last_key = self._backends[index].key
+                    self._next = (index + 1) % len(self._backends)
         count = len(self._backends)
         start = self._next % count if count else 0
         return [*range(start, count), *range(start)]
@@ -105,6 +138,9 @@ class _Rotation:
         backend = self._backends[index]
         self._last_key = backend.key
         self._next = (index + 1) % len(self._backends)
+        if self._cursor is not None:
+            self._seen = backend_code(backend)
+            self._cursor.store(self._seen)
         return backend
 
 
@@ -113,8 +149,8 @@ class RoundRobin:
 
     name = "rr"
 
-    def __init__(self) -> None:
-        self._rotation = _Rotation()
+    def __init__(self, cursor: SharedCursor | None = None) -> None:
+        self._rotation = _Rotation(cursor)
 
     def update(self, backends: Sequence[Backend]) -> None:
         self._rotation.update(backends)
@@ -171,8 +207,8 @@ class LeastConnections:
 
     name = "lc"
 
-    def __init__(self) -> None:
-        self._rotation = _Rotation()
+    def __init__(self, cursor: SharedCursor | None = None) -> None:
+        self._rotation = _Rotation(cursor)
 
     def update(self, backends: Sequence[Backend]) -> None:
         self._rotation.update(backends)

@@ -1,15 +1,22 @@
-"""The packet loop: frames from the packet socket through the engine and back out.
+"""The packet loops: frames from the packet socket through the engine and back out.
 
-One thread runs `PacketLoop.run` and owns the engine (and so the session table): no lock is
-taken per packet. Other threads talk to it only through `submit(command)`: a callable that the
-loop runs on the engine between batches (new backend snapshots from the health checker, admin
-requests). Frames are read into one reusable buffer and, when forwarded, sent from that same
-buffer: the engine rewrote the headers in place, the loop writes the Ethernet header.
+One thread runs `run()` and owns the engine (and so the session table): no lock is taken per
+packet. Other threads talk to it only through `submit(command)`: a callable that the loop runs on
+the engine between batches (new backend snapshots, admin requests). A worker process adds its
+control connection with `watch()`: the loop calls back when that descriptor is readable.
+
+Two ways to move frames, the same engine in between:
+- `PacketLoop` (`--io socket`, the simple path): one `recv_into` and one `send` per frame, from
+  one reusable buffer that the engine rewrites in place.
+- `RingLoop` (`--io rings`, the default): the mmap'ed TPACKET rings of lbnat.dataplane.rings.
+  The engine rewrites each frame where the kernel put it in the receive ring, the loop copies it
+  into the transmit ring, and one `send()` per batch transmits them all.
 """
 
 from __future__ import annotations
 
 import errno
+import mmap
 import queue
 import select
 import socket
@@ -19,6 +26,18 @@ from collections.abc import Callable
 
 from lbnat.dataplane.link import Neighbours
 from lbnat.dataplane.packet_socket import IP_OFFSET, NO_VNET_HDR, RECV_BUFFER, VNET_F_NEEDS_CSUM
+from lbnat.dataplane.rings import (
+    BLOCK_HEADER,
+    TP_STATUS_COPY,
+    TP_STATUS_USER,
+    V2_HEADER,
+    V3_HEADER,
+    ZERO_STATUS,
+    RingSpec,
+    RxBlocks,
+    RxFrames,
+    TxRing,
+)
 from lbnat.drops import DropReason
 from lbnat.engine import DROP, FORWARD, Engine, Event
 
@@ -28,6 +47,7 @@ BATCH = 256  # frames handled before the loop looks at timers, commands and even
 TICK_EVERY = 0.1  # seconds between expiry sweeps
 NEIGHBOUR_REFRESH = 2.0  # seconds between re-reads of the kernel's neighbour table
 PENDING_POLL = 0.005  # seconds between neighbour checks while frames wait for a MAC
+ETH_END = 24  # vnet header (10) + Ethernet header (14): where the IPv4 header starts
 
 
 class PacketLoop:
@@ -50,26 +70,26 @@ class PacketLoop:
         self.stopping = threading.Event()
         self.sent = 0
         self.send_errors = 0
+        self._watched: dict[int, Callable[[], None]] = {}
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
 
     def submit(self, command: Command) -> None:
         """Run `command(engine)` on the loop's thread, between batches. Thread-safe."""
         self.commands.put(command)
+
+    def watch(self, fd: int, on_readable: Callable[[], None]) -> None:
+        """Call `on_readable()` on the loop's thread whenever `fd` is readable."""
+        self._watched[fd] = on_readable
 
     def stop(self) -> None:
         self.stopping.set()
 
     def run(self) -> None:
         engine = self.engine
-        handle = engine.handle
-        recv_into = self.sock.recv_into
-        send = self.sock.send
-        headers = self.neighbours.headers
-        header_for = self.neighbours.header_for
         clock = self.clock
-        buf = bytearray(RECV_BUFFER)
-        view = memoryview(buf)
-        dontwait = socket.MSG_DONTWAIT
-        start = IP_OFFSET
+        fds = [self.sock.fileno(), *self._watched]
+        packet_fd = fds[0]
         now = clock()
         next_tick = now + TICK_EVERY
         next_refresh = now + NEIGHBOUR_REFRESH
@@ -77,40 +97,21 @@ class PacketLoop:
         while not self.stopping.is_set():
             timeout = PENDING_POLL if self.neighbours.pending else TICK_EVERY
             try:
-                readable, _, _ = select.select([self.sock], [], [], timeout)
+                readable, _, _ = select.select(fds, [], [], timeout)
             except InterruptedError:
                 readable = []
-            if readable:
-                # One clock read per batch: rows touched in a batch share one float object as
-                # their last-seen time (memory per row), and a batch lasts well under 1 ms.
-                now = clock()
-                for _ in range(BATCH):
-                    try:
-                        n = recv_into(buf, 0, dontwait)
-                    except BlockingIOError:
-                        break
-                    except InterruptedError:
-                        continue
-                    action = handle(buf, start, n, bool(buf[0] & VNET_F_NEEDS_CSUM), now)
-                    verb = action[0]
-                    if verb == DROP:
-                        continue
-                    if verb == FORWARD:
-                        header = headers.get(action[1])
-                        if header is None:
-                            header = header_for(action[1])
-                        if header is None:
-                            self._hold(action[1], bytes(view[:n]), now)
-                            continue
-                        buf[10:24] = header
-                        self._send(send, view[:n])
-                    else:  # REPLY: a packet the engine made (a RST)
-                        self.send_packet(action[1], action[2], now)
+            for fd in readable:
+                if fd == packet_fd:
+                    # One clock read per batch: rows touched in a batch share one float object
+                    # as their last-seen time (memory per row); a batch lasts well under 1 ms.
+                    self._receive(clock(), True)
+                else:
+                    self._watched[fd]()
             now = clock()
             if self.neighbours.pending:
                 ready, given_up = self.neighbours.release(now)
                 for header, frame in ready:
-                    self._send(send, frame[:10] + header + frame[24:])
+                    self._send(frame[:10] + header + frame[24:])
                 for _ in range(given_up):
                     engine.count_drop(DropReason.NO_NEXT_HOP)
             if now >= next_refresh:
@@ -125,21 +126,53 @@ class PacketLoop:
             if engine.events:
                 self.on_events(engine.take_events())
 
+    def _receive(self, now: float, readable: bool) -> None:
+        """Up to BATCH frames from the socket, one recv and one send each."""
+        handle = self.engine.handle
+        recv_into = self.sock.recv_into
+        headers = self.neighbours.headers
+        buf, view = self._buf, self._view
+        dontwait = socket.MSG_DONTWAIT
+        start = IP_OFFSET
+        for _ in range(BATCH):
+            try:
+                n = recv_into(buf, 0, dontwait)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            action = handle(buf, start, n, bool(buf[0] & VNET_F_NEEDS_CSUM), now)
+            verb = action[0]
+            if verb == DROP:
+                continue
+            if verb == FORWARD:
+                header = headers.get(action[1])
+                if header is None:
+                    header = self.neighbours.header_for(action[1])
+                    if header is None:
+                        self._hold(action[1], bytes(view[:n]), now)
+                        continue
+                buf[10:24] = header
+                self._send(view[:n])
+            else:  # REPLY: a packet the engine made (a RST)
+                self.send_packet(action[1], action[2], now)
+
     def send_packet(self, packet: bytes, destination: int, now: float) -> None:
         """Send an IPv4 packet lbnat made itself (complete checksums, no GSO)."""
         header = self.neighbours.header_for(destination)
         if header is None:
             self._hold(destination, NO_VNET_HDR + bytes(14) + packet, now)
         else:
-            self._send(self.sock.send, NO_VNET_HDR + header + packet)
+            self._send(NO_VNET_HDR + header + packet)
 
     def _hold(self, destination: int, frame: bytes, now: float) -> None:
         if not self.neighbours.hold(destination, frame, now):
             self.engine.count_drop(DropReason.NO_NEXT_HOP)
 
-    def _send(self, send: Callable[[memoryview | bytes], int], frame: memoryview | bytes) -> None:
+    def _send(self, frame: memoryview | bytes) -> None:
+        """One frame, one syscall, on the receive socket."""
         try:
-            send(frame)
+            self.sock.send(frame)
             self.sent += 1
         except OSError as error:
             # ENOBUFS/EAGAIN: the device queue is full; the sender will retransmit.
@@ -155,3 +188,146 @@ class PacketLoop:
             except queue.Empty:
                 return
             command(self.engine)
+
+    def close(self) -> None:
+        """Release what the loop mapped or opened itself (not the receive socket)."""
+
+
+class RingLoop(PacketLoop):
+    """The same loop over mmap'ed rings: `sock` already carries the receive ring (set up before
+    it was bound, lbnat.dataplane.rings.setup_rx_ring); the transmit ring is opened here."""
+
+    MAX_BLOCKS = 8  # blocks handled per wake-up before timers get a turn
+
+    def __init__(
+        self,
+        engine: Engine,
+        sock: socket.socket,
+        neighbours: Neighbours,
+        on_events: Callable[[list[Event]], None],
+        spec: RingSpec,
+        clock: Callable[[], float] = time.monotonic,
+        on_tick: Callable[[Engine, float], None] | None = None,
+    ) -> None:
+        super().__init__(engine, sock, neighbours, on_events, clock, on_tick)
+        self.spec = spec
+        self.rx: RxFrames | RxBlocks = (
+            RxBlocks(sock, spec) if spec.rx == "blocks" else RxFrames(sock, spec)
+        )
+        try:
+            self.tx = TxRing(neighbours.link.interface, spec)
+        except BaseException:
+            self.rx.close()
+            raise
+
+    def _receive(self, now: float, readable: bool) -> None:
+        if self.spec.rx == "blocks":
+            handled = self._receive_blocks(now)
+        else:
+            handled = self._receive_frames(now)
+        self.sent += self.tx.flush()
+        if not handled and readable and not self.rx.resync():
+            self._drain_socket()
+
+    def _receive_frames(self, now: float) -> int:
+        rx = self.rx
+        assert isinstance(rx, RxFrames)
+        m, view, size, count = rx.map, rx.view, rx.frame_size, rx.count
+        index = rx.index
+        forward = self._forward
+        unpack = V2_HEADER.unpack_from
+        handled = 0
+        for _ in range(BATCH):
+            at = index * size
+            status = m[at]
+            if not status & TP_STATUS_USER:
+                break
+            _, length, snap, mac = unpack(m, at)
+            if status & TP_STATUS_COPY:
+                self._receive_copy(now)
+            elif snap < length:
+                self.engine.count_drop(DropReason.RING_TRUNCATED)
+            else:
+                base = at + mac - 10
+                forward(m, view, base, base + 10 + snap, now)
+            m[at : at + 4] = ZERO_STATUS  # the slot is the kernel's again
+            index = 0 if index + 1 == count else index + 1
+            handled += 1
+        rx.index = index
+        return handled
+
+    def _receive_blocks(self, now: float) -> int:
+        rx = self.rx
+        assert isinstance(rx, RxBlocks)
+        m, view, size, count = rx.map, rx.view, rx.block_size, rx.count
+        forward = self._forward
+        unpack = V3_HEADER.unpack_from
+        handled = 0
+        for _ in range(self.MAX_BLOCKS):
+            block = rx.index * size
+            header = BLOCK_HEADER.unpack_from(m, block)
+            if not header[2] & TP_STATUS_USER:
+                break
+            at = block + header[4]
+            for _ in range(header[3]):
+                next_offset, snap, length, _, mac = unpack(m, at)
+                if snap < length:
+                    self.engine.count_drop(DropReason.RING_TRUNCATED)
+                else:
+                    base = at + mac - 10
+                    forward(m, view, base, base + 10 + snap, now)
+                at += next_offset
+            handled += header[3]
+            m[block + 8 : block + 12] = ZERO_STATUS
+            rx.index = 0 if rx.index + 1 == count else rx.index + 1
+        return handled
+
+    def _forward(
+        self, m: bytearray | mmap.mmap, view: memoryview, base: int, end: int, now: float
+    ) -> None:
+        """One frame at m[base:end] (virtio_net_hdr first): through the engine and out."""
+        action = self.engine.handle(m, base + ETH_END, end, bool(m[base] & 1), now)  # type: ignore[arg-type]
+        verb = action[0]
+        if verb == DROP:
+            return
+        if verb == FORWARD:
+            header = self.neighbours.headers.get(action[1])
+            if header is None:
+                header = self.neighbours.header_for(action[1])
+                if header is None:
+                    self._hold(action[1], bytes(view[base:end]), now)
+                    return
+            m[base + 10 : base + ETH_END] = header
+            frame = view[base:end]
+            if not self.tx.put(frame):
+                self.sent += self.tx.flush()  # what is queued leaves first: frames keep order
+                self._send(frame)
+        else:
+            self.send_packet(action[1], action[2], now)
+
+    def _receive_copy(self, now: float) -> None:
+        """A frame too big for a slot (a GSO super-packet): the whole of it is on the socket."""
+        try:
+            n = self.sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            self.engine.count_drop(DropReason.RING_TRUNCATED)
+            return
+        self._forward(self._buf, self._view, 0, n, now)
+
+    def _drain_socket(self) -> None:
+        """The socket said readable and the ring holds nothing: whole frames left on the socket
+        whose slots are gone (lost while a worker restarted). Drop and count them."""
+        while True:
+            try:
+                self.sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            self.engine.count_drop(DropReason.RING_TRUNCATED)
+
+    def send_packet(self, packet: bytes, destination: int, now: float) -> None:
+        self.sent += self.tx.flush()
+        super().send_packet(packet, destination, now)
+
+    def close(self) -> None:
+        self.tx.close()
+        self.rx.close()

@@ -19,6 +19,10 @@ import ctypes
 import socket
 import struct
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lbnat.dataplane.rings import RingSpec
 
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
@@ -120,6 +124,11 @@ def build_filter(
     return assemble(p)
 
 
+def reject_all() -> bytes:
+    """A filter that accepts nothing: a socket waiting to join its fanout group."""
+    return assemble([(None, (_RET_K, 0, 0, 0))])
+
+
 def attach_filter(sock: socket.socket, program: bytes) -> None:
     count = len(program) // 8
     code = ctypes.create_string_buffer(program, len(program))
@@ -128,10 +137,14 @@ def attach_filter(sock: socket.socket, program: bytes) -> None:
 
 
 def open_packet_socket(
-    interface: str, program: bytes, buffer_bytes: int = 32 << 20
+    interface: str,
+    program: bytes,
+    buffer_bytes: int = 32 << 20,
+    rx_ring: RingSpec | None = None,
 ) -> socket.socket:
     """An AF_PACKET socket on `interface`, vnet headers on, filter attached before bind (so no
-    unfiltered frame is ever queued), large buffers."""
+    unfiltered frame is ever queued), large buffers, and a receive ring if asked for (it must be
+    set up before bind)."""
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: no frames yet
     try:
         sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
@@ -145,6 +158,10 @@ def open_packet_socket(
             except PermissionError:
                 sock.setsockopt(socket.SOL_SOCKET, fallback, buffer_bytes)
         attach_filter(sock, program)
+        if rx_ring is not None:
+            from lbnat.dataplane.rings import setup_rx_ring  # rings imports this module
+
+            setup_rx_ring(sock, rx_ring)
         sock.bind((interface, ETH_P_IP))
     except BaseException:
         sock.close()

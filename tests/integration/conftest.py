@@ -12,6 +12,7 @@ A process's stdout and stderr are read by one thread each into `Output`, which k
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -408,12 +409,19 @@ def start_nginx(bed: Bed, backend: str) -> Path:
     return d
 
 
+# Every test that uses a bed runs twice: lbnat with one worker (the packet loop in the main
+# process) and with N worker processes behind PACKET_FANOUT (N = the cores, at least 2).
+WORKER_COUNTS = (1, max(2, os.cpu_count() or 1))
 
-@pytest.fixture
-def bed(tmp_path: Path) -> Iterator[Bed]:
+
+@pytest.fixture(params=WORKER_COUNTS, ids=lambda n: f"{n}w")
+def bed(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Bed]:
     """A fresh lab (c1, c2, lb, b1..b3) for one test; everything gone afterwards."""
     if (reason := skip_reason()) is not None:
         pytest.skip(reason)
+    monkeypatch.setenv("LBNAT_WORKERS", str(request.param))  # read by lbnat and loadbalancerLobin
     require("nft")
     with Lab() as lab:
         testbed = Bed(lab, tmp_path)

@@ -19,6 +19,7 @@ from lbnat.config import (
     ConfigError,
     ControlConfig,
     ServiceConfig,
+    default_workers,
     load_config,
     parse_config,
 )
@@ -400,7 +401,8 @@ def test_default_port_must_be_a_port() -> None:
 
 def test_empty_config_is_all_defaults() -> None:
     config = parse_config({})
-    assert config == Config()
+    assert config == Config(workers=default_workers())  # the file's default: one per core
+    assert (config.io, config.rx_ring) == ("rings", "frames")
     assert config.lb_ip is None
     assert config.interface is None
     assert config.nat_ports == (61000, 65535)
@@ -579,6 +581,7 @@ def test_servers_json_shape() -> None:
     }
     config = parse_config(data, default_port=20000)
     assert config == Config(
+        workers=default_workers(),
         services=(
             ServiceConfig(
                 Service(
@@ -607,7 +610,7 @@ def test_servers_json_shape() -> None:
     assert udp_only.health == HealthPolicy()
     assert udp_only.probe == ProbeSettings()
     assert udp_only.on_dead == "keep"
-    assert parse_config({"servers": []}) == Config()
+    assert parse_config({"servers": []}) == Config(workers=default_workers())
 
 
 # --- files -----------------------------------------------------------------------------------

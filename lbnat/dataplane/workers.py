@@ -1,0 +1,579 @@
+"""The data plane as one loop in the main process, or as N worker processes.
+
+    main process                                    worker i (python -m lbnat.dataplane.workers)
+    health thread, control and admin servers        RingLoop/PacketLoop + Engine (its own rows,
+    registry (backends, health)                     its slice of the NAT ports)
+    WorkerPool ── socketpair, pickled tuples ────── changes in; answers and events out
+    holds every worker's packet socket              maps its socket's rings; owns nothing shared
+    (PACKET_FANOUT group, lbnat.dataplane.fanout)   but the round-robin cursors (one word each)
+
+`InlinePlane` (one worker) runs the loop on the main thread, as lbnat did before workers.
+`WorkerPool` (N workers) starts one process per worker; the main thread supervises: a worker that
+exits is started again on the same socket (its place in the fanout group is kept, so every
+other worker's flows keep their worker) while the others go on forwarding. The restarted worker
+starts with an empty table: the flows it owned are lost, as after a restart of lbnat.
+
+Both offer the same calls to the daemon: `change()` sends a change to every engine,
+`ask()` returns every engine's answer (lbnat.views), events come back through `on_events`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from lbnat.dataplane.fanout import join, steering_program
+from lbnat.dataplane.link import Link, Neighbours
+from lbnat.dataplane.loop import PacketLoop, RingLoop
+from lbnat.dataplane.packet_socket import attach_filter, open_packet_socket, reject_all
+from lbnat.dataplane.rings import RingSpec
+from lbnat.engine import Engine, Event, NoBackend
+from lbnat.nat import Timeouts
+from lbnat.service import Service
+from lbnat.views import Change, Question, answer, apply_change
+
+EventSink = Callable[[int, list[Event]], None]  # (worker index, events)
+
+START_TIMEOUT = 15.0  # seconds for a worker to report ready
+RESTART_DELAY = 1.0  # seconds between restarts of the same worker
+SUPERVISE_EVERY = 0.2  # seconds between looks at the workers (and the daemon's upkeep)
+
+
+class WorkerError(Exception):
+    """A worker could not be started (the message is for the user)."""
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Everything a worker process needs to build its loop, sent as its first message."""
+
+    index: int
+    lb_ip: str
+    link: Link
+    specs: tuple[Service, ...]
+    nat_ports: tuple[int, int]  # this worker's slice
+    timeouts: Timeouts
+    table_cap: int
+    io: str  # "rings" or "socket"
+    rings: RingSpec
+    flow_events: bool  # send FlowOpened/FlowEnded (the log shows them) or only NoBackend
+    cursor_slots: dict[str, int] = field(default_factory=dict)
+
+
+# --- messages: a 4-byte length, then a pickle (both ends are this program) ---------------------
+
+_LENGTH = struct.Struct("<I")
+
+
+def send_message(sock: socket.socket, message: object) -> None:
+    data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    sock.sendall(_LENGTH.pack(len(data)) + data)
+
+
+class MessageReader:
+    """Reassembles messages from a stream of bytes."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        self._buffer += data
+        messages = []
+        while len(self._buffer) >= 4:
+            (length,) = _LENGTH.unpack_from(self._buffer)
+            if len(self._buffer) < 4 + length:
+                break
+            messages.append(pickle.loads(self._buffer[4 : 4 + length]))
+            del self._buffer[: 4 + length]
+        return messages
+
+
+def receive_message(sock: socket.socket, reader: MessageReader) -> Any:
+    """Block until one whole message has arrived (the setup message)."""
+    while True:
+        data = sock.recv(1 << 16)
+        if not data:
+            raise EOFError("the main process closed the control connection")
+        messages = reader.feed(data)
+        if messages:
+            return messages[0]
+
+
+# --- round-robin cursors shared by the workers ---------------------------------------------------
+
+_U64 = struct.Struct("<Q")
+
+
+class SharedCursors:
+    """One 8-byte word per service in a memfd that every worker maps (lbnat.scheduler's
+    SharedCursor): the round-robin turn is global, not per worker."""
+
+    SLOTS = 512
+
+    def __init__(self, fd: int | None = None) -> None:
+        if fd is None:
+            fd = os.memfd_create("lbnat-cursors", 0)
+            os.ftruncate(fd, self.SLOTS * 8)
+        self.fd = fd
+        self.map = mmap.mmap(fd, self.SLOTS * 8)
+
+    def cursor(self, slot: int) -> _Cursor:
+        return _Cursor(self.map, slot * 8)
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+
+class _Cursor:
+    __slots__ = ("_at", "_map")
+
+    def __init__(self, shared: mmap.mmap, at: int) -> None:
+        self._map, self._at = shared, at
+
+    def load(self) -> int:
+        return int(_U64.unpack_from(self._map, self._at)[0])
+
+    def store(self, value: int) -> None:
+        _U64.pack_into(self._map, self._at, value)
+
+
+# --- building a loop (the same in the main process and in a worker) -----------------------------
+
+
+def build_loop(
+    engine: Engine,
+    sock: socket.socket,
+    link: Link,
+    io: str,
+    rings: RingSpec,
+    on_events: Callable[[list[Event]], None],
+    on_tick: Callable[[Engine, float], None] | None = None,
+) -> PacketLoop:
+    neighbours = Neighbours(link)
+    if io == "rings":
+        return RingLoop(engine, sock, neighbours, on_events, rings, on_tick=on_tick)
+    return PacketLoop(engine, sock, neighbours, on_events, on_tick=on_tick)
+
+
+def open_worker_sockets(
+    link: Link, program: bytes, nat_ports: tuple[int, int], workers: int, io: str, rings: RingSpec
+) -> list[socket.socket]:
+    """One packet socket per worker (with its receive ring when `io` is rings), in one fanout
+    group when there are several. Each rejects everything until the group is complete, so no
+    frame is ever queued on a socket the group does not steer."""
+    ring = rings if io == "rings" else None
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(workers):
+            socks.append(open_packet_socket(link.interface, reject_all(), rx_ring=ring))
+        if workers > 1:
+            join(socks, steering_program(nat_ports, workers))
+        for sock in socks:
+            attach_filter(sock, program)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+# --- one worker: the loop in the main process -------------------------------------------------
+
+
+class InlinePlane:
+    """One worker: the packet loop runs on the main thread, the engine lives in this process."""
+
+    workers = 1
+
+    def __init__(self, loop: PacketLoop, sock: socket.socket) -> None:
+        self.loop = loop
+        self.sock = sock
+        self._thread: threading.Thread | None = None
+
+    def run(self, upkeep: Callable[[float], None]) -> None:
+        self.loop.on_tick = lambda engine, now: upkeep(now)
+        self._thread = threading.current_thread()
+        self.loop.run()
+
+    def stop(self) -> None:
+        self.loop.stop()
+
+    def change(self, change: Change) -> None:
+        loop = self.loop
+
+        def apply(engine: Engine) -> None:
+            now = time.monotonic()
+            for packet, destination in apply_change(engine, change, now):
+                loop.send_packet(packet, destination, now)
+
+        loop.submit(apply)
+
+    def ask(self, question: Question, timeout: float = 5.0) -> list[Any]:
+        if threading.current_thread() is self._thread:  # asked from the loop's own upkeep
+            return [answer(self.loop.engine, question, time.monotonic())]
+        done = threading.Event()
+        box: list[tuple[bool, Any]] = []
+
+        def command(engine: Engine) -> None:
+            try:
+                box.append((True, answer(engine, question, time.monotonic())))
+            except Exception as error:  # handed to the asking thread
+                box.append((False, error))
+            finally:
+                done.set()
+
+        self.loop.submit(command)
+        if not done.wait(timeout):
+            raise TimeoutError("the packet loop did not answer in time")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return [value]
+
+    def set_filter(self, program: bytes) -> None:
+        attach_filter(self.sock, program)
+
+    def info(self) -> list[dict[str, object]]:
+        return [{"index": 0, "pid": os.getpid(), "alive": True, "restarts": 0}]
+
+    def close(self) -> None:
+        self.loop.close()
+        self.loop.neighbours.close()
+        self.sock.close()
+
+
+# --- N workers: processes -----------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """The main process's end of one worker: its process, control connection and answers."""
+
+    def __init__(
+        self, index: int, sock: socket.socket, cursors: SharedCursors, on_events: EventSink
+    ) -> None:
+        self.index = index
+        self.sock = sock
+        self.cursors = cursors
+        self.on_events = on_events
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.control: socket.socket | None = None
+        self.restarts = 0
+        self.started = 0.0
+        self._send_lock = threading.Lock()
+        self._answers: dict[int, tuple[threading.Event, list[Any]]] = {}
+        self._ready = threading.Event()
+        self.errors: list[str] = []
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, setup: WorkerSetup) -> None:
+        parent, child = socket.socketpair()
+        fds = (self.sock.fileno(), child.fileno(), self.cursors.fd)
+        command = [
+            sys.executable,
+            "-m",
+            "lbnat.dataplane.workers",
+            "--packet-fd",
+            str(fds[0]),
+            "--control-fd",
+            str(fds[1]),
+            "--cursor-fd",
+            str(fds[2]),
+        ]
+        self._ready.clear()
+        try:
+            self.proc = subprocess.Popen(command, pass_fds=fds, stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+        self.control = parent
+        self.started = time.monotonic()
+        threading.Thread(
+            target=self._read, args=(parent,), name=f"lbnat-worker-{self.index}", daemon=True
+        ).start()
+        self.send(setup)
+        if not self._ready.wait(START_TIMEOUT):
+            detail = "; ".join(self.errors) or f"no word from it in {START_TIMEOUT:.0f} s"
+            self.stop(1.0)
+            raise WorkerError(f"worker {self.index} did not start: {detail}")
+
+    def _read(self, control: socket.socket) -> None:
+        reader = MessageReader()
+        while True:
+            try:
+                data = control.recv(1 << 20)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            for message in reader.feed(data):
+                kind = message[0]
+                if kind == "events":
+                    self.on_events(self.index, message[1])
+                elif kind == "answer":
+                    _, request, ok, value = message
+                    waiting = self._answers.pop(request, None)
+                    if waiting is not None:
+                        waiting[1].append((ok, value))
+                        waiting[0].set()
+                elif kind == "ready":
+                    self._ready.set()
+                elif kind == "error":
+                    self.errors.append(message[1])
+        for done, _ in list(self._answers.values()):  # nobody will answer now
+            done.set()
+        self._ready.set()
+
+    def send(self, message: object) -> bool:
+        control = self.control
+        if control is None:
+            return False
+        with self._send_lock:
+            try:
+                send_message(control, message)
+            except OSError:
+                return False
+        return True
+
+    def request(self, request: int, question: Question) -> threading.Event:
+        done = threading.Event()
+        box: list[Any] = []
+        self._answers[request] = (done, box)
+        if not self.send(("ask", request, question)):
+            self._answers.pop(request, None)
+            done.set()
+        done.box = box  # type: ignore[attr-defined]
+        return done
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self.send(("stop",))
+        proc = self.proc
+        if proc is not None:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+
+
+class WorkerPool:
+    """N worker processes behind one fanout group; the main thread supervises them."""
+
+    def __init__(
+        self,
+        socks: list[socket.socket],
+        setup_for: Callable[[int], WorkerSetup],
+        on_events: EventSink,
+        log: Callable[..., None],
+        cursors: SharedCursors,
+    ) -> None:
+        self.socks = socks
+        self.workers = len(socks)
+        self.setup_for = setup_for
+        self.log = log
+        self.cursors = cursors
+        self.procs = [WorkerProcess(i, s, cursors, on_events) for i, s in enumerate(socks)]
+        self.stopping = threading.Event()
+        self._requests = 0
+        self._request_lock = threading.Lock()
+
+    def start(self) -> None:
+        for proc in self.procs:
+            proc.start(self.setup_for(proc.index))
+
+    def run(self, upkeep: Callable[[float], None]) -> None:
+        while not self.stopping.wait(SUPERVISE_EVERY):
+            now = time.monotonic()
+            for proc in self.procs:
+                if not proc.alive and now - proc.started >= RESTART_DELAY:
+                    self._restart(proc)
+            upkeep(now)
+
+    def _restart(self, proc: WorkerProcess) -> None:
+        code = proc.proc.returncode if proc.proc is not None else None
+        pid = proc.proc.pid if proc.proc is not None else 0
+        proc.stop(0.5)
+        proc.restarts += 1
+        try:
+            proc.start(self.setup_for(proc.index))
+        except (WorkerError, OSError) as error:
+            self.log(f"worker {proc.index} : restart failed: {error}", "worker_failed",
+                     worker=proc.index, error=str(error))  # fmt: skip
+            return
+        assert proc.proc is not None
+        self.log(
+            f"worker {proc.index} : pid {pid} exited (code {code}); restarted as pid "
+            f"{proc.proc.pid}, its flows are lost, the other workers kept forwarding",
+            "worker_restarted",
+            worker=proc.index,
+            old_pid=pid,
+            pid=proc.proc.pid,
+            exit_code=code,
+        )
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def change(self, change: Change) -> None:
+        for proc in self.procs:
+            proc.send(("change", change))
+
+    def ask(self, question: Question, timeout: float = 5.0) -> list[Any]:
+        """Every live worker's answer (a dead one, being restarted, has none)."""
+        with self._request_lock:
+            self._requests += 1
+            request = self._requests
+        waits = [(proc, proc.request(request, question)) for proc in self.procs if proc.alive]
+        deadline = time.monotonic() + timeout
+        answers = []
+        for proc, done in waits:
+            if not done.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"worker {proc.index} did not answer in time")
+            box = done.box  # type: ignore[attr-defined]
+            if not box:
+                continue  # it died meanwhile
+            ok, value = box[0]
+            if not ok:
+                raise RuntimeError(f"worker {proc.index}: {value}")
+            answers.append(value)
+        return answers
+
+    def set_filter(self, program: bytes) -> None:
+        for sock in self.socks:
+            attach_filter(sock, program)
+
+    def info(self) -> list[dict[str, object]]:
+        return [
+            {
+                "index": p.index,
+                "pid": p.proc.pid if p.proc is not None else None,
+                "alive": p.alive,
+                "restarts": p.restarts,
+            }
+            for p in self.procs
+        ]
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+        for sock in self.socks:
+            sock.close()
+        self.cursors.close()
+
+
+# --- the worker process itself ------------------------------------------------------------------
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lbnat worker", description="one lbnat data-plane worker")
+    parser.add_argument("--packet-fd", type=int, required=True)
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--cursor-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    # Ctrl-C reaches the whole process group: the main process decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    control = socket.socket(fileno=args.control_fd)
+    reader = MessageReader()
+    try:
+        setup: WorkerSetup = receive_message(control, reader)
+    except (EOFError, OSError):
+        return 1
+    cursors = SharedCursors(args.cursor_fd)
+    slots = dict(setup.cursor_slots)
+
+    def cursor(service: str) -> Any:
+        slot = slots.get(service)
+        return None if slot is None else cursors.cursor(slot)
+
+    sock = socket.socket(fileno=args.packet_fd)
+    try:
+        engine = Engine(
+            setup.lb_ip, setup.specs, setup.nat_ports, setup.timeouts, setup.table_cap, cursor
+        )
+    except ValueError as error:
+        send_message(control, ("error", str(error)))
+        return 1
+    lock = threading.Lock()
+
+    def send(message: object) -> None:
+        with lock:
+            send_message(control, message)
+
+    def on_events(events: list[Event]) -> None:
+        if not setup.flow_events:
+            events = [event for event in events if isinstance(event, NoBackend)]
+        if events:
+            send(("events", events))
+
+    try:
+        loop = build_loop(engine, sock, setup.link, setup.io, setup.rings, on_events)
+    except OSError as error:
+        send(("error", f"cannot open its rings: {error}"))
+        return 1
+
+    def on_control() -> None:
+        try:
+            data = control.recv(1 << 20)
+        except OSError:
+            data = b""
+        if not data:  # the main process is gone
+            loop.stop()
+            return
+        now = time.monotonic()
+        for message in reader.feed(data):
+            kind = message[0]
+            if kind == "change":
+                if message[1][0] == "services":
+                    slots.update(message[1][3])
+                try:
+                    for packet, destination in apply_change(engine, message[1], now):
+                        loop.send_packet(packet, destination, now)
+                except ValueError as error:
+                    send(("error", str(error)))
+            elif kind == "ask":
+                _, request, question = message
+                try:
+                    send(("answer", request, True, answer(engine, question, now)))
+                except (ValueError, KeyError) as error:
+                    send(("answer", request, False, str(error)))
+            elif kind == "stop":
+                loop.stop()
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        loop.stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    loop.watch(control.fileno(), on_control)
+    send(("ready", os.getpid()))
+    try:
+        loop.run()
+    finally:
+        loop.close()
+        loop.neighbours.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
