@@ -649,10 +649,15 @@ def status(admin_socket: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(reply, indent=2))
         return
+    workers = reply.get("workers", [])
     click.echo(
         f"lbnat {reply['lb_ip']}  up {reply['uptime']} s  rows {reply['rows']}  "
-        f"open flows {reply['open_flows']}"
+        f"open flows {reply['open_flows']}  workers {len(workers)}  io {reply.get('io', '?')}"
     )
+    if len(workers) > 1:
+        for w in workers:
+            state = "running" if w["alive"] else "restarting"
+            click.echo(f"  worker {w['index']}  pid {w['pid']}  {state}  restarts {w['restarts']}")
     for s in reply["services"]:
         drops = " ".join(f"{k} {v}" for k, v in s["drops"].items())
         click.echo(
@@ -685,11 +690,14 @@ def sessions(admin_socket: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'proto':<6}{'client':<22}{'backend':<22}{'NAT port':<10}{'state':<14}age")
+    click.echo(
+        f"{'proto':<6}{'client':<22}{'backend':<22}{'NAT port':<10}{'state':<14}"
+        f"{'worker':<8}age"
+    )
     for r in rows:
         click.echo(
             f"{r['proto']:<6}{r['client']:<22}{r['backend']:<22}{r['nat_port']:<10}"
-            f"{r['state']:<14}{r['age']:.0f} s"
+            f"{r['state']:<14}{r.get('worker', 0):<8}{r['age']:.0f} s"
         )
     click.echo(f"{len(rows)} rows")
 

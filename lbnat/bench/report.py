@@ -162,7 +162,14 @@ METRICS: tuple[Metric, ...] = (
     Metric("udp_high", "loss_pct", "UDP loss, high offered rate", "%", False, 2, ratios=False),
 )
 
-PATH_LABELS = {"direct": "direct", "lbnat": "lbnat", "haproxy": "HAProxy", "nginx": "nginx stream"}
+PATH_LABELS = {
+    "direct": "direct",
+    "lbnat": "lbnat",  # the defaults: one worker per core, rings
+    "lbnat-1w": "lbnat 1 worker",
+    "lbnat-socket": "lbnat 1 worker, no rings",
+    "haproxy": "HAProxy",
+    "nginx": "nginx stream",
+}
 
 
 def path_label(path: str) -> str:

@@ -76,9 +76,17 @@ class PathSpec:
     udp: bool = True
 
 
+# lbnat's data-plane variants (#8), each on an address of its own on the LB's interface so
+# all of them run side by side (an lbnat instance owns its address's NAT ports and guard).
+LBNAT_VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "lbnat": (LB_IP, []),  # the defaults: one worker per core, mmap'ed rings
+    "lbnat-1w": ("198.18.0.3", ["--workers", "1"]),  # one worker (loop in the main process)
+    "lbnat-socket": ("198.18.0.4", ["--workers", "1", "--io", "socket"]),  # a syscall a packet
+}
+
 PATHS: dict[str, PathSpec] = {
     "direct": PathSpec("direct", BACKEND_IP, IPERF_PORT, HTTP_PORT),
-    "lbnat": PathSpec("lbnat", LB_IP, IPERF_PORT, HTTP_PORT),
+    **{name: PathSpec(name, ip, IPERF_PORT, HTTP_PORT) for name, (ip, _) in LBNAT_VARIANTS.items()},
     "haproxy": PathSpec("haproxy", LB_IP, 8201, 8080, udp=False),  # HAProxy has no UDP
     "nginx": PathSpec("nginx", LB_IP, 9201, 9080),
 }
@@ -330,12 +338,12 @@ stream {{
 """
 
 
-def lbnat_conf(work: Path, nat_ports: str) -> dict[str, Any]:
+def lbnat_conf(work: Path, nat_ports: str, variant: str = "lbnat") -> dict[str, Any]:
     off = {"enabled": False}  # iperf3's server takes a probe's connect for a test client
     return {
-        "lb_ip": LB_IP,
+        "lb_ip": LBNAT_VARIANTS[variant][0],
         "nat_ports": nat_ports,
-        "admin_socket": str(work / "lbnat.sock"),
+        "admin_socket": str(work / f"{variant}.sock"),
         "log": {"quiet": True},
         "services": [
             {"name": "iperf", "protocol": "tcp", "port": IPERF_PORT, "health": off,
@@ -372,7 +380,6 @@ class Bed:
         self.start_iperf_server()
         (work / "haproxy.cfg").write_text(haproxy_conf(self.cpus))
         (work / "lb-nginx.conf").write_text(nginx_stream_conf(work, self.cpus))
-        (work / "lbnat.json").write_text(json.dumps(lbnat_conf(work, self.settings.nat_ports)))
         if "haproxy" in self.settings.paths:
             proc = lab.start("lb", "haproxy", ["haproxy", "-db", "-f", str(work / "haproxy.cfg")])
             self.lb_pid["haproxy"] = proc.pid
@@ -381,18 +388,26 @@ class Bed:
                 "nginx", "-e", str(work / "lb-nginx" / "error.log"),
                 "-c", str(work / "lb-nginx.conf"), "-g", "daemon off;"])
             self.lb_pid["nginx"] = proc.pid
-        if "lbnat" in self.settings.paths:
-            proc = lab.start("lb", "lbnat", [
-                sys.executable, "-m", "lbnat.cli", "run", "--config", str(work / "lbnat.json")])
-            self.lb_pid["lbnat"] = proc.pid
+        for variant, (ip, options) in LBNAT_VARIANTS.items():
+            if variant not in self.settings.paths:
+                continue
+            if ip != LB_IP:
+                subprocess.run(lab.argv("lb", ["ip", "addr", "add", f"{ip}/24", "dev", "eth0"]),
+                               check=True, capture_output=True, timeout=10)
+            conf = work / f"{variant}.json"
+            conf.write_text(json.dumps(lbnat_conf(work, self.settings.nat_ports, variant)))
+            proc = lab.start("lb", variant, [
+                sys.executable, "-m", "lbnat.cli", "run", "--config", str(conf), *options])
+            self.lb_pid[variant] = proc.pid
         lab.wait_listening(BACKEND, HTTP_PORT)
         lab.wait_listening(BACKEND, IPERF_PORT)
         for path in ("haproxy", "nginx"):
             if path in self.lb_pid:
                 lab.wait_listening("lb", PATHS[path].http_port)
                 lab.wait_listening("lb", PATHS[path].iperf_port)
-        if "lbnat" in self.lb_pid:
-            self.wait_lbnat()
+        for variant in LBNAT_VARIANTS:
+            if variant in self.lb_pid:
+                self.wait_lbnat(variant)
 
     def start_iperf_server(self) -> None:
         if self.iperf_server is not None:
@@ -400,10 +415,10 @@ class Bed:
         self.iperf_server = self.lab.start(BACKEND, "b1-iperf3", ["iperf3", "-s", "-p",
                                                                   str(IPERF_PORT)])
 
-    def wait_lbnat(self, timeout: float = 20) -> None:
+    def wait_lbnat(self, variant: str = "lbnat", timeout: float = 20) -> None:
         """Ready when the admin socket answers `status` and the http backend is alive."""
         deadline = time.monotonic() + timeout
-        sock = str(self.work / "lbnat.sock")
+        sock = str(self.work / f"{variant}.sock")
         last = ""
         while time.monotonic() < deadline:
             done = subprocess.run(
@@ -413,9 +428,9 @@ class Bed:
             last = done.stdout + done.stderr
             if done.returncode == 0 and '"alive"' in done.stdout:
                 return
-            proc = next(p for p in self.lab.procs if p.pid == self.lb_pid["lbnat"])
+            proc = next(p for p in self.lab.procs if p.pid == self.lb_pid[variant])
             if proc.poll() is not None:
-                log = (self.work / "lbnat.log").read_text(errors="replace")
+                log = (self.work / f"{variant}.log").read_text(errors="replace")
                 raise BenchError(f"lbnat exited {proc.returncode} at start: {log[-500:]}")
             time.sleep(0.2)
         raise BenchError(f"lbnat did not become ready in {timeout} s: {last[-300:]}")
@@ -574,7 +589,8 @@ def profile_lbnat(bed: Bed, workload: str, log: IO[str]) -> str | None:
     raw = bed.work / f"profile-{workload}.txt"
     seconds = max(1, round(bed.settings.seconds))
     sampler = subprocess.Popen(
-        [pyspy, "record", "--pid", str(bed.lb_pid["lbnat"]), "--duration", str(seconds),
+        [pyspy, "record", "--pid", str(bed.lb_pid["lbnat"]), "--subprocesses",
+         "--duration", str(seconds),
          "--rate", "250", "--format", "raw", "--nonblocking", "--output", str(raw)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )

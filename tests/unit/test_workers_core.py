@@ -1,0 +1,109 @@
+"""The pure parts of the worker model: shared round-robin turns, merged counters, messages."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lbnat.backends import Backend, Health
+from lbnat.dataplane.workers import MessageReader, send_message
+from lbnat.scheduler import RoundRobin
+from lbnat.views import merge_counters
+
+B = (Backend("198.18.0.21", 9000), Backend("198.18.0.22", 9000), Backend("198.18.0.23", 9000))
+
+
+class Word:
+    """A SharedCursor in plain memory (the workers map a memfd)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def load(self) -> int:
+        return self.value
+
+    def store(self, value: int) -> None:
+        self.value = value
+
+
+def pick(scheduler: RoundRobin) -> str:
+    backend = scheduler.pick(0, {})
+    assert backend is not None
+    return backend.ip[-2:]
+
+
+@given(st.lists(st.integers(0, 2), min_size=1, max_size=30))
+def test_workers_sharing_a_cursor_take_one_global_turn(workers: list[int]) -> None:
+    """Whichever worker opens each new flow, the backends come round in order."""
+    word = Word()
+    schedulers = [RoundRobin(word) for _ in range(3)]
+    for scheduler in schedulers:
+        scheduler.update(B)
+    picked = [pick(schedulers[w]) for w in workers]
+    expected = [("21", "22", "23")[i % 3] for i in range(len(workers))]
+    assert picked == expected
+
+
+def test_without_a_shared_cursor_each_worker_turns_alone() -> None:
+    a, b = RoundRobin(), RoundRobin()
+    a.update(B)
+    b.update(B)
+    assert [pick(a), pick(b), pick(a), pick(b)] == ["21", "21", "22", "22"]
+
+
+def test_a_shared_turn_skips_a_dead_backend_and_survives_snapshots() -> None:
+    word = Word()
+    a, b = RoundRobin(word), RoundRobin(word)
+    for s in (a, b):
+        s.update(B)
+    assert pick(a) == "21"
+    dead = (B[0], Backend("198.18.0.22", 9000, health=Health.DEAD), B[2])
+    for s in (a, b):
+        s.update(dead)
+    assert pick(b) == "23"
+    assert pick(a) == "21"
+    for s in (a, b):
+        s.update(B)
+    assert pick(b) == "22"
+
+
+def test_counters_of_workers_add_up_key_by_key() -> None:
+    one = {
+        "rows": 2, "open_flows": 1, "packets": 10, "drops": {"no_session": 1},
+        "services": {"web": {"flows": 2, "drops": {}, "backends": {("b", 1): {"active": 1}}}},
+    }  # fmt: skip
+    two = {
+        "rows": 3, "open_flows": 3, "packets": 5, "drops": {"no_session": 2, "fragment": 1},
+        "services": {"web": {"flows": 3, "drops": {}, "backends": {("b", 1): {"active": 2},
+                                                                   ("c", 1): {"active": 1}}}},
+    }  # fmt: skip
+    total = merge_counters([one, two])
+    assert total["rows"] == 5 and total["open_flows"] == 4 and total["packets"] == 15
+    assert total["drops"] == {"no_session": 3, "fragment": 1}
+    assert total["services"]["web"]["flows"] == 5
+    assert total["services"]["web"]["backends"] == {
+        ("b", 1): {"active": 3},
+        ("c", 1): {"active": 1},
+    }
+    assert merge_counters([]) == {"rows": 0, "open_flows": 0, "packets": 0, "drops": {},
+                                  "services": {}}  # fmt: skip
+
+
+class Pipe:
+    def __init__(self) -> None:
+        self.data = b""
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
+
+
+@given(st.lists(st.tuples(st.text(max_size=5), st.integers()), max_size=5), st.integers(1, 7))
+def test_messages_survive_any_split_of_the_stream(messages: list[object], step: int) -> None:
+    pipe = Pipe()
+    for message in messages:
+        send_message(pipe, message)  # type: ignore[arg-type]
+    reader = MessageReader()
+    got: list[object] = []
+    for i in range(0, len(pipe.data), step):
+        got += reader.feed(pipe.data[i : i + step])
+    assert got == messages
