@@ -27,7 +27,7 @@ PRIMARY = {  # workload -> the figure every path must have produced
     "udp_low": "pps",
     "udp_high": "pps",
 }
-PATHS = ("direct", "lbnat", "haproxy", "nginx")
+PATHS = ("direct", "lbnat", "lbnat-1w", "lbnat-socket", "haproxy", "nginx")
 
 
 def test_quick_benchmark_produces_every_result(tmp_path: Path) -> None:
@@ -62,7 +62,10 @@ def test_quick_benchmark_produces_every_result(tmp_path: Path) -> None:
         assert row["us_per_packet"] > 0 and row["bytes_per_session"] > 0
 
     readme = (out / "README.md").read_text()
-    assert "| metric | direct | lbnat | HAProxy | nginx stream |" in readme
+    assert (
+        "| metric | direct | lbnat | lbnat 1 worker | lbnat 1 worker, no rings | HAProxy "
+        "| nginx stream |" in readme
+    )
     charts = sorted(p.name for p in out.glob("*.png"))
     assert charts == ["bulk.png", "cpu.png", "latency.png", "requests.png", "scale.png", "udp.png"]
     for chart in charts:
