@@ -328,7 +328,7 @@ def test_events_are_taken_once() -> None:
     flow = lab.flow()
     flow.syn()
     assert lab.engine.events == [
-        FlowOpened("web", (CLIENT1, 40000), (B1, WEB_BACKEND_PORT), flow.nat_port or 0)
+        FlowOpened("web", (CLIENT1, 40000), (B1, WEB_BACKEND_PORT), flow.nat_port or 0, 1)
     ]
     assert len(lab.engine.take_events()) == 1
     assert lab.engine.take_events() == []
