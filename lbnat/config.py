@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Final, NoReturn
 
 from lbnat.backends import Backend
+from lbnat.dataplane.fanout import nat_slices
 from lbnat.health import PROBE_KINDS, HealthPolicy, ProbeSettings, make_probe
 from lbnat.nat import Timeouts
 from lbnat.scheduler import SCHEDULERS
@@ -525,10 +526,12 @@ def _workers(value: object, path: str) -> int:
 
 
 def check_slices(nat_ports: tuple[int, int], workers: int) -> str | None:
-    """Each worker needs NAT ports of its own: the problem, or None."""
-    first, last = nat_ports
-    if (last - first + 1) // workers < 1:
-        return f"nat_ports {first}-{last} has fewer ports than the {workers} workers"
+    """Each worker needs NAT ports of its own (lbnat.dataplane.fanout.nat_slices): the problem,
+    or None."""
+    try:
+        nat_slices(nat_ports, workers)
+    except ValueError as error:
+        return str(error)
     return None
 
 

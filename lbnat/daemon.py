@@ -25,6 +25,7 @@ import socket
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from types import FrameType
@@ -145,7 +146,7 @@ class Daemon:
     def start(self) -> None:
         """Everything up to the first packet. On any failure, undo what was done."""
         c = self.config
-        rings = RingSpec(rx="blocks" if c.rx_ring == "blocks" else "frames")
+        rings = self._rings()
         if os.geteuid() != 0:
             raise StartError(
                 "lbnat must run as root (it opens a packet socket and installs nftables rules)"
@@ -238,10 +239,13 @@ class Daemon:
             timeouts=c.timeouts,
             table_cap=max(1, c.table_cap // c.workers),
             io=c.io,
-            rings=RingSpec(rx="blocks" if c.rx_ring == "blocks" else "frames"),
+            rings=self._rings(),
             flow_events=not c.quiet,
             cursor_slots=slots,
         )
+
+    def _rings(self) -> RingSpec:
+        return RingSpec(rx="blocks" if self.config.rx_ring == "blocks" else "frames")
 
     def _ports(self, proto: str) -> list[int]:
         return [s.service.port for s in self.services.values() if s.service.proto == proto]
@@ -347,13 +351,14 @@ class Daemon:
                 for entry in self.registry.entries(name)
                 if entry.draining
             )
+        active: Counter[tuple[str, BackendKey]] = Counter()
         try:
-            counts = merge_counters([{"active": answer} for answer in self.ask(("active", keys))])
+            for answer in self.ask(("active", keys)):
+                active.update(answer)
         except (TimeoutError, RuntimeError):
             return  # asked again at the next upkeep
-        active = counts.get("active", {})
         with self._lock:
-            removed = self.registry.sweep(now, lambda name, key: active.get((name, key), 0))
+            removed = self.registry.sweep(now, lambda name, key: active[name, key])
             for service in {name for name, _ in removed}:
                 self._push(service)
         for service, entry in removed:

@@ -104,7 +104,7 @@ class PacketLoop:
                 if fd == packet_fd:
                     # One clock read per batch: rows touched in a batch share one float object
                     # as their last-seen time (memory per row); a batch lasts well under 1 ms.
-                    self._receive(clock(), True)
+                    self._receive(clock())
                 else:
                     self._watched[fd]()
             now = clock()
@@ -126,7 +126,7 @@ class PacketLoop:
             if engine.events:
                 self.on_events(engine.take_events())
 
-    def _receive(self, now: float, readable: bool) -> None:
+    def _receive(self, now: float) -> None:
         """Up to BATCH frames from the socket, one recv and one send each."""
         handle = self.engine.handle
         recv_into = self.sock.recv_into
@@ -220,13 +220,14 @@ class RingLoop(PacketLoop):
             self.rx.close()
             raise
 
-    def _receive(self, now: float, readable: bool) -> None:
+    def _receive(self, now: float) -> None:
+        """Called when the socket is readable: nothing in the ring then means lost sync."""
         if self.spec.rx == "blocks":
             handled = self._receive_blocks(now)
         else:
             handled = self._receive_frames(now)
         self.sent += self.tx.flush()
-        if not handled and readable and not self.rx.resync():
+        if not handled and not self.rx.resync():
             self._drain_socket()
 
     def _receive_frames(self, now: float) -> int:

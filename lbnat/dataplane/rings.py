@@ -81,23 +81,20 @@ class RingSpec:
     retire_ms: int = 1  # blocks: hand a partly filled block over after this long
     tx_frames: int = 512
 
-    @property
-    def rx_bytes(self) -> int:
-        if self.rx == "blocks":
-            return self.block_size * self.blocks
-        return self.frame_size * self.frames
 
-    @property
-    def tx_bytes(self) -> int:
-        return self.frame_size * self.tx_frames
+FRAME_BLOCK = 1 << 16  # a frame ring is made of 64 KB blocks of whole frames
+
+
+def _frame_count(frame_size: int, frames: int) -> int:
+    """`frames` rounded up to whole blocks: the slots the kernel actually makes."""
+    per_block = FRAME_BLOCK // frame_size
+    return -(-frames // per_block) * per_block
 
 
 def _frame_request(frame_size: int, frames: int) -> bytes:
-    """struct tpacket_req for a frame ring: 64 KB blocks of whole frames."""
-    block = 1 << 16
-    per_block = block // frame_size
-    blocks = -(-frames // per_block)
-    return struct.pack("<4I", block, blocks, frame_size, blocks * per_block)
+    """struct tpacket_req for a frame ring."""
+    count = _frame_count(frame_size, frames)
+    return struct.pack("<4I", FRAME_BLOCK, count * frame_size // FRAME_BLOCK, frame_size, count)
 
 
 def setup_rx_ring(sock: socket.socket, spec: RingSpec) -> None:
@@ -127,7 +124,7 @@ class RxFrames:
 
     def __init__(self, sock: socket.socket, spec: RingSpec) -> None:
         self.frame_size = spec.frame_size
-        self.count = struct.unpack_from("<4I", _frame_request(spec.frame_size, spec.frames))[3]
+        self.count = _frame_count(spec.frame_size, spec.frames)
         self.map = mmap.mmap(sock.fileno(), self.frame_size * self.count)
         self.view = memoryview(self.map)
         self.index = 0
@@ -194,9 +191,10 @@ class TxRing:
             except PermissionError:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
             self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
-            request = _frame_request(spec.frame_size, spec.tx_frames)
-            self.count = struct.unpack_from("<4I", request)[3]
-            self.sock.setsockopt(SOL_PACKET, PACKET_TX_RING, request)
+            self.count = _frame_count(spec.frame_size, spec.tx_frames)
+            self.sock.setsockopt(
+                SOL_PACKET, PACKET_TX_RING, _frame_request(spec.frame_size, spec.tx_frames)
+            )
             self.map = mmap.mmap(self.sock.fileno(), self.frame_size * self.count)
             self.sock.bind((interface, 0))
         except BaseException:

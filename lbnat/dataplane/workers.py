@@ -197,8 +197,6 @@ def open_worker_sockets(
 class InlinePlane:
     """One worker: the packet loop runs on the main thread, the engine lives in this process."""
 
-    workers = 1
-
     def __init__(self, loop: PacketLoop, sock: socket.socket) -> None:
         self.loop = loop
         self.sock = sock
@@ -350,15 +348,15 @@ class WorkerProcess:
                 return False
         return True
 
-    def request(self, request: int, question: Question) -> threading.Event:
+    def request(self, request: int, question: Question) -> tuple[threading.Event, list[Any]]:
+        """Ask; the event is set when the answer is in the list (or the worker is gone)."""
         done = threading.Event()
         box: list[Any] = []
         self._answers[request] = (done, box)
         if not self.send(("ask", request, question)):
             self._answers.pop(request, None)
             done.set()
-        done.box = box  # type: ignore[attr-defined]
-        return done
+        return done, box
 
     def stop(self, timeout: float = 2.0) -> None:
         self.send(("stop",))
@@ -390,7 +388,6 @@ class WorkerPool:
         cursors: SharedCursors,
     ) -> None:
         self.socks = socks
-        self.workers = len(socks)
         self.setup_for = setup_for
         self.log = log
         self.cursors = cursors
@@ -448,10 +445,9 @@ class WorkerPool:
         waits = [(proc, proc.request(request, question)) for proc in self.procs if proc.alive]
         deadline = time.monotonic() + timeout
         answers = []
-        for proc, done in waits:
+        for proc, (done, box) in waits:
             if not done.wait(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"worker {proc.index} did not answer in time")
-            box = done.box  # type: ignore[attr-defined]
             if not box:
                 continue  # it died meanwhile
             ok, value = box[0]
