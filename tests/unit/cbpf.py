@@ -1,5 +1,6 @@
-"""A classic BPF interpreter for the opcodes lbnat's filters use, so tests can run a filter
-program over frames built with scapy, without root or a socket."""
+"""A classic BPF interpreter for the opcodes lbnat's programs use (socket filters, the probe
+filter, the fanout steering program), so tests can run them over packets built with scapy,
+without root or a socket."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import struct
 
 
 def run_bpf(program: bytes, frame: bytes) -> int:
-    """A classic BPF interpreter for the opcodes build_filter uses; returns the snap length."""
+    """Run `program` on `frame`; returns what it returns (a filter: the snap length; a fanout
+    program: the socket index before the kernel's modulo)."""
     insns = [struct.unpack_from("=HBBI", program, i) for i in range(0, len(program), 8)]
     a = x = 0
     pc = 0
@@ -36,6 +38,12 @@ def run_bpf(program: bytes, frame: bytes) -> int:
             if value is None:
                 return 0
             x = 4 * (value & 0x0F)
+        elif code == 0x07:  # tax
+            x = a
+        elif code in (0x14, 0x24, 0x34, 0x74):  # sub / mul / div / rsh #k
+            a = {0x14: a - k, 0x24: a * k, 0x34: a // k, 0x74: a >> k}[code] & 0xFFFFFFFF
+        elif code == 0xAC:  # xor x
+            a ^= x
         elif code == 0x05:  # ja
             pc += k
         elif code in (0x15, 0x25, 0x35, 0x45):
@@ -48,5 +56,7 @@ def run_bpf(program: bytes, frame: bytes) -> int:
             pc += jt if taken else jf
         elif code == 0x06:
             return int(k)
+        elif code == 0x16:  # ret a
+            return a
         else:
             raise AssertionError(f"unexpected opcode {code:#x}")

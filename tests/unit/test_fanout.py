@@ -1,9 +1,8 @@
-"""The fanout steering program, run on a small classic-BPF interpreter over packets built with
-scapy: both directions of every flow must reach the worker that owns its NAT port."""
+"""The fanout steering program, run on the tests' classic-BPF interpreter over packets built
+with scapy: both directions of every flow must reach the worker that owns its NAT port."""
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import pytest
@@ -12,65 +11,15 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from lbnat.dataplane.fanout import client_worker, nat_slices, steering_program
+from tests.unit.cbpf import run_bpf
 
 LB = "198.18.0.2"
 BACKEND = "198.18.0.21"
 NAT = (32768, 65535)
 
 
-def run_cbpf(program: bytes, packet: bytes) -> int:
-    """Execute a classic BPF program (the opcodes lbnat uses) on `packet`; return its result.
-    Loads past the end reject (return 0), as the kernel does."""
-    insns = [struct.unpack_from("=HBBI", program, i) for i in range(0, len(program), 8)]
-    a = x = pc = 0
-
-    def load(offset: int, size: int) -> int | None:
-        if offset < 0 or offset + size > len(packet):
-            return None
-        return int.from_bytes(packet[offset : offset + size], "big")
-
-    while True:
-        code, jt, jf, k = insns[pc]
-        pc += 1
-        loaded: int | None
-        if code in (0x20, 0x28, 0x30, 0x48, 0x50):  # ld abs / ind
-            size = {0x00: 4, 0x08: 2, 0x10: 1}[code & 0x18]
-            loaded = load(k + (x if code & 0x40 else 0), size)
-            if loaded is None:
-                return 0
-            a = loaded
-        elif code == 0xB1:  # ldx 4*([k]&0xf)
-            loaded = load(k, 1)
-            if loaded is None:
-                return 0
-            x = (loaded & 0xF) * 4
-        elif code == 0x07:  # tax
-            x = a
-        elif code == 0x14:
-            a = (a - k) & 0xFFFFFFFF
-        elif code == 0x24:
-            a = (a * k) & 0xFFFFFFFF
-        elif code == 0x34:
-            a = a // k
-        elif code == 0x74:
-            a = a >> k
-        elif code == 0xAC:
-            a ^= x
-        elif code == 0x05:
-            pc += k
-        elif code in (0x15, 0x25, 0x35, 0x45):
-            test = {0x15: a == k, 0x25: a > k, 0x35: a >= k, 0x45: bool(a & k)}[code]
-            pc += jt if test else jf
-        elif code == 0x16:
-            return int(a)
-        elif code == 0x06:
-            return int(k)
-        else:
-            raise AssertionError(f"opcode {code:#x} not modelled")
-
-
 def steer(program: bytes, packet: Any, workers: int) -> int:
-    return run_cbpf(program, bytes(packet)) % workers  # the kernel takes it modulo the group
+    return run_bpf(program, bytes(packet)) % workers  # the kernel takes it modulo the group
 
 
 @pytest.mark.parametrize("workers", [2, 3, 4, 7])
@@ -125,7 +74,7 @@ def test_fragments_and_other_protocols_go_to_worker_zero() -> None:
 
 @given(st.binary(max_size=80))
 def test_the_program_returns_for_any_bytes(data: bytes) -> None:
-    assert 0 <= run_cbpf(steering_program(NAT, 3), data) < 2**32
+    assert 0 <= run_bpf(steering_program(NAT, 3), data) < 2**32
 
 
 def test_slices_are_equal_contiguous_and_inside_the_range() -> None:
