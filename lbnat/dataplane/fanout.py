@@ -24,23 +24,29 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from lbnat.dataplane.packet_socket import SOL_PACKET, Insn, assemble
+from lbnat.dataplane.packet_socket import (
+    _JEQ,
+    _JGE,
+    _JGT,
+    _JSET,
+    _LD_B_ABS,
+    _LD_H_ABS,
+    _LD_H_IND,
+    _LD_W_ABS,
+    _LDX_B_MSH,
+    _RET_K,
+    SOL_PACKET,
+    Insn,
+    assemble,
+)
 
 PACKET_FANOUT = 18
 PACKET_FANOUT_DATA = 22
 PACKET_FANOUT_CBPF = 6
 PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
 
-# Classic BPF opcodes used here (linux/filter.h), beyond packet_socket's.
-_LD_W_ABS = 0x20
-_LD_H_ABS = 0x28
-_LD_B_ABS = 0x30
-_LD_H_IND = 0x48
-_LDX_B_MSH = 0xB1
-_JEQ = 0x15
-_JGT = 0x25
-_JGE = 0x35
-_JSET = 0x45
+# Classic BPF ALU opcodes (linux/filter.h), beyond the loads, jumps and returns that
+# packet_socket's filter uses.
 _SUB_K = 0x14
 _MUL_K = 0x24
 _DIV_K = 0x34
@@ -48,7 +54,6 @@ _RSH_K = 0x74
 _XOR_X = 0xAC
 _TAX = 0x07
 _RET_A = 0x16
-_RET_K = 0x06
 
 GOLDEN = 0x9E3779B1  # Fibonacci hashing: multiply, keep the high half
 
