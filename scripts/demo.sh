@@ -61,7 +61,9 @@ scripts/lab.sh status
 
 say "three chat servers on b1 b2 b3, port 9000"
 for b in 1 2 3; do
-	ip netns exec "$P-b$b" python3 -m lbnat.chat server --port 9000 --name "b$b" >"$work/b$b.log" 2>&1 &
+	# the Vagrant backends run the same script (--systemd there); --foreground execs the server
+	ip netns exec "$P-b$b" scripts/provision-backend.sh --foreground --name "b$b" --port 9000 \
+		>"$work/b$b.log" 2>&1 &
 	pids+=("$!")
 done
 for b in 1 2 3; do wait_for "$work/b$b.log" "listening" 10; done

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
+#
+# Provision the load balancer: install lbnat, write its config, run it.
+# Used by the Vagrant LB (systemd), the netns provisioning test and the compose lab
+# (--foreground: there is no systemd in a namespace or a container).
+#
+#   provision-lb.sh --lb-ip IP --backend IP:PORT [--backend IP:PORT ...] [options]
+#
+#   --lb-ip IP            the LB's own address, the virtual IP clients connect to (SRCIP)
+#   --backend IP:PORT     a chat backend (at least one; repeat)
+#   --vip-port N          the virtual port (20000)
+#   --config FILE         the config to write (/etc/lbnat/config.json, the unit's)
+#   --admin-socket PATH   the admin socket in that config (/run/lbnat/lbnat.sock)
+#   --venv DIR            install into this venv (/opt/lbnat: the unit runs /opt/lbnat/bin/lbnat)
+#   --no-install          lbnat is installed already (lbnat on PATH, or $LBNAT)
+#   --systemd             (the default) install scripts/systemd/lbnat.service, (re)start it
+#   --foreground          exec `lbnat run --config FILE` in this process (stop it by pid)
+#
+# The config is docs/config.example.json with SRCIP, the admin socket and one TCP service
+# "chat" (VIP port -> the backends); its UDP example service and its control channel (whose
+# secret is a placeholder) are left out. Install = scripts/install-deps.sh run with the
+# venv's python3 first on PATH (Debian 12's own python3 refuses pip installs, PEP 668).
+set -euo pipefail
+
+me=provision-lb
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=scripts/provision-common.sh
+. "$repo/scripts/provision-common.sh"
+
+usage() {
+	sed -n '4,24p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+lb_ip=""
+backends=()
+vip_port=20000
+config=/etc/lbnat/config.json
+admin_socket=/run/lbnat/lbnat.sock
+venv=/opt/lbnat
+install=1
+mode=systemd
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--lb-ip | --backend | --vip-port | --config | --admin-socket | --venv)
+		[ $# -ge 2 ] || bad_usage "$1 needs a value"
+		case "$1" in
+		--lb-ip) lb_ip="$2" ;;
+		--backend) backends+=("$2") ;;
+		--vip-port) vip_port="$2" ;;
+		--config) config="$2" ;;
+		--admin-socket) admin_socket="$2" ;;
+		--venv) venv="$2" ;;
+		esac
+		shift 2
+		;;
+	--no-install) install=0; shift ;;
+	--systemd) mode=systemd; shift ;;
+	--foreground) mode=foreground; shift ;;
+	-h | --help) usage; exit 0 ;;
+	*) bad_usage "unknown argument '$1'" ;;
+	esac
+done
+[ -n "$lb_ip" ] || bad_usage "--lb-ip is required"
+valid_ipv4 "$lb_ip"
+[ ${#backends[@]} -gt 0 ] || bad_usage "give at least one --backend IP:PORT"
+for b in "${backends[@]}"; do
+	[[ "$b" == *:* ]] || bad_usage "backend '$b' is not IP:PORT"
+	valid_ipv4 "${b%:*}"
+	valid_port "${b##*:}"
+done
+valid_port "$vip_port"
+[[ "$config" == /* ]] || bad_usage "--config must be an absolute path"
+[[ "$admin_socket" == /* ]] || bad_usage "--admin-socket must be an absolute path"
+[[ "$venv" == /* ]] || bad_usage "--venv must be an absolute path"
+need_root "lbnat opens a packet socket and installs an nftables table"
+if [ "$mode" = systemd ]; then
+	has_systemd || die "systemd is not running here; use --foreground (netns lab, containers)"
+fi
+
+# --- install ---------------------------------------------------------------------------------
+if [ "$install" = 1 ]; then
+	# Debian's click and netifaces: netifaces has no wheel for Python 3.11 and would need a
+	# compiler; the venv sees them through --system-site-packages.
+	apt_install python3 python3-venv python3-click python3-netifaces nftables iproute2
+	[ -x "$venv/bin/python3" ] || /usr/bin/python3 -m venv --system-site-packages "$venv"
+	echo "$me: scripts/install-deps.sh into $venv"
+	PATH="$venv/bin:$PATH" "$repo/scripts/install-deps.sh"
+	lbnat="$venv/bin/lbnat"
+else
+	lbnat="${LBNAT:-$(command -v lbnat || true)}"
+fi
+if [ -z "$lbnat" ] || ! [ -x "$lbnat" ]; then
+	die "no lbnat command (install it, or drop --no-install)"
+fi
+
+# --- config ----------------------------------------------------------------------------------
+mkdir -p "$(dirname "$config")"
+tmp="$(mktemp "$config.XXXXXX")"
+trap 'rm -f "$tmp"' EXIT
+"${PYTHON:-python3}" - "$repo/docs/config.example.json" "$lb_ip" "$vip_port" "$admin_socket" \
+	"${backends[@]}" >"$tmp" <<'PY'
+import json
+import sys
+
+example, lb_ip, vip_port, admin_socket, *backends = sys.argv[1:]
+with open(example) as f:
+    config = json.load(f)
+chat = next(s for s in config["services"] if s["name"] == "chat")
+chat["port"] = int(vip_port)
+chat["backends"] = [
+    {"ip": b.rsplit(":", 1)[0], "port": int(b.rsplit(":", 1)[1]), "weight": 1, "name": f"b{n}"}
+    for n, b in enumerate(backends, 1)
+]
+config.pop("control", None)
+config.update(lb_ip=lb_ip, admin_socket=admin_socket, services=[chat])
+json.dump(config, sys.stdout, indent=2)
+print()
+PY
+chmod 0600 "$tmp"
+"$lbnat" check-config "$tmp" >/dev/null || die "the config written for $lb_ip does not validate"
+mv "$tmp" "$config"
+trap - EXIT
+echo "$me: wrote $config: $lb_ip:$vip_port -> ${backends[*]}"
+
+# --- run -------------------------------------------------------------------------------------
+if [ "$mode" = foreground ]; then
+	exec "$lbnat" run --config "$config"
+fi
+
+unit=/etc/systemd/system/lbnat.service
+# the unit runs /opt/lbnat/bin/lbnat and reads /etc/lbnat/config.json; point it elsewhere
+# when told to
+sed -e "s|/opt/lbnat/bin/lbnat|$lbnat|g" -e "s|/etc/lbnat/config.json|$config|g" \
+	"$repo/scripts/systemd/lbnat.service" >"$unit"
+chmod 0644 "$unit"
+systemctl daemon-reload
+systemctl enable lbnat.service >/dev/null 2>&1
+systemctl restart lbnat.service
+for ((i = 0; i < 150; i++)); do
+	[ -S "$admin_socket" ] && break
+	systemctl is-failed --quiet lbnat.service && break
+	sleep 0.1
+done
+if ! systemctl is-active --quiet lbnat.service || ! [ -S "$admin_socket" ]; then
+	journalctl -u lbnat.service -n 30 --no-pager >&2 || true
+	die "lbnat.service did not start (journalctl -u lbnat)"
+fi
+echo "$me: lbnat.service is running (systemctl status lbnat; journalctl -u lbnat)"
