@@ -258,6 +258,7 @@ VIP_PORT = 20000
 BACKEND_PORT = 9000
 BACKEND_HOSTS = ("b1", "b2", "b3")
 HEALTH_INTERVAL = 0.5
+SETTLE = 2.0  # seconds between the chat and `lbnat status`
 WAIT = 15.0  # bound of every wait for a line
 
 
@@ -438,8 +439,13 @@ def capture_chat(capture: Capture) -> list[Screen]:
             tuple(panes[3:]),
         ),
     )
-    status = Screen("status", "lbnat status", ((capture.admin("status"),),))
-    sessions = Screen("sessions", "lbnat sessions", ((capture.admin("sessions"),),))
+    time.sleep(SETTLE)  # flows a few seconds old, as an operator would find them
+    status = Screen(
+        "status", "lbnat status (six chat clients connected)", ((capture.admin("status"),),)
+    )
+    sessions = Screen(
+        "sessions", "lbnat sessions (six chat clients connected)", ((capture.admin("sessions"),),)
+    )
 
     for _, _, popen, _ in clients:
         popen.stdin.write(b"q\n")
@@ -493,12 +499,17 @@ def capture_all(prefix: str) -> list[Screen]:
 
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the run like Ctrl-C does, so every `finally` runs."""
+    """SIGINT, SIGTERM and SIGHUP end the run with KeyboardInterrupt, so every `finally` runs
+    (SIGINT too when the shell started us with it ignored, as `cmd &` does); a second signal
+    during the cleanup is ignored, so the cleanup is not cut short."""
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        for s in signums:
+            signal.signal(s, signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, handler) for s in signums}
     try:
         yield
     finally:
