@@ -4,7 +4,7 @@
 
     sudo python3 scripts/screenshots.py [--out docs/screenshots] [--prefix lbshot] [--svg]
 
-Writes four PNGs (about 30 s on two cores):
+Writes four PNGs (about 10 s on two cores):
 
     chat-demo.png   loadbalancerLobin's log and six chat clients' transcripts: round-robin
                     puts (test1, test4) (test2, test5) (test3, test6) on one server each
