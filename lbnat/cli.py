@@ -117,7 +117,7 @@ def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lbnat")
 def main() -> None:
-    """lbnat: a Layer-4 NAT load balancer for Linux (run as root).
+    """lbnat: a Layer-4 NAT load balancer for Linux (root, or CAP_NET_RAW + CAP_NET_ADMIN).
 
     Example: sudo lbnat run 198.18.0.2 198.18.0.21 9000 198.18.0.22 9000 --port 20000
     """
@@ -486,7 +486,8 @@ def lobin_main(argv: Sequence[str] | None = None) -> NoReturn:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         click.echo(
-            "usage: sudo loadbalancerLobin SRCIP IP PORT [IP PORT ...]   (virtual port 20000)"
+            "usage: sudo loadbalancerLobin SRCIP IP PORT [IP PORT ...]   (virtual port 20000)\n"
+            "Example: sudo loadbalancerLobin 198.18.0.2 198.18.0.21 9000 198.18.0.22 9000"
         )
         raise SystemExit(0 if args else 2)
     lb_ip = parse_ip(args[0], "SRCIP")
@@ -526,7 +527,7 @@ def lobin_main(argv: Sequence[str] | None = None) -> NoReturn:
 def check_config(file: str, vip_port: str) -> None:
     """Validate a config file without starting anything.
 
-    Example: lbnat check-config /etc/lbnat/lbnat.json
+    Example: lbnat check-config /etc/lbnat/config.json
     """
     try:
         config = load_config(file, default_port=parse_port(vip_port, "virtual port"))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
-import os
 import signal
 import socket
 import sys
@@ -31,6 +30,7 @@ from dataclasses import replace
 from types import FrameType
 from typing import Any, TextIO, TypeVar
 
+from lbnat import privileges
 from lbnat.backends import Backend, BackendKey, Health
 from lbnat.config import Config, ConfigError, ServiceConfig
 from lbnat.control.protocol import Authenticator, Request, ack, nack
@@ -147,9 +147,11 @@ class Daemon:
         """Everything up to the first packet. On any failure, undo what was done."""
         c = self.config
         rings = self._rings()
-        if os.geteuid() != 0:
+        if lacking := privileges.missing_here():
             raise StartError(
-                "lbnat must run as root (it opens a packet socket and installs nftables rules)"
+                f"lbnat needs {' and '.join(privileges.REQUIRED)} (a packet socket and an "
+                f"nftables table); this process lacks {', '.join(lacking)}: run it as root "
+                "or with those capabilities (see scripts/systemd/lbnat.service)"
             )
         if not c.services:
             raise StartError(

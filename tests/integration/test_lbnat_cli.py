@@ -3,13 +3,17 @@ and nothing left behind; SIGTERM and SIGINT end it cleanly and undo what it did 
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import (
+    BACKEND_PORT,
     LBNAT_TABLE,
     NAT_PORTS,
     RESERVED_PORTS,
@@ -75,22 +79,62 @@ def test_vip_port_used_by_another_program(bed: Bed) -> None:
     assert squatter.popen.poll() is None  # lbnat left the other program alone
 
 
-def test_not_root_exit_2(bed: Bed) -> None:
-    """As user nobody: refused with a clear message. Python may sit where nobody cannot read
-    it (under /root, as with pyenv): then nobody gets CAP_DAC_READ_SEARCH only (read any
-    file), which is still no root -- no packet socket, no nftables, euid 65534."""
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+
+
+def as_nobody(bed: Bed, caps: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """setpriv arguments running a command as user nobody holding only `caps` (ambient, so
+    that lbnat's nft child and its workers hold them too). Python may sit where nobody cannot
+    read it (under /root, as with pyenv): then nobody also gets CAP_DAC_READ_SEARCH (read any
+    file), which is still no root. Skips if nobody cannot run lbnat at all."""
     require("setpriv")
-    nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
-    reader = ("--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search")
     lbnat = console_script("lbnat")
-    for prefix in (nobody, (*nobody, *reader)):
+    for extra in ((), ("dac_read_search",)):
+        names = ",".join("+" + c for c in (*caps, *extra))
+        prefix = (*NOBODY, f"--inh-caps={names}", f"--ambient-caps={names}") if names else NOBODY
         probe = bed.lab.run("lb", *prefix, lbnat, "--help", check=False)
         if probe.returncode == 0:
-            break
-    else:
-        pytest.skip(f"user nobody cannot run lbnat here: {probe.stderr.strip()[-300:]}")
-    result = bed.lab.run("lb", *prefix, lbnat, "run", LB_IP, B1, "9000", check=False)
-    assert_refused(bed, result, "must run as root")
+            return prefix
+    pytest.skip(f"user nobody cannot run lbnat here: {probe.stderr.strip()[-300:]}")
+
+
+def test_not_root_exit_2(bed: Bed) -> None:
+    """As user nobody without capabilities: refused with a message naming what is missing."""
+    result = bed.lab.run("lb", *as_nobody(bed), console_script("lbnat"), "run", LB_IP, B1, "9000",
+                         check=False)  # fmt: skip
+    assert_refused(bed, result, "lacks CAP_NET_RAW, CAP_NET_ADMIN")
+
+
+def test_nobody_with_net_raw_and_net_admin_balances(bed: Bed) -> None:
+    """Root is not needed, two capabilities are: user nobody holding CAP_NET_RAW and
+    CAP_NET_ADMIN starts lbnat, installs its guard, reserves its NAT ports, carries a chat
+    flow, and undoes it all on SIGTERM (the systemd unit's setup, minus uid 0)."""
+    require("nft")
+    for b in ("b1", "b2"):
+        bed.chat_server(b)
+    before = bed.read_file("lb", RESERVED_PORTS)
+    sockets = Path(tempfile.mkdtemp(prefix="lbnat-nobody-"))  # /tmp: nobody can reach it
+    try:
+        os.chown(sockets, 65534, 65534)
+        argv = [
+            *as_nobody(bed, ("net_raw", "net_admin")), console_script("lbnat"), "run",
+            LB_IP, B1, str(BACKEND_PORT), B2, str(BACKEND_PORT),
+            "--admin-socket", str(sockets / "admin.sock"),
+        ]  # fmt: skip
+        lb = bed.start("lb", *argv, name="lbnat as nobody")
+        bed.wait_ready(lb, ("b1", "b2"))
+        assert os.stat(f"/proc/{lb.pid}").st_uid == 65534
+        assert LBNAT_TABLE in bed.nft_tables()
+        assert f"{NAT_PORTS[0]}-{NAT_PORTS[1]}" in bed.read_file("lb", RESERVED_PORTS)
+        alice, server = bed.chat_client("c1", "alice")
+        assert server == "b1"
+        alice.send_line("hello through nobody")
+        alice.expect("[alice] hello through nobody")
+        assert bed.stop(lb) == 0
+        assert LBNAT_TABLE not in bed.nft_tables()
+        assert bed.read_file("lb", RESERVED_PORTS) == before
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
-from lbnat.cli import main
+from lbnat.cli import lobin_main, main
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "config.example.json"
 
@@ -65,3 +66,21 @@ def test_run_argument_errors_are_one_line_and_exit_2() -> None:
         assert result.exit_code == 2, (argv, result.output)
         lines = result.output.splitlines()
         assert len(lines) == 1 and message in lines[0], (argv, result.output)
+
+
+@pytest.mark.parametrize("command", ["", *sorted(main.commands)])
+def test_every_help_carries_a_one_line_example(command: str) -> None:
+    args = [command, "--help"] if command else ["--help"]
+    result = CliRunner().invoke(main, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    examples = [line.strip() for line in result.output.splitlines() if "Example: " in line]
+    assert len(examples) == 1, result.output
+    assert f"lbnat {command}" in examples[0]
+
+
+def test_loadbalancer_lobin_help_carries_an_example(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        lobin_main(["--help"])
+    assert stopped.value.code == 0
+    out = capsys.readouterr().out
+    assert "Example: sudo loadbalancerLobin 198.18.0.2 198.18.0.21 9000" in out
