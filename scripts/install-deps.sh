@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Install what lbnat, its lab, its tests and its benchmarks need on a fresh Debian machine:
-# the Debian tools (nft, ip, ping, ethtool, iperf3, socat, curl, nginx, haproxy, tcpdump, wrk) and
-# the project itself with its test extras. Idempotent; skips apt when every tool is present.
+# the Debian tools (nft, ip, ping, ethtool, iperf3, socat, curl, nginx, haproxy, tcpdump, wrk,
+# cairo and the DejaVu fonts for the screenshots) and the project itself with its test and docs
+# extras. (Debian's own python3 refuses `pip install` outside a venv, PEP 668: there, make a venv
+# first, `python3 -m venv /opt/lbnat && . /opt/lbnat/bin/activate`, as provision-lb.sh does.) Idempotent; skips apt when every tool is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nftables iproute2 iputils-ping ethtool iperf3 socat curl nginx-light libnginx-mod-stream haproxy tcpdump procps wrk)
+packages=(nftables iproute2 iputils-ping ethtool iperf3 socat curl nginx-light libnginx-mod-stream haproxy tcpdump procps wrk libcairo2 fonts-dejavu-core)
 tools=(nft ip ping ethtool iperf3 socat curl nginx haproxy tcpdump ps wrk)
 
 missing=0
@@ -13,6 +15,8 @@ for tool in "${tools[@]}"; do
 	command -v "$tool" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1 || missing=1
 done
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing=1  # nginx's stream proxy (benchmarks)
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf ] || missing=1  # the screenshots' font
+ldconfig -p 2>/dev/null | grep -q libcairo.so.2 || missing=1                # cairosvg's library
 if [ "$missing" = 1 ] || [ "${LBNAT_FORCE_APT:-0}" = 1 ]; then
 	if [ "$(id -u)" -ne 0 ]; then
 		echo "install-deps: run as root (apt-get needs it)" >&2
@@ -26,4 +30,4 @@ if [ "$missing" = 1 ] || [ "${LBNAT_FORCE_APT:-0}" = 1 ]; then
 	rm -f /usr/sbin/policy-rc.d
 fi
 
-python3 -m pip install -q -e '.[test]'
+python3 -m pip install -q -e '.[test,docs]'

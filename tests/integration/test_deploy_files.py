@@ -1,0 +1,75 @@
+"""The deployment files that cannot run here are still checked by the tools that own them.
+
+- vagrant/Vagrantfile: `vagrant validate --ignore-provider` (no hypervisor on these machines:
+  it parses the file and checks every VM's settings, it boots nothing);
+- scripts/compose/docker-compose.yml: `docker compose config` (or Debian's `docker-compose`),
+  which validates it against the Compose schema without a Docker engine (none runs here);
+- scripts/*.sh: shellcheck, since the Vagrant VMs and the compose lab run them unattended.
+
+The provisioning scripts themselves run for real in test_provision_netns.py. These tests live
+under tests/integration so that CI (CI=true) fails rather than skips them when a tool is
+missing: .ci/run installs vagrant, docker-compose and shellcheck.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.lab import REPO
+
+VAGRANT_DIR = REPO / "vagrant"
+COMPOSE_FILE = REPO / "scripts" / "compose" / "docker-compose.yml"
+
+
+def tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"needs {name} (Debian package {package})")
+    return path
+
+
+def run(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(
+        argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, f"{argv}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def test_vagrantfile_validates(tmp_path: Path) -> None:
+    vagrant = tool("vagrant", "vagrant")
+    # vagrant keeps state in VAGRANT_HOME and the project's .vagrant/: both go to tmp_path
+    env = dict(
+        os.environ,
+        VAGRANT_HOME=str(tmp_path / "home"),
+        VAGRANT_DOTFILE_PATH=str(tmp_path / "dot"),
+        VAGRANT_CHECKPOINT_DISABLE="1",
+    )
+    out = run([vagrant, "validate", "--ignore-provider"], VAGRANT_DIR, env)
+    assert "Vagrantfile validated successfully" in out, out
+
+
+def test_compose_file_validates() -> None:
+    if (docker := shutil.which("docker")) is not None and subprocess.run(
+        [docker, "compose", "version"], capture_output=True, timeout=30
+    ).returncode == 0:
+        argv = [docker, "compose", "-f", str(COMPOSE_FILE), "config"]
+    else:
+        argv = [tool("docker-compose", "docker-compose"), "-f", str(COMPOSE_FILE), "config"]
+    out = run(argv, REPO)
+    # the resolved file: the LB holds NET_ADMIN and NET_RAW, the five hosts share one network
+    for name in ("lb:", "b1:", "b2:", "b3:", "client:", "NET_ADMIN", "NET_RAW", "198.19.0.0/24"):
+        assert name in out, name
+
+
+def test_shell_scripts_pass_shellcheck() -> None:
+    shellcheck = tool("shellcheck", "shellcheck")
+    scripts = sorted(str(p.relative_to(REPO)) for p in (REPO / "scripts").glob("*.sh"))
+    assert "scripts/provision-lb.sh" in scripts
+    run([shellcheck, "-x", *scripts], REPO)
