@@ -43,9 +43,9 @@ def test_required_keys_say_so() -> None:
 
 
 def test_replace_block_keeps_the_rest_and_needs_the_markers() -> None:
-    text = f"intro\n{BEGIN}\nold\n{END}\noutro\n"
+    text = f"intro\n{BEGIN}\nOLD TABLE\n{END}\noutro\n"
     new = replace_block(text, schema)
     assert new.startswith("intro\n") and new.endswith("\noutro\n")
-    assert "old" not in new and "`lb_ip`" in new
+    assert "OLD TABLE" not in new and "`lb_ip`" in new
     with pytest.raises(ValueError):
         replace_block("no markers here", schema)
