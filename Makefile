@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: deps demo test lint unit netns bench-core bench bench-quick clean-lab
+.PHONY: deps demo test lint unit netns bench-core bench bench-quick screenshots config-reference clean-lab
 
 deps:  ## Debian tools + the project with its test extras
 	scripts/install-deps.sh
@@ -31,6 +31,12 @@ bench: deps  ## direct, lbnat, HAProxy, nginx stream side by side (< 10 min); do
 
 bench-quick: deps  ## the same, one short repetition (about a minute), into /tmp/lbnat-bench
 	$(PYTHON) -m lbnat.bench --quick --out /tmp/lbnat-bench
+
+screenshots: deps  ## the README's PNGs from real runs in a netns lab (about 10 s); docs/screenshots/
+	$(PYTHON) scripts/screenshots.py --out docs/screenshots
+
+config-reference:  ## rewrite the README's configuration reference from docs/config.schema.json
+	$(PYTHON) -m lbnat.schema_doc --write
 
 clean-lab:  ## remove the demo lab if a run was interrupted
 	LAB_PREFIX=lbnat scripts/lab.sh down
