@@ -16,7 +16,7 @@ for tool in "${tools[@]}"; do
 done
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing=1  # nginx's stream proxy (benchmarks)
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf ] || missing=1  # the screenshots' font
-ldconfig -p 2>/dev/null | grep -q libcairo.so.2 || missing=1                # cairosvg's library
+PATH="$PATH:/usr/sbin:/sbin" ldconfig -p 2>/dev/null | grep -q libcairo.so.2 || missing=1  # cairosvg
 if [ "$missing" = 1 ] || [ "${LBNAT_FORCE_APT:-0}" = 1 ]; then
 	if [ "$(id -u)" -ne 0 ]; then
 		echo "install-deps: run as root (apt-get needs it)" >&2

@@ -2,8 +2,8 @@
 its own interval, runs the state machine and publishes the results.
 
 It never touches the session table: after probing a service it publishes a new immutable
-snapshot of that service's backends through `publish`, which the daemon hands to the packet
-loop's command queue. A probe never blocks the packet loop; the probes of one round run in
+snapshot of that service's backends through `publish`, which the daemon hands to the data
+plane (the loop's command queue, or every worker's socketpair). A probe never blocks the packet loop; the probes of one round run in
 parallel on a small pool, so a few dead backends (each costing a full timeout) do not stretch
 the round.
 """
