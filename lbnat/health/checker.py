@@ -3,9 +3,9 @@ its own interval, runs the state machine and publishes the results.
 
 It never touches the session table: after probing a service it publishes a new immutable
 snapshot of that service's backends through `publish`, which the daemon hands to the data
-plane (the loop's command queue, or every worker's socketpair). A probe never blocks the packet loop; the probes of one round run in
-parallel on a small pool, so a few dead backends (each costing a full timeout) do not stretch
-the round.
+plane (the loop's command queue, or every worker's socketpair). A probe never blocks the
+packet loop; the probes of one round run in parallel on a small pool, so a few dead backends
+(each costing a full timeout) do not stretch the round.
 """
 
 from __future__ import annotations
