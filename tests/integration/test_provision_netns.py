@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from lbnat.privileges import CAPABILITY_BITS, effective_set
 from tests.integration.conftest import (
     BACKEND_PORT,
     LBNAT_TABLE,
@@ -43,9 +44,6 @@ from tests.integration.lab import LB_IP, REPO, Lab, host_ip, skip_reason
 SCRIPTS = REPO / "scripts"
 UNIT = SCRIPTS / "systemd" / "lbnat.service"
 BACKENDS = ("b1", "b2", "b3")
-
-# Linux capability numbers (include/uapi/linux/capability.h) of the ones a unit may name here
-CAP_BITS = {"CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13}
 
 
 def unit_service(path: Path = UNIT) -> dict[str, list[str]]:
@@ -93,10 +91,9 @@ def setpriv_argv(caps: list[str]) -> list[str]:
 
 
 def cap_eff(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    raise AssertionError(f"no CapEff in /proc/{pid}/status")
+    mask = effective_set(Path(f"/proc/{pid}/status").read_text())
+    assert mask is not None, f"no CapEff in /proc/{pid}/status"
+    return mask
 
 
 def script(name: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -182,7 +179,7 @@ def test_provisioned_lab_carries_chat_through_lbnat(prov: Bed) -> None:
     # lbnat (the script exec'd it: same pid) runs as uid 0 with exactly the unit's capabilities
     assert os.stat(f"/proc/{lb.pid}").st_uid == 0
     assert "lbnat" in Path(f"/proc/{lb.pid}/cmdline").read_bytes().decode(errors="replace")
-    assert cap_eff(lb.pid) == sum(1 << CAP_BITS[c] for c in caps)
+    assert cap_eff(lb.pid) == sum(1 << CAPABILITY_BITS[c] for c in caps)
     # ... and with them installed its kernel guard (the nft child) and reserved its NAT ports
     assert LBNAT_TABLE in bed.nft_tables()
     assert "61000-65535" in bed.read_file("lb", RESERVED_PORTS)
@@ -306,7 +303,7 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     assert service["ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
     assert service["RuntimeDirectory"] == ["lbnat"]
     assert service["Restart"] == ["on-failure"]
-    assert {"CAP_NET_RAW", "CAP_NET_ADMIN"} <= set(unit_caps()) <= set(CAP_BITS)
+    assert {"CAP_NET_RAW", "CAP_NET_ADMIN"} <= set(unit_caps()) <= set(CAPABILITY_BITS)
     root = tmp_path / "root"
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
     for exe in ("/opt/lbnat/bin/lbnat", "/bin/kill"):
