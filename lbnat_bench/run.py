@@ -382,10 +382,9 @@ class Bed:
     def sysctl(self, host: str, setting: str) -> None:
         self.run(host, ["sysctl", "-qw", setting], timeout=10)
 
-    def wait_listening(self, host: str, port: int, udp: bool = False, timeout: float = 15) -> None:
+    def wait_listening(self, host: str, port: int, timeout: float = 15) -> None:
         try:
-            self.lab.wait_listening(host, port, udp=udp, timeout=timeout,
-                                    between_polls=self.check_alive)
+            self.lab.wait_listening(host, port, timeout=timeout, between_polls=self.check_alive)
         except TimeoutError:
             raise BenchError(f"nothing listens on {host} port {port} after {timeout} s") from None
 

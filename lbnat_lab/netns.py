@@ -23,7 +23,7 @@ Every host is a namespace named ``<prefix>-<host>`` (hosts: c1, c2, lb, b1, b2, 
 prefix is unique per Lab so parallel runs never meet. `close` (or leaving the ``with``) ends
 every process the Lab started, by pid (SIGTERM, then SIGKILL), then runs ``lab.sh down``.
 
-Run this module by hand as root for a self-check: ``python -m lbnat_lab.netns``.
+tests/integration/test_lab_netns.py checks it with a chat server and two clients.
 """
 
 from __future__ import annotations
@@ -317,43 +317,3 @@ class Lab:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _self_check() -> int:
-    """By hand, as root: a chat server in b1, clients in c1 and c2 straight to 198.18.0.21."""
-    reason = skip_reason()
-    if reason is not None:
-        print(f"SKIP: {reason}")
-        return 4
-    port = 9000
-    with Lab() as lab:
-        print(f"lab {lab.prefix} up: {lab.is_up()}")
-        print(lab.run("c1", "ping", "-c", "1", "-W", "2", BACKENDS["b1"]).stdout.splitlines()[-2])
-        server = lab.popen("b1", *CHAT, "server", "--port", str(port), "--name", "b1")
-        lab.wait_tcp_listening("b1", port, timeout=5)
-        alice = lab.popen("c1", *CHAT, "client", BACKENDS["b1"], str(port), "alice",
-                          stdin=subprocess.PIPE)  # fmt: skip
-        bob = lab.popen("c2", *CHAT, "client", BACKENDS["b1"], str(port), "bob",
-                        stdin=subprocess.PIPE)  # fmt: skip
-        for client in (alice, bob):
-            print("greeting:", lab.expect(client, "* connected to", timeout=5))
-        print("server log:", lab.expect(server, "(total 2)", timeout=5))
-        assert alice.stdin is not None
-        alice.stdin.write(b"hello from c1\n")
-        alice.stdin.flush()
-        for client in (alice, bob):
-            print("received:", lab.expect(client, "[alice] hello from c1", timeout=5))
-        alice.stdin.write(b"q\n")
-        alice.stdin.flush()
-        print("alice exit code:", alice.wait(5))
-        print("server exit code after SIGTERM:", lab.stop(server))
-        leftover = bob  # still running: close() must end it
-    print("bob ended by close():", leftover.returncode is not None)
-    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    left = [line for line in names.splitlines() if line.startswith(f"{lab.prefix}-")]
-    print("namespaces left:", left)
-    return 0 if not left else 1
-
-
-if __name__ == "__main__":
-    sys.exit(_self_check())
