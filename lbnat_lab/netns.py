@@ -101,33 +101,6 @@ def checkout_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def wait_listening(
-    netns: str,
-    port: int,
-    *,
-    udp: bool = False,
-    timeout: float = 10.0,
-    between_polls: Callable[[], None] | None = None,
-) -> None:
-    """Poll ``ss -l`` in namespace `netns` until something listens on `port` (TCP, or UDP if
-    `udp`). `between_polls` runs after each miss: it may raise to stop waiting early (the
-    benchmark checks that its servers are still running)."""
-    deadline = time.monotonic() + timeout
-    proto = "udp" if udp else "tcp"
-    argv = ["ip", "netns", "exec", netns, "ss", "-Hlnu" if udp else "-Hltn", f"sport = :{port}"]
-    while True:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-        if result.returncode == 0 and result.stdout.strip():
-            return
-        if between_polls is not None:
-            between_polls()
-        if time.monotonic() >= deadline:
-            raise TimeoutError(
-                f"nothing listens on {proto} port {port} in {netns} after {timeout}s"
-            )
-        time.sleep(0.05)
-
-
 def terminate(procs: Sequence[subprocess.Popen[Any]], timeout: float = TERMINATE_TIMEOUT) -> None:
     """Stop processes by pid: SIGTERM to every live one at once (a chat client takes up to
     0.5 s to notice), then SIGKILL to any still running `timeout` seconds later."""
@@ -245,7 +218,23 @@ class Lab:
         timeout: float = 10.0,
         between_polls: Callable[[], None] | None = None,
     ) -> None:
-        wait_listening(self.ns(host), port, udp=udp, timeout=timeout, between_polls=between_polls)
+        """Poll ``ss -l`` in `host`'s namespace until something listens on `port` (TCP, or UDP
+        if `udp`). `between_polls` runs after each miss: it may raise to stop waiting early
+        (the benchmark checks that its servers are still running)."""
+        deadline = time.monotonic() + timeout
+        proto = "udp" if udp else "tcp"
+        argv = self.argv(host, ["ss", "-Hlnu" if udp else "-Hltn", f"sport = :{port}"])
+        while True:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+            if result.returncode == 0 and result.stdout.strip():
+                return
+            if between_polls is not None:
+                between_polls()
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"nothing listens on {proto} port {port} in {self.ns(host)} after {timeout}s"
+                )
+            time.sleep(0.05)
 
     def wait_tcp_listening(self, host: str, port: int, timeout: float = 10.0) -> None:
         self.wait_listening(host, port, timeout=timeout)

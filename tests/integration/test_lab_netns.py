@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lbnat_lab.netns import BACKENDS, CHAT, ECHO, Lab, LabError, skip_reason, wait_listening
+from lbnat_lab.netns import BACKENDS, CHAT, ECHO, Lab, LabError, skip_reason
 
 pytestmark = pytest.mark.netns
 
@@ -80,7 +80,7 @@ def test_udp_echo_and_wait_listening(lab: Lab) -> None:
             polls.append(None)
             raise LookupError("stop waiting")
 
-        wait_listening(lab.ns("b1"), PORT + 1, timeout=30, between_polls=give_up)
+        lab.wait_listening("b1", PORT + 1, timeout=30, between_polls=give_up)
     assert len(polls) == 1
     assert lab.stop(echo) == 0  # SIGTERM: the echo server stops cleanly
 
