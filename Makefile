@@ -24,19 +24,19 @@ test: lint  ## lint, unit tests and netns integration tests (root), in one pytes
 	$(PYTEST) -ra tests
 
 bench-core:  ## engine only: cost per packet and memory per session with 1,000,000 rows
-	$(PYTHON) -m lbnat.bench.scale --rows 1000000 --tracemalloc
+	$(PYTHON) -m lbnat_bench.scale --rows 1000000 --tracemalloc
 
 bench: deps  ## direct, lbnat, HAProxy, nginx stream side by side (< 10 min); docs/benchmarks/
-	$(PYTHON) -m lbnat.bench $(BENCH_ARGS)
+	$(PYTHON) -m lbnat_bench $(BENCH_ARGS)
 
 bench-quick: deps  ## the same, one short repetition (about a minute), into /tmp/lbnat-bench
-	$(PYTHON) -m lbnat.bench --quick --out /tmp/lbnat-bench
+	$(PYTHON) -m lbnat_bench --quick --out /tmp/lbnat-bench
 
 screenshots: deps  ## the README's PNGs from real runs in a netns lab (about 10 s); docs/screenshots/
 	$(PYTHON) scripts/screenshots.py --out docs/screenshots
 
 config-reference:  ## rewrite the README's configuration reference from docs/config.schema.json
-	$(PYTHON) -m lbnat.schema_doc --write
+	$(PYTHON) scripts/schema_doc.py --write
 
 clean-lab:  ## remove the demo lab if a run was interrupted
 	LAB_PREFIX=lbnat scripts/lab.sh down

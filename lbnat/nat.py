@@ -226,7 +226,7 @@ class PortPool:
 
 
 class Session:
-    """One row: about 450 bytes with its share of the maps (`python -m lbnat.bench.scale`).
+    """One row: about 450 bytes with its share of the maps (`python -m lbnat_bench.scale`).
 
     Slots only; per-packet state is kept in objects rows can share: the last-seen time is the
     packet loop's `now` of the batch (not a deadline float per row), ports and windows are the

@@ -80,7 +80,7 @@ fds=()
 for i in 1 2 3 4 5 6; do
 	host=c$(((i - 1) % 2 + 1))
 	mkfifo "$work/test$i.in"
-	ip netns exec "$P-$host" python3 -m lbnat.chat client $LB_IP $VIP_PORT "test$i" \
+	ip netns exec "$P-$host" python3 -m lbnat_lab.chat client $LB_IP $VIP_PORT "test$i" \
 		<"$work/test$i.in" >"$work/test$i.out" 2>&1 &
 	pids+=("$!")
 	exec {fd}>"$work/test$i.in"

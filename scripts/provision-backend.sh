@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
 #
-# Provision one backend: the lab's chat server (python3 -m lbnat.chat server) on a port.
+# Provision one backend: the lab's chat server (python3 -m lbnat_lab.chat server) on a port.
 # Used by the Vagrant backends (as a systemd service), by the netns demo and tests and the
 # compose lab (in the foreground, where there is no systemd).
 #
@@ -47,7 +47,7 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$mode" = foreground ]; then
 	command -v "$python" >/dev/null 2>&1 || die "no $python here"
-	exec "$python" -m lbnat.chat server --port "$port" --name "$name"
+	exec "$python" -m lbnat_lab.chat server --port "$port" --name "$name"
 fi
 
 need_root "it installs a systemd service"
@@ -65,7 +65,7 @@ After=network-online.target
 Type=exec
 DynamicUser=yes
 Environment=PYTHONPATH=$repo PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-ExecStart=/usr/bin/python3 -m lbnat.chat server --port $port --name $name
+ExecStart=/usr/bin/python3 -m lbnat_lab.chat server --port $port --name $name
 Restart=on-failure
 RestartSec=2
 CapabilityBoundingSet=

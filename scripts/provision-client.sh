@@ -29,7 +29,7 @@ command -v python3 >/dev/null 2>&1 || { need_root "it installs python3"; apt_ins
 cat >"$bin_dir/lbnat-chat.tmp" <<WRAPPER
 #!/bin/sh
 # written by scripts/provision-client.sh: the lab's chat app from $repo
-PYTHONPATH="$repo\${PYTHONPATH:+:\$PYTHONPATH}" exec "\${PYTHON:-python3}" -m lbnat.chat "\$@"
+PYTHONPATH="$repo\${PYTHONPATH:+:\$PYTHONPATH}" exec "\${PYTHON:-python3}" -m lbnat_lab.chat "\$@"
 WRAPPER
 chmod 0755 "$bin_dir/lbnat-chat.tmp"
 mv "$bin_dir/lbnat-chat.tmp" "$bin_dir/lbnat-chat"

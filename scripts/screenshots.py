@@ -14,7 +14,7 @@ Writes four PNGs (about 10 s on two cores):
 
 Two halves:
 
-- capture (thin, needs root): scripts/lab.sh's lab through tests/integration/lab.py's `Lab`
+- capture (thin, needs root): scripts/lab.sh's lab through lbnat_lab.netns's `Lab`
   (namespaces <prefix>-{c1,c2,lb,b1,b2,b3,sw}, 198.18.0.0/24), every process started by pid
   and stopped by pid; the lab is taken down whatever happens (SIGINT, SIGTERM and SIGHUP
   included). Every process runs this checkout's lbnat (PYTHONPATH is the repo this file is
@@ -330,14 +330,14 @@ class Capture:
 
     def __init__(self, prefix: str) -> None:
         sys.path.insert(0, str(REPO))
-        from tests.integration.lab import CHAT, Lab, skip_reason
+        from lbnat_lab.netns import CHAT, LAB_SH, Lab, checkout_env, skip_reason
 
         if (reason := skip_reason()) is not None:
             raise SystemExit(f"screenshots: cannot build the lab: {reason}")
         self.chat = CHAT
         # a lab of this prefix left by a killed run: its processes by pid, then its namespaces
         subprocess.run(
-            ["bash", str(REPO / "scripts" / "lab.sh"), "down"],
+            ["bash", str(LAB_SH), "down"],
             env={**os.environ, "LAB_PREFIX": prefix},
             capture_output=True,
             timeout=60,
@@ -345,12 +345,7 @@ class Capture:
         )
         self.lab = Lab(prefix=prefix)
         self.admin_socket = self.lab.admin_socket
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1",
-            "LBNAT_ADMIN_SOCKET": self.admin_socket,
-        }
+        self.env = checkout_env(PYTHONUNBUFFERED="1", LBNAT_ADMIN_SOCKET=self.admin_socket)
 
     def close(self) -> None:
         self.lab.close()

@@ -27,8 +27,7 @@ from typing import IO, TypeVar
 
 import pytest
 
-from lbnat.bench.run import terminate
-from tests.integration.lab import CHAT, LB_IP, Lab, host_ip, skip_reason
+from lbnat_lab.netns import CHAT, LB_IP, Lab, host_ip, skip_reason, terminate
 
 T = TypeVar("T")
 

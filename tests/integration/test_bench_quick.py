@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from lbnat_lab.netns import REPO, skip_reason
 from tests.integration.conftest import require
-from tests.integration.lab import REPO, skip_reason
 
 pytestmark = pytest.mark.netns
 
@@ -39,7 +39,7 @@ def test_quick_benchmark_produces_every_result(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-m", "lbnat.bench", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "lbnat_bench", "--quick", "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lbnat_lab.netns import LB_IP, host_ip
 from tests.integration.conftest import BACKEND_PORT, Bed, Proc, console_script
-from tests.integration.lab import LB_IP, host_ip
 
 pytestmark = pytest.mark.netns
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.lab import REPO
+from lbnat_lab.netns import REPO
 
 VAGRANT_DIR = REPO / "vagrant"
 COMPOSE_FILE = REPO / "scripts" / "compose" / "docker-compose.yml"

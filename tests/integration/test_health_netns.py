@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from lbnat_lab.netns import ECHO, LB_IP, host_ip
 from tests.integration.conftest import (
     BACKEND_PORT,
     NEW_CLIENT_RE,
@@ -22,7 +23,6 @@ from tests.integration.conftest import (
     require,
     start_nginx,
 )
-from tests.integration.lab import LB_IP, host_ip
 
 pytestmark = pytest.mark.netns
 
@@ -168,7 +168,7 @@ def test_udp_probe(bed: Bed) -> None:
     """udp: b1 answers "OK"; b2 has no UDP server, so its ICMP port-unreachable fails every
     probe at once."""
     echo = bed.start(
-        "b1", sys.executable, "-m", "lbnat.udpecho", "--port", str(BACKEND_PORT), "--name", "b1",
+        "b1", *ECHO, "--port", str(BACKEND_PORT), "--name", "b1",
         name="udp echo b1",
     )  # fmt: skip
     echo.expect("listening")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lbnat_lab.netns import CLIENTS, LB_IP, host_ip
 from tests.integration.conftest import (
     BACKEND_PORT,
     LBNAT_TABLE,
@@ -19,7 +20,6 @@ from tests.integration.conftest import (
     Bed,
     require,
 )
-from tests.integration.lab import CLIENTS, LB_IP, host_ip
 
 pytestmark = pytest.mark.netns
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lbnat_lab.netns import LB_IP, host_ip
 from tests.integration.conftest import (
     BACKEND_PORT,
     LBNAT_TABLE,
@@ -22,7 +23,6 @@ from tests.integration.conftest import (
     console_script,
     require,
 )
-from tests.integration.lab import LB_IP, host_ip
 
 pytestmark = pytest.mark.netns
 

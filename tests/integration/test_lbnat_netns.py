@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from lbnat_lab.netns import CLIENTS, LB_IP, host_ip
 from tests.integration.conftest import (
     BACKEND_PORT,
     NEW_CLIENT_RE,
@@ -20,7 +21,6 @@ from tests.integration.conftest import (
     require,
     start_nginx,
 )
-from tests.integration.lab import CLIENTS, LB_IP, host_ip
 
 pytestmark = pytest.mark.netns
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from lbnat.privileges import CAPABILITY_BITS, effective_set
+from lbnat_lab.netns import LB_IP, REPO, Lab, host_ip, skip_reason
 from tests.integration.conftest import (
     BACKEND_PORT,
     LBNAT_TABLE,
@@ -39,7 +40,6 @@ from tests.integration.conftest import (
     console_script,
     require,
 )
-from tests.integration.lab import LB_IP, REPO, Lab, host_ip, skip_reason
 
 SCRIPTS = REPO / "scripts"
 UNIT = SCRIPTS / "systemd" / "lbnat.service"

@@ -10,13 +10,12 @@ import time
 
 import pytest
 
+from lbnat_lab.netns import ECHO, LB_IP, host_ip
 from tests.integration.conftest import BACKEND_PORT, Bed, Proc, console_script
-from tests.integration.lab import LB_IP, host_ip
 
 pytestmark = pytest.mark.netns
 
 UDP_PORT = 20053
-ECHO = (sys.executable, "-m", "lbnat.udpecho")
 
 
 def echo_server(bed: Bed, host: str, port: int = BACKEND_PORT) -> Proc:

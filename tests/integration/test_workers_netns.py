@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from lbnat_lab.netns import Lab, skip_reason
 from tests.integration.conftest import BACKEND_PORT, Bed, Proc, console_script, require
-from tests.integration.lab import Lab, skip_reason
 
 WORKERS = max(2, os.cpu_count() or 1)
 FAST = ("--health-interval", "0.3", "--health-timeout", "1")

@@ -277,7 +277,7 @@ class Result:
         return ip_text(hop)
 
 
-class Lab:
+class EngineHarness:
     """An Engine with a TCP service "web" (VIP port 80 -> backends :8080) and a UDP service "dns"
     (53 -> :5353) over the lab backends, a fake clock, and packet helpers."""
 
@@ -367,7 +367,7 @@ class Flow:
     """One TCP connection seen from both of its ends; every packet the engine forwards is
     checked: addresses and ports translated, everything else untouched, checksums right."""
 
-    lab: Lab
+    lab: EngineHarness
     client: str
     port: int
     c_isn: int
@@ -538,7 +538,7 @@ class Flow:
 
 @dataclass
 class UdpFlow:
-    lab: Lab
+    lab: EngineHarness
     client: str
     port: int
     backend: str | None = None

@@ -1,5 +1,5 @@
-"""Tests for lbnat.bench.report (tools' output in, figures and markdown out) and a smoke test
-of lbnat.bench.charts.
+"""Tests for lbnat_bench.report (tools' output in, figures and markdown out) and a smoke test
+of lbnat_bench.charts.
 
 The inputs are recorded output of wrk 4.1.0, iperf3 -J, /proc/PID/stat and py-spy's raw
 collapsed stacks, kept as literal strings; each test feeds one in and asserts what comes out.
@@ -19,8 +19,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from lbnat.bench import report
-from lbnat.bench.report import Record, Summary
+from lbnat_bench import report
+from lbnat_bench.report import Record, Summary
 
 WRK_LATENCY = """\
 Running 1s test @ http://198.18.0.2:80/
@@ -451,7 +451,7 @@ def test_profile_summary_without_samples(collapsed: str) -> None:
 
 def test_charts_draw_all_writes_pngs(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from lbnat.bench import charts
+    from lbnat_bench import charts
 
     records: list[Record] = []
     for rep in range(2):
@@ -476,7 +476,7 @@ def test_charts_draw_all_writes_pngs(tmp_path: Path) -> None:
 
 
 def test_update_readme_replaces_only_the_marked_block(tmp_path: Path) -> None:
-    from lbnat.bench import run
+    from lbnat_bench import run
 
     readme = tmp_path / "README.md"
     res = results(SUMMARY, [], SCALE_FULL)
@@ -506,7 +506,7 @@ def test_update_readme_replaces_only_the_marked_block(tmp_path: Path) -> None:
 def test_bench_arguments_refused_with_a_message(
     argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lbnat.bench import run
+    from lbnat_bench import run
 
     with pytest.raises(SystemExit) as exit_info:
         run.parse_args(argv)
@@ -516,7 +516,7 @@ def test_bench_arguments_refused_with_a_message(
 
 
 def test_bench_arguments() -> None:
-    from lbnat.bench import run
+    from lbnat_bench import run
 
     quick, out, readme = run.parse_args(["--quick", "--out", "/tmp/x"])
     assert (quick.reps, quick.seconds, quick.scale_rows) == (1, 1.0, [10_000, 100_000])

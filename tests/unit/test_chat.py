@@ -1,4 +1,4 @@
-"""Tests for lbnat.chat with ephemeral ports, inside a network namespace of the test's own
+"""Tests for lbnat_lab.chat with ephemeral ports, inside a network namespace of the test's own
 (tests/unit/conftest.py, address HOST): greeting, broadcast with the client's prefix,
 quitting, and a server that survives rude clients. Every wait is bounded."""
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from lbnat import chat
-from lbnat.chat import MAX_LINE, ChatClient, ChatServer, _Client
+from lbnat_lab import chat
+from lbnat_lab.chat import MAX_LINE, ChatClient, ChatServer, _Client
 from tests.unit.conftest import HOST
 
 pytestmark = pytest.mark.usefixtures("private_netns")
@@ -318,10 +318,10 @@ def test_line_splitting(chunks: list[bytes], expected: list[bytes]) -> None:
 
 
 def python_m(*argv: str, stdin: int | None = None) -> subprocess.Popen[bytes]:
-    """`python -m lbnat.chat ARGV` with stdout and stderr piped."""
+    """`python -m lbnat_lab.chat ARGV` with stdout and stderr piped."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen(
-        [sys.executable, "-m", "lbnat.chat", *argv],
+        [sys.executable, "-m", "lbnat_lab.chat", *argv],
         env=env,
         stdin=stdin,
         stdout=subprocess.PIPE,

@@ -25,8 +25,8 @@ from tests.unit.fixtures import (
     LB,
     WEB_BACKEND_PORT,
     WEB_PORT,
+    EngineHarness,
     Flow,
-    Lab,
     check_table,
     complete_partial,
     describe_events,
@@ -41,7 +41,7 @@ from tests.unit.fixtures import (
 B1, B2, B3 = BACKEND_IPS
 
 
-def established(lab: Lab, client: str, port: int) -> Flow:
+def established(lab: EngineHarness, client: str, port: int) -> Flow:
     flow = lab.flow(client, port)
     assert flow.syn().forwarded
     flow.synack()
@@ -55,7 +55,7 @@ def established(lab: Lab, client: str, port: int) -> Flow:
 
 @pytest.mark.parametrize("partial", [False, True], ids=["complete", "partial"])
 def test_a_whole_connection_is_translated_both_ways(partial: bool) -> None:
-    lab = Lab(partial=partial)
+    lab = EngineHarness(partial=partial)
     flow = lab.flow(CLIENT1, 43210, isn=0xFFFFFF00)
     syn = flow.syn(options=[("MSS", 1460), ("SAckOK", b""), ("WScale", 7)])
     assert syn.action == (FORWARD, int.from_bytes(bytes(map(int, B1.split("."))), "big"))
@@ -73,7 +73,7 @@ def test_a_whole_connection_is_translated_both_ways(partial: bool) -> None:
 
 
 def test_translation_with_ip_options() -> None:
-    lab = Lab()
+    lab = EngineHarness()
     flow = lab.flow()
     flow.syn()
     packet = tcp(CLIENT1, LB, flow.port, WEB_PORT, "A", flow.c_next, flow.s_next,
@@ -90,7 +90,7 @@ def test_translation_with_ip_options() -> None:
 
 @pytest.mark.parametrize("partial", [False, True], ids=["complete", "partial"])
 def test_packet_inside_a_larger_buffer_is_rewritten_in_place(partial: bool) -> None:
-    lab = Lab()
+    lab = EngineHarness()
     raw = wire(tcp(CLIENT1, LB, 40000, WEB_PORT, "S", seq=5, payload=b"x"))
     if partial:
         raw = make_partial(raw)
@@ -111,7 +111,7 @@ def test_packet_inside_a_larger_buffer_is_rewritten_in_place(partial: bool) -> N
 
 def test_six_clients_over_three_backends_round_robin() -> None:
     """The C++ original's demo: clients (1,4) (2,5) (3,6) share a server."""
-    lab = Lab()
+    lab = EngineHarness()
     clients = [(CLIENT1 if i < 3 else CLIENT2, 50000 + i) for i in range(6)]
     flows = [lab.flow(ip, port) for ip, port in clients]
     for flow in flows:
@@ -124,7 +124,7 @@ def test_six_clients_over_three_backends_round_robin() -> None:
 
 
 def test_all_backends_dead_tcp_syn_gets_a_rst_and_udp_is_dropped() -> None:
-    lab = Lab()
+    lab = EngineHarness()
     for index in range(3):
         lab.set_health(index, Health.DEAD)
     syn = tcp(CLIENT1, LB, 40000, WEB_PORT, "S", seq=0xFFFFFFFF)
@@ -157,7 +157,7 @@ def test_all_backends_dead_tcp_syn_gets_a_rst_and_udp_is_dropped() -> None:
 
 
 def test_ack_of_the_no_backend_rst_acknowledges_the_syn() -> None:
-    lab = Lab(backends=1)
+    lab = EngineHarness(backends=1)
     lab.set_health(0, Health.DEAD)
     result = lab.send(tcp(CLIENT2, LB, 1234, WEB_PORT, "S", seq=123456))
     packet = IP(result.reply)
@@ -166,14 +166,14 @@ def test_ack_of_the_no_backend_rst_acknowledges_the_syn() -> None:
 
 
 def test_all_backends_draining_is_no_backend_too() -> None:
-    lab = Lab(backends=2)
+    lab = EngineHarness(backends=2)
     lab.set_health(0, Health.ALIVE, draining=True)
     lab.set_health(1, Health.BAD, draining=True)
     assert lab.flow().syn().kind == REPLY
 
 
 def test_bad_backends_still_take_new_flows() -> None:
-    lab = Lab(backends=2)
+    lab = EngineHarness(backends=2)
     lab.set_health(0, Health.BAD)
     flows = [lab.flow(CLIENT1, port) for port in (1, 2)]
     for flow in flows:
@@ -182,7 +182,7 @@ def test_bad_backends_still_take_new_flows() -> None:
 
 
 def test_draining_backend_gets_no_new_flows_but_keeps_its_flows() -> None:
-    lab = Lab()
+    lab = EngineHarness()
     old = established(lab, CLIENT1, 1000)
     assert old.backend == B1
     lab.set_health(0, Health.ALIVE, draining=True)
@@ -199,7 +199,7 @@ def test_draining_backend_gets_no_new_flows_but_keeps_its_flows() -> None:
 
 def test_dead_backend_keeps_its_existing_flows() -> None:
     """Health decides new flows only: an existing row is never re-scheduled."""
-    lab = Lab()
+    lab = EngineHarness()
     old = established(lab, CLIENT1, 1000)
     lab.set_health(0, Health.DEAD)
     assert old.data_c().forwarded and old.data_s().forwarded
@@ -226,7 +226,7 @@ def test_a_reused_client_port_reopens_its_ended_row_on_the_same_backend_and_nat_
     """Like conntrack: only the same client socket's ISN and timestamps are sure to be newer
     than the ones the backend's TIME_WAIT remembers for that NAT port, so the new flow keeps
     them; round-robin does not move on for it."""
-    lab = Lab()
+    lab = EngineHarness()
     first = established(lab, CLIENT1, 1000)
     closed(first)
     backend, nat_port = first.backend, first.nat_port
@@ -245,7 +245,7 @@ def test_a_reused_client_port_reopens_its_ended_row_on_the_same_backend_and_nat_
 def test_a_reused_client_port_is_rescheduled_when_its_backend_takes_no_new_flows(
     health: Health | str,
 ) -> None:
-    lab = Lab()
+    lab = EngineHarness()
     first = established(lab, CLIENT1, 1000)
     closed(first)
     if health == "draining":
@@ -258,7 +258,7 @@ def test_a_reused_client_port_is_rescheduled_when_its_backend_takes_no_new_flows
 
 
 def test_backend_added_while_flows_exist() -> None:
-    lab = Lab(backends=2)
+    lab = EngineHarness(backends=2)
     one = established(lab, CLIENT1, 1)
     two = established(lab, CLIENT1, 2)
     lab.add_backend()
@@ -272,7 +272,7 @@ def test_backend_added_while_flows_exist() -> None:
 
 
 def test_backend_removed_from_the_snapshot_keeps_its_flows() -> None:
-    lab = Lab(backends=2)
+    lab = EngineHarness(backends=2)
     one = established(lab, CLIENT1, 1)
     lab.engine.set_backends("web", lab.tcp_backends[1:])
     assert one.data_c().forwarded and one.data_s().forwarded
@@ -285,7 +285,7 @@ def test_backend_removed_from_the_snapshot_keeps_its_flows() -> None:
 
 
 def test_counters_per_service_and_per_backend() -> None:
-    lab = Lab(backends=2)
+    lab = EngineHarness(backends=2)
     one = lab.flow(CLIENT1, 1)
     two = lab.flow(CLIENT2, 1)
     sizes: dict[str, int] = {B1: 0, B2: 0}
@@ -324,7 +324,7 @@ def test_counters_per_service_and_per_backend() -> None:
 
 
 def test_events_are_taken_once() -> None:
-    lab = Lab()
+    lab = EngineHarness()
     flow = lab.flow()
     flow.syn()
     assert lab.engine.events == [
@@ -336,7 +336,7 @@ def test_events_are_taken_once() -> None:
 
 
 def test_flow_ended_counts_only_open_flows() -> None:
-    lab = Lab()
+    lab = EngineHarness()
     flows = [established(lab, CLIENT1, port) for port in range(1, 5)]
     lab.events()
     flows[0].fin_c()
@@ -393,7 +393,7 @@ DROP_CASES = _drop_cases()
 
 @pytest.mark.parametrize("case", DROP_CASES, ids=[c.description for c in DROP_CASES])
 def test_drops(case: DropCase) -> None:
-    lab = Lab()
+    lab = EngineHarness()
     buf = bytearray(case.packet)
     before = bytes(buf)
     action = lab.engine.handle(buf, 0, len(buf), False, 0.0)
@@ -404,7 +404,7 @@ def test_drops(case: DropCase) -> None:
 
 
 def test_replies_from_the_wrong_source_are_no_session() -> None:
-    lab = Lab()
+    lab = EngineHarness()
     flow = established(lab, CLIENT1, 1000)
     assert flow.nat_port is not None
     wrong = [
@@ -419,7 +419,7 @@ def test_replies_from_the_wrong_source_are_no_session() -> None:
 
 
 def test_malformed_truncations_never_raise_in_the_engine() -> None:
-    lab = Lab()
+    lab = EngineHarness()
     flow = established(lab, CLIENT1, 1000)
     assert flow.nat_port is not None
     packets = [
@@ -498,7 +498,7 @@ def test_one_client_port_towards_two_services_makes_two_flows() -> None:
 
 def test_no_backend_rst_acknowledges_syn_data() -> None:
     """RFC 793: the RST's ACK is SEG.SEQ + SEG.LEN, the SYN counting one (TCP Fast Open SYN)."""
-    lab = Lab(backends=1)
+    lab = EngineHarness(backends=1)
     lab.set_health(0, Health.DEAD)
     result = lab.send(tcp(CLIENT1, LB, 40000, WEB_PORT, "S", seq=100, payload=b"hello"))
     assert result.kind == REPLY
@@ -507,7 +507,7 @@ def test_no_backend_rst_acknowledges_syn_data() -> None:
 
 def test_a_full_table_evicts_nothing_for_a_flow_refused_for_lack_of_ports() -> None:
     """Eviction happens only once the new flow has a NAT port: a refused flow ends nobody."""
-    lab = Lab(backends=1, nat_ports=(61000, 61001), cap=2)
+    lab = EngineHarness(backends=1, nat_ports=(61000, 61001), cap=2)
     lab.flow(CLIENT1, 40001).syn()
     lab.flow(CLIENT1, 40002).syn()  # two half-open rows: the table is full, the ports are gone
     lab.events()

@@ -21,8 +21,8 @@ from tests.unit.fixtures import (
     BACKEND_IPS,
     CLIENT1,
     CLIENT2,
+    EngineHarness,
     Flow,
-    Lab,
     Result,
     UdpFlow,
     addr,
@@ -58,14 +58,14 @@ def verdict(result: Result | None) -> str:
     return "reply"
 
 
-def waiter(seconds: float) -> Callable[[Lab, Flow], Result | None]:
-    def wait(lab: Lab, flow: Flow) -> None:
+def waiter(seconds: float) -> Callable[[EngineHarness, Flow], Result | None]:
+    def wait(lab: EngineHarness, flow: Flow) -> None:
         lab.advance(seconds)
 
     return wait
 
 
-STEPS: dict[str, Callable[[Lab, Flow], Result | None]] = {
+STEPS: dict[str, Callable[[EngineHarness, Flow], Result | None]] = {
     "C syn": lambda lab, f: f.syn(),
     "C syn-new": lambda lab, f: f.syn(new_isn=f.c_isn + 100_000),
     "C ack": lambda lab, f: f.ack(),
@@ -86,7 +86,7 @@ STEPS: dict[str, Callable[[Lab, Flow], Result | None]] = {
 }
 
 
-def step(name: str) -> Callable[[Lab, Flow], Result | None]:
+def step(name: str) -> Callable[[EngineHarness, Flow], Result | None]:
     if name.startswith("wait "):
         return waiter(float(name.split()[1]))
     return STEPS[name]
@@ -331,7 +331,7 @@ SCENARIOS = [
 @pytest.mark.parametrize("partial", [False, True], ids=["complete", "partial"])
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.description for s in SCENARIOS])
 def test_tcp_scenario(scenario: Scenario, partial: bool) -> None:
-    lab = Lab(timeouts=scenario.timeouts, partial=partial)
+    lab = EngineHarness(timeouts=scenario.timeouts, partial=partial)
     flow = lab.flow()
     for number, (name, expect_verdict, expect_state, expect_events) in enumerate(scenario.steps):
         before = flow.session
@@ -366,7 +366,7 @@ def test_tcp_scenario(scenario: Scenario, partial: bool) -> None:
 def test_client_rst_window_uses_the_negotiated_scale(
     client_scale: int | None, server_scale: int | None, offset: int, closes: bool
 ) -> None:
-    lab = Lab()
+    lab = EngineHarness()
     flow = lab.flow()
     flow.syn(options=[("WScale", client_scale)] if client_scale is not None else [])
     flow.synack(options=[("WScale", server_scale)] if server_scale is not None else [])
@@ -381,7 +381,7 @@ def test_client_rst_window_uses_the_negotiated_scale(
 
 
 def test_backend_rst_window_uses_the_client_window() -> None:
-    lab = Lab()
+    lab = EngineHarness()
     flow = lab.flow()
     flow.syn(options=[("WScale", 2)])
     flow.synack(options=[("WScale", 0)])
@@ -393,7 +393,7 @@ def test_backend_rst_window_uses_the_client_window() -> None:
 
 
 def test_sequence_numbers_wrap() -> None:
-    lab = Lab()
+    lab = EngineHarness()
     flow = lab.flow(isn=0xFFFFFFFF)  # ISN + 1 wraps to 0
     flow.s_isn, flow.s_next = 0xFFFFFFF0, 0xFFFFFFF1
     flow.syn()
@@ -410,7 +410,7 @@ def test_sequence_numbers_wrap() -> None:
 
 
 def test_two_clients_with_the_same_source_port_never_collide() -> None:
-    lab = Lab(backends=1)
+    lab = EngineHarness(backends=1)
     one = lab.flow(CLIENT1, 40000, isn=111)
     two = lab.flow(CLIENT2, 40000, isn=222)
     for flow in (one, two):
@@ -428,7 +428,7 @@ def test_two_clients_with_the_same_source_port_never_collide() -> None:
 
 
 def test_nat_ports_never_used_first_then_oldest_freed() -> None:
-    lab = Lab(backends=1, nat_ports=(61000, 61003))
+    lab = EngineHarness(backends=1, nat_ports=(61000, 61003))
     a, b, c = (lab.flow(CLIENT1, 1000 + i) for i in range(3))
     for flow in (a, b, c):
         flow.syn()
@@ -447,7 +447,7 @@ def test_nat_ports_never_used_first_then_oldest_freed() -> None:
 
 
 def test_nat_port_exhaustion_refuses_and_counts_then_recycles_an_ended_row() -> None:
-    lab = Lab(backends=1, nat_ports=(61000, 61001))
+    lab = EngineHarness(backends=1, nat_ports=(61000, 61001))
     first, second, third = (lab.flow(CLIENT1, 1000 + i, isn=10 * i) for i in range(3))
     for flow in (first, second):
         flow.syn()
@@ -484,7 +484,7 @@ def test_nat_port_exhaustion_refuses_and_counts_then_recycles_an_ended_row() -> 
 
 def test_nat_ports_are_per_backend() -> None:
     """A full pool of one backend does not stop flows to another."""
-    lab = Lab(backends=2, nat_ports=(61000, 61000))
+    lab = EngineHarness(backends=2, nat_ports=(61000, 61000))
     one, two, three = (lab.flow(CLIENT1, 1000 + i) for i in range(3))
     assert one.syn().forwarded and two.syn().forwarded
     assert (one.backend, two.backend) == BACKEND_IPS[:2]
@@ -493,7 +493,7 @@ def test_nat_ports_are_per_backend() -> None:
 
 
 def test_udp_nat_port_exhaustion() -> None:
-    lab = Lab(backends=1, nat_ports=(61000, 61000))
+    lab = EngineHarness(backends=1, nat_ports=(61000, 61000))
     one = lab.udp_flow(CLIENT1, 5000)
     two = lab.udp_flow(CLIENT2, 5000)
     assert one.request().forwarded
@@ -504,7 +504,7 @@ def test_udp_nat_port_exhaustion() -> None:
 # --- the table cap -------------------------------------------------------------------------------
 
 
-def established(lab: Lab, client: str, port: int) -> Flow:
+def established(lab: EngineHarness, client: str, port: int) -> Flow:
     flow = lab.flow(client, port)
     flow.syn()
     flow.synack()
@@ -514,7 +514,7 @@ def established(lab: Lab, client: str, port: int) -> Flow:
 
 
 def test_cap_evicts_an_ended_row_first() -> None:
-    lab = Lab(cap=2)
+    lab = EngineHarness(cap=2)
     keep = established(lab, CLIENT1, 1)
     ended = established(lab, CLIENT1, 2)
     ended.rst_c()
@@ -529,7 +529,7 @@ def test_cap_evicts_an_ended_row_first() -> None:
 
 
 def test_cap_evicts_an_ended_row_before_a_half_open_one() -> None:
-    lab = Lab(cap=2)
+    lab = EngineHarness(cap=2)
     half = lab.flow(CLIENT1, 1)
     half.syn()
     ended = established(lab, CLIENT1, 2)
@@ -543,7 +543,7 @@ def test_cap_evicts_an_ended_row_before_a_half_open_one() -> None:
 
 
 def test_cap_of_two_evicts_a_half_open_row_never_the_established_one() -> None:
-    lab = Lab(cap=2)
+    lab = EngineHarness(cap=2)
     keep = established(lab, CLIENT1, 1)
     half = lab.flow(CLIENT1, 2)
     half.syn()
@@ -560,7 +560,7 @@ def test_cap_of_two_evicts_a_half_open_row_never_the_established_one() -> None:
 
 
 def test_cap_evicts_the_oldest_half_open_row_but_never_an_established_one() -> None:
-    lab = Lab(cap=3)
+    lab = EngineHarness(cap=3)
     keep = established(lab, CLIENT1, 1)
     old_half = lab.flow(CLIENT1, 2)
     old_half.syn()
@@ -581,7 +581,7 @@ def test_cap_evicts_the_oldest_half_open_row_but_never_an_established_one() -> N
 
 
 def test_cap_refuses_when_every_row_is_established() -> None:
-    lab = Lab(cap=2)
+    lab = EngineHarness(cap=2)
     one = established(lab, CLIENT1, 1)
     two = established(lab, CLIENT1, 2)
     two.fin_c()  # FIN_WAIT is not evictable either: the flow is still open
@@ -601,7 +601,7 @@ def test_cap_refuses_when_every_row_is_established() -> None:
 
 
 def test_cap_treats_unreplied_udp_as_half_open_and_replied_udp_as_open() -> None:
-    lab = Lab(cap=2)
+    lab = EngineHarness(cap=2)
     replied = lab.udp_flow(CLIENT1, 1)
     replied.request()
     replied.reply()
@@ -621,7 +621,7 @@ def test_cap_treats_unreplied_udp_as_half_open_and_replied_udp_as_open() -> None
 
 
 def test_udp_flow_reply_and_timeouts() -> None:
-    lab = Lab()
+    lab = EngineHarness()
     flow = lab.udp_flow(CLIENT1, 5353)
     assert flow.request().forwarded
     assert state_of(flow) == State.UDP_UNREPLIED
@@ -647,7 +647,7 @@ def test_udp_flow_reply_and_timeouts() -> None:
 
 
 def test_udp_unreplied_flow_expires_after_30_s() -> None:
-    lab = Lab()
+    lab = EngineHarness()
     flow = lab.udp_flow()
     flow.request()
     lab.advance(29.5)
@@ -659,14 +659,14 @@ def test_udp_unreplied_flow_expires_after_30_s() -> None:
 
 @pytest.mark.parametrize("partial", [False, True])
 def test_udp_checksums_through_the_engine(partial: bool) -> None:
-    lab = Lab(partial=partial)
+    lab = EngineHarness(partial=partial)
     flow = lab.udp_flow()
     assert flow.request(b"odd").forwarded
     assert flow.reply(b"an answer of even length!!").forwarded
 
 
 def test_udp_checksum_zero_stays_zero_both_ways() -> None:
-    lab = Lab()
+    lab = EngineHarness()
     flow = lab.udp_flow()
     assert flow.request(b"q", chksum=0).forwarded  # the harness requires 0 in the output
     assert flow.reply(b"a", chksum=0).forwarded
@@ -676,7 +676,7 @@ def test_udp_checksum_zero_stays_zero_both_ways() -> None:
 
 
 def test_affinity_keeps_a_client_on_its_backend_while_the_record_lives() -> None:
-    lab = Lab(affinity=30)
+    lab = EngineHarness(affinity=30)
     first = lab.flow(CLIENT1, 1000)
     first.syn()
     other = lab.flow(CLIENT2, 1000)
@@ -698,7 +698,7 @@ def test_affinity_keeps_a_client_on_its_backend_while_the_record_lives() -> None
 
 
 def test_affinity_skips_a_backend_that_is_no_longer_eligible() -> None:
-    lab = Lab(affinity=300)
+    lab = EngineHarness(affinity=300)
     first = lab.flow(CLIENT1, 1000)
     first.syn()
     lab.set_health(0, Health.DEAD)
@@ -712,7 +712,7 @@ def test_affinity_skips_a_backend_that_is_no_longer_eligible() -> None:
 
 
 def test_affinity_is_per_service_and_per_client() -> None:
-    lab = Lab(affinity=300)
+    lab = EngineHarness(affinity=300)
     tcp_flow = lab.flow(CLIENT1, 1000)
     tcp_flow.syn()  # b1
     udp_flow = lab.udp_flow(CLIENT2, 1000)
@@ -769,7 +769,7 @@ def test_bad_cap() -> None:
 def test_expiry_visits_only_due_rows() -> None:
     """Expiry is O(due rows): a sweep before anything is due touches no row, and a sweep that
     expires k rows visits those k rows, not the long-lived ones."""
-    lab = Lab(backends=1)
+    lab = EngineHarness(backends=1)
     long_lived = [established(lab, CLIENT1, port) for port in range(1000, 1200)]
     short = [lab.udp_flow(CLIENT2, port) for port in range(2000, 2010)]
     for flow in short:
@@ -809,7 +809,7 @@ def test_expiry_visits_only_due_rows() -> None:
 
 
 def test_ended_event_reports_end_reason_and_open_flows() -> None:
-    lab = Lab()
+    lab = EngineHarness()
     flows = [established(lab, CLIENT1, port) for port in (1, 2, 3, 4)]
     lab.events()
     flows[0].fin_c()
@@ -828,7 +828,7 @@ def test_backends_of_the_lab() -> None:
 
 
 def test_lookups_and_row_views() -> None:
-    lab = Lab()
+    lab = EngineHarness()
     flow = established(lab, CLIENT2, 4321)
     table = lab.table
     s = flow.session

@@ -38,7 +38,7 @@ from tests.unit.fixtures import (
     LB,
     WEB_BACKEND_PORT,
     WEB_PORT,
-    Lab,
+    EngineHarness,
     addr,
     check_table,
     checksums_ok,
@@ -93,7 +93,9 @@ delays = st.one_of(
 class NatMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.lab = Lab(backends=2, nat_ports=NAT_PORTS, cap=CAP, timeouts=TIMEOUTS, affinity=5.0)
+        self.lab = EngineHarness(
+            backends=2, nat_ports=NAT_PORTS, cap=CAP, timeouts=TIMEOUTS, affinity=5.0
+        )
         self.conns: dict[int, Conn] = {}
         self.entered: dict[Session, float] = {}  # when the row entered its current state
         self.state_of: dict[Session, State] = {}

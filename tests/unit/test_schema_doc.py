@@ -6,14 +6,17 @@ import json
 
 import pytest
 
-from lbnat.schema_doc import BEGIN, END, README, SCHEMA, block, replace_block, rows
+from tests.unit.checkout_scripts import load_script
 
+schema_doc = load_script("schema_doc")
+BEGIN, END, README, SCHEMA = schema_doc.BEGIN, schema_doc.END, schema_doc.README, schema_doc.SCHEMA
+block, replace_block, rows = schema_doc.block, schema_doc.replace_block, schema_doc.rows
 schema = json.loads(SCHEMA.read_text())
 
 
 def test_readme_block_is_the_schemas_rendering() -> None:
     text = README.read_text()
-    assert block(schema) in text, "README is stale: run python -m lbnat.schema_doc --write"
+    assert block(schema) in text, "README is stale: run make config-reference"
 
 
 def test_every_key_of_the_example_config_has_a_row() -> None:

@@ -10,27 +10,14 @@ import html
 import importlib.util
 import re
 import struct
-import sys
 import zlib
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "screenshots.py"
+from tests.unit.checkout_scripts import load_script
 
-
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lbnat_screenshots", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
-
-
-shots = load_script()
+shots = load_script("screenshots")
 
 LOG = (
     "srcIP : 198.18.0.2",

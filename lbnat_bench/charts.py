@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on a server; must precede pyplot's import
 import matplotlib.pyplot as plt
 
-from lbnat.bench.report import Record, Summary, path_label
+from lbnat_bench.report import Record, Summary, path_label
 
 COLOURS = {"direct": "#7f7f7f", "haproxy": "#1f77b4", "nginx": "#2ca02c"}
 LBNAT_COLOURS = ("#d62728", "#ff7f0e", "#9467bd", "#8c564b")

@@ -1,6 +1,6 @@
 """The benchmark runner: the netns lab, the servers, the load balancers and the workloads.
 
-    python -m lbnat.bench [--quick] [--out DIR] [--reps N] [--seconds S] [--profile]
+    python -m lbnat_bench [--quick] [--out DIR] [--reps N] [--seconds S] [--profile]
 
 Topology (scripts/lab.sh with one backend; every host a network namespace on one bridge)::
 
@@ -45,14 +45,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from lbnat.bench import report
-from lbnat.bench.report import Record
+from lbnat_bench import report
+from lbnat_bench.report import Record
+from lbnat_lab.netns import REPO, Lab, LabError, checkout_env, terminate
 
-REPO = Path(__file__).resolve().parents[2]
-LAB_SH = REPO / "scripts" / "lab.sh"
 DEFAULT_OUT = REPO / "docs" / "benchmarks"
 README = REPO / "README.md"
-README_BEGIN = "<!-- bench:begin (written by python -m lbnat.bench) -->"
+README_BEGIN = "<!-- bench:begin (written by python -m lbnat_bench) -->"
 README_END = "<!-- bench:end -->"
 
 LB_IP = "198.18.0.2"
@@ -126,110 +125,6 @@ class BenchError(RuntimeError):
 
 
 # --- processes in namespaces ------------------------------------------------------------------
-
-
-class Lab:
-    """The namespaces of one run and every process started in them (stopped by pid)."""
-
-    def __init__(self, work: Path) -> None:
-        self.prefix = f"lbb{secrets.token_hex(3)}"
-        self.work = work
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.names: dict[int, str] = {}
-        self.env = {**os.environ, "LAB_PREFIX": self.prefix, "LAB_BACKENDS": "1"}
-
-    def up(self) -> None:
-        self.script("up")
-
-    def down(self) -> None:
-        terminate(self.procs)
-        self.procs.clear()
-        with contextlib.suppress(BenchError):
-            self.script("down")
-
-    def script(self, action: str) -> None:
-        done = subprocess.run(
-            ["bash", str(LAB_SH), action], env=self.env, capture_output=True, text=True,
-            timeout=120, check=False,
-        )
-        if done.returncode != 0:
-            raise BenchError(f"lab.sh {action} failed: {done.stderr.strip()[-500:]}")
-
-    def ns(self, host: str) -> str:
-        return f"{self.prefix}-{host}"
-
-    def argv(self, host: str, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.ns(host), *argv]
-
-    def start(self, host: str, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
-        """Start a server in `host`; its output goes to <work>/<name>.log."""
-        log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
-        try:
-            proc = subprocess.Popen(
-                self.argv(host, argv), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        finally:
-            log.close()
-        self.procs.append(proc)
-        self.names[proc.pid] = name
-        return proc
-
-    def check_alive(self) -> None:
-        """Raise with the tail of its log if a server started here has exited."""
-        for proc in self.procs:
-            if proc.poll() is not None:
-                name = self.names[proc.pid]
-                log = (self.work / f"{name}.log").read_text(errors="replace").strip()
-                raise BenchError(f"{name} exited {proc.returncode}: {log[-500:]}")
-
-    def run(self, host: str, argv: Sequence[str], timeout: float) -> str:
-        """Run a client in `host` to completion; its stdout (stderr appended on failure)."""
-        try:
-            done = subprocess.run(
-                self.argv(host, argv), capture_output=True, text=True, timeout=timeout,
-                check=False, start_new_session=True,
-            )
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"{argv[0]} did not finish in {timeout:.0f} s") from None
-        if done.returncode != 0:
-            raise BenchError(
-                f"{' '.join(argv)} exited {done.returncode}: "
-                f"{(done.stdout + done.stderr).strip()[-400:]}"
-            )
-        return done.stdout
-
-    def sysctl(self, host: str, setting: str) -> None:
-        self.run(host, ["sysctl", "-qw", setting], timeout=10)
-
-    def wait_listening(self, host: str, port: int, udp: bool = False, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        pattern = re.compile(rf":{port}\s")
-        while True:
-            out = self.run(host, ["ss", "-Hlnu" if udp else "-Hlnt"], timeout=10)
-            if pattern.search(out):
-                return
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise BenchError(f"nothing listens on {host} port {port} after {timeout} s")
-            time.sleep(0.1)
-
-
-def terminate(procs: Sequence[subprocess.Popen[Any]], timeout: float = 5.0) -> None:
-    """Stop processes by pid: SIGTERM to every live one at once (a chat client takes up to
-    0.5 s to notice), then SIGKILL to any still running `timeout` seconds later. The test lab
-    (tests/integration/lab.py) stops its processes with this too."""
-    live = [p for p in procs if p.poll() is None]
-    for proc in live:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for proc in live:
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
 
 
 def process_tree(root: int) -> list[int]:
@@ -364,27 +259,35 @@ class Bed:
     def __init__(self, settings: Settings, work: Path) -> None:
         self.settings = settings
         self.work = work
-        self.lab = Lab(work)
+        self._lab: Lab | None = None
+        self.servers: dict[str, subprocess.Popen[bytes]] = {}  # by name, as in <work>/<name>.log
         self.cpus = os.cpu_count() or 1
         self.lb_pid: dict[str, int] = {}
         self.iperf_server: subprocess.Popen[bytes] | None = None
 
+    @property
+    def lab(self) -> Lab:
+        if self._lab is None:
+            raise BenchError("the lab is not up")
+        return self._lab
+
     def up(self) -> None:
+        # one backend: every path ends at b1
+        self._lab = Lab(backends=1, prefix=f"lbb{secrets.token_hex(3)}")
         lab, work = self.lab, self.work
-        lab.up()
-        lab.sysctl("lb", f"net.ipv4.ip_local_port_range={EPHEMERAL}")
-        lab.sysctl(CLIENT, "net.ipv4.tcp_tw_reuse=1")
+        self.sysctl("lb", f"net.ipv4.ip_local_port_range={EPHEMERAL}")
+        self.sysctl(CLIENT, "net.ipv4.tcp_tw_reuse=1")
         (work / "b1-nginx.conf").write_text(backend_nginx_conf(work))
-        lab.start(BACKEND, "b1-nginx", ["nginx", "-e", str(work / "b1-nginx" / "error.log"),
+        self.start(BACKEND, "b1-nginx", ["nginx", "-e", str(work / "b1-nginx" / "error.log"),
                                         "-c", str(work / "b1-nginx.conf"), "-g", "daemon off;"])
         self.start_iperf_server()
         (work / "haproxy.cfg").write_text(haproxy_conf(self.cpus))
         (work / "lb-nginx.conf").write_text(nginx_stream_conf(work, self.cpus))
         if "haproxy" in self.settings.paths:
-            proc = lab.start("lb", "haproxy", ["haproxy", "-db", "-f", str(work / "haproxy.cfg")])
+            proc = self.start("lb", "haproxy", ["haproxy", "-db", "-f", str(work / "haproxy.cfg")])
             self.lb_pid["haproxy"] = proc.pid
         if "nginx" in self.settings.paths:
-            proc = lab.start("lb", "lb-nginx", [
+            proc = self.start("lb", "lb-nginx", [
                 "nginx", "-e", str(work / "lb-nginx" / "error.log"),
                 "-c", str(work / "lb-nginx.conf"), "-g", "daemon off;"])
             self.lb_pid["nginx"] = proc.pid
@@ -396,15 +299,15 @@ class Bed:
                                check=True, capture_output=True, timeout=10)
             conf = work / f"{variant}.json"
             conf.write_text(json.dumps(lbnat_conf(work, self.settings.nat_ports, variant)))
-            proc = lab.start("lb", variant, [
+            proc = self.start("lb", variant, [
                 sys.executable, "-m", "lbnat.cli", "run", "--config", str(conf), *options])
             self.lb_pid[variant] = proc.pid
-        lab.wait_listening(BACKEND, HTTP_PORT)
-        lab.wait_listening(BACKEND, IPERF_PORT)
+        self.wait_listening(BACKEND, HTTP_PORT)
+        self.wait_listening(BACKEND, IPERF_PORT)
         for path in ("haproxy", "nginx"):
             if path in self.lb_pid:
-                lab.wait_listening("lb", PATHS[path].http_port)
-                lab.wait_listening("lb", PATHS[path].iperf_port)
+                self.wait_listening("lb", PATHS[path].http_port)
+                self.wait_listening("lb", PATHS[path].iperf_port)
         for variant in LBNAT_VARIANTS:
             if variant in self.lb_pid:
                 self.wait_lbnat(variant)
@@ -412,8 +315,8 @@ class Bed:
     def start_iperf_server(self) -> None:
         if self.iperf_server is not None:
             terminate([self.iperf_server])
-        self.iperf_server = self.lab.start(BACKEND, "b1-iperf3", ["iperf3", "-s", "-p",
-                                                                  str(IPERF_PORT)])
+        self.iperf_server = self.start(BACKEND, "b1-iperf3", ["iperf3", "-s", "-p",
+                                                              str(IPERF_PORT)])
 
     def wait_lbnat(self, variant: str = "lbnat", timeout: float = 20) -> None:
         """Ready when the admin socket answers `status` and the http backend is alive."""
@@ -428,7 +331,7 @@ class Bed:
             last = done.stdout + done.stderr
             if done.returncode == 0 and '"alive"' in done.stdout:
                 return
-            proc = next(p for p in self.lab.procs if p.pid == self.lb_pid[variant])
+            proc = self.servers[variant]
             if proc.poll() is not None:
                 log = (self.work / f"{variant}.log").read_text(errors="replace")
                 raise BenchError(f"lbnat exited {proc.returncode} at start: {log[-500:]}")
@@ -436,7 +339,54 @@ class Bed:
         raise BenchError(f"lbnat did not become ready in {timeout} s: {last[-300:]}")
 
     def down(self) -> None:
-        self.lab.down()
+        """Stop every process by pid, take the namespaces down; quietly (it runs in a finally)."""
+        if self._lab is not None:
+            with contextlib.suppress(LabError):
+                self._lab.close()
+            self._lab = None
+
+    # processes in the lab's namespaces
+
+    def start(self, host: str, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        """Start a server in `host`; its output goes to <work>/<name>.log."""
+        log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        try:
+            # not the lab's LBNAT_ADMIN_SOCKET: it would override each lbnat config's own socket
+            proc = self.lab.popen(host, *argv, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True, env=checkout_env())
+        finally:
+            log.close()
+        self.servers[name] = proc
+        return proc
+
+    def check_alive(self) -> None:
+        """Raise with the tail of its log if a server started here has exited."""
+        for name, proc in self.servers.items():
+            if proc.poll() is not None:
+                log = (self.work / f"{name}.log").read_text(errors="replace").strip()
+                raise BenchError(f"{name} exited {proc.returncode}: {log[-500:]}")
+
+    def run(self, host: str, argv: Sequence[str], timeout: float) -> str:
+        """Run a client in `host` to completion; its stdout (stderr appended on failure)."""
+        try:
+            done = self.lab.run(host, *argv, check=False, timeout=timeout, start_new_session=True)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"{argv[0]} did not finish in {timeout:.0f} s") from None
+        if done.returncode != 0:
+            raise BenchError(
+                f"{' '.join(argv)} exited {done.returncode}: "
+                f"{(done.stdout + done.stderr).strip()[-400:]}"
+            )
+        return done.stdout
+
+    def sysctl(self, host: str, setting: str) -> None:
+        self.run(host, ["sysctl", "-qw", setting], timeout=10)
+
+    def wait_listening(self, host: str, port: int, timeout: float = 15) -> None:
+        try:
+            self.lab.wait_listening(host, port, timeout=timeout, between_polls=self.check_alive)
+        except TimeoutError:
+            raise BenchError(f"nothing listens on {host} port {port} after {timeout} s") from None
 
     def lb_cpu(self, path: str) -> float | None:
         pid = self.lb_pid.get(path)
@@ -453,7 +403,7 @@ def _iperf(bed: Bed, path: PathSpec, extra: Sequence[str], udp: bool) -> Record:
     s = bed.settings
     argv = ["iperf3", "-c", path.host, "-p", str(path.iperf_port), "-t", f"{s.seconds:g}",
             "-J", *extra]
-    text = bed.lab.run(CLIENT, argv, timeout=s.seconds + 30)
+    text = bed.run(CLIENT, argv, timeout=s.seconds + 30)
     return report.parse_iperf_udp(text) if udp else report.parse_iperf_tcp(text)
 
 
@@ -486,7 +436,7 @@ def _wrk(bed: Bed, path: PathSpec, connections: int, extra: Sequence[str]) -> Re
     url = f"http://{path.host}:{path.http_port}/"
     argv = ["wrk", "-t", str(min(s.threads, connections)), "-c", str(connections),
             "-d", f"{max(1, round(s.seconds))}s", "--timeout", "5s", "--latency", *extra, url]
-    figures = report.parse_wrk(bed.lab.run(CLIENT, argv, timeout=s.seconds + 30))
+    figures = report.parse_wrk(bed.run(CLIENT, argv, timeout=s.seconds + 30))
     if figures["requests"] == 0:
         raise BenchError(f"wrk through {path.name}: no request completed")
     return figures
@@ -543,7 +493,7 @@ def measure(bed: Bed, workload: str, path: PathSpec, rep: int, log: IO[str]) -> 
                 return {"workload": workload, "path": path.name, "rep": rep, "error": str(exc)}
             if workload.startswith(("bulk", "udp")):
                 bed.start_iperf_server()  # iperf3 -s can stay 'busy' after a failed test
-                bed.lab.wait_listening(BACKEND, IPERF_PORT)
+                bed.wait_listening(BACKEND, IPERF_PORT)
             time.sleep(1)
             continue
         after = bed.lb_cpu(path.name)
@@ -565,7 +515,7 @@ def scale_records(rows_list: Sequence[int], log: IO[str]) -> list[Record]:
     out = []
     for rows in rows_list:
         done = subprocess.run(
-            [sys.executable, "-m", "lbnat.bench.scale", "--rows", str(rows)],
+            [sys.executable, "-m", "lbnat_bench.scale", "--rows", str(rows)],
             capture_output=True, text=True, timeout=600, check=False,
         )
         if done.returncode != 0:
@@ -715,7 +665,7 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
 
 
 def write_outputs(results: dict[str, Any], out: Path) -> None:
-    from lbnat.bench import charts  # matplotlib is imported only when charts are drawn
+    from lbnat_bench import charts  # matplotlib is imported only when charts are drawn
 
     names = charts.draw_all(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -754,9 +704,9 @@ def redraw(out: Path, readme: bool) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
     parser = argparse.ArgumentParser(
-        prog="python -m lbnat.bench",
+        prog="python -m lbnat_bench",
         description="lbnat against direct, HAProxy and nginx stream in a netns lab (root). "
-        "Example: sudo python -m lbnat.bench --quick --out /tmp/bench",
+        "Example: sudo python -m lbnat_bench --quick --out /tmp/bench",
     )
     parser.add_argument("--quick", action="store_true",
                         help="smoke run of about a minute: 1 repetition of 1 s, small scale")
@@ -813,7 +763,7 @@ def _subset(parser: argparse.ArgumentParser, option: str, value: str, known: Any
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings, out, readme = parse_args(argv)
-    command = "python -m lbnat.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m lbnat_bench " + " ".join(sys.argv[1:] if argv is None else argv)
 
     def interrupted(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -823,7 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     try:
         results = run(settings, out, command.strip(), sys.stdout)
-    except BenchError as exc:
+    except (BenchError, LabError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -18,8 +18,8 @@ Server log, one flushed line per event on stdout::
 Client: prints every line it receives; sends each line read from stdin as
 ``[NAME] <line>\\n``; a line ``q`` or ``Q``, or the end of stdin, closes the connection.
 
-    python -m lbnat.chat server [--host H] --port P [--name NAME]
-    python -m lbnat.chat client HOST PORT NAME
+    python -m lbnat_lab.chat server [--host H] --port P [--name NAME]
+    python -m lbnat_lab.chat client HOST PORT NAME
 """
 
 from __future__ import annotations
@@ -426,7 +426,7 @@ def _port(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lbnat.chat", description="Broadcast chat server and client (lbnat lab)."
+        prog="python -m lbnat_lab.chat", description="Broadcast chat server and client (lbnat lab)."
     )
     sub = parser.add_subparsers(dest="mode", required=True)
     server = sub.add_parser("server", help="run a broadcast chat server")

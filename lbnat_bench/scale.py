@@ -1,6 +1,6 @@
 """lbnat's own scale: the engine's per-packet cost and the process's memory with N rows.
 
-    python -m lbnat.bench.scale --rows 100000     # prints one JSON record
+    python -m lbnat_bench.scale --rows 100000     # prints one JSON record
 
 The table is filled synthetically through the real engine: N established flows from distinct
 clients (SYN, SYN-ACK, ACK each). Then one more flow is opened and its data packets are timed in

@@ -1,7 +1,7 @@
 """A UDP echo server for the lab: every datagram comes back prefixed with the server's name,
 so a client can tell which backend answered; "HealthCheck" is answered "OK" (lbnat's udp probe).
 
-    python -m lbnat.udpecho --port 9000 --name b1 [--host 0.0.0.0]
+    python -m lbnat_lab.udpecho --port 9000 --name b1 [--host 0.0.0.0]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def serve(host: str, port: int, name: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lbnat.udpecho", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lbnat_lab.udpecho", description=__doc__)
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", default=None, help="default: host:port")

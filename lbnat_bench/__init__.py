@@ -1,6 +1,6 @@
 """The benchmark suite: lbnat side by side with direct, HAProxy and nginx stream.
 
-Run ``python -m lbnat.bench`` (or ``make bench``) as root from a checkout; it builds the netns
+Run ``python -m lbnat_bench`` (or ``make bench``) as root from a checkout; it builds the netns
 lab of ``scripts/lab.sh``. Modules:
 
 - `report`: pure: parse the tools' output, take medians, compute ratios, write the markdown

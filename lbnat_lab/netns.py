@@ -1,6 +1,9 @@
-"""The network-namespace lab of scripts/lab.sh as a Python object, for pytest fixtures.
+"""The network-namespace lab of scripts/lab.sh as a Python object: the one lab helper of the
+integration tests (tests/integration/conftest.py), the benchmark (lbnat_bench.run) and the
+screenshots (scripts/screenshots.py).
 
-Not a test module. Typical fixture::
+It drives the checkout's ``scripts/lab.sh`` (found beside this package, `LAB_SH`), so it works
+from a checkout only; `skip_reason` says so when the script is missing. Typical fixture::
 
     @pytest.fixture
     def lab() -> Iterator[Lab]:
@@ -20,7 +23,7 @@ Every host is a namespace named ``<prefix>-<host>`` (hosts: c1, c2, lb, b1, b2, 
 prefix is unique per Lab so parallel runs never meet. `close` (or leaving the ``with``) ends
 every process the Lab started, by pid (SIGTERM, then SIGKILL), then runs ``lab.sh down``.
 
-Run this file by hand as root for a self-check: ``python tests/integration/lab.py``.
+tests/integration/test_lab_netns.py checks it with a chat server and two clients.
 """
 
 from __future__ import annotations
@@ -36,14 +39,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from lbnat.bench.run import terminate
-
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
+"""The checkout this package sits in (its scripts/lab.sh is the lab)."""
 LAB_SH = REPO / "scripts" / "lab.sh"
 
 PLEN = 24
@@ -53,11 +55,13 @@ BACKENDS: dict[str, str] = {f"b{n}": f"198.18.0.{20 + n}" for n in range(1, 5)}
 """b1..b4; `lab.sh up` makes the first LAB_BACKENDS (3) of them, `Lab.add_backend` more."""
 HOSTS: dict[str, str] = {"lb": LB_IP, **CLIENTS, **BACKENDS}
 
-CHAT: tuple[str, ...] = (sys.executable, "-m", "lbnat.chat")
+CHAT: tuple[str, ...] = (sys.executable, "-m", "lbnat_lab.chat")
 """argv prefix of the chat server/client, to run with `Lab.run` / `Lab.popen`."""
+ECHO: tuple[str, ...] = (sys.executable, "-m", "lbnat_lab.udpecho")
+"""argv prefix of the UDP echo server."""
 
 _HOST_RE = re.compile(r"^(lb|c[1-9][0-9]?|b[1-9][0-9]?)$")
-SCRIPT_TIMEOUT = 60.0
+SCRIPT_TIMEOUT = 120.0
 RUN_TIMEOUT = 30.0
 TERMINATE_TIMEOUT = 5.0
 
@@ -84,7 +88,12 @@ def skip_reason() -> str | None:
     return None
 
 
-def _env(**extra: str) -> dict[str, str]:
+class LabError(RuntimeError):
+    """scripts/lab.sh failed; the message has its output."""
+
+
+def checkout_env(**extra: str) -> dict[str, str]:
+    """This process's environment with the checkout first on PYTHONPATH, plus `extra`."""
     env = dict(os.environ)
     # chat and the daemon are run from the source tree, without installing
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
@@ -92,17 +101,20 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def wait_tcp_listening(netns: str, port: int, timeout: float = 10.0) -> None:
-    """Poll ``ss -ltn`` in namespace `netns` until something listens on TCP `port`."""
+def terminate(procs: Sequence[subprocess.Popen[Any]], timeout: float = TERMINATE_TIMEOUT) -> None:
+    """Stop processes by pid: SIGTERM to every live one at once (a chat client takes up to
+    0.5 s to notice), then SIGKILL to any still running `timeout` seconds later."""
+    live = [p for p in procs if p.poll() is None]
+    for proc in live:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    argv = ["ip", "netns", "exec", netns, "ss", "-Hltn", f"sport = :{port}"]
-    while True:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-        if result.returncode == 0 and result.stdout.strip():
-            return
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"nothing listens on tcp port {port} in {netns} after {timeout}s")
-        time.sleep(0.05)
+    for proc in live:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
 
 
 class Lab:
@@ -129,13 +141,13 @@ class Lab:
         """Run ``scripts/lab.sh ARGS`` for this lab's prefix; raise with its output on error."""
         result = subprocess.run(
             ["bash", str(LAB_SH), *args],
-            env=_env(LAB_PREFIX=self.prefix, LAB_BACKENDS=str(self.backends)),
+            env=checkout_env(LAB_PREFIX=self.prefix, LAB_BACKENDS=str(self.backends)),
             capture_output=True,
             text=True,
             timeout=SCRIPT_TIMEOUT,
         )
         if result.returncode != 0 and args[0] != "status":
-            raise RuntimeError(
+            raise LabError(
                 f"lab.sh {' '.join(args)} failed ({result.returncode}):\n"
                 f"{result.stdout}{result.stderr}"
             )
@@ -160,7 +172,8 @@ class Lab:
 
     # -- commands inside the namespaces --------------------------------------------------------
 
-    def _argv(self, host: str, argv: Sequence[str]) -> list[str]:
+    def argv(self, host: str, argv: Sequence[str]) -> list[str]:
+        """`argv` as run in `host`'s namespace."""
         if not argv:
             raise ValueError("no command given")
         return ["ip", "netns", "exec", self.ns(host), *map(str, argv)]
@@ -173,10 +186,10 @@ class Lab:
             "capture_output": True,
             "text": True,
             "timeout": RUN_TIMEOUT,
-            "env": _env(LBNAT_ADMIN_SOCKET=self.admin_socket),
+            "env": checkout_env(LBNAT_ADMIN_SOCKET=self.admin_socket),
         }
         options.update(kw)
-        result: subprocess.CompletedProcess[str] = subprocess.run(self._argv(host, argv), **options)
+        result: subprocess.CompletedProcess[str] = subprocess.run(self.argv(host, argv), **options)
         return result
 
     def popen(self, host: str, *argv: str, **kw: Any) -> subprocess.Popen[bytes]:
@@ -189,15 +202,42 @@ class Lab:
             "stdin": subprocess.DEVNULL,
             "stdout": subprocess.PIPE,
             "stderr": subprocess.PIPE,
-            "env": _env(LBNAT_ADMIN_SOCKET=self.admin_socket),
+            "env": checkout_env(LBNAT_ADMIN_SOCKET=self.admin_socket),
         }
         options.update(kw)
-        proc: subprocess.Popen[bytes] = subprocess.Popen(self._argv(host, argv), **options)
+        proc: subprocess.Popen[bytes] = subprocess.Popen(self.argv(host, argv), **options)
         self._procs.append(proc)
         return proc
 
+    def wait_listening(
+        self,
+        host: str,
+        port: int,
+        *,
+        udp: bool = False,
+        timeout: float = 10.0,
+        between_polls: Callable[[], None] | None = None,
+    ) -> None:
+        """Poll ``ss -l`` in `host`'s namespace until something listens on `port` (TCP, or UDP
+        if `udp`). `between_polls` runs after each miss: it may raise to stop waiting early
+        (the benchmark checks that its servers are still running)."""
+        deadline = time.monotonic() + timeout
+        proto = "udp" if udp else "tcp"
+        argv = self.argv(host, ["ss", "-Hlnu" if udp else "-Hltn", f"sport = :{port}"])
+        while True:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+            if result.returncode == 0 and result.stdout.strip():
+                return
+            if between_polls is not None:
+                between_polls()
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"nothing listens on {proto} port {port} in {self.ns(host)} after {timeout}s"
+                )
+            time.sleep(0.05)
+
     def wait_tcp_listening(self, host: str, port: int, timeout: float = 10.0) -> None:
-        wait_tcp_listening(self.ns(host), port, timeout)
+        self.wait_listening(host, port, timeout=timeout)
 
     def expect(self, proc: subprocess.Popen[Any], needle: str, timeout: float = 10.0) -> str:
         """Read `proc`'s stdout (started with stdout=PIPE) until a line containing `needle`
@@ -232,13 +272,7 @@ class Lab:
 
     def stop(self, proc: subprocess.Popen[Any], timeout: float = TERMINATE_TIMEOUT) -> int:
         """SIGTERM one process, SIGKILL it after `timeout`; return its exit code."""
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+        terminate([proc], timeout)
         return proc.returncode
 
     def _stop_all(self) -> None:
@@ -272,43 +306,3 @@ class Lab:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _self_check() -> int:
-    """By hand, as root: a chat server in b1, clients in c1 and c2 straight to 198.18.0.21."""
-    reason = skip_reason()
-    if reason is not None:
-        print(f"SKIP: {reason}")
-        return 4
-    port = 9000
-    with Lab() as lab:
-        print(f"lab {lab.prefix} up: {lab.is_up()}")
-        print(lab.run("c1", "ping", "-c", "1", "-W", "2", BACKENDS["b1"]).stdout.splitlines()[-2])
-        server = lab.popen("b1", *CHAT, "server", "--port", str(port), "--name", "b1")
-        lab.wait_tcp_listening("b1", port, timeout=5)
-        alice = lab.popen("c1", *CHAT, "client", BACKENDS["b1"], str(port), "alice",
-                          stdin=subprocess.PIPE)  # fmt: skip
-        bob = lab.popen("c2", *CHAT, "client", BACKENDS["b1"], str(port), "bob",
-                        stdin=subprocess.PIPE)  # fmt: skip
-        for client in (alice, bob):
-            print("greeting:", lab.expect(client, "* connected to", timeout=5))
-        print("server log:", lab.expect(server, "(total 2)", timeout=5))
-        assert alice.stdin is not None
-        alice.stdin.write(b"hello from c1\n")
-        alice.stdin.flush()
-        for client in (alice, bob):
-            print("received:", lab.expect(client, "[alice] hello from c1", timeout=5))
-        alice.stdin.write(b"q\n")
-        alice.stdin.flush()
-        print("alice exit code:", alice.wait(5))
-        print("server exit code after SIGTERM:", lab.stop(server))
-        leftover = bob  # still running: close() must end it
-    print("bob ended by close():", leftover.returncode is not None)
-    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    left = [line for line in names.splitlines() if line.startswith(f"{lab.prefix}-")]
-    print("namespaces left:", left)
-    return 0 if not left else 1
-
-
-if __name__ == "__main__":
-    sys.exit(_self_check())

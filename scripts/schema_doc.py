@@ -1,11 +1,12 @@
-"""The README's configuration reference, rendered from docs/config.schema.json.
+"""The README's configuration reference, rendered from docs/config.schema.json (a checkout
+tool, not part of the installed package: it finds the schema and the README from its own path).
 
 The schema is the one description of the config file; this turns it into a table (key path,
 type, default, meaning) so that the README cannot drift from it. A unit test renders the
 schema and compares it with the README's block.
 
-    python -m lbnat.schema_doc            print the table
-    python -m lbnat.schema_doc --write    replace the README's block between the markers
+    python3 scripts/schema_doc.py            print the table
+    python3 scripts/schema_doc.py --write    replace the README's block (make config-reference)
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = REPO / "docs" / "config.schema.json"
+SCHEMA = REPO / "docs" / "config.schema.json"  # the one place that says where the schema is
 README = REPO / "README.md"
-BEGIN = "<!-- config-reference:begin (python -m lbnat.schema_doc --write) -->"
+BEGIN = "<!-- config-reference:begin (scripts/schema_doc.py --write) -->"
 END = "<!-- config-reference:end -->"
 
 Schema = Mapping[str, Any]
@@ -144,9 +145,9 @@ def replace_block(text: str, schema: Schema) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lbnat.schema_doc",
+        prog="scripts/schema_doc.py",
         description="Render docs/config.schema.json as the README's configuration reference. "
-        "Example: python -m lbnat.schema_doc --write",
+        "Example: python3 scripts/schema_doc.py --write",
     )
     parser.add_argument("--write", action="store_true", help="update README.md in place")
     args = parser.parse_args(argv)
