@@ -47,7 +47,6 @@ from lbnat.dataplane.packet_socket import build_filter
 from lbnat.dataplane.rings import RingSpec
 from lbnat.dataplane.workers import (
     WorkerError,
-    WorkerSetup,
     build_loop,
     open_worker_sockets,
     start_plane,
@@ -72,6 +71,7 @@ from lbnat.messages import (
     ResetBackend,
     SetBackends,
     SetServices,
+    WorkerSetup,
 )
 from lbnat.views import merge_counters
 

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lbnat.backends import Backend, BackendKey
 from lbnat.engine import Event
 from lbnat.service import Service
+
+if TYPE_CHECKING:  # only annotations: this module stays free of the I/O modules
+    from lbnat.dataplane.link import Link
+    from lbnat.dataplane.rings import RingSpec
+    from lbnat.nat import Timeouts
 
 # --- changes: what the control plane tells every engine ------------------------------------
 
@@ -80,7 +85,25 @@ Question = AskCounters | AskSessions | AskActive
 
 
 # --- the worker wire: main process -> worker --------------------------------------------------
-# (the first message is lbnat.dataplane.workers.WorkerSetup)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSetup:
+    """Everything a worker process needs to build its loop, sent as its first message.
+    (Defined here, not in lbnat.dataplane.workers: a worker runs that module as __main__,
+    where a class of its own would not be the one the main process pickled.)"""
+
+    index: int
+    lb_ip: str
+    link: Link
+    specs: tuple[Service, ...]
+    nat_ports: tuple[int, int]  # this worker's slice
+    timeouts: Timeouts
+    table_cap: int
+    io: str  # "rings" or "socket"
+    rings: RingSpec
+    flow_events: bool  # send FlowOpened/FlowEnded (the log shows them) or only NoBackend
+    cursor_slots: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

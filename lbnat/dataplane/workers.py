@@ -32,7 +32,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -55,10 +54,9 @@ from lbnat.messages import (
     Stop,
     ToWorker,
     WorkerFailed,
+    WorkerSetup,
 )
-from lbnat.nat import Timeouts
 from lbnat.scheduler import SharedCursor
-from lbnat.service import Service
 from lbnat.views import answer, apply_change
 
 EventSink = Callable[[int, list[Event]], None]  # (worker index, events)
@@ -70,23 +68,6 @@ SUPERVISE_EVERY = 0.2  # seconds between looks at the workers (and the daemon's 
 
 class WorkerError(Exception):
     """A worker could not be started (the message is for the user)."""
-
-
-@dataclass(frozen=True)
-class WorkerSetup:
-    """Everything a worker process needs to build its loop, sent as its first message."""
-
-    index: int
-    lb_ip: str
-    link: Link
-    specs: tuple[Service, ...]
-    nat_ports: tuple[int, int]  # this worker's slice
-    timeouts: Timeouts
-    table_cap: int
-    io: str  # "rings" or "socket"
-    rings: RingSpec
-    flow_events: bool  # send FlowOpened/FlowEnded (the log shows them) or only NoBackend
-    cursor_slots: dict[str, int] = field(default_factory=dict)
 
 
 # --- messages: a 4-byte length, then a pickle (both ends are this program) ---------------------
