@@ -405,7 +405,8 @@ class Daemon:
             for service in plan.added:
                 check_port_free(self.lb_ip, service.service.port, service.service.proto)
             self._locked(lambda: self.control.commit_reload(plan))
-        except (ConfigError, ValueError, OSError, GuardError) as error:
+        except (ConfigError, ValueError, OSError, GuardError, StartError) as error:
+            # StartError: a new service's port is taken (before, this escaped as a traceback)
             return self._reload_failed(str(error))
         return None
 
