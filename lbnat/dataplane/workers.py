@@ -295,7 +295,7 @@ class WorkerProcess:
         self.started = 0.0
         self._send_lock = threading.Lock()
         self._answers: dict[int, tuple[threading.Event, list[Any]]] = {}
-        self._ready = threading.Event()
+        self.ready_pid: int | None = None  # set by the current process's Ready
         self.errors: list[str] = []
 
     @property
@@ -316,7 +316,9 @@ class WorkerProcess:
             "--cursor-fd",
             str(fds[2]),
         ]
-        self._ready.clear()
+        ready = threading.Event()  # this start's own: a reader of a stopped process sets only its
+        self.ready_pid = None
+        self.errors = []  # this start's
         try:
             self.proc = subprocess.Popen(command, pass_fds=fds, stdin=subprocess.DEVNULL)
         finally:
@@ -324,15 +326,19 @@ class WorkerProcess:
         self.control = parent
         self.started = time.monotonic()
         threading.Thread(
-            target=self._read, args=(parent,), name=f"lbnat-worker-{self.index}", daemon=True
+            target=self._read, args=(parent, ready), name=f"lbnat-worker-{self.index}", daemon=True
         ).start()
         self.send(setup)
-        if not self._ready.wait(START_TIMEOUT):
-            detail = "; ".join(self.errors) or f"no word from it in {START_TIMEOUT:.0f} s"
+        if not ready.wait(START_TIMEOUT) or self.ready_pid is None:
+            detail = "; ".join(self.errors) or (
+                "it exited before it was ready"
+                if ready.is_set()
+                else f"no word from it in {START_TIMEOUT:.0f} s"
+            )
             self.stop(1.0)
             raise WorkerError(f"worker {self.index} did not start: {detail}")
 
-    def _read(self, control: socket.socket) -> None:
+    def _read(self, control: socket.socket, ready: threading.Event) -> None:
         reader = MessageReader()
         while True:
             try:
@@ -342,10 +348,14 @@ class WorkerProcess:
             if not data:
                 break
             for message in reader.feed(data):
-                self._receive(message)
+                if isinstance(message, Ready):
+                    self.ready_pid = message.pid
+                    ready.set()
+                else:
+                    self._receive(message)
         for done, _ in list(self._answers.values()):  # nobody will answer now
             done.set()
-        self._ready.set()
+        ready.set()
 
     def _receive(self, message: FromWorker) -> None:
         match message:
@@ -356,8 +366,6 @@ class WorkerProcess:
                 if waiting is not None:
                     waiting[1].append((ok, value))
                     waiting[0].set()
-            case Ready():
-                self._ready.set()
             case WorkerFailed(error):
                 self.errors.append(error)
 
