@@ -1,7 +1,7 @@
 """What the control plane asks of an engine, and how the answers of several engines combine.
 
 Every data-plane worker owns an engine (its slice of the session table). The main process never
-touches one: it sends a change or a question as a plain tuple, the worker that owns the engine
+touches one: it sends a change or a question (lbnat.messages), the worker that owns the engine
 applies it with `apply_change()` / `answer()` here, and the main process merges the answers of
 all workers with `merge_counters()`. The same functions serve a single in-process loop, so one
 worker and N workers report the same way. Pure: no sockets, the time is an argument.
@@ -13,54 +13,52 @@ from typing import Any
 
 from lbnat.backends import Backend, BackendKey
 from lbnat.engine import Engine
-
-Change = tuple[Any, ...]
-# ("backends", service, (Backend, ...))     a new snapshot of a service's backends
-# ("services", (Service, ...), {names}, {name: slot})
-#                                           reload: these specs; the named ones are new
-# ("reset", service, (ip, port))            --on-dead reset: end the backend's flows with RSTs
-Question = tuple[Any, ...]
-# ("counters",)                             packets, bytes, flows, drops (engine_counters)
-# ("sessions",)                             every row (session_rows)
-# ("active", ((service, (ip, port)), ...))  open flows per backend, for draining
+from lbnat.messages import (
+    AskActive,
+    AskCounters,
+    AskSessions,
+    Change,
+    Question,
+    ResetBackend,
+    SetBackends,
+    SetServices,
+)
 
 
 def apply_change(engine: Engine, change: Change, now: float) -> list[tuple[bytes, int]]:
     """Apply one change. Returns packets to send (RSTs of a reset), with their next hop."""
-    kind = change[0]
-    if kind == "backends":
-        _, service, backends = change
-        engine.set_backends(service, backends)
-    elif kind == "services":
-        specs, added = change[1], change[2]  # change[3]: round-robin cursor slots
-        for spec in specs:
-            if spec.name in added:
-                if spec.name not in engine.services:
-                    engine.add_service(spec)
-            else:
-                engine.reconfigure_service(spec)
-                engine.set_backends(spec.name, spec.backends)
-    elif kind == "reset":
-        _, service, backend = change
-        return engine.reset_flows(service, backend, now)
-    else:
-        raise ValueError(f"unknown change {kind!r}")
+    match change:
+        case SetBackends(service, backends):
+            engine.set_backends(service, backends)
+        case SetServices(specs, added):  # the cursor slots are the worker's business
+            for spec in specs:
+                if spec.name in added:
+                    if spec.name not in engine.services:
+                        engine.add_service(spec)
+                else:
+                    engine.reconfigure_service(spec)
+                    engine.set_backends(spec.name, spec.backends)
+        case ResetBackend(service, backend):
+            return engine.reset_flows(service, backend, now)
+        case _:
+            raise ValueError(f"unknown change {change!r}")
     return []
 
 
 def answer(engine: Engine, question: Question, now: float) -> Any:
-    kind = question[0]
-    if kind == "counters":
-        return engine_counters(engine)
-    if kind == "sessions":
-        return session_rows(engine, now)
-    if kind == "active":
-        return {
-            (service, key): engine.active_flows(service, key)
-            for service, key in question[1]
-            if service in engine.services
-        }
-    raise ValueError(f"unknown question {kind!r}")
+    match question:
+        case AskCounters():
+            return engine_counters(engine)
+        case AskSessions():
+            return session_rows(engine, now)
+        case AskActive(backends):
+            return {
+                (service, key): engine.active_flows(service, key)
+                for service, key in backends
+                if service in engine.services
+            }
+        case _:
+            raise ValueError(f"unknown question {question!r}")
 
 
 def engine_counters(engine: Engine) -> dict[str, Any]:
@@ -125,4 +123,3 @@ def session_rows(engine: Engine, now: float) -> list[dict[str, object]]:
             }
         )
     return rows
-

@@ -12,6 +12,7 @@ and the packet loop never waits for them. Every request line gets exactly one re
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import socket
 import socketserver
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+from lbnat.config import ControlConfig
 from lbnat.control.protocol import MAX_LINE, Authenticator, Nack, Request, nack, parse_request
 
 Apply = Callable[[Request, str], bytes]  # (request, who asked) -> the reply line
@@ -134,6 +136,36 @@ def prepare_socket_path(path: str) -> None:
         f"another lbnat answers on {path} "
         "(use --admin-socket or LBNAT_ADMIN_SOCKET for a second one)"
     )
+
+
+def start_servers(
+    control: ControlConfig | None, admin_socket: str, apply: Apply, refused: Refused
+) -> list[RegistrationServer | AdminServer]:
+    """The registration server (when the config has a control channel) and the admin socket
+    (when it has a path), each serving on a thread of its own. OSError if one cannot listen;
+    the ones already started are shut down."""
+    servers: list[RegistrationServer | AdminServer] = []
+    try:
+        if control is not None:
+            if control.secret is None and not ipaddress.IPv4Address(control.host).is_loopback:
+                raise OSError(
+                    f"the control channel on {control.host} needs a secret; without one it "
+                    "listens on loopback only"
+                )
+            auth = Authenticator(control.secret, control.window, control.allow)
+            server = RegistrationServer(control.host, control.port, auth, apply, refused)
+            servers.append(server)
+            serve_in_thread(server, "lbnat-control")
+        if admin_socket:
+            admin = AdminServer(admin_socket, apply, refused)
+            servers.append(admin)
+            serve_in_thread(admin, "lbnat-admin")
+    except BaseException:
+        for started in servers:
+            started.shutdown()
+            started.server_close()
+        raise
+    return servers
 
 
 def serve_in_thread(server: socketserver.BaseServer, name: str) -> threading.Thread:

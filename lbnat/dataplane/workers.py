@@ -3,7 +3,7 @@
     main process                                    worker i (python -m lbnat.dataplane.workers)
     health thread, control and admin servers        RingLoop/PacketLoop + Engine (its own rows,
     registry (backends, health)                     its slice of the NAT ports)
-    WorkerPool ── socketpair, pickled tuples ────── changes in; answers and events out
+    WorkerPool ── socketpair, pickled messages ──── changes in; answers and events out
     holds every worker's packet socket              maps its socket's rings; owns nothing shared
     (PACKET_FANOUT group, lbnat.dataplane.fanout)   but the round-robin cursors (one word each)
 
@@ -13,8 +13,9 @@ exits is started again on the same socket (its place in the fanout group is kept
 other worker's flows keep their worker) while the others go on forwarding. The restarted worker
 starts with an empty table: the flows it owned are lost, as after a restart of lbnat.
 
-Both offer the same calls to the daemon: `change()` sends a change to every engine,
-`ask()` returns every engine's answer (lbnat.views), events come back through `on_events`.
+Both implement lbnat.messages.DataPlane: `change()` sends a change to every engine, `ask()`
+returns every engine's answer (lbnat.views), events come back through `on_events`. The
+messages on a worker's socketpair are the frozen dataclasses of lbnat.messages.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -41,9 +41,23 @@ from lbnat.dataplane.loop import PacketLoop, RingLoop
 from lbnat.dataplane.packet_socket import attach_filter, open_packet_socket, reject_all
 from lbnat.dataplane.rings import RingSpec
 from lbnat.engine import Engine, Event, NoBackend
-from lbnat.nat import Timeouts
-from lbnat.service import Service
-from lbnat.views import Change, Question, answer, apply_change
+from lbnat.messages import (
+    Answer,
+    ApplyChange,
+    Ask,
+    Change,
+    Events,
+    FromWorker,
+    Question,
+    Ready,
+    SetServices,
+    Stop,
+    ToWorker,
+    WorkerFailed,
+    WorkerSetup,
+)
+from lbnat.scheduler import SharedCursor
+from lbnat.views import answer, apply_change
 
 EventSink = Callable[[int, list[Event]], None]  # (worker index, events)
 
@@ -54,23 +68,6 @@ SUPERVISE_EVERY = 0.2  # seconds between looks at the workers (and the daemon's 
 
 class WorkerError(Exception):
     """A worker could not be started (the message is for the user)."""
-
-
-@dataclass(frozen=True)
-class WorkerSetup:
-    """Everything a worker process needs to build its loop, sent as its first message."""
-
-    index: int
-    lb_ip: str
-    link: Link
-    specs: tuple[Service, ...]
-    nat_ports: tuple[int, int]  # this worker's slice
-    timeouts: Timeouts
-    table_cap: int
-    io: str  # "rings" or "socket"
-    rings: RingSpec
-    flow_events: bool  # send FlowOpened/FlowEnded (the log shows them) or only NoBackend
-    cursor_slots: dict[str, int] = field(default_factory=dict)
 
 
 # --- messages: a 4-byte length, then a pickle (both ends are this program) ---------------------
@@ -191,6 +188,31 @@ def open_worker_sockets(
     return socks
 
 
+def start_plane(
+    socks: list[socket.socket],
+    inline_loop: Callable[[], PacketLoop],
+    setup_for: Callable[[int], WorkerSetup],
+    on_events: EventSink,
+    log: Callable[..., None],
+) -> InlinePlane | WorkerPool:
+    """One socket: the loop `inline_loop()` builds, on the main thread. Several: a worker
+    process on each, started and ready. On failure the sockets are closed."""
+    if len(socks) == 1:
+        try:
+            loop = inline_loop()
+        except BaseException:
+            socks[0].close()
+            raise
+        return InlinePlane(loop, socks[0])
+    pool = WorkerPool(socks, setup_for, on_events, log, SharedCursors())
+    try:
+        pool.start()
+    except BaseException:
+        pool.close()
+        raise
+    return pool
+
+
 # --- one worker: the loop in the main process -------------------------------------------------
 
 
@@ -273,7 +295,7 @@ class WorkerProcess:
         self.started = 0.0
         self._send_lock = threading.Lock()
         self._answers: dict[int, tuple[threading.Event, list[Any]]] = {}
-        self._ready = threading.Event()
+        self.ready_pid: int | None = None  # set by the current process's Ready
         self.errors: list[str] = []
 
     @property
@@ -294,7 +316,9 @@ class WorkerProcess:
             "--cursor-fd",
             str(fds[2]),
         ]
-        self._ready.clear()
+        ready = threading.Event()  # this start's own: a reader of a stopped process sets only its
+        self.ready_pid = None
+        self.errors = []  # this start's
         try:
             self.proc = subprocess.Popen(command, pass_fds=fds, stdin=subprocess.DEVNULL)
         finally:
@@ -302,15 +326,19 @@ class WorkerProcess:
         self.control = parent
         self.started = time.monotonic()
         threading.Thread(
-            target=self._read, args=(parent,), name=f"lbnat-worker-{self.index}", daemon=True
+            target=self._read, args=(parent, ready), name=f"lbnat-worker-{self.index}", daemon=True
         ).start()
         self.send(setup)
-        if not self._ready.wait(START_TIMEOUT):
-            detail = "; ".join(self.errors) or f"no word from it in {START_TIMEOUT:.0f} s"
+        if not ready.wait(START_TIMEOUT) or self.ready_pid is None:
+            detail = "; ".join(self.errors) or (
+                "it exited before it was ready"
+                if ready.is_set()
+                else f"no word from it in {START_TIMEOUT:.0f} s"
+            )
             self.stop(1.0)
             raise WorkerError(f"worker {self.index} did not start: {detail}")
 
-    def _read(self, control: socket.socket) -> None:
+    def _read(self, control: socket.socket, ready: threading.Event) -> None:
         reader = MessageReader()
         while True:
             try:
@@ -320,24 +348,28 @@ class WorkerProcess:
             if not data:
                 break
             for message in reader.feed(data):
-                kind = message[0]
-                if kind == "events":
-                    self.on_events(self.index, message[1])
-                elif kind == "answer":
-                    _, request, ok, value = message
-                    waiting = self._answers.pop(request, None)
-                    if waiting is not None:
-                        waiting[1].append((ok, value))
-                        waiting[0].set()
-                elif kind == "ready":
-                    self._ready.set()
-                elif kind == "error":
-                    self.errors.append(message[1])
+                if isinstance(message, Ready):
+                    self.ready_pid = message.pid
+                    ready.set()
+                else:
+                    self._receive(message)
         for done, _ in list(self._answers.values()):  # nobody will answer now
             done.set()
-        self._ready.set()
+        ready.set()
 
-    def send(self, message: object) -> bool:
+    def _receive(self, message: FromWorker) -> None:
+        match message:
+            case Events(events):
+                self.on_events(self.index, events)
+            case Answer(request, ok, value):
+                waiting = self._answers.pop(request, None)
+                if waiting is not None:
+                    waiting[1].append((ok, value))
+                    waiting[0].set()
+            case WorkerFailed(error):
+                self.errors.append(error)
+
+    def send(self, message: WorkerSetup | ToWorker) -> bool:
         control = self.control
         if control is None:
             return False
@@ -353,13 +385,13 @@ class WorkerProcess:
         done = threading.Event()
         box: list[Any] = []
         self._answers[request] = (done, box)
-        if not self.send(("ask", request, question)):
+        if not self.send(Ask(request, question)):
             self._answers.pop(request, None)
             done.set()
         return done, box
 
     def stop(self, timeout: float = 2.0) -> None:
-        self.send(("stop",))
+        self.send(Stop())
         proc = self.proc
         if proc is not None:
             try:
@@ -435,7 +467,7 @@ class WorkerPool:
 
     def change(self, change: Change) -> None:
         for proc in self.procs:
-            proc.send(("change", change))
+            proc.send(ApplyChange(change))
 
     def ask(self, question: Question, timeout: float = 5.0) -> list[Any]:
         """Every live worker's answer (a dead one, being restarted, has none)."""
@@ -493,13 +525,16 @@ def worker_main(argv: list[str] | None = None) -> int:
     control = socket.socket(fileno=args.control_fd)
     reader = MessageReader()
     try:
-        setup: WorkerSetup = receive_message(control, reader)
+        setup = receive_message(control, reader)
     except (EOFError, OSError):
+        return 1
+    if not isinstance(setup, WorkerSetup):
+        send_message(control, WorkerFailed(f"expected its setup first, got {setup!r}"))
         return 1
     cursors = SharedCursors(args.cursor_fd)
     slots = dict(setup.cursor_slots)
 
-    def cursor(service: str) -> Any:
+    def cursor(service: str) -> SharedCursor | None:
         slot = slots.get(service)
         return None if slot is None else cursors.cursor(slot)
 
@@ -509,11 +544,11 @@ def worker_main(argv: list[str] | None = None) -> int:
             setup.lb_ip, setup.specs, setup.nat_ports, setup.timeouts, setup.table_cap, cursor
         )
     except ValueError as error:
-        send_message(control, ("error", str(error)))
+        send_message(control, WorkerFailed(str(error)))
         return 1
     lock = threading.Lock()
 
-    def send(message: object) -> None:
+    def send(message: FromWorker) -> None:
         with lock:
             send_message(control, message)
 
@@ -521,12 +556,12 @@ def worker_main(argv: list[str] | None = None) -> int:
         if not setup.flow_events:
             events = [event for event in events if isinstance(event, NoBackend)]
         if events:
-            send(("events", events))
+            send(Events(events))
 
     try:
         loop = build_loop(engine, sock, setup.link, setup.io, setup.rings, on_events)
     except OSError as error:
-        send(("error", f"cannot open its rings: {error}"))
+        send(WorkerFailed(f"cannot open its rings: {error}"))
         return 1
 
     def on_control() -> None:
@@ -539,30 +574,29 @@ def worker_main(argv: list[str] | None = None) -> int:
             return
         now = time.monotonic()
         for message in reader.feed(data):
-            kind = message[0]
-            if kind == "change":
-                if message[1][0] == "services":
-                    slots.update(message[1][3])
-                try:
-                    for packet, destination in apply_change(engine, message[1], now):
-                        loop.send_packet(packet, destination, now)
-                except ValueError as error:
-                    send(("error", str(error)))
-            elif kind == "ask":
-                _, request, question = message
-                try:
-                    send(("answer", request, True, answer(engine, question, now)))
-                except (ValueError, KeyError) as error:
-                    send(("answer", request, False, str(error)))
-            elif kind == "stop":
-                loop.stop()
+            match message:
+                case ApplyChange(change):
+                    if isinstance(change, SetServices):
+                        slots.update(change.cursor_slots)
+                    try:
+                        for packet, destination in apply_change(engine, change, now):
+                            loop.send_packet(packet, destination, now)
+                    except ValueError as error:
+                        send(WorkerFailed(str(error)))
+                case Ask(request, question):
+                    try:
+                        send(Answer(request, True, answer(engine, question, now)))
+                    except (ValueError, KeyError) as error:
+                        send(Answer(request, False, str(error)))
+                case Stop():
+                    loop.stop()
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         loop.stop()
 
     signal.signal(signal.SIGTERM, on_term)
     loop.watch(control.fileno(), on_control)
-    send(("ready", os.getpid()))
+    send(Ready(os.getpid()))
     try:
         loop.run()
     finally:

@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from lbnat.backends import Backend, Health
-from lbnat.dataplane.workers import MessageReader, send_message
+from lbnat.dataplane.link import Link
+from lbnat.dataplane.rings import RingSpec
+from lbnat.dataplane.workers import (
+    MessageReader,
+    SharedCursors,
+    WorkerError,
+    WorkerProcess,
+    send_message,
+)
+from lbnat.engine import NoBackend
+from lbnat.messages import (
+    Answer,
+    ApplyChange,
+    Ask,
+    AskActive,
+    AskCounters,
+    Events,
+    Ready,
+    ResetBackend,
+    SetBackends,
+    Stop,
+    WorkerFailed,
+    WorkerSetup,
+)
+from lbnat.nat import Timeouts
 from lbnat.scheduler import RoundRobin
-from lbnat.views import merge_counters
+from lbnat.views import answer, apply_change, merge_counters
+from tests.unit.fixtures import Lab
 
 B = (Backend("198.18.0.21", 9000), Backend("198.18.0.22", 9000), Backend("198.18.0.23", 9000))
 
@@ -107,3 +136,64 @@ def test_messages_survive_any_split_of_the_stream(messages: list[object], step: 
     for i in range(0, len(pipe.data), step):
         got += reader.feed(pipe.data[i : i + step])
     assert got == messages
+
+
+SETUP_FREE_MESSAGES: list[object] = [
+    ApplyChange(SetBackends("web", B)),
+    ApplyChange(ResetBackend("web", B[0].key)),
+    Ask(1, AskCounters()),
+    Ask(2, AskActive((("web", B[1].key),))),
+    Stop(),
+    Ready(1234),
+    WorkerFailed("cannot open its rings"),
+    Events([NoBackend("web", ("198.18.0.11", 40000))]),
+    Answer(2, True, {("web", B[1].key): 3}),
+]
+
+
+def test_typed_messages_cross_the_wire_equal_and_typed() -> None:
+    pipe = Pipe()
+    for message in SETUP_FREE_MESSAGES:
+        send_message(pipe, message)  # type: ignore[arg-type]
+    got = MessageReader().feed(pipe.data)
+    assert got == SETUP_FREE_MESSAGES
+    assert [type(m) for m in got] == [type(m) for m in SETUP_FREE_MESSAGES]
+
+
+def test_an_engine_refuses_what_is_not_a_change_or_a_question() -> None:
+    lab = Lab()
+    with pytest.raises(ValueError, match="unknown change"):
+        apply_change(lab.engine, ("backends", "web", ()), 0.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown question"):
+        answer(lab.engine, ("counters",), 0.0)  # type: ignore[arg-type]
+    assert answer(lab.engine, AskCounters(), 0.0)["rows"] == 0
+
+
+def test_a_worker_that_fails_before_it_is_ready_fails_its_start() -> None:
+    """A real worker process (no root: its "packet socket" is one end of a socketpair) that
+    cannot build its engine says why and exits; start() raises with its reason instead of
+    returning as if it were forwarding."""
+    packet_end, other_end = socket.socketpair()
+    cursors = SharedCursors()
+    worker = WorkerProcess(0, packet_end, cursors, lambda index, events: None)
+    setup = WorkerSetup(
+        index=0,
+        lb_ip="198.18.0.2",
+        link=Link("lo", "198.18.0.2", ipaddress.IPv4Network("198.18.0.0/24"), bytes(6)),
+        specs=(),
+        nat_ports=(65000, 61000),  # backwards: the engine refuses it
+        timeouts=Timeouts(),
+        table_cap=10,
+        io="socket",
+        rings=RingSpec(),
+        flow_events=False,
+    )
+    try:
+        with pytest.raises(WorkerError, match="worker 0 did not start: bad NAT port range"):
+            worker.start(setup)
+        assert not worker.alive
+    finally:
+        worker.stop(1.0)
+        cursors.close()
+        packet_end.close()
+        other_end.close()
