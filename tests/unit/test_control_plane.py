@@ -24,7 +24,7 @@ from lbnat.health.probe import ProbeResult, ProbeSettings
 from lbnat.messages import AskActive, ResetBackend, SetBackends, SetServices
 from lbnat.service import Service
 from lbnat.views import answer, apply_change
-from tests.unit.fixtures import LB, WEB_BACKEND_PORT, WEB_PORT, Lab
+from tests.unit.fixtures import LB, WEB_BACKEND_PORT, WEB_PORT, EngineHarness
 
 B1, B2, B3, B4 = (Backend(f"198.18.0.2{i}", WEB_BACKEND_PORT) for i in range(1, 5))
 PEER = "198.18.0.24"
@@ -145,25 +145,25 @@ def test_an_op_the_control_plane_does_not_own_is_refused_unlogged() -> None:
 
 
 class Engines:
-    """The data plane as the control plane sees it: one engine (tests.unit.fixtures.Lab) that
+    """The data plane as the control plane sees it: one engine (fixtures.EngineHarness) that
     applies every change and answers every question, as a worker does (lbnat.views)."""
 
     def __init__(self) -> None:
-        self.lab = Lab(backends=3)
+        self.harness = EngineHarness(backends=3)
 
     def carry_out(self, effects: Sequence[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, SetBackends | SetServices | ResetBackend):
-                apply_change(self.lab.engine, effect, self.lab.now)
+                apply_change(self.harness.engine, effect, self.harness.now)
 
     def active(self, question: AskActive | None) -> list[dict[tuple[str, BackendKey], int]]:
-        return [] if question is None else [answer(self.lab.engine, question, self.lab.now)]
+        return [] if question is None else [answer(self.harness.engine, question, self.harness.now)]
 
 
 def test_register_probe_unregister_drain_remove() -> None:
     cp = plane()
     engines = Engines()
-    flows = [engines.lab.flow(port=40000 + i) for i in range(7)]
+    flows = [engines.harness.flow(port=40000 + i) for i in range(7)]
 
     engines.carry_out(cp.request(request("register"), PEER, now=0.0).effects)
     for flow in flows[:3]:
@@ -196,7 +196,8 @@ def test_register_probe_unregister_drain_remove() -> None:
     engines.carry_out(effects)
     assert logged(effects) == ["backend 198.18.0.24:8080 removed from service web (drained)"]
     assert states(cp) == ["21:alive", "22:alive", "23:alive"]
-    assert [b.key for b in engines.lab.engine.services["web"].backends] == [B1.key, B2.key, B3.key]
+    web = engines.harness.engine.services["web"]
+    assert [b.key for b in web.backends] == [B1.key, B2.key, B3.key]
     assert cp.draining() is None
 
 

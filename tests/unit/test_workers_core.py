@@ -37,7 +37,7 @@ from lbnat.messages import (
 from lbnat.nat import Timeouts
 from lbnat.scheduler import RoundRobin
 from lbnat.views import answer, apply_change, merge_counters
-from tests.unit.fixtures import Lab
+from tests.unit.fixtures import EngineHarness
 
 B = (Backend("198.18.0.21", 9000), Backend("198.18.0.22", 9000), Backend("198.18.0.23", 9000))
 
@@ -161,12 +161,12 @@ def test_typed_messages_cross_the_wire_equal_and_typed() -> None:
 
 
 def test_an_engine_refuses_what_is_not_a_change_or_a_question() -> None:
-    lab = Lab()
+    harness = EngineHarness()
     with pytest.raises(ValueError, match="unknown change"):
-        apply_change(lab.engine, ("backends", "web", ()), 0.0)  # type: ignore[arg-type]
+        apply_change(harness.engine, ("backends", "web", ()), 0.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown question"):
-        answer(lab.engine, ("counters",), 0.0)  # type: ignore[arg-type]
-    assert answer(lab.engine, AskCounters(), 0.0)["rows"] == 0
+        answer(harness.engine, ("counters",), 0.0)  # type: ignore[arg-type]
+    assert answer(harness.engine, AskCounters(), 0.0)["rows"] == 0
 
 
 def test_a_worker_that_fails_before_it_is_ready_fails_its_start() -> None:
