@@ -794,9 +794,9 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
     `read_file` reads --secret-file (default: from disk).
     """
     read = read_file or _read_from_disk
-    vip_port = parse_port(overrides.vip_port, "virtual port")
     base = None
     if overrides.config_file:
+        vip_port = parse_port(overrides.vip_port, "virtual port")
         base = load_config(overrides.config_file, default_port=vip_port)
     words = overrides.words
     if base is None and not words:
@@ -806,7 +806,9 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
     lb_ip = parse_ip(words[0], "SRCIP") if has_srcip else None
     backends = _parse_backends(words[1:] if has_srcip else words)
     nat_ports = _parse_nat_ports(overrides.nat_ports)
-    ours = _command_line_service(overrides, vip_port, backends)
+    ours = _command_line_service(
+        overrides, parse_port(overrides.vip_port, "virtual port"), backends
+    )
     control = _command_line_control(overrides, read)
     given = overrides.given
     if base is None:
