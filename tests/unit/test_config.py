@@ -801,3 +801,8 @@ def test_config_imports_nothing_from_the_data_plane_or_the_health_checker() -> N
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert result.stdout.split() == []
+
+
+def test_an_empty_backend_name_means_the_default() -> None:
+    (spec,) = parse_config(one(backends=[{**B1, "name": ""}])).services
+    assert spec.service.backends[0].name == "198.18.0.21:9000"
