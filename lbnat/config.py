@@ -245,7 +245,7 @@ def parse_config(
         raise ValueError(f"default_port {default_port} is not a valid port")
     if not isinstance(data, dict):
         _fail("", f"the top level must be a JSON object, not {_kind(data)}")
-    _refuse_duplicate_keys(data, "")
+    _refuse_duplicate_keys(data)
     if "servers" in data and len(data) == 1:
         _validate(data, "servers_json")
         return _servers_json(data, default_port)
@@ -325,7 +325,10 @@ def _validator(definition: str | None) -> Any:
 
 def _validate(data: object, definition: str | None) -> None:
     """Raise the ConfigError of the first mistake the schema finds, if any."""
-    error: ValidationError | None = next(iter(_validator(definition).iter_errors(data)), None)
+    try:
+        error: ValidationError | None = next(iter(_validator(definition).iter_errors(data)), None)
+    except RecursionError:  # jsonschema's messages repr the value: too deep for the stack
+        _fail("", "nested too deeply")
     if error is not None:
         path, problem = _explain(_most_telling(error))
         _fail(path, problem)
@@ -425,18 +428,24 @@ def _path(parts: Iterator[str | int] | Sequence[str | int]) -> str:
     return path
 
 
-def _refuse_duplicate_keys(value: object, path: str) -> None:
-    """A key the file gives twice (json keeps the last one; the schema never sees the first)."""
-    if isinstance(value, dict):
-        if isinstance(value, _JsonObject) and value.duplicates:
-            _fail(_at(path, value.duplicates[0]), "is given more than once")
-        for key, inner in value.items():
-            if not isinstance(key, str):
-                _fail(path, f"the key {_show(key)} is not a string")
-            _refuse_duplicate_keys(inner, _at(path, key))
-    elif isinstance(value, list | tuple):
-        for index, inner in enumerate(value):
-            _refuse_duplicate_keys(inner, _item(path, index))
+def _refuse_duplicate_keys(data: object) -> None:
+    """A key the file gives twice (json keeps the last one; the schema never sees the first).
+    Walked with a stack, not recursion: JSON nested as deep as json.loads allows is fine."""
+    stack: list[tuple[str, object]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            if isinstance(value, _JsonObject) and value.duplicates:
+                _fail(_at(path, value.duplicates[0]), "is given more than once")
+            for key in value:
+                if not isinstance(key, str):
+                    _fail(path, f"the key {_show(key)} is not a string")
+            inner = [(_at(path, key), item) for key, item in value.items()]
+        elif isinstance(value, list | tuple):
+            inner = [(_item(path, index), item) for index, item in enumerate(value)]
+        else:
+            continue
+        stack.extend(reversed(inner))  # the first child is looked at first
 
 
 # --- the two shapes, built once the schema has passed them -----------------------------------

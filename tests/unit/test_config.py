@@ -806,3 +806,13 @@ def test_config_imports_nothing_from_the_data_plane_or_the_health_checker() -> N
 def test_an_empty_backend_name_means_the_default() -> None:
     (spec,) = parse_config(one(backends=[{**B1, "name": ""}])).services
     assert spec.service.backends[0].name == "198.18.0.21:9000"
+
+
+def test_deeply_nested_values_are_an_error_not_a_crash() -> None:
+    deep: list[object] = []
+    inner = deep
+    for _ in range(50_000):
+        inner.append([])
+        inner = inner[0]  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match=r"^nested too deeply$"):
+        parse_config({"services": deep})
