@@ -7,6 +7,7 @@ import dataclasses
 import ipaddress
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +39,11 @@ def config_file(tmp_path: Path, data: object = FILE, name: str = "lbnat.json") -
     path = tmp_path / name
     path.write_text(json.dumps(data))
     return str(path)
+
+
+def given(**options: Any) -> Overrides:
+    """The command line WORDS with these options."""
+    return Overrides(**{"words": WORDS, **options})
 
 
 def refused(overrides: Overrides) -> str:
@@ -171,47 +177,23 @@ def test_the_secret_file_is_read_once_through_read_file() -> None:
     [
         (Overrides(), "give SRCIP and at least one backend: SRCIP IP PORT [IP PORT ...]"),
         (Overrides(words=("198.18.0.2",)), "give at least one backend: IP PORT [IP PORT ...]"),
+        (given(words=WORDS[:2]), "backends come in IP PORT pairs; got an odd number of words (1)"),
+        (given(words=("x", *WORDS[1:])), "SRCIP 'x' is not an IPv4 address"),
+        (given(words=(*WORDS[:3], *WORDS[1:3])), "backend 198.18.0.21:9000 is given twice"),
+        (given(vip_port="70000"), "virtual port 70000 is out of range (1-65535)"),
+        (given(vip_port="62000"), "virtual port 62000 is inside the NAT port range 61000-65535"),
+        (given(nat_ports="61000"), "NAT port range '61000' must look like 61000-65535"),
+        (given(nat_ports="2-1"), "NAT port range '2-1' is empty"),
         (
-            Overrides(words=WORDS[:2]),
-            "backends come in IP PORT pairs; got an odd number of words (1)",
-        ),
-        (Overrides(words=("x", *WORDS[1:])), "SRCIP 'x' is not an IPv4 address"),
-        (
-            Overrides(words=(*WORDS[:3], "198.18.0.21", "9000")),
-            "backend 198.18.0.21:9000 is given twice",
-        ),
-        (Overrides(words=WORDS, vip_port="70000"), "virtual port 70000 is out of range (1-65535)"),
-        (
-            Overrides(words=WORDS, vip_port="62000"),
-            "virtual port 62000 is inside the NAT port range 61000-65535",
-        ),
-        (
-            Overrides(words=WORDS, nat_ports="61000"),
-            "NAT port range '61000' must look like 61000-65535",
-        ),
-        (Overrides(words=WORDS, nat_ports="2-1"), "NAT port range '2-1' is empty"),
-        (
-            Overrides(words=WORDS, nat_ports="1000-1001", workers="3"),
+            given(nat_ports="1000-1001", workers="3"),
             "nat_ports 1000-1001 is too small for 3 workers",
         ),
-        (Overrides(words=WORDS, workers="65"), "--workers: 65 is not between 1 and 64"),
-        (
-            Overrides(words=WORDS, health_check="udp"),
-            "a udp health check cannot probe a tcp service",
-        ),
-        (
-            Overrides(words=WORDS, control_listen="198.18.0.2:x"),
-            "control address port 'x' is not a port number",
-        ),
-        (Overrides(words=WORDS, control_listen="1.2.3.4", allow=("lan",)), "--allow: "),
-        (
-            Overrides(words=WORDS, control_listen="1.2.3.4", secret_file="/nonexistent/secret"),
-            "cannot read the secret file: No such file or directory",
-        ),
-        (
-            Overrides(config_file="/nonexistent/lbnat.json"),
-            "/nonexistent/lbnat.json: cannot read the file",
-        ),
+        (given(workers="65"), "--workers: 65 is not between 1 and 64"),
+        (given(health_check="udp"), "a udp health check cannot probe a tcp service"),
+        (given(control_listen="198.18.0.2:x"), "control address port 'x' is not a port number"),
+        (given(control_listen="1.2.3.4", allow=("lan",)), "--allow: "),
+        (given(control_listen="1.2.3.4", secret_file="/no/s"), "cannot read the secret file: No "),
+        (Overrides(config_file="/no/lbnat.json"), "/no/lbnat.json: cannot read the file"),
     ],
 )
 def test_command_line_mistakes(overrides: Overrides, message: str) -> None:
