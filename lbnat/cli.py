@@ -9,44 +9,40 @@ reaches a running lbnat which says no prints its reason and exits 1.
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
 import json
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 from click.core import ParameterSource
 
-from lbnat.backends import Backend
+from lbnat import config as config_module
 from lbnat.config import (
+    DEFAULT_ADMIN_SOCKET,
+    DEFAULT_CONTROL_PORT,
     IO_KINDS,
-    MAX_WORKERS,
+    PROBE_KINDS,
     RX_RINGS,
     Config,
     ConfigError,
-    ControlConfig,
-    ServiceConfig,
-    check_slices,
-    default_workers,
+    Overrides,
+    build_config,
     load_config,
 )
 from lbnat.control.protocol import encode, sign
 from lbnat.control.server import request_line
 from lbnat.daemon import Daemon, StartError
-from lbnat.health import PROBE_KINDS, HealthPolicy, ProbeSettings, make_probe
-from lbnat.nat import Timeouts
 from lbnat.scheduler import SCHEDULERS
-from lbnat.service import Service
 
-DEFAULT_VIP_PORT = 20000
-DEFAULT_CONTROL_PORT = 7000
-DEFAULT_ADMIN_SOCKET = "/run/lbnat/lbnat.sock"
+DEFAULT_VIP_PORT = config_module.DEFAULT_PORT
 ADMIN_SOCKET_ENV = "LBNAT_ADMIN_SOCKET"  # overrides the default, for the server and the clients
+WORKERS_ENV = "LBNAT_WORKERS"
+
+_T = TypeVar("_T")
 
 
 def fail(message: str) -> NoReturn:
@@ -54,55 +50,12 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def parse_ip(text: str, what: str) -> str:
+def checked(parse: Callable[..., _T], *args: Any) -> _T:
+    """`parse(*args)` (one of lbnat.config's parsers); its ConfigError ends the command."""
     try:
-        return str(ipaddress.IPv4Address(text))
-    except ValueError:
-        fail(f"{what} {text!r} is not an IPv4 address")
-
-
-def parse_port(text: str, what: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        fail(f"{what} {text!r} is not a port number")
-    if not 0 < port < 65536:
-        fail(f"{what} {port} is out of range (1-65535)")
-    return port
-
-
-def parse_backends(words: Sequence[str]) -> tuple[Backend, ...]:
-    """IP PORT [IP PORT ...] -> backends, in order."""
-    if len(words) % 2:
-        fail(f"backends come in IP PORT pairs; got an odd number of words ({len(words)})")
-    backends = []
-    seen = set()
-    for i in range(0, len(words), 2):
-        ip = parse_ip(words[i], "backend address")
-        port = parse_port(words[i + 1], "backend port")
-        if (ip, port) in seen:
-            fail(f"backend {ip}:{port} is given twice")
-        seen.add((ip, port))
-        backends.append(Backend(ip, port))
-    return tuple(backends)
-
-
-def parse_range(text: str) -> tuple[int, int]:
-    low, sep, high = text.partition("-")
-    if not sep:
-        fail(f"NAT port range {text!r} must look like 61000-65535")
-    first = parse_port(low, "NAT port range start")
-    last = parse_port(high, "NAT port range end")
-    if first > last:
-        fail(f"NAT port range {text!r} is empty")
-    return first, last
-
-
-def parse_hostport(text: str, default_port: int, what: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, str(default_port)
-    return parse_ip(host, what), parse_port(port, f"{what} port")
+        return parse(*args)
+    except ConfigError as error:
+        fail(str(error))
 
 
 def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None) -> NoReturn:
@@ -124,31 +77,6 @@ def main() -> None:
 
 
 # --- lbnat run ----------------------------------------------------------------------------------
-
-GLOBAL_OPTIONS = {  # option -> Config field it overrides when given with --config
-    "interface": "interface",
-    "table_cap": "table_cap",
-    "quiet": "quiet",
-    "log_format": "log_format",
-    "log_transitions": "log_transitions",
-    "drain_timeout": "drain_timeout",
-    "io": "io",
-    "rx_ring": "rx_ring",
-}
-WORKERS_ENV = "LBNAT_WORKERS"
-
-
-def parse_workers(text: str) -> int:
-    """--workers: a count or "auto" (one per core)."""
-    if text == "auto":
-        return default_workers()
-    try:
-        workers = int(text)
-    except ValueError:
-        fail(f'--workers: {text!r} is not a number of workers or "auto"')
-    if not 1 <= workers <= MAX_WORKERS:
-        fail(f"--workers: {workers} is not between 1 and {MAX_WORKERS}")
-    return workers
 
 
 @main.command()
@@ -300,185 +228,15 @@ def run(
     given = {
         name for name in options if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
     }
+    if ctx.get_parameter_source("workers") is ParameterSource.ENVIRONMENT:
+        given.add("workers")  # LBNAT_WORKERS overrides the file's workers too
+    overrides = Overrides(words=words, config_file=config_file, given=frozenset(given), **options)
 
     def build() -> Config:
-        return build_config(words, config_file, options, given)
+        return build_config(overrides)
 
-    try:
-        config = build()
-    except ConfigError as error:
-        fail(str(error))
+    config = checked(build)
     run_daemon(config, build if config_file else None)
-
-
-def cli_service(options: dict[str, Any], backends: tuple[Backend, ...]) -> ServiceConfig:
-    port = parse_port(options["vip_port"], "virtual port")
-    proto = options["proto"]
-    probe = ProbeSettings(
-        options["health_check"],
-        options["probe_send"],
-        options["probe_expect"],
-        options["http_path"],
-        options["http_status"],
-    )
-    try:
-        health = None
-        if not options["no_health"]:
-            health = HealthPolicy(
-                options["health_interval"],
-                options["health_timeout"],
-                options["fall"],
-                options["rise"],
-            )
-            make_probe(probe, proto)  # a kind that does not fit the protocol, a bad pattern
-        service = Service(
-            f"{proto}:{port}", proto, port, options["scheduler"], options["affinity"], backends
-        )
-    except ValueError as error:
-        fail(str(error))
-    return ServiceConfig(service, health, probe, options["on_dead"])
-
-
-def build_config(
-    words: Sequence[str], config_file: str | None, options: dict[str, Any], given: set[str]
-) -> Config:
-    """The command line alone, or merged into the file: SRCIP and explicitly given options
-    win; the command line's backends join the file's service of the same protocol and port
-    (or form a new service)."""
-    base = (
-        load_config(config_file, default_port=parse_port(options["vip_port"], "virtual port"))
-        if config_file
-        else None
-    )
-    if base is None and not words:
-        fail("give SRCIP and at least one backend: SRCIP IP PORT [IP PORT ...]")
-    # Without a file the first word is SRCIP; with one, an odd count means SRCIP comes first.
-    has_srcip = base is None or len(words) % 2 == 1
-    lb_ip = parse_ip(words[0], "SRCIP") if has_srcip else None
-    backends = parse_backends(words[1:] if has_srcip else words)
-    nat_ports = parse_range(options["nat_ports"])
-    ours = cli_service(options, backends)
-    control = None
-    if options["control_listen"]:
-        host, port = parse_hostport(
-            options["control_listen"], DEFAULT_CONTROL_PORT, "control address"
-        )
-        secret = None
-        if options["secret_file"]:
-            try:
-                secret = Path(options["secret_file"]).read_bytes().strip()
-            except OSError as error:
-                fail(f"cannot read the secret file: {error.strerror}")
-        try:
-            allow = tuple(ipaddress.IPv4Network(net, strict=False) for net in options["allow"])
-        except ValueError as error:
-            fail(f"--allow: {error}")
-        control = ControlConfig(host, port, secret, allow, 30.0)
-
-    if base is None:
-        if not backends:
-            fail("give at least one backend: IP PORT [IP PORT ...]")
-        config = Config(
-            lb_ip=lb_ip,
-            interface=options["interface"],
-            nat_ports=nat_ports,
-            table_cap=options["table_cap"],
-            timeouts=Timeouts(
-                time_wait=options["time_wait"],
-                udp=options["udp_timeout"],
-                udp_replied=options["udp_replied_timeout"],
-            ),
-            log_format=options["log_format"],
-            quiet=options["quiet"],
-            log_transitions=options["log_transitions"],
-            control=control,
-            admin_socket=options["admin_socket"],
-            drain_timeout=options["drain_timeout"],
-            services=(ours,),
-            workers=parse_workers(options["workers"]),
-            io=options["io"],
-            rx_ring=options["rx_ring"],
-        )
-    else:
-        services = list(base.services)
-        spec = ours.service
-        match = next(
-            (
-                i
-                for i, s in enumerate(services)
-                if (s.service.proto, s.service.port) == (spec.proto, spec.port)
-            ),
-            None,
-        )
-        if match is None and backends:
-            services.append(ours)
-        elif match is not None:
-            services[match] = merge_service(services[match], ours, given)
-        changes: dict[str, Any] = {
-            field: options[option] for option, field in GLOBAL_OPTIONS.items() if option in given
-        }
-        if "nat_ports" in given:
-            changes["nat_ports"] = nat_ports
-        if "workers" in given or os.environ.get(WORKERS_ENV):
-            changes["workers"] = parse_workers(options["workers"])
-        timeouts = {
-            field: options[option]
-            for option, field in (
-                ("time_wait", "time_wait"),
-                ("udp_timeout", "udp"),
-                ("udp_replied_timeout", "udp_replied"),
-            )
-            if option in given
-        }
-        if timeouts:
-            changes["timeouts"] = dataclasses.replace(base.timeouts, **timeouts)
-        if "admin_socket" in given:
-            changes["admin_socket"] = options["admin_socket"]
-        if control is not None:
-            changes["control"] = control
-        config = dataclasses.replace(
-            base, lb_ip=lb_ip or base.lb_ip, services=tuple(services), **changes
-        )
-    if config.lb_ip is None:
-        fail("no SRCIP: give it first on the command line or as lb_ip in the config")
-    problem = check_slices(config.nat_ports, config.workers)
-    if problem:
-        fail(problem)
-    for service in config.services:
-        if config.nat_ports[0] <= service.service.port <= config.nat_ports[1]:
-            fail(
-                f"virtual port {service.service.port} is inside the NAT port range "
-                f"{config.nat_ports[0]}-{config.nat_ports[1]}"
-            )
-    return config
-
-
-def merge_service(file: ServiceConfig, ours: ServiceConfig, given: set[str]) -> ServiceConfig:
-    """The file's service with the command line's backends added and its explicit options."""
-    keys = {b.key for b in file.service.backends}
-    for backend in ours.service.backends:
-        if backend.key in keys:
-            raise ConfigError(
-                f"services[{file.service.name}].backends",
-                f"{backend.ip}:{backend.port} is both in the config and on the command line",
-            )
-    service = dataclasses.replace(
-        file.service, backends=file.service.backends + ours.service.backends
-    )
-    if "scheduler" in given:
-        service = dataclasses.replace(service, scheduler=ours.service.scheduler)
-    if "affinity" in given:
-        service = dataclasses.replace(service, affinity_timeout=ours.service.affinity_timeout)
-    health, probe, on_dead = file.health, file.probe, file.on_dead
-    if "no_health" in given:
-        health = None
-    elif given & {"health_interval", "health_timeout", "fall", "rise"}:
-        health = ours.health
-    if given & {"health_check", "probe_send", "probe_expect", "http_path", "http_status"}:
-        probe = ours.probe
-    if "on_dead" in given:
-        on_dead = ours.on_dead
-    return ServiceConfig(service, health, probe, on_dead)
 
 
 def lobin_main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -490,27 +248,12 @@ def lobin_main(argv: Sequence[str] | None = None) -> NoReturn:
             "Example: sudo loadbalancerLobin 198.18.0.2 198.18.0.21 9000 198.18.0.22 9000"
         )
         raise SystemExit(0 if args else 2)
-    lb_ip = parse_ip(args[0], "SRCIP")
-    backends = parse_backends(args[1:])
-    if not backends:
-        fail("give at least one backend: SRCIP IP PORT [IP PORT ...]")
-    service = Service(f"tcp:{DEFAULT_VIP_PORT}", "tcp", DEFAULT_VIP_PORT, backends=backends)
-    config = Config(
-        lb_ip=lb_ip,
-        interface=None,
-        nat_ports=(61000, 65535),
-        table_cap=1_000_000,
-        timeouts=Timeouts(),
-        log_format="text",
-        quiet=False,
-        log_transitions=False,
-        control=None,
+    overrides = Overrides(
+        words=tuple(args),
         admin_socket=os.environ.get(ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET),
-        drain_timeout=300.0,
-        services=(ServiceConfig(service, HealthPolicy(), ProbeSettings(), "keep"),),
-        workers=parse_workers(os.environ.get(WORKERS_ENV, "auto")),
+        workers=os.environ.get(WORKERS_ENV, "auto"),
     )
-    run_daemon(config)
+    run_daemon(checked(build_config, overrides))
 
 
 # --- lbnat check-config -------------------------------------------------------------------------
@@ -529,10 +272,8 @@ def check_config(file: str, vip_port: str) -> None:
 
     Example: lbnat check-config /etc/lbnat/config.json
     """
-    try:
-        config = load_config(file, default_port=parse_port(vip_port, "virtual port"))
-    except ConfigError as error:
-        fail(str(error))
+    default_port = checked(config_module.parse_port, vip_port, "virtual port")
+    config = checked(lambda: load_config(file, default_port=default_port))
     backends = sum(len(s.service.backends) for s in config.services)
     names = ", ".join(
         f"{s.service.name} ({s.service.proto}/{s.service.port})" for s in config.services
@@ -569,12 +310,12 @@ def talk(target: str | tuple[str, int], message: dict[str, object]) -> dict[str,
 
 def registration(op: str, lb: str, service: str, ip: str, port: str, weight: int, name: str,
                  secret: str | None, secret_file: str | None) -> None:  # fmt: skip
-    host, control_port = parse_hostport(lb, DEFAULT_CONTROL_PORT, "--lb")
+    host, control_port = checked(config_module.parse_host_port, lb, DEFAULT_CONTROL_PORT, "--lb")
     message: dict[str, object] = {
         "op": op,
         "service": service,
-        "ip": parse_ip(ip, "backend address"),
-        "port": parse_port(port, "backend port"),
+        "ip": checked(config_module.parse_ip, ip, "backend address"),
+        "port": checked(config_module.parse_port, port, "backend port"),
     }
     if op == "register":
         message["weight"] = weight
@@ -692,8 +433,7 @@ def sessions(admin_socket: str, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     click.echo(
-        f"{'proto':<6}{'client':<22}{'backend':<22}{'NAT port':<10}{'state':<14}"
-        f"{'worker':<8}age"
+        f"{'proto':<6}{'client':<22}{'backend':<22}{'NAT port':<10}{'state':<14}{'worker':<8}age"
     )
     for r in rows:
         click.echo(
@@ -721,8 +461,8 @@ def backend(action: str, service: str, ip: str, port: str, weight: int, name: st
     message: dict[str, object] = {
         "op": f"backend_{action}",
         "service": service,
-        "ip": parse_ip(ip, "backend address"),
-        "port": parse_port(port, "backend port"),
+        "ip": checked(config_module.parse_ip, ip, "backend address"),
+        "port": checked(config_module.parse_port, port, "backend port"),
     }
     if action == "add":
         message["weight"] = weight

@@ -1,48 +1,64 @@
-"""lbnat's JSON config file, loaded and validated into frozen, typed objects.
+"""lbnat's config: the JSON file and the command line's overrides, validated into frozen, typed
+objects in one place.
 
 Pure: no sockets, no clock. The only I/O is reading files: the config file itself in
-`load_config`, and a control block's `secret_file` through the `read_file` function
-`parse_config` is given (by default it reads the file from disk; `load_config` resolves a relative
-`secret_file` against the config file's directory). Nothing here starts anything.
+`load_config`, the schema shipped beside this module (lbnat/config.schema.json), and a control
+block's `secret_file` through the `read_file` function `parse_config` is given (by default it
+reads the file from disk; `load_config` resolves a relative `secret_file` against the config
+file's directory). Nothing here starts anything.
+
+One validation path: the decoded JSON is checked against the schema with the jsonschema
+library first (types, ranges, choices, unknown and missing keys), then built into the typed
+objects with the checks a schema cannot express (service ports outside nat_ports, unique
+service names and (protocol, port), unique backends in a service, a health check that fits the
+protocol, not both secret and secret_file, finite numbers, regular expressions that compile).
+Both steps share the field validators of `lbnat.fields` with the control protocol.
 
 Every mistake raises `ConfigError`, whose text is one line naming the key path and the problem:
 
     services[1].backends[0].port: 70000 is not a valid port
     /etc/lbnat/lbnat.json: services[0].helth: unknown key (did you mean "health"?)
 
-Two shapes are accepted: the native format (docs/config.schema.json, docs/config.example.json)
+Two shapes are accepted: the native format (lbnat/config.schema.json, docs/config.example.json)
 and the Java original's `servers.json`, `{"servers": [{"protocol": "TCP", "ipAddress": ...,
-"port": ...}, ...]}`, which becomes one service per protocol present ("tcp", "udp") on
-`default_port`, with default settings.
+"port": ...}, ...]}` (the schema's `servers_json` definition), which becomes one service per
+protocol present ("tcp", "udp") on `default_port`, with default settings.
 
 `null` stands for "not given" only where the value may be absent at run time: `lb_ip`,
 `interface`, `control`, `health.check`, `health.expect`, `control.secret`,
 `control.secret_file`. Anywhere else it is a type error, like any other wrong type.
+
+`lbnat run`'s options arrive as an `Overrides`; `build_config` merges them into the file's
+config (or makes the whole config from them) and checks the result.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import ipaddress
 import json
-import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn, TypeVar
 
+import jsonschema
+from jsonschema.exceptions import ValidationError
+
+from lbnat import fields
 from lbnat.backends import Backend
-from lbnat.dataplane.fanout import nat_slices
-from lbnat.health import PROBE_KINDS, HealthPolicy, ProbeSettings, make_probe
+from lbnat.health_settings import PROBE_KINDS, HealthPolicy, ProbeSettings, probe_misfit
 from lbnat.nat import Timeouts
-from lbnat.scheduler import SCHEDULERS
 from lbnat.service import Service
 
 __all__ = [
     "DEFAULT_ADMIN_SOCKET",
+    "DEFAULT_CONTROL_PORT",
     "DEFAULT_DRAIN_TIMEOUT",
     "DEFAULT_NAT_PORTS",
     "DEFAULT_PORT",
@@ -52,19 +68,28 @@ __all__ = [
     "LOG_FORMATS",
     "MAX_WORKERS",
     "ON_DEAD",
+    "PROBE_KINDS",
     "RX_RINGS",
+    "SCHEMA_FILE",
     "Config",
     "ConfigError",
     "ControlConfig",
     "FileReader",
+    "Overrides",
     "ServiceConfig",
+    "build_config",
     "check_slices",
     "default_workers",
     "load_config",
     "parse_config",
+    "parse_host_port",
+    "parse_ip",
+    "parse_port",
+    "schema",
 ]
 
 DEFAULT_PORT: Final = 20000
+DEFAULT_CONTROL_PORT: Final = 7000
 DEFAULT_NAT_PORTS: Final = (61000, 65535)
 DEFAULT_TABLE_CAP: Final = 1_000_000
 DEFAULT_ADMIN_SOCKET: Final = "/run/lbnat/lbnat.sock"
@@ -73,21 +98,21 @@ DEFAULT_WINDOW: Final = 30.0
 IO_KINDS: Final = ("rings", "socket")
 RX_RINGS: Final = ("frames", "blocks")
 MAX_WORKERS: Final = 64
+LOG_FORMATS: Final = ("text", "json")
+ON_DEAD: Final = ("keep", "reset")
+PROTOCOL_NAMES: Final = ("tcp", "udp")
+SCHEMA_FILE: Final = "config.schema.json"  # package data of lbnat, beside this module
 
 
 def default_workers() -> int:
     """One worker per core (`workers: "auto"`)."""
     return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
-LOG_FORMATS: Final = ("text", "json")
-ON_DEAD: Final = ("keep", "reset")
-PROTOCOL_NAMES: Final = ("tcp", "udp")
+
 
 FileReader = Callable[[str], bytes]
 """Reads a whole file (a control block's secret_file); raises OSError when it cannot."""
 
-_SOCKET_PATH_MAX: Final = 107  # sun_path is 108 bytes, one of them the terminating NUL
-_IFNAMSIZ: Final = 16  # interface names are at most 15 bytes
-_BROADCAST: Final = ipaddress.IPv4Address("255.255.255.255")
+_T = TypeVar("_T")
 
 
 class ConfigError(ValueError):
@@ -154,7 +179,7 @@ class Config:
     rx_ring: str = "frames"  # receive ring layout: "frames" (TPACKET_V2) or "blocks" (V3)
 
 
-# --- the keys of each block (docs/config.schema.json describes the same) --------------------
+# --- the keys of each block (the schema's properties; a unit test keeps them equal) -------
 
 TOP_KEYS: Final = (
     "lb_ip",
@@ -197,6 +222,8 @@ HEALTH_KEYS: Final = (
 )
 BACKEND_KEYS: Final = ("ip", "port", "weight", "name")
 SERVERS_JSON_KEYS: Final = ("protocol", "ipAddress", "port")
+
+
 _TIMEOUTS_MAY_BE_ZERO: Final = frozenset({"time_wait", "close"})  # the flow is over anyway
 
 
@@ -218,8 +245,11 @@ def parse_config(
         raise ValueError(f"default_port {default_port} is not a valid port")
     if not isinstance(data, dict):
         _fail("", f"the top level must be a JSON object, not {_kind(data)}")
+    _refuse_duplicate_keys(data)
     if "servers" in data and len(data) == 1:
+        _validate(data, "servers_json")
         return _servers_json(data, default_port)
+    _validate(data, None)
     return _native(data, default_port, read_file or _read_from_disk)
 
 
@@ -254,54 +284,221 @@ def load_config(path: str | os.PathLike[str], *, default_port: int = DEFAULT_POR
         raise error.in_file(name) from None
 
 
-# --- the two shapes --------------------------------------------------------------------------
+@functools.cache
+def schema() -> Mapping[str, Any]:
+    """The config file's JSON schema (lbnat/config.schema.json), the one description of it."""
+    text = resources.files("lbnat").joinpath(SCHEMA_FILE).read_text(encoding="utf-8")
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
 
 
-def _native(data: dict[str, object], default_port: int, read_file: FileReader) -> Config:
-    top = _object(data, "", TOP_KEYS, hints={"servers": _SERVERS_HINT})
-    lb_ip = None if top.get("lb_ip") is None else _ipv4(top["lb_ip"], "lb_ip", host=True)
-    interface = None
-    if top.get("interface") is not None:
-        interface = _interface(top["interface"], "interface")
-    nat_ports = DEFAULT_NAT_PORTS
-    if "nat_ports" in top:
-        nat_ports = _nat_ports(top["nat_ports"], "nat_ports")
-    table_cap = _int(top.get("table_cap", DEFAULT_TABLE_CAP), "table_cap", minimum=1)
-    timeouts = _timeouts(top["timeouts"], "timeouts") if "timeouts" in top else Timeouts()
-    log = _object(top.get("log", {}), "log", LOG_KEYS)
-    log_format = _choice(log.get("format", "text"), "log.format", LOG_FORMATS)
-    quiet = _bool(log.get("quiet", False), "log.quiet")
-    transitions = _bool(log.get("transitions", False), "log.transitions")
-    admin_socket = _socket_path(top.get("admin_socket", DEFAULT_ADMIN_SOCKET), "admin_socket")
-    drain_timeout = _seconds(
-        top.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT), "drain_timeout", zero=True
+# --- schema validation -----------------------------------------------------------------------
+
+
+def _is_integer(_checker: object, instance: object) -> bool:
+    # JSON Schema counts 20000.0 as an integer; a port or a count written 20000.0 is a mistake
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+def _is_array(_checker: object, instance: object) -> bool:
+    return isinstance(instance, list | tuple)  # parse_config may be given tuples
+
+
+# jsonschema's extend() has no type hints (types-jsonschema leaves it untyped)
+_Validator: Final = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many(
+        {"integer": _is_integer, "array": _is_array}
+    ),
+)
+
+
+@functools.cache
+def _validator(definition: str | None) -> Any:
+    """The whole schema's validator, or one that checks a value against one of its $defs."""
+    root = schema()
+    target = (
+        root if definition is None else {"$defs": root["$defs"], "$ref": f"#/$defs/{definition}"}
     )
-    services = _services(top.get("services", []), "services", default_port, nat_ports)
-    dataplane = _object(top.get("dataplane", {}), "dataplane", DATAPLANE_KEYS)
-    workers = _workers(dataplane.get("workers", "auto"), "dataplane.workers")
-    io = _choice(dataplane.get("io", "rings"), "dataplane.io", IO_KINDS)
-    rx_ring = _choice(dataplane.get("rx_ring", "frames"), "dataplane.rx_ring", RX_RINGS)
+    return _Validator(target, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+
+
+def _validate(data: object, definition: str | None) -> None:
+    """Raise the ConfigError of the first mistake the schema finds, if any."""
+    try:
+        error: ValidationError | None = next(iter(_validator(definition).iter_errors(data)), None)
+    except RecursionError:  # jsonschema's messages repr the value: too deep for the stack
+        _fail("", "nested too deeply")
+    if error is not None:
+        path, problem = _explain(_most_telling(error))
+        _fail(path, problem)
+
+
+def _most_telling(error: ValidationError) -> ValidationError:
+    """For an anyOf/oneOf mistake, the mistake within the branch the value was meant for: the
+    first branch of the value's type (a string given for an address is not a null given)."""
+    while error.validator in ("anyOf", "oneOf") and error.context:
+        branches: dict[object, list[ValidationError]] = {}
+        for inner in error.context:
+            branches.setdefault(inner.relative_schema_path[0], []).append(inner)
+        fitting = [
+            errors
+            for errors in branches.values()
+            if not any(e.validator == "type" and not e.relative_path for e in errors)
+        ]
+        if fitting:
+            error = fitting[0][0]
+            continue
+        if "errorMessage" in _node(error):
+            return error  # no branch has the value's type: the node's own words say what fits
+        typed = [errors[0] for errors in branches.values() if _argument(errors[0]) != "null"]
+        return (typed or next(iter(branches.values())))[0]
+    return error
+
+
+def _explain(error: ValidationError) -> tuple[str, str]:
+    """(key path, problem) of a schema mistake, worded as lbnat words them."""
+    path = _path(error.absolute_path)
+    value, keyword, node, argument = error.instance, error.validator, _node(error), _argument(error)
+    if keyword == "additionalProperties" and isinstance(value, dict):
+        known = list(node.get("properties", {}))
+        key = next(key for key in value if key not in known)
+        hint = _SERVERS_HINT if (path, key) == ("", "servers") else _unknown(key, known)
+        return _at(path, key), hint
+    if keyword == "required" and isinstance(value, dict):
+        key = next(key for key in argument if key not in value)
+        return path, f'missing the required key "{key}"'
+    if keyword == "type":
+        return path, f"{_show(value)} is not {_type_noun(argument)}"
+    if keyword == "enum":
+        choices = [choice for choice in argument if choice is not None]
+        if not isinstance(value, str):
+            return path, f"{_show(value)} is not a string"
+        return path, _not_a_choice(value, choices)
+    if keyword == "minLength":
+        return path, "must not be empty"
+    custom = node.get("errorMessage")
+    if isinstance(custom, str):
+        if "{value}" in custom:
+            return path, custom.replace("{value}", str(value))
+        return path, f"{_show(value)} {custom}"
+    if keyword == "minimum":
+        return path, f"{_show(value)} must be at least {argument}"
+    if keyword == "maximum":
+        return path, f"{_show(value)} must be at most {argument}"
+    if keyword == "exclusiveMinimum":
+        return (
+            path,
+            f"{_show(value)} must be {'positive' if argument == 0 else f'above {argument}'}",
+        )
+    return path, error.message  # a keyword the schema does not use yet: jsonschema's words
+
+
+def _node(error: ValidationError) -> Mapping[str, Any]:
+    """The schema object holding the keyword that failed."""
+    return error.schema if isinstance(error.schema, Mapping) else {}
+
+
+def _argument(error: ValidationError) -> Any:
+    """The failed keyword's value in the schema (the enum's choices, the minimum, ...)."""
+    return error.validator_value
+
+
+_TYPE_NOUNS: Final = {
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+    "boolean": "true or false",
+    "object": "an object",
+    "array": "an array",
+    "null": "null",
+}
+
+
+def _type_noun(expected: Any) -> str:
+    kinds = [expected] if isinstance(expected, str) else list(expected)
+    kinds = [kind for kind in kinds if kind != "null"] or kinds
+    return _TYPE_NOUNS.get(str(kinds[0]), str(kinds[0]))
+
+
+def _path(parts: Iterator[str | int] | Sequence[str | int]) -> str:
+    path = ""
+    for part in parts:
+        path = _item(path, part) if isinstance(part, int) else _at(path, part)
+    return path
+
+
+def _refuse_duplicate_keys(data: object) -> None:
+    """A key the file gives twice (json keeps the last one; the schema never sees the first).
+    Walked with a stack, not recursion: JSON nested as deep as json.loads allows is fine."""
+    stack: list[tuple[str, object]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            if isinstance(value, _JsonObject) and value.duplicates:
+                _fail(_at(path, value.duplicates[0]), "is given more than once")
+            for key in value:
+                if not isinstance(key, str):
+                    _fail(path, f"the key {_show(key)} is not a string")
+            inner = [(_at(path, key), item) for key, item in value.items()]
+        elif isinstance(value, list | tuple):
+            inner = [(_item(path, index), item) for index, item in enumerate(value)]
+        else:
+            continue
+        stack.extend(reversed(inner))  # the first child is looked at first
+
+
+# --- the two shapes, built once the schema has passed them -----------------------------------
+
+
+def _native(data: dict[str, Any], default_port: int, read_file: FileReader) -> Config:
+    lb_ip = None if data.get("lb_ip") is None else _check(fields.host_ipv4, data["lb_ip"], "lb_ip")
+    interface = None
+    if data.get("interface") is not None:
+        interface = _check(fields.interface, data["interface"], "interface")
+    nat_ports = DEFAULT_NAT_PORTS
+    if "nat_ports" in data:
+        nat_ports = _nat_ports(data["nat_ports"], "nat_ports")
+    timeouts = Timeouts()
+    if "timeouts" in data:
+        timeouts = Timeouts(
+            **{
+                key: _seconds(item, _at("timeouts", key), zero=key in _TIMEOUTS_MAY_BE_ZERO)
+                for key, item in data["timeouts"].items()
+            }
+        )
+    log = data.get("log", {})
+    admin_socket = _check(
+        fields.socket_path, data.get("admin_socket", DEFAULT_ADMIN_SOCKET), "admin_socket"
+    )
+    drain_timeout = _seconds(
+        data.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT), "drain_timeout", zero=True
+    )
+    services = _services(data.get("services", []), "services", default_port, nat_ports)
+    dataplane = data.get("dataplane", {})
+    workers = dataplane.get("workers", "auto")
+    workers = default_workers() if workers == "auto" else workers
     _check_slices(nat_ports, workers, "dataplane.workers")
     control = None
-    if top.get("control") is not None:
-        control = _control(top["control"], "control", read_file)
+    if data.get("control") is not None:
+        control = _control(data["control"], "control", read_file)
         _check_control_port(control, lb_ip, nat_ports, services)
     return Config(
         lb_ip=lb_ip,
         interface=interface,
         nat_ports=nat_ports,
-        table_cap=table_cap,
+        table_cap=data.get("table_cap", DEFAULT_TABLE_CAP),
         timeouts=timeouts,
-        log_format=log_format,
-        quiet=quiet,
-        log_transitions=transitions,
+        log_format=log.get("format", "text"),
+        quiet=log.get("quiet", False),
+        log_transitions=log.get("transitions", False),
         control=control,
         admin_socket=admin_socket,
         drain_timeout=drain_timeout,
         services=services,
         workers=workers,
-        io=io,
-        rx_ring=rx_ring,
+        io=dataplane.get("io", "rings"),
+        rx_ring=dataplane.get("rx_ring", "frames"),
     )
 
 
@@ -310,18 +507,15 @@ _SERVERS_HINT: Final = (
 )
 
 
-def _servers_json(data: dict[str, object], default_port: int) -> Config:
+def _servers_json(data: dict[str, Any], default_port: int) -> Config:
     """The Java original's servers.json: one service per protocol present, default settings."""
-    _object(data, "", ("servers",))  # a key the file gives twice
     backends: dict[str, list[Backend]] = {name: [] for name in PROTOCOL_NAMES}
     seen: dict[tuple[str, str, int], str] = {}
-    for i, item in enumerate(_array(data["servers"], "servers")):
+    for i, server in enumerate(data["servers"]):
         path = _item("servers", i)
-        server = _object(item, path, SERVERS_JSON_KEYS, required=SERVERS_JSON_KEYS)
-        proto = _choice(server["protocol"], _at(path, "protocol"), ("TCP", "UDP"), fold=True)
-        proto = proto.lower()
-        ip = _ipv4(server["ipAddress"], _at(path, "ipAddress"), host=True)
-        port = _port(server["port"], _at(path, "port"))
+        proto = server["protocol"].lower()
+        ip = _check(fields.host_ipv4, server["ipAddress"], _at(path, "ipAddress"))
+        port: int = server["port"]
         if (proto, ip, port) in seen:
             also = seen[proto, ip, port]
             _fail(path, f"{proto.upper()} {ip}:{port} is listed twice (also {also})")
@@ -341,40 +535,35 @@ def _servers_json(data: dict[str, object], default_port: int) -> Config:
 # --- blocks ----------------------------------------------------------------------------------
 
 
-def _timeouts(value: object, path: str) -> Timeouts:
-    block = _object(value, path, TIMEOUT_KEYS)
-    seconds = {
-        key: _seconds(item, _at(path, key), zero=key in _TIMEOUTS_MAY_BE_ZERO)
-        for key, item in block.items()
-    }
-    return Timeouts(**seconds)
-
-
-def _control(value: object, path: str, read_file: FileReader) -> ControlConfig:
-    block = _object(value, path, CONTROL_KEYS, required=("listen",))
-    host, port = _listen(block["listen"], _at(path, "listen"))
+def _control(block: dict[str, Any], path: str, read_file: FileReader) -> ControlConfig:
+    host, port = _check(fields.host_port, block["listen"], _at(path, "listen"))
     secret = None
     given_secret = block.get("secret") is not None
     given_file = block.get("secret_file") is not None
     if given_secret and given_file:
         _fail(_at(path, "secret_file"), 'give "secret" or "secret_file", not both')
     if given_secret:
-        secret = _string(block["secret"], _at(path, "secret"), empty=False).encode()
+        secret = _check(fields.text, block["secret"], _at(path, "secret")).encode()
     elif given_file:
         where = _at(path, "secret_file")
-        secret_file = _string(block["secret_file"], where, empty=False)
-        try:
-            secret = read_file(secret_file).strip()
-        except OSError as error:
-            _fail(where, f"cannot read {_show(secret_file)}: {_os_reason(error)}")
-        if not secret:
-            _fail(where, f"{_show(secret_file)} is empty")
+        secret = _read_secret(_check(fields.text, block["secret_file"], where), where, read_file)
     allow = tuple(
-        _network(item, _item(_at(path, "allow"), i))
-        for i, item in enumerate(_array(block.get("allow", []), _at(path, "allow")))
+        _check(fields.network, item, _item(_at(path, "allow"), i))
+        for i, item in enumerate(block.get("allow", []))
     )
     window = _seconds(block.get("window", DEFAULT_WINDOW), _at(path, "window"))
     return ControlConfig(host=host, port=port, secret=secret, allow=allow, window=window)
+
+
+def _read_secret(secret_file: str, path: str, read_file: FileReader) -> bytes:
+    """The secret in `secret_file`, surrounding whitespace stripped."""
+    try:
+        secret = read_file(secret_file).strip()
+    except OSError as error:
+        _fail(path, f"cannot read {_show(secret_file)}: {_os_reason(error)}")
+    if not secret:
+        _fail(path, f"{_show(secret_file)} is empty")
+    return secret
 
 
 def _check_control_port(
@@ -398,12 +587,12 @@ def _check_control_port(
 
 
 def _services(
-    value: object, path: str, default_port: int, nat_ports: tuple[int, int]
+    items: list[Any], path: str, default_port: int, nat_ports: tuple[int, int]
 ) -> tuple[ServiceConfig, ...]:
     services: list[ServiceConfig] = []
     names: dict[str, str] = {}
     listeners: dict[tuple[str, int], str] = {}
-    for i, item in enumerate(_array(value, path)):
+    for i, item in enumerate(items):
         where = _item(path, i)
         spec = _service(item, where, default_port, nat_ports)
         service = spec.service
@@ -424,73 +613,65 @@ def _services(
 
 
 def _service(
-    value: object, path: str, default_port: int, nat_ports: tuple[int, int]
+    block: dict[str, Any], path: str, default_port: int, nat_ports: tuple[int, int]
 ) -> ServiceConfig:
-    block = _object(value, path, SERVICE_KEYS)
-    proto = _choice(block.get("protocol", "tcp"), _at(path, "protocol"), PROTOCOL_NAMES, fold=True)
-    port = _port(block.get("port", default_port), _at(path, "port"))
+    proto = block.get("protocol", "tcp").lower()
+    port = block.get("port", default_port)
     first, last = nat_ports
     if first <= port <= last:
         _fail(_at(path, "port"), f"{port} is inside nat_ports {first}-{last}")
     name = f"{proto}:{port}"
     if "name" in block:
-        name = _name(block["name"], _at(path, "name"))
-    scheduler = _choice(block.get("scheduler", "rr"), _at(path, "scheduler"), tuple(SCHEDULERS))
+        name = _check(fields.word, block["name"], _at(path, "name"))
     affinity = _seconds(block.get("affinity", 0), _at(path, "affinity"), zero=True)
-    on_dead = _choice(block.get("on_dead", "keep"), _at(path, "on_dead"), ON_DEAD)
     health, probe = _health(block.get("health", {}), _at(path, "health"), proto)
     backends = _backends(block.get("backends", []), _at(path, "backends"))
     try:
-        service = Service(name, proto, port, scheduler, affinity, backends)
+        service = Service(name, proto, port, block.get("scheduler", "rr"), affinity, backends)
     except ValueError as error:  # everything was checked above; kept as a safety net
         _fail(path, str(error))
-    return ServiceConfig(service=service, health=health, probe=probe, on_dead=on_dead)
+    return ServiceConfig(service, health, probe, block.get("on_dead", "keep"))
 
 
-def _health(value: object, path: str, proto: str) -> tuple[HealthPolicy | None, ProbeSettings]:
-    block = _object(value, path, HEALTH_KEYS)
-    enabled = _bool(block.get("enabled", True), _at(path, "enabled"))
-    kind = None
-    if block.get("check") is not None:
-        kind = _choice(block["check"], _at(path, "check"), PROBE_KINDS)
+def _health(
+    block: dict[str, Any], path: str, proto: str
+) -> tuple[HealthPolicy | None, ProbeSettings]:
     policy = HealthPolicy(
         interval=_seconds(block.get("interval", 5.0), _at(path, "interval")),
         timeout=_seconds(block.get("timeout", 2.0), _at(path, "timeout")),
-        fall=_int(block.get("fall", 3), _at(path, "fall"), minimum=1),
-        rise=_int(block.get("rise", 1), _at(path, "rise"), minimum=1),
+        fall=block.get("fall", 3),
+        rise=block.get("rise", 1),
     )
-    send = _string(block.get("send", "HealthCheck"), _at(path, "send"))
     expect = None
     if block.get("expect") is not None:
-        expect = _pattern(block["expect"], _at(path, "expect"))
-    http_path = _http_path(block.get("http_path", "/"), _at(path, "http_path"))
-    http_status = _int(
-        block.get("http_status", 200), _at(path, "http_status"), minimum=100, maximum=599
+        expect = _check(fields.pattern, block["expect"], _at(path, "expect"))
+    probe = ProbeSettings(
+        kind=block.get("check"),
+        send=_check(fields.text, block.get("send", "HealthCheck"), _at(path, "send")),
+        expect=expect,
+        http_path=_check(fields.http_path, block.get("http_path", "/"), _at(path, "http_path")),
+        http_status=block.get("http_status", 200),
     )
-    probe = ProbeSettings(kind, send, expect, http_path, http_status)
-    try:
-        make_probe(probe, proto)  # a kind that does not fit the protocol
-    except ValueError as error:
-        _fail(_at(path, "check"), str(error))
-    return (policy if enabled else None), probe
+    misfit = probe_misfit(probe, proto)
+    if misfit:
+        _fail(_at(path, "check"), misfit)
+    return (policy if block.get("enabled", True) else None), probe
 
 
-def _backends(value: object, path: str) -> tuple[Backend, ...]:
+def _backends(items: list[Any], path: str) -> tuple[Backend, ...]:
     backends: list[Backend] = []
     keys: dict[tuple[str, int], str] = {}
     names: dict[str, str] = {}
-    for i, item in enumerate(_array(value, path)):
+    for i, block in enumerate(items):
         where = _item(path, i)
-        block = _object(item, where, BACKEND_KEYS, required=("ip", "port"))
-        ip = _ipv4(block["ip"], _at(where, "ip"), host=True)
-        port = _port(block["port"], _at(where, "port"))
-        weight = _int(block.get("weight", 1), _at(where, "weight"), minimum=0)
+        ip = _check(fields.host_ipv4, block["ip"], _at(where, "ip"))
+        port: int = block["port"]
         name = ""
         if block.get("name", "") != "":
-            name = _name(block["name"], _at(where, "name"))
+            name = _check(fields.word, block["name"], _at(where, "name"))
         if (ip, port) in keys:
             _fail(where, f"backend {ip}:{port} is listed twice (also {keys[ip, port]})")
-        backend = Backend(ip, port, weight, name)
+        backend = Backend(ip, port, block.get("weight", 1), name)
         if backend.name in names:
             _fail(
                 _at(where, "name"),
@@ -501,37 +682,19 @@ def _backends(value: object, path: str) -> tuple[Backend, ...]:
     return tuple(backends)
 
 
-# --- values ----------------------------------------------------------------------------------
-
-
-def _int(
-    value: object, path: str, *, minimum: int | None = None, maximum: int | None = None
-) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(path, f"{_show(value)} is not an integer")
-    if minimum is not None and value < minimum:
-        _fail(path, f"{_show(value)} must be at least {minimum}")
-    if maximum is not None and value > maximum:
-        _fail(path, f"{_show(value)} must be at most {maximum}")
-    return value
-
-
-def _workers(value: object, path: str) -> int:
-    """A worker count, or "auto": one per core."""
-    if value == "auto":
-        return default_workers()
+def _nat_ports(value: str | Sequence[int], path: str) -> tuple[int, int]:
     if isinstance(value, str):
-        _fail(path, f'{_show(value)} is not a number of workers or "auto"')
-    return _int(value, path, minimum=1, maximum=MAX_WORKERS)
+        return _check(fields.port_range, value, path)
+    first, last = value
+    return _check(lambda _: fields.ordered_range(first, last), value, path)
 
 
 def check_slices(nat_ports: tuple[int, int], workers: int) -> str | None:
-    """Each worker needs NAT ports of its own (lbnat.dataplane.fanout.nat_slices): the problem,
-    or None."""
-    try:
-        nat_slices(nat_ports, workers)
-    except ValueError as error:
-        return str(error)
+    """Each worker needs NAT ports of its own (lbnat.dataplane.fanout.nat_slices gives each an
+    equal share): the problem, or None."""
+    first, last = nat_ports
+    if (last - first + 1) // workers < 1:
+        return f"nat_ports {first}-{last} is too small for {workers} workers"
     return None
 
 
@@ -541,149 +704,330 @@ def _check_slices(nat_ports: tuple[int, int], workers: int, path: str) -> None:
         _fail(path, problem)
 
 
-def _port(value: object, path: str) -> int:
-    port = _int(value, path)
-    if not 0 < port < 65536:
-        _fail(path, f"{_show(port)} is not a valid port")
-    return port
+# --- values ----------------------------------------------------------------------------------
+
+
+def _check(check: Callable[[Any], _T], value: object, path: str) -> _T:
+    """`check(value)`, its FieldError told as a ConfigError at `path`."""
+    try:
+        return check(value)
+    except fields.FieldError as error:
+        _fail(path, f"{_show(value)} {error.problem}" if error.follows_value else error.problem)
 
 
 def _seconds(value: object, path: str, *, zero: bool = False) -> float:
-    """A duration in seconds: positive, or at least 0 when `zero`."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        _fail(path, f"{_show(value)} is not a number")
-    try:
-        seconds = float(value)
-    except OverflowError:
-        _fail(path, f"{_show(value)} is too large")
-    if not math.isfinite(seconds):
-        _fail(path, f"{_show(value)} is not a finite number")
-    if seconds < 0 or (seconds == 0 and not zero):
-        _fail(path, f"{_show(value)} must be {'at least 0' if zero else 'positive'}")
-    return seconds
+    return _check(functools.partial(fields.seconds, zero=zero), value, path)
 
 
-def _bool(value: object, path: str) -> bool:
-    if not isinstance(value, bool):
-        _fail(path, f"{_show(value)} is not true or false")
-    return value
-
-
-def _string(value: object, path: str, *, empty: bool = True) -> str:
-    if not isinstance(value, str):
-        _fail(path, f"{_show(value)} is not a string")
-    if not empty and not value:
-        _fail(path, "must not be empty")
-    if not _encodable(value):
-        _fail(path, f"{_show(value)} is not valid Unicode text")
-    return value
-
-
-def _name(value: object, path: str) -> str:
-    """A service or backend name: it appears in log lines and admin commands, so one word."""
-    name = _string(value, path, empty=False)
-    if any(char.isspace() or not char.isprintable() for char in name):
-        _fail(path, f"{_show(name)} must not contain spaces or control characters")
-    return name
-
-
-def _choice(value: object, path: str, choices: Sequence[str], *, fold: bool = False) -> str:
-    """One of `choices` (compared case-insensitively when `fold`); returns the choice."""
-    if not isinstance(value, str):
-        _fail(path, f"{_show(value)} is not a string")
-    for choice in choices:
-        if value == choice or (fold and value.lower() == choice.lower()):
-            return choice
+def _not_a_choice(value: str, choices: Sequence[str]) -> str:
     problem = f"{_show(value)} is not {_one_of(choices)}"
     close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
     if close:
         problem += f' (did you mean "{close[0]}"?)'
-    _fail(path, problem)
+    return problem
 
 
-def _ipv4(value: object, path: str, *, host: bool = False) -> str:
-    """Dotted IPv4 text, normalised; `host`: one a packet may be sent to or from."""
-    text = _string(value, path)
-    try:
-        address = ipaddress.IPv4Address(text)
-    except ValueError:
-        _fail(path, f"{_show(text)} is not an IPv4 address")
-    if host and (address.is_unspecified or address.is_multicast or address == _BROADCAST):
-        _fail(path, f"{address} is not a host address")
-    return str(address)
+# --- the command line's overrides ------------------------------------------------------------
 
 
-def _network(value: object, path: str) -> ipaddress.IPv4Network:
-    text = _string(value, path)
-    try:
-        return ipaddress.IPv4Network(text)
-    except ValueError:
-        pass
-    try:
-        loose = ipaddress.IPv4Network(text, strict=False)
-    except ValueError:
-        _fail(path, f'{_show(text)} is not an IPv4 network like "198.18.0.0/24"')
-    _fail(path, f'{_show(text)} has host bits set (did you mean "{loose}"?)')
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """`lbnat run`'s words and options, as the command line gave them (numbers already typed
+    by click, addresses and ports still text: they are checked here).
+
+    `given` names the options given explicitly (on the command line, or `workers` through
+    LBNAT_WORKERS): with a config file only those override the file's settings.
+    """
+
+    words: tuple[str, ...] = ()  # [SRCIP] [IP PORT]...
+    config_file: str | None = None
+    given: frozenset[str] = frozenset()
+    vip_port: str = str(DEFAULT_PORT)
+    proto: str = "tcp"
+    interface: str | None = None
+    scheduler: str = "rr"
+    nat_ports: str = "61000-65535"
+    table_cap: int = DEFAULT_TABLE_CAP
+    affinity: float = 0.0
+    health_interval: float = 5.0
+    health_timeout: float = 2.0
+    fall: int = 3
+    rise: int = 1
+    no_health: bool = False
+    health_check: str | None = None
+    probe_send: str = "HealthCheck"
+    probe_expect: str | None = None
+    http_path: str = "/"
+    http_status: int = 200
+    on_dead: str = "keep"
+    log_transitions: bool = False
+    time_wait: float = 120.0
+    udp_timeout: float = 30.0
+    udp_replied_timeout: float = 120.0
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    control_listen: str | None = None
+    secret_file: str | None = None
+    allow: tuple[str, ...] = ()
+    admin_socket: str = DEFAULT_ADMIN_SOCKET
+    workers: str = "auto"
+    io: str = "rings"
+    rx_ring: str = "frames"
+    quiet: bool = False
+    log_format: str = "text"
 
 
-def _listen(value: object, path: str) -> tuple[str, int]:
-    text = _string(value, path)
-    host, colon, port_text = text.rpartition(":")
-    if not colon or not host or not re.fullmatch(r"[0-9]{1,5}", port_text):
-        _fail(path, f'{_show(text)} is not HOST:PORT like "127.0.0.1:7000"')
-    return _ipv4(host, path), _port(int(port_text), path)
+# option -> the Config field it sets; with a config file only when given
+_GLOBAL_OVERRIDES: Final = (
+    "interface",
+    "table_cap",
+    "quiet",
+    "log_format",
+    "log_transitions",
+    "drain_timeout",
+    "io",
+    "rx_ring",
+    "admin_socket",
+)
+_TIMEOUT_OVERRIDES: Final = (
+    ("time_wait", "time_wait"),
+    ("udp_timeout", "udp"),
+    ("udp_replied_timeout", "udp_replied"),
+)
 
 
-def _nat_ports(value: object, path: str) -> tuple[int, int]:
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*", value)
-        if match is None:
-            _fail(path, f'{_show(value)} is not a port range like "61000-65535"')
-        first, last = _port(int(match[1]), path), _port(int(match[2]), path)
-    elif isinstance(value, list | tuple):
-        if len(value) != 2:
-            _fail(path, f"{_show(value)} is not a port range like [61000, 65535]")
-        first, last = _port(value[0], _item(path, 0)), _port(value[1], _item(path, 1))
+def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -> Config:
+    """The command line alone, or merged into its config file: SRCIP and the options given
+    explicitly win; the command line's backends join the file's service of the same protocol
+    and port (or form a new service). Raises ConfigError (the file's errors name the file).
+
+    `read_file` reads --secret-file (default: from disk).
+    """
+    read = read_file or _read_from_disk
+    base = None
+    if overrides.config_file:
+        vip_port = parse_port(overrides.vip_port, "virtual port")
+        base = load_config(overrides.config_file, default_port=vip_port)
+    words = overrides.words
+    if base is None and not words:
+        _fail("", "give SRCIP and at least one backend: SRCIP IP PORT [IP PORT ...]")
+    # Without a file the first word is SRCIP; with one, an odd count means SRCIP comes first.
+    has_srcip = base is None or len(words) % 2 == 1
+    lb_ip = parse_ip(words[0], "SRCIP") if has_srcip else None
+    backends = _parse_backends(words[1:] if has_srcip else words)
+    nat_ports = _parse_nat_ports(overrides.nat_ports)
+    ours = _command_line_service(
+        overrides, parse_port(overrides.vip_port, "virtual port"), backends
+    )
+    control = _command_line_control(overrides, read)
+    given = overrides.given
+    if base is None:
+        if not backends:
+            _fail("", "give at least one backend: IP PORT [IP PORT ...]")
+        config = Config(
+            lb_ip=lb_ip,
+            nat_ports=nat_ports,
+            timeouts=Timeouts(
+                **{field: getattr(overrides, option) for option, field in _TIMEOUT_OVERRIDES}
+            ),
+            control=control,
+            services=(ours,),
+            workers=_parse_workers(overrides.workers),
+            **{option: getattr(overrides, option) for option in _GLOBAL_OVERRIDES},
+        )
     else:
-        _fail(path, f'{_show(value)} is not a port range like "61000-65535" or [61000, 65535]')
+        changes: dict[str, Any] = {
+            option: getattr(overrides, option) for option in _GLOBAL_OVERRIDES if option in given
+        }
+        if "nat_ports" in given:
+            changes["nat_ports"] = nat_ports
+        if "workers" in given:
+            changes["workers"] = _parse_workers(overrides.workers)
+        timeouts = {
+            field: getattr(overrides, option)
+            for option, field in _TIMEOUT_OVERRIDES
+            if option in given
+        }
+        if timeouts:
+            changes["timeouts"] = dataclasses.replace(base.timeouts, **timeouts)
+        if control is not None:
+            changes["control"] = control
+        config = dataclasses.replace(
+            base,
+            lb_ip=lb_ip or base.lb_ip,
+            services=_merge_services(base.services, ours, given),
+            **changes,
+        )
+    if config.lb_ip is None:
+        _fail("", "no SRCIP: give it first on the command line or as lb_ip in the config")
+    problem = check_slices(config.nat_ports, config.workers)
+    if problem:
+        _fail("", problem)
+    first, last = config.nat_ports
+    for spec in config.services:
+        if first <= spec.service.port <= last:
+            _fail(
+                "",
+                f"virtual port {spec.service.port} is inside the NAT port range {first}-{last}",
+            )
+    return config
+
+
+def _command_line_service(
+    overrides: Overrides, port: int, backends: tuple[Backend, ...]
+) -> ServiceConfig:
+    proto = overrides.proto
+    probe = ProbeSettings(
+        overrides.health_check,
+        overrides.probe_send,
+        overrides.probe_expect,
+        overrides.http_path,
+        overrides.http_status,
+    )
+    health = None
+    if not overrides.no_health:
+        health = HealthPolicy(
+            overrides.health_interval, overrides.health_timeout, overrides.fall, overrides.rise
+        )
+        misfit = probe_misfit(probe, proto)
+        if misfit:
+            _fail("", misfit)
+        if probe.expect is not None:
+            try:
+                fields.pattern(probe.expect)
+            except fields.FieldError as error:
+                _fail("", f"the expected-reply pattern {probe.expect!r} {error.problem}")
+    service = Service(
+        f"{proto}:{port}", proto, port, overrides.scheduler, overrides.affinity, backends
+    )
+    return ServiceConfig(service, health, probe, overrides.on_dead)
+
+
+def _command_line_control(overrides: Overrides, read_file: FileReader) -> ControlConfig | None:
+    if not overrides.control_listen:
+        return None
+    host, port = parse_host_port(overrides.control_listen, DEFAULT_CONTROL_PORT, "control address")
+    secret = None
+    if overrides.secret_file:
+        try:
+            secret = read_file(overrides.secret_file).strip()
+        except OSError as error:
+            _fail("", f"cannot read the secret file: {error.strerror}")
+    try:
+        allow = tuple(ipaddress.IPv4Network(net, strict=False) for net in overrides.allow)
+    except ValueError as error:
+        _fail("", f"--allow: {error}")
+    return ControlConfig(host, port, secret, allow, DEFAULT_WINDOW)
+
+
+def _merge_services(
+    services: tuple[ServiceConfig, ...], ours: ServiceConfig, given: frozenset[str]
+) -> tuple[ServiceConfig, ...]:
+    """The file's services with the command line's: its backends join the file's service of
+    the same protocol and port, which takes the options given explicitly."""
+    spec = ours.service
+    for index, file in enumerate(services):
+        if (file.service.proto, file.service.port) == (spec.proto, spec.port):
+            merged = _merge_service(file, ours, given)
+            return (*services[:index], merged, *services[index + 1 :])
+    return (*services, ours) if spec.backends else services
+
+
+def _merge_service(
+    file: ServiceConfig, ours: ServiceConfig, given: frozenset[str]
+) -> ServiceConfig:
+    """The file's service with the command line's backends added and its explicit options."""
+    keys = {b.key for b in file.service.backends}
+    for backend in ours.service.backends:
+        if backend.key in keys:
+            _fail(
+                f"services[{file.service.name}].backends",
+                f"{backend.ip}:{backend.port} is both in the config and on the command line",
+            )
+    service = dataclasses.replace(
+        file.service, backends=file.service.backends + ours.service.backends
+    )
+    if "scheduler" in given:
+        service = dataclasses.replace(service, scheduler=ours.service.scheduler)
+    if "affinity" in given:
+        service = dataclasses.replace(service, affinity_timeout=ours.service.affinity_timeout)
+    health, probe, on_dead = file.health, file.probe, file.on_dead
+    if "no_health" in given:
+        health = None
+    elif given & {"health_interval", "health_timeout", "fall", "rise"}:
+        health = ours.health
+    if given & {"health_check", "probe_send", "probe_expect", "http_path", "http_status"}:
+        probe = ours.probe
+    if "on_dead" in given:
+        on_dead = ours.on_dead
+    return ServiceConfig(service, health, probe, on_dead)
+
+
+def parse_ip(text: str, what: str) -> str:
+    """A command-line IPv4 address; ConfigError naming `what`."""
+    try:
+        return str(fields.ipv4(text))
+    except fields.FieldError:
+        _fail("", f"{what} {text!r} is not an IPv4 address")
+
+
+def parse_port(text: str, what: str) -> int:
+    """A command-line port; ConfigError naming `what`."""
+    try:
+        number = int(text)
+    except ValueError:
+        _fail("", f"{what} {text!r} is not a port number")
+    try:
+        return fields.port(number)
+    except fields.FieldError:
+        _fail("", f"{what} {number} is out of range (1-65535)")
+
+
+def parse_host_port(text: str, default_port: int, what: str) -> tuple[str, int]:
+    """HOST[:PORT] on the command line."""
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        host, port = text, str(default_port)
+    return parse_ip(host, what), parse_port(port, f"{what} port")
+
+
+def _parse_backends(words: Sequence[str]) -> tuple[Backend, ...]:
+    """IP PORT [IP PORT ...] -> backends, in order."""
+    if len(words) % 2:
+        _fail("", f"backends come in IP PORT pairs; got an odd number of words ({len(words)})")
+    backends: list[Backend] = []
+    seen: set[tuple[str, int]] = set()
+    for i in range(0, len(words), 2):
+        ip = parse_ip(words[i], "backend address")
+        port = parse_port(words[i + 1], "backend port")
+        if (ip, port) in seen:
+            _fail("", f"backend {ip}:{port} is given twice")
+        seen.add((ip, port))
+        backends.append(Backend(ip, port))
+    return tuple(backends)
+
+
+def _parse_nat_ports(text: str) -> tuple[int, int]:
+    low, dash, high = text.partition("-")
+    if not dash:
+        _fail("", f"NAT port range {text!r} must look like 61000-65535")
+    first = parse_port(low, "NAT port range start")
+    last = parse_port(high, "NAT port range end")
     if first > last:
-        _fail(path, f"{first}-{last} is empty (its first port is above its last)")
+        _fail("", f"NAT port range {text!r} is empty")
     return first, last
 
 
-def _interface(value: object, path: str) -> str:
-    name = _string(value, path, empty=False)
-    if len(name.encode()) >= _IFNAMSIZ or "/" in name or any(c.isspace() for c in name):
-        _fail(path, f"{_show(name)} is not an interface name")
-    return name
-
-
-def _socket_path(value: object, path: str) -> str:
-    socket_path = _string(value, path, empty=False)
-    if "\0" in socket_path:
-        _fail(path, "must not contain a NUL character")
-    if len(socket_path.encode()) > _SOCKET_PATH_MAX:
-        _fail(path, f"is longer than a Unix socket path may be ({_SOCKET_PATH_MAX} bytes)")
-    return socket_path
-
-
-def _pattern(value: object, path: str) -> str:
-    """A regular expression, compiled as the probes compile it (over bytes)."""
-    text = _string(value, path)
+def _parse_workers(text: str) -> int:
+    """--workers: a count or "auto" (one per core)."""
+    if text == "auto":
+        return default_workers()
     try:
-        re.compile(text.encode())
-    except re.error as error:
-        _fail(path, f"{_show(text)} is not a valid regular expression: {error}")
-    return text
-
-
-def _http_path(value: object, path: str) -> str:
-    text = _string(value, path)
-    if not text.startswith("/"):
-        _fail(path, f"{_show(text)} must start with /")
-    if any(char.isspace() or not char.isprintable() for char in text):
-        _fail(path, f"{_show(text)} must not contain spaces or control characters")
-    return text
+        workers = int(text)
+    except ValueError:
+        _fail("", f'--workers: {text!r} is not a number of workers or "auto"')
+    if not 1 <= workers <= MAX_WORKERS:
+        _fail("", f"--workers: {workers} is not between 1 and {MAX_WORKERS}")
+    return workers
 
 
 # --- structure -------------------------------------------------------------------------------
@@ -701,36 +1045,6 @@ class _JsonObject(dict[str, object]):
             if key in self and key not in self.duplicates:
                 self.duplicates.append(key)
             self[key] = value
-
-
-def _object(
-    value: object,
-    path: str,
-    known: Sequence[str],
-    *,
-    required: Sequence[str] = (),
-    hints: dict[str, str] | None = None,
-) -> dict[str, object]:
-    if not isinstance(value, dict):
-        _fail(path, f"{_show(value)} is not an object")
-    for key in value:
-        if not isinstance(key, str):
-            _fail(path, f"the key {_show(key)} is not a string")
-    if isinstance(value, _JsonObject) and value.duplicates:
-        _fail(_at(path, value.duplicates[0]), "is given more than once")
-    for key in value:
-        if key not in known:
-            _fail(_at(path, key), (hints or {}).get(key) or _unknown(key, known))
-    for key in required:
-        if key not in value:
-            _fail(path, f'missing the required key "{key}"')
-    return value
-
-
-def _array(value: object, path: str) -> list[object] | tuple[object, ...]:
-    if not isinstance(value, list | tuple):
-        _fail(path, f"{_show(value)} is not an array")
-    return value
 
 
 def _unknown(key: str, known: Sequence[str]) -> str:

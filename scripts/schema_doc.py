@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = REPO / "docs" / "config.schema.json"  # the one place that says where the schema is
+SCHEMA = REPO / "lbnat" / "config.schema.json"  # the one place that says where the schema is
 README = REPO / "README.md"
 BEGIN = "<!-- config-reference:begin (scripts/schema_doc.py --write) -->"
 END = "<!-- config-reference:end -->"

@@ -38,8 +38,10 @@ import math
 import re
 import secrets
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+from lbnat import fields as checks
 
 MAX_LINE = 4096
 """Bytes in a request line, its newline included; a longer line is refused."""
@@ -57,7 +59,7 @@ REQUEST_FIELDS = ("op", "service", "ip", "port", "weight", "name")
 
 MAX_NAME = 64  # characters in a backend name
 MAX_SERVICE = 64  # characters in a service name
-MAX_WEIGHT = 65535  # as IPVS
+MAX_WEIGHT = checks.MAX_WEIGHT
 NONCE_MIN_HEX, NONCE_MAX_HEX = 16, 128
 
 _BACKEND = frozenset({"service", "ip", "port"})
@@ -77,14 +79,6 @@ _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 
 _NONCE = re.compile(f"[0-9a-fA-F]{{{NONCE_MIN_HEX},{NONCE_MAX_HEX}}}")
 _MAC = re.compile("[0-9a-f]{64}")
-
-# Never a backend: lbnat forwards frames to these neither on the wire nor to itself.
-_UNUSABLE = (
-    (ipaddress.IPv4Network("0.0.0.0/8"), "this network"),
-    (ipaddress.IPv4Network("127.0.0.0/8"), "loopback"),
-    (ipaddress.IPv4Network("224.0.0.0/4"), "multicast"),
-    (ipaddress.IPv4Network("240.0.0.0/4"), "reserved or broadcast"),
-)
 
 _SHOW_CHARS = 40  # of a peer's value quoted in a reason
 _SHOW_NAMES = 5  # unknown field names quoted in a reason
@@ -384,19 +378,15 @@ def _request(fields: dict[str, object], admin: bool) -> Request | Nack:
         ip = checked_ip
     port: int | None = None
     if "port" in fields:
-        checked_port = _integer("port", fields["port"])
+        checked_port = _number("port", checks.port, fields["port"])
         if isinstance(checked_port, Nack):
             return checked_port
-        if not 0 < checked_port < 65536:
-            return Nack(f"port: {_show(checked_port)} is not a valid port")
         port = checked_port
     weight = 1
     if "weight" in fields:
-        checked_weight = _integer("weight", fields["weight"])
+        checked_weight = _number("weight", checks.weight, fields["weight"])
         if isinstance(checked_weight, Nack):
             return checked_weight
-        if not 0 <= checked_weight <= MAX_WEIGHT:
-            return Nack(f"weight: {_show(checked_weight)} is not a valid weight (0-{MAX_WEIGHT})")
         weight = checked_weight
     name = ""
     if "name" in fields:
@@ -421,19 +411,23 @@ def _ip(value: object) -> str | Nack:
     if not isinstance(value, str):
         return Nack(f"ip: must be a string, not {_show(value)}")
     try:
-        address = ipaddress.IPv4Address(value)
-    except ValueError:
+        address = checks.ipv4(value)
+    except checks.FieldError:
         return Nack(f"ip: {_show(value)} is not a dotted IPv4 address")
-    for network, what in _UNUSABLE:
-        if address in network:
-            return Nack(f"ip: {address} is not a backend address ({what})")
+    unusable = checks.backend_unusable(address)
+    if unusable:
+        return Nack(f"ip: {address} is not a backend address ({unusable})")
     return str(address)
 
 
-def _integer(field: str, value: object) -> int | Nack:
+def _number(field: str, check: Callable[[object], int], value: object) -> int | Nack:
+    """An integer field checked by lbnat.fields (the config's checks), told the protocol's way."""
     if isinstance(value, bool) or not isinstance(value, int):
         return Nack(f"{field}: must be an integer, not {_show(value)}")
-    return value
+    try:
+        return check(value)
+    except checks.FieldError as error:
+        return Nack(f"{field}: {_show(value)} {error.problem}")
 
 
 def _name(value: object) -> str | Nack:

@@ -8,26 +8,26 @@ import re
 from lbnat.health.checker import HealthCheck, HealthChecker
 from lbnat.health.hello import HelloProbe
 from lbnat.health.http import HttpProbe
-from lbnat.health.probe import Probe, ProbeResult, ProbeSettings
-from lbnat.health.state import HealthPolicy, Verdict, judge
+from lbnat.health.probe import Probe, ProbeResult
+from lbnat.health.state import Verdict, judge
 from lbnat.health.syn import SynProbe
 from lbnat.health.tcp import TcpProbe
 from lbnat.health.udp import UdpProbe
-
-PROBE_KINDS = ("syn", "tcp", "hello", "udp", "http")
-
-
-def probe_kind(settings: ProbeSettings, proto: str) -> str:
-    """The probe kind a service of protocol `proto` gets: the one asked for, else syn for TCP
-    and udp for UDP."""
-    return settings.kind or ("syn" if proto == "tcp" else "udp")
+from lbnat.health_settings import (
+    PROBE_KINDS,
+    HealthPolicy,
+    ProbeSettings,
+    probe_kind,
+    probe_misfit,
+)
 
 
 def make_probe(settings: ProbeSettings, proto: str) -> Probe:
     """The probe a service of protocol `proto` gets from these settings."""
+    misfit = probe_misfit(settings, proto)
+    if misfit:
+        raise ValueError(misfit)
     kind = probe_kind(settings, proto)
-    if (kind == "udp") != (proto == "udp"):
-        raise ValueError(f"a {kind} health check cannot probe a {proto} service")
     if kind == "syn":
         return SynProbe()
     if kind == "tcp":
@@ -43,7 +43,7 @@ def make_probe(settings: ProbeSettings, proto: str) -> Probe:
         ) from None
     if kind == "http":
         return HttpProbe(settings.http_path, settings.http_status)
-    raise ValueError(f"unknown health check {kind!r}; known: {', '.join(PROBE_KINDS)}")
+    raise AssertionError(f"probe_misfit let the unknown kind {kind!r} through")
 
 
 __all__ = [

@@ -28,17 +28,6 @@ class Probe(Protocol):
     def check(self, ip: str, port: int, timeout: float) -> ProbeResult: ...
 
 
-@dataclass(frozen=True, slots=True)
-class ProbeSettings:
-    """The command line's (or config's) probe options; each kind reads the ones it needs."""
-
-    kind: str | None = None  # None: syn for TCP services, udp for UDP services
-    send: str = "HealthCheck"  # hello: the line sent; udp: the datagram sent
-    expect: str | None = None  # hello/udp: a regular expression the reply must match
-    http_path: str = "/"
-    http_status: int = 200
-
-
 def error_detail(error: OSError) -> str:
     if isinstance(error, TimeoutError | socket.timeout):
         return "timeout"

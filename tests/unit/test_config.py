@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +26,16 @@ from lbnat.config import (
     load_config,
     parse_config,
 )
-from lbnat.health import HealthPolicy, ProbeSettings
+from lbnat.health import PROBE_KINDS, HealthPolicy, ProbeSettings
 from lbnat.nat import Timeouts
+from lbnat.scheduler import SCHEDULERS
 from lbnat.service import Service
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+REPO = Path(__file__).resolve().parents[2]
+DOCS = REPO / "docs"
 EXAMPLE = DOCS / "config.example.json"
-SCHEMA = DOCS / "config.schema.json"
+SCHEMA = REPO / "lbnat" / "config.schema.json"  # package data: lbnat.config validates with it
+DOCS_SCHEMA = DOCS / "config.schema.json"  # the README's link to it
 
 B1 = {"ip": "198.18.0.21", "port": 9000}
 B2 = {"ip": "198.18.0.22", "port": 9000}
@@ -757,3 +763,56 @@ def test_every_schema_property_is_described() -> None:
 
     walk(schema, "")
     assert missing == []
+
+
+def test_the_docs_copy_of_the_schema_is_the_shipped_one() -> None:
+    assert DOCS_SCHEMA.read_bytes() == SCHEMA.read_bytes(), "cp lbnat/config.schema.json docs/"
+
+
+def test_the_schema_is_read_from_the_package() -> None:
+    assert config_module.schema() == json.loads(SCHEMA.read_text())
+
+
+def test_the_schema_lists_the_same_choices_as_the_code() -> None:
+    schema = json.loads(SCHEMA.read_text())
+    service = schema["$defs"]["service"]["properties"]
+    health_check = schema["$defs"]["health"]["properties"]["check"]["enum"]
+    dataplane = schema["properties"]["dataplane"]["properties"]
+    assert tuple(service["scheduler"]["enum"]) == tuple(SCHEDULERS)
+    assert tuple(service["on_dead"]["enum"]) == config_module.ON_DEAD
+    assert tuple(kind for kind in health_check if kind is not None) == PROBE_KINDS
+    assert tuple(schema["properties"]["log"]["properties"]["format"]["enum"]) == (
+        config_module.LOG_FORMATS
+    )
+    assert tuple(dataplane["io"]["enum"]) == config_module.IO_KINDS
+    assert tuple(dataplane["rx_ring"]["enum"]) == config_module.RX_RINGS
+    assert dataplane["workers"]["oneOf"][0]["maximum"] == config_module.MAX_WORKERS
+
+
+def test_config_imports_nothing_from_the_data_plane_or_the_health_checker() -> None:
+    code = (
+        "import sys, lbnat.config\n"
+        "bad = [m for m in sys.modules if m.startswith(('lbnat.dataplane', 'lbnat.health.'))"
+        " or m == 'lbnat.health']\n"
+        "print(' '.join(bad))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert result.stdout.split() == []
+
+
+def test_an_empty_backend_name_means_the_default() -> None:
+    (spec,) = parse_config(one(backends=[{**B1, "name": ""}])).services
+    assert spec.service.backends[0].name == "198.18.0.21:9000"
+
+
+def test_deeply_nested_values_are_an_error_not_a_crash() -> None:
+    deep: list[object] = []
+    inner = deep
+    for _ in range(50_000):
+        inner.append([])
+        inner = inner[0]  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match=r"^nested too deeply$"):
+        parse_config({"services": deep})

@@ -20,7 +20,8 @@ from lbnat.control.plane import (
 from lbnat.control.protocol import Request
 from lbnat.eventlog import LogLine
 from lbnat.health.checker import Report
-from lbnat.health.probe import ProbeResult, ProbeSettings
+from lbnat.health.probe import ProbeResult
+from lbnat.health_settings import ProbeSettings
 from lbnat.messages import AskActive, ResetBackend, SetBackends, SetServices
 from lbnat.service import Service
 from lbnat.views import answer, apply_change

@@ -1,0 +1,224 @@
+"""Field validators shared by the config (lbnat.config, the command line's options through it)
+and the control protocol (lbnat.control.protocol): one check per kind of value. Pure.
+
+Each validator returns the value in its checked, normal form or raises `FieldError`, whose
+`problem` is a phrase about the value ("is not a valid port"); the caller names the field and
+shows the value its own way (the config as the file spells it, the protocol as ASCII JSON):
+`f"{path}: {show(value)} {error.problem}"`, or `f"{path}: {error.problem}"` when the phrase
+does not follow the value (`error.follows_value` is False: "must not be empty").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from typing import Final
+
+MAX_WEIGHT: Final = 65535  # as IPVS
+IFNAMSIZ: Final = 16  # interface names are at most 15 bytes
+SOCKET_PATH_MAX: Final = 107  # sun_path is 108 bytes, one of them the terminating NUL
+
+_BROADCAST: Final = ipaddress.IPv4Address("255.255.255.255")
+_PORT_RANGE: Final = re.compile(r"\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*")
+_HOST_PORT: Final = re.compile(r"(.+):([0-9]{1,5})")
+
+# Never a backend: lbnat forwards frames to these neither on the wire nor to itself.
+_NOT_BACKENDS: Final = (
+    (ipaddress.IPv4Network("0.0.0.0/8"), "this network"),
+    (ipaddress.IPv4Network("127.0.0.0/8"), "loopback"),
+    (ipaddress.IPv4Network("224.0.0.0/4"), "multicast"),
+    (ipaddress.IPv4Network("240.0.0.0/4"), "reserved or broadcast"),
+)
+
+
+class FieldError(ValueError):
+    """A value that fails its check: `problem` is a phrase about it."""
+
+    def __init__(self, problem: str, *, follows_value: bool = True) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.follows_value = follows_value
+
+
+def integer(value: object) -> int:
+    """A JSON integer: not a bool, not a float (20000.0 is not a port)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FieldError("is not an integer")
+    return value
+
+
+def port(value: object) -> int:
+    """A TCP/UDP port, 1-65535."""
+    number = integer(value)
+    if not 0 < number < 65536:
+        raise FieldError("is not a valid port")
+    return number
+
+
+def weight(value: object) -> int:
+    """A backend's weight, 0 (no new flows) to MAX_WEIGHT."""
+    number = integer(value)
+    if not 0 <= number <= MAX_WEIGHT:
+        raise FieldError(f"is not a valid weight (0-{MAX_WEIGHT})")
+    return number
+
+
+def seconds(value: object, *, zero: bool = False) -> float:
+    """A duration in seconds, finite: positive, or at least 0 when `zero`."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FieldError("is not a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise FieldError("is too large") from None
+    if not math.isfinite(number):
+        raise FieldError("is not a finite number")
+    if number < 0 or (number == 0 and not zero):
+        raise FieldError(f"must be {'at least 0' if zero else 'positive'}")
+    return number
+
+
+def text(value: object, *, empty: bool = True) -> str:
+    """A string that can be written out as UTF-8 (no lone surrogates)."""
+    if not isinstance(value, str):
+        raise FieldError("is not a string")
+    if not empty and not value:
+        raise FieldError("must not be empty", follows_value=False)
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise FieldError("is not valid Unicode text") from None
+    return value
+
+
+def word(value: object) -> str:
+    """A service or backend name: it appears in log lines and admin commands, so one word."""
+    name = text(value, empty=False)
+    if not printable_word(name):
+        raise FieldError("must not contain spaces or control characters")
+    return name
+
+
+def printable_word(value: str) -> bool:
+    """No spaces, no control characters."""
+    return not any(char.isspace() or not char.isprintable() for char in value)
+
+
+def ipv4(value: object) -> ipaddress.IPv4Address:
+    """Dotted-quad IPv4 text."""
+    try:
+        return ipaddress.IPv4Address(text(value))
+    except ValueError as error:
+        if isinstance(error, FieldError):
+            raise
+        raise FieldError("is not an IPv4 address") from None
+
+
+def host_ipv4(value: object) -> str:
+    """An IPv4 address a packet may be sent to or from, as normal dotted text."""
+    address = ipv4(value)
+    if address.is_unspecified or address.is_multicast or address == _BROADCAST:
+        raise FieldError(f"{address} is not a host address", follows_value=False)
+    return str(address)
+
+
+def backend_unusable(address: ipaddress.IPv4Address) -> str | None:
+    """Why lbnat cannot forward to this address (a registered backend's), or None."""
+    for network, what in _NOT_BACKENDS:
+        if address in network:
+            return what
+    return None
+
+
+def network(value: object) -> ipaddress.IPv4Network:
+    """An IPv4 network with its host bits clear (or one address, a /32)."""
+    spelled = text(value)
+    try:
+        return ipaddress.IPv4Network(spelled)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.IPv4Network(spelled, strict=False)
+    except ValueError:
+        raise FieldError('is not an IPv4 network like "198.18.0.0/24"') from None
+    raise FieldError(f'has host bits set (did you mean "{loose}"?)')
+
+
+def port_range(value: object) -> tuple[int, int]:
+    """A port range, "FIRST-LAST" (spaces allowed around the numbers), FIRST <= LAST."""
+    match = _PORT_RANGE.fullmatch(text(value))
+    if match is None:
+        raise FieldError('is not a port range like "61000-65535"')
+    return ordered_range(_range_end(match[1]), _range_end(match[2]))
+
+
+def ordered_range(first: int, last: int) -> tuple[int, int]:
+    """(first, last) when it holds a port at least."""
+    if first > last:
+        raise FieldError(
+            f"{first}-{last} is empty (its first port is above its last)", follows_value=False
+        )
+    return first, last
+
+
+def _range_end(digits: str) -> int:
+    number = int(digits)
+    if not 0 < number < 65536:
+        raise FieldError(f"{number} is not a valid port", follows_value=False)
+    return number
+
+
+def host_port(value: object) -> tuple[str, int]:
+    """An address to listen on, "HOST:PORT" with an IPv4 HOST."""
+    match = _HOST_PORT.fullmatch(text(value))
+    if match is None:
+        raise FieldError('is not HOST:PORT like "127.0.0.1:7000"')
+    host, digits = match[1], match[2]
+    try:
+        address = ipv4(host)
+    except FieldError as error:
+        raise FieldError(f"{json.dumps(host)} {error.problem}", follows_value=False) from None
+    return str(address), _range_end(digits)
+
+
+def interface(value: object) -> str:
+    """A network interface's name."""
+    name = text(value, empty=False)
+    if len(name.encode()) >= IFNAMSIZ or "/" in name or any(c.isspace() for c in name):
+        raise FieldError("is not an interface name")
+    return name
+
+
+def socket_path(value: object) -> str:
+    """A Unix socket's path."""
+    path = text(value, empty=False)
+    if "\0" in path:
+        raise FieldError("must not contain a NUL character", follows_value=False)
+    if len(path.encode()) > SOCKET_PATH_MAX:
+        raise FieldError(
+            f"is longer than a Unix socket path may be ({SOCKET_PATH_MAX} bytes)",
+            follows_value=False,
+        )
+    return path
+
+
+def pattern(value: object) -> str:
+    """A regular expression, compiled as the probes compile it (over bytes)."""
+    expression = text(value)
+    try:
+        re.compile(expression.encode())
+    except re.error as error:
+        raise FieldError(f"is not a valid regular expression: {error}") from None
+    return expression
+
+
+def http_path(value: object) -> str:
+    """The path an http probe GETs."""
+    path = text(value)
+    if not path.startswith("/"):
+        raise FieldError("must start with /")
+    if not printable_word(path):
+        raise FieldError("must not contain spaces or control characters")
+    return path
