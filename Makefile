@@ -35,7 +35,7 @@ bench-quick: deps  ## the same, one short repetition (about a minute), into /tmp
 screenshots: deps  ## the README's PNGs from real runs in a netns lab (about 10 s); docs/screenshots/
 	$(PYTHON) scripts/screenshots.py --out docs/screenshots
 
-config-reference:  ## rewrite the README's configuration reference from docs/config.schema.json
+config-reference:  ## rewrite the README's configuration reference from lbnat/config.schema.json
 	$(PYTHON) scripts/schema_doc.py --write
 
 clean-lab:  ## remove the demo lab if a run was interrupted

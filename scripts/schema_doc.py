@@ -1,4 +1,4 @@
-"""The README's configuration reference, rendered from docs/config.schema.json (a checkout
+"""The README's configuration reference, rendered from lbnat/config.schema.json (a checkout
 tool, not part of the installed package: it finds the schema and the README from its own path).
 
 The schema is the one description of the config file; this turns it into a table (key path,
@@ -146,7 +146,7 @@ def replace_block(text: str, schema: Schema) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="scripts/schema_doc.py",
-        description="Render docs/config.schema.json as the README's configuration reference. "
+        description="Render lbnat/config.schema.json as the README's configuration reference. "
         "Example: python3 scripts/schema_doc.py --write",
     )
     parser.add_argument("--write", action="store_true", help="update README.md in place")
