@@ -24,20 +24,19 @@ import threading
 import time
 from collections.abc import Callable
 
-from lbnat.dataplane.link import Neighbours
-from lbnat.dataplane.packet_socket import IP_OFFSET, NO_VNET_HDR, RECV_BUFFER, VNET_F_NEEDS_CSUM
-from lbnat.dataplane.rings import (
+from lbnat.dataplane.kernel import (
     BLOCK_HEADER,
+    IP_OFFSET,
+    NO_VNET_HDR,
     TP_STATUS_COPY,
     TP_STATUS_USER,
     V2_HEADER,
     V3_HEADER,
+    VNET_F_NEEDS_CSUM,
     ZERO_STATUS,
-    RingSpec,
-    RxBlocks,
-    RxFrames,
-    TxRing,
 )
+from lbnat.dataplane.link import Neighbours
+from lbnat.dataplane.rings import RingSpec, RxBlocks, RxFrames, TxRing
 from lbnat.drops import DropReason
 from lbnat.engine import DROP, FORWARD, Engine, Event
 
@@ -48,6 +47,7 @@ TICK_EVERY = 0.1  # seconds between expiry sweeps
 NEIGHBOUR_REFRESH = 2.0  # seconds between re-reads of the kernel's neighbour table
 PENDING_POLL = 0.005  # seconds between neighbour checks while frames wait for a MAC
 ETH_END = 24  # vnet header (10) + Ethernet header (14): where the IPv4 header starts
+RECV_BUFFER = 1 << 17  # a 64 KB GSO super-packet plus headers fits with room to spare
 
 
 class PacketLoop:
