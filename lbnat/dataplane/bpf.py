@@ -1,5 +1,6 @@
-"""Classic BPF: the opcodes lbnat's programs use, the instruction type, an assembler that turns
-jump labels into the relative offsets the kernel wants, and attaching a program to a socket.
+"""Classic BPF: the opcodes lbnat's programs use (`Op`), the instruction type, an assembler that
+turns jump labels into the relative offsets the kernel wants, and attaching a program to a
+socket.
 
 Three programs are written with it: the packet socket's filter
 (lbnat.dataplane.packet_socket.build_filter), the fanout group's steering program
@@ -18,6 +19,7 @@ import ctypes
 import socket
 import struct
 from collections.abc import Sequence
+from enum import IntEnum
 from typing import NamedTuple
 
 from lbnat.dataplane.kernel import PACKET_FANOUT_DATA, SO_ATTACH_FILTER, SOL_PACKET
@@ -34,25 +36,30 @@ BPF_A = 0x10  # linux/filter.h: return the accumulator
 BPF_TAX = 0x00  # linux/filter.h: X = A
 BPF_MAXINSNS = 4096  # linux/bpf_common.h: the longest program the kernel takes
 
-LD_W_ABS = BPF_LD | BPF_W | BPF_ABS  # A = the 32-bit word at [k]
-LD_H_ABS = BPF_LD | BPF_H | BPF_ABS  # A = the 16-bit half-word at [k]
-LD_B_ABS = BPF_LD | BPF_B | BPF_ABS  # A = the byte at [k]
-LD_H_IND = BPF_LD | BPF_H | BPF_IND  # A = the 16-bit half-word at [X + k]
-LD_B_IND = BPF_LD | BPF_B | BPF_IND  # A = the byte at [X + k]
-LDX_B_MSH = BPF_LDX | BPF_B | BPF_MSH  # X = 4 * ([k] & 0xf): an IPv4 header's length
-SUB_K = BPF_ALU | BPF_SUB | BPF_K  # A -= k
-MUL_K = BPF_ALU | BPF_MUL | BPF_K  # A *= k (mod 2**32)
-DIV_K = BPF_ALU | BPF_DIV | BPF_K  # A //= k
-RSH_K = BPF_ALU | BPF_RSH | BPF_K  # A >>= k
-XOR_X = BPF_ALU | BPF_XOR | BPF_X  # A ^= X
-TAX = BPF_MISC | BPF_TAX  # X = A
-JA = BPF_JMP | BPF_JA  # jump k forward
-JEQ = BPF_JMP | BPF_JEQ | BPF_K  # A == k ? jt : jf
-JGT = BPF_JMP | BPF_JGT | BPF_K  # A > k ? jt : jf
-JGE = BPF_JMP | BPF_JGE | BPF_K  # A >= k ? jt : jf
-JSET = BPF_JMP | BPF_JSET | BPF_K  # A & k ? jt : jf
-RET_K = BPF_RET | BPF_K  # return k (a filter: bytes to keep, 0 drops; fanout: the socket)
-RET_A = BPF_RET | BPF_A  # return A
+
+class Op(IntEnum):
+    """The instructions lbnat's programs use (linux/filter.h's BPF_STMT and BPF_JUMP codes)."""
+
+    LD_W_ABS = BPF_LD | BPF_W | BPF_ABS  # A = the 32-bit word at [k]
+    LD_H_ABS = BPF_LD | BPF_H | BPF_ABS  # A = the 16-bit half-word at [k]
+    LD_B_ABS = BPF_LD | BPF_B | BPF_ABS  # A = the byte at [k]
+    LD_H_IND = BPF_LD | BPF_H | BPF_IND  # A = the 16-bit half-word at [X + k]
+    LD_B_IND = BPF_LD | BPF_B | BPF_IND  # A = the byte at [X + k]
+    LDX_B_MSH = BPF_LDX | BPF_B | BPF_MSH  # X = 4 * ([k] & 0xf): an IPv4 header's length
+    SUB_K = BPF_ALU | BPF_SUB | BPF_K  # A -= k
+    MUL_K = BPF_ALU | BPF_MUL | BPF_K  # A *= k (mod 2**32)
+    DIV_K = BPF_ALU | BPF_DIV | BPF_K  # A //= k
+    RSH_K = BPF_ALU | BPF_RSH | BPF_K  # A >>= k
+    XOR_X = BPF_ALU | BPF_XOR | BPF_X  # A ^= X
+    TAX = BPF_MISC | BPF_TAX  # X = A
+    JA = BPF_JMP | BPF_JA  # jump k forward
+    JEQ = BPF_JMP | BPF_JEQ | BPF_K  # A == k ? jt : jf
+    JGT = BPF_JMP | BPF_JGT | BPF_K  # A > k ? jt : jf
+    JGE = BPF_JMP | BPF_JGE | BPF_K  # A >= k ? jt : jf
+    JSET = BPF_JMP | BPF_JSET | BPF_K  # A & k ? jt : jf
+    RET_K = BPF_RET | BPF_K  # return k (a filter: bytes to keep, 0 drops; fanout: the socket)
+    RET_A = BPF_RET | BPF_A  # return A
+
 
 NEXT = "next"  # a jump target: the instruction after the jump (offset 0)
 
@@ -62,7 +69,7 @@ Target = str | int  # a label, NEXT, or an offset already counted
 class Insn(NamedTuple):
     """One instruction (struct sock_filter) before assembly."""
 
-    code: int
+    code: Op
     jt: Target = 0
     jf: Target = 0
     k: int = 0
@@ -99,7 +106,7 @@ def assemble(program: Sequence[Line]) -> bytes:
             if jt != 0 or jf != 0:
                 raise AssemblyError(f"BPF instruction {index} is not a jump but has targets")
             out += SOCK_FILTER.pack(code, 0, 0, k)
-        elif code == JA:
+        elif code == Op.JA:
             if jf != 0 or k != 0:
                 raise AssemblyError(f"BPF instruction {index}: JA takes its target in jt alone")
             out += SOCK_FILTER.pack(code, 0, 0, _offset(labels, index, jt, 0xFFFFFFFF))

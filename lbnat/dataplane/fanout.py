@@ -23,30 +23,7 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from lbnat.dataplane.bpf import (
-    DIV_K,
-    JEQ,
-    JGE,
-    JGT,
-    JSET,
-    LD_B_ABS,
-    LD_H_ABS,
-    LD_H_IND,
-    LD_W_ABS,
-    LDX_B_MSH,
-    MUL_K,
-    NEXT,
-    RET_A,
-    RET_K,
-    RSH_K,
-    SUB_K,
-    TAX,
-    XOR_X,
-    Insn,
-    Line,
-    assemble,
-    attach_fanout_program,
-)
+from lbnat.dataplane.bpf import NEXT, Insn, Line, Op, assemble, attach_fanout_program
 from lbnat.dataplane.kernel import (
     PACKET_FANOUT,
     PACKET_FANOUT_CBPF,
@@ -74,36 +51,36 @@ def steering_program(nat_ports: tuple[int, int], workers: int) -> bytes:
     size = nat_slices(nat_ports, workers)[0][1] - first + 1
     last = first + size * workers - 1
     p: list[Line] = [
-        (None, Insn(LD_B_ABS, k=9)),  # protocol
-        (None, Insn(JEQ, "l4", NEXT, TCP)),
-        (None, Insn(JEQ, "l4", NEXT, UDP)),
-        (None, Insn(JEQ, "icmp", "zero", ICMP)),
+        (None, Insn(Op.LD_B_ABS, k=9)),  # protocol
+        (None, Insn(Op.JEQ, "l4", NEXT, TCP)),
+        (None, Insn(Op.JEQ, "l4", NEXT, UDP)),
+        (None, Insn(Op.JEQ, "icmp", "zero", ICMP)),
         # TCP or UDP: a non-first fragment has no ports (the worker drops it, any will do).
-        ("l4", Insn(LD_H_ABS, k=6)),  # flags + fragment offset
-        (None, Insn(JSET, "zero", NEXT, 0x1FFF)),  # the fragment offset
-        (None, Insn(LDX_B_MSH, k=0)),  # X = IP header length
-        (None, Insn(LD_H_IND, k=2)),  # destination port
-        (None, Insn(JGE, NEXT, "client", first)),
-        (None, Insn(JGT, "client", "nat", last)),
+        ("l4", Insn(Op.LD_H_ABS, k=6)),  # flags + fragment offset
+        (None, Insn(Op.JSET, "zero", NEXT, 0x1FFF)),  # the fragment offset
+        (None, Insn(Op.LDX_B_MSH, k=0)),  # X = IP header length
+        (None, Insn(Op.LD_H_IND, k=2)),  # destination port
+        (None, Insn(Op.JGE, NEXT, "client", first)),
+        (None, Insn(Op.JGT, "client", "nat", last)),
         # To a virtual port: hash the client's address and port.
-        ("client", Insn(LD_H_IND, k=0)),  # source port
-        (None, Insn(TAX)),
-        (None, Insn(LD_W_ABS, k=12)),  # source address
-        (None, Insn(XOR_X)),
-        (None, Insn(MUL_K, k=GOLDEN)),
-        (None, Insn(RSH_K, k=16)),
-        (None, Insn(RET_A)),
+        ("client", Insn(Op.LD_H_IND, k=0)),  # source port
+        (None, Insn(Op.TAX)),
+        (None, Insn(Op.LD_W_ABS, k=12)),  # source address
+        (None, Insn(Op.XOR_X)),
+        (None, Insn(Op.MUL_K, k=GOLDEN)),
+        (None, Insn(Op.RSH_K, k=16)),
+        (None, Insn(Op.RET_A)),
         # ICMP error: the quoted packet (after an option-less outer header) came from NAT port.
-        ("icmp", Insn(LD_B_ABS, k=0)),  # version and header length
-        (None, Insn(JEQ, NEXT, "zero", 0x45)),  # IPv4 without options: 20 bytes
-        (None, Insn(LDX_B_MSH, k=28)),  # X = the quoted header's length
-        (None, Insn(LD_H_IND, k=28)),  # the quoted packet's source port
-        (None, Insn(JGE, NEXT, "zero", first)),
-        (None, Insn(JGT, "zero", "nat", last)),
-        ("nat", Insn(SUB_K, k=first)),
-        (None, Insn(DIV_K, k=size)),
-        (None, Insn(RET_A)),
-        ("zero", Insn(RET_K, k=0)),
+        ("icmp", Insn(Op.LD_B_ABS, k=0)),  # version and header length
+        (None, Insn(Op.JEQ, NEXT, "zero", 0x45)),  # IPv4 without options: 20 bytes
+        (None, Insn(Op.LDX_B_MSH, k=28)),  # X = the quoted header's length
+        (None, Insn(Op.LD_H_IND, k=28)),  # the quoted packet's source port
+        (None, Insn(Op.JGE, NEXT, "zero", first)),
+        (None, Insn(Op.JGT, "zero", "nat", last)),
+        ("nat", Insn(Op.SUB_K, k=first)),
+        (None, Insn(Op.DIV_K, k=size)),
+        (None, Insn(Op.RET_A)),
+        ("zero", Insn(Op.RET_K, k=0)),
     ]
     return assemble(p)
 

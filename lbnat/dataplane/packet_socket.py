@@ -18,25 +18,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterable
 
-from lbnat.dataplane.bpf import (
-    JA,
-    JEQ,
-    JGE,
-    JGT,
-    JSET,
-    LD_B_ABS,
-    LD_B_IND,
-    LD_H_ABS,
-    LD_H_IND,
-    LD_W_ABS,
-    LDX_B_MSH,
-    NEXT,
-    RET_K,
-    Insn,
-    Line,
-    assemble,
-    attach_filter,
-)
+from lbnat.dataplane.bpf import NEXT, Insn, Line, Op, assemble, attach_filter
 from lbnat.dataplane.kernel import (
     ETH_HLEN,
     ETH_P_IP,
@@ -66,42 +48,42 @@ def build_filter(
     first, last = nat_ports
     ip = ETH_HLEN  # offsets below are from the frame's start: the IPv4 header follows Ethernet
     p: list[Line] = [
-        (None, Insn(LD_H_ABS, k=12)),  # ethertype
-        (None, Insn(JEQ, NEXT, "reject", ETH_P_IP)),
-        (None, Insn(LD_W_ABS, k=ip + 16)),  # destination address
-        (None, Insn(JEQ, NEXT, "reject", lb_ip)),
-        (None, Insn(LD_H_ABS, k=ip + 6)),  # flags + fragment offset
-        (None, Insn(JSET, "fragment", NEXT, 0x3FFF)),  # MF or an offset: a fragment
-        (None, Insn(LD_B_ABS, k=ip + 9)),  # protocol
-        (None, Insn(JEQ, "tcp", NEXT, TCP)),
-        (None, Insn(JEQ, "udp", NEXT, UDP)),
-        (None, Insn(JEQ, "icmp", "reject", ICMP)),
+        (None, Insn(Op.LD_H_ABS, k=12)),  # ethertype
+        (None, Insn(Op.JEQ, NEXT, "reject", ETH_P_IP)),
+        (None, Insn(Op.LD_W_ABS, k=ip + 16)),  # destination address
+        (None, Insn(Op.JEQ, NEXT, "reject", lb_ip)),
+        (None, Insn(Op.LD_H_ABS, k=ip + 6)),  # flags + fragment offset
+        (None, Insn(Op.JSET, "fragment", NEXT, 0x3FFF)),  # MF or an offset: a fragment
+        (None, Insn(Op.LD_B_ABS, k=ip + 9)),  # protocol
+        (None, Insn(Op.JEQ, "tcp", NEXT, TCP)),
+        (None, Insn(Op.JEQ, "udp", NEXT, UDP)),
+        (None, Insn(Op.JEQ, "icmp", "reject", ICMP)),
         # ICMP destination-unreachable and time-exceeded: maybe about a translated flow.
-        ("icmp", Insn(LDX_B_MSH, k=ip)),  # X = IP header length
-        (None, Insn(LD_B_IND, k=ip)),  # ICMP type
-        (None, Insn(JEQ, "accept", NEXT, ICMP_DEST_UNREACHABLE)),
-        (None, Insn(JEQ, "accept", "reject", ICMP_TIME_EXCEEDED)),
+        ("icmp", Insn(Op.LDX_B_MSH, k=ip)),  # X = IP header length
+        (None, Insn(Op.LD_B_IND, k=ip)),  # ICMP type
+        (None, Insn(Op.JEQ, "accept", NEXT, ICMP_DEST_UNREACHABLE)),
+        (None, Insn(Op.JEQ, "accept", "reject", ICMP_TIME_EXCEEDED)),
     ]
     for label, ports in (("tcp", sorted(set(tcp_ports))), ("udp", sorted(set(udp_ports)))):
-        p.append((label, Insn(LDX_B_MSH, k=ip)))  # X = IP header length
-        p.append((None, Insn(LD_H_IND, k=ip + 2)))  # destination port
-        p.extend((None, Insn(JEQ, "accept", NEXT, port)) for port in ports)
-        p.append((None, Insn(JA, "nat_range")))
+        p.append((label, Insn(Op.LDX_B_MSH, k=ip)))  # X = IP header length
+        p.append((None, Insn(Op.LD_H_IND, k=ip + 2)))  # destination port
+        p.extend((None, Insn(Op.JEQ, "accept", NEXT, port)) for port in ports)
+        p.append((None, Insn(Op.JA, "nat_range")))
     p += [
-        ("nat_range", Insn(JGE, NEXT, "reject", first)),
-        (None, Insn(JGT, "reject", "accept", last)),
-        ("fragment", Insn(LD_B_ABS, k=ip + 9)),  # protocol
-        (None, Insn(JEQ, "accept", NEXT, TCP)),
-        (None, Insn(JEQ, "accept", "reject", UDP)),
-        ("accept", Insn(RET_K, k=ACCEPT)),
-        ("reject", Insn(RET_K, k=REJECT)),
+        ("nat_range", Insn(Op.JGE, NEXT, "reject", first)),
+        (None, Insn(Op.JGT, "reject", "accept", last)),
+        ("fragment", Insn(Op.LD_B_ABS, k=ip + 9)),  # protocol
+        (None, Insn(Op.JEQ, "accept", NEXT, TCP)),
+        (None, Insn(Op.JEQ, "accept", "reject", UDP)),
+        ("accept", Insn(Op.RET_K, k=ACCEPT)),
+        ("reject", Insn(Op.RET_K, k=REJECT)),
     ]
     return assemble(p)
 
 
 def reject_all() -> bytes:
     """A filter that accepts nothing: a socket waiting to join its fanout group."""
-    return assemble([(None, Insn(RET_K, k=REJECT))])
+    return assemble([(None, Insn(Op.RET_K, k=REJECT))])
 
 
 def open_packet_socket(

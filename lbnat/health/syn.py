@@ -18,18 +18,7 @@ import socket
 import struct
 import time
 
-from lbnat.dataplane.bpf import (
-    JEQ,
-    LD_H_IND,
-    LD_W_ABS,
-    LDX_B_MSH,
-    NEXT,
-    RET_K,
-    Insn,
-    Line,
-    assemble,
-    attach_filter,
-)
+from lbnat.dataplane.bpf import NEXT, Insn, Line, Op, assemble, attach_filter
 from lbnat.health.probe import ProbeResult, error_detail
 from lbnat.packet import ACK, RST, SYN, TCP, parse, transport_checksum
 
@@ -68,15 +57,15 @@ def reply_filter(backend: int, port: int, local_port: int) -> bytes:
     """cBPF for an AF_INET raw socket (data starts at the IP header): only TCP segments from
     backend:port to our local port reach Python."""
     program: list[Line] = [
-        (None, Insn(LD_W_ABS, k=12)),  # source address
-        (None, Insn(JEQ, NEXT, "reject", backend)),
-        (None, Insn(LDX_B_MSH, k=0)),  # X = IP header length
-        (None, Insn(LD_H_IND, k=0)),  # source port
-        (None, Insn(JEQ, NEXT, "reject", port)),
-        (None, Insn(LD_H_IND, k=2)),  # destination port
-        (None, Insn(JEQ, "accept", "reject", local_port)),
-        ("accept", Insn(RET_K, k=0xFFFF)),
-        ("reject", Insn(RET_K, k=0)),
+        (None, Insn(Op.LD_W_ABS, k=12)),  # source address
+        (None, Insn(Op.JEQ, NEXT, "reject", backend)),
+        (None, Insn(Op.LDX_B_MSH, k=0)),  # X = IP header length
+        (None, Insn(Op.LD_H_IND, k=0)),  # source port
+        (None, Insn(Op.JEQ, NEXT, "reject", port)),
+        (None, Insn(Op.LD_H_IND, k=2)),  # destination port
+        (None, Insn(Op.JEQ, "accept", "reject", local_port)),
+        ("accept", Insn(Op.RET_K, k=0xFFFF)),
+        ("reject", Insn(Op.RET_K, k=0)),
     ]
     return assemble(program)
 

@@ -10,22 +10,13 @@ from collections.abc import Callable
 
 import pytest
 
-from lbnat.dataplane import bpf
 from lbnat.dataplane.bpf import (
     BPF_MAXINSNS,
-    JA,
-    JEQ,
-    JGE,
-    JGT,
-    JSET,
-    LD_B_ABS,
-    LD_W_ABS,
     NEXT,
-    RET_A,
-    RET_K,
     AssemblyError,
     Insn,
     Line,
+    Op,
     assemble,
     attach_filter,
 )
@@ -39,8 +30,8 @@ def instructions(program: bytes) -> list[tuple[int, int, int, int]]:
     return list(struct.iter_unpack("=HBBI", program))
 
 
-RET = (None, Insn(RET_K, k=0))
-LOAD = (None, Insn(LD_W_ABS, k=12))
+RET = (None, Insn(Op.RET_K, k=0))
+LOAD = (None, Insn(Op.LD_W_ABS, k=12))
 
 
 # --- opcodes -----------------------------------------------------------------------------------
@@ -71,7 +62,7 @@ LOAD = (None, Insn(LD_W_ABS, k=12))
     ],
 )
 def test_opcodes_have_the_kernels_values(name: str, code: int) -> None:
-    assert getattr(bpf, name) == code
+    assert Op[name] == code
 
 
 # --- labels ------------------------------------------------------------------------------------
@@ -82,47 +73,47 @@ def test_opcodes_have_the_kernels_values(name: str, code: int) -> None:
     [
         (
             "NEXT is offset 0 on both sides",
-            [LOAD, (None, Insn(JEQ, NEXT, NEXT, 7)), RET],
+            [LOAD, (None, Insn(Op.JEQ, NEXT, NEXT, 7)), RET],
             [(0x20, 0, 0, 12), (0x15, 0, 0, 7), (0x06, 0, 0, 0)],
         ),
         (
             "a label is counted from the instruction after the jump",
             [
-                (None, Insn(JEQ, "yes", "no", 1)),
-                ("no", Insn(RET_K, k=0)),
-                ("yes", Insn(RET_K, k=1)),
+                (None, Insn(Op.JEQ, "yes", "no", 1)),
+                ("no", Insn(Op.RET_K, k=0)),
+                ("yes", Insn(Op.RET_K, k=1)),
             ],
             [(0x15, 1, 0, 1), (0x06, 0, 0, 0), (0x06, 0, 0, 1)],
         ),
         (
             "labels and NEXT mixed, on JGT, JGE and JSET",
             [
-                (None, Insn(JGT, "end", NEXT, 9)),
-                (None, Insn(JGE, NEXT, "end", 3)),
-                (None, Insn(JSET, "end", "zero", 4)),
-                ("zero", Insn(RET_K, k=0)),
-                ("end", Insn(RET_A)),
+                (None, Insn(Op.JGT, "end", NEXT, 9)),
+                (None, Insn(Op.JGE, NEXT, "end", 3)),
+                (None, Insn(Op.JSET, "end", "zero", 4)),
+                ("zero", Insn(Op.RET_K, k=0)),
+                ("end", Insn(Op.RET_A)),
             ],
             [(0x25, 3, 0, 9), (0x35, 0, 2, 3), (0x45, 1, 0, 4), (0x06, 0, 0, 0), (0x16, 0, 0, 0)],
         ),
         (
             "JA's offset goes into k, jt and jf stay 0",
-            [(None, Insn(JA, "end")), LOAD, LOAD, ("end", Insn(RET_A))],
+            [(None, Insn(Op.JA, "end")), LOAD, LOAD, ("end", Insn(Op.RET_A))],
             [(0x05, 0, 0, 2), (0x20, 0, 0, 12), (0x20, 0, 0, 12), (0x16, 0, 0, 0)],
         ),
         (
             "an offset given as a number is kept",
-            [(None, Insn(JEQ, 1, 0, 5)), RET, RET],
+            [(None, Insn(Op.JEQ, 1, 0, 5)), RET, RET],
             [(0x15, 1, 0, 5), (0x06, 0, 0, 0), (0x06, 0, 0, 0)],
         ),
         (
             "a conditional jump reaches 255 instructions on",
-            [(None, Insn(JEQ, "far", NEXT, 1)), *[LOAD] * 255, ("far", Insn(RET_A))],
+            [(None, Insn(Op.JEQ, "far", NEXT, 1)), *[LOAD] * 255, ("far", Insn(Op.RET_A))],
             [(0x15, 255, 0, 1), *[(0x20, 0, 0, 12)] * 255, (0x16, 0, 0, 0)],
         ),
         (
             "JA reaches further than 255",
-            [(None, Insn(JA, "far")), *[LOAD] * 300, ("far", Insn(RET_A))],
+            [(None, Insn(Op.JA, "far")), *[LOAD] * 300, ("far", Insn(Op.RET_A))],
             [(0x05, 0, 0, 300), *[(0x20, 0, 0, 12)] * 300, (0x16, 0, 0, 0)],
         ),
     ],
@@ -136,26 +127,30 @@ def test_labels_resolve_to_forward_offsets(
 @pytest.mark.parametrize(
     ("description", "program", "message"),
     [
-        ("an unknown label", [(None, Insn(JEQ, "nowhere", NEXT, 1)), RET], "unknown label"),
+        ("an unknown label", [(None, Insn(Op.JEQ, "nowhere", NEXT, 1)), RET], "unknown label"),
         (
             "a conditional jump 256 on",
-            [(None, Insn(JEQ, "far", NEXT, 1)), *[LOAD] * 256, ("far", Insn(RET_A))],
+            [(None, Insn(Op.JEQ, "far", NEXT, 1)), *[LOAD] * 256, ("far", Insn(Op.RET_A))],
             "256 instructions on",
         ),
         (
             "a jump backwards",
-            [("top", Insn(LD_B_ABS, k=0)), (None, Insn(JEQ, "top", NEXT, 1)), RET],
+            [("top", Insn(Op.LD_B_ABS, k=0)), (None, Insn(Op.JEQ, "top", NEXT, 1)), RET],
             "-2 instructions on",
         ),
-        ("JA backwards", [("top", Insn(LD_B_ABS, k=0)), (None, Insn(JA, "top")), RET], "-2"),
-        ("a numeric offset too large", [(None, Insn(JEQ, 256, 0, 1)), RET], "256"),
-        ("a label defined twice", [("x", Insn(LD_B_ABS, k=0)), ("x", Insn(RET_A))], "twice"),
-        ("a label called next", [("next", Insn(RET_A))], "twice"),
-        ("a load with a jump target", [(None, Insn(LD_B_ABS, "end", 0, 1)), RET], "not a jump"),
-        ("JA with a false target", [(None, Insn(JA, NEXT, "end")), ("end", Insn(RET_A))], "JA"),
-        ("JA with k", [(None, Insn(JA, NEXT, 0, 4)), RET], "JA"),
-        ("k beyond 32 bits", [(None, Insn(RET_K, k=1 << 32))], "32 bits"),
-        ("k negative", [(None, Insn(RET_K, k=-1))], "32 bits"),
+        ("JA backwards", [("top", Insn(Op.LD_B_ABS, k=0)), (None, Insn(Op.JA, "top")), RET], "-2"),
+        ("a numeric offset too large", [(None, Insn(Op.JEQ, 256, 0, 1)), RET], "256"),
+        ("a label defined twice", [("x", Insn(Op.LD_B_ABS, k=0)), ("x", Insn(Op.RET_A))], "twice"),
+        ("a label called next", [("next", Insn(Op.RET_A))], "twice"),
+        ("a load with a jump target", [(None, Insn(Op.LD_B_ABS, "end", 0, 1)), RET], "not a jump"),
+        (
+            "JA with a false target",
+            [(None, Insn(Op.JA, NEXT, "end")), ("end", Insn(Op.RET_A))],
+            "JA",
+        ),
+        ("JA with k", [(None, Insn(Op.JA, NEXT, 0, 4)), RET], "JA"),
+        ("k beyond 32 bits", [(None, Insn(Op.RET_K, k=1 << 32))], "32 bits"),
+        ("k negative", [(None, Insn(Op.RET_K, k=-1))], "32 bits"),
         ("an empty program", [], "1 to 4096"),
         ("a program too long", [LOAD] * BPF_MAXINSNS + [RET], "1 to 4096"),
         ("no return at the end", [RET, LOAD], "end with a return"),
@@ -243,10 +238,10 @@ def test_the_kernel_takes_lbnats_programs(build: Callable[[], bytes]) -> None:
 def test_an_attached_filter_decides_what_the_socket_sees() -> None:
     """On a UDP socket the filter sees the UDP header first: byte 8 is the payload's first."""
     keep_yes: list[Line] = [
-        (None, Insn(LD_B_ABS, k=8)),
-        (None, Insn(JEQ, "accept", "reject", ord("y"))),
-        ("accept", Insn(RET_K, k=0xFFFF)),
-        ("reject", Insn(RET_K, k=0)),
+        (None, Insn(Op.LD_B_ABS, k=8)),
+        (None, Insn(Op.JEQ, "accept", "reject", ord("y"))),
+        ("accept", Insn(Op.RET_K, k=0xFFFF)),
+        ("reject", Insn(Op.RET_K, k=0)),
     ]
     with (
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver,
