@@ -27,6 +27,7 @@ from lbnat.dataplane.kernel import PACKET_FANOUT_DATA, SO_ATTACH_FILTER, SOL_PAC
 # --- opcodes: class | size | mode, or class | operation | source (linux/bpf_common.h) ----------
 
 BPF_LD, BPF_LDX, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = 0x00, 0x01, 0x04, 0x05, 0x06, 0x07
+BPF_CLASS = 0x07  # the class bits of an opcode: BPF_CLASS(code) is code & 0x07
 BPF_W, BPF_H, BPF_B = 0x00, 0x08, 0x10  # load sizes: 32, 16, 8 bits
 BPF_ABS, BPF_IND, BPF_MSH = 0x20, 0x40, 0xA0  # load modes: [k], [x + k], 4 * ([k] & 0xf)
 BPF_SUB, BPF_MUL, BPF_DIV, BPF_RSH, BPF_XOR = 0x10, 0x20, 0x30, 0x70, 0xA0
@@ -102,7 +103,7 @@ def assemble(program: Sequence[Line]) -> bytes:
         code, jt, jf, k = insn
         if not 0 <= k <= 0xFFFFFFFF:
             raise AssemblyError(f"BPF instruction {index}: k {k} does not fit 32 bits")
-        if code & 0x07 != BPF_JMP:
+        if code & BPF_CLASS != BPF_JMP:
             if jt != 0 or jf != 0:
                 raise AssemblyError(f"BPF instruction {index} is not a jump but has targets")
             out += SOCK_FILTER.pack(code, 0, 0, k)
@@ -114,7 +115,7 @@ def assemble(program: Sequence[Line]) -> bytes:
             out += SOCK_FILTER.pack(
                 code, _offset(labels, index, jt, 0xFF), _offset(labels, index, jf, 0xFF), k
             )
-    if program[-1][1].code & 0x07 != BPF_RET:
+    if program[-1][1].code & BPF_CLASS != BPF_RET:
         raise AssemblyError("a BPF program must end with a return")
     return bytes(out)
 
