@@ -19,41 +19,18 @@ that dies leaves its socket (and its place in the group) behind, and its replace
 
 from __future__ import annotations
 
-import ctypes
 import socket
 import struct
 from collections.abc import Sequence
 
-from lbnat.dataplane.packet_socket import (
-    _JEQ,
-    _JGE,
-    _JGT,
-    _JSET,
-    _LD_B_ABS,
-    _LD_H_ABS,
-    _LD_H_IND,
-    _LD_W_ABS,
-    _LDX_B_MSH,
-    _RET_K,
+from lbnat.dataplane.bpf import NEXT, Insn, Line, Op, assemble, attach_fanout_program
+from lbnat.dataplane.kernel import (
+    PACKET_FANOUT,
+    PACKET_FANOUT_CBPF,
+    PACKET_FANOUT_FLAG_UNIQUEID,
     SOL_PACKET,
-    Insn,
-    assemble,
 )
-
-PACKET_FANOUT = 18
-PACKET_FANOUT_DATA = 22
-PACKET_FANOUT_CBPF = 6
-PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
-
-# Classic BPF ALU opcodes (linux/filter.h), beyond the loads, jumps and returns that
-# packet_socket's filter uses.
-_SUB_K = 0x14
-_MUL_K = 0x24
-_DIV_K = 0x34
-_RSH_K = 0x74
-_XOR_X = 0xAC
-_TAX = 0x07
-_RET_A = 0x16
+from lbnat.packet import ICMP, TCP, UDP
 
 GOLDEN = 0x9E3779B1  # Fibonacci hashing: multiply, keep the high half
 
@@ -73,37 +50,37 @@ def steering_program(nat_ports: tuple[int, int], workers: int) -> bytes:
     first = nat_ports[0]
     size = nat_slices(nat_ports, workers)[0][1] - first + 1
     last = first + size * workers - 1
-    p: list[tuple[str | None, Insn]] = [
-        (None, (_LD_B_ABS, 0, 0, 9)),  # protocol
-        (None, (_JEQ, "l4", "next", 6)),
-        (None, (_JEQ, "l4", "next", 17)),
-        (None, (_JEQ, "icmp", "zero", 1)),
+    p: list[Line] = [
+        (None, Insn(Op.LD_B_ABS, k=9)),  # protocol
+        (None, Insn(Op.JEQ, "l4", NEXT, TCP)),
+        (None, Insn(Op.JEQ, "l4", NEXT, UDP)),
+        (None, Insn(Op.JEQ, "icmp", "zero", ICMP)),
         # TCP or UDP: a non-first fragment has no ports (the worker drops it, any will do).
-        ("l4", (_LD_H_ABS, 0, 0, 6)),
-        (None, (_JSET, "zero", "next", 0x1FFF)),
-        (None, (_LDX_B_MSH, 0, 0, 0)),  # X = IP header length
-        (None, (_LD_H_IND, 0, 0, 2)),  # destination port
-        (None, (_JGE, "next", "client", first)),
-        (None, (_JGT, "client", "nat", last)),
+        ("l4", Insn(Op.LD_H_ABS, k=6)),  # flags + fragment offset
+        (None, Insn(Op.JSET, "zero", NEXT, 0x1FFF)),  # the fragment offset
+        (None, Insn(Op.LDX_B_MSH, k=0)),  # X = IP header length
+        (None, Insn(Op.LD_H_IND, k=2)),  # destination port
+        (None, Insn(Op.JGE, NEXT, "client", first)),
+        (None, Insn(Op.JGT, "client", "nat", last)),
         # To a virtual port: hash the client's address and port.
-        ("client", (_LD_H_IND, 0, 0, 0)),  # source port
-        (None, (_TAX, 0, 0, 0)),
-        (None, (_LD_W_ABS, 0, 0, 12)),  # source address
-        (None, (_XOR_X, 0, 0, 0)),
-        (None, (_MUL_K, 0, 0, GOLDEN)),
-        (None, (_RSH_K, 0, 0, 16)),
-        (None, (_RET_A, 0, 0, 0)),
+        ("client", Insn(Op.LD_H_IND, k=0)),  # source port
+        (None, Insn(Op.TAX)),
+        (None, Insn(Op.LD_W_ABS, k=12)),  # source address
+        (None, Insn(Op.XOR_X)),
+        (None, Insn(Op.MUL_K, k=GOLDEN)),
+        (None, Insn(Op.RSH_K, k=16)),
+        (None, Insn(Op.RET_A)),
         # ICMP error: the quoted packet (after an option-less outer header) came from NAT port.
-        ("icmp", (_LD_B_ABS, 0, 0, 0)),
-        (None, (_JEQ, "next", "zero", 0x45)),
-        (None, (_LDX_B_MSH, 0, 0, 28)),  # X = the quoted header's length
-        (None, (_LD_H_IND, 0, 0, 28)),  # the quoted packet's source port
-        (None, (_JGE, "next", "zero", first)),
-        (None, (_JGT, "zero", "nat", last)),
-        ("nat", (_SUB_K, 0, 0, first)),
-        (None, (_DIV_K, 0, 0, size)),
-        (None, (_RET_A, 0, 0, 0)),
-        ("zero", (_RET_K, 0, 0, 0)),
+        ("icmp", Insn(Op.LD_B_ABS, k=0)),  # version and header length
+        (None, Insn(Op.JEQ, NEXT, "zero", 0x45)),  # IPv4 without options: 20 bytes
+        (None, Insn(Op.LDX_B_MSH, k=28)),  # X = the quoted header's length
+        (None, Insn(Op.LD_H_IND, k=28)),  # the quoted packet's source port
+        (None, Insn(Op.JGE, NEXT, "zero", first)),
+        (None, Insn(Op.JGT, "zero", "nat", last)),
+        ("nat", Insn(Op.SUB_K, k=first)),
+        (None, Insn(Op.DIV_K, k=size)),
+        (None, Insn(Op.RET_A)),
+        ("zero", Insn(Op.RET_K, k=0)),
     ]
     return assemble(p)
 
@@ -119,9 +96,7 @@ def join(socks: Sequence[socket.socket], program: bytes) -> int:
     mode = (PACKET_FANOUT_CBPF | PACKET_FANOUT_FLAG_UNIQUEID) << 16
     socks[0].setsockopt(SOL_PACKET, PACKET_FANOUT, mode)
     group = int(struct.unpack("<I", socks[0].getsockopt(SOL_PACKET, PACKET_FANOUT, 4))[0]) & 0xFFFF
-    code = ctypes.create_string_buffer(program, len(program))
-    fprog = struct.pack("HL", len(program) // 8, ctypes.addressof(code))
-    socks[0].setsockopt(SOL_PACKET, PACKET_FANOUT_DATA, fprog)
+    attach_fanout_program(socks[0], program)
     for sock in socks[1:]:
         sock.setsockopt(SOL_PACKET, PACKET_FANOUT, group | (PACKET_FANOUT_CBPF << 16))
     return group

@@ -35,37 +35,29 @@ import struct
 from dataclasses import dataclass
 from typing import Literal
 
-from lbnat.dataplane.packet_socket import (
+from lbnat.dataplane.kernel import (
+    BLOCK_HEADER,
+    PACKET_COPY_THRESH,
+    PACKET_LOSS,
     PACKET_QDISC_BYPASS,
+    PACKET_RX_RING,
+    PACKET_TX_RING,
+    PACKET_VERSION,
     PACKET_VNET_HDR,
     SO_SNDBUFFORCE,
     SOL_PACKET,
-    VNET_HDR_LEN,
+    TP_STATUS_SEND_REQUEST,
+    TP_STATUS_USER,
+    TPACKET_REQ,
+    TPACKET_REQ3,
+    TPACKET_V2,
+    TPACKET_V3,
+    TX_DATA_OFFSET,
+    V2_LEN_OFFSET,
 )
-
-PACKET_RX_RING = 5
-PACKET_COPY_THRESH = 7
-PACKET_VERSION = 10
-PACKET_TX_RING = 13
-PACKET_LOSS = 14
-TPACKET_V2 = 1
-TPACKET_V3 = 2
-
-TP_STATUS_USER = 1  # receive: the slot (or block) is lbnat's
-TP_STATUS_COPY = 2  # receive: truncated here, the whole frame waits on the socket
-TP_STATUS_SEND_REQUEST = 1  # transmit: lbnat filled the slot, the kernel may send it
-TX_DATA_OFFSET = 32  # TPACKET_ALIGN(sizeof(struct tpacket2_hdr)): where a transmit frame starts
-ZERO_STATUS = bytes(4)
 
 RxKind = Literal["frames", "blocks"]
 
-# struct tpacket2_hdr: tp_status, tp_len, tp_snaplen, tp_mac, ...
-V2_HEADER = struct.Struct("<IIIH")
-# struct tpacket3_hdr: tp_next_offset, (sec, nsec), tp_snaplen, tp_len, tp_status, tp_mac
-V3_HEADER = struct.Struct("<I8xIIIH")
-# struct tpacket_block_desc: version, offset_to_priv, block_status, num_pkts, offset_to_first_pkt,
-# blk_len, seq_num
-BLOCK_HEADER = struct.Struct("<IIIIIIQ")
 U32 = struct.Struct("<I")
 
 
@@ -94,7 +86,7 @@ def _frame_count(frame_size: int, frames: int) -> int:
 def _frame_request(frame_size: int, frames: int) -> bytes:
     """struct tpacket_req for a frame ring."""
     count = _frame_count(frame_size, frames)
-    return struct.pack("<4I", FRAME_BLOCK, count * frame_size // FRAME_BLOCK, frame_size, count)
+    return TPACKET_REQ.pack(FRAME_BLOCK, count * frame_size // FRAME_BLOCK, frame_size, count)
 
 
 def setup_rx_ring(sock: socket.socket, spec: RingSpec) -> None:
@@ -102,8 +94,7 @@ def setup_rx_ring(sock: socket.socket, spec: RingSpec) -> None:
     PACKET_VNET_HDR set: the kernel then writes a virtio_net_hdr before each frame's MAC)."""
     if spec.rx == "blocks":
         sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
-        request = struct.pack(
-            "<7I",
+        request = TPACKET_REQ3.pack(
             spec.block_size,
             spec.blocks,
             spec.frame_size,
@@ -161,7 +152,7 @@ class RxBlocks:
         """Point `index` at the user-owned block with the lowest sequence number."""
         oldest: tuple[int, int] | None = None
         for i in range(self.count):
-            status, seq = BLOCK_HEADER.unpack_from(self.map, i * self.block_size)[2::4]
+            _, _, status, _, _, _, seq = BLOCK_HEADER.unpack_from(self.map, i * self.block_size)
             if status & TP_STATUS_USER and (oldest is None or seq < oldest[0]):
                 oldest = (seq, i)
         if oldest is None:
@@ -220,7 +211,7 @@ class TxRing:
                 return False
         data = at + TX_DATA_OFFSET
         self.view[data : data + n] = frame
-        U32.pack_into(m, at + 4, n)  # tp_len
+        U32.pack_into(m, at + V2_LEN_OFFSET, n)
         m[at] = TP_STATUS_SEND_REQUEST  # last: the slot is the kernel's from here on
         self.index = 0 if self.index + 1 == self.count else self.index + 1
         self.queued += 1
@@ -243,6 +234,3 @@ class TxRing:
         self.view.release()
         self.map.close()
         self.sock.close()
-
-
-assert VNET_HDR_LEN == 10  # the layout above assumes struct virtio_net_hdr without num_buffers

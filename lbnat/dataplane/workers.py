@@ -35,10 +35,11 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from lbnat.dataplane.bpf import attach_filter
 from lbnat.dataplane.fanout import join, steering_program
 from lbnat.dataplane.link import Link, Neighbours
 from lbnat.dataplane.loop import PacketLoop, RingLoop
-from lbnat.dataplane.packet_socket import attach_filter, open_packet_socket, reject_all
+from lbnat.dataplane.packet_socket import open_packet_socket, reject_all
 from lbnat.dataplane.rings import RingSpec
 from lbnat.engine import Engine, Event, NoBackend
 from lbnat.messages import (

@@ -18,11 +18,9 @@ import socket
 import struct
 import time
 
-from lbnat.dataplane.packet_socket import Insn, assemble, attach_filter
+from lbnat.dataplane.bpf import NEXT, Insn, Line, Op, assemble, attach_filter
 from lbnat.health.probe import ProbeResult, error_detail
 from lbnat.packet import ACK, RST, SYN, TCP, parse, transport_checksum
-
-_BPF_LD_W_ABS, _BPF_LD_H_IND, _BPF_LDX_B_MSH, _BPF_JEQ, _BPF_RET = 0x20, 0x48, 0xB1, 0x15, 0x06
 
 
 def syn_segment(src: int, dst: int, sport: int, dport: int, isn: int) -> bytes:
@@ -58,16 +56,16 @@ def classify(
 def reply_filter(backend: int, port: int, local_port: int) -> bytes:
     """cBPF for an AF_INET raw socket (data starts at the IP header): only TCP segments from
     backend:port to our local port reach Python."""
-    program: list[tuple[str | None, Insn]] = [
-        (None, (_BPF_LD_W_ABS, 0, 0, 12)),  # source address
-        (None, (_BPF_JEQ, "next", "reject", backend)),
-        (None, (_BPF_LDX_B_MSH, 0, 0, 0)),  # X = IP header length
-        (None, (_BPF_LD_H_IND, 0, 0, 0)),  # source port
-        (None, (_BPF_JEQ, "next", "reject", port)),
-        (None, (_BPF_LD_H_IND, 0, 0, 2)),  # destination port
-        (None, (_BPF_JEQ, "accept", "reject", local_port)),
-        ("accept", (_BPF_RET, 0, 0, 0xFFFF)),
-        ("reject", (_BPF_RET, 0, 0, 0)),
+    program: list[Line] = [
+        (None, Insn(Op.LD_W_ABS, k=12)),  # source address
+        (None, Insn(Op.JEQ, NEXT, "reject", backend)),
+        (None, Insn(Op.LDX_B_MSH, k=0)),  # X = IP header length
+        (None, Insn(Op.LD_H_IND, k=0)),  # source port
+        (None, Insn(Op.JEQ, NEXT, "reject", port)),
+        (None, Insn(Op.LD_H_IND, k=2)),  # destination port
+        (None, Insn(Op.JEQ, "accept", "reject", local_port)),
+        ("accept", Insn(Op.RET_K, k=0xFFFF)),
+        ("reject", Insn(Op.RET_K, k=0)),
     ]
     return assemble(program)
 
