@@ -208,7 +208,7 @@ class Engine:
     ) -> None:
         self.lb_ip = ip_int(lb_ip)
         self.table = SessionTable(self.lb_ip, nat_ports, timeouts, table_cap)
-        # The table's parts the packet path uses, bound once (neither is ever replaced).
+        # The table's parts the packet path uses, bound once (none of them is ever replaced).
         self._forward = self.table.forward
         self._pools = self.table.pools
         self._tracker = self.table.tracker
