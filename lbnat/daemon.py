@@ -73,6 +73,7 @@ from lbnat.messages import (
     SetServices,
     WorkerSetup,
 )
+from lbnat.service import Service
 from lbnat.views import merge_counters
 
 __all__ = ["Daemon", "StartError", "check_can_start", "check_port_free"]
@@ -110,6 +111,41 @@ def check_can_start(config: Config) -> None:
         raise StartError("no service: give backends on the command line or services in the config")
 
 
+def ring_spec(config: Config) -> RingSpec:
+    return RingSpec(rx="blocks" if config.rx_ring == "blocks" else "frames")
+
+
+def packet_filter(lb_ip: int, control: ControlPlane) -> bytes:
+    """The packet sockets' filter: lbnat's address, the services' ports and the NAT range."""
+    tcp, udp = list(control.ports("tcp")), list(control.ports("udp"))
+    return build_filter(lb_ip, tcp, udp, control.config.nat_ports)
+
+
+def worker_setup(
+    config: Config,
+    lb_ip: str,
+    link: Link,
+    index: int,
+    nat_ports: tuple[int, int],
+    specs: tuple[Service, ...],
+    cursor_slots: dict[str, int],
+) -> WorkerSetup:
+    """What worker `index` starts with: its slice of the NAT ports and of the table cap."""
+    return WorkerSetup(
+        index=index,
+        lb_ip=lb_ip,
+        link=link,
+        specs=specs,
+        nat_ports=nat_ports,
+        timeouts=config.timeouts,
+        table_cap=max(1, config.table_cap // config.workers),
+        io=config.io,
+        rings=ring_spec(config),
+        flow_events=not config.quiet,
+        cursor_slots=cursor_slots,
+    )
+
+
 class Daemon:
     def __init__(
         self,
@@ -141,7 +177,7 @@ class Daemon:
     def start(self) -> None:
         """Everything up to the first packet. On any failure, undo what was done."""
         c = self.config
-        rings = self._rings()
+        rings = ring_spec(c)
         check_can_start(c)
         try:
             self.link = link = find_link(self.lb_ip, c.interface)
@@ -155,13 +191,12 @@ class Daemon:
             checks = self.control.health_checks()
         except ValueError as error:
             raise StartError(str(error)) from None
-        self.guard = KernelGuard(
-            self.lb_ip, self._ports("tcp"), self._ports("udp"), self.config.nat_ports
-        )
+        tcp, udp = list(self.control.ports("tcp")), list(self.control.ports("udp"))
+        self.guard = KernelGuard(self.lb_ip, tcp, udp, c.nat_ports)
         try:
             self.guard.install()
             socks = open_worker_sockets(
-                self.link, self._filter(), c.nat_ports, c.workers, c.io, rings
+                link, packet_filter(link.ip_int, self.control), c.nat_ports, c.workers, c.io, rings
             )
             self.plane = start_plane(
                 socks,
@@ -183,36 +218,11 @@ class Daemon:
 
     def _setup(self, index: int, nat_ports: tuple[int, int]) -> WorkerSetup:
         """What worker `index` starts with (also when it is restarted: the backends as now)."""
-        c = self.config
         assert self.link is not None
         with self._lock:
             specs = self.control.specs()
             slots = dict(self.control.cursor_slots)
-        return WorkerSetup(
-            index=index,
-            lb_ip=self.lb_ip,
-            link=self.link,
-            specs=specs,
-            nat_ports=nat_ports,
-            timeouts=c.timeouts,
-            table_cap=max(1, c.table_cap // c.workers),
-            io=c.io,
-            rings=self._rings(),
-            flow_events=not c.quiet,
-            cursor_slots=slots,
-        )
-
-    def _rings(self) -> RingSpec:
-        return RingSpec(rx="blocks" if self.config.rx_ring == "blocks" else "frames")
-
-    def _ports(self, proto: str) -> list[int]:
-        return list(self.control.ports(proto))
-
-    def _filter(self) -> bytes:
-        assert self.link is not None
-        return build_filter(
-            self.link.ip_int, self._ports("tcp"), self._ports("udp"), self.config.nat_ports
-        )
+        return worker_setup(self.config, self.lb_ip, self.link, index, nat_ports, specs, slots)
 
     def run(self) -> int:
         """Start, forward until SIGINT/SIGTERM, clean up. Returns the exit code."""
@@ -285,11 +295,12 @@ class Daemon:
                 case LogLine():
                     self.log.write(effect)
                 case UpdateGuard(tcp_ports, udp_ports):
-                    if self.guard is not None and self.plane is not None:
-                        self.guard.tcp_ports = list(tcp_ports)
-                        self.guard.udp_ports = list(udp_ports)
-                        self.guard.update()
-                        self.plane.set_filter(self._filter())
+                    guard, plane, link = self.guard, self.plane, self.link
+                    if guard is not None and plane is not None and link is not None:
+                        guard.tcp_ports = list(tcp_ports)
+                        guard.udp_ports = list(udp_ports)
+                        guard.update()
+                        plane.set_filter(packet_filter(link.ip_int, self.control))
                 case SetHealthChecks(checks):
                     if self.health is not None:
                         self.health.set_checks(checks)

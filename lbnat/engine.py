@@ -18,7 +18,6 @@ client -> backend; a port in the NAT range means backend -> client (a reply to a
 from __future__ import annotations
 
 import socket
-import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,11 +36,14 @@ from lbnat.nat import (
     State,
     Timeouts,
     forward_key,
+    key_client_ip,
     pool_key,
 )
 from lbnat.packet import (
     ACK,
+    ADDRESS,
     ICMP,
+    IP_DESTINATION,
     RST,
     SYN,
     TCP,
@@ -71,12 +73,9 @@ _REFUSAL_DROPS = {
 
 SHARES_TURNS = ("rr", "lc")  # schedulers whose rotation workers can share (see _Rotation)
 
-_ADDRESS = struct.Struct("!I")
-_PORT_PAIR = struct.Struct("!HH")
-
 
 def ip_text(address: int) -> str:
-    return socket.inet_ntoa(struct.pack("!I", address))
+    return socket.inet_ntoa(ADDRESS.pack(address))
 
 
 def ip_int(text: str) -> int:
@@ -132,6 +131,71 @@ class _ActiveFlows(Mapping[BackendKey, int]):
         return len(self._service.by_key)
 
 
+class Services(Mapping[str, ServiceState]):
+    """An engine's services, by name (the mapping) and by (proto << 16) | port (`by_port`, the
+    packet path's index); each with its scheduler, whose turns workers share through a cursor
+    per service, and its client-IP affinity records (`affinity`, only services that have it).
+    """
+
+    def __init__(
+        self, nat_ports: tuple[int, int], cursors: Callable[[str], SharedCursor | None] | None
+    ) -> None:
+        self._nat_first, self._nat_last = nat_ports
+        self._cursors = cursors
+        self._by_name: dict[str, ServiceState] = {}
+        self.by_port: dict[int, ServiceState] = {}
+        self.affinity: dict[str, Affinity] = {}
+
+    def __getitem__(self, name: str) -> ServiceState:
+        return self._by_name[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def add(self, spec: Service) -> ServiceState:
+        if spec.name in self._by_name:
+            raise ValueError(f"service {spec.name!r} is defined twice")
+        if self._nat_first <= spec.port <= self._nat_last:
+            raise ValueError(
+                f"service {spec.name}: port {spec.port} is inside the NAT port range "
+                f"{self._nat_first}-{self._nat_last}"
+            )
+        key = (spec.proto_number << 16) | spec.port
+        if key in self.by_port:
+            raise ValueError(f"service {spec.name}: {spec.proto} port {spec.port} is already used")
+        service = ServiceState(spec, self._scheduler(spec))
+        self._by_name[spec.name] = service
+        self.by_port[key] = service
+        if spec.affinity_timeout:
+            self.affinity[spec.name] = Affinity(spec.affinity_timeout)
+        return service
+
+    def reconfigure(self, spec: Service) -> None:
+        """Apply a reloaded service's scheduler and affinity (same protocol and port)."""
+        state = self._by_name[spec.name]
+        if (spec.proto_number, spec.port) != (state.proto, state.port):
+            raise ValueError(f"service {spec.name}: its protocol and port cannot change live")
+        if spec.scheduler != state.spec.scheduler:
+            state.scheduler = self._scheduler(spec)
+            state.scheduler.update(state.backends)
+        if spec.affinity_timeout:
+            current = self.affinity.get(spec.name)
+            if current is None or current.timeout != spec.affinity_timeout:
+                self.affinity[spec.name] = Affinity(spec.affinity_timeout)
+        else:
+            self.affinity.pop(spec.name, None)
+        state.spec = spec
+
+    def _scheduler(self, spec: Service) -> Scheduler:
+        cursor = self._cursors(spec.name) if self._cursors is not None else None
+        if cursor is not None and spec.scheduler in SHARES_TURNS:
+            return make_scheduler(spec.scheduler, cursor=cursor)
+        return make_scheduler(spec.scheduler)
+
+
 class Engine:
     def __init__(
         self,
@@ -143,43 +207,23 @@ class Engine:
         cursors: Callable[[str], SharedCursor | None] | None = None,
     ) -> None:
         self.lb_ip = ip_int(lb_ip)
-        # Workers share round-robin turns through a cursor per service (lbnat.dataplane.workers).
-        self._cursors = cursors
         self.table = SessionTable(self.lb_ip, nat_ports, timeouts, table_cap)
+        # The table's parts the packet path uses, bound once (none of them is ever replaced).
+        self._forward = self.table.forward
+        self._pools = self.table.pools
+        self._tracker = self.table.tracker
         self.nat_first, self.nat_last = self.table.port_range
-        self.services: dict[str, ServiceState] = {}
-        self._affinity: dict[str, Affinity] = {}  # per service with client-IP affinity
-        self._by_port: dict[int, ServiceState] = {}  # (proto << 16) | port -> service
+        # Workers share round-robin turns through a cursor per service (lbnat.dataplane.workers).
+        self.services = Services(self.table.port_range, cursors)
+        # The services' own dicts, bound once: the packet path reads them without a hop.
+        self._by_port = self.services.by_port
+        self._affinity = self.services.affinity
         for spec in services:
-            self.add_service(spec)
+            self.services.add(spec)
         self.events: list[Event] = []
         self.drops: dict[DropReason, int] = {}
         self.packets = 0
         self.icmp_translated = 0
-
-    def add_service(self, spec: Service) -> ServiceState:
-        if spec.name in self.services:
-            raise ValueError(f"service {spec.name!r} is defined twice")
-        if self.nat_first <= spec.port <= self.nat_last:
-            raise ValueError(
-                f"service {spec.name}: port {spec.port} is inside the NAT port range "
-                f"{self.nat_first}-{self.nat_last}"
-            )
-        key = (spec.proto_number << 16) | spec.port
-        if key in self._by_port:
-            raise ValueError(f"service {spec.name}: {spec.proto} port {spec.port} is already used")
-        service = ServiceState(spec, self._scheduler(spec))
-        self.services[spec.name] = service
-        self._by_port[key] = service
-        if spec.affinity_timeout:
-            self._affinity[spec.name] = Affinity(spec.affinity_timeout)
-        return service
-
-    def _scheduler(self, spec: Service) -> Scheduler:
-        cursor = self._cursors(spec.name) if self._cursors is not None else None
-        if cursor is not None and spec.scheduler in SHARES_TURNS:
-            return make_scheduler(spec.scheduler, cursor=cursor)
-        return make_scheduler(spec.scheduler)
 
     def set_backends(self, service: str, backends: Sequence[Backend]) -> None:
         """Publish a new snapshot of a service's backends (health, weights, draining)."""
@@ -189,22 +233,6 @@ class Engine:
             pool = self.table.pools.get(pool_key(state.proto, backend.ip_int, backend.port))
             if pool is not None:
                 pool.backend = backend
-
-    def reconfigure_service(self, spec: Service) -> None:
-        """Apply a reloaded service's scheduler and affinity (same protocol and port)."""
-        state = self.services[spec.name]
-        if (spec.proto_number, spec.port) != (state.proto, state.port):
-            raise ValueError(f"service {spec.name}: its protocol and port cannot change live")
-        if spec.scheduler != state.spec.scheduler:
-            state.scheduler = self._scheduler(spec)
-            state.scheduler.update(state.backends)
-        if spec.affinity_timeout:
-            current = self._affinity.get(spec.name)
-            if current is None or current.timeout != spec.affinity_timeout:
-                self._affinity[spec.name] = Affinity(spec.affinity_timeout)
-        else:
-            self._affinity.pop(spec.name, None)
-        state.spec = spec
 
     def pool_of(self, service: str, backend: BackendKey) -> PortPool | None:
         """The port pool (rows and counters) of one backend of a service, if it has had flows."""
@@ -232,10 +260,9 @@ class Engine:
         proto, l4, src, dst, sport, dport, flags, seq, ack, win, length = headers
         if dst != self.lb_ip:
             return self._drop(DropReason.NOT_FOR_US)
-        table = self.table
 
         if self.nat_first <= dport <= self.nat_last:  # backend -> client
-            pool = table.pools.get((proto << 48) | (src << 16) | sport)  # pool_key(), inlined
+            pool = self._pools.get(pool_key(proto, src, sport))
             if pool is None:
                 return self._drop(DropReason.NO_SESSION)
             s = pool.rows[dport - pool.first]
@@ -244,10 +271,10 @@ class Engine:
             ended = None
             if proto == TCP:
                 if flags & SYN and s.state is State.SYN_SENT:
-                    table.note_server_wscale(s, tcp_window_scale(buf, l4, end))
-                ended = table.track_server(s, flags, seq, ack, win, now)
+                    self._tracker.note_server_wscale(s, tcp_window_scale(buf, l4, end))
+                ended = self._tracker.track_server(s, flags, seq, ack, win, now)
             else:
-                table.track_udp_reply(s, now)
+                self._tracker.track_udp_reply(s, now)
             deltas = s.deltas
             rewrite(
                 buf, start, l4, proto, s.rev_addresses, s.rev_ports,
@@ -260,13 +287,13 @@ class Engine:
             service.bytes += end - start
             if ended is not None:
                 self._flow_ended(ended, now)
-            return (FORWARD, (s.key >> 16) & 0xFFFFFFFF)
+            return (FORWARD, key_client_ip(s.key))
 
         target = self._by_port.get((proto << 16) | dport)
         if target is None:
             return self._drop(DropReason.NOT_FOR_US)
         service = target
-        row = table.forward.get((proto << 64) | (dport << 48) | (src << 16) | sport)
+        row = self._forward.get(forward_key(proto, src, sport, dport))
         if row is None or (flags & SYN and not flags & ACK and row.state in ENDED):
             if proto == TCP and (flags & (SYN | ACK | RST)) != SYN:
                 service.count_drop(DropReason.NO_SESSION)
@@ -278,7 +305,7 @@ class Engine:
                 # old connection in TIME_WAIT, and only this same client socket's sequence
                 # numbers and timestamps are sure to be newer than the old ones, so only its
                 # SYN is accepted there without a challenge ACK and a 1 s retry.
-                table.remove(row)
+                self.table.remove(row)
                 reopen = row
             opened = self._open(
                 service, proto, src, sport, flags, seq, length, buf, l4, end, now, reopen
@@ -287,7 +314,7 @@ class Engine:
                 return opened
             row = opened
         elif proto == TCP:
-            ended = table.track_client(row, flags, seq, ack, win, now)
+            ended = self._tracker.track_client(row, flags, seq, ack, win, now)
             if ended is not None:
                 self._flow_ended(ended, now)
         else:
@@ -312,7 +339,7 @@ class Engine:
         if not isinstance(error, tuple):
             return self._drop(error)
         _, _, proto, src, dst, sport, dport = error
-        outer_dst = int.from_bytes(buf[start + 16 : start + 20], "big")
+        (outer_dst,) = ADDRESS.unpack_from(buf, start + IP_DESTINATION)
         if (
             outer_dst != self.lb_ip
             or src != self.lb_ip
@@ -322,14 +349,12 @@ class Engine:
         row = self.table.reverse(proto, dst, dport, sport)
         if row is None:
             return self._drop(DropReason.NO_SESSION)
-        client = _ADDRESS.pack(row.client_ip)
-        vip = _ADDRESS.pack(self.lb_ip)
-        client_ports = _PORT_PAIR.pack(row.client_port, row.service.port)
-        ip_delta, l4_delta = rewrite_deltas(
-            vip + _ADDRESS.pack(dst), client + vip, _PORT_PAIR.pack(sport, dport), client_ports
-        )
+        # The quote is the packet as lbnat forwarded it (LB:NAT port -> backend): it becomes
+        # the client's own packet again, and the error comes from the VIP to the client.
+        addresses, ports = row.as_client_sends()
+        ip_delta, l4_delta = rewrite_deltas(row.pool.fwd_addresses, addresses, row.fwd_ports, ports)
         rewrite_icmp_error(
-            buf, start, error, vip + client, client + vip, client_ports, ip_delta, l4_delta
+            buf, start, error, row.rev_addresses, addresses, ports, ip_delta, l4_delta
         )
         self.icmp_translated += 1
         return (FORWARD, row.client_ip)
@@ -392,7 +417,7 @@ class Engine:
             service.count_drop(reason)
             return self._drop(reason)
         if proto == TCP:
-            self.table.start_tcp(opened, seq, flags, tcp_window_scale(buf, l4, end))
+            self._tracker.start_tcp(opened, seq, flags, tcp_window_scale(buf, l4, end))
         if affinity is not None:
             affinity.remember(service.port, client_ip, backend.key, now)
         service.flows += 1

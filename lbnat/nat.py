@@ -1,14 +1,18 @@
 """The NAT session table: one row per flow, found from either side, expired by state.
 
-    forward:  (proto, service port, client ip, client port) -> Session (a dict keyed by one int)
+    forward:  (proto, service port, client ip, client port) -> Session (a dict keyed by one int,
+                                                                       `forward_key`)
     reverse:  (proto, backend ip, backend port, NAT port) -> Session (a per-backend array
-                                                                       indexed by NAT port)
+                                             indexed by NAT port; the pools by `pool_key`)
+
+These key functions are the one definition of the keys' layouts; the engine calls them too.
 
 A `PortPool` per (proto, backend) hands out NAT ports so that (backend, NAT port) is unique:
 two clients that use the same source port get different NAT ports, and the reverse lookup
 needs no dict of its own (which is most of why a row costs under 500 bytes).
 
-TCP rows follow a simplified Linux conntrack / IPVS state machine with per-state timeouts.
+TCP rows follow a simplified Linux conntrack / IPVS state machine with per-state timeouts
+(`ConnectionTracker`, the table's `tracker`).
 Sequence numbers are tracked just enough to tell an in-window RST (closes the row) from a
 stale or forged one (forwarded, changes nothing): each side's last ACK and scaled window.
 
@@ -16,7 +20,7 @@ Expiry is lazy: a packet only sets `session.seen`; a row's deadline is seen + it
 timeout. Rows sit in one-second buckets keyed by the deadline they had when filed; a sweep
 visits only the buckets that came due and either expires a row or re-files it at its newer
 deadline, so a sweep costs O(due rows), never a scan of the table, and the packet path touches
-no timer structure.
+no timer structure (`ExpiryBuckets`).
 
 Pure: time comes in as `now` (seconds, any monotonic origin); nothing here reads a clock.
 """
@@ -27,17 +31,13 @@ import enum
 import heapq
 import math
 import socket
-import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from lbnat.backends import Backend, BackendKey
-from lbnat.packet import ACK, FIN, RST, SYN, TCP, rewrite_deltas
+from lbnat.packet import ACK, ADDRESS, FIN, PORT_PAIR, RST, SYN, TCP, rewrite_deltas
 from lbnat.service import ServiceState
-
-_ADDR = struct.Struct("!I")
-_PORTS = struct.Struct("!HH")
 
 
 class State(enum.IntEnum):
@@ -102,7 +102,13 @@ def forward_key(proto: int, client_ip: int, client_port: int, service_port: int)
     return (proto << 64) | (service_port << 48) | (client_ip << 16) | client_port
 
 
+def key_client_ip(key: int) -> int:
+    """The client's address in a forward key."""
+    return (key >> 16) & 0xFFFFFFFF
+
+
 def pool_key(proto: int, backend_ip: int, backend_port: int) -> int:
+    """One int for (proto, backend ip, backend port): the key of a backend's port pool."""
     return (proto << 48) | (backend_ip << 16) | backend_port
 
 
@@ -194,7 +200,7 @@ class PortPool:
         self.rows: list[Session | None] = [None] * (last - first + 1)
         self._closed = _Fifo(_is_ended)  # this backend's ended rows, oldest first
         # src LB, dst backend: the same for every flow to this backend.
-        self.fwd_addresses = _ADDR.pack(lb_ip) + _ADDR.pack(backend.ip_int)
+        self.fwd_addresses = ADDRESS.pack(lb_ip) + ADDRESS.pack(backend.ip_int)
         self.active = 0  # open flows (not ended)
         self.flows = 0  # flows ever scheduled here
         self.packets = 0
@@ -293,7 +299,7 @@ class Session:
 
     @property
     def client_ip(self) -> int:
-        return (self.key >> 16) & 0xFFFFFFFF
+        return key_client_ip(self.key)
 
     @property
     def client_port(self) -> int:
@@ -301,11 +307,20 @@ class Session:
 
     @property
     def client(self) -> tuple[str, int]:
-        return socket.inet_ntoa(_ADDR.pack(self.client_ip)), self.client_port
+        return socket.inet_ntoa(ADDRESS.pack(self.client_ip)), self.client_port
 
     @property
     def backend(self) -> Backend:
         return self.pool.backend
+
+    def as_client_sends(self) -> tuple[bytes, bytes]:
+        """(addresses, ports) of the flow's packets as the client sends them, before the
+        forward rewrite: (client, VIP) and (client port, service port), the reply rewrite's
+        bytes swapped."""
+        return (
+            self.rev_addresses[4:] + self.rev_addresses[:4],
+            self.rev_ports[2:] + self.rev_ports[:2],
+        )
 
     @property
     def ended(self) -> bool:
@@ -326,7 +341,59 @@ _SYN_SENT = State.SYN_SENT
 _SYN_RECV = State.SYN_RECV
 
 
+class ExpiryBuckets:
+    """Rows filed by deadline in one-second buckets, and a heap of the seconds that have one.
+
+    A row is filed under the second its deadline had when filed (`row.bucket`); a bucket entry
+    whose row has been removed or re-filed since is skipped when its second comes due. Whole
+    seconds are shared int objects (`shared_second`): rows hold a pointer, not an int each.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, list[Session]] = {}
+        self._due: list[int] = []  # heap of bucket seconds
+        self._seconds: dict[int, int] = {}  # one shared int object per live second
+
+    def shared_second(self, second: int) -> int:
+        return self._seconds.setdefault(second, second)
+
+    def file(self, s: Session, deadline: float) -> None:
+        second = math.ceil(deadline)
+        second = self._seconds.setdefault(second, second)
+        s.bucket = second
+        bucket = self._buckets.get(second)
+        if bucket is None:
+            self._buckets[second] = [s]
+            heapq.heappush(self._due, second)
+        else:
+            bucket.append(s)
+
+    def pop_due(self, now: float) -> Iterator[Session]:
+        """Empty every bucket whose second is <= now, yielding the rows still filed there.
+        The caller expires each row or files it again (at a deadline later than now)."""
+        due = self._due
+        while due and due[0] <= now:
+            second = heapq.heappop(due)
+            self._seconds.pop(second, None)
+            for s in self._buckets.pop(second):
+                if s.bucket == second:  # else removed, or re-filed earlier
+                    yield s
+        if len(self._seconds) > 4 * len(self._buckets) + 4096:
+            # created-second entries are only for sharing objects; drop the old ones.
+            self._seconds = {k: k for k in self._buckets}
+
+    def holds(self, s: Session) -> bool:
+        """Is `s` filed in the bucket it names (an invariant the tests check)."""
+        return s.bucket in self._due and any(r is s for r in self._buckets[s.bucket])
+
+    def next_deadline(self) -> float | None:
+        return float(self._due[0]) if self._due else None
+
+
 class SessionTable:
+    """The rows: the forward map, the port pools (the reverse map), expiry, the cap and
+    eviction, the table's counters. `tracker` moves a row's state as its packets pass."""
+
     def __init__(
         self,
         lb_ip: int,
@@ -349,9 +416,8 @@ class SessionTable:
         self.open_flows = 0
         self._half_open = _Fifo(_is_half_open)  # eviction candidates, oldest first
         self._closed = _Fifo(_is_ended)
-        self._buckets: dict[int, list[Session]] = {}
-        self._due: list[int] = []  # heap of bucket seconds
-        self._seconds: dict[int, int] = {}  # one shared int object per live second
+        self.expiry = ExpiryBuckets()
+        self.tracker = ConnectionTracker(self)
         self.refused = {reason: 0 for reason in Refusal}
         self.evicted = 0
         self.rst_ignored = 0
@@ -440,27 +506,8 @@ class SessionTable:
         s.service = service
         s.pool = pool
         s.nat_port = nat_port
-        second = math.floor(now)
-        s.created = self._seconds.setdefault(second, second)
-        client_address = _ADDR.pack(client_ip)
-        vip_address = _ADDR.pack(vip)
-        s.fwd_ports = _PORTS.pack(nat_port, backend.port)
-        fwd_ip, fwd_l4 = rewrite_deltas(
-            client_address + vip_address,
-            pool.fwd_addresses,
-            _PORTS.pack(client_port, service.port),
-            s.fwd_ports,
-        )
-        s.rev_addresses = vip_address + client_address
-        s.rev_ports = service.reply_ports(client_port)
-        rev_ip, rev_l4 = rewrite_deltas(
-            pool.fwd_addresses[4:] + pool.fwd_addresses[:4],
-            s.rev_addresses,
-            _PORTS.pack(backend.port, nat_port),
-            s.rev_ports,
-        )
-        s.deltas = (fwd_ip << 48) | (fwd_l4 << 32) | (rev_ip << 16) | rev_l4
-
+        s.created = self.expiry.shared_second(math.floor(now))
+        _prepare_rewrites(s, client_ip, client_port, vip, backend.port)
         self.forward[s.key] = s
         pool.rows[nat_port - pool.first] = s
         pool.active += 1
@@ -469,7 +516,7 @@ class SessionTable:
         s.state = State.SYN_SENT if proto == TCP else State.UDP_UNREPLIED
         self._half_open.push(s)
         s.seen = now
-        self._schedule(s, now + self.timeout_of[s.state])
+        self.expiry.file(s, now + self.timeout_of[s.state])
         return s, ended
 
     def remove(self, s: Session) -> None:
@@ -490,7 +537,7 @@ class SessionTable:
         pool.rows[s.nat_port - pool.first] = None
         pool.free.append(s.nat_port)
 
-    def end(self, s: Session, state: State, now: float) -> None:
+    def end(self, s: Session, state: State, now: float, reason: EndReason) -> Ended:
         """Move an open row to TIME_WAIT or CLOSE: the flow is over, the row lingers."""
         if s.state in HALF_OPEN:
             self._half_open.live -= 1
@@ -500,8 +547,9 @@ class SessionTable:
         self._closed.push(s)
         s.pool._closed.push(s)
         self._deadline(s, now)
+        return Ended(s, reason, self.open_flows)
 
-    def _move(self, s: Session, state: State, now: float) -> None:
+    def move(self, s: Session, state: State, now: float) -> None:
         """Change the state of an open row and restart its timeout."""
         if s.state in HALF_OPEN and state not in HALF_OPEN:
             self._half_open.live -= 1
@@ -513,9 +561,66 @@ class SessionTable:
         deadline = now + self.timeout_of[s.state]
         # A later deadline is found by the sweep; an earlier one needs an earlier bucket.
         if math.ceil(deadline) < s.bucket:
-            self._schedule(s, deadline)
+            self.expiry.file(s, deadline)
 
-    # --- per-packet state tracking ----------------------------------------------------------
+    # --- expiry -----------------------------------------------------------------------------
+
+    def expire(self, now: float) -> list[Ended]:
+        """Remove every row whose deadline has passed. Returns the flows this ended (rows that
+        had already ended, by FIN or RST, go silently)."""
+        ended: list[Ended] = []
+        timeout_of = self.timeout_of
+        for s in self.expiry.pop_due(now):
+            deadline = s.seen + timeout_of[s.state]
+            if deadline > now:
+                self.expiry.file(s, deadline)
+                continue
+            was_open = s.state not in ENDED
+            self.remove(s)
+            if was_open:
+                ended.append(Ended(s, EndReason.TIMEOUT, self.open_flows))
+        return ended
+
+    def next_deadline(self) -> float | None:
+        return self.expiry.next_deadline()
+
+
+def _prepare_rewrites(
+    s: Session, client_ip: int, client_port: int, vip: int, backend_port: int
+) -> None:
+    """Both directions' rewrites of a new row, computed once: the address and port bytes to
+    write and the checksum deltas (lbnat.packet.rewrite), packed into `s.deltas` as
+    (fwd_ip << 48) | (fwd_l4 << 32) | (rev_ip << 16) | rev_l4."""
+    pool, service = s.pool, s.service
+    client_address = ADDRESS.pack(client_ip)
+    vip_address = ADDRESS.pack(vip)
+    s.fwd_ports = PORT_PAIR.pack(s.nat_port, backend_port)
+    fwd_ip, fwd_l4 = rewrite_deltas(
+        client_address + vip_address,
+        pool.fwd_addresses,
+        PORT_PAIR.pack(client_port, service.port),
+        s.fwd_ports,
+    )
+    s.rev_addresses = vip_address + client_address
+    s.rev_ports = service.reply_ports(client_port)
+    rev_ip, rev_l4 = rewrite_deltas(
+        pool.fwd_addresses[4:] + pool.fwd_addresses[:4],
+        s.rev_addresses,
+        PORT_PAIR.pack(backend_port, s.nat_port),
+        s.rev_ports,
+    )
+    s.deltas = (fwd_ip << 48) | (fwd_l4 << 32) | (rev_ip << 16) | rev_l4
+
+
+class ConnectionTracker:
+    """A row's state as its packets pass (conntrack's job): TCP states from each side's
+    segments, the RST window check, a UDP row's first reply. A change of state goes through the
+    table (`move`, `end`), which keeps the timeouts, the counters and the eviction order."""
+
+    __slots__ = ("_table",)
+
+    def __init__(self, table: SessionTable) -> None:
+        self._table = table
 
     def track_client(
         self, s: Session, flags: int, seq: int, ack: int, win: int, now: float
@@ -558,8 +663,8 @@ class SessionTable:
             if state is _SYN_SENT:
                 # A refused connection: acceptable only if it acknowledges the client's SYN.
                 if flags & ACK and ack == s.ack_s:
-                    return self._close(s, now)
-                self.rst_ignored += 1
+                    return self._table.end(s, State.CLOSE, now, EndReason.RST)
+                self._table.rst_ignored += 1
                 return None
             return self._reset(s, seq, s.ack_c, s.win_c, s.wscale >> 4, now)
         if flags & SYN:
@@ -570,7 +675,7 @@ class SessionTable:
                 # (as _client_syn does for the other side): a RST from the backend right after
                 # its SYN-ACK carries that sequence and must close the row.
                 s.ack_c = (seq + 1) & 0xFFFFFFFF
-                self._move(s, _SYN_RECV, now)
+                self._table.move(s, _SYN_RECV, now)
             elif state is _SYN_RECV:
                 s.seen = now  # a retransmitted SYN-ACK
             return None
@@ -589,11 +694,10 @@ class SessionTable:
         if flags & FIN:
             s.fins |= side
             if s.fins == 3:
-                self.end(s, State.TIME_WAIT, now)
-                return Ended(s, EndReason.FIN, self.open_flows)
+                return self._table.end(s, State.TIME_WAIT, now, EndReason.FIN)
             state = State.FIN_WAIT
         if state != s.state:
-            self._move(s, state, now)
+            self._table.move(s, state, now)
         else:
             s.seen = now
         return None
@@ -603,7 +707,8 @@ class SessionTable:
         s.wscale = ((15 if client_wscale is None else client_wscale) << 4) | 15
         self._client_syn(s, seq)
 
-    def note_server_wscale(self, s: Session, server_wscale: int | None) -> None:
+    @staticmethod
+    def note_server_wscale(s: Session, server_wscale: int | None) -> None:
         """Record the backend's window scale from its SYN-ACK. Scaling is in force only when
         both sides offered it (RFC 7323); otherwise both shifts are 0."""
         client = s.wscale >> 4
@@ -632,60 +737,15 @@ class SessionTable:
         offset = (seq - peer_ack) & 0xFFFFFFFF
         window = peer_win << min(peer_scale, 14)
         if offset <= max(window, 1) or offset == 0xFFFFFFFF:
-            return self._close(s, now)
-        self.rst_ignored += 1
+            return self._table.end(s, State.CLOSE, now, EndReason.RST)
+        self._table.rst_ignored += 1
         return None
-
-    def _close(self, s: Session, now: float) -> Ended:
-        self.end(s, State.CLOSE, now)
-        return Ended(s, EndReason.RST, self.open_flows)
 
     def track_udp_reply(self, s: Session, now: float) -> None:
         if s.state == State.UDP_UNREPLIED:
-            self._move(s, State.UDP_REPLIED, now)
+            self._table.move(s, State.UDP_REPLIED, now)
         else:
             s.seen = now
-
-    # --- expiry -----------------------------------------------------------------------------
-
-    def _schedule(self, s: Session, deadline: float) -> None:
-        second = math.ceil(deadline)
-        second = self._seconds.setdefault(second, second)
-        s.bucket = second
-        bucket = self._buckets.get(second)
-        if bucket is None:
-            self._buckets[second] = [s]
-            heapq.heappush(self._due, second)
-        else:
-            bucket.append(s)
-
-    def expire(self, now: float) -> list[Ended]:
-        """Remove every row whose deadline has passed. Returns the flows this ended (rows that
-        had already ended, by FIN or RST, go silently)."""
-        ended: list[Ended] = []
-        due = self._due
-        timeout_of = self.timeout_of
-        while due and due[0] <= now:
-            second = heapq.heappop(due)
-            self._seconds.pop(second, None)
-            for s in self._buckets.pop(second):
-                if s.bucket != second:
-                    continue  # removed, or re-filed earlier by _deadline()
-                deadline = s.seen + timeout_of[s.state]
-                if deadline > now:
-                    self._schedule(s, deadline)
-                    continue
-                was_open = s.state not in ENDED
-                self.remove(s)
-                if was_open:
-                    ended.append(Ended(s, EndReason.TIMEOUT, self.open_flows))
-        if len(self._seconds) > 4 * len(self._buckets) + 4096:
-            # created-second entries are only for sharing objects; drop the old ones.
-            self._seconds = {k: k for k in self._buckets}
-        return ended
-
-    def next_deadline(self) -> float | None:
-        return float(self._due[0]) if self._due else None
 
 
 class Affinity:

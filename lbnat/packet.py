@@ -40,8 +40,13 @@ URG = 0x20
 # Offsets inside the IPv4 header.
 IP_CHECKSUM = 10
 IP_ADDRESSES = 12  # source then destination, 8 bytes
+IP_DESTINATION = 16
 # Offset of the checksum inside each transport header.
 L4_CHECKSUM = {TCP: 16, UDP: 6}
+
+# An IPv4 address and a pair of ports as headers carry them (the rewrites lbnat writes).
+ADDRESS = struct.Struct("!I")
+PORT_PAIR = struct.Struct("!HH")
 
 _IPV4 = struct.Struct("!BxHxxHxBxxII")  # ver/ihl, total length, frag word, proto, src, dst
 _TCP = struct.Struct("!HHIIBBH")  # ports, seq, ack, data offset, flags, window
@@ -312,7 +317,7 @@ def parse_icmp_error(buf: bytearray | bytes, start: int, end: int) -> IcmpError 
     if inner_ihl < 20 or inner + inner_ihl + 8 > packet_end or inner_proto not in (TCP, UDP):
         return DropReason.NOT_TCP_UDP
     _, _, _, _, src, dst = _IPV4.unpack_from(buf, inner)
-    sport, dport = struct.unpack_from("!HH", buf, inner + inner_ihl)
+    sport, dport = PORT_PAIR.unpack_from(buf, inner + inner_ihl)
     return (icmp, inner, inner_proto, src, dst, sport, dport)
 
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 
 from lbnat.backends import Backend, BackendKey
 from lbnat.drops import DropReason
-from lbnat.packet import TCP, UDP
+from lbnat.packet import PORT_PAIR, TCP, UDP
 from lbnat.scheduler import Scheduler
 
 PROTOCOLS = {"tcp": TCP, "udp": UDP}
-_PORTS = struct.Struct("!HH")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +61,7 @@ class ServiceState:
     def reply_ports(self, client_port: int) -> bytes:
         ports = self._reply_ports[client_port]
         if ports is None:
-            ports = self._reply_ports[client_port] = _PORTS.pack(self.port, client_port)
+            ports = self._reply_ports[client_port] = PORT_PAIR.pack(self.port, client_port)
         return ports
 
     def publish(self, backends: tuple[Backend, ...]) -> None:

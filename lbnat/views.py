@@ -34,9 +34,9 @@ def apply_change(engine: Engine, change: Change, now: float) -> list[tuple[bytes
             for spec in specs:
                 if spec.name in added:
                     if spec.name not in engine.services:
-                        engine.add_service(spec)
+                        engine.services.add(spec)
                 else:
-                    engine.reconfigure_service(spec)
+                    engine.services.reconfigure(spec)
                     engine.set_backends(spec.name, spec.backends)
         case ResetBackend(service, backend):
             return engine.reset_flows(service, backend, now)

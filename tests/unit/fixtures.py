@@ -593,7 +593,7 @@ def check_table(table: SessionTable) -> None:
         assert table.pools[pool_key(s.proto, pool.backend.ip_int, pool.backend.port)] is pool
         assert pool.rows[s.nat_port - pool.first] is s
         assert s.bucket <= math.ceil(s.expires), "the row's bucket comes due after its deadline"
-        assert s.bucket in table._due and any(r is s for r in table._buckets[s.bucket])
+        assert table.expiry.holds(s)
     held = 0
     for pool in table.pools.values():
         assert (pool.first, pool.last) == table.port_range

@@ -694,7 +694,7 @@ def test_affinity_keeps_a_client_on_its_backend_while_the_record_lives() -> None
     later = lab.flow(CLIENT1, 1003)
     later.syn()
     assert later.backend == BACKEND_IPS[2]  # expired: round-robin's next
-    assert len(lab.engine._affinity["web"]) == 1  # client 2's record expired too
+    assert len(lab.engine.services.affinity["web"]) == 1  # client 2's record expired too
 
 
 def test_affinity_skips_a_backend_that_is_no_longer_eligible() -> None:
@@ -777,7 +777,7 @@ def test_expiry_visits_only_due_rows() -> None:
     table = lab.table
     rescheduled: list[Session] = []
     removed: list[Session] = []
-    schedule, remove = table._schedule, table.remove
+    schedule, remove = table.expiry.file, table.remove
 
     def counting_schedule(s: Session, deadline: float) -> None:
         rescheduled.append(s)
@@ -787,7 +787,7 @@ def test_expiry_visits_only_due_rows() -> None:
         removed.append(s)
         remove(s)
 
-    table._schedule = counting_schedule  # type: ignore[method-assign]
+    table.expiry.file = counting_schedule  # type: ignore[method-assign]
     table.remove = counting_remove  # type: ignore[method-assign]
     lab.advance(29)
     assert rescheduled == [] and removed == []
