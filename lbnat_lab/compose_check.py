@@ -179,6 +179,19 @@ def nft_tables() -> set[str]:
     return {line.strip() for line in result.stdout.splitlines() if line.startswith("table ")}
 
 
+def nft_chains() -> set[tuple[str, str, str]]:
+    """Every (family, table, chain) of the ruleset."""
+    chains: set[tuple[str, str, str]] = set()
+    table: list[str] = []
+    for line in run(["nft", "list", "chains"], timeout=15, check=False).stdout.splitlines():
+        words = line.split()
+        if words[:1] == ["table"] and len(words) >= 3:
+            table = words[1:3]
+        elif words[:1] == ["chain"] and len(words) >= 2 and len(table) == 2:
+            chains.add((table[0], table[1], words[1]))
+    return chains
+
+
 @dataclass
 class PrivateEngine:
     """A dockerd of the check's own, and what it changed on the host, to put back."""
@@ -188,6 +201,7 @@ class PrivateEngine:
     ip_forward: str = ""
     policy: str | None = None
     tables_before: set[str] = field(default_factory=set)
+    chains_before: set[tuple[str, str, str]] = field(default_factory=set)
     bridge_made: bool = False
 
     @property
@@ -206,6 +220,7 @@ class PrivateEngine:
         self.ip_forward = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
         self.policy = forward_policy()
         self.tables_before = nft_tables()
+        self.chains_before = nft_chains()
         # a bridge of its own (not docker0, which a stopped system Docker may own)
         if not Path(f"/sys/class/net/{BRIDGE}").exists():
             run(["ip", "link", "add", BRIDGE, "type", "bridge"], timeout=15)
@@ -260,13 +275,18 @@ class PrivateEngine:
         self.proc = None
 
     def _restore_host(self) -> None:
-        # the chains dockerd added: whole tables it created, else its rules and chains
+        # what dockerd added to the ruleset: whole tables it created; in tables that were
+        # there before, its rules in the chains that were there too, then the chains it made
         for table in sorted(nft_tables() - self.tables_before):
             family_and_name = table.removeprefix("table ").split()
             run(["nft", "delete", "table", *family_and_name], timeout=15, check=False)
         for table in ("filter", "nat"):
             if f"table ip {table}" in self.tables_before:
                 remove_docker_rules(table)
+        new_chains = sorted(nft_chains() - self.chains_before)
+        for verb in ("flush", "delete"):  # no chain is deleted while another jumps to it
+            for family, table, chain in new_chains:
+                run(["nft", verb, "chain", family, table, chain], timeout=15, check=False)
         # (a table deleted above took its policy with it; `iptables -P` would make it again)
         if self.policy is not None and "table ip filter" in self.tables_before:
             run(["iptables", "-P", "FORWARD", self.policy], timeout=15, check=False)
@@ -277,20 +297,15 @@ class PrivateEngine:
 
 
 def remove_docker_rules(table: str) -> None:
-    """Docker's rules and chains in an iptables table that existed before it started: every
-    rule that jumps to a DOCKER chain or names its bridges, then the DOCKER chains."""
+    """Docker's rules in the chains of an iptables table that existed before it started:
+    every rule that jumps to a DOCKER chain or names its bridges (its own chains go after)."""
     listing = run(["iptables", "-t", table, "-S"], timeout=15, check=False).stdout.splitlines()
-    chains = [line.split()[1] for line in listing if line.startswith("-N DOCKER")]
     for line in listing:
         words = line.split()
         if words[:1] != ["-A"] or words[1].startswith("DOCKER"):
             continue
         if "DOCKER" in line or BRIDGE in words or any(w.startswith("br-") for w in words):
             run(["iptables", "-t", table, "-D", *words[1:]], timeout=15, check=False)
-    for chain in chains:
-        run(["iptables", "-t", table, "-F", chain], timeout=15, check=False)
-    for chain in chains:
-        run(["iptables", "-t", table, "-X", chain], timeout=15, check=False)
 
 
 # --- the lab ---------------------------------------------------------------------------------
