@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    server.log_line(f"web server {args.name} listening on {args.host}:{args.port}")
+    port = server.server_address[1]  # the one the kernel chose for --port 0
+    server.log_line(f"web server {args.name} listening on {args.host}:{port}")
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
