@@ -181,9 +181,14 @@ def nft_tables() -> set[str]:
 
 def nft_chains() -> set[tuple[str, str, str]]:
     """Every (family, table, chain) of the ruleset."""
+    return parse_nft_chains(run(["nft", "list", "chains"], timeout=15, check=False).stdout)
+
+
+def parse_nft_chains(listing: str) -> set[tuple[str, str, str]]:
+    """(family, table, chain) for every chain of an `nft list chains` listing."""
     chains: set[tuple[str, str, str]] = set()
     table: list[str] = []
-    for line in run(["nft", "list", "chains"], timeout=15, check=False).stdout.splitlines():
+    for line in listing.splitlines():
         words = line.split()
         if words[:1] == ["table"] and len(words) >= 3:
             table = words[1:3]
@@ -299,13 +304,22 @@ class PrivateEngine:
 def remove_docker_rules(table: str) -> None:
     """Docker's rules in the chains of an iptables table that existed before it started:
     every rule that jumps to a DOCKER chain or names its bridges (its own chains go after)."""
-    listing = run(["iptables", "-t", table, "-S"], timeout=15, check=False).stdout.splitlines()
-    for line in listing:
+    listing = run(["iptables", "-t", table, "-S"], timeout=15, check=False).stdout
+    for rule in docker_rules(listing):
+        run(["iptables", "-t", table, "-D", *rule], timeout=15, check=False)
+
+
+def docker_rules(listing: str) -> list[list[str]]:
+    """From an `iptables -S` listing, the rules Docker added to chains not its own (chain name
+    first, as `iptables -D` takes them): jumps to its chains, rules naming its bridges."""
+    rules = []
+    for line in listing.splitlines():
         words = line.split()
-        if words[:1] != ["-A"] or words[1].startswith("DOCKER"):
+        if words[:1] != ["-A"] or len(words) < 2 or words[1].startswith("DOCKER"):
             continue
         if "DOCKER" in line or BRIDGE in words or any(w.startswith("br-") for w in words):
-            run(["iptables", "-t", table, "-D", *words[1:]], timeout=15, check=False)
+            rules.append(words[1:])
+    return rules
 
 
 # --- the lab ---------------------------------------------------------------------------------
