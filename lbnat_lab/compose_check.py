@@ -81,6 +81,10 @@ STATE_DIR = Path("/var/lib/lbnat-compose-check")
 EXEC_ROOT = Path("/run/lbnat-compose-check")
 PIDFILE = Path("/run/lbnat-compose-check.pid")
 SOCKET = Path("/run/lbnat-compose-check.sock")
+# dockerd makes these whatever its roots (plugin discovery; 20.10's trust key): removed if they
+# were not there before
+PLUGIN_DIRS = (Path("/run/docker/plugins"), Path("/run/docker"))
+TRUST_KEY = Path("/etc/docker/key.json")
 BRIDGE = "lbnatchk0"
 BRIDGE_ADDRESS = "198.19.96.1/24"
 ADDRESS_POOL = "base=198.19.64.0/19,size=24"
@@ -208,6 +212,8 @@ class PrivateEngine:
     tables_before: set[str] = field(default_factory=set)
     chains_before: set[tuple[str, str, str]] = field(default_factory=set)
     bridge_made: bool = False
+    dirs_made: list[Path] = field(default_factory=list)
+    key_made: bool = False
 
     @property
     def env(self) -> dict[str, str]:
@@ -226,6 +232,8 @@ class PrivateEngine:
         self.policy = forward_policy()
         self.tables_before = nft_tables()
         self.chains_before = nft_chains()
+        self.dirs_made = [d for d in PLUGIN_DIRS if not d.exists()]
+        self.key_made = not TRUST_KEY.exists()
         # a bridge of its own (not docker0, which a stopped system Docker may own)
         if not Path(f"/sys/class/net/{BRIDGE}").exists():
             run(["ip", "link", "add", BRIDGE, "type", "bridge"], timeout=15)
@@ -274,6 +282,14 @@ class PrivateEngine:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         shutil.rmtree(EXEC_ROOT, ignore_errors=True)
+        for directory in self.dirs_made:  # only if empty: someone else's plugin stays
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        self.dirs_made = []
+        if self.key_made:
+            with contextlib.suppress(FileNotFoundError):
+                TRUST_KEY.unlink()
+            self.key_made = False
         if self.bridge_made:
             run(["ip", "link", "del", BRIDGE], timeout=15, check=False)
             self.bridge_made = False
