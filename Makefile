@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: deps demo test lint unit netns bench-core bench bench-quick screenshots config-reference clean-lab
+.PHONY: deps demo test lint unit netns bench-core bench bench-quick screenshots config-reference clean-lab lab-compose-check
 
 deps:  ## Debian tools + the project with its test extras
 	scripts/install-deps.sh
@@ -40,3 +40,6 @@ config-reference:  ## rewrite the README's configuration reference from lbnat/co
 
 clean-lab:  ## remove the demo lab if a run was interrupted
 	LAB_PREFIX=lbnat scripts/lab.sh down
+
+lab-compose-check:  ## the compose lab end to end (root; starts a private dockerd if none answers)
+	$(PYTHON) -m lbnat_lab.compose_check $(ARGS)

@@ -178,6 +178,8 @@ class Daemon:
             raise StartError(str(error)) from None
         for line in start_lines(c, self.lb_ip, self.link.interface):
             self.log.write(line)
+        if self.guard.notice is not None:
+            self.log(self.guard.notice, "reserved_ports")
         self.health = HealthChecker(checks, self.current_backends, self._publish, self._report)
         self.health.start()
 

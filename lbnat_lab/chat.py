@@ -119,8 +119,11 @@ class ChatServer:
         return len(self._clients)
 
     def log(self, message: str) -> None:
+        # one write per line: with PYTHONUNBUFFERED, print() writes the text and the newline
+        # apart, and a web server sharing the stdout (provision-backend.sh) could land between
         with contextlib.suppress(OSError, ValueError):
-            print(message, file=self._out, flush=True)
+            self._out.write(message + "\n")
+            self._out.flush()
 
     def stop(self) -> None:
         """Ask `serve_forever` to return; safe from a signal handler or another thread."""

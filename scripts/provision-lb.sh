@@ -9,7 +9,10 @@
 #
 #   --lb-ip IP            the LB's own address, the virtual IP clients connect to (SRCIP)
 #   --backend IP:PORT     a chat backend (at least one; repeat)
-#   --vip-port N          the virtual port (20000)
+#   --vip-port N          the chat service's virtual port (20000)
+#   --web-vip-port N      the web service's virtual port (8080): HTTP to the same backends'
+#                         web servers (provision-backend.sh --web-port); 0: no web service
+#   --web-port N          the backends' web server port (80)
 #   --config FILE         the config to write (/etc/lbnat/config.json, the unit's)
 #   --admin-socket PATH   the admin socket in that config (/run/lbnat/lbnat.sock)
 #   --venv DIR            install into this venv (/opt/lbnat: the unit runs /opt/lbnat/bin/lbnat)
@@ -17,10 +20,13 @@
 #   --systemd             (the default) install scripts/systemd/lbnat.service, (re)start it
 #   --foreground          exec `lbnat run --config FILE` in this process (stop it by pid)
 #
-# The config is docs/config.example.json with SRCIP, the admin socket and one TCP service
-# "chat" (VIP port -> the backends); its UDP example service and its control channel (whose
-# secret is a placeholder) are left out. Install = scripts/install-deps.sh run with the
-# venv's python3 first on PATH (Debian 12's own python3 refuses pip installs, PEP 668).
+# The config is docs/config.example.json with SRCIP, the admin socket, its TCP service "chat"
+# (VIP port -> the backends) and a TCP service "web" like it (web VIP port -> the backends' web
+# port); its UDP example service and its control channel (whose secret is a placeholder) are
+# left out. Install: what lbnat needs to run and nothing else (no test or benchmark tools):
+# Debian's python3, click, netifaces, jsonschema, setuptools and nftables, a venv that sees
+# them, this checkout pip-installed into it without PyPI (--no-deps --no-build-isolation), and
+# /usr/local/bin/lbnat linking to the venv's, so that `sudo lbnat status` finds it.
 set -euo pipefail
 
 me=provision-lb
@@ -29,12 +35,14 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 . "$repo/scripts/provision-common.sh"
 
 usage() {
-	sed -n '4,24p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '4,29p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 lb_ip=""
 backends=()
 vip_port=20000
+web_vip_port=8080
+web_port=80
 config=/etc/lbnat/config.json
 admin_socket=/run/lbnat/lbnat.sock
 venv=/opt/lbnat
@@ -42,12 +50,14 @@ install=1
 mode=systemd
 while [ $# -gt 0 ]; do
 	case "$1" in
-	--lb-ip | --backend | --vip-port | --config | --admin-socket | --venv)
+	--lb-ip | --backend | --vip-port | --web-vip-port | --web-port | --config | --admin-socket | --venv)
 		[ $# -ge 2 ] || bad_usage "$1 needs a value"
 		case "$1" in
 		--lb-ip) lb_ip="$2" ;;
 		--backend) backends+=("$2") ;;
 		--vip-port) vip_port="$2" ;;
+		--web-vip-port) web_vip_port="$2" ;;
+		--web-port) web_port="$2" ;;
 		--config) config="$2" ;;
 		--admin-socket) admin_socket="$2" ;;
 		--venv) venv="$2" ;;
@@ -70,6 +80,11 @@ for b in "${backends[@]}"; do
 	valid_port "${b##*:}"
 done
 valid_port "$vip_port"
+if [ "$web_vip_port" != 0 ]; then
+	valid_port "$web_vip_port"
+	valid_port "$web_port"
+	[ "$web_vip_port" != "$vip_port" ] || bad_usage "--web-vip-port must differ from --vip-port"
+fi
 [[ "$config" == /* ]] || bad_usage "--config must be an absolute path"
 [[ "$admin_socket" == /* ]] || bad_usage "--admin-socket must be an absolute path"
 [[ "$venv" == /* ]] || bad_usage "--venv must be an absolute path"
@@ -80,13 +95,18 @@ fi
 
 # --- install ---------------------------------------------------------------------------------
 if [ "$install" = 1 ]; then
-	# Debian's click and netifaces: netifaces has no wheel for Python 3.11 and would need a
-	# compiler; the venv sees them through --system-site-packages.
-	apt_install python3 python3-venv python3-click python3-netifaces nftables iproute2
+	# Debian's click, netifaces and jsonschema (netifaces has no wheel for Python 3.11 and would
+	# need a compiler); the venv sees them through --system-site-packages, and Debian's
+	# setuptools builds lbnat, so nothing comes from PyPI.
+	apt_install python3 python3-venv python3-setuptools python3-wheel python3-click \
+		python3-netifaces python3-jsonschema nftables iproute2
 	[ -x "$venv/bin/python3" ] || /usr/bin/python3 -m venv --system-site-packages "$venv"
-	echo "$me: scripts/install-deps.sh into $venv"
-	PATH="$venv/bin:$PATH" "$repo/scripts/install-deps.sh"
+	echo "$me: pip install $repo into $venv"
+	"$venv/bin/pip" install -q --no-deps --no-build-isolation --no-cache-dir "$repo" ||
+		die "pip install into $venv failed"
 	lbnat="$venv/bin/lbnat"
+	# sudo's secure_path has /usr/local/bin: `sudo lbnat status` as the docs say
+	ln -sfn "$lbnat" /usr/local/bin/lbnat
 else
 	lbnat="${LBNAT:-$(command -v lbnat || true)}"
 fi
@@ -98,12 +118,13 @@ fi
 mkdir -p "$(dirname "$config")"
 tmp="$(mktemp "$config.XXXXXX")"
 trap 'rm -f "$tmp"' EXIT
-"${PYTHON:-python3}" - "$repo/docs/config.example.json" "$lb_ip" "$vip_port" "$admin_socket" \
-	"${backends[@]}" >"$tmp" <<'PY'
+"${PYTHON:-python3}" - "$repo/docs/config.example.json" "$lb_ip" "$vip_port" "$web_vip_port" \
+	"$web_port" "$admin_socket" "${backends[@]}" >"$tmp" <<'PY'
+import copy
 import json
 import sys
 
-example, lb_ip, vip_port, admin_socket, *backends = sys.argv[1:]
+example, lb_ip, vip_port, web_vip_port, web_port, admin_socket, *backends = sys.argv[1:]
 with open(example) as f:
     config = json.load(f)
 chat = next(s for s in config["services"] if s["name"] == "chat")
@@ -112,8 +133,15 @@ chat["backends"] = [
     {"ip": b.rsplit(":", 1)[0], "port": int(b.rsplit(":", 1)[1]), "weight": 1, "name": f"b{n}"}
     for n, b in enumerate(backends, 1)
 ]
+services = [chat]
+if web_vip_port != "0":
+    web = copy.deepcopy(chat)
+    web.update(name="web", port=int(web_vip_port))
+    for backend in web["backends"]:
+        backend["port"] = int(web_port)
+    services.append(web)
 config.pop("control", None)
-config.update(lb_ip=lb_ip, admin_socket=admin_socket, services=[chat])
+config.update(lb_ip=lb_ip, admin_socket=admin_socket, services=services)
 json.dump(config, sys.stdout, indent=2)
 print()
 PY
@@ -122,6 +150,9 @@ chmod 0600 "$tmp"
 mv "$tmp" "$config"
 trap - EXIT
 echo "$me: wrote $config: $lb_ip:$vip_port -> ${backends[*]}"
+if [ "$web_vip_port" != 0 ]; then
+	echo "$me: and $lb_ip:$web_vip_port -> the same backends' port $web_port (web)"
+fi
 
 # --- run -------------------------------------------------------------------------------------
 if [ "$mode" = foreground ]; then

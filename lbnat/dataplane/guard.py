@@ -11,6 +11,10 @@ host sent; that breaks every other TCP service of the host and is not done here.
 The NAT port range is also added to net.ipv4.ip_local_reserved_ports, so the host never picks
 one of lbnat's NAT ports as the source port of its own connections (their replies would be
 dropped by the guard). Both are undone at exit; a table left by a crash is replaced at start.
+Where /proc/sys is read-only (a container: Docker mounts it so) the reservation can be made
+for lbnat beforehand -- the setting is per network namespace, and `docker run --sysctl` or
+compose's `sysctls:` set it for the container -- and lbnat accepts it when it covers the NAT
+range, leaving it alone at exit.
 
 The output chain only counts: a RST the kernel itself sends from lbnat's ports (lbnat's own
 frames leave through the packet socket and never pass that hook). It should stay at zero, and
@@ -20,6 +24,7 @@ the integration tests check it does.
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 import subprocess
 from collections.abc import Iterable
@@ -110,6 +115,21 @@ def _format_ranges(ranges: list[tuple[int, int]]) -> str:
     return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges)
 
 
+def reservation_covers(reserved: str, wanted: tuple[int, int]) -> bool:
+    """Whether the ports of `reserved` (the text of ip_local_reserved_ports: "", "8080",
+    "1000-2000,3000", ...) include every port of the range `wanted`, pieces that touch
+    ("61000-62999,63000-65535") joining up."""
+    low, high = wanted
+    next_needed = low
+    for first, last in sorted(_parse_ranges(reserved)):
+        if first > next_needed:
+            break
+        next_needed = max(next_needed, last + 1)
+        if next_needed > high:
+            return True
+    return next_needed > high
+
+
 @dataclass
 class KernelGuard:
     lb_ip: str
@@ -119,6 +139,9 @@ class KernelGuard:
     reserved_path: str = RESERVED_PORTS
     _saved_reserved: str | None = field(default=None, init=False)
     installed: bool = field(default=False, init=False)
+    notice: str | None = field(default=None, init=False)
+    """One line for the log when install() found the NAT ports reserved already and could not
+    write the setting (read-only /proc/sys); None otherwise."""
 
     def install(self) -> None:
         # A table left by a crash means its NAT range is still reserved: that reservation is
@@ -126,20 +149,36 @@ class KernelGuard:
         crashed = leftover_reservation(self.lb_ip)
         self.update()
         self.installed = True
+        current = ""
         try:
             with open(self.reserved_path) as f:
-                ranges = _parse_ranges(f.read())
+                current = f.read()
+            ranges = _parse_ranges(current)
             if crashed in ranges:
                 ranges.remove(crashed)
-            self._saved_reserved = _format_ranges(ranges)
+            saved = _format_ranges(ranges)
             if self.nat_ports not in ranges:
                 ranges.append(self.nat_ports)
             with open(self.reserved_path, "w") as f:
                 f.write(_format_ranges(ranges) + "\n")
+            self._saved_reserved = saved
         except OSError as error:
+            low, high = self.nat_ports
+            # read-only /proc/sys (EROFS) or a security profile (EACCES): fine if whoever set
+            # up this network namespace reserved the range already; it is theirs to undo
+            if error.errno in (errno.EROFS, errno.EACCES) and reservation_covers(
+                current, self.nat_ports
+            ):
+                self.notice = (
+                    f"reserved ports : {low}-{high} already in {self.reserved_path} "
+                    f"(read-only here: {error.strerror}); using it as it is"
+                )
+                return
             self.remove()
             raise GuardError(
-                f"cannot reserve the NAT ports in {self.reserved_path}: {error}"
+                f"cannot reserve the NAT ports in {self.reserved_path}: {error}; reserve "
+                f"them beforehand (sysctl net.ipv4.ip_local_reserved_ports={low}-{high}, "
+                f"per network namespace: docker run --sysctl or compose's sysctls:)"
             ) from None
 
     def update(self) -> None:

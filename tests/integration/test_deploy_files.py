@@ -3,7 +3,8 @@
 - vagrant/Vagrantfile: `vagrant validate --ignore-provider` (no hypervisor on these machines:
   it parses the file and checks every VM's settings, it boots nothing);
 - scripts/compose/docker-compose.yml: `docker compose config` (or Debian's `docker-compose`),
-  which validates it against the Compose schema without a Docker engine (none runs here);
+  which validates it against the Compose schema without a Docker engine (the lab itself runs
+  in `make lab-compose-check`, lbnat_lab/compose_check.py);
 - scripts/*.sh: shellcheck, since the Vagrant VMs and the compose lab run them unattended.
 
 The provisioning scripts themselves run for real in test_provision_netns.py. These tests live
@@ -13,6 +14,7 @@ missing: .ci/run installs vagrant, docker-compose and shellcheck.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -66,6 +68,22 @@ def test_compose_file_validates() -> None:
     # the resolved file: the LB holds NET_ADMIN and NET_RAW, the five hosts share one network
     for name in ("lb:", "b1:", "b2:", "b3:", "client:", "NET_ADMIN", "NET_RAW", "198.19.0.0/24"):
         assert name in out, name
+    # the LB's NAT ports are reserved by the engine (per-netns sysctl), the same range the
+    # config uses, without the `docker run`-only option the engine API rejects
+    nat_ports = json.loads((REPO / "docs" / "config.example.json").read_text())["nat_ports"]
+    assert f"net.ipv4.ip_local_reserved_ports: {nat_ports}" in out, out
+    assert "systempaths" not in out
+    # the web service: the LB's second VIP port, a web server on every backend
+    assert "--web-vip-port" in out and out.count("--web-port") == 4, out
+
+
+def test_one_dockerignore_for_both_builders() -> None:
+    """The classic builder (docker-compose 1.29, docker build without BuildKit) reads only the
+    context root's .dockerignore; a Dockerfile.dockerignore would be BuildKit's alone."""
+    ignored = (REPO / ".dockerignore").read_text().splitlines()
+    for entry in (".git", "**/__pycache__", ".venv", "vagrant/.vagrant"):
+        assert entry in ignored, entry
+    assert not list(REPO.glob("**/Dockerfile.dockerignore"))
 
 
 def test_shell_scripts_pass_shellcheck() -> None:

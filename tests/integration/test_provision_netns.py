@@ -6,8 +6,9 @@ and the compose lab run. There is no systemd in a network namespace, so they run
 (scripts/systemd/lbnat.service) would start it as far as privileges go: uid 0 with the unit's
 capability bounding and ambient sets, its securebits and no_new_privs, through setpriv. The
 test then checks real chat lines from client namespaces through lbnat to the chat servers the
-backend script started, the admin socket named in the written config, the unit's reload path
-(check-config, then SIGHUP) and a clean stop on SIGTERM.
+backend script started, HTTP round-robin through the web VIP port to its web servers, the
+admin socket named in the written config, the unit's reload path (check-config, then SIGHUP)
+and a clean stop on SIGTERM (the backend script's too: both its servers go).
 
 The lab's prefix starts with "lbprov" so it never meets another lab; every process is stopped
 by pid and the namespaces are deleted whether the test passed or not.
@@ -24,6 +25,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,8 @@ from tests.integration.conftest import (
 SCRIPTS = REPO / "scripts"
 UNIT = SCRIPTS / "systemd" / "lbnat.service"
 BACKENDS = ("b1", "b2", "b3")
+WEB_VIP_PORT = 8080  # provision-lb.sh's default
+WEB_PORT = 80  # provision-backend.sh's default
 
 
 def unit_service(path: Path = UNIT) -> dict[str, list[str]]:
@@ -94,6 +98,11 @@ def cap_eff(pid: int) -> int:
     mask = effective_set(Path(f"/proc/{pid}/status").read_text())
     assert mask is not None, f"no CapEff in /proc/{pid}/status"
     return mask
+
+
+def all_in(wanted: set[str], lines: list[str]) -> bool | None:
+    """For Output.wait_for: every wanted line is there, in any order."""
+    return True if wanted <= set(lines) else None
 
 
 def script(name: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -150,7 +159,13 @@ def test_provisioned_lab_carries_chat_through_lbnat(prov: Bed) -> None:
         )  # fmt: skip
     for b in BACKENDS:
         bed.lab.wait_tcp_listening(b, BACKEND_PORT)
-        servers[b].expect(f"chat server {b} listening on 0.0.0.0:{BACKEND_PORT}")
+        bed.lab.wait_tcp_listening(b, WEB_PORT)
+        # two servers, one stdout: their first lines come in either order
+        started = {
+            f"chat server {b} listening on 0.0.0.0:{BACKEND_PORT}",
+            f"web server {b} listening on 0.0.0.0:{WEB_PORT}",
+        }
+        servers[b].out.wait_for(partial(all_in, started), repr(started))
 
     # the LB: config written by the LB script, lbnat exec'd by it with the unit's privileges
     argv = [
@@ -163,6 +178,7 @@ def test_provisioned_lab_carries_chat_through_lbnat(prov: Bed) -> None:
         argv += ["--backend", f"{host_ip(b)}:{BACKEND_PORT}"]
     lb = bed.start("lb", *argv, name="provision-lb")
     lb.expect(f"provision-lb: wrote {config}")
+    lb.expect(f"provision-lb: and {LB_IP}:{WEB_VIP_PORT} -> the same backends' port {WEB_PORT}")
     bed.wait_ready(lb, BACKENDS)
 
     written = json.loads(config.read_text())
@@ -170,10 +186,14 @@ def test_provisioned_lab_carries_chat_through_lbnat(prov: Bed) -> None:
     assert written["lb_ip"] == LB_IP
     assert written["admin_socket"] == str(admin)
     assert "control" not in written  # the example's placeholder secret is not deployed
-    (chat,) = written["services"]
+    chat, web = written["services"]
     assert (chat["name"], chat["protocol"], chat["port"]) == ("chat", "tcp", VIP_PORT)
     assert [(x["ip"], x["port"]) for x in chat["backends"]] == [
         (host_ip(b), BACKEND_PORT) for b in BACKENDS
+    ]
+    assert (web["name"], web["protocol"], web["port"]) == ("web", "tcp", WEB_VIP_PORT)
+    assert [(x["ip"], x["port"]) for x in web["backends"]] == [
+        (host_ip(b), WEB_PORT) for b in BACKENDS
     ]
 
     # lbnat (the script exec'd it: same pid) runs as uid 0 with exactly the unit's capabilities
@@ -212,10 +232,28 @@ def test_provisioned_lab_carries_chat_through_lbnat(prov: Bed) -> None:
     # the admin socket named in the written config answers (as `sudo lbnat status` on the VM)
     status = bed.lab.run("lb", lbnat, "status", "--json", "--admin-socket", str(admin))
     reply = json.loads(status.stdout)
-    (service,) = reply["services"]
-    assert sorted((b["ip"], b["health"]) for b in service["backends"]) == [
-        (host_ip(b), "alive") for b in BACKENDS
-    ]
+    assert [s["name"] for s in reply["services"]] == ["chat", "web"]
+    for service in reply["services"]:
+        assert sorted((b["ip"], b["health"]) for b in service["backends"]) == [
+            (host_ip(b), "alive") for b in BACKENDS
+        ]
+
+    # the web service: each request a new flow, round-robin over the backends' web servers,
+    # which see the LB's address (source NAT)
+    pages = []
+    for n in range(6):
+        fetched = bed.lab.run(
+            ("c1", "c2")[n % 2],
+            "curl", "-sS", "--max-time", "10", "-D", "-", f"http://{LB_IP}:{WEB_VIP_PORT}/",
+        )  # fmt: skip
+        pages.append(fetched.stdout)
+    for page, b in zip(pages, BACKENDS * 2, strict=True):
+        assert page.startswith("HTTP/1.") and " 200 " in page.splitlines()[0], page
+        # (text mode: curl's CRLFs read as newlines)
+        assert f"\nX-Backend: {b}\n" in page and page.endswith(f"\n\nbackend {b}\n"), page
+    for b in BACKENDS:
+        for _ in range(2):
+            servers[b].expect(f"web {b} : GET / from {LB_IP}:")
 
     # the unit's ExecReload: check-config, then SIGHUP; b3 leaves, sessions stay
     chat["backends"] = chat["backends"][:2]
@@ -239,6 +277,13 @@ def test_provisioned_lab_carries_chat_through_lbnat(prov: Bed) -> None:
     assert "61000" not in bed.read_file("lb", RESERVED_PORTS)
     assert not admin.exists()
 
+    # a backend script stopped by pid takes both its servers with it
+    assert bed.stop(servers["b3"]) == 0
+    stopped = {"chat server b3 stopped", "web server b3 stopped"}
+    servers["b3"].out.wait_for(partial(all_in, stopped), repr(stopped))
+    listening = bed.lab.run("b3", "ss", "-Hltn").stdout
+    assert f":{BACKEND_PORT} " not in listening and f":{WEB_PORT} " not in listening, listening
+
 
 @pytest.mark.parametrize(
     ("name", "args", "message"),
@@ -247,6 +292,9 @@ def test_provisioned_lab_carries_chat_through_lbnat(prov: Bed) -> None:
         ("provision-backend.sh", ["--name", "b 1"], "is not a plain name"),
         ("provision-backend.sh", ["--name", "b1", "--port", "70000"], "is not a port"),
         ("provision-backend.sh", ["--name", "b1", "--bogus"], "unknown argument '--bogus'"),
+        ("provision-backend.sh", ["--name", "b1", "--web-port", "9000"],
+         "--web-port must differ from --port"),
+        ("provision-backend.sh", ["--name", "b1", "--web-port", "x"], "'x' is not a port"),
         ("provision-lb.sh", ["--backend", "198.18.0.21:9000"], "--lb-ip is required"),
         ("provision-lb.sh", ["--lb-ip", "198.18.0.2"], "at least one --backend"),
         ("provision-lb.sh", ["--lb-ip", "198.18.0.256", "--backend", "198.18.0.21:9000"],
@@ -258,6 +306,10 @@ def test_provisioned_lab_carries_chat_through_lbnat(prov: Bed) -> None:
         ("provision-lb.sh", ["--lb-ip", "198.18.0.2", "--backend", "198.18.0.21:9000",
                              "--config", "etc/config.json"], "must be an absolute path"),
         ("provision-lb.sh", ["--lb-ip"], "--lb-ip needs a value"),
+        ("provision-lb.sh", ["--lb-ip", "198.18.0.2", "--backend", "198.18.0.21:9000",
+                             "--web-vip-port", "20000"], "--web-vip-port must differ"),
+        ("provision-lb.sh", ["--lb-ip", "198.18.0.2", "--backend", "198.18.0.21:9000",
+                             "--web-port", "0"], "'0' is not a port"),
         ("provision-client.sh", ["--bin-dir", "bin"], "must be an absolute path"),
     ],
 )  # fmt: skip
