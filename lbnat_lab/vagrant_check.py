@@ -14,8 +14,9 @@ user would, checked end to end, and torn down again, also when a step fails.
    nothing, it says what is missing and the apt line (vagrant/README.md).
 2. libvirt: the running libvirtd if `virsh -c qemu:///system` answers; else virtlogd and
    libvirtd of its own, started by hand and stopped again by pid at the end. The driver: kvm
-   where libvirt offers it and /dev/kvm runs a guest (a one-instruction probe, in a child
-   process with a timeout), else qemu (software emulation, CPU model Nehalem).
+   where libvirt offers it and /dev/kvm runs a guest for libvirt's qemu user (a
+   one-instruction probe, in a child process as that user, with a timeout), else qemu
+   (software emulation, CPU model Nehalem).
 3. The box: LBNAT_BOX / --box when given; else the official debian/bookworm64 when it is
    there, else lbnat/bookworm-local when it is there, else the official one added from Vagrant
    Cloud, else (or with --local-box) lbnat/bookworm-local built by
@@ -51,6 +52,7 @@ import ipaddress
 import json
 import mmap
 import os
+import pwd
 import re
 import secrets
 import shutil
@@ -158,7 +160,8 @@ GUEST_ADDRESS = 0x1000
 def kvm_runs_a_guest() -> bool:
     """Whether /dev/kvm runs a guest: one page holding `hlt`, in real mode, one vCPU run;
     True when it exits with KVM_EXIT_HLT. (A /dev/kvm that opens may still refuse guests.)
-    Call it in a child process: a KVM_RUN that never returns must not hang the check."""
+    Call it in a child process (kvm_probe): a KVM_RUN that never returns must not hang the
+    check."""
     fds: list[int] = []
     try:
         kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
@@ -195,25 +198,60 @@ def kvm_runs_a_guest() -> bool:
             os.close(fd)
 
 
+def qemu_user() -> tuple[int, int, list[int]] | None:
+    """uid, gid and groups of the user libvirt runs qemu as: qemu.conf's `user`, else
+    Debian's libvirt-qemu; None: not known (then the probe runs as root)."""
+    name = "libvirt-qemu"
+    with contextlib.suppress(OSError):
+        conf = Path("/etc/libvirt/qemu.conf").read_text()
+        match = re.search(r'^\s*user\s*=\s*"([^"]+)"', conf, re.MULTILINE)
+        if match:
+            name = match.group(1)
+    try:
+        entry = pwd.getpwuid(int(name[1:])) if name.startswith("+") else pwd.getpwnam(name)
+    except (KeyError, ValueError):
+        return None
+    return entry.pw_uid, entry.pw_gid, os.getgrouplist(entry.pw_name, entry.pw_gid)
+
+
+def kvm_probe(ids: tuple[int, int, list[int]] | None, timeout: float = 20.0) -> bool:
+    """kvm_runs_a_guest() in a child process as `ids` (libvirt's qemu user: /dev/kvm must be
+    open to it), killed if it does not answer within `timeout`."""
+    pid = os.fork()
+    if pid == 0:  # the child: nothing but the probe, then _exit
+        code = 1
+        try:
+            if ids is not None:
+                os.setgroups(ids[2])
+                os.setgid(ids[1])
+                os.setuid(ids[0])
+            code = 0 if kvm_runs_a_guest() else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return False
+
+
 def libvirt_driver(choice: str) -> tuple[str, str]:
-    """(driver, why): kvm or qemu. Auto: kvm when libvirt offers it (its qemu user may open
-    /dev/kvm) and /dev/kvm runs a guest."""
+    """(driver, why): kvm or qemu. Auto: kvm when libvirt offers it and /dev/kvm runs a guest
+    for libvirt's qemu user."""
     if choice in ("kvm", "qemu"):
         return choice, "as asked"
+    emulation = "software emulation, CPU model Nehalem"
     if virsh("domcapabilities", "--virttype", "kvm", timeout=60).returncode != 0:
-        return "qemu", "libvirt offers no kvm here: software emulation, CPU model Nehalem"
-    try:
-        probe = subprocess.run(
-            [sys.executable, "-m", "lbnat_lab.vagrant_check", "--probe-kvm"],
-            capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
-        )  # fmt: skip
-        runs = probe.returncode == 0
-    except subprocess.TimeoutExpired:
-        runs = False
-    if runs:
-        return "kvm", "libvirt offers kvm and /dev/kvm runs a guest"
-    return "qemu", "/dev/kvm runs no guest: software emulation, CPU model Nehalem"
+        return "qemu", f"libvirt offers no kvm here: {emulation}"
+    ids = qemu_user()
+    user = "root" if ids is None else pwd.getpwuid(ids[0]).pw_name
+    if not kvm_probe(ids):
+        return "qemu", f"/dev/kvm runs no guest for {user} (libvirt's qemu user): {emulation}"
+    return "kvm", f"libvirt offers kvm and /dev/kvm runs a guest for {user}"
 
 
 # --- libvirt ---------------------------------------------------------------------------------
@@ -441,6 +479,9 @@ class VagrantLab:
             stop_group(proc)
             raise CheckFailed(f"vagrant up: not done within {timeout:.0f} s; {log_path}, "
                               f"{self.work}/console") from error  # fmt: skip
+        except BaseException:  # interrupted: vagrant destroy cannot run while up does
+            stop_group(proc)
+            raise
         finally:
             pump.join(timeout=30)
         if proc.returncode != 0:
@@ -631,10 +672,10 @@ def check(args: argparse.Namespace, say: Callable[[str], None], work: Path) -> N
         missing = missing_prerequisites()
         if missing:
             raise CheckFailed(f"missing: {' '.join(missing)}\n  Debian 12: {APT_LINE}")
-        host = HostState.now()
         if libvirt_answers():
             say(f"libvirt: using the running libvirtd ({LIBVIRT})")
         else:
+            host = HostState.now()
             daemons = Daemons(say, work)
             daemons.start()
         before = LibvirtState.now()
@@ -745,24 +786,34 @@ def teardown(
     host: HostState | None,
     say: Callable[[str], None],
 ) -> None:
-    """Everything the check made, also after a failure; each step on its own."""
+    """Everything the check made, also after a failure; each step on its own, a step that
+    fails does not keep the next from running. The host's ruleset and ip_forward are put back
+    only when the check started libvirtd (a running one owns its chains)."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+
+    def step(what: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except (CheckFailed, OSError, ValueError) as error:
+            say(f"down: {what} FAILED: {str(error)[-400:]}")
+
     if lab is not None:
-        lab.close_clients()
+        step("closing the chat clients", lab.close_clients)
         if lab.started_up:
-            started = time.monotonic()
-            try:
-                lab.vagrant("destroy", "-f", timeout=600)
-                say(f"down: vagrant destroy -f: {time.monotonic() - started:.0f} s")
-            except CheckFailed as error:
-                say(f"down: vagrant destroy -f FAILED ({str(error)[-300:]}); removing by hand")
+            step("vagrant destroy -f", lambda: destroy(lab, say))
     if before is not None:
-        remove_libvirt_leftovers(before, say)
+        step("removing what libvirt kept", lambda: remove_libvirt_leftovers(before, say))
     if daemons is not None:
-        daemons.stop()
-    if host is not None:
-        host.restore(say)
+        step("stopping the daemons", daemons.stop)
+        if host is not None:
+            step("restoring the host", lambda: host.restore(say))
+
+
+def destroy(lab: VagrantLab, say: Callable[[str], None]) -> None:
+    started = time.monotonic()
+    lab.vagrant("destroy", "-f", timeout=600)
+    say(f"down: vagrant destroy -f: {time.monotonic() - started:.0f} s")
 
 
 def remove_libvirt_leftovers(before: LibvirtState, say: Callable[[str], None]) -> None:
@@ -838,7 +889,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--readme", action="store_true", help=f"rewrite the transcript block of {VAGRANT_README}"
     )
-    parser.add_argument("--probe-kvm", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -854,8 +904,6 @@ def management_network(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.probe_kvm:
-        return 0 if kvm_runs_a_guest() else 1
     transcript = Transcript()
 
     def interrupted(signum: int, frame: FrameType | None) -> None:
