@@ -34,9 +34,10 @@ user would, checked end to end, and torn down again, also when a step fails.
    `vagrant ssh VM -c ...`.
 6. Down, always: `vagrant destroy -f`, then whatever is left of what it made: domains, the
    libvirt networks (lbnat-mgmt, lbnat-lab) and networks its libvirtd autostarted, storage
-   volumes (the box's image in the pool too) and a pool it made, the daemons it started,
-   ip_forward and the nftables chains libvirt added. Its work directory (logs, console logs,
-   Vagrant's state) goes too, unless a step failed: then the logs stay for a look.
+   volumes (the box's image in the pool too) and a pool it made, the daemons it started and
+   then (a running libvirtd owns them) ip_forward and the nftables tables and chains libvirt
+   added. Its work directory (logs, console logs, Vagrant's state) goes too, unless a step
+   failed: then the logs stay for a look.
 
 Every command has a timeout. Prints a short transcript (the block in vagrant/README.md comes
 from it: --readme rewrites that block). Needs root (libvirt's system daemon, the box build).
@@ -103,7 +104,7 @@ WEB_PORT = 8080
 BACKENDS = {"b1": "198.18.0.21", "b2": "198.18.0.22", "b3": "198.18.0.23"}
 # docs/config.example.json's health settings, with room for software emulation
 DEAD_WITHIN = HEALTH_FALL * HEALTH_INTERVAL + HEALTH_TIMEOUT + 10.0
-ALIVE_WITHIN = HEALTH_INTERVAL + HEALTH_TIMEOUT + 15.0
+ALIVE_WITHIN = HEALTH_INTERVAL + HEALTH_TIMEOUT + 20.0  # + the chat server's start
 
 WORK_DIR = Path("/var/tmp/lbnat-vagrant-check")  # the qemu user reaches it: console logs
 
