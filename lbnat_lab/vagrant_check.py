@@ -96,6 +96,8 @@ NETWORKS = ("lbnat-mgmt", "lbnat-lab")  # the Vagrantfile's libvirt networks
 VMS = ("b1", "b2", "b3", "lb", "client")
 LIBVIRT = "qemu:///system"
 VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")
+# what libvirt leaves of a domain or a network once they are gone: qemu's log, dnsmasq's files
+LIBVIRT_FILES = (Path("/var/log/libvirt/qemu"), Path("/var/lib/libvirt/dnsmasq"))
 
 # the lab's addresses (vagrant/Vagrantfile)
 VIP = "198.18.0.2"
@@ -285,6 +287,7 @@ class LibvirtState:
     active_networks: set[str] = field(default_factory=set)
     pools: set[str] = field(default_factory=set)
     volumes: dict[str, set[str]] = field(default_factory=dict)
+    files: set[Path] = field(default_factory=set)
 
     @classmethod
     def now(cls) -> LibvirtState:
@@ -295,7 +298,12 @@ class LibvirtState:
             active_networks=virsh_names("net-list", "--name"),
             pools=pools,
             volumes={pool: volume_names(pool) for pool in pools},
+            files=libvirt_files(),
         )
+
+
+def libvirt_files() -> set[Path]:
+    return {path for folder in LIBVIRT_FILES for path in folder.glob("*")}
 
 
 def volume_names(pool: str) -> set[str]:
@@ -840,6 +848,10 @@ def remove_libvirt_leftovers(before: LibvirtState, say: Callable[[str], None]) -
     for pool in pools:
         virsh("pool-destroy", pool)
         virsh("pool-undefine", pool)
+    # after the networks: a network's dnsmasq files go when it does
+    for path in sorted(libvirt_files() - before.files):
+        with contextlib.suppress(OSError):
+            path.unlink()
     say(
         f"down: libvirt networks {' '.join(removed) or '(none left)'}; volumes "
         f"{' '.join(volumes) or '(none left)'}; pools {' '.join(pools) or '(none made)'}"
