@@ -105,7 +105,7 @@ CHAT_PORT = 20000
 WEB_PORT = 8080
 BACKENDS = {"b1": "198.18.0.21", "b2": "198.18.0.22", "b3": "198.18.0.23"}
 # docs/config.example.json's health settings, with room for software emulation
-DEAD_WITHIN = HEALTH_FALL * HEALTH_INTERVAL + HEALTH_TIMEOUT + 10.0
+DEAD_WITHIN = HEALTH_FALL * HEALTH_INTERVAL + HEALTH_TIMEOUT + 15.0  # + a status poll over ssh
 ALIVE_WITHIN = HEALTH_INTERVAL + HEALTH_TIMEOUT + 20.0  # + the chat server's start
 
 WORK_DIR = Path("/var/tmp/lbnat-vagrant-check")  # the qemu user reaches it: console logs
