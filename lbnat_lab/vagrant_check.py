@@ -759,16 +759,25 @@ class HostState:
         )
 
     def restore(self, say: Callable[[str], None]) -> None:
-        """What libvirt added to the ruleset: whole tables it made; its rules in tables that
-        were there before, then its chains; ip_forward as it was."""
+        """What libvirt added to the ruleset, and nothing of anyone else's: tables it made
+        (holding only built-in chains and its LIBVIRT_* chains); its rules in tables that were
+        there before, then its chains; ip_forward as it was."""
+        chains = nft_chains()
         for table in sorted(nft_tables() - self.tables):
-            run(["nft", "delete", "table", *table.removeprefix("table ").split()], timeout=15,
-                check=False)  # fmt: skip
+            family, name = table.removeprefix("table ").split()[:2]
+            own = {c for f, t, c in chains if (f, t) == (family, name)}
+            if all(c in BUILTIN_CHAINS or c.startswith("LIBVIRT_") for c in own):
+                run(["nft", "delete", "table", family, name], timeout=15, check=False)
         for family, tool in (("ip", "iptables"), ("ip6", "ip6tables")):
             for table in ("filter", "nat", "mangle"):
                 if f"table {family} {table}" in self.tables:
                     remove_libvirt_rules(tool, table)
-        new_chains = sorted(nft_chains() - self.chains)
+        new_chains = sorted(
+            (family, table, chain)
+            for family, table, chain in nft_chains() - self.chains
+            if chain.startswith("LIBVIRT_")
+            or (chain in BUILTIN_CHAINS and chain_is_empty(family, table, chain))
+        )
         for verb in ("flush", "delete"):  # no chain is deleted while another jumps to it
             for family, table, chain in new_chains:
                 run(["nft", verb, "chain", family, table, chain], timeout=15, check=False)
@@ -776,6 +785,17 @@ class HostState:
         if path.read_text().strip() != self.ip_forward:
             path.write_text(self.ip_forward + "\n")
         say(f"down: ip_forward {self.ip_forward} and the nftables ruleset as they were")
+
+
+BUILTIN_CHAINS = {"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"}
+
+
+def chain_is_empty(family: str, table: str, chain: str) -> bool:
+    """No rule in the chain (a base chain libvirt's iptables made in a table that was there)."""
+    listing = run(["nft", "list", "chain", family, table, chain], timeout=15, check=False)
+    words = {"table", "chain", "type", "}", "#"}
+    lines = [line.strip() for line in listing.stdout.splitlines() if line.strip()]
+    return listing.returncode == 0 and all(line.split()[0] in words for line in lines)
 
 
 def remove_libvirt_rules(tool: str, table: str) -> None:
