@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: deps demo test lint unit netns bench-core bench bench-quick screenshots config-reference clean-lab lab-compose-check
+.PHONY: deps demo test lint unit netns bench-core bench bench-quick screenshots config-reference clean-lab lab-compose-check lab-vagrant-check
 
 deps:  ## Debian tools + the project with its test extras
 	scripts/install-deps.sh
@@ -43,3 +43,6 @@ clean-lab:  ## remove the demo lab if a run was interrupted
 
 lab-compose-check:  ## the compose lab end to end (root; starts a private dockerd if none answers)
 	$(PYTHON) -m lbnat_lab.compose_check $(ARGS)
+
+lab-vagrant-check:  ## the Vagrant lab on libvirt end to end (root; ~20 min under emulation)
+	$(PYTHON) -m lbnat_lab.vagrant_check $(ARGS)
