@@ -44,5 +44,5 @@ clean-lab:  ## remove the demo lab if a run was interrupted
 lab-compose-check:  ## the compose lab end to end (root; starts a private dockerd if none answers)
 	$(PYTHON) -m lbnat_lab.compose_check $(ARGS)
 
-lab-vagrant-check:  ## the Vagrant lab on libvirt end to end (root; ~20 min under emulation)
+lab-vagrant-check:  ## the Vagrant lab on libvirt end to end (root; about 26 min under emulation here)
 	$(PYTHON) -m lbnat_lab.vagrant_check $(ARGS)
