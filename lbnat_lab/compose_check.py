@@ -50,7 +50,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, TypeVar
+from typing import IO, Protocol, TypeVar
 
 from lbnat_lab.netns import REPO
 
@@ -424,6 +424,7 @@ class Lab:
     compose: list[str]
     env: dict[str, str]
     say: Callable[[str], None]
+    vip: str = VIP
     clients: list[ChatClient] = field(default_factory=list)
     _containers: dict[str, str] = field(default_factory=dict)
 
@@ -447,47 +448,91 @@ class Lab:
         return status
 
     def health(self) -> dict[tuple[str, str], str]:
-        """(service, backend name) -> alive/bad/dead, from lbnat status."""
-        health: dict[tuple[str, str], str] = {}
-        services = self.status()["services"]
-        assert isinstance(services, list)
-        for service in services:
-            for backend in service["backends"]:
-                health[(service["name"], backend["name"])] = backend["health"]
-        return health
+        return backend_health(self.status())
 
-    def curl(self, client: str) -> str:
-        body = run(["docker", "exec", client, "curl", "-sS", "--max-time", "5",
-                    f"http://{VIP}:{WEB_PORT}/"], timeout=20, env=self.env).stdout  # fmt: skip
+    def web_get(self, count: int) -> list[str]:
+        """Which backend served each of `count` requests from the client container."""
+        return [self.curl() for _ in range(count)]
+
+    def curl(self) -> str:
+        url = f"http://{self.vip}:{WEB_PORT}/"
+        client = self.container("client")
+        command = ["docker", "exec", client, "curl", "-sS", "--max-time", "5", url]
+        body = run(command, timeout=20, env=self.env).stdout
         match = re.fullmatch(r"backend (b\d)\n", body)
         if match is None:
             raise CheckFailed(f"the web VIP answered {body!r}, not a backend's page")
         return match.group(1)
 
-    def chat_client(self, client: str, name: str) -> ChatClient:
+    def chat_client(self, name: str) -> ChatClient:
         proc = subprocess.Popen(
-            ["docker", "exec", "-i", client, "lbnat-chat", "client", VIP, str(CHAT_PORT), name],
+            ["docker", "exec", "-i", self.container("client"), "lbnat-chat", "client", self.vip,
+             str(CHAT_PORT), name],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env=self.env,
         )  # fmt: skip
-        assert proc.stdout is not None
-        chat = ChatClient(name, proc, Lines(proc.stdout, name))
+        chat = open_chat(name, proc)
         self.clients.append(chat)
-        greeting = chat.out.expect("* connected to ")
-        chat.server = greeting.split("* connected to ", 1)[1].strip()
         return chat
 
     def close_clients(self) -> None:
-        for chat in self.clients:
-            if chat.proc.poll() is None:
-                chat.quit()
-        self.clients.clear()
+        close_chats(self.clients)
 
 
-def check_chat(lab: Lab, client: str) -> None:
+def open_chat(name: str, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> ChatClient:
+    """A chat client started as `proc`, once the server has greeted it (which backend)."""
+    assert proc.stdout is not None
+    chat = ChatClient(name, proc, Lines(proc.stdout, name))
+    greeting = chat.out.expect("* connected to ", timeout=timeout)
+    chat.server = greeting.split("* connected to ", 1)[1].strip()
+    return chat
+
+
+def close_chats(clients: list[ChatClient]) -> None:
+    for chat in clients:
+        if chat.proc.poll() is None:
+            chat.quit()
+    clients.clear()
+
+
+def backend_health(status: dict[str, object]) -> dict[tuple[str, str], str]:
+    """(service, backend name) -> alive/bad/dead, from `lbnat status --json`."""
+    health: dict[tuple[str, str], str] = {}
+    services = status["services"]
+    assert isinstance(services, list)
+    for service in services:
+        for backend in service["backends"]:
+            health[(service["name"], backend["name"])] = backend["health"]
+    return health
+
+
+class ChatLab(Protocol):
+    """What check_chat and check_web need of a lab, whatever runs it."""
+
+    vip: str
+
+    def say(self, text: str) -> None: ...
+
+    def chat_client(self, name: str) -> ChatClient: ...
+
+    def close_clients(self) -> None: ...
+
+    def web_get(self, count: int) -> list[str]: ...
+
+
+def check_web(lab: ChatLab, expect: set[str], count: int) -> list[str]:
+    served = lab.web_get(count)
+    if set(served) != expect:
+        raise CheckFailed(
+            f"HTTP through {lab.vip}:{WEB_PORT} reached {served}, not {sorted(expect)}"
+        )
+    return served
+
+
+def check_chat(lab: ChatLab) -> None:
     """Six clients; (1,4) (2,5) (3,6) share a server; each line reaches its group only; random
     lines of every length up to the chat's limit come back intact."""
-    chats = [lab.chat_client(client, f"test{i}") for i in range(1, 7)]
+    chats = [lab.chat_client(f"test{i}") for i in range(1, 7)]
     landed = [c.server for c in chats]
     lab.say(f"chat: test1..test6 landed on {' '.join(landed)}")
     if landed[:3] != landed[3:] or len(set(landed[:3])) != 3 or not set(landed) <= set(BACKENDS):
@@ -497,9 +542,8 @@ def check_chat(lab: Lab, client: str) -> None:
     for i in range(1, 7):
         peer = i + 3 if i <= 3 else i - 3
         for receiver in (i, peer):
-            chats[receiver - 1].out.expect(f"[test{i}] hello from test{i}")
-    # every line reached its group; a server relays to all its clients at once, so a stray
-    # line would be there by now
+            chats[receiver - 1].out.expect(f"[test{i}] hello from test{i}", timeout=30)
+    # a server relays to all its clients at once: a stray line would be there by now
     for i, chat in enumerate(chats, start=1):
         group = {i, i + 3 if i <= 3 else i - 3}
         lines = chat.out.snapshot()
@@ -513,20 +557,14 @@ def check_chat(lab: Lab, client: str) -> None:
         data = secrets.token_urlsafe(length)[:length]
         chats[0].send(data)
         for chat in (chats[0], chats[3]):
-            chat.out.expect(f"[test1] {data}")
+            chat.out.expect(f"[test1] {data}", timeout=30)
         sent += length
-    lab.say(f"chat: {sent} random characters in 4 lines echoed intact through {VIP}:{CHAT_PORT}")
+    lab.say(f"chat: {sent} random characters in 4 lines echoed intact through "
+            f"{lab.vip}:{CHAT_PORT}")  # fmt: skip
     lab.close_clients()
 
 
-def check_web(lab: Lab, client: str, expect: set[str], count: int) -> list[str]:
-    served = [lab.curl(client) for _ in range(count)]
-    if set(served) != expect:
-        raise CheckFailed(f"HTTP through {VIP}:{WEB_PORT} reached {served}, not {sorted(expect)}")
-    return served
-
-
-def check_health(lab: Lab, client: str) -> None:
+def check_health(lab: Lab) -> None:
     """b2 stopped: dead (chat and web) within the documented time, no HTTP requests; started
     again: alive, and served again."""
     run(lab.cmd("stop", "-t", "5", "b2"), timeout=60, env=lab.env)
@@ -539,7 +577,7 @@ def check_health(lab: Lab, client: str) -> None:
     wait_until("dead b2 in lbnat status", DEAD_WITHIN, b2_dead)
     lab.say(f"health: b2 stopped; dead after {time.monotonic() - stopped:.1f} s "
             f"(documented: {HEALTH_FALL} failed probes {HEALTH_INTERVAL:.0f} s apart)")  # fmt: skip
-    served = check_web(lab, client, {"b1", "b3"}, 4)
+    served = check_web(lab, {"b1", "b3"}, 4)
     lab.say(f"web: with b2 dead: {' '.join(served)}")
 
     run(lab.cmd("start", "b2"), timeout=60, env=lab.env)
@@ -551,7 +589,7 @@ def check_health(lab: Lab, client: str) -> None:
 
     wait_until("alive b2 in lbnat status", ALIVE_WITHIN, b2_alive)
     lab.say(f"health: b2 started; alive after {time.monotonic() - started:.1f} s")
-    served = check_web(lab, client, set(BACKENDS), 3)
+    served = check_web(lab, set(BACKENDS), 3)
     lab.say(f"web: {' '.join(served)}")
 
 
@@ -630,13 +668,12 @@ def check(args: argparse.Namespace, say: Callable[[str], None]) -> None:
         wait_until("six alive backends in lbnat status", 60, all_alive)
         say("lab: lbnat up, chat and web backends b1 b2 b3 alive")
 
-        client = lab.container("client")
-        served = check_web(lab, client, set(BACKENDS), 6)
+        served = check_web(lab, set(BACKENDS), 6)
         if served[:3] != served[3:]:
             raise CheckFailed(f"HTTP requests were not round-robin: {served}")
         say(f"web: 6 requests to {VIP}:{WEB_PORT} served by {' '.join(served)}")
-        check_chat(lab, client)
-        check_health(lab, client)
+        check_chat(lab)
+        check_health(lab)
 
         status = run(lab.cmd("exec", "-T", "lb", "lbnat", "status"), timeout=60, env=env)
         say(f"$ {' '.join(compose)} -f scripts/compose/docker-compose.yml exec lb lbnat status")
@@ -677,13 +714,14 @@ def teardown(
             say(f"down: images kept in {STATE_DIR} for the next run (--purge removes them)")
 
 
-def rewrite_readme(lines: list[str]) -> None:
-    text = COMPOSE_README.read_text()
-    begin, end = text.find(README_BEGIN), text.find(README_END)
+def rewrite_readme(readme: Path, begin_marker: str, end_marker: str, lines: list[str]) -> None:
+    """Put a check's transcript between the README's markers (the labs' output blocks)."""
+    text = readme.read_text()
+    begin, end = text.find(begin_marker), text.find(end_marker)
     if begin < 0 or end < begin:
-        raise CheckFailed(f"{COMPOSE_README} has no transcript markers")
-    block = "\n".join([README_BEGIN, "```text", *lines, "```", ""])
-    COMPOSE_README.write_text(text[:begin] + block + text[end:])
+        raise CheckFailed(f"{readme} has no transcript markers")
+    block = "\n".join([begin_marker, "```text", *lines, "```", ""])
+    readme.write_text(text[:begin] + block + text[end:])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -713,15 +751,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    transcript = Transcript()
+def interrupt_on_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP raise Interrupted, so the check's teardown runs."""
 
     def interrupted(signum: int, frame: FrameType | None) -> None:
         raise Interrupted(signal.Signals(signum).name)
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, interrupted)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    transcript = Transcript()
+    interrupt_on_signals()
     try:
         check(args, transcript.say)
     except (CheckFailed, Interrupted) as error:
@@ -729,7 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if isinstance(error, CheckFailed) else 130
     transcript.say(f"lab-compose-check: passed in {time.monotonic() - transcript.started:.0f} s")
     if args.readme:
-        rewrite_readme(transcript.lines)
+        rewrite_readme(COMPOSE_README, README_BEGIN, README_END, transcript.lines)
     return 0
 
 

@@ -55,7 +55,6 @@ import mmap
 import os
 import pwd
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -67,8 +66,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import IO, Protocol
+from typing import IO
 
 from lbnat_lab.compose_check import (
     HEALTH_FALL,
@@ -77,10 +75,16 @@ from lbnat_lab.compose_check import (
     ChatClient,
     CheckFailed,
     Interrupted,
-    Lines,
     Transcript,
+    backend_health,
+    check_chat,
+    check_web,
+    close_chats,
+    interrupt_on_signals,
     nft_chains,
     nft_tables,
+    open_chat,
+    rewrite_readme,
     run,
     wait_until,
 )
@@ -427,20 +431,6 @@ def choose_box(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[st
 # --- the lab ---------------------------------------------------------------------------------
 
 
-class ChatLab(Protocol):
-    """What check_chat and check_web need of a lab, whatever runs it."""
-
-    vip: str
-
-    def say(self, text: str) -> None: ...
-
-    def chat_client(self, name: str) -> ChatClient: ...
-
-    def close_clients(self) -> None: ...
-
-    def web_get(self, count: int) -> list[str]: ...
-
-
 @dataclass
 class VagrantLab:
     """The five VMs, driven with vagrant in vagrant/ and ssh through `vagrant ssh-config`."""
@@ -526,14 +516,7 @@ class VagrantLab:
         return status
 
     def health(self) -> dict[tuple[str, str], str]:
-        """(service, backend name) -> alive/bad/dead, from lbnat status."""
-        health: dict[tuple[str, str], str] = {}
-        services = self.status()["services"]
-        assert isinstance(services, list)
-        for service in services:
-            for backend in service["backends"]:
-                health[(service["name"], backend["name"])] = backend["health"]
-        return health
+        return backend_health(self.status())
 
     def web_get(self, count: int) -> list[str]:
         """`count` requests to the web VIP from the client, one connection each."""
@@ -551,18 +534,12 @@ class VagrantLab:
             self.ssh_argv("client", command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        assert proc.stdout is not None
-        chat = ChatClient(name, proc, Lines(proc.stdout, name))
+        chat = open_chat(name, proc, timeout=30)
         self.clients.append(chat)
-        greeting = chat.out.expect("* connected to ", timeout=30)
-        chat.server = greeting.split("* connected to ", 1)[1].strip()
         return chat
 
     def close_clients(self) -> None:
-        for chat in self.clients:
-            if chat.proc.poll() is None:
-                chat.quit()
-        self.clients.clear()
+        close_chats(self.clients)
 
 
 def stop_group(proc: subprocess.Popen[bytes]) -> None:
@@ -587,50 +564,6 @@ def console_tails(console: Path) -> str:
 
 
 # --- the checks ------------------------------------------------------------------------------
-
-
-def check_web(lab: ChatLab, expect: set[str], count: int) -> list[str]:
-    served = lab.web_get(count)
-    if set(served) != expect:
-        raise CheckFailed(
-            f"HTTP through {lab.vip}:{WEB_PORT} reached {served}, not {sorted(expect)}"
-        )
-    return served
-
-
-def check_chat(lab: ChatLab) -> None:
-    """Six clients; (1,4) (2,5) (3,6) share a server; each line reaches its group only; random
-    lines of every length up to the chat's limit come back intact."""
-    chats = [lab.chat_client(f"test{i}") for i in range(1, 7)]
-    landed = [c.server for c in chats]
-    lab.say(f"chat: test1..test6 landed on {' '.join(landed)}")
-    if landed[:3] != landed[3:] or len(set(landed[:3])) != 3 or not set(landed) <= set(BACKENDS):
-        raise CheckFailed(f"round-robin did not group (1,4) (2,5) (3,6): {landed}")
-    for i, chat in enumerate(chats, start=1):
-        chat.send(f"hello from test{i}")
-    for i in range(1, 7):
-        peer = i + 3 if i <= 3 else i - 3
-        for receiver in (i, peer):
-            chats[receiver - 1].out.expect(f"[test{i}] hello from test{i}", timeout=30)
-    # a server relays to all its clients at once: a stray line would be there by now
-    for i, chat in enumerate(chats, start=1):
-        group = {i, i + 3 if i <= 3 else i - 3}
-        lines = chat.out.snapshot()
-        heard = {j for j in range(1, 7) if f"[test{j}] hello from test{j}" in lines}
-        if heard != group:
-            raise CheckFailed(f"test{i} heard the lines of {sorted(heard)}, not {sorted(group)}")
-    lab.say("chat: each line reached its own group only: (1,4) (2,5) (3,6)")
-
-    sent = 0
-    for length in (1, 100, 1000, 4000):
-        data = secrets.token_urlsafe(length)[:length]
-        chats[0].send(data)
-        for chat in (chats[0], chats[3]):
-            chat.out.expect(f"[test1] {data}", timeout=30)
-        sent += length
-    lab.say(f"chat: {sent} random characters in 4 lines echoed intact through "
-            f"{lab.vip}:{CHAT_PORT}")  # fmt: skip
-    lab.close_clients()
 
 
 def check_health(lab: VagrantLab) -> None:
@@ -878,15 +811,6 @@ def remove_libvirt_leftovers(before: LibvirtState, say: Callable[[str], None]) -
     )
 
 
-def rewrite_readme(lines: list[str]) -> None:
-    text = VAGRANT_README.read_text()
-    begin, end = text.find(README_BEGIN), text.find(README_END)
-    if begin < 0 or end < begin:
-        raise CheckFailed(f"{VAGRANT_README} has no transcript markers")
-    block = "\n".join([README_BEGIN, "```text", *lines, "```", ""])
-    VAGRANT_README.write_text(text[:begin] + block + text[end:])
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="lab-vagrant-check", description="the Vagrant lab, end to end (see the module doc)"
@@ -938,12 +862,7 @@ def management_network(text: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     transcript = Transcript()
-
-    def interrupted(signum: int, frame: FrameType | None) -> None:
-        raise Interrupted(signal.Signals(signum).name)
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, interrupted)
+    interrupt_on_signals()
     shutil.rmtree(WORK_DIR, ignore_errors=True)
     WORK_DIR.mkdir(mode=0o755, parents=True)
     os.chmod(WORK_DIR, 0o755)
@@ -956,7 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shutil.rmtree(WORK_DIR, ignore_errors=True)
     transcript.say(f"lab-vagrant-check: passed in {time.monotonic() - transcript.started:.0f} s")
     if args.readme:
-        rewrite_readme(transcript.lines)
+        rewrite_readme(VAGRANT_README, README_BEGIN, README_END, transcript.lines)
     return 0
 
 
