@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: deps demo test lint unit netns bench-core bench bench-quick screenshots config-reference clean-lab lab-compose-check lab-vagrant-check
+.PHONY: deps demo test lint unit netns faults soak bench-core bench bench-quick screenshots config-reference clean-lab lab-compose-check lab-vagrant-check
 
 deps:  ## Debian tools + the project with its test extras
 	scripts/install-deps.sh
@@ -22,6 +22,12 @@ netns:
 
 test: lint  ## lint, unit tests and netns integration tests (root), in one pytest run
 	$(PYTEST) -ra tests
+
+faults:  ## the fault suite at full size (root; netns): flaps, kills, loss, floods; docs/reliability.md
+	LBNAT_FAULTS=full $(PYTEST) -ra tests/faults
+
+soak:  ## 10 minutes of mixed traffic through lbnat, RSS sampled every 10 s (root; netns)
+	$(PYTHON) -m lbnat_lab.soak --minutes 10
 
 bench-core:  ## engine only: cost per packet and memory per session with 1,000,000 rows
 	$(PYTHON) -m lbnat_bench.scale --rows 1000000 --tracemalloc

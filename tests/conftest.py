@@ -19,7 +19,8 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, None]:
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
-    in_integration = "tests/integration/" in item.nodeid.replace(os.sep, "/")
+    node = item.nodeid.replace(os.sep, "/")
+    in_integration = "tests/integration/" in node or "tests/faults/" in node
     if os.environ.get("CI") == "true" and report.skipped and in_integration:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
