@@ -396,6 +396,13 @@ def status(admin_socket: str, as_json: bool) -> None:
         f"lbnat {reply['lb_ip']}  up {reply['uptime']} s  rows {reply['rows']}  "
         f"open flows {reply['open_flows']}  workers {len(workers)}  io {reply.get('io', '?')}"
     )
+    table = reply.get("table", {})
+    if table.get("evicted") or table.get("under_pressure") or table.get("pressure_spells"):
+        click.echo(
+            f"  half-open {table['half_open']}  evicted {table['evicted']}  ports reclaimed "
+            f"{table['ports_reclaimed']}  pressure spells {table['pressure_spells']}"
+            + ("  UNDER PRESSURE" if table["under_pressure"] else "")
+        )
     if len(workers) > 1:
         for w in workers:
             state = "running" if w["alive"] else "restarting"

@@ -10,6 +10,10 @@ plain tuple, so the verdict costs no object construction on the packet path:
     (FORWARD, next_hop)          send buf[start:end] as rewritten, to IPv4 address next_hop (int)
     (REPLY, packet, next_hop)    send this new IPv4 packet instead (a RST lbnat makes itself)
     (DROP, reason)               send nothing; the reason has been counted
+    (SEND_FIRST, next_hop, ((packet, next_hop), ...))
+                                 send these new packets, then forward buf[start:end] as FORWARD
+                                 does (a new flow that took the NAT port of an evicted half-open
+                                 row: the backend is told with a RST to forget the old one first)
 
 Direction is told by the destination port on the LB address: a service's VIP port means
 client -> backend; a port in the NAT range means backend -> client (a reply to a NAT port).
@@ -61,8 +65,9 @@ from lbnat.service import Service, ServiceState
 FORWARD = 1
 REPLY = 2
 DROP = 3
+SEND_FIRST = 4
 
-Action = tuple[Any, ...]  # (FORWARD, int) | (REPLY, bytes, int) | (DROP, int): see above
+Action = tuple[Any, ...]  # (FORWARD, int) | (REPLY, bytes, int) | (DROP, int) | SEND_FIRST's
 
 _DROP_ACTIONS: dict[DropReason, Action] = {reason: (DROP, int(reason)) for reason in DropReason}
 _REFUSAL_DROPS = {
@@ -221,6 +226,7 @@ class Engine:
         for spec in services:
             self.services.add(spec)
         self.events: list[Event] = []
+        self._send_first: list[tuple[bytes, int]] = []  # RSTs for rows _open evicted
         self.drops: dict[DropReason, int] = {}
         self.packets = 0
         self.icmp_translated = 0
@@ -313,6 +319,8 @@ class Engine:
             if not isinstance(opened, Session):
                 return opened
             row = opened
+            if self._send_first:
+                return self._forward_after_resets(buf, start, l4, end, proto, row, partial)
         elif proto == TCP:
             ended = self._tracker.track_client(row, flags, seq, ack, win, now)
             if ended is not None:
@@ -330,6 +338,26 @@ class Engine:
         service.packets += 1
         service.bytes += end - start
         return (FORWARD, pool.backend.ip_int)
+
+    def _forward_after_resets(
+        self, buf: bytearray, start: int, l4: int, end: int, proto: int, row: Session, partial: bool
+    ) -> Action:
+        """The first packet of a flow whose row evicted others: rewritten as any client packet
+        is, but sent after the RSTs that make the backends forget the evicted rows (one of
+        them held this NAT port: a SYN reaching the backend's old half-open connection would
+        only be answered with an ACK for the old one)."""
+        deltas = row.deltas
+        pool = row.pool
+        rewrite(
+            buf, start, l4, proto, pool.fwd_addresses, row.fwd_ports,
+            deltas >> 48, (deltas >> 32) & 0xFFFF, partial,
+        )  # fmt: skip
+        pool.packets += 1
+        pool.bytes += end - start
+        row.service.packets += 1
+        row.service.bytes += end - start
+        resets, self._send_first = tuple(self._send_first), []
+        return (SEND_FIRST, pool.backend.ip_int, resets)
 
     def _icmp_error(self, buf: bytearray, start: int, end: int) -> Action:
         """An ICMP error about a packet lbnat sent to a backend (port unreachable, fragmentation
@@ -412,7 +440,17 @@ class Engine:
         )
         for victim in evicted:
             self._flow_ended(victim, now)
+            gone = victim.session
+            if gone.proto == TCP:
+                # Its backend may hold a half-open connection on (LB, NAT port): reset it with
+                # the sequence number it expects (the client's ISN + 1, kept in ack_s).
+                server = gone.pool.backend
+                rst = tcp_segment(
+                    self.lb_ip, server.ip_int, gone.nat_port, server.port, gone.ack_s, 0, RST
+                )
+                self._send_first.append((rst, server.ip_int))
         if isinstance(opened, Refusal):
+            self._send_first.clear()  # (a refusal after an eviction: the backend times out)
             reason = _REFUSAL_DROPS[opened]
             service.count_drop(reason)
             return self._drop(reason)

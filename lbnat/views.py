@@ -81,9 +81,17 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
             "drops": {reason.label: n for reason, n in state.drops.items()},
             "backends": backends,
         }
+    table = engine.table
     return {
-        "rows": len(engine.table),
+        "rows": len(table),
         "open_flows": engine.open_flows,
+        "table": {  # how the table fares under a flood (lbnat.nat: eviction, pressure)
+            "half_open": table.half_open_rows,
+            "evicted": table.evicted,
+            "ports_reclaimed": table.ports_reclaimed,
+            "pressure_spells": table.pressure_spells,
+            "under_pressure": int(table.under_pressure),  # summed: workers under pressure
+        },
         "packets": engine.packets,
         "drops": {reason.label: n for reason, n in engine.drops.items()},
         "services": services,

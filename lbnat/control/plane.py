@@ -256,6 +256,7 @@ class ControlPlane:
             "io": io_text(c),
             "rows": counters["rows"],
             "open_flows": counters["open_flows"],
+            "table": counters.get("table", {}),
             "drops": counters["drops"],
             "services": [
                 self._service_status(name, counters["services"].get(name, {}), now)

@@ -399,6 +399,7 @@ def test_status_is_built_from_the_given_counters() -> None:
     counters = {
         "rows": 4,
         "open_flows": 3,
+        "table": {"half_open": 1, "evicted": 7, "ports_reclaimed": 5, "pressure_spells": 1},
         "packets": 99,
         "drops": {"no_session": 2},
         "services": {
@@ -421,6 +422,7 @@ def test_status_is_built_from_the_given_counters() -> None:
         "io": "rings (frames)",
         "rows": 4,
         "open_flows": 3,
+        "table": {"half_open": 1, "evicted": 7, "ports_reclaimed": 5, "pressure_spells": 1},
         "drops": {"no_session": 2},
     }
     assert b1 == {
