@@ -20,8 +20,13 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
+from lbnat.actions import DROP as DROP  # re-exported: the data plane and the tests read them here
+from lbnat.actions import DROP_ACTIONS
+from lbnat.actions import FORWARD as FORWARD
+from lbnat.actions import REPLY as REPLY
+from lbnat.actions import Action as Action
 from lbnat.backends import Backend, BackendKey
 from lbnat.drops import DropReason
 from lbnat.nat import (
@@ -57,14 +62,10 @@ from lbnat.packet import (
 )
 from lbnat.scheduler import Scheduler, SharedCursor, make_scheduler
 from lbnat.service import Service, ServiceState
+from lbnat.syncookie import SynProxySettings
+from lbnat.synproxy import ProxiedSession, SynProxy
 
-FORWARD = 1
-REPLY = 2
-DROP = 3
-
-Action = tuple[Any, ...]  # (FORWARD, int) | (REPLY, bytes, int) | (DROP, int): see above
-
-_DROP_ACTIONS: dict[DropReason, Action] = {reason: (DROP, int(reason)) for reason in DropReason}
+_DROP_ACTIONS = DROP_ACTIONS
 _REFUSAL_DROPS = {
     Refusal.NAT_PORTS_EXHAUSTED: DropReason.NAT_PORTS_EXHAUSTED,
     Refusal.TABLE_FULL: DropReason.TABLE_FULL,
@@ -205,6 +206,7 @@ class Engine:
         timeouts: Timeouts | None = None,
         table_cap: int = 1_000_000,
         cursors: Callable[[str], SharedCursor | None] | None = None,
+        syn_proxy: SynProxySettings | None = None,
     ) -> None:
         self.lb_ip = ip_int(lb_ip)
         self.table = SessionTable(self.lb_ip, nat_ports, timeouts, table_cap)
@@ -224,6 +226,14 @@ class Engine:
         self.drops: dict[DropReason, int] = {}
         self.packets = 0
         self.icmp_translated = 0
+        self.syn_proxy = SynProxy(
+            syn_proxy or SynProxySettings(mode="off"),
+            self.lb_ip,
+            self._tracker,
+            self._flow_ended,
+            self.count_drop,
+            self._open,
+        )
 
     def set_backends(self, service: str, backends: Sequence[Backend]) -> None:
         """Publish a new snapshot of a service's backends (health, weights, draining)."""
@@ -268,6 +278,10 @@ class Engine:
             s = pool.rows[dport - pool.first]
             if s is None:
                 return self._drop(DropReason.NO_SESSION)
+            if s.__class__ is not Session:  # a SYN-proxied row: sequence numbers translated
+                return self.syn_proxy.from_backend(
+                    cast(ProxiedSession, s), buf, start, l4, end, flags, seq, ack, win, partial, now
+                )
             ended = None
             if proto == TCP:
                 if flags & SYN and s.state is State.SYN_SENT:
@@ -296,8 +310,15 @@ class Engine:
         row = self._forward.get(forward_key(proto, src, sport, dport))
         if row is None or (flags & SYN and not flags & ACK and row.state in ENDED):
             if proto == TCP and (flags & (SYN | ACK | RST)) != SYN:
+                proxy = self.syn_proxy
+                if row is None and not flags & 0x07 and proxy.mode != "off":
+                    return proxy.cookie_ack(service, buf, start, l4, end, headers, partial, now)
                 service.count_drop(DropReason.NO_SESSION)
                 return self._drop(DropReason.NO_SESSION)
+            if proto == TCP and self.syn_proxy.proxies(self.table.half_open_count):
+                if row is not None:
+                    self.table.remove(row)  # an ended row; the client reused its port
+                return self.syn_proxy.answer_syn(service, buf, l4, end, src, sport, seq, now)
             reopen: Session | None = None
             if row is not None:
                 # A new SYN on an ended row is a new flow. It keeps the old flow's backend and
@@ -314,6 +335,11 @@ class Engine:
                 return opened
             row = opened
         elif proto == TCP:
+            if row.__class__ is not Session:  # a SYN-proxied row: sequence numbers translated
+                proxied = cast(ProxiedSession, row)
+                return self.syn_proxy.from_client(
+                    proxied, service, buf, start, l4, end, flags, seq, ack, win, partial, now
+                )
             ended = self._tracker.track_client(row, flags, seq, ack, win, now)
             if ended is not None:
                 self._flow_ended(ended, now)
@@ -373,6 +399,7 @@ class Engine:
         end: int,
         now: float,
         reopen: Session | None = None,
+        row_class: type[Session] = Session,
     ) -> Session | Action:
         """Schedule a new flow: its row, or the action to take when it cannot be made.
 
@@ -408,7 +435,7 @@ class Engine:
                 return (REPLY, rst, client_ip)
             return _DROP_ACTIONS[DropReason.NO_BACKEND]
         opened, evicted = self.table.open(
-            now, service, proto, client_ip, client_port, self.lb_ip, backend, nat_port
+            now, service, proto, client_ip, client_port, self.lb_ip, backend, nat_port, row_class
         )
         for victim in evicted:
             self._flow_ended(victim, now)
