@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import cast
 
 from lbnat.actions import DROP_ACTIONS, FORWARD, REPLY, Action
 from lbnat.drops import DropReason
@@ -263,11 +264,13 @@ class SynProxy:
             service, TCP, src, sport, SYN, (seq - 1) & MASK32, 0, buf, l4, l4, now,
             row_class=ProxiedSession,
         )  # fmt: skip
-        if not isinstance(opened, ProxiedSession):
-            if opened[0] == REPLY:  # no backend: the client, connected, needs our sequence
-                return (REPLY, tcp_segment(self.lb_ip, src, dport, sport, ack, 0, RST), src)
-            return opened
-        return self.start(opened, facts, buf, start, end, l4, partial, seq, ack, win)
+        if isinstance(opened, Session):
+            return self.start(
+                cast(ProxiedSession, opened), facts, buf, start, end, l4, partial, seq, ack, win
+            )
+        if opened[0] == REPLY:  # no backend: the client, connected, needs our sequence
+            return (REPLY, tcp_segment(self.lb_ip, src, dport, sport, ack, 0, RST), src)
+        return opened
 
     def check_ack(
         self, service: ServiceState, client_ip: int, client_port: int, seq: int, ack: int,
