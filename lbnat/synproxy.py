@@ -336,9 +336,9 @@ class SynProxy:
         ended = self._tracker.track_client(row, flags, seq, ack, win, now)
         extra = 0
         if flags & ACK:
-            extra = shift_field(buf, l4 + 8, MASK32 + 1 - row.offset, row.ack_delta)
+            extra = shift_field(buf, l4 + 8, -row.offset & MASK32, row.ack_delta)
         if buf[l4 + 12] > 0x5F:  # options: SACK blocks name the backend's sequence numbers
-            extra += translate_sack(buf, l4, MASK32 + 1 - row.offset, row.ack_delta)
+            extra += translate_sack(buf, l4, -row.offset & MASK32, row.ack_delta)
         if row.win_to_backend:
             extra += rescale_window(buf, l4, row.win_to_backend)
         deltas = row.deltas
@@ -421,7 +421,7 @@ class SynProxy:
         offset = (row.cookie - seq) & MASK32
         row.offset = offset
         row.seq_delta = offset_delta(offset)
-        row.ack_delta = offset_delta((MASK32 + 1 - offset) & MASK32)
+        row.ack_delta = offset_delta(-offset & MASK32)
         client_scale = row.wscale >> 4
         backend_scale = tcp_window_scale(buf, l4, end)
         if client_scale != 15:  # the client offered scaling, lbnat promised OFFERED_WSCALE
