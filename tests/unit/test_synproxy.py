@@ -59,6 +59,7 @@ class Proxied:
         self, flags: str, seq: int, ack: int = 0, payload: bytes = b"",
         opts: Sequence[tuple[str, Any]] = (), window: int = 502,
     ) -> Result:  # fmt: skip
+        seq, ack = seq & M, ack & M
         packet = tcp(CLIENT1, LB, self.port, WEB_PORT, flags, seq, ack, window, payload, opts)
         return self.lab.send(packet)
 
@@ -66,6 +67,7 @@ class Proxied:
         self, flags: str, seq: int, ack: int = 0, payload: bytes = b"",
         opts: Sequence[tuple[str, Any]] = (), window: int = 509,
     ) -> Result:  # fmt: skip
+        seq, ack = seq & M, ack & M
         packet = tcp(
             B1, LB, WEB_BACKEND_PORT, self.nat_port, flags, seq, ack, window, payload, opts
         )
