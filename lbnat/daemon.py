@@ -20,6 +20,7 @@ Thread and process model (docs/architecture.md, "Threads, processes and why"):
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import socket
 import sys
@@ -74,6 +75,7 @@ from lbnat.messages import (
     WorkerSetup,
 )
 from lbnat.service import Service
+from lbnat.syncookie import SECRET_BYTES, SynProxySettings
 from lbnat.views import merge_counters
 
 __all__ = ["Daemon", "StartError", "check_can_start", "check_port_free"]
@@ -129,6 +131,7 @@ def worker_setup(
     nat_ports: tuple[int, int],
     specs: tuple[Service, ...],
     cursor_slots: dict[str, int],
+    syn_proxy: SynProxySettings,
 ) -> WorkerSetup:
     """What worker `index` starts with: its slice of the NAT ports and of the table cap."""
     return WorkerSetup(
@@ -142,6 +145,7 @@ def worker_setup(
         io=config.io,
         rings=ring_spec(config),
         flow_events=not config.quiet,
+        syn_proxy=syn_proxy,
         cursor_slots=cursor_slots,
     )
 
@@ -166,6 +170,13 @@ class Daemon:
         self.link: Link | None = None
         self._servers: list[RegistrationServer | AdminServer] = []
         self._lock = threading.Lock()  # every call into self.control
+        # Drawn once: every worker, and a worker restarted later, checks the cookies of all.
+        self.syn_proxy = SynProxySettings(
+            config.syn_proxy,
+            config.syn_proxy_threshold,
+            config.syn_proxy_mss,
+            os.urandom(SECRET_BYTES),
+        )
 
     @property
     def config(self) -> Config:
@@ -186,7 +197,10 @@ class Daemon:
         for service in self.control.services.values():
             check_port_free(self.lb_ip, service.service.port, service.service.proto)
         try:
-            engine = Engine(self.lb_ip, self.control.specs(), c.nat_ports, c.timeouts, c.table_cap)
+            engine = Engine(
+                self.lb_ip, self.control.specs(), c.nat_ports, c.timeouts, c.table_cap,
+                syn_proxy=self.syn_proxy,
+            )  # fmt: skip
             slices = nat_slices(c.nat_ports, c.workers)
             checks = self.control.health_checks()
         except ValueError as error:
@@ -224,7 +238,9 @@ class Daemon:
         with self._lock:
             specs = self.control.specs()
             slots = dict(self.control.cursor_slots)
-        return worker_setup(self.config, self.lb_ip, self.link, index, nat_ports, specs, slots)
+        return worker_setup(
+            self.config, self.lb_ip, self.link, index, nat_ports, specs, slots, self.syn_proxy
+        )
 
     def run(self) -> int:
         """Start, forward until SIGINT/SIGTERM, clean up. Returns the exit code."""

@@ -79,6 +79,7 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
             "packets": state.packets,
             "bytes": state.bytes,
             "drops": {reason.label: n for reason, n in state.drops.items()},
+            "syn_cookies": dict(state.syn_cookies),
             "backends": backends,
         }
     return {
