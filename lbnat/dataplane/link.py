@@ -99,6 +99,7 @@ class Neighbours:
 
     QUEUE_LIMIT = 64  # frames kept per unresolved next hop
     GIVE_UP_AFTER = 3.0  # seconds
+    HEADERS_LIMIT = 65536  # destinations whose header is cached (rebuilt lazily after a clear)
 
     def __init__(
         self,
@@ -144,6 +145,10 @@ class Neighbours:
         mac = self._macs.get(hop)
         if mac is None:
             return None
+        if len(self.headers) >= self.HEADERS_LIMIT:
+            # One entry per destination: a flood of spoofed sources routed via the gateway
+            # (lbnat's cookie SYN-ACKs to them) would grow this without bound.
+            self.headers.clear()
         header = self.headers[destination] = mac + self.link.mac + b"\x08\x00"
         return header
 
