@@ -292,12 +292,7 @@ class SynProxy:
         isn = (seq - 1) & MASK32
         row.cookie = (ack - 1) & MASK32
         self._tracker.start_tcp(row, isn, SYN, facts.wscale)
-        total = (buf[start + 2] << 8) | buf[start + 3]  # not `end`: a frame may be padded
-        kept = bytearray(buf[start : start + total])
-        if partial:  # the kept ACK leaves as a packet of its own: complete its checksum
-            _U16.pack_into(kept, l4 - start + 16, 0)
-            _U16.pack_into(kept, l4 - start + 16, _complete(kept, l4 - start))
-        row.kept = bytes(kept)
+        row.kept = _copy(buf, start, l4, partial)
         scale = 0 if facts.wscale is None else facts.wscale
         backend = row.pool.backend
         row.syn = syn_segment(
@@ -326,8 +321,19 @@ class SynProxy:
                 return (REPLY, rst, backend_ip)
             if flags & SYN or row.ended:
                 return self._drop(service, DropReason.SYN_PROXY_PENDING)
-            # The client retransmits: its segment waits for its retransmission, lbnat's SYN
-            # goes again (it may have been lost).
+            # lbnat's SYN goes again (it may have been lost). The client's first data segment
+            # (its request, most often, sent right behind its ACK) takes the kept ACK's place:
+            # it acknowledges the same and is delivered without waiting for a retransmission.
+            # Later segments are dropped: the client retransmits them.
+            kept = row.kept
+            if (
+                kept is not None
+                and seq == row.ack_s  # the client's ISN + 1: where the kept ACK starts
+                and ack == (row.cookie + 1) & MASK32
+                and _payload_length(buf, start) > _payload_length(kept, 0)
+            ):
+                row.kept = _copy(buf, start, l4, partial)
+                return (REPLY, row.syn, backend_ip)
             service.count_drop(DropReason.SYN_PROXY_PENDING)
             self._count_drop(DropReason.SYN_PROXY_PENDING)
             return (REPLY, row.syn, backend_ip)
@@ -448,6 +454,23 @@ class SynProxy:
         _U16.pack_into(kept, header + 16, 0)
         _U16.pack_into(kept, header + 16, _complete(kept, header))
         row.kept = bytes(kept)
+
+
+def _copy(buf: bytearray, start: int, l4: int, partial: bool) -> bytes:
+    """The IPv4 packet at `start` as a packet of its own (kept until the backend answers)."""
+    total = (buf[start + 2] << 8) | buf[start + 3]  # not the frame's end: it may be padded
+    kept = bytearray(buf[start : start + total])
+    if partial:  # it will leave as a packet lbnat made: complete its checksum
+        _U16.pack_into(kept, l4 - start + 16, 0)
+        _U16.pack_into(kept, l4 - start + 16, _complete(kept, l4 - start))
+    return bytes(kept)
+
+
+def _payload_length(packet: bytes | bytearray, start: int) -> int:
+    """The TCP payload length of the (parsed, valid) IPv4 packet at `start`."""
+    ihl = (packet[start] & 0x0F) << 2
+    offset = (packet[start + ihl + 12] >> 4) << 2
+    return ((packet[start + 2] << 8) | packet[start + 3]) - ihl - offset
 
 
 def _complete(packet: bytearray, l4: int) -> int:

@@ -271,13 +271,20 @@ def test_a_bad_cookie_is_dropped_and_counted() -> None:
     assert len(flow.lab.table) == 0
 
 
-def test_client_segments_before_the_backend_answers_resend_the_syn() -> None:
-    flow = Proxied(EngineHarness(1, syn_proxy=ON))
+@pytest.mark.parametrize("partial", [False, True], ids=["complete", "partial"])
+def test_the_first_data_before_the_backend_answers_is_kept_and_the_syn_resent(
+    partial: bool,
+) -> None:
+    flow = Proxied(EngineHarness(1, syn_proxy=ON, partial=partial))
     flow.syn()
     syn = flow.ack()
-    again = flow.client("PA", flow.c_isn + 1, flow.cookie + 1, b"early")
-    assert again.kind == REPLY and IP(again.reply) == syn
-    assert flow.lab.engine.drops[DropReason.SYN_PROXY_PENDING] == 1
+    first = flow.client("PA", flow.c_isn + 1, flow.cookie + 1, b"GET /")
+    assert first.kind == REPLY and IP(first.reply) == syn  # the SYN again
+    later = flow.client("PA", flow.c_isn + 6, flow.cookie + 1, b" HTTP/1.0")
+    assert later.kind == REPLY and IP(later.reply) == syn
+    assert flow.lab.engine.drops[DropReason.SYN_PROXY_PENDING] == 1  # only the later one
+    kept = flow.synack()
+    assert bytes(kept[TCP].payload) == b"GET /"  # delivered; " HTTP/1.0" is retransmitted
 
 
 def test_a_client_rst_before_the_backend_answers_resets_both() -> None:
