@@ -173,7 +173,9 @@ def test_real_clients_get_through_a_syn_flood(fbed: Bed, mode: str) -> None:
     assert status["rows"] <= attempts + WORKERS * (THRESHOLD + 1)
     assert cookies["sent"] >= sent // 2  # most SYNs answered with a cookie (some are lost)
     assert cookies["validated"] >= attempts if mode == "on" else cookies["validated"] >= 1
-    assert rss_peak[0] - rss_before < 64 * 1024, "lbnat's memory grew with the flood"
+    # bounded: the engine keeps nothing per spoofed SYN; what grows is the data plane's cache of
+    # Ethernet headers per destination, capped at 65,536 (about 8 MB for a /16 of sources)
+    assert rss_peak[0] - rss_before < 16 * 1024, "lbnat's memory grew with the flood"
     assert replies_dropped_in_c2(bed) >= cookies["sent"] // 2  # they left lbnat, not the lab
 
 
