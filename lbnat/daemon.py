@@ -19,6 +19,7 @@ Thread and process model (docs/architecture.md, "Threads, processes and why"):
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import signal
@@ -43,7 +44,7 @@ from lbnat.control.protocol import Request, ack, nack
 from lbnat.control.server import AdminServer, RegistrationServer, start_servers
 from lbnat.dataplane.fanout import nat_slices
 from lbnat.dataplane.guard import GuardError, KernelGuard
-from lbnat.dataplane.link import Link, LinkError, find_link
+from lbnat.dataplane.link import Link, LinkError, find_link, link_mtu
 from lbnat.dataplane.packet_socket import build_filter
 from lbnat.dataplane.rings import RingSpec
 from lbnat.dataplane.workers import (
@@ -194,6 +195,10 @@ class Daemon:
             self.link = link = find_link(self.lb_ip, c.interface)
         except LinkError as error:
             raise StartError(str(error)) from None
+        mtu = link_mtu(link.interface)
+        if mtu is not None and 536 <= mtu - 40 < self.syn_proxy.mss:
+            # The cookie SYN-ACK must not promise segments the LB's own link cannot carry.
+            self.syn_proxy = dataclasses.replace(self.syn_proxy, mss=mtu - 40)
         for service in self.control.services.values():
             check_port_free(self.lb_ip, service.service.port, service.service.proto)
         try:

@@ -76,6 +76,15 @@ def default_gateway(interface: str) -> int | None:
     return None
 
 
+def link_mtu(interface: str, sys_class_net: str = "/sys/class/net") -> int | None:
+    """The interface's MTU, or None when it cannot be read."""
+    try:
+        with open(f"{sys_class_net}/{interface}/mtu") as file:
+            return int(file.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def read_arp_table(interface: str, path: str = "/proc/net/arp") -> dict[int, bytes]:
     """Complete entries of the kernel's IPv4 neighbour table on `interface`: ip -> MAC."""
     table: dict[int, bytes] = {}

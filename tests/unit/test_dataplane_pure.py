@@ -18,7 +18,7 @@ from scapy.packet import Packet
 
 from lbnat.backends import Health
 from lbnat.dataplane.guard import KernelGuard, _format_ranges, _parse_ranges, ruleset
-from lbnat.dataplane.link import Link, Neighbours, read_arp_table
+from lbnat.dataplane.link import Link, Neighbours, link_mtu, read_arp_table
 from lbnat.dataplane.packet_socket import build_filter
 from lbnat.health import HealthPolicy, Verdict, judge
 from tests.unit.cbpf import run_bpf
@@ -238,3 +238,13 @@ def test_guard_does_not_restore_a_crashed_runs_reservation(
 
 def test_ruleset_records_the_reserved_range() -> None:
     assert 'comment "lbnat reserved ports 61000-65535"' in ruleset(LB, [20000], [], NAT)
+
+
+def test_link_mtu_reads_sysfs_and_says_none_when_it_cannot(tmp_path: Path) -> None:
+    (tmp_path / "eth0").mkdir()
+    (tmp_path / "eth0" / "mtu").write_text("1450\n")
+    (tmp_path / "eth1").mkdir()
+    (tmp_path / "eth1" / "mtu").write_text("garbage\n")
+    assert link_mtu("eth0", str(tmp_path)) == 1450
+    assert link_mtu("eth1", str(tmp_path)) is None
+    assert link_mtu("eth2", str(tmp_path)) is None
