@@ -44,7 +44,7 @@ from lbnat.control.protocol import Request, ack, nack
 from lbnat.control.server import AdminServer, RegistrationServer, start_servers
 from lbnat.dataplane.fanout import nat_slices
 from lbnat.dataplane.guard import GuardError, KernelGuard
-from lbnat.dataplane.link import Link, LinkError, find_link, link_mtu
+from lbnat.dataplane.link import Link, LinkError, find_link, link_mtu, receive_buffer_max
 from lbnat.dataplane.packet_socket import build_filter
 from lbnat.dataplane.rings import RingSpec
 from lbnat.dataplane.workers import (
@@ -76,7 +76,7 @@ from lbnat.messages import (
     WorkerSetup,
 )
 from lbnat.service import Service
-from lbnat.syncookie import SECRET_BYTES, SynProxySettings
+from lbnat.syncookie import DEFAULT_WSCALE, SECRET_BYTES, SynProxySettings, kernel_wscale
 from lbnat.views import merge_counters
 
 __all__ = ["Daemon", "StartError", "check_can_start", "check_port_free"]
@@ -172,11 +172,15 @@ class Daemon:
         self._servers: list[RegistrationServer | AdminServer] = []
         self._lock = threading.Lock()  # every call into self.control
         # Drawn once: every worker, and a worker restarted later, checks the cookies of all.
+        # The window scale this host's kernel would offer: backends with the same defaults
+        # pick the same, and their windows then pass without rescaling (lbnat.synproxy).
+        space = receive_buffer_max()
         self.syn_proxy = SynProxySettings(
             config.syn_proxy,
             config.syn_proxy_threshold,
             config.syn_proxy_mss,
             os.urandom(SECRET_BYTES),
+            DEFAULT_WSCALE if space is None else kernel_wscale(space),
         )
 
     @property

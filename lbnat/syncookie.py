@@ -112,19 +112,29 @@ def check_cookie(
 SYN_PROXY_MODES = ("auto", "on", "off")
 DEFAULT_THRESHOLD = 256
 DEFAULT_MSS = 1460  # an Ethernet link's MTU (1500) - 40
+DEFAULT_WSCALE = 7  # what Linux picks with a 6 MB tcp_rmem (its default before 6.x kernels)
+
+
+def kernel_wscale(receive_buffer_max: int) -> int:
+    """The window scale Linux offers in its SYNs for this largest receive buffer (the larger
+    of tcp_rmem's maximum and rmem_max): ilog2(space) - 15, within 0..14
+    (tcp_select_initial_window). Backends with the same defaults pick the same."""
+    return max(0, min(14, receive_buffer_max.bit_length() - 1 - 15))
 
 
 @dataclass(frozen=True, slots=True)
 class SynProxySettings:
     """How an engine meets SYNs (lbnat.synproxy): `mode` "off" never answers one itself,
     "on" answers every new SYN with a cookie, "auto" does once the engine holds more than
-    `threshold` half-open rows (and stops when they fall under half that). `mss` is the MSS
-    lbnat's SYN-ACK announces; `secret` keys the cookies (every worker gets the same)."""
+    `threshold` half-open rows (and stops when they fall under half that). `mss` and `wscale`
+    are what lbnat's SYN-ACK announces; `secret` keys the cookies (every worker gets the same).
+    """
 
     mode: str = "auto"
     threshold: int = DEFAULT_THRESHOLD
     mss: int = DEFAULT_MSS
     secret: bytes = b""
+    wscale: int = DEFAULT_WSCALE
 
     def __post_init__(self) -> None:
         if self.mode not in SYN_PROXY_MODES:
@@ -133,5 +143,7 @@ class SynProxySettings:
             raise ValueError("the syn proxy threshold must be at least 1")
         if not 536 <= self.mss <= 65495:
             raise ValueError(f"the syn proxy MSS {self.mss} is not in 536..65495")
+        if not 0 <= self.wscale <= 14:
+            raise ValueError(f"the syn proxy window scale {self.wscale} is not in 0..14")
         if len(self.secret) > 32:
             raise ValueError("a cookie secret is at most 32 bytes")

@@ -26,7 +26,8 @@ Options:
 - SACK: echoed to the client and offered to the backend when the client offered it; the
   client's SACK blocks name the backend's sequence space and are translated.
 - Window scale: the client's is passed to the backend (exact, 4 bits of the cookie). lbnat's
-  SYN-ACK promises OFFERED_WSCALE; the backend chooses its own, which may differ, so the window
+  SYN-ACK promises `SynProxySettings.wscale` (the daemon computes the one the LB's own kernel
+  would pick); the backend chooses its own, which may differ, so the window
   of every backend -> client segment of such a row is rescaled (rounded down, capped at 65535),
   and if the backend offers none, the client's windows are scaled up for it.
 - Timestamps: not offered on the cookie path (the kernel hides wscale and SACK in TSval when
@@ -67,7 +68,6 @@ from lbnat.packet import (
 from lbnat.service import ServiceState
 from lbnat.syncookie import CookieFacts, SynProxySettings, check_cookie, make_cookie
 
-OFFERED_WSCALE = 7  # what Linux picks with its default tcp_rmem (6 MB): most backends agree
 MASK32 = 0xFFFFFFFF
 _WORD = struct.Struct("!I")
 _U16 = struct.Struct("!H")
@@ -245,7 +245,7 @@ class SynProxy:
         )
         synack = syn_segment(
             self.lb_ip, client_ip, service.port, client_port, cookie, (seq + 1) & MASK32,
-            SYN | ACK, 0xFFFF, self.settings.mss, None if wscale is None else OFFERED_WSCALE,
+            SYN | ACK, 0xFFFF, self.settings.mss, None if wscale is None else self.settings.wscale,
             sack,
         )  # fmt: skip
         service.syn_cookies["sent"] += 1
@@ -430,8 +430,8 @@ class SynProxy:
         row.ack_delta = offset_delta(-offset & MASK32)
         client_scale = row.wscale >> 4
         backend_scale = tcp_window_scale(buf, l4, end)
-        if client_scale != 15:  # the client offered scaling, lbnat promised OFFERED_WSCALE
-            row.win_to_client = (backend_scale or 0) - OFFERED_WSCALE
+        if client_scale != 15:  # the client offered scaling, lbnat promised settings.wscale
+            row.win_to_client = (backend_scale or 0) - self.settings.wscale
             if backend_scale is None:
                 row.win_to_backend = client_scale
         tracker = self._tracker

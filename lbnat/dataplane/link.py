@@ -85,6 +85,19 @@ def link_mtu(interface: str, sys_class_net: str = "/sys/class/net") -> int | Non
         return None
 
 
+def receive_buffer_max(proc_sys: str = "/proc/sys/net") -> int | None:
+    """The largest TCP receive buffer of this namespace's stack (tcp_rmem's maximum or
+    rmem_max, the larger), from which Linux picks its window scale; None if unreadable."""
+    try:
+        with open(f"{proc_sys}/ipv4/tcp_rmem") as file:
+            tcp_rmem = int(file.read().split()[2])
+        with open(f"{proc_sys}/core/rmem_max") as file:
+            rmem_max = int(file.read().strip())
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(tcp_rmem, rmem_max)
+
+
 def read_arp_table(interface: str, path: str = "/proc/net/arp") -> dict[int, bytes]:
     """Complete entries of the kernel's IPv4 neighbour table on `interface`: ip -> MAC."""
     table: dict[int, bytes] = {}

@@ -179,6 +179,57 @@ def test_real_clients_get_through_a_syn_flood(fbed: Bed, mode: str) -> None:
     assert replies_dropped_in_c2(bed) >= cookies["sent"] // 2  # they left lbnat, not the lab
 
 
+# TCP_INFO's options byte and window scales (linux/tcp.h: tcpi_options, then the snd and rcv
+# wscale nibbles), printed by each end as JSON.
+TCP_INFO = """
+def tcp_options(sock):
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return {"timestamps": bool(info[5] & 1), "sack": bool(info[5] & 2),
+            "wscale": bool(info[5] & 4), "snd_wscale": info[6] & 15, "rcv_wscale": info[6] >> 4}
+"""
+HOLD_CLIENT = (
+    "import json, socket, sys, time"
+    + TCP_INFO
+    + """
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as conn:
+    conn.sendall(b"ping")
+    assert conn.recv(16) == b"ping"
+    print(json.dumps(tcp_options(conn)), flush=True)
+    time.sleep(30)
+"""
+)
+HOLD_BACKEND = (
+    "import json, socket, sys, time"
+    + TCP_INFO
+    + """
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("listening", flush=True)
+conn, _ = server.accept()
+conn.sendall(conn.recv(16))
+print(json.dumps(tcp_options(conn)), flush=True)
+time.sleep(30)
+"""
+)
+
+
+def test_window_scaling_and_sack_survive_the_cookie_and_timestamps_do_not(fbed: Bed) -> None:
+    bed = fbed
+    backend = bed.start("b1", sys.executable, "-c", HOLD_BACKEND, host_ip("b1"), str(BACKEND_PORT))
+    backend.expect("listening")
+    bed.lbnat("--syn-proxy", "on", "--workers", "1", "--no-health", backends=("b1",))
+    client = bed.start("c1", sys.executable, "-c", HOLD_CLIENT, LB_IP, str(VIP_PORT), name="holder")
+    client_side = json.loads(client.expect("{"))
+    backend_side = json.loads(backend.expect("{"))
+    print("client", client_side, "backend", backend_side)
+    no_timestamps = {"timestamps": False, "sack": True, "wscale": True}
+    assert {k: client_side[k] for k in no_timestamps} == no_timestamps
+    assert {k: backend_side[k] for k in no_timestamps} == no_timestamps
+    # lbnat promised the client what the lab's kernel picks, which the backend picked too (no
+    # rescaling); the client's own scale was passed on to the backend
+    assert client_side["snd_wscale"] == backend_side["rcv_wscale"]
+    assert backend_side["snd_wscale"] == client_side["rcv_wscale"]
+
+
 def test_a_proxied_transfer_is_byte_identical(fbed: Bed) -> None:
     """A few MB through a proxied flow with Linux's defaults (SACK, window scaling,
     timestamps offered and not taken), both ways, checked by sha256."""

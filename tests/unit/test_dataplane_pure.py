@@ -18,7 +18,13 @@ from scapy.packet import Packet
 
 from lbnat.backends import Health
 from lbnat.dataplane.guard import KernelGuard, _format_ranges, _parse_ranges, ruleset
-from lbnat.dataplane.link import Link, Neighbours, link_mtu, read_arp_table
+from lbnat.dataplane.link import (
+    Link,
+    Neighbours,
+    link_mtu,
+    read_arp_table,
+    receive_buffer_max,
+)
 from lbnat.dataplane.packet_socket import build_filter
 from lbnat.health import HealthPolicy, Verdict, judge
 from tests.unit.cbpf import run_bpf
@@ -248,3 +254,15 @@ def test_link_mtu_reads_sysfs_and_says_none_when_it_cannot(tmp_path: Path) -> No
     assert link_mtu("eth0", str(tmp_path)) == 1450
     assert link_mtu("eth1", str(tmp_path)) is None
     assert link_mtu("eth2", str(tmp_path)) is None
+
+
+def test_receive_buffer_max_is_the_larger_of_tcp_rmem_and_rmem_max(tmp_path: Path) -> None:
+    (tmp_path / "ipv4").mkdir()
+    (tmp_path / "core").mkdir()
+    (tmp_path / "ipv4" / "tcp_rmem").write_text("4096\t131072\t33554432\n")
+    (tmp_path / "core" / "rmem_max").write_text("212992\n")
+    assert receive_buffer_max(str(tmp_path)) == 33554432
+    (tmp_path / "core" / "rmem_max").write_text("67108864\n")
+    assert receive_buffer_max(str(tmp_path)) == 67108864
+    (tmp_path / "ipv4" / "tcp_rmem").write_text("4096\n")
+    assert receive_buffer_max(str(tmp_path)) is None

@@ -13,6 +13,7 @@ from lbnat.syncookie import (
     CookieFacts,
     SynProxySettings,
     check_cookie,
+    kernel_wscale,
     make_cookie,
     mss_index,
 )
@@ -105,3 +106,11 @@ def test_settings_are_checked() -> None:
         SynProxySettings(threshold=0)
     with pytest.raises(ValueError, match="MSS"):
         SynProxySettings(mss=100)
+
+
+@pytest.mark.parametrize(
+    ("space", "wscale"),
+    [(6291456, 7), (33554432, 10), (212992, 2), (65535, 0), (1, 0), (2**40, 14)],
+)
+def test_kernel_wscale_is_linuxs_choice(space: int, wscale: int) -> None:
+    assert kernel_wscale(space) == wscale

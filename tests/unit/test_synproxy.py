@@ -19,7 +19,7 @@ from lbnat.drops import DropReason
 from lbnat.engine import DROP, FORWARD, REPLY, FlowEnded
 from lbnat.nat import EndReason, State
 from lbnat.syncookie import SynProxySettings
-from lbnat.synproxy import OFFERED_WSCALE, ProxiedSession
+from lbnat.synproxy import ProxiedSession
 from tests.unit.fixtures import (
     BACKEND_IPS,
     CLIENT1,
@@ -132,7 +132,7 @@ def forwarded(result: Result) -> IP:
 def test_the_cookie_synack_echoes_what_the_client_offered_but_timestamps() -> None:
     flow = Proxied(EngineHarness(1, syn_proxy=ON))
     synack = flow.syn()
-    assert options(synack) == {"MSS": 1460, "SAckOK": b"", "WScale": OFFERED_WSCALE}
+    assert options(synack) == {"MSS": 1460, "SAckOK": b"", "WScale": ON.wscale}
     assert len(flow.lab.table) == 0  # no row, no port
     syn = flow.ack()
     assert options(syn) == {"MSS": 1460, "SAckOK": b"", "WScale": 7}
