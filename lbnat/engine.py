@@ -8,7 +8,8 @@ The packet is rewritten in place in `buf` (the data plane's receive buffer). An 
 plain tuple, so the verdict costs no object construction on the packet path:
 
     (FORWARD, next_hop)          send buf[start:end] as rewritten, to IPv4 address next_hop (int)
-    (REPLY, packet, next_hop)    send this new IPv4 packet instead (a RST lbnat makes itself)
+    (REPLY, packet, next_hop)    send this new IPv4 packet instead (a RST lbnat makes itself,
+                                 or the SYN proxy's SYN-ACK, SYN or kept ACK: lbnat.synproxy)
     (DROP, reason)               send nothing; the reason has been counted
 
 Direction is told by the destination port on the LB address: a service's VIP port means

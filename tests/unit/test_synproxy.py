@@ -387,3 +387,112 @@ def test_a_syn_on_an_ended_row_while_proxying_gets_a_cookie() -> None:
     rows = [r for r in lab.table if r.client_port == 40000]
     assert len(rows) == 1 and isinstance(rows[0], ProxiedSession)
     assert rows[0].state is State.ESTABLISHED
+
+
+# --- each way a proxied handshake can go, as a table --------------------------------------------
+
+SYN_SENT, ESTABLISHED, CLOSE = State.SYN_SENT, State.ESTABLISHED, State.CLOSE
+HANDSHAKE = [("C syn", "synack>C", None), ("C ack", "syn>S", SYN_SENT)]
+SCENARIOS: dict[str, list[tuple[str, str, State | None]]] = {
+    "the whole handshake": [*HANDSHAKE, ("S synack", "ack>S", ESTABLISHED)],
+    "the ACK carries data": [
+        ("C syn", "synack>C", None),
+        ("C ack+data", "syn>S", SYN_SENT),
+        ("S synack", "data>S", ESTABLISHED),
+    ],
+    "a retransmitted SYN, before and after the ACK": [
+        ("C syn", "synack>C", None),
+        ("C syn", "synack>C", None),
+        ("C ack", "syn>S", SYN_SENT),
+        ("C syn", "drop syn_proxy_pending", SYN_SENT),
+        ("S synack", "ack>S", ESTABLISHED),
+    ],
+    "lbnat's SYN lost: the client's data brings it again": [
+        *HANDSHAKE,
+        ("C data", "syn>S", SYN_SENT),
+        ("C data", "syn>S", SYN_SENT),
+        ("S synack", "data>S", ESTABLISHED),
+    ],
+    "a client RST before the backend answers": [
+        *HANDSHAKE,
+        ("C rst", "rst>S", CLOSE),
+        ("S synack", "rst>S", CLOSE),
+    ],
+    "the backend refuses": [
+        *HANDSHAKE,
+        ("S rst", "rst>C", CLOSE),
+        ("C data", "drop syn_proxy_pending", CLOSE),
+    ],
+    "a forged backend RST": [*HANDSHAKE, ("S forged rst", "drop syn_proxy_unexpected", SYN_SENT)],
+    "a bad cookie": [("C syn", "synack>C", None), ("C bad ack", "drop bad_cookie", None)],
+    "data both ways, then FINs": [
+        *HANDSHAKE,
+        ("S synack", "ack>S", ESTABLISHED),
+        ("C data", "fwd>S", ESTABLISHED),
+        ("S data", "fwd>C", ESTABLISHED),
+        ("C fin", "fwd>S", State.FIN_WAIT),
+        ("S fin", "fwd>C", State.TIME_WAIT),
+    ],
+}
+
+
+def describe(result: Result) -> str:
+    """A verdict as the table writes it: "synack>C", "fwd>S", "drop bad_cookie", ..."""
+    if result.kind == DROP:
+        return f"drop {DropReason(result.action[1]).label}"
+    side = "C" if result.next_hop == CLIENT1 else "S"
+    if result.kind == FORWARD:
+        return f"fwd>{side}"
+    segment = IP(result.reply)[TCP]
+    flags = str(segment.flags)
+    kind = {"SA": "synack", "S": "syn", "R": "rst"}.get(flags)
+    if kind is None:
+        kind = "data" if len(segment.payload) else "ack"
+    return f"{kind}>{side}"
+
+
+def send_step(flow: Proxied, packet: str) -> Result:
+    """One packet of the table, from the client (C) or the backend (S)."""
+    c, b, cookie = flow.c_isn, flow.b_isn, flow.cookie
+    match packet:
+        case "C syn":
+            return flow.client("S", c, opts=LINUX_SYN)
+        case "C ack":
+            return flow.client("A", c + 1, cookie + 1)
+        case "C ack+data" | "C data":
+            return flow.client("PA", c + 1, cookie + 1, b"hello")
+        case "C bad ack":
+            return flow.client("A", c + 1, cookie + 7)
+        case "C rst":
+            return flow.client("R", c + 1)
+        case "C fin":
+            return flow.client("FA", c + 6, cookie + 6)
+        case "S synack":
+            return flow.backend("SA", b, c + 1, opts=LINUX_SYN)
+        case "S rst":
+            return flow.backend("RA", 0, c + 1)
+        case "S forged rst":
+            return flow.backend("RA", 0, c + 99)
+        case "S data":
+            return flow.backend("PA", b + 1, c + 6, b"world")
+        case "S fin":
+            return flow.backend("FA", b + 6, c + 7)
+    raise ValueError(packet)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_each_way_a_proxied_handshake_goes(name: str) -> None:
+    flow = Proxied(EngineHarness(1, syn_proxy=ON))
+    for packet, verdict, state in SCENARIOS[name]:
+        result = send_step(flow, packet)
+        if packet == "C syn" and result.kind == REPLY:
+            flow.cookie = IP(result.reply)[TCP].seq
+        if packet in ("C ack", "C ack+data") and result.kind == REPLY:
+            flow.nat_port = IP(result.reply)[TCP].sport
+        assert describe(result) == verdict, f"{name}: {packet}"
+        if result.kind == REPLY:
+            verify_checksums(result.reply)
+        elif result.kind == FORWARD:
+            verify_checksums(result.out)
+        rows = list(flow.lab.table)
+        assert (rows[0].state if rows else None) == state, f"{name}: {packet}"
