@@ -496,3 +496,52 @@ def test_each_way_a_proxied_handshake_goes(name: str) -> None:
             verify_checksums(result.out)
         rows = list(flow.lab.table)
         assert (rows[0].state if rows else None) == state, f"{name}: {packet}"
+
+
+TCP_OPTIONS = st.sampled_from(
+    [
+        [],
+        [("SAck", (1, 2))],
+        [("NOP", None), ("NOP", None), ("SAck", (5, 9, 1000, 2000, 0xFFFFFFF0, 3))],
+        [("MSS", 1400), ("WScale", 14), ("SAckOK", b"")],
+        [("Timestamp", (7, 8))],
+    ]
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.booleans(),  # from the client?
+            st.sampled_from(["S", "SA", "A", "PA", "FA", "R", "RA", "U", "FPA"]),
+            st.integers(0, M),
+            st.integers(0, M),
+            TCP_OPTIONS,
+            st.binary(max_size=40),
+            st.booleans(),  # partial checksum?
+        ),
+        max_size=12,
+    ),
+    handshake=st.integers(0, 2),  # how far the proxied handshake got first
+)
+def test_any_segment_on_a_proxied_row_is_handled_without_a_traceback(
+    steps: list[tuple[bool, str, int, int, list[tuple[str, Any]], bytes, bool]], handshake: int
+) -> None:
+    flow = Proxied(EngineHarness(1, syn_proxy=ON))
+    flow.syn()
+    if handshake >= 1:
+        flow.ack()
+    if handshake >= 2:
+        flow.synack()
+    for from_client, flags, seq, ack, opts, payload, partial in steps:
+        if from_client:
+            packet = tcp(CLIENT1, LB, flow.port, WEB_PORT, flags, seq, ack, 100, payload, opts)
+        else:
+            packet = tcp(B1, LB, WEB_BACKEND_PORT, flow.nat_port or 61000, flags, seq, ack, 100,
+                         payload, opts)  # fmt: skip
+        result = flow.lab.send(packet, partial=partial)
+        if result.kind == FORWARD:
+            verify_checksums(result.out, kernel_completed=partial)
+        elif result.kind == REPLY:
+            verify_checksums(result.reply)
