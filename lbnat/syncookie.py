@@ -126,7 +126,7 @@ def kernel_wscale(receive_buffer_max: int) -> int:
 class SynProxySettings:
     """How an engine meets SYNs (lbnat.synproxy): `mode` "off" never answers one itself,
     "on" answers every new SYN with a cookie, "auto" does once the engine holds more than
-    `threshold` half-open rows (and stops when they fall under half that). `mss` and `wscale`
+    `threshold` half-open rows (and stops when they are down to half that). `mss` and `wscale`
     are what lbnat's SYN-ACK announces; `secret` keys the cookies (every worker gets the same).
     """
 

@@ -214,13 +214,13 @@ class SynProxy:
 
     def proxies(self, half_open: int) -> bool:
         """Answer this new SYN with a cookie? In auto mode: from more than `threshold` half-open
-        rows until fewer than half of that (hysteresis: no flapping at the edge)."""
+        rows until no more than half of that (hysteresis: no flapping at the edge)."""
         mode = self.mode
         if mode == "auto":
             threshold = self.settings.threshold
             if half_open > threshold:
                 self.active = True
-            elif half_open < threshold // 2:
+            elif half_open <= threshold // 2:
                 self.active = False
             return self.active
         return mode == "on"
