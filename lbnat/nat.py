@@ -457,6 +457,12 @@ class SessionTable:
         return iter(list(self.forward.values()))
 
     @property
+    def half_open_count(self) -> int:
+        """How many rows are half-open (what the SYN proxy's auto mode and PRESSURE_HALF_OPEN
+        are compared with)."""
+        return self._half_open.live
+
+    @property
     def half_open(self) -> list[Session]:
         """Half-open rows (SYN_SENT, SYN_RECV, UDP_UNREPLIED), oldest first."""
         return self._half_open.rows()
@@ -465,11 +471,6 @@ class SessionTable:
     def closed(self) -> list[Session]:
         """Ended rows still lingering (TIME_WAIT, CLOSE), oldest first."""
         return self._closed.rows()
-
-    @property
-    def half_open_rows(self) -> int:
-        """How many rows are half-open (what PRESSURE_HALF_OPEN is compared with)."""
-        return self._half_open.live
 
     # --- lookups ----------------------------------------------------------------------------
 
@@ -501,10 +502,12 @@ class SessionTable:
         vip: int,
         backend: Backend,
         nat_port: int | None = None,
+        row_class: type[Session] = Session,
     ) -> tuple[Session | Refusal, list[Ended]]:
         """Make the row for a new flow to `backend`. Returns the row (or why not) and any flows
         that eviction ended to make room. `nat_port`: the port of the row just removed for
-        this client socket, to be taken again (it is the last one freed)."""
+        this client socket, to be taken again (it is the last one freed). `row_class`: a
+        Session subclass with more slots (lbnat.synproxy's rows)."""
         pool = self.pool_for(proto, backend)
         if nat_port is not None and pool.free and pool.free[-1] == nat_port:
             pool.free.pop()
@@ -539,7 +542,7 @@ class SessionTable:
             else:
                 ended.append(self._evict(victim))
 
-        s = Session()
+        s = row_class()
         s.key = forward_key(proto, client_ip, client_port, service.port)
         s.service = service
         s.pool = pool

@@ -43,6 +43,7 @@ from lbnat.nat import (
     pool_key,
 )
 from lbnat.service import Service
+from lbnat.syncookie import SynProxySettings
 
 # --- the lab ---------------------------------------------------------------------------------
 
@@ -310,6 +311,7 @@ class EngineHarness:
         affinity: float = 0.0,
         scheduler: str = "rr",
         partial: bool = False,
+        syn_proxy: SynProxySettings | None = None,
     ) -> None:
         self.tcp_backends = tcp_backends(backends)
         self.udp_backends = udp_backends(backends)
@@ -322,6 +324,7 @@ class EngineHarness:
             nat_ports=nat_ports,
             timeouts=timeouts,
             table_cap=cap,
+            syn_proxy=syn_proxy,
         )
         self.now = 0.0
         self.partial = partial
