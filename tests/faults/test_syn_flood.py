@@ -21,7 +21,15 @@ import pytest
 
 from lbnat_lab.netns import LB_IP, host_ip
 from tests.faults.conftest import scaled
-from tests.integration.conftest import BACKEND_PORT, VIP_PORT, Bed, Proc, console_script, require
+from tests.integration.conftest import (
+    BACKEND_PORT,
+    NAT_PORTS,
+    VIP_PORT,
+    Bed,
+    Proc,
+    console_script,
+    require,
+)
 
 SPOOFED = "198.19.0.0/16"
 THRESHOLD = 64  # half-open rows per worker before auto mode proxies
@@ -114,8 +122,11 @@ def start_echo(bed: Bed) -> Proc:
     return echo
 
 
-@pytest.mark.parametrize("mode", ["auto", "on"])
+@pytest.mark.parametrize("mode", ["auto", "on", "off"])
 def test_real_clients_get_through_a_syn_flood(fbed: Bed, mode: str) -> None:
+    """auto and on: the SYN proxy. off: the table alone (lbnat.nat): the flood fills the
+    backend's NAT ports with half-open rows, each new flow takes the oldest one's port (and
+    resets it at the backend first), and under pressure half-open rows time out in 5 s."""
     bed = fbed
     flood_size = scaled(20_000, 100_000)
     rate = scaled(5_000, 10_000)  # SYNs a second: the flood lasts count / rate seconds
@@ -168,6 +179,17 @@ def test_real_clients_get_through_a_syn_flood(fbed: Bed, mode: str) -> None:
     assert summary == {"attempts": attempts, "ok": attempts}
     sent = int(sent_line.split()[2])
     assert sent == flood_size
+    if mode == "off":
+        table = status["table"]
+        print(f"table: {table}")
+        assert cookies["sent"] == 0
+        # the backend's pool (4,536 NAT ports) filled up, and the flood's rows gave their
+        # ports to newer ones instead of refusing the client
+        assert table["ports_reclaimed"] > 0 and table["pressure_spells"] >= 1
+        assert status["rows"] <= NAT_PORTS[1] - NAT_PORTS[0] + 1 + attempts
+        assert "nat_ports_exhausted" not in web["drops"]
+        assert rss_peak[0] - rss_before < 32 * 1024, "lbnat's memory grew with the flood"
+        return
     # the flood made no rows: the client's flows (ended, lingering) and, in auto mode, the
     # half-open rows that came before the proxy took over
     assert status["rows"] <= attempts + WORKERS * (THRESHOLD + 1)
