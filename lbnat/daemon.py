@@ -42,7 +42,7 @@ from lbnat.control.protocol import Request, ack, nack
 from lbnat.control.server import AdminServer, RegistrationServer, start_servers
 from lbnat.dataplane.fanout import nat_slices
 from lbnat.dataplane.guard import GuardError, KernelGuard
-from lbnat.dataplane.link import Link, LinkError, find_link
+from lbnat.dataplane.link import Link, LinkError, LinkProbe, find_link
 from lbnat.dataplane.packet_socket import build_filter
 from lbnat.dataplane.rings import RingSpec
 from lbnat.dataplane.workers import (
@@ -56,6 +56,7 @@ from lbnat.eventlog import (
     EventLog,
     Log,
     LogLine,
+    link_line,
     reload_rejected_line,
     start_lines,
     table_error_line,
@@ -63,6 +64,7 @@ from lbnat.eventlog import (
 )
 from lbnat.health import HealthChecker
 from lbnat.health.checker import Report
+from lbnat.linkwatch import LinkState, LinkWatch
 from lbnat.messages import (
     AskCounters,
     AskSessions,
@@ -76,7 +78,9 @@ from lbnat.messages import (
 from lbnat.service import Service
 from lbnat.views import merge_counters
 
-__all__ = ["Daemon", "StartError", "check_can_start", "check_port_free"]
+__all__ = ["INTERFACE_GONE", "Daemon", "StartError", "check_can_start", "check_port_free"]
+
+INTERFACE_GONE = 1  # exit code: the interface went away under lbnat (systemd restarts it)
 
 
 class StartError(Exception):
@@ -164,6 +168,9 @@ class Daemon:
         self.guard: KernelGuard | None = None
         self.health: HealthChecker | None = None
         self.link: Link | None = None
+        self.link_probe: LinkProbe | None = None
+        self.link_watch: LinkWatch | None = None
+        self.exit_code = 0
         self._servers: list[RegistrationServer | AdminServer] = []
         self._lock = threading.Lock()  # every call into self.control
 
@@ -181,8 +188,10 @@ class Daemon:
         check_can_start(c)
         try:
             self.link = link = find_link(self.lb_ip, c.interface)
+            self.link_probe = LinkProbe(link.interface)
         except LinkError as error:
             raise StartError(str(error)) from None
+        self.link_watch = LinkWatch(time.monotonic(), self.link_probe.state())
         for service in self.control.services.values():
             check_port_free(self.lb_ip, service.service.port, service.service.proto)
         try:
@@ -244,7 +253,7 @@ class Daemon:
                 signal.signal(sig, handler)
             self.close()
             self.log("lbnat stopped", "stop")
-        return 0
+        return self.exit_code
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.plane is not None:
@@ -270,6 +279,9 @@ class Daemon:
         if self.guard is not None:
             self.guard.remove()
             self.guard = None
+        if self.link_probe is not None:
+            self.link_probe.close()
+            self.link_probe = None
 
     # --- carrying out the control plane's effects ------------------------------------------
 
@@ -317,8 +329,9 @@ class Daemon:
         return plane.ask(question, timeout)
 
     def _maintain(self, now: float) -> None:
-        """Upkeep between batches (one worker) or by the supervisor (N workers): remove drained
-        backends whose last flow has ended in every worker."""
+        """Upkeep between batches (one worker) or by the supervisor (N workers): watch the
+        interface; remove drained backends whose last flow has ended in every worker."""
+        self._watch_link(now)
         with self._lock:
             question = self.control.draining()
         if question is None:
@@ -328,6 +341,24 @@ class Daemon:
         except (TimeoutError, RuntimeError):
             return  # asked again at the next upkeep
         self._locked(lambda: self.control.sweep(now, answers))
+
+    def _watch_link(self, now: float) -> None:
+        """One line per transition of the interface (the loops survive a flap by themselves);
+        stop when it is gone for good."""
+        probe, watch, link = self.link_probe, self.link_watch, self.link
+        if probe is None or watch is None or link is None:
+            return
+        change = watch.observe(probe.state(), now)
+        if change is None:
+            return
+        try:
+            flows: int | None = int(merge_counters(self.ask(AskCounters()))["open_flows"])
+        except (TimeoutError, RuntimeError):
+            flows = None
+        self.log.write(link_line(link.interface, change, flows))
+        if change.state is LinkState.GONE and self.plane is not None:
+            self.exit_code = INTERFACE_GONE
+            self.plane.stop()
 
     def _inline_events(self, events: list[Event]) -> None:
         self._on_events(0, events)

@@ -25,6 +25,7 @@ class DropReason(enum.IntEnum):
     NO_NEXT_HOP = 25  # data plane: the next hop's MAC is not known yet
     SEND_FAILED = 26  # data plane: the kernel refused the frame
     RING_TRUNCATED = 27  # data plane: too big for a ring slot and no whole copy was queued
+    LINK_DOWN = 28  # data plane: the interface was down or gone when the frame was to leave
 
     @property
     def label(self) -> str:

@@ -136,6 +136,7 @@ PURE = [
     "lbnat.messages",
     "lbnat.views",
     "lbnat.drops",
+    "lbnat.linkwatch",
 ]
 IO_CALLS = {
     "socket": {"socket", "socketpair", "create_connection", "create_server", "fromfd"},
