@@ -356,6 +356,11 @@ class Daemon:
         except (TimeoutError, RuntimeError):
             flows = None
         self.log.write(link_line(link.interface, change, flows))
+        if self.health is not None:
+            if change.state is LinkState.UP:
+                self.health.resume()
+            else:
+                self.health.hold()
         if change.state is LinkState.GONE and self.plane is not None:
             self.exit_code = INTERFACE_GONE
             self.plane.stop()

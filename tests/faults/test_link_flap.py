@@ -23,6 +23,12 @@ DOWN_SECONDS = scaled(2.0, 5.0)
 FLOWS = scaled(8, 24)
 MAX_FLOWS = FLOWS + 16  # bound on the clients opened until every worker owns a flow
 ECHO_WAIT = 20.0  # bound on a line's way back: TCP retransmits on its own backoff after a flap
+FAST_HEALTH = (
+    "--health-interval",
+    "0.3",
+    "--health-timeout",
+    "1",
+)  # dead within 1 s, were it judged
 
 
 def admin_json(bed: Bed, what: str) -> object:
@@ -91,7 +97,7 @@ def test_the_lbs_link_goes_down_and_up_and_every_flow_carries_on(
     count = int(options[1])
     for b in ("b1", "b2", "b3"):
         bed.chat_server(b)
-    lbnat = bed.lbnat(*options)
+    lbnat = bed.lbnat(*options, *FAST_HEALTH)
     clients = open_flows(bed, FLOWS, count)
     every_client_hears_itself(clients, "before")
     pids = [w["pid"] for w in workers(bed)]
@@ -109,6 +115,10 @@ def test_the_lbs_link_goes_down_and_up_and_every_flow_carries_on(
     assert [w["pid"] for w in after] == pids and all(w["restarts"] == 0 for w in after), after
     assert len(sessions(bed)) == len(clients)
     assert lbnat.out.count("link eth0") == 2
+    # The health checks were held while the LB's own link was down: no backend was judged
+    # dead for it (that would have refused new flows after the flap, or reset every flow with
+    # --on-dead reset).
+    assert lbnat.out.count("Server is dead") == 0
     no_traceback(lbnat)
 
 
