@@ -11,6 +11,13 @@ Two ways to move frames, the same engine in between:
 - `RingLoop` (`--io rings`, the default): the mmap'ed TPACKET rings of lbnat.dataplane.rings.
   The engine rewrites each frame where the kernel put it in the receive ring, the loop copies it
   into the transmit ring, and one `send()` per batch transmits them all.
+
+A link flap (the interface set down and up, a lost carrier, a driver reload) is survived with
+the table: the kernel keeps the socket bound and its rings mapped, reports ENETDOWN once on a
+read and refuses every send while the link is down (ENXIO once the interface is gone). The
+reads note it and go on (`_link_error`), the sends count the frame as dropped (`link_down`)
+and the rows stay; the main process watches the interface and logs the transitions
+(lbnat.linkwatch; docs/architecture.md, "Link flaps").
 """
 
 from __future__ import annotations
