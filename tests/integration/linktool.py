@@ -1,7 +1,7 @@
 """What lbnat's packet sockets see while their link goes down, comes up and goes away; run
 inside the lab's lb namespace by tests/integration/test_link_netns.py (root):
 
-python -m tests.integration.linktool loop rings|socket
+python -m tests.integration.linktool loop rings|blocks|socket
     a packet loop on eth0 (a real engine, lbnat's sockets and rings): eth0 down, one receive
     (the socket reports the link's error), a send and a flush of the transmit ring, eth0 up,
     a send; then eth0 deleted, one receive and a send. Prints JSON: errno names, the loop's
@@ -55,11 +55,13 @@ def loop_case(io: str) -> dict[str, object]:
     lb = find_link(LB_IP, "eth0")
     engine = Engine(LB_IP, [Service("chat", "tcp", 20000)], NAT_PORTS)
     program = build_filter(lb.ip_int, [20000], [], NAT_PORTS)
-    sock = open_worker_sockets(lb, program, NAT_PORTS, 1, io, RingSpec())[0]
+    spec = RingSpec(rx="blocks" if io == "blocks" else "frames")
+    io = "socket" if io == "socket" else "rings"
+    sock = open_worker_sockets(lb, program, NAT_PORTS, 1, io, spec)[0]
     neighbours = Neighbours(lb)
     loop: PacketLoop
     if io == "rings":
-        loop = RingLoop(engine, sock, neighbours, lambda events: None, RingSpec())
+        loop = RingLoop(engine, sock, neighbours, lambda events: None, spec)
     else:
         loop = PacketLoop(engine, sock, neighbours, lambda events: None)
     # vnet header, broadcast Ethernet, a minimal IPv4 header to nobody: only whether it leaves
@@ -143,7 +145,7 @@ def fanout_case(workers: int, sender: str) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="linktool")
     sub = parser.add_subparsers(dest="case", required=True)
-    sub.add_parser("loop").add_argument("io", choices=["rings", "socket"])
+    sub.add_parser("loop").add_argument("io", choices=["rings", "blocks", "socket"])
     fan = sub.add_parser("fanout")
     fan.add_argument("workers", type=int)
     fan.add_argument("sender")
