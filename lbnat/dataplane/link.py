@@ -79,7 +79,7 @@ class LinkProbe:
     """Reads whether lbnat's interface is up, down or gone (lbnat.linkwatch), for the main
     process's upkeep. By index: lbnat's packet sockets are bound to the index, so a renamed
     interface is still theirs and one deleted and made again under the same name is not. Two
-    calls on a datagram socket (about 10 us), in lbnat's own network namespace: /sys/class/net
+    calls on a datagram socket (16 us measured), in lbnat's own network namespace: /sys/class/net
     shows the namespace sysfs was mounted in, which need not be this one."""
 
     def __init__(self, interface: str) -> None:
