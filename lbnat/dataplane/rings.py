@@ -63,8 +63,8 @@ RxKind = Literal["frames", "blocks"]
 # What a packet socket's send() and recv() raise while its interface is down or after it is
 # gone, measured on 6.18 with veth (docs/architecture.md, "Link flaps"): ENETDOWN (recv: once,
 # from the socket's sk_err, when the device goes down or away; send: every time while it is
-# down), ENXIO (send, once the device is unregistered). ENODEV and ENETUNREACH are what other
-# paths of the kernel give for the same; lbnat treats them alike.
+# down), ENXIO (send, once the device is unregistered). ENODEV and ENETUNREACH were not seen
+# here; they say the same of a device or its network, so lbnat takes them alike.
 LINK_ERRORS = frozenset({errno.ENETDOWN, errno.ENXIO, errno.ENODEV, errno.ENETUNREACH})
 
 U32 = struct.Struct("<I")
