@@ -396,6 +396,9 @@ def status(admin_socket: str, as_json: bool) -> None:
         f"lbnat {reply['lb_ip']}  up {reply['uptime']} s  rows {reply['rows']}  "
         f"open flows {reply['open_flows']}  workers {len(workers)}  io {reply.get('io', '?')}"
     )
+    link = reply.get("link")
+    if link and link["state"] != "up":
+        click.echo(f"  link {link['interface']} {link['state']} for {link['since']} s")
     if len(workers) > 1:
         for w in workers:
             state = "running" if w["alive"] else "restarting"

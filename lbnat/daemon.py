@@ -420,7 +420,15 @@ class Daemon:
         workers = self.plane.info()
         now = time.monotonic()
         with self._lock:
-            return self.control.status(counters, workers, now)
+            status = self.control.status(counters, workers, now)
+        watch, link = self.link_watch, self.link
+        if watch is not None and link is not None:
+            status["link"] = {
+                "interface": link.interface,
+                "state": watch.state.value,
+                "since": round(now - watch.since, 1),  # seconds in this state
+            }
+        return status
 
     def sessions(self) -> list[dict[str, object]]:
         """Every worker's rows, each marked with its worker."""

@@ -104,6 +104,9 @@ def test_the_lbs_link_goes_down_and_up_and_every_flow_carries_on(
 
     link(bed, "lb", "down")
     down = lbnat.expect("link eth0 down: ")
+    status = admin_json(bed, "status")
+    assert isinstance(status, dict)
+    assert status["link"]["state"] == "down" and status["open_flows"] == len(clients), status
     time.sleep(DOWN_SECONDS)
     link(bed, "lb", "up")
     up = lbnat.expect("link eth0 up again after ")
@@ -111,6 +114,8 @@ def test_the_lbs_link_goes_down_and_up_and_every_flow_carries_on(
     assert up.endswith(f" s: {len(clients)} flows kept"), up
 
     every_client_hears_itself(clients, "after the flap")
+    status = admin_json(bed, "status")
+    assert isinstance(status, dict) and status["link"]["state"] == "up", status
     after = workers(bed)
     assert [w["pid"] for w in after] == pids and all(w["restarts"] == 0 for w in after), after
     assert len(sessions(bed)) == len(clients)
