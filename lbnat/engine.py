@@ -474,9 +474,7 @@ class Engine:
                     )
                     packets.append((rst, client_ip))
                 if row.ack_s != UNKNOWN_ACK:
-                    rst = tcp_segment(
-                        self.lb_ip, backend_ip, row.nat_port, port, row.ack_s, 0, RST
-                    )
+                    rst = tcp_segment(self.lb_ip, backend_ip, row.nat_port, port, row.ack_s, 0, RST)
                     packets.append((rst, backend_ip))
             self.table.remove(row)
             self._flow_ended(Ended(row, EndReason.BACKEND_DEAD, self.table.open_flows), now)
