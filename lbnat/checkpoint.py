@@ -84,6 +84,17 @@ def checkpoint_bytes(rows: int) -> int:
     return HEADER_SIZE + max(0, rows) * RECORD_SIZE
 
 
+def records_below(header: bytes) -> int:
+    """How many slots a restore will look at (the high water mark), from a buffer's first
+    HEADER_SIZE bytes; 0 for a buffer never formatted."""
+    if len(header) < HEADER_SIZE:
+        return 0
+    magic, form, record_size, high_water = _HEADER.unpack_from(header)
+    if (magic, form, record_size) != (MAGIC, FORMAT, RECORD_SIZE):
+        return 0
+    return int(high_water)
+
+
 @dataclass(frozen=True, slots=True)
 class RowRecord:
     """One row as its record holds it."""

@@ -39,7 +39,14 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from lbnat.checkpoint import RestoreReport, RowCheckpoint, checkpoint_bytes, restore
+from lbnat.checkpoint import (
+    HEADER_SIZE,
+    RestoreReport,
+    RowCheckpoint,
+    checkpoint_bytes,
+    records_below,
+    restore,
+)
 from lbnat.dataplane.bpf import attach_filter
 from lbnat.dataplane.fanout import join, steering_program
 from lbnat.dataplane.link import Link, Neighbours
@@ -67,7 +74,11 @@ from lbnat.views import answer, apply_change
 
 EventSink = Callable[[int, list[Event]], None]  # (worker index, events)
 
-START_TIMEOUT = 15.0  # seconds for a worker to report ready
+START_TIMEOUT = 15.0  # seconds for a worker to report ready (with an empty checkpoint)
+# ... and more per record its checkpoint holds: a restore costs about 30 us a row here (about
+# what opening it cost), so a worker restored with 500,000 rows is given 115 s, not killed
+# for being slow and restarted into the same restore for ever.
+RESTORE_TIMEOUT_PER_ROW = 200e-6
 RESTART_DELAY = 1.0  # seconds between restarts of the same worker
 SUPERVISE_EVERY = 0.2  # seconds between looks at the workers (and the daemon's upkeep)
 
@@ -166,6 +177,10 @@ class RowMemory:
         except OSError:
             os.close(self.fd)
             raise
+
+    def records(self) -> int:
+        """Slots the next worker's restore will look at (the checkpoint's high water mark)."""
+        return records_below(os.pread(self.fd, HEADER_SIZE, 0))
 
     def close(self) -> None:
         os.close(self.fd)
@@ -365,11 +380,12 @@ class WorkerProcess:
             target=self._read, args=(parent, ready), name=f"lbnat-worker-{self.index}", daemon=True
         ).start()
         self.send(setup)
-        if not ready.wait(START_TIMEOUT) or self.ready_pid is None:
+        timeout = START_TIMEOUT + self.rows.records() * RESTORE_TIMEOUT_PER_ROW
+        if not ready.wait(timeout) or self.ready_pid is None:
             detail = "; ".join(self.errors) or (
                 "it exited before it was ready"
                 if ready.is_set()
-                else f"no word from it in {START_TIMEOUT:.0f} s"
+                else f"no word from it in {timeout:.0f} s"
             )
             self.stop(1.0)
             raise WorkerError(f"worker {self.index} did not start: {detail}")

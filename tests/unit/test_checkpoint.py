@@ -23,6 +23,7 @@ from lbnat.checkpoint import (
     decode_record,
     encode_record,
     record_of,
+    records_below,
     restore,
 )
 from lbnat.engine import FORWARD, Engine
@@ -491,6 +492,16 @@ def test_torn_and_foreign_records_are_dropped_the_rest_restored() -> None:
     assert report(lab).dropped == {"torn": 1, "conflict": 2}
     assert report(lab).rows == 1
     assert RowCheckpoint(buffer).used_slots() == [3]  # the dropped records are cleared
+
+
+def test_the_records_a_restore_will_look_at_are_read_from_the_header() -> None:
+    original = EngineHarness()
+    attached(original, buffer := new_buffer())
+    assert records_below(buffer[:HEADER_SIZE].tobytes()) == 0
+    for port in range(40000, 40003):
+        original.flow(CLIENT1, port).syn()
+    assert records_below(buffer[:HEADER_SIZE].tobytes()) == 3
+    assert records_below(bytes(HEADER_SIZE)) == records_below(b"") == 0
 
 
 def test_a_fresh_buffer_restores_nothing() -> None:
