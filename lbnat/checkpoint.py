@@ -72,6 +72,9 @@ HEADER_SIZE = _HEADER.size  # 64
 _BODY = struct.Struct("<BBBBHHIIHHBBHII")
 _CRC = struct.Struct("<I")
 BODY_SIZE = _BODY.size  # 32
+_BODY_AND_CRC = struct.Struct("<32sI")
+_STATE_AND_FLAGS = struct.Struct("<BB")  # at offset 2
+_WSCALE_AT = 20
 RECORD_SIZE = 40
 
 _TCP_STATES = frozenset(s for s in State if s not in (State.UDP_UNREPLIED, State.UDP_REPLIED))
@@ -206,18 +209,26 @@ class RowCheckpoint:
 
     def write(self, s: Session) -> None:
         slot = s.slot
-        if slot < 0:
-            if self._free:
-                slot = self._free.pop()
-            elif self.high_water < self.slots:
-                slot = self.high_water
-                self.high_water = slot + 1
-                _HIGH_WATER.pack_into(self._buffer, _HIGH_WATER_AT, self.high_water)
-            else:
-                self.full += 1
-                return
-            s.slot = slot
-        # Written field by field from the row rather than through record_of(): no object per
+        buffer = self._buffer
+        if slot >= 0:
+            # A change of state: a row's addresses, ports, backend and NAT port are fixed for
+            # its life, so only its state, FINs and window scales are written, and the CRC.
+            at = HEADER_SIZE + slot * RECORD_SIZE
+            _STATE_AND_FLAGS.pack_into(buffer, at + 2, s.state, s.fins)
+            buffer[at + _WSCALE_AT] = s.wscale
+            _CRC.pack_into(buffer, at + BODY_SIZE, crc32(buffer[at : at + BODY_SIZE]))
+            return
+        if self._free:
+            slot = self._free.pop()
+        elif self.high_water < self.slots:
+            slot = self.high_water
+            self.high_water = slot + 1
+            _HIGH_WATER.pack_into(buffer, _HIGH_WATER_AT, self.high_water)
+        else:
+            self.full += 1
+            return
+        s.slot = slot
+        # Packed field by field from the row rather than through record_of(): no object per
         # write (the engine opens flows at thousands per second).
         key = s.key
         backend = s.pool.backend
@@ -226,10 +237,7 @@ class RowCheckpoint:
             (key >> 16) & 0xFFFFFFFF, backend.ip_int, backend.port, s.nat_port, s.wscale,
             0, 0, 0, s.created & 0xFFFFFFFF,
         )  # fmt: skip
-        at = HEADER_SIZE + slot * RECORD_SIZE
-        buffer = self._buffer
-        buffer[at : at + BODY_SIZE] = body
-        _CRC.pack_into(buffer, at + BODY_SIZE, crc32(body))
+        _BODY_AND_CRC.pack_into(buffer, HEADER_SIZE + slot * RECORD_SIZE, body, crc32(body))
 
     def clear(self, s: Session) -> None:
         slot = s.slot
