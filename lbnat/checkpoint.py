@@ -19,29 +19,35 @@ Layout, little-endian. A 64-byte header:
     12     4    high water: slots ever handed out; records are looked for only below it
     16    48    reserved (0)
 
-then one 40-byte record per slot:
+then one 40-byte record per slot. Bytes 0-31 are what a row keeps for its life, written once
+when it opens and covered by a CRC; bytes 32-34 are what its state changes move, written
+alone (three bytes, no CRC to redo) and checked by range when read:
 
      0     1    format of the record: 0 = a free slot, 1 = a row in this layout
      1     1    protocol (6 TCP, 17 UDP)
-     2     1    state (lbnat.nat.State)
-     3     1    flags: bits 0-1 the FINs seen (1 client, 2 backend; Session.fins), 2-7 zero
-     4     2    service port
-     6     2    client port
+     2     2    service port
+     4     2    client port
+     6     2    backend port
      8     4    client IPv4 address
     12     4    backend IPv4 address
-    16     2    backend port
-    18     2    NAT port
-    20     1    window scales, (client << 4) | backend, 15 = not offered (Session.wscale)
-    21     1    SYN-proxy flags (reserved for a SYN-proxy, 0)
-    22     2    reserved (0)
-    24     4    sequence offset (reserved for a SYN-proxy, 0)
-    28     4    created: the whole second the row was opened (the engine's clock)
-    32     4    CRC-32 of bytes 0-31: a record torn by a kill in mid-write is refused
-    36     4    reserved (0)
+    16     2    NAT port
+    18     1    SYN-proxy flags (reserved for a SYN-proxy, 0)
+    19     1    reserved (0)
+    20     4    sequence offset (reserved for a SYN-proxy, 0)
+    24     4    created: the whole second the row was opened (the engine's clock)
+    28     4    CRC-32 of bytes 0-27: a record torn by a kill in mid-write is refused
+    32     1    state (lbnat.nat.State)
+    33     1    flags: bits 0-1 the FINs seen (1 client, 2 backend; Session.fins), 2-7 zero
+    34     1    window scales, (client << 4) | backend, 15 = not offered (Session.wscale)
+    35     5    reserved (0)
 
-A slot is free again once its row is removed (the format byte set to 0, one byte: never
-torn). Slots are reused last-freed first, so the pages a memfd really allocates stay near the
-number of rows the worker holds at its busiest.
+(A field of bytes 0-27 that changes later, such as a SYN-proxy's sequence offset, is written
+with the whole of them and the CRC again.) A kill in mid-write of a state change leaves the
+old or the new value in each of bytes 32-34, each a state the row could be in; a kill in
+mid-write of an open leaves a record whose CRC does not match, dropped (the flow was only
+being opened: its SYN comes again). A slot is free again once its row is removed (the format
+byte set to 0, one byte: never torn). Slots are reused last-freed first, so the pages a memfd
+really allocates stay near the number of rows the worker holds at its busiest.
 
 Pure: works on the buffer it is given (a memoryview of a bytearray or of an mmap), reads no
 clock (`now` comes in).
@@ -68,14 +74,15 @@ _HIGH_WATER = struct.Struct("<I")
 _HIGH_WATER_AT = 12
 HEADER_SIZE = _HEADER.size  # 64
 
-# The record's first 32 bytes, the ones its CRC covers (the field table above).
-_BODY = struct.Struct("<BBBBHHIIHHBBHII")
+# The field table above: what a row keeps for its life (covered by the CRC that follows it),
+# then what its state changes move.
+_FIXED = struct.Struct("<BBHHHIIHBBII")
+FIXED_SIZE = _FIXED.size  # 28
 _CRC = struct.Struct("<I")
-BODY_SIZE = _BODY.size  # 32
-_BODY_AND_CRC = struct.Struct("<32sI")
-_STATE_AND_FLAGS = struct.Struct("<BB")  # at offset 2
-_WSCALE_AT = 20
-RECORD_SIZE = 40
+_MOVING = struct.Struct("<BBB")
+MOVING_AT = FIXED_SIZE + _CRC.size  # 32
+_RECORD = struct.Struct("<28sIBBB5x")
+RECORD_SIZE = _RECORD.size  # 40
 
 _TCP_STATES = frozenset(s for s in State if s not in (State.UDP_UNREPLIED, State.UDP_REPLIED))
 _UDP_STATES = frozenset((State.UDP_UNREPLIED, State.UDP_REPLIED))
@@ -128,28 +135,28 @@ def record_of(s: Session) -> RowRecord:
 
 def encode_record(record: RowRecord) -> bytes:
     """The record's RECORD_SIZE bytes."""
-    body = _BODY.pack(
-        FORMAT, record.proto, record.state, record.fins, record.service_port,
-        record.client_port, record.client_ip, record.backend_ip, record.backend_port,
-        record.nat_port, record.wscale, record.proxy_flags, 0, record.seq_offset, record.created,
+    fixed = _FIXED.pack(
+        FORMAT, record.proto, record.service_port, record.client_port, record.backend_port,
+        record.client_ip, record.backend_ip, record.nat_port, record.proxy_flags, 0,
+        record.seq_offset, record.created,
     )  # fmt: skip
-    return body + _CRC.pack(crc32(body)) + bytes(RECORD_SIZE - BODY_SIZE - _CRC.size)
+    return _RECORD.pack(fixed, crc32(fixed), record.state, record.fins, record.wscale)
 
 
 def decode_record(data: bytes) -> RowRecord | None:
     """The row a record holds; None for a free slot. ValueError (with the reason) for a record
-    that is torn or holds what no row can (an unknown format, protocol or state)."""
-    if len(data) < BODY_SIZE + _CRC.size:
+    that is torn or holds what no row can (an unknown format, protocol, state or flag)."""
+    if len(data) != RECORD_SIZE:
         raise ValueError(f"a record is {RECORD_SIZE} bytes, not {len(data)}")
     if data[0] == 0:
         return None
-    body = data[:BODY_SIZE]
-    if _CRC.unpack_from(data, BODY_SIZE)[0] != crc32(body):
+    fixed, crc, state, flags, wscale = _RECORD.unpack(data)
+    if crc != crc32(fixed):
         raise ValueError("its CRC does not match (torn by a kill in mid-write?)")
     (
-        form, proto, state, flags, service_port, client_port, client_ip, backend_ip,
-        backend_port, nat_port, wscale, proxy_flags, _, seq_offset, created,
-    ) = _BODY.unpack(body)  # fmt: skip
+        form, proto, service_port, client_port, backend_port, client_ip, backend_ip, nat_port,
+        proxy_flags, _, seq_offset, created,
+    ) = _FIXED.unpack(fixed)  # fmt: skip
     if form != FORMAT:
         raise ValueError(f"record format {form} is not {FORMAT}")
     states = _STATES_OF.get(proto)
@@ -212,11 +219,9 @@ class RowCheckpoint:
         buffer = self._buffer
         if slot >= 0:
             # A change of state: a row's addresses, ports, backend and NAT port are fixed for
-            # its life, so only its state, FINs and window scales are written, and the CRC.
-            at = HEADER_SIZE + slot * RECORD_SIZE
-            _STATE_AND_FLAGS.pack_into(buffer, at + 2, s.state, s.fins)
-            buffer[at + _WSCALE_AT] = s.wscale
-            _CRC.pack_into(buffer, at + BODY_SIZE, crc32(buffer[at : at + BODY_SIZE]))
+            # its life; only the three bytes its state changes move are written.
+            at = HEADER_SIZE + slot * RECORD_SIZE + MOVING_AT
+            _MOVING.pack_into(buffer, at, s.state, s.fins, s.wscale)
             return
         if self._free:
             slot = self._free.pop()
@@ -232,12 +237,14 @@ class RowCheckpoint:
         # write (the engine opens flows at thousands per second).
         key = s.key
         backend = s.pool.backend
-        body = _BODY.pack(
-            FORMAT, key >> 64, s.state, s.fins, (key >> 48) & 0xFFFF, key & 0xFFFF,
-            (key >> 16) & 0xFFFFFFFF, backend.ip_int, backend.port, s.nat_port, s.wscale,
-            0, 0, 0, s.created & 0xFFFFFFFF,
+        fixed = _FIXED.pack(
+            FORMAT, key >> 64, (key >> 48) & 0xFFFF, key & 0xFFFF, backend.port,
+            (key >> 16) & 0xFFFFFFFF, backend.ip_int, s.nat_port, 0, 0, 0, s.created & 0xFFFFFFFF,
         )  # fmt: skip
-        _BODY_AND_CRC.pack_into(buffer, HEADER_SIZE + slot * RECORD_SIZE, body, crc32(body))
+        _RECORD.pack_into(
+            buffer, HEADER_SIZE + slot * RECORD_SIZE, fixed, crc32(fixed), s.state, s.fins,
+            s.wscale,
+        )  # fmt: skip
 
     def clear(self, s: Session) -> None:
         slot = s.slot
