@@ -1,7 +1,7 @@
 """A worker SIGKILLed in mid-flow (issue 16): lbnat restarts it on its socket, the new worker
 takes the dead one's flows back from its checkpoint before it reads a frame, and every open
 chat flow carries on, on both workers; a flow that had ended, or ended while the worker was
-dead, stays ended."""
+dead, stays ended. A restart of lbnat itself restores nothing."""
 
 from __future__ import annotations
 
@@ -121,3 +121,8 @@ def test_a_killed_worker_takes_its_flows_back(fbed: Bed) -> None:
     assert isinstance(restarted, list)
     assert restarted[victim]["restarts"] == 1 and restarted[victim]["pid"] != pid
     assert restarted[1 - victim]["restarts"] == 0
+
+    # A restart of lbnat itself starts with empty tables: the checkpoints died with it.
+    assert bed.stop(lbnat) == 0
+    bed.lbnat("--workers", "2", *FAST)
+    assert sessions(bed) == {}
