@@ -37,6 +37,7 @@ from lbnat.backends import Backend, BackendKey
 from lbnat.drops import DropReason
 from lbnat.nat import (
     ENDED,
+    UNKNOWN_ACK,
     Affinity,
     Ended,
     EndReason,
@@ -489,19 +490,19 @@ class Engine:
                 self._send_first.append(backend_reset(self.lb_ip, victim.session))
         if isinstance(opened, Refusal):
             self._send_first.clear()  # (a refusal after an eviction: the backend times out)
-            reason = _REFUSAL_DROPS[opened]
-            service.count_drop(reason)
-            return self._drop(reason)
+            service.count_drop(_REFUSAL_DROPS[opened])
+            return self._drop(_REFUSAL_DROPS[opened])
         if proto == TCP:
             self._tracker.start_tcp(opened, seq, flags, tcp_window_scale(buf, l4, end))
+        checkpoint = self.table.checkpoint
+        if checkpoint is not None:  # now that the row's tracking (window scale) is set
+            checkpoint.write(opened)
         if affinity is not None:
             affinity.remember(service.port, client_ip, backend.key, now)
         service.flows += 1
-        self.events.append(
-            FlowOpened(
-                service.name, opened.client, backend.key, opened.nat_port, self.table.open_flows
-            )
-        )
+        flows = self.table.open_flows
+        self.events.append(FlowOpened(service.name, opened.client, backend.key, opened.nat_port,
+                                      flows))  # fmt: skip
         return opened
 
     def _drop(self, reason: DropReason) -> Action:
@@ -528,7 +529,9 @@ class Engine:
 
         Each RST carries the sequence number its receiver expects next (the peer's last ACK
         the engine tracked), so the endpoint accepts it. The client of a row still in SYN_SENT
-        has not seen the backend's sequence numbers: it gets none and retries its SYN."""
+        has not seen the backend's sequence numbers: it gets none and retries its SYN. Nor
+        does an end whose peer has not ACKed since the row was restored (UNKNOWN_ACK): a guessed
+        sequence number would be refused anyway."""
         state = self.services[service]
         pool = self.pool_of(service, backend)
         if pool is None:
@@ -538,13 +541,14 @@ class Engine:
         for row in [r for r in pool.rows if r is not None and r.service is state and not r.ended]:
             if state.proto == TCP:
                 client_ip, client_port = row.client_ip, row.client_port
-                if row.state is not State.SYN_SENT:
+                if row.state is not State.SYN_SENT and row.ack_c != UNKNOWN_ACK:
                     rst = tcp_segment(
                         self.lb_ip, client_ip, state.port, client_port, row.ack_c, 0, RST
                     )
                     packets.append((rst, client_ip))
-                rst = tcp_segment(self.lb_ip, backend_ip, row.nat_port, port, row.ack_s, 0, RST)
-                packets.append((rst, backend_ip))
+                if row.ack_s != UNKNOWN_ACK:
+                    rst = tcp_segment(self.lb_ip, backend_ip, row.nat_port, port, row.ack_s, 0, RST)
+                    packets.append((rst, backend_ip))
             self.table.remove(row)
             self._flow_ended(Ended(row, EndReason.BACKEND_DEAD, self.table.open_flows), now)
         return packets

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lbnat.backends import Backend, BackendKey
+from lbnat.checkpoint import RestoreReport
 from lbnat.engine import Event
 from lbnat.service import Service
 from lbnat.syncookie import SynProxySettings
@@ -133,7 +134,11 @@ ToWorker = ApplyChange | Ask | Stop
 
 @dataclass(frozen=True, slots=True)
 class Ready:
+    """The worker is about to read its first frame, with the rows of its predecessor (if any)
+    rebuilt from its checkpoint (lbnat.checkpoint)."""
+
     pid: int
+    restored: RestoreReport = field(default_factory=RestoreReport)
 
 
 @dataclass(frozen=True, slots=True)

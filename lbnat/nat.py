@@ -14,7 +14,13 @@ needs no dict of its own (which is most of why a row costs under 500 bytes).
 TCP rows follow a simplified Linux conntrack / IPVS state machine with per-state timeouts
 (`ConnectionTracker`, the table's `tracker`).
 Sequence numbers are tracked just enough to tell an in-window RST (closes the row) from a
-stale or forged one (forwarded, changes nothing): each side's last ACK and scaled window.
+stale or forged one (forwarded, changes nothing): each side's last ACK and scaled window. A row
+rebuilt from a worker's checkpoint (`SessionTable.adopt`, lbnat.checkpoint) starts with both
+ACKs unknown (`UNKNOWN_ACK`) and picks them up from the next packets, as conntrack does; until
+then a RST is forwarded but closes nothing (counted in `rst_ignored`).
+
+`SessionTable.checkpoint`, when set, hears of every row's opening (from the engine), change of
+state and removal: per flow, never per packet (lbnat.checkpoint keeps them in shared memory).
 
 Expiry is lazy: a packet only sets `session.seen`; a row's deadline is seen + its state's
 timeout. Rows sit in one-second buckets keyed by the deadline they had when filed; a sweep
@@ -34,6 +40,7 @@ import socket
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from lbnat.backends import Backend, BackendKey
 from lbnat.packet import ACK, ADDRESS, FIN, PORT_PAIR, RST, SYN, TCP, rewrite_deltas
@@ -53,6 +60,9 @@ class State(enum.IntEnum):
 
 ENDED = (State.TIME_WAIT, State.CLOSE)
 HALF_OPEN = (State.SYN_SENT, State.SYN_RECV, State.UDP_UNREPLIED)
+
+UNKNOWN_ACK = -1
+"""A side's last ACK before a restored row has seen one (no u32 sequence number equals it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +245,19 @@ class PortPool:
             return self.free.popleft()
         return None
 
+    def claim(self, nat_port: int) -> bool:
+        """Take this very port (a restored row's); False if it is outside the pool or held.
+        Ports skipped over become free ones; claiming in rising order never searches."""
+        index = nat_port - self.first
+        if not 0 <= index < len(self.rows) or self.rows[index] is not None:
+            return False
+        if nat_port >= self.next_unused:
+            self.free.extend(PORTS[self.next_unused : nat_port])
+            self.next_unused = nat_port + 1
+        else:
+            self.free.remove(nat_port)  # held by no row, so either free or never used
+        return True
+
     def lookup(self, nat_port: int) -> Session | None:
         index = nat_port - self.first
         if 0 <= index < len(self.rows):
@@ -279,6 +302,7 @@ class Session:
         "rev_ports",
         "seen",
         "service",
+        "slot",
         "state",
         "win_c",
         "win_s",
@@ -308,6 +332,7 @@ class Session:
         self.win_s = 0
         self.wscale = 0
         self.fins = 0
+        self.slot = -1  # its record in the worker's checkpoint (lbnat.checkpoint); -1: none
 
     # Derived views, for tests, logs and `lbnat sessions`; never used per packet.
     @property
@@ -364,6 +389,16 @@ class Ended:
 _ESTABLISHED = State.ESTABLISHED
 _SYN_SENT = State.SYN_SENT
 _SYN_RECV = State.SYN_RECV
+
+
+class RowSink(Protocol):
+    """Hears of a row's changes that outlive a worker (lbnat.checkpoint.RowCheckpoint)."""
+
+    def write(self, s: Session) -> None:
+        """The row was opened or its state changed."""
+
+    def clear(self, s: Session) -> None:
+        """The row is gone."""
 
 
 class ExpiryBuckets:
@@ -449,6 +484,7 @@ class SessionTable:
         self.ports_reclaimed = 0  # half-open rows that gave their NAT port to a new flow
         self.pressure_spells = 0  # times the table went under pressure
         self.rst_ignored = 0
+        self.checkpoint: RowSink | None = None  # set by lbnat.checkpoint.restore
 
     def __len__(self) -> int:
         return len(self.forward)
@@ -570,6 +606,52 @@ class SessionTable:
         self.evicted += 1
         return Ended(victim, EndReason.EVICTED, self.open_flows)
 
+    def adopt(
+        self,
+        now: float,
+        service: ServiceState,
+        proto: int,
+        client_ip: int,
+        client_port: int,
+        vip: int,
+        backend: Backend,
+        nat_port: int,
+        state: State,
+    ) -> Session | None:
+        """Rebuild a row a previous worker had (lbnat.checkpoint.restore): this NAT port, this
+        state, its timeout running from `now`, both sides' ACKs unknown until its next packets.
+        None when the client socket or the port is taken, or the table is full. The flow is not
+        counted as a new one (it was scheduled before)."""
+        key = forward_key(proto, client_ip, client_port, service.port)
+        if key in self.forward or len(self.forward) >= self.cap:
+            return None
+        pool = self.pool_for(proto, backend)
+        if not pool.claim(nat_port):
+            return None
+        s = Session()
+        s.key = key
+        s.service = service
+        s.pool = pool
+        s.nat_port = PORTS[nat_port]
+        s.created = self.expiry.shared_second(math.floor(now))
+        _prepare_rewrites(s, client_ip, client_port, vip, backend.port)
+        s.state = state
+        s.ack_c = s.ack_s = UNKNOWN_ACK
+        self.forward[key] = s
+        pool.rows[nat_port - pool.first] = s
+        if state in ENDED:
+            self._closed.push(s)
+            pool._closed.push(s)
+        else:
+            pool.active += 1
+            self.open_flows += 1
+        if state in HALF_OPEN:
+            self._half_open.push(s)
+            pool._half_open.push(s)
+        s.seen = now
+        self.expiry.file(s, now + self.timeout_of[state])
+        return s
+
     def remove(self, s: Session) -> None:
         """Forget a row at once (its port goes back to the pool). Idempotent."""
         if s.bucket < 0:
@@ -588,6 +670,8 @@ class SessionTable:
         pool = s.pool
         pool.rows[s.nat_port - pool.first] = None
         pool.free.append(s.nat_port)
+        if self.checkpoint is not None:
+            self.checkpoint.clear(s)
 
     def end(self, s: Session, state: State, now: float, reason: EndReason) -> Ended:
         """Move an open row to TIME_WAIT or CLOSE: the flow is over, the row lingers."""
@@ -600,6 +684,8 @@ class SessionTable:
         self._closed.push(s)
         s.pool._closed.push(s)
         self._deadline(s, now)
+        if self.checkpoint is not None:
+            self.checkpoint.write(s)
         return Ended(s, reason, self.open_flows)
 
     def move(self, s: Session, state: State, now: float) -> None:
@@ -609,6 +695,8 @@ class SessionTable:
             s.pool._half_open.live -= 1
         s.state = state
         self._deadline(s, now)
+        if self.checkpoint is not None:
+            self.checkpoint.write(s)
 
     def _deadline(self, s: Session, now: float) -> None:
         s.seen = now
@@ -807,6 +895,9 @@ class ConnectionTracker:
         SYN's window, never scaled, is then over-estimated: lenient only before the
         handshake completes)."""
         if s.state in ENDED:
+            return None
+        if peer_ack == UNKNOWN_ACK:  # a restored row before the peer's first ACK: no window
+            self._table.rst_ignored += 1
             return None
         offset = (seq - peer_ack) & 0xFFFFFFFF
         window = peer_win << min(peer_scale, 14)

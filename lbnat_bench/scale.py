@@ -10,6 +10,9 @@ resident set size (RSS) is that of the table alone plus the interpreter.
 Each measured packet is copied into the receive buffer first (the engine rewrites in place);
 that copy is timed alone and subtracted. Payload 1448 bytes, complete checksums (the costlier
 path).
+
+With `--checkpoint` the engine keeps its rows' records in a shared mapping as a worker does
+(lbnat.checkpoint): the memory per session then includes each row's record and slot number.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import mmap
 import statistics
 import sys
 import time
 import tracemalloc
 
 from lbnat.backends import Backend
+from lbnat.checkpoint import RowCheckpoint, checkpoint_bytes, restore
 from lbnat.engine import FORWARD, Engine, ip_int
 from lbnat.nat import forward_key
 from lbnat.packet import ACK, SYN, TCP, tcp_segment
@@ -118,7 +123,9 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def measure(rows: int, batches: int = 30, trace: bool = False) -> dict[str, float]:
+def measure(
+    rows: int, batches: int = 30, trace: bool = False, checkpoint: bool = False
+) -> dict[str, float]:
     """Fill a table with `rows` established flows, then time one more flow's packets.
 
     bytes_per_session is the RSS growth over the fill divided by the rows (what the operator
@@ -129,6 +136,9 @@ def measure(rows: int, batches: int = 30, trace: bool = False) -> dict[str, floa
     warm = min(rows, BACKENDS)
     gc.collect()
     engine = make_engine(cap=rows + 10)
+    if checkpoint:
+        shared = mmap.mmap(-1, checkpoint_bytes(rows + 10))
+        restore(engine, RowCheckpoint(memoryview(shared)), 0.0)
     fill(engine, warm)
     gc.collect()
     before = rss_bytes()
@@ -163,10 +173,12 @@ def main() -> None:
     parser.add_argument("--tracemalloc", action="store_true",
                         help="also count the bytes Python allocates per session (slower; RSS then "
                         "includes tracemalloc's own bookkeeping)")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="keep the rows' records in a shared mapping, as a worker does")
     args = parser.parse_args()
     if args.rows < 1 or args.batches < 1:
         parser.error("--rows and --batches must be at least 1")
-    print(json.dumps(measure(args.rows, args.batches, args.tracemalloc)))
+    print(json.dumps(measure(args.rows, args.batches, args.tracemalloc, args.checkpoint)))
 
 
 if __name__ == "__main__":

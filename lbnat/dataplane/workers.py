@@ -11,7 +11,11 @@
 `WorkerPool` (N workers) starts one process per worker; the main thread supervises: a worker that
 exits is started again on the same socket (its place in the fanout group is kept, so every
 other worker's flows keep their worker) while the others go on forwarding. The restarted worker
-starts with an empty table: the flows it owned are lost, as after a restart of lbnat.
+takes its flows back: each worker keeps a record of every row in a memfd of its own
+(`RowMemory`, lbnat.checkpoint) that the main process creates and passes to every incarnation
+of that worker; the new one rebuilds the rows from it before it reads its first frame, and
+the frames that waited in the kept socket's ring meanwhile find them. The memfd lives as long as
+the main process: a restart of lbnat starts with empty tables.
 
 Both implement lbnat.messages.DataPlane: `change()` sends a change to every engine, `ask()`
 returns every engine's answer (lbnat.views), events come back through `on_events`. The
@@ -35,6 +39,14 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from lbnat.checkpoint import (
+    HEADER_SIZE,
+    RestoreReport,
+    RowCheckpoint,
+    checkpoint_bytes,
+    records_below,
+    restore,
+)
 from lbnat.dataplane.bpf import attach_filter
 from lbnat.dataplane.fanout import join, steering_program
 from lbnat.dataplane.link import Link, Neighbours
@@ -62,7 +74,11 @@ from lbnat.views import answer, apply_change
 
 EventSink = Callable[[int, list[Event]], None]  # (worker index, events)
 
-START_TIMEOUT = 15.0  # seconds for a worker to report ready
+START_TIMEOUT = 15.0  # seconds for a worker to report ready (with an empty checkpoint)
+# ... and more per record its checkpoint holds: a restore costs about 30 us a row here (about
+# what opening it cost), so a worker restored with 500,000 rows is given 115 s, not killed
+# for being slow and restarted into the same restore for ever.
+RESTORE_TIMEOUT_PER_ROW = 200e-6
 RESTART_DELAY = 1.0  # seconds between restarts of the same worker
 SUPERVISE_EVERY = 0.2  # seconds between looks at the workers (and the daemon's upkeep)
 
@@ -147,6 +163,33 @@ class _Cursor:
 
     def store(self, value: int) -> None:
         _U64.pack_into(self._map, self._at, value)
+
+
+class RowMemory:
+    """One worker's row checkpoint (lbnat.checkpoint): a memfd the main process creates, keeps
+    and passes to every incarnation of the worker, with room for `rows` records. Its pages are
+    allocated as records are first written, so a large table cap costs nothing up front."""
+
+    def __init__(self, index: int, rows: int) -> None:
+        self.fd = os.memfd_create(f"lbnat-rows-{index}")  # close-on-exec; pass_fds passes it
+        try:
+            os.ftruncate(self.fd, checkpoint_bytes(rows))
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def records(self) -> int:
+        """Slots the next worker's restore will look at (the checkpoint's high water mark)."""
+        return records_below(os.pread(self.fd, HEADER_SIZE, 0))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def map_checkpoint(fd: int) -> RowCheckpoint:
+    """A worker's view of its RowMemory (the checkpoint's memoryview keeps the mapping open
+    for the process's life)."""
+    return RowCheckpoint(memoryview(mmap.mmap(fd, os.fstat(fd).st_size)))
 
 
 # --- building a loop (the same in the main process and in a worker) -----------------------------
@@ -297,6 +340,8 @@ class WorkerProcess:
         self._send_lock = threading.Lock()
         self._answers: dict[int, tuple[threading.Event, list[Any]]] = {}
         self.ready_pid: int | None = None  # set by the current process's Ready
+        self.restored = RestoreReport()  # the current process's rows taken over (its Ready)
+        self.rows: RowMemory | None = None  # made at the first start, kept for every restart
         self.errors: list[str] = []
 
     @property
@@ -304,8 +349,10 @@ class WorkerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, setup: WorkerSetup) -> None:
+        if self.rows is None:
+            self.rows = RowMemory(self.index, setup.table_cap)
         parent, child = socket.socketpair()
-        fds = (self.sock.fileno(), child.fileno(), self.cursors.fd)
+        fds = (self.sock.fileno(), child.fileno(), self.cursors.fd, self.rows.fd)
         command = [
             sys.executable,
             "-m",
@@ -316,9 +363,12 @@ class WorkerProcess:
             str(fds[1]),
             "--cursor-fd",
             str(fds[2]),
+            "--rows-fd",
+            str(fds[3]),
         ]
         ready = threading.Event()  # this start's own: a reader of a stopped process sets only its
         self.ready_pid = None
+        self.restored = RestoreReport()
         self.errors = []  # this start's
         try:
             self.proc = subprocess.Popen(command, pass_fds=fds, stdin=subprocess.DEVNULL)
@@ -330,11 +380,12 @@ class WorkerProcess:
             target=self._read, args=(parent, ready), name=f"lbnat-worker-{self.index}", daemon=True
         ).start()
         self.send(setup)
-        if not ready.wait(START_TIMEOUT) or self.ready_pid is None:
+        timeout = START_TIMEOUT + self.rows.records() * RESTORE_TIMEOUT_PER_ROW
+        if not ready.wait(timeout) or self.ready_pid is None:
             detail = "; ".join(self.errors) or (
                 "it exited before it was ready"
                 if ready.is_set()
-                else f"no word from it in {START_TIMEOUT:.0f} s"
+                else f"no word from it in {timeout:.0f} s"
             )
             self.stop(1.0)
             raise WorkerError(f"worker {self.index} did not start: {detail}")
@@ -350,6 +401,7 @@ class WorkerProcess:
                 break
             for message in reader.feed(data):
                 if isinstance(message, Ready):
+                    self.restored = message.restored
                     self.ready_pid = message.pid
                     ready.set()
                 else:
@@ -408,6 +460,13 @@ class WorkerProcess:
             self.control.close()
             self.control = None
 
+    def close(self) -> None:
+        """Stop the process and let its row checkpoint go (lbnat is stopping)."""
+        self.stop()
+        if self.rows is not None:
+            self.rows.close()
+            self.rows = None
+
 
 class WorkerPool:
     """N worker processes behind one fanout group; the main thread supervises them."""
@@ -453,14 +512,23 @@ class WorkerPool:
                      worker=proc.index, error=str(error))  # fmt: skip
             return
         assert proc.proc is not None
+        restored = proc.restored
+        dropped = ""
+        if restored.dropped:
+            reasons = ", ".join(f"{n} {why}" for why, n in sorted(restored.dropped.items()))
+            dropped = f" ({restored.dropped_total} rows dropped: {reasons})"
         self.log(
             f"worker {proc.index} : pid {pid} exited (code {code}); restarted as pid "
-            f"{proc.proc.pid}, its flows are lost, the other workers kept forwarding",
+            f"{proc.proc.pid}, its {restored.open_flows} flows restored{dropped}, the other "
+            "workers kept forwarding",
             "worker_restarted",
             worker=proc.index,
             old_pid=pid,
             pid=proc.proc.pid,
             exit_code=code,
+            restored_flows=restored.open_flows,
+            restored_rows=restored.rows,
+            dropped_rows=dict(restored.dropped),
         )
 
     def stop(self) -> None:
@@ -506,7 +574,7 @@ class WorkerPool:
 
     def close(self) -> None:
         for proc in self.procs:
-            proc.stop()
+            proc.close()
         for sock in self.socks:
             sock.close()
         self.cursors.close()
@@ -520,6 +588,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--packet-fd", type=int, required=True)
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--cursor-fd", type=int, required=True)
+    parser.add_argument("--rows-fd", type=int, required=True)
     args = parser.parse_args(argv)
     # Ctrl-C reaches the whole process group: the main process decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -553,6 +622,13 @@ def worker_main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         send_message(control, WorkerFailed(str(error)))
         return 1
+    # The rows of this worker's predecessor, rebuilt before the first frame is read.
+    try:
+        checkpoint = map_checkpoint(args.rows_fd)
+    except (OSError, ValueError) as error:
+        send_message(control, WorkerFailed(f"cannot map its row checkpoint: {error}"))
+        return 1
+    restored = restore(engine, checkpoint, time.monotonic())
     lock = threading.Lock()
 
     def send(message: FromWorker) -> None:
@@ -603,7 +679,7 @@ def worker_main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     loop.watch(control.fileno(), on_control)
-    send(Ready(os.getpid()))
+    send(Ready(os.getpid(), restored))
     try:
         loop.run()
     finally:

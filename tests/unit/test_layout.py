@@ -124,6 +124,7 @@ def test_config_imports_nothing_from_the_data_plane_or_health() -> None:
 PURE = [
     "lbnat.packet",
     "lbnat.nat",
+    "lbnat.checkpoint",
     "lbnat.scheduler",
     "lbnat.engine",
     "lbnat.backends",

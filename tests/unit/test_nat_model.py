@@ -13,7 +13,10 @@ revive and get added. After every step:
 - no open row (ESTABLISHED, FIN_WAIT, UDP_REPLIED) is ever removed except by its timeout;
 - a row lives at least its state's timeout after entering that state and at most its state's
   timeout after the last packet it saw; after tick(now) no row is overdue by a full second,
-  and no row is removed by tick before its deadline.
+  and no row is removed by tick before its deadline;
+- the engine's checkpoint (lbnat.checkpoint) holds exactly one record per row, the row as it
+  is; a fresh engine restored from it (a step) has the same rows (client, backend, NAT port,
+  state).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from lbnat.backends import BackendKey, Health
+from lbnat.checkpoint import RowCheckpoint, checkpoint_bytes, record_of, restore
 from lbnat.drops import DropReason
 from lbnat.engine import DROP, FORWARD, REPLY, SEND_FIRST, FlowEnded, FlowOpened, NoBackend
 from lbnat.nat import ENDED, HALF_OPEN, Session, State, Timeouts, forward_key
@@ -100,6 +104,9 @@ class NatMachine(RuleBasedStateMachine):
         self.entered: dict[Session, float] = {}  # when the row entered its current state
         self.state_of: dict[Session, State] = {}
         self.touched: dict[Session, float] = {}  # the last packet the row saw
+        self.buffer = memoryview(bytearray(checkpoint_bytes(CAP)))
+        self.checkpoint = RowCheckpoint(self.buffer)
+        restore(self.lab.engine, self.checkpoint, 0.0)
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -458,6 +465,31 @@ class NatMachine(RuleBasedStateMachine):
             assert s.state == self.state_of[s]
             assert s.expires >= self.entered[s] + timeout, "a row would expire before its timeout"
             assert s.expires <= self.touched[s] + timeout, "a row outlives its timeout"
+
+    @invariant()
+    def the_checkpoint_holds_every_row_as_it_is(self) -> None:
+        rows = self.lab.table.forward.values()
+        records = {slot: self.checkpoint.record(slot) for slot in self.checkpoint.used_slots()}
+        assert records == {s.slot: record_of(s) for s in rows}
+
+    @rule()
+    def a_restore_gives_the_same_rows(self) -> None:
+        """A worker restarted now would have these rows (checked as a step, not after every
+        step: a fresh engine costs more than a step)."""
+        fresh = EngineHarness(
+            backends=len(self.lab.tcp_backends), nat_ports=NAT_PORTS, cap=CAP, timeouts=TIMEOUTS
+        )
+        copy = memoryview(bytearray(self.buffer))
+        report = restore(fresh.engine, RowCheckpoint(copy), self.now)
+        assert report.dropped == {} and report.open_flows == self.lab.table.open_flows
+
+        def rows(lab: EngineHarness) -> set[tuple[int, BackendKey, int, State, int, int]]:
+            return {
+                (s.key, s.backend.key, s.nat_port, s.state, s.fins, s.wscale) for s in lab.table
+            }
+
+        assert rows(fresh) == rows(self.lab)
+        check_table(fresh.table)
 
     @invariant()
     def open_rows_are_tcp_or_udp_states(self) -> None:

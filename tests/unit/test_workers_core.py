@@ -10,13 +10,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lbnat.backends import Backend, Health
+from lbnat.checkpoint import RestoreReport, restore
 from lbnat.dataplane.link import Link
 from lbnat.dataplane.rings import RingSpec
 from lbnat.dataplane.workers import (
     MessageReader,
+    RowMemory,
     SharedCursors,
     WorkerError,
     WorkerProcess,
+    map_checkpoint,
     send_message,
 )
 from lbnat.engine import NoBackend
@@ -37,7 +40,7 @@ from lbnat.messages import (
 from lbnat.nat import Timeouts
 from lbnat.scheduler import RoundRobin
 from lbnat.views import answer, apply_change, merge_counters
-from tests.unit.fixtures import EngineHarness
+from tests.unit.fixtures import CLIENT1, EngineHarness
 
 B = (Backend("198.18.0.21", 9000), Backend("198.18.0.22", 9000), Backend("198.18.0.23", 9000))
 
@@ -145,6 +148,7 @@ SETUP_FREE_MESSAGES: list[object] = [
     Ask(2, AskActive((("web", B[1].key),))),
     Stop(),
     Ready(1234),
+    Ready(1235, RestoreReport(rows=3, open_flows=2, dropped={"no_backend": 1})),
     WorkerFailed("cannot open its rings"),
     Events([NoBackend("web", ("198.18.0.11", 40000))]),
     Answer(2, True, {("web", B[1].key): 3}),
@@ -193,7 +197,32 @@ def test_a_worker_that_fails_before_it_is_ready_fails_its_start() -> None:
             worker.start(setup)
         assert not worker.alive
     finally:
-        worker.stop(1.0)
+        worker.close()
         cursors.close()
         packet_end.close()
         other_end.close()
+
+
+def test_a_workers_row_memory_outlives_the_worker_but_not_lbnat() -> None:
+    """Two mappings of one RowMemory stand for a worker and its restarted successor: the second
+    restores the first one's rows. A new RowMemory (a restarted lbnat) holds nothing."""
+    memory = RowMemory(0, rows=100)
+    try:
+        assert memory.records() == 0
+        first = EngineHarness()
+        restore(first.engine, map_checkpoint(memory.fd), 0.0)
+        for port in range(40000, 40005):
+            assert first.flow(CLIENT1, port).syn().forwarded
+        assert memory.records() == 5
+        second = EngineHarness()
+        report = restore(second.engine, map_checkpoint(memory.fd), 1.0)
+        assert report == RestoreReport(rows=5, open_flows=5)
+        assert {r.nat_port for r in second.table} == {r.nat_port for r in first.table}
+    finally:
+        memory.close()
+    fresh = RowMemory(0, rows=100)
+    try:
+        assert fresh.records() == 0
+        assert restore(EngineHarness().engine, map_checkpoint(fresh.fd), 2.0) == RestoreReport()
+    finally:
+        fresh.close()

@@ -1,0 +1,337 @@
+"""A worker's rows, kept where the worker that replaces it finds them (issue 16).
+
+A worker keeps one fixed-size record per row in a buffer it is given: in lbnat a memfd that the
+main process creates for each worker and passes to every incarnation of it
+(lbnat.dataplane.workers), so a worker restarted after a crash rebuilds its rows, with the
+same NAT ports, backends and states, before it reads its first frame (`restore`).
+
+A record is written when a row is opened, when its state changes and when it is removed (the
+table tells `RowCheckpoint` through `SessionTable.checkpoint`): per flow, never per packet, so
+the packet path costs what it did. Sequence tracking is not kept (it changes with every
+packet): a restored row picks it up from its next packets (lbnat.nat.UNKNOWN_ACK).
+
+Layout, little-endian. A 64-byte header:
+
+    offset size
+     0     8    magic b"lbnatrow"
+     8     2    format (1)
+    10     2    record size (40)
+    12     4    high water: slots ever handed out; records are looked for only below it
+    16    48    reserved (0)
+
+then one 40-byte record per slot. Bytes 0-31 are what a row keeps for its life, written once
+when it opens and covered by a CRC; bytes 32-34 are what its state changes move, written
+alone (three bytes, no CRC to redo) and checked by range when read:
+
+     0     1    format of the record: 0 = a free slot, 1 = a row in this layout
+     1     1    protocol (6 TCP, 17 UDP)
+     2     2    service port
+     4     2    client port
+     6     2    backend port
+     8     4    client IPv4 address
+    12     4    backend IPv4 address
+    16     2    NAT port
+    18     1    SYN-proxy flags (reserved for a SYN-proxy, 0)
+    19     1    reserved (0)
+    20     4    sequence offset (reserved for a SYN-proxy, 0)
+    24     4    created: the whole second the row was opened (the engine's clock)
+    28     4    CRC-32 of bytes 0-27: a record torn by a kill in mid-write is refused
+    32     1    state (lbnat.nat.State)
+    33     1    flags: bits 0-1 the FINs seen (1 client, 2 backend; Session.fins), 2-7 zero
+    34     1    window scales, (client << 4) | backend, 15 = not offered (Session.wscale)
+    35     5    reserved (0)
+
+(A field of bytes 0-27 that changes later, such as a SYN-proxy's sequence offset, is written
+with the whole of them and the CRC again.) A kill in mid-write of a state change leaves the
+old or the new value in each of bytes 32-34, each a state the row could be in; a kill in
+mid-write of an open leaves a record whose CRC does not match, dropped (the flow was only
+being opened: its SYN comes again). A slot is free again once its row is removed (the format
+byte set to 0, one byte: never torn). Slots are reused last-freed first, so the pages a memfd
+really allocates stay near the number of rows the worker holds at its busiest.
+
+Pure: works on the buffer it is given (a memoryview of a bytearray or of an mmap), reads no
+clock (`now` comes in).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from zlib import crc32
+
+from lbnat.engine import Engine, ip_text
+from lbnat.nat import Session, State
+from lbnat.packet import TCP, UDP
+
+MAGIC = b"lbnatrow"
+FORMAT = 1
+
+_HEADER = struct.Struct("<8sHHI48x")
+_HIGH_WATER = struct.Struct("<I")
+_HIGH_WATER_AT = 12
+HEADER_SIZE = _HEADER.size  # 64
+
+# The field table above: what a row keeps for its life (covered by the CRC that follows it),
+# then what its state changes move.
+_FIXED = struct.Struct("<BBHHHIIHBBII")
+FIXED_SIZE = _FIXED.size  # 28
+_CRC = struct.Struct("<I")
+_MOVING = struct.Struct("<BBB")
+MOVING_AT = FIXED_SIZE + _CRC.size  # 32
+_RECORD = struct.Struct("<28sIBBB5x")
+RECORD_SIZE = _RECORD.size  # 40
+
+_TCP_STATES = frozenset(s for s in State if s not in (State.UDP_UNREPLIED, State.UDP_REPLIED))
+_UDP_STATES = frozenset((State.UDP_UNREPLIED, State.UDP_REPLIED))
+_STATES_OF = {TCP: _TCP_STATES, UDP: _UDP_STATES}
+
+
+def checkpoint_bytes(rows: int) -> int:
+    """The size of a buffer with room for `rows` records."""
+    return HEADER_SIZE + max(0, rows) * RECORD_SIZE
+
+
+def records_below(header: bytes) -> int:
+    """How many slots a restore will look at (the high water mark), from a buffer's first
+    HEADER_SIZE bytes; 0 for a buffer never formatted."""
+    if len(header) < HEADER_SIZE:
+        return 0
+    magic, form, record_size, high_water = _HEADER.unpack_from(header)
+    if (magic, form, record_size) != (MAGIC, FORMAT, RECORD_SIZE):
+        return 0
+    return int(high_water)
+
+
+@dataclass(frozen=True, slots=True)
+class RowRecord:
+    """One row as its record holds it."""
+
+    proto: int
+    state: State
+    fins: int
+    service_port: int
+    client_ip: int
+    client_port: int
+    backend_ip: int
+    backend_port: int
+    nat_port: int
+    wscale: int
+    created: int
+    proxy_flags: int = 0
+    seq_offset: int = 0
+
+
+def record_of(s: Session) -> RowRecord:
+    """What `RowCheckpoint.write` stores for row `s`."""
+    backend = s.pool.backend
+    return RowRecord(
+        s.proto, s.state, s.fins, s.service_port, s.client_ip, s.client_port,
+        backend.ip_int, backend.port, s.nat_port, s.wscale, s.created & 0xFFFFFFFF,
+    )  # fmt: skip
+
+
+def encode_record(record: RowRecord) -> bytes:
+    """The record's RECORD_SIZE bytes."""
+    fixed = _FIXED.pack(
+        FORMAT, record.proto, record.service_port, record.client_port, record.backend_port,
+        record.client_ip, record.backend_ip, record.nat_port, record.proxy_flags, 0,
+        record.seq_offset, record.created,
+    )  # fmt: skip
+    return _RECORD.pack(fixed, crc32(fixed), record.state, record.fins, record.wscale)
+
+
+def decode_record(data: bytes) -> RowRecord | None:
+    """The row a record holds; None for a free slot. ValueError (with the reason) for a record
+    that is torn or holds what no row can (an unknown format, protocol, state or flag)."""
+    if len(data) != RECORD_SIZE:
+        raise ValueError(f"a record is {RECORD_SIZE} bytes, not {len(data)}")
+    if data[0] == 0:
+        return None
+    fixed, crc, state, flags, wscale = _RECORD.unpack(data)
+    if crc != crc32(fixed):
+        raise ValueError("its CRC does not match (torn by a kill in mid-write?)")
+    (
+        form, proto, service_port, client_port, backend_port, client_ip, backend_ip, nat_port,
+        proxy_flags, _, seq_offset, created,
+    ) = _FIXED.unpack(fixed)  # fmt: skip
+    if form != FORMAT:
+        raise ValueError(f"record format {form} is not {FORMAT}")
+    states = _STATES_OF.get(proto)
+    if states is None:
+        raise ValueError(f"protocol {proto} is not TCP or UDP")
+    if state not in states:
+        raise ValueError(f"state {state} is not one of a protocol {proto} row")
+    if flags & ~0x03:
+        raise ValueError(f"unknown flags {flags:#x}")
+    return RowRecord(
+        proto, State(state), flags, service_port, client_ip, client_port, backend_ip,
+        backend_port, nat_port, wscale, created, proxy_flags, seq_offset,
+    )  # fmt: skip
+
+
+class RowCheckpoint:
+    """A worker's rows as records in `buffer` (see the module's layout). A buffer without a
+    valid header is formatted (empty); one with a header is read by `restore` first.
+
+    As the table's `checkpoint` it hears of each row's opening and state changes (`write`)
+    and of its removal (`clear`). A row keeps its slot in `Session.slot`."""
+
+    def __init__(self, buffer: memoryview) -> None:
+        if buffer.readonly or buffer.format != "B" or buffer.ndim != 1:
+            raise ValueError("a checkpoint needs a writable, flat buffer of bytes")
+        self._buffer = buffer
+        size = len(buffer)
+        if size < HEADER_SIZE:
+            raise ValueError(f"a checkpoint needs at least {HEADER_SIZE} bytes, not {size}")
+        self.slots = (size - HEADER_SIZE) // RECORD_SIZE
+        magic, form, record_size, high_water = _HEADER.unpack_from(self._buffer, 0)
+        if (magic, form, record_size) != (MAGIC, FORMAT, RECORD_SIZE):
+            # A fresh buffer, or another layout: nothing in it is a row of this one.
+            self._buffer[:HEADER_SIZE] = _HEADER.pack(MAGIC, FORMAT, RECORD_SIZE, 0)
+            high_water = 0
+        self.high_water: int = min(int(high_water), self.slots)
+        self._free: list[int] = []  # slots below the high water mark, last freed on top
+        self.full = 0  # rows that found no free slot (the buffer is smaller than the table)
+
+    def used_slots(self) -> list[int]:
+        """Slots below the high water mark whose format byte says they hold a row."""
+        start = HEADER_SIZE
+        marks = self._buffer[start : start + self.high_water * RECORD_SIZE : RECORD_SIZE].tobytes()
+        return [slot for slot, mark in enumerate(marks) if mark]
+
+    def record(self, slot: int) -> RowRecord | None:
+        """The row in `slot` (None: free); ValueError for a torn or impossible record."""
+        at = HEADER_SIZE + slot * RECORD_SIZE
+        return decode_record(self._buffer[at : at + RECORD_SIZE].tobytes())
+
+    def settle(self, held: set[int], stale: list[int]) -> None:
+        """After a restore: the slots of `stale` records are cleared, and every slot below
+        the high water mark not `held` by a restored row is free."""
+        for slot in stale:
+            self._buffer[HEADER_SIZE + slot * RECORD_SIZE] = 0
+        self._free = [slot for slot in range(self.high_water - 1, -1, -1) if slot not in held]
+
+    def write(self, s: Session) -> None:
+        slot = s.slot
+        buffer = self._buffer
+        if slot >= 0:
+            # A change of state: a row's addresses, ports, backend and NAT port are fixed for
+            # its life; only the three bytes its state changes move are written.
+            at = HEADER_SIZE + slot * RECORD_SIZE + MOVING_AT
+            _MOVING.pack_into(buffer, at, s.state, s.fins, s.wscale)
+            return
+        if self._free:
+            slot = self._free.pop()
+        elif self.high_water < self.slots:
+            slot = self.high_water
+            self.high_water = slot + 1
+            _HIGH_WATER.pack_into(buffer, _HIGH_WATER_AT, self.high_water)
+        else:
+            self.full += 1
+            return
+        s.slot = slot
+        # Packed field by field from the row rather than through record_of(): no object per
+        # write (the engine opens flows at thousands per second).
+        key = s.key
+        backend = s.pool.backend
+        fixed = _FIXED.pack(
+            FORMAT, key >> 64, (key >> 48) & 0xFFFF, key & 0xFFFF, backend.port,
+            (key >> 16) & 0xFFFFFFFF, backend.ip_int, s.nat_port, 0, 0, 0, s.created & 0xFFFFFFFF,
+        )  # fmt: skip
+        _RECORD.pack_into(
+            buffer, HEADER_SIZE + slot * RECORD_SIZE, fixed, crc32(fixed), s.state, s.fins,
+            s.wscale,
+        )  # fmt: skip
+
+    def clear(self, s: Session) -> None:
+        slot = s.slot
+        if slot < 0:
+            return
+        self._buffer[HEADER_SIZE + slot * RECORD_SIZE] = 0  # one byte: a kill cannot tear it
+        self._free.append(slot)
+        s.slot = -1
+
+    def __len__(self) -> int:
+        """Rows held (slots handed out and not freed)."""
+        return self.high_water - len(self._free)
+
+
+class Dropped(enum.Enum):
+    """Why a record was not restored."""
+
+    TORN = "torn"  # its CRC does not match, or it holds what no row can
+    NO_SERVICE = "no_service"  # its service is gone (a reload removed it)
+    NO_BACKEND = "no_backend"  # its backend is no longer one of the service's
+    CONFLICT = "conflict"  # its client socket or NAT port is taken, outside this worker's
+    # NAT ports, or the table is full
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreReport:
+    """What `restore` did: rows rebuilt, how many of them are open flows (not ended), and the
+    records dropped, by reason (Dropped values)."""
+
+    rows: int = 0
+    open_flows: int = 0
+    dropped: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+
+def restore(engine: Engine, checkpoint: RowCheckpoint, now: float) -> RestoreReport:
+    """Rebuild in `engine` (before its first packet) every row `checkpoint` holds, as the
+    table's own rows: same NAT port and backend, same state, its timeout counted from `now`,
+    sequence tracking picked up from the next packets. Records whose service or backend is
+    gone, or that cannot be read, are dropped, counted and cleared. From then on the
+    checkpoint follows the engine's table (`table.checkpoint`)."""
+    dropped: dict[str, int] = {}
+    stale: list[int] = []
+
+    def drop(slot: int, reason: Dropped) -> None:
+        dropped[reason.value] = dropped.get(reason.value, 0) + 1
+        stale.append(slot)
+
+    records: list[tuple[int, RowRecord]] = []
+    for slot in checkpoint.used_slots():
+        try:
+            record = checkpoint.record(slot)
+        except ValueError:
+            drop(slot, Dropped.TORN)
+            continue
+        if record is not None:
+            records.append((slot, record))
+    # Rising NAT ports: a port pool then claims each without a search (PortPool.claim).
+    records.sort(key=lambda entry: entry[1].nat_port)
+    table, services = engine.table, engine.services.by_port
+    held: set[int] = set()
+    open_flows = 0
+    floor_now = math.floor(now)
+    for slot, r in records:
+        service = services.get((r.proto << 16) | r.service_port)
+        if service is None:
+            drop(slot, Dropped.NO_SERVICE)
+            continue
+        backend = service.by_key.get((ip_text(r.backend_ip), r.backend_port))
+        if backend is None:
+            drop(slot, Dropped.NO_BACKEND)
+            continue
+        row = table.adopt(
+            now, service, r.proto, r.client_ip, r.client_port, engine.lb_ip, backend,
+            r.nat_port, r.state,
+        )  # fmt: skip
+        if row is None:
+            drop(slot, Dropped.CONFLICT)
+            continue
+        row.wscale, row.fins, row.slot = r.wscale, r.fins, slot
+        if r.created <= floor_now:  # the age `lbnat sessions` shows goes on
+            row.created = table.expiry.shared_second(r.created)
+        held.add(slot)
+        open_flows += not row.ended
+    checkpoint.settle(held, stale)
+    table.checkpoint = checkpoint
+    return RestoreReport(len(held), open_flows, dropped)
