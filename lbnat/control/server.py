@@ -30,7 +30,11 @@ Apply = Callable[[Request, str], bytes]  # (request, who asked) -> the reply lin
 Refused = Callable[[str, str], None]  # (who asked, why) -> log it
 
 REQUESTS_PER_CONNECTION = 100
-IDLE_TIMEOUT = 10.0  # seconds a connection may stay silent
+IDLE_TIMEOUT = 10.0  # seconds a connection may stay silent, or take to read its reply
+BACKLOG = 128
+"""Connections waiting to be accepted. socketserver's default, 5, overflows as soon as a few
+clients connect at once (a burst of backends registering after a restart, or a flood): the
+kernel then drops their SYNs and each one waits a 1 s retransmit (tests/faults measured it)."""
 
 
 class _LineHandler(socketserver.StreamRequestHandler):
@@ -42,19 +46,33 @@ class _LineHandler(socketserver.StreamRequestHandler):
         for _ in range(REQUESTS_PER_CONNECTION):
             try:
                 line = self.rfile.readline(MAX_LINE + 1)
+            except TimeoutError:
+                server.refused(peer, f"no request within {IDLE_TIMEOUT:g} s; connection closed")
+                return
             except OSError:
                 return
             if not line:
                 return
             if len(line) > MAX_LINE or not line.endswith(b"\n"):
-                self._reply(nack(f"a request is one line of at most {MAX_LINE} bytes"))
+                reason = f"a request is one line of at most {MAX_LINE} bytes"
+                server.refused(peer, reason)
+                self._reply(nack(reason), server, peer)
                 return
-            self._reply(server.answer(line, peer))
+            if not self._reply(server.answer(line, peer), server, peer):
+                return
 
-    def _reply(self, data: bytes) -> None:
-        with contextlib.suppress(OSError):
+    def _reply(self, data: bytes, server: _LineServer, peer: str) -> bool:
+        """Send one reply line; False (logged) if the peer did not take it within the idle
+        bound, so a client that never reads holds a thread for IDLE_TIMEOUT at most."""
+        try:
             self.wfile.write(data)
             self.wfile.flush()
+        except TimeoutError:
+            server.refused(peer, f"did not read its reply within {IDLE_TIMEOUT:g} s; dropped")
+            return False
+        except OSError:
+            return False
+        return True
 
 
 class _LineServer:
@@ -82,6 +100,7 @@ class _LineServer:
 class RegistrationServer(_LineServer, socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = BACKLOG
 
     def __init__(
         self, host: str, port: int, auth: Authenticator, apply: Apply, refused: Refused
@@ -95,6 +114,7 @@ class RegistrationServer(_LineServer, socketserver.ThreadingMixIn, socketserver.
 class AdminServer(_LineServer, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     admin = True
+    request_queue_size = BACKLOG
 
     def __init__(self, path: str, apply: Apply, refused: Refused) -> None:
         self.apply = apply
