@@ -6,6 +6,7 @@
 - `abuse`: the control channel's bad clients: idle connections held open, garbage, an
   over-long line, a forged MAC, a replayed request; every reply printed.
 - `register`: one good, signed register request with a 1 s bound on the answer.
+- `udp-flows`, `udp-echo`: many UDP rows at once; one echo through the VIP.
 - `stuck-admin`: admin-socket clients that send nothing, or ask and never read.
 
 Each prints one JSON object per line on stdout; every wait is bounded.
@@ -157,6 +158,31 @@ def register(host: str, port: int, secret: bytes, service: str, ip: str, bport: 
     emit(event="register", reply=reply, seconds=round(time.monotonic() - start, 4))
 
 
+def udp_flows(host: str, port: int, count: int, first_port: int) -> None:
+    """One datagram from each of `count` source ports (first_port, first_port + 1, ...): that
+    many UDP rows in lbnat, which linger for its UDP timeout. Paced (at most 5,000/s) so the
+    LB's receive ring is not overrun."""
+    for n, source in enumerate(range(first_port, first_port + count)):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("0.0.0.0", source))
+            sock.sendto(b"row", (host, port))
+        if n % 5 == 4:
+            time.sleep(0.001)
+    emit(event="udp-flows", sent=count)
+
+
+def udp_echo(host: str, port: int, text: str) -> None:
+    """One datagram to the VIP and its echo (2 s bound)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2.0)
+        sock.sendto(text.encode(), (host, port))
+        try:
+            answer = sock.recv(65536).decode(errors="replace")
+        except OSError as exc:
+            answer = f"error: {type(exc).__name__}"
+    emit(event="udp-echo", answer=answer)
+
+
 # -- the admin socket -----------------------------------------------------------------------
 
 
@@ -209,6 +235,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--service", required=True)
     p.add_argument("--ip", required=True)
     p.add_argument("--backend-port", type=int, required=True)
+    p = sub.add_parser("udp-flows")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--first-port", type=int, default=30000)
+    p = sub.add_parser("udp-echo")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--text", default="ping")
     p = sub.add_parser("stuck-admin")
     p.add_argument("path")
     p.add_argument("--wait", type=float, required=True)
@@ -221,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "register":
         secret = Path(args.secret_file).read_text().strip().encode()
         register(args.host, args.port, secret, args.service, args.ip, args.backend_port)
+    elif args.command == "udp-flows":
+        udp_flows(args.host, args.port, args.count, args.first_port)
+    elif args.command == "udp-echo":
+        udp_echo(args.host, args.port, args.text)
     else:
         stuck_admin(args.path, args.wait)
 
