@@ -7,7 +7,14 @@ the TCP/UDP packets, counting what they drop. lbnat's packet socket sees frames 
 netfilter, so loss rules in the LB's namespace would not touch what lbnat receives: put them in
 the clients' and the backends' namespaces, on both sides of the LB.
 
-`packet_loss` is a context manager: the table goes away when the block ends, failed or not.
+Reordering without netem: an HTB qdisc on the host's eth0 with a fast default class and a
+slow one (`SLOW_RATE`), and an nft rule that puts `numgen random mod 100 < N` of the outgoing
+TCP packets into the slow class (`meta priority set 1:2`); the packets queued there are
+overtaken by the ones sent after them. (prio, tbf, netem and the nft `queue` statement are
+not in this kernel; HTB is.)
+
+`packet_loss` and `reordering` are context managers: what they add goes away when the block
+ends, failed or not.
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ from lbnat_lab.netns import Lab
 
 LOSS_TABLE = "lbnat_loss"
 """The nft table (family inet) holding the loss rules of one namespace."""
+REORDER_TABLE = "lbnat_reorder"
+"""The nft table (family inet) that picks the packets to hold back."""
+SLOW_RATE = "200mbit"
+"""Rate of the slow class: a 64 KB GSO packet waits about 2.6 ms there."""
 
 
 def loss_ruleset(percent: int) -> str:
@@ -79,3 +90,78 @@ def packet_loss(lab: Lab, hosts: tuple[str, ...], percent: int) -> Iterator[dict
             with contextlib.suppress(subprocess.SubprocessError, OSError):
                 counts[host] = dropped(lab, host)
             remove_loss(lab, host)
+
+
+def reorder_ruleset(percent: int) -> str:
+    """An nft script: `percent` % of outgoing TCP packets into HTB class 1:2, counted."""
+    if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
+        raise ValueError(f"reordering {percent!r} is not a whole percentage 0-100")
+    return (
+        f"table inet {REORDER_TABLE}\ndelete table inet {REORDER_TABLE}\n"
+        f"table inet {REORDER_TABLE} {{\n"
+        f"  chain output {{ type filter hook output priority 0; policy accept;\n"
+        f"    meta l4proto tcp numgen random mod 100 < {percent} meta priority set 1:2 counter\n"
+        f"  }}\n"
+        f"}}\n"
+    )
+
+
+def add_reordering(lab: Lab, host: str, percent: int, device: str = "eth0") -> None:
+    """Hold back `percent` % of the TCP packets `host` sends, so later ones overtake them."""
+    tc = ("tc", "class", "add", "dev", device, "parent", "1:")
+    root = ("tc", "qdisc", "add", "dev", device, "root", "handle", "1:")
+    lab.run(host, *root, "htb", "default", "1")
+    try:
+        lab.run(host, *tc, "classid", "1:1", "htb", "rate", "40gbit", "quantum", "200000")
+        lab.run(host, *tc, "classid", "1:2", "htb", "rate", SLOW_RATE, "ceil", SLOW_RATE)
+        lab.run(host, "nft", "-f", "-", input=reorder_ruleset(percent))
+    except BaseException:
+        remove_reordering(lab, host, device)
+        raise
+
+
+def remove_reordering(lab: Lab, host: str, device: str = "eth0") -> None:
+    """Remove `host`'s reordering qdisc and table; no error if they are already gone."""
+    lab.run(host, "nft", "delete", "table", "inet", REORDER_TABLE, check=False)
+    lab.run(host, "tc", "qdisc", "del", "dev", device, "root", check=False)
+
+
+def held_back(lab: Lab, host: str, device: str = "eth0") -> int:
+    """Packets `host` sent through the slow class so far."""
+    # `tc -j` prints classes as text here: "class htb 1:2 ..." then " Sent B bytes P pkt ..."
+    result = lab.run(host, "tc", "-s", "class", "show", "dev", device, check=False)
+    lines = result.stdout.splitlines()
+    for index, line in enumerate(lines[:-1]):
+        if line.startswith("class htb 1:2 "):
+            words = lines[index + 1].split()
+            if len(words) >= 5 and words[0] == "Sent" and words[4] == "pkt":
+                return int(words[3])
+    return 0
+
+
+def out_of_order(lab: Lab, host: str) -> int:
+    """Segments `host`'s TCP stack has queued out of order so far (TcpExtTCPOFOQueue)."""
+    result = lab.run(host, "nstat", "-az", "TcpExtTCPOFOQueue")
+    for line in result.stdout.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "TcpExtTCPOFOQueue":
+            return int(fields[1])
+    return 0
+
+
+@contextlib.contextmanager
+def reordering(lab: Lab, hosts: tuple[str, ...], percent: int) -> Iterator[dict[str, int]]:
+    """Reordering on every host of `hosts` for the block; yields a dict that, once the block
+    ends, holds the packets each host held back. Removed even when the block fails."""
+    counts: dict[str, int] = {}
+    added: list[str] = []
+    try:
+        for host in hosts:
+            add_reordering(lab, host, percent)
+            added.append(host)
+        yield counts
+    finally:
+        for host in added:
+            with contextlib.suppress(subprocess.SubprocessError, OSError, ValueError):
+                counts[host] = held_back(lab, host)
+            remove_reordering(lab, host)
