@@ -166,6 +166,10 @@ class Daemon:
         self.link: Link | None = None
         self._servers: list[RegistrationServer | AdminServer] = []
         self._lock = threading.Lock()  # every call into self.control
+        # One reload at a time: a plan is made and committed under two takes of self._lock,
+        # and a second reload (a SIGHUP storm starts a thread per signal) must not commit
+        # between them.
+        self._reload_lock = threading.Lock()
 
     @property
     def config(self) -> Config:
@@ -408,8 +412,12 @@ class Daemon:
         running config stays) or None."""
         if self.reload_config is None:
             return self._reload_failed("lbnat was started without a config file")
+        with self._reload_lock:
+            return self._reload(self.reload_config)
+
+    def _reload(self, reload_config: Callable[[], Config]) -> str | None:
         try:
-            new = self.reload_config()
+            new = reload_config()
             with self._lock:
                 plan = self.control.plan_reload(new)
             self._carry_out(plan.notes)

@@ -88,11 +88,17 @@ def send(host: str, port: int, total: int, rate: float, seed: int, limit: float)
 # -- the control channel --------------------------------------------------------------------
 
 
-def ask(sock: socket.socket, line: bytes) -> str:
-    """Send one line, read one reply line (or what came before EOF)."""
+def ask(sock: socket.socket, line: bytes, deadline: float | None = None) -> str:
+    """Send one line, read one reply line (or what came before EOF); with a `deadline`
+    (monotonic), TimeoutError once it has passed."""
     sock.sendall(line)
     reply = b""
     while not reply.endswith(b"\n"):
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no reply line before the deadline")
+            sock.settimeout(left)
         chunk = sock.recv(65536)
         if not chunk:
             break
@@ -146,13 +152,13 @@ def abuse(host: str, port: int, secret: bytes, idle: int, hold: float, service: 
 
 
 def register(host: str, port: int, secret: bytes, service: str, ip: str, bport: int) -> None:
-    """One good signed register; its reply must come within 1 s (socket timeout)."""
+    """One good signed register; its whole reply must come within 1 s of the connect."""
     line = encode(sign({"op": "register", "service": service, "ip": ip, "port": bport}, secret,
                        time.time()))  # fmt: skip
     start = time.monotonic()
     try:
         with socket.create_connection((host, port), timeout=1.0) as sock:
-            reply = ask(sock, line)
+            reply = ask(sock, line, deadline=start + 1.0)
     except OSError as exc:
         reply = f"error: {type(exc).__name__}"
     emit(event="register", reply=reply, seconds=round(time.monotonic() - start, 4))
