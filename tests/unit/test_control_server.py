@@ -1,12 +1,14 @@
 """The control servers against misbehaving clients, on loopback: a burst of connections is
-queued (not dropped), a silent client and a client that never reads its reply are each dropped
-after the idle bound and logged in one line, and an over-long line is refused and logged."""
+queued (not dropped), a silent client, a client that drips its request and a client that never
+reads its reply are each dropped after the idle bound and logged in one line, an over-long line
+is refused and logged, and connections past the cap are refused at once."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,3 +129,65 @@ def test_the_admin_socket_drops_a_silent_client(tmp_path: Path, refused: Log) ->
     finally:
         admin.server_close()
     assert refused.lines == [("admin", f"no request within {BOUND:g} s; connection closed")]
+
+
+def test_a_client_that_drips_its_request_is_dropped_after_the_bound(
+    registration: RegistrationServer, refused: Log
+) -> None:
+    """A byte every BOUND / 3 s: a socket timeout alone would never fire."""
+    with (
+        served(registration),
+        socket.create_connection(address(registration), timeout=10) as client,
+    ):
+        closed = False
+        for byte in b'{"op": "register", "service": "s"':
+            try:
+                client.send(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            if refused.seen.is_set():
+                break
+            time.sleep(BOUND / 3)
+        assert refused.seen.wait(10)
+        if not closed:  # closed: EOF, or a reset if bytes sent after its last read were unread
+            with contextlib.suppress(ConnectionResetError):
+                assert client.recv(1) == b""
+    assert refused.lines == [("127.0.0.1", f"no request within {BOUND:g} s; connection closed")]
+
+
+def echo_op(request: Request, peer: str) -> bytes:
+    return ack(op=request.op)
+
+
+def test_a_request_split_over_reads_and_two_on_one_connection(refused: Log) -> None:
+    small = RegistrationServer(
+        "127.0.0.1", 0, Authenticator(None), lambda r, p: ack(op=r.op), refused
+    )
+    try:
+        with served(small), socket.create_connection(address(small), timeout=10) as client:
+            line = b'{"op": "register", "service": "s", "ip": "1.2.3.4", "port": 1}\n'
+            client.sendall(line[:10])
+            time.sleep(0.05)
+            client.sendall(line[10:] + line)  # the rest, and a second request at once
+            replies = client.makefile("rb")
+            assert replies.readline() == replies.readline() == ack(op="register")
+    finally:
+        small.server_close()
+    assert refused.lines == []
+
+
+def test_connections_past_the_cap_are_refused_at_once(
+    registration: RegistrationServer, refused: Log, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(control_server, "MAX_CONNECTIONS", 3)
+    with served(registration):
+        held = [socket.create_connection(address(registration), timeout=10) for _ in range(3)]
+        try:
+            with socket.create_connection(address(registration), timeout=10) as extra:
+                reply = extra.makefile("rb").readline()
+        finally:
+            for client in held:
+                client.close()
+    assert b"3 connections open already" in reply
+    assert ("127.0.0.1", "3 connections open already; connection closed") in refused.lines
