@@ -27,6 +27,7 @@ from lbnat.config import (
     IO_KINDS,
     PROBE_KINDS,
     RX_RINGS,
+    SYN_PROXY_MODES,
     Config,
     ConfigError,
     Overrides,
@@ -37,6 +38,7 @@ from lbnat.control.protocol import encode, sign
 from lbnat.control.server import request_line
 from lbnat.daemon import Daemon, StartError
 from lbnat.scheduler import SCHEDULERS
+from lbnat.syncookie import DEFAULT_THRESHOLD
 
 DEFAULT_VIP_PORT = config_module.DEFAULT_PORT
 ADMIN_SOCKET_ENV = "LBNAT_ADMIN_SOCKET"  # overrides the default, for the server and the clients
@@ -212,6 +214,20 @@ def main() -> None:
     default="frames",
     show_default=True,
     help="Receive ring: frames (per-frame hand-over) or blocks (TPACKET_V3, adds latency).",
+)
+@click.option(
+    "--syn-proxy",
+    type=click.Choice(SYN_PROXY_MODES),
+    default="auto",
+    show_default=True,
+    help="Answer SYNs with SYN cookies: auto (above the threshold), on (always) or off.",
+)
+@click.option(
+    "--syn-proxy-threshold",
+    type=click.IntRange(min=1),
+    default=DEFAULT_THRESHOLD,
+    show_default=True,
+    help="Half-open rows per worker above which --syn-proxy auto answers SYNs itself.",
 )
 @click.option("--quiet", is_flag=True, help="No per-flow and per-probe lines.")
 @click.option(
@@ -396,16 +412,30 @@ def status(admin_socket: str, as_json: bool) -> None:
         f"lbnat {reply['lb_ip']}  up {reply['uptime']} s  rows {reply['rows']}  "
         f"open flows {reply['open_flows']}  workers {len(workers)}  io {reply.get('io', '?')}"
     )
+    table = reply.get("table", {})
+    if table.get("evicted") or table.get("under_pressure") or table.get("pressure_spells"):
+        click.echo(
+            f"  half-open {table['half_open']}  evicted {table['evicted']}  ports reclaimed "
+            f"{table['ports_reclaimed']}  pressure spells {table['pressure_spells']}"
+            + ("  UNDER PRESSURE" if table["under_pressure"] else "")
+        )
     if len(workers) > 1:
         for w in workers:
             state = "running" if w["alive"] else "restarting"
             click.echo(f"  worker {w['index']}  pid {w['pid']}  {state}  restarts {w['restarts']}")
     for s in reply["services"]:
         drops = " ".join(f"{k} {v}" for k, v in s["drops"].items())
+        cookies = s.get("syn_cookies", {})
+        proxy = (
+            f"  syn cookies sent {cookies['sent']} validated {cookies['validated']} "
+            f"invalid {cookies['invalid']}"
+            if any(cookies.values())
+            else ""
+        )
         click.echo(
             f"service {s['name']}  {s['proto']} :{s['port']}  {s['scheduler']}  "
             f"check {s['health_check']}  flows {s['flows']}  packets {s['packets']}  "
-            f"bytes {human_bytes(s['bytes'])}" + (f"  drops {drops}" if drops else "")
+            f"bytes {human_bytes(s['bytes'])}" + (f"  drops {drops}" if drops else "") + proxy
         )
         for b in s["backends"]:
             state = b["health"] + (" draining" if b["draining"] else "")

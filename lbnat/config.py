@@ -55,6 +55,7 @@ from lbnat.backends import Backend
 from lbnat.health_settings import PROBE_KINDS, HealthPolicy, ProbeSettings, probe_misfit
 from lbnat.nat import Timeouts
 from lbnat.service import Service
+from lbnat.syncookie import DEFAULT_MSS, DEFAULT_THRESHOLD, SYN_PROXY_MODES
 
 __all__ = [
     "DEFAULT_ADMIN_SOCKET",
@@ -71,6 +72,7 @@ __all__ = [
     "PROBE_KINDS",
     "RX_RINGS",
     "SCHEMA_FILE",
+    "SYN_PROXY_MODES",
     "Config",
     "ConfigError",
     "ControlConfig",
@@ -177,6 +179,11 @@ class Config:
     workers: int = 1  # data-plane processes; the CLI and the file default to one per core
     io: str = "rings"  # "rings" (mmap'ed TPACKET rings) or "socket" (a syscall per packet)
     rx_ring: str = "frames"  # receive ring layout: "frames" (TPACKET_V2) or "blocks" (V3)
+    # The SYN-cookie proxy (lbnat.synproxy): one setting for the whole engine, because what a
+    # flood exhausts (half-open rows, the table, NAT ports a backend's services share) is too.
+    syn_proxy: str = "auto"  # "auto", "on" or "off"
+    syn_proxy_threshold: int = DEFAULT_THRESHOLD  # half-open rows per worker before "auto" acts
+    syn_proxy_mss: int = DEFAULT_MSS  # the MSS lbnat's cookie SYN-ACK announces
 
 
 # --- the keys of each block (the schema's properties; a unit test keeps them equal) -------
@@ -193,8 +200,10 @@ TOP_KEYS: Final = (
     "drain_timeout",
     "services",
     "dataplane",
+    "syn_proxy",
 )
 DATAPLANE_KEYS: Final = ("workers", "io", "rx_ring")
+SYN_PROXY_KEYS: Final = ("mode", "threshold", "mss")
 TIMEOUT_KEYS: Final = tuple(f.name for f in dataclasses.fields(Timeouts))
 LOG_KEYS: Final = ("format", "quiet", "transitions")
 CONTROL_KEYS: Final = ("listen", "secret", "secret_file", "allow", "window")
@@ -476,6 +485,7 @@ def _native(data: dict[str, Any], default_port: int, read_file: FileReader) -> C
     )
     services = _services(data.get("services", []), "services", default_port, nat_ports)
     dataplane = data.get("dataplane", {})
+    syn_proxy = data.get("syn_proxy", {})
     workers = dataplane.get("workers", "auto")
     workers = default_workers() if workers == "auto" else workers
     _check_slices(nat_ports, workers, "dataplane.workers")
@@ -499,6 +509,9 @@ def _native(data: dict[str, Any], default_port: int, read_file: FileReader) -> C
         workers=workers,
         io=dataplane.get("io", "rings"),
         rx_ring=dataplane.get("rx_ring", "frames"),
+        syn_proxy=syn_proxy.get("mode", "auto"),
+        syn_proxy_threshold=syn_proxy.get("threshold", DEFAULT_THRESHOLD),
+        syn_proxy_mss=syn_proxy.get("mss", DEFAULT_MSS),
     )
 
 
@@ -772,6 +785,8 @@ class Overrides:
     workers: str = "auto"
     io: str = "rings"
     rx_ring: str = "frames"
+    syn_proxy: str = "auto"
+    syn_proxy_threshold: int = DEFAULT_THRESHOLD
     quiet: bool = False
     log_format: str = "text"
 
@@ -787,6 +802,8 @@ _GLOBAL_OVERRIDES: Final = (
     "io",
     "rx_ring",
     "admin_socket",
+    "syn_proxy",
+    "syn_proxy_threshold",
 )
 _TIMEOUT_OVERRIDES: Final = (
     ("time_wait", "time_wait"),

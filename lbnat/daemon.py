@@ -19,7 +19,9 @@ Thread and process model (docs/architecture.md, "Threads, processes and why"):
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import os
 import signal
 import socket
 import sys
@@ -42,7 +44,7 @@ from lbnat.control.protocol import Request, ack, nack
 from lbnat.control.server import AdminServer, RegistrationServer, start_servers
 from lbnat.dataplane.fanout import nat_slices
 from lbnat.dataplane.guard import GuardError, KernelGuard
-from lbnat.dataplane.link import Link, LinkError, find_link
+from lbnat.dataplane.link import Link, LinkError, find_link, link_mtu, receive_buffer_max
 from lbnat.dataplane.packet_socket import build_filter
 from lbnat.dataplane.rings import RingSpec
 from lbnat.dataplane.workers import (
@@ -74,6 +76,7 @@ from lbnat.messages import (
     WorkerSetup,
 )
 from lbnat.service import Service
+from lbnat.syncookie import DEFAULT_WSCALE, SECRET_BYTES, SynProxySettings, kernel_wscale
 from lbnat.views import merge_counters
 
 __all__ = ["Daemon", "StartError", "check_can_start", "check_port_free"]
@@ -129,6 +132,7 @@ def worker_setup(
     nat_ports: tuple[int, int],
     specs: tuple[Service, ...],
     cursor_slots: dict[str, int],
+    syn_proxy: SynProxySettings,
 ) -> WorkerSetup:
     """What worker `index` starts with: its slice of the NAT ports and of the table cap."""
     return WorkerSetup(
@@ -142,6 +146,7 @@ def worker_setup(
         io=config.io,
         rings=ring_spec(config),
         flow_events=not config.quiet,
+        syn_proxy=syn_proxy,
         cursor_slots=cursor_slots,
     )
 
@@ -170,6 +175,17 @@ class Daemon:
         # and a second reload (a SIGHUP storm starts a thread per signal) must not commit
         # between them.
         self._reload_lock = threading.Lock()
+        # Drawn once: every worker, and a worker restarted later, checks the cookies of all.
+        # The window scale this host's kernel would offer: backends with the same defaults
+        # pick the same, and their windows then pass without rescaling (lbnat.synproxy).
+        space = receive_buffer_max()
+        self.syn_proxy = SynProxySettings(
+            config.syn_proxy,
+            config.syn_proxy_threshold,
+            config.syn_proxy_mss,
+            os.urandom(SECRET_BYTES),
+            DEFAULT_WSCALE if space is None else kernel_wscale(space),
+        )
 
     @property
     def config(self) -> Config:
@@ -187,10 +203,17 @@ class Daemon:
             self.link = link = find_link(self.lb_ip, c.interface)
         except LinkError as error:
             raise StartError(str(error)) from None
+        mtu = link_mtu(link.interface)
+        if mtu is not None and 536 <= mtu - 40 < self.syn_proxy.mss:
+            # The cookie SYN-ACK must not promise segments the LB's own link cannot carry.
+            self.syn_proxy = dataclasses.replace(self.syn_proxy, mss=mtu - 40)
         for service in self.control.services.values():
             check_port_free(self.lb_ip, service.service.port, service.service.proto)
         try:
-            engine = Engine(self.lb_ip, self.control.specs(), c.nat_ports, c.timeouts, c.table_cap)
+            engine = Engine(
+                self.lb_ip, self.control.specs(), c.nat_ports, c.timeouts, c.table_cap,
+                syn_proxy=self.syn_proxy,
+            )  # fmt: skip
             slices = nat_slices(c.nat_ports, c.workers)
             checks = self.control.health_checks()
         except ValueError as error:
@@ -228,7 +251,9 @@ class Daemon:
         with self._lock:
             specs = self.control.specs()
             slots = dict(self.control.cursor_slots)
-        return worker_setup(self.config, self.lb_ip, self.link, index, nat_ports, specs, slots)
+        return worker_setup(
+            self.config, self.lb_ip, self.link, index, nat_ports, specs, slots, self.syn_proxy
+        )
 
     def run(self) -> int:
         """Start, forward until SIGINT/SIGTERM, clean up. Returns the exit code."""

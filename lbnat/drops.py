@@ -25,6 +25,10 @@ class DropReason(enum.IntEnum):
     NO_NEXT_HOP = 25  # data plane: the next hop's MAC is not known yet
     SEND_FAILED = 26  # data plane: the kernel refused the frame
     RING_TRUNCATED = 27  # data plane: too big for a ring slot and no whole copy was queued
+    # Decided by the SYN proxy (lbnat.synproxy).
+    BAD_COOKIE = 30  # an ACK that matches no row and acknowledges no valid SYN cookie
+    SYN_PROXY_PENDING = 31  # a client segment while lbnat's SYN to the backend is unanswered
+    SYN_PROXY_UNEXPECTED = 32  # a backend segment of a proxied row before its SYN-ACK
 
     @property
     def label(self) -> str:

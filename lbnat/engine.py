@@ -8,8 +8,13 @@ The packet is rewritten in place in `buf` (the data plane's receive buffer). An 
 plain tuple, so the verdict costs no object construction on the packet path:
 
     (FORWARD, next_hop)          send buf[start:end] as rewritten, to IPv4 address next_hop (int)
-    (REPLY, packet, next_hop)    send this new IPv4 packet instead (a RST lbnat makes itself)
+    (REPLY, packet, next_hop)    send this new IPv4 packet instead (a RST lbnat makes itself,
+                                 or the SYN proxy's SYN-ACK, SYN or kept ACK: lbnat.synproxy)
     (DROP, reason)               send nothing; the reason has been counted
+    (SEND_FIRST, next_hop, ((packet, next_hop), ...))
+                                 send these new packets, then forward buf[start:end] as FORWARD
+                                 does (a new flow that took the NAT port of an evicted half-open
+                                 row: the backend is told with a RST to forget the old one first)
 
 Direction is told by the destination port on the LB address: a service's VIP port means
 client -> backend; a port in the NAT range means backend -> client (a reply to a NAT port).
@@ -20,8 +25,14 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
+from lbnat.actions import DROP as DROP  # re-exported: the data plane and the tests read them here
+from lbnat.actions import DROP_ACTIONS
+from lbnat.actions import FORWARD as FORWARD
+from lbnat.actions import REPLY as REPLY
+from lbnat.actions import SEND_FIRST as SEND_FIRST
+from lbnat.actions import Action as Action
 from lbnat.backends import Backend, BackendKey
 from lbnat.drops import DropReason
 from lbnat.nat import (
@@ -57,14 +68,10 @@ from lbnat.packet import (
 )
 from lbnat.scheduler import Scheduler, SharedCursor, make_scheduler
 from lbnat.service import Service, ServiceState
+from lbnat.syncookie import SynProxySettings
+from lbnat.synproxy import ProxiedSession, SynProxy
 
-FORWARD = 1
-REPLY = 2
-DROP = 3
-
-Action = tuple[Any, ...]  # (FORWARD, int) | (REPLY, bytes, int) | (DROP, int): see above
-
-_DROP_ACTIONS: dict[DropReason, Action] = {reason: (DROP, int(reason)) for reason in DropReason}
+_DROP_ACTIONS = DROP_ACTIONS
 _REFUSAL_DROPS = {
     Refusal.NAT_PORTS_EXHAUSTED: DropReason.NAT_PORTS_EXHAUSTED,
     Refusal.TABLE_FULL: DropReason.TABLE_FULL,
@@ -196,6 +203,42 @@ class Services(Mapping[str, ServiceState]):
         return make_scheduler(spec.scheduler)
 
 
+def backend_reset(lb_ip: int, row: Session) -> tuple[bytes, int]:
+    """A RST that makes an evicted half-open row's backend forget its half-open connection on
+    (LB, NAT port): at the sequence number it expects (the client's ISN + 1, kept in ack_s)."""
+    server = row.pool.backend
+    return tcp_segment(lb_ip, server.ip_int, row.nat_port, server.port, row.ack_s, 0, RST), (
+        server.ip_int
+    )
+
+
+def forward_after_resets(
+    buf: bytearray,
+    start: int,
+    l4: int,
+    end: int,
+    proto: int,
+    row: Session,
+    partial: bool,
+    resets: tuple[tuple[bytes, int], ...],
+) -> Action:
+    """The first packet of a flow whose row evicted others: rewritten as any client packet
+    is, but sent after the RSTs that make the backends forget the evicted rows (one of them
+    held this NAT port: a SYN reaching the backend's old half-open connection would only be
+    answered with an ACK for the old one)."""
+    deltas = row.deltas
+    pool = row.pool
+    rewrite(
+        buf, start, l4, proto, pool.fwd_addresses, row.fwd_ports,
+        deltas >> 48, (deltas >> 32) & 0xFFFF, partial,
+    )  # fmt: skip
+    pool.packets += 1
+    pool.bytes += end - start
+    row.service.packets += 1
+    row.service.bytes += end - start
+    return (SEND_FIRST, pool.backend.ip_int, resets)
+
+
 class Engine:
     def __init__(
         self,
@@ -205,6 +248,7 @@ class Engine:
         timeouts: Timeouts | None = None,
         table_cap: int = 1_000_000,
         cursors: Callable[[str], SharedCursor | None] | None = None,
+        syn_proxy: SynProxySettings | None = None,
     ) -> None:
         self.lb_ip = ip_int(lb_ip)
         self.table = SessionTable(self.lb_ip, nat_ports, timeouts, table_cap)
@@ -221,9 +265,18 @@ class Engine:
         for spec in services:
             self.services.add(spec)
         self.events: list[Event] = []
+        self._send_first: list[tuple[bytes, int]] = []  # RSTs for rows _open evicted
         self.drops: dict[DropReason, int] = {}
         self.packets = 0
         self.icmp_translated = 0
+        self.syn_proxy = SynProxy(
+            syn_proxy or SynProxySettings(mode="off"),
+            self.lb_ip,
+            self._tracker,
+            self._flow_ended,
+            self.count_drop,
+            self._open,
+        )
 
     def set_backends(self, service: str, backends: Sequence[Backend]) -> None:
         """Publish a new snapshot of a service's backends (health, weights, draining)."""
@@ -268,6 +321,10 @@ class Engine:
             s = pool.rows[dport - pool.first]
             if s is None:
                 return self._drop(DropReason.NO_SESSION)
+            if s.__class__ is not Session:  # a SYN-proxied row: sequence numbers translated
+                return self.syn_proxy.from_backend(
+                    cast(ProxiedSession, s), buf, start, l4, end, flags, seq, ack, win, partial, now
+                )
             ended = None
             if proto == TCP:
                 if flags & SYN and s.state is State.SYN_SENT:
@@ -296,8 +353,15 @@ class Engine:
         row = self._forward.get(forward_key(proto, src, sport, dport))
         if row is None or (flags & SYN and not flags & ACK and row.state in ENDED):
             if proto == TCP and (flags & (SYN | ACK | RST)) != SYN:
+                proxy = self.syn_proxy
+                if row is None and not flags & 0x07 and proxy.mode != "off":
+                    return proxy.cookie_ack(service, buf, start, l4, end, headers, partial, now)
                 service.count_drop(DropReason.NO_SESSION)
                 return self._drop(DropReason.NO_SESSION)
+            if proto == TCP and self.syn_proxy.proxies(self.table.half_open_count):
+                if row is not None:
+                    self.table.remove(row)  # an ended row; the client reused its port
+                return self.syn_proxy.answer_syn(service, buf, l4, end, src, sport, seq, now)
             reopen: Session | None = None
             if row is not None:
                 # A new SYN on an ended row is a new flow. It keeps the old flow's backend and
@@ -313,7 +377,15 @@ class Engine:
             if not isinstance(opened, Session):
                 return opened
             row = opened
+            if self._send_first:
+                resets, self._send_first = tuple(self._send_first), []
+                return forward_after_resets(buf, start, l4, end, proto, row, partial, resets)
         elif proto == TCP:
+            if row.__class__ is not Session:  # a SYN-proxied row: sequence numbers translated
+                proxied = cast(ProxiedSession, row)
+                return self.syn_proxy.from_client(
+                    proxied, service, buf, start, l4, end, flags, seq, ack, win, partial, now
+                )
             ended = self._tracker.track_client(row, flags, seq, ack, win, now)
             if ended is not None:
                 self._flow_ended(ended, now)
@@ -373,6 +445,7 @@ class Engine:
         end: int,
         now: float,
         reopen: Session | None = None,
+        row_class: type[Session] = Session,
     ) -> Session | Action:
         """Schedule a new flow: its row, or the action to take when it cannot be made.
 
@@ -408,11 +481,14 @@ class Engine:
                 return (REPLY, rst, client_ip)
             return _DROP_ACTIONS[DropReason.NO_BACKEND]
         opened, evicted = self.table.open(
-            now, service, proto, client_ip, client_port, self.lb_ip, backend, nat_port
+            now, service, proto, client_ip, client_port, self.lb_ip, backend, nat_port, row_class
         )
         for victim in evicted:
             self._flow_ended(victim, now)
+            if victim.session.proto == TCP:
+                self._send_first.append(backend_reset(self.lb_ip, victim.session))
         if isinstance(opened, Refusal):
+            self._send_first.clear()  # (a refusal after an eviction: the backend times out)
             reason = _REFUSAL_DROPS[opened]
             service.count_drop(reason)
             return self._drop(reason)

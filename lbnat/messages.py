@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from lbnat.backends import Backend, BackendKey
 from lbnat.engine import Event
 from lbnat.service import Service
+from lbnat.syncookie import SynProxySettings
 
 if TYPE_CHECKING:  # only annotations: this module stays free of the I/O modules
     from lbnat.dataplane.link import Link
@@ -104,6 +105,8 @@ class WorkerSetup:
     rings: RingSpec
     flow_events: bool  # send FlowOpened/FlowEnded (the log shows them) or only NoBackend
     cursor_slots: dict[str, int] = field(default_factory=dict)
+    # The same secret in every worker: each checks any worker's cookies.
+    syn_proxy: SynProxySettings = field(default_factory=lambda: SynProxySettings(mode="off"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,6 +67,9 @@ class Timeouts:
     close: float = 10.0
     udp: float = 30.0
     udp_replied: float = 120.0
+    # Half-open rows (SYN_SENT, SYN_RECV, unanswered UDP) while the table is under pressure
+    # (more than PRESSURE_HALF_OPEN of them): conntrack's early drop, made a timeout.
+    half_open_under_pressure: float = 5.0
 
     def by_state(self) -> tuple[float, ...]:
         return (
@@ -79,6 +82,21 @@ class Timeouts:
             self.udp,
             self.udp_replied,
         )
+
+    def under_pressure(self) -> tuple[float, ...]:
+        """`by_state()` with the half-open states' timeouts cut to `half_open_under_pressure`."""
+        short = self.half_open_under_pressure
+        return tuple(
+            min(timeout, short) if state in HALF_OPEN else timeout
+            for state, timeout in zip(State, self.by_state(), strict=True)
+        )
+
+
+PRESSURE_HALF_OPEN = 1024
+"""Half-open rows of one table above which it is under pressure (a SYN flood, or backends that
+do not answer): their timeout is cut to `Timeouts.half_open_under_pressure` until they are
+back under half of this. A busy LB's honest half-open rows live one RTT each: at 10,000 new
+flows/s and 10 ms that is about 100."""
 
 
 class EndReason(enum.Enum):
@@ -169,6 +187,7 @@ class PortPool:
 
     __slots__ = (
         "_closed",
+        "_half_open",
         "active",
         "backend",
         "bytes",
@@ -199,6 +218,7 @@ class PortPool:
         self.free: deque[int] = deque()
         self.rows: list[Session | None] = [None] * (last - first + 1)
         self._closed = _Fifo(_is_ended)  # this backend's ended rows, oldest first
+        self._half_open = _Fifo(_is_half_open)  # its half-open rows: ports to take back
         # src LB, dst backend: the same for every flow to this backend.
         self.fwd_addresses = ADDRESS.pack(lb_ip) + ADDRESS.pack(backend.ip_int)
         self.active = 0  # open flows (not ended)
@@ -225,6 +245,11 @@ class PortPool:
     def closed(self) -> list[Session]:
         """This backend's ended rows, oldest first."""
         return self._closed.rows()
+
+    @property
+    def half_open(self) -> list[Session]:
+        """This backend's half-open rows, oldest first."""
+        return self._half_open.rows()
 
     @property
     def rows_held(self) -> int:
@@ -409,7 +434,8 @@ class SessionTable:
         self.lb_ip = lb_ip
         self.port_range = (first, last)
         self.timeouts = timeouts or Timeouts()
-        self.timeout_of = self.timeouts.by_state()
+        self.timeout_of = self.timeouts.by_state()  # the pressure tuple while under pressure
+        self.under_pressure = False  # see PRESSURE_HALF_OPEN
         self.cap = cap
         self.forward: dict[int, Session] = {}
         self.pools: dict[int, PortPool] = {}
@@ -420,6 +446,8 @@ class SessionTable:
         self.tracker = ConnectionTracker(self)
         self.refused = {reason: 0 for reason in Refusal}
         self.evicted = 0
+        self.ports_reclaimed = 0  # half-open rows that gave their NAT port to a new flow
+        self.pressure_spells = 0  # times the table went under pressure
         self.rst_ignored = 0
 
     def __len__(self) -> int:
@@ -427,6 +455,12 @@ class SessionTable:
 
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self.forward.values()))
+
+    @property
+    def half_open_count(self) -> int:
+        """How many rows are half-open (what the SYN proxy's auto mode and PRESSURE_HALF_OPEN
+        are compared with)."""
+        return self._half_open.live
 
     @property
     def half_open(self) -> list[Session]:
@@ -468,25 +502,32 @@ class SessionTable:
         vip: int,
         backend: Backend,
         nat_port: int | None = None,
+        row_class: type[Session] = Session,
     ) -> tuple[Session | Refusal, list[Ended]]:
         """Make the row for a new flow to `backend`. Returns the row (or why not) and any flows
         that eviction ended to make room. `nat_port`: the port of the row just removed for
-        this client socket, to be taken again (it is the last one freed)."""
+        this client socket, to be taken again (it is the last one freed). `row_class`: a
+        Session subclass with more slots (lbnat.synproxy's rows)."""
         pool = self.pool_for(proto, backend)
         if nat_port is not None and pool.free and pool.free[-1] == nat_port:
             pool.free.pop()
         else:
             nat_port = pool.take()
+        ended: list[Ended] = []
         if nat_port is None:
-            # Recycle the port of this backend's longest-ended row rather than refuse a flow.
-            oldest = pool._closed.oldest()
-            if oldest is not None:
-                self.remove(oldest)
-                nat_port = pool.take()
+            # Recycle the port of this backend's longest-ended row rather than refuse a flow;
+            # failing that, its oldest half-open row's (a SYN flood's rows are all half-open;
+            # an established flow never gives up its port).
+            closed = pool._closed.oldest()
+            if closed is not None:
+                self.remove(closed)
+            elif (half_open := pool._half_open.oldest()) is not None:
+                ended.append(self._evict(half_open))
+                self.ports_reclaimed += 1
+            nat_port = pool.take()
         if nat_port is None:
             self.refused[Refusal.NAT_PORTS_EXHAUSTED] += 1
             return Refusal.NAT_PORTS_EXHAUSTED, []
-        ended: list[Ended] = []
         if len(self.forward) >= self.cap:
             # Only now, with a port in hand: evicting for a flow that is refused anyway would
             # end a flow for nothing.
@@ -495,13 +536,13 @@ class SessionTable:
                 pool.free.appendleft(nat_port)
                 self.refused[Refusal.TABLE_FULL] += 1
                 return Refusal.TABLE_FULL, ended
-            was_open = not victim.ended
-            self.remove(victim)
-            self.evicted += 1
-            if was_open:
-                ended.append(Ended(victim, EndReason.EVICTED, self.open_flows))
+            if victim.ended:
+                self.remove(victim)
+                self.evicted += 1
+            else:
+                ended.append(self._evict(victim))
 
-        s = Session()
+        s = row_class()
         s.key = forward_key(proto, client_ip, client_port, service.port)
         s.service = service
         s.pool = pool
@@ -515,9 +556,19 @@ class SessionTable:
         self.open_flows += 1
         s.state = State.SYN_SENT if proto == TCP else State.UDP_UNREPLIED
         self._half_open.push(s)
+        pool._half_open.push(s)
         s.seen = now
         self.expiry.file(s, now + self.timeout_of[s.state])
+        if self._half_open.live > PRESSURE_HALF_OPEN and not self.under_pressure:
+            self._enter_pressure()
         return s, ended
+
+    def _evict(self, victim: Session) -> Ended:
+        """End an open (half-open) row to make room: removed and counted. The row keeps its
+        state and NAT port, so the engine can reset the backend's side of it."""
+        self.remove(victim)
+        self.evicted += 1
+        return Ended(victim, EndReason.EVICTED, self.open_flows)
 
     def remove(self, s: Session) -> None:
         """Forget a row at once (its port goes back to the pool). Idempotent."""
@@ -525,6 +576,7 @@ class SessionTable:
             return
         if s.state in HALF_OPEN:
             self._half_open.live -= 1
+            s.pool._half_open.live -= 1
         if s.state in ENDED:
             self._closed.live -= 1
             s.pool._closed.live -= 1
@@ -541,6 +593,7 @@ class SessionTable:
         """Move an open row to TIME_WAIT or CLOSE: the flow is over, the row lingers."""
         if s.state in HALF_OPEN:
             self._half_open.live -= 1
+            s.pool._half_open.live -= 1
         s.state = state
         self.open_flows -= 1
         s.pool.active -= 1
@@ -553,6 +606,7 @@ class SessionTable:
         """Change the state of an open row and restart its timeout."""
         if s.state in HALF_OPEN and state not in HALF_OPEN:
             self._half_open.live -= 1
+            s.pool._half_open.live -= 1
         s.state = state
         self._deadline(s, now)
 
@@ -579,7 +633,27 @@ class SessionTable:
             self.remove(s)
             if was_open:
                 ended.append(Ended(s, EndReason.TIMEOUT, self.open_flows))
+        if self.under_pressure and self._half_open.live < PRESSURE_HALF_OPEN // 2:
+            self._set_timeouts(self.timeouts.by_state(), pressure=False)
         return ended
+
+    # --- pressure: conntrack's early drop, as a shorter timeout of half-open rows ----------
+
+    def _enter_pressure(self) -> None:
+        """Cut the half-open rows' timeouts, and move the rows already filed to their new,
+        earlier deadlines (once per spell: O(half-open rows))."""
+        self._set_timeouts(self.timeouts.under_pressure(), pressure=True)
+        self.pressure_spells += 1
+        for s in self._half_open.rows():
+            deadline = s.seen + self.timeout_of[s.state]
+            if math.ceil(deadline) < s.bucket:
+                self.expiry.file(s, deadline)
+
+    def _set_timeouts(self, timeout_of: tuple[float, ...], pressure: bool) -> None:
+        self.timeout_of = timeout_of
+        self.under_pressure = pressure
+        for pool in self.pools.values():
+            pool.timeout_of = timeout_of
 
     def next_deadline(self) -> float | None:
         return self.expiry.next_deadline()

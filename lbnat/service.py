@@ -53,6 +53,8 @@ class ServiceState:
         self.bytes = 0
         self.flows = 0
         self.drops: dict[DropReason, int] = {}
+        # The SYN proxy's counters (lbnat.synproxy): cookies sent, ACKs that proved one, not.
+        self.syn_cookies = {"sent": 0, "validated": 0, "invalid": 0}
         # (service port, client port) as bytes, shared by every row of a client port: the
         # reply rewrite writes these 4 bytes, and most clients reuse few source ports.
         self._reply_ports: list[bytes | None] = [None] * 65536

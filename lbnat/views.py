@@ -79,11 +79,20 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
             "packets": state.packets,
             "bytes": state.bytes,
             "drops": {reason.label: n for reason, n in state.drops.items()},
+            "syn_cookies": dict(state.syn_cookies),
             "backends": backends,
         }
+    table = engine.table
     return {
-        "rows": len(engine.table),
+        "rows": len(table),
         "open_flows": engine.open_flows,
+        "table": {  # how the table fares under a flood (lbnat.nat: eviction, pressure)
+            "half_open": table.half_open_count,
+            "evicted": table.evicted,
+            "ports_reclaimed": table.ports_reclaimed,
+            "pressure_spells": table.pressure_spells,
+            "under_pressure": int(table.under_pressure),  # summed: workers under pressure
+        },
         "packets": engine.packets,
         "drops": {reason.label: n for reason, n in engine.drops.items()},
         "services": services,

@@ -92,7 +92,7 @@ class ReloadPlan:
 
 # Settings a reload cannot change in a running lbnat.
 RESTART_KEYS = ("lb_ip", "interface", "nat_ports", "table_cap", "timeouts", "control",
-                "admin_socket")  # fmt: skip
+                "admin_socket", "syn_proxy", "syn_proxy_threshold", "syn_proxy_mss")  # fmt: skip
 
 # The requests that change a backend: (state in the reply, verb in the log line).
 BACKEND_OPS = {
@@ -254,8 +254,10 @@ class ControlPlane:
             "uptime": round(now - self.started, 1),
             "workers": workers,
             "io": io_text(c),
+            "syn_proxy": c.syn_proxy,
             "rows": counters["rows"],
             "open_flows": counters["open_flows"],
+            "table": counters.get("table", {}),
             "drops": counters["drops"],
             "services": [
                 self._service_status(name, counters["services"].get(name, {}), now)
@@ -302,6 +304,7 @@ class ControlPlane:
             "packets": counted.get("packets", 0),
             "bytes": counted.get("bytes", 0),
             "drops": counted.get("drops", {}),
+            "syn_cookies": counted.get("syn_cookies", {"sent": 0, "validated": 0, "invalid": 0}),
             "backends": backends,
         }
 

@@ -76,6 +76,28 @@ def default_gateway(interface: str) -> int | None:
     return None
 
 
+def link_mtu(interface: str, sys_class_net: str = "/sys/class/net") -> int | None:
+    """The interface's MTU, or None when it cannot be read."""
+    try:
+        with open(f"{sys_class_net}/{interface}/mtu") as file:
+            return int(file.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def receive_buffer_max(proc_sys: str = "/proc/sys/net") -> int | None:
+    """The largest TCP receive buffer of this namespace's stack (tcp_rmem's maximum or
+    rmem_max, the larger), from which Linux picks its window scale; None if unreadable."""
+    try:
+        with open(f"{proc_sys}/ipv4/tcp_rmem") as file:
+            tcp_rmem = int(file.read().split()[2])
+        with open(f"{proc_sys}/core/rmem_max") as file:
+            rmem_max = int(file.read().strip())
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(tcp_rmem, rmem_max)
+
+
 def read_arp_table(interface: str, path: str = "/proc/net/arp") -> dict[int, bytes]:
     """Complete entries of the kernel's IPv4 neighbour table on `interface`: ip -> MAC."""
     table: dict[int, bytes] = {}
@@ -99,6 +121,7 @@ class Neighbours:
 
     QUEUE_LIMIT = 64  # frames kept per unresolved next hop
     GIVE_UP_AFTER = 3.0  # seconds
+    HEADERS_LIMIT = 65536  # destinations whose header is cached (rebuilt lazily after a clear)
 
     def __init__(
         self,
@@ -144,6 +167,10 @@ class Neighbours:
         mac = self._macs.get(hop)
         if mac is None:
             return None
+        if len(self.headers) >= self.HEADERS_LIMIT:
+            # One entry per destination: a flood of spoofed sources routed via the gateway
+            # (lbnat's cookie SYN-ACKs to them) would grow this without bound.
+            self.headers.clear()
         header = self.headers[destination] = mac + self.link.mac + b"\x08\x00"
         return header
 

@@ -542,7 +542,13 @@ def worker_main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.packet_fd)
     try:
         engine = Engine(
-            setup.lb_ip, setup.specs, setup.nat_ports, setup.timeouts, setup.table_cap, cursor
+            setup.lb_ip,
+            setup.specs,
+            setup.nat_ports,
+            setup.timeouts,
+            setup.table_cap,
+            cursor,
+            setup.syn_proxy,
         )
     except ValueError as error:
         send_message(control, WorkerFailed(str(error)))

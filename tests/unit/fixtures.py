@@ -20,7 +20,18 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.packet import Packet, Raw
 
 from lbnat.backends import Backend, Health
-from lbnat.engine import DROP, FORWARD, REPLY, Action, Engine, Event, FlowEnded, FlowOpened, ip_int
+from lbnat.engine import (
+    DROP,
+    FORWARD,
+    REPLY,
+    SEND_FIRST,
+    Action,
+    Engine,
+    Event,
+    FlowEnded,
+    FlowOpened,
+    ip_int,
+)
 from lbnat.nat import (
     ENDED,
     HALF_OPEN,
@@ -32,6 +43,7 @@ from lbnat.nat import (
     pool_key,
 )
 from lbnat.service import Service
+from lbnat.syncookie import SynProxySettings
 
 # --- the lab ---------------------------------------------------------------------------------
 
@@ -256,7 +268,15 @@ class Result:
 
     @property
     def forwarded(self) -> bool:
-        return self.kind == FORWARD
+        """The packet went on (after any packets the engine sent first)."""
+        return self.kind in (FORWARD, SEND_FIRST)
+
+    @property
+    def sent_first(self) -> list[tuple[bytes, str]]:
+        """The packets the engine sent before forwarding this one, with their next hops."""
+        if self.kind != SEND_FIRST:
+            return []
+        return [(packet, ip_text(hop)) for packet, hop in self.action[2]]
 
     @property
     def drop_reason(self) -> int | None:
@@ -272,7 +292,7 @@ class Result:
 
     @property
     def next_hop(self) -> str:
-        hop = self.action[-1]
+        hop = self.action[1] if self.kind == SEND_FIRST else self.action[-1]
         assert isinstance(hop, int)
         return ip_text(hop)
 
@@ -291,6 +311,7 @@ class EngineHarness:
         affinity: float = 0.0,
         scheduler: str = "rr",
         partial: bool = False,
+        syn_proxy: SynProxySettings | None = None,
     ) -> None:
         self.tcp_backends = tcp_backends(backends)
         self.udp_backends = udp_backends(backends)
@@ -303,6 +324,7 @@ class EngineHarness:
             nat_ports=nat_ports,
             timeouts=timeouts,
             table_cap=cap,
+            syn_proxy=syn_proxy,
         )
         self.now = 0.0
         self.partial = partial
@@ -607,6 +629,7 @@ def check_table(table: SessionTable) -> None:
             in_use.add(row.nat_port)
         assert pool.active == sum(1 for s in pool.rows if s is not None and not s.ended)
         assert list(pool.closed) == [s for s in table.closed if s.pool is pool]
+        assert list(pool.half_open) == [s for s in table.half_open if s.pool is pool]
         free = list(pool.free)
         never_used = set(range(pool.next_unused, pool.last + 1))
         assert len(free) == len(set(free)), "a port is free twice"

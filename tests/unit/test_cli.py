@@ -84,3 +84,19 @@ def test_loadbalancer_lobin_help_carries_an_example(capsys: pytest.CaptureFixtur
     assert stopped.value.code == 0
     out = capsys.readouterr().out
     assert "Example: sudo loadbalancerLobin 198.18.0.2 198.18.0.21 9000" in out
+
+
+def test_status_shows_the_syn_proxys_counters(monkeypatch: pytest.MonkeyPatch) -> None:
+    service = {
+        "name": "web", "proto": "tcp", "port": 80, "scheduler": "rr", "health_check": "syn",
+        "flows": 3, "packets": 9, "bytes": 900, "drops": {"bad_cookie": 2},
+        "syn_cookies": {"sent": 20000, "validated": 50, "invalid": 2}, "backends": [],
+    }  # fmt: skip
+    reply = {"lb_ip": "198.18.0.2", "uptime": 1.0, "rows": 3, "open_flows": 0, "workers": []}
+    quiet = {**service, "name": "dns", "syn_cookies": {"sent": 0, "validated": 0, "invalid": 0}}
+    monkeypatch.setattr("lbnat.cli.talk", lambda *_: {**reply, "services": [service, quiet]})
+    result = CliRunner().invoke(main, ["status", "--admin-socket", "/nonexistent"])
+    assert result.exit_code == 0, result.output
+    web, dns = [line for line in result.output.splitlines() if line.startswith("service ")]
+    assert web.endswith("drops bad_cookie 2  syn cookies sent 20000 validated 50 invalid 2")
+    assert "syn cookies" not in dns

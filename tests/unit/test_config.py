@@ -249,6 +249,23 @@ BAD: list[tuple[str, object, str]] = [
         'nat_ports: 61000 is not a port range like "61000-65535" or [61000, 65535]',
     ),
     ("table-cap", {"table_cap": 0}, "table_cap: 0 must be at least 1"),
+    ("syn-proxy-null", {"syn_proxy": None}, "syn_proxy: null is not an object"),
+    (
+        "syn-proxy-mode",
+        {"syn_proxy": {"mode": "always"}},
+        'syn_proxy.mode: "always" is not one of "auto", "on", "off"',
+    ),
+    (
+        "syn-proxy-typo",
+        {"syn_proxy": {"mod": "on"}},
+        'syn_proxy.mod: unknown key (did you mean "mode"?)',
+    ),
+    (
+        "syn-proxy-threshold",
+        {"syn_proxy": {"threshold": 0}},
+        "syn_proxy.threshold: 0 must be at least 1",
+    ),
+    ("syn-proxy-mss", {"syn_proxy": {"mss": 100}}, "syn_proxy.mss: 100 must be at least 536"),
     (
         "timeouts-typo",
         {"timeouts": {"establised": 900}},
@@ -525,6 +542,12 @@ def test_full_config(tmp_path: Path) -> None:
     assert udp.probe.kind == "udp"
     assert isinstance(config.drain_timeout, float)
     assert isinstance(config.timeouts.syn_sent, float)
+
+
+def test_the_syn_proxy_block() -> None:
+    config = parse_config({"syn_proxy": {"mode": "on", "threshold": 9, "mss": 1400}})
+    assert (config.syn_proxy, config.syn_proxy_threshold, config.syn_proxy_mss) == ("on", 9, 1400)
+    assert parse_config({}).syn_proxy == "auto"
 
 
 def test_config_is_frozen() -> None:

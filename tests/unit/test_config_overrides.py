@@ -140,6 +140,19 @@ def test_backends_join_the_files_service_and_only_given_options_override(tmp_pat
     assert config.lb_ip == "198.18.0.2"
 
 
+def test_syn_proxy_options_override_the_file_only_when_given(tmp_path: Path) -> None:
+    data = {**FILE, "syn_proxy": {"mode": "off", "threshold": 7}}
+    path = config_file(tmp_path, data)
+    config = build_config(
+        Overrides(config_file=path, syn_proxy="on", given=frozenset({"syn_proxy"}))
+    )
+    assert (config.syn_proxy, config.syn_proxy_threshold) == ("on", 7)
+    config = build_config(Overrides(config_file=path))
+    assert (config.syn_proxy, config.syn_proxy_threshold) == ("off", 7)
+    alone = build_config(given(syn_proxy_threshold=50))
+    assert (alone.syn_proxy, alone.syn_proxy_threshold) == ("auto", 50)
+
+
 def test_srcip_first_and_a_new_service_from_the_command_line(tmp_path: Path) -> None:
     overrides = Overrides(
         words=("198.18.0.3", "198.18.0.23", "9000"),

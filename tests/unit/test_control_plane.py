@@ -399,6 +399,7 @@ def test_status_is_built_from_the_given_counters() -> None:
     counters = {
         "rows": 4,
         "open_flows": 3,
+        "table": {"half_open": 1, "evicted": 7, "ports_reclaimed": 5, "pressure_spells": 1},
         "packets": 99,
         "drops": {"no_session": 2},
         "services": {
@@ -419,8 +420,10 @@ def test_status_is_built_from_the_given_counters() -> None:
         "uptime": 10.5,
         "workers": workers,
         "io": "rings (frames)",
+        "syn_proxy": "auto",
         "rows": 4,
         "open_flows": 3,
+        "table": {"half_open": 1, "evicted": 7, "ports_reclaimed": 5, "pressure_spells": 1},
         "drops": {"no_session": 2},
     }
     assert b1 == {
@@ -468,6 +471,7 @@ def test_status_of_a_service() -> None:
             "packets": 90,
             "bytes": 9000,
             "drops": {},
+            "syn_cookies": {"sent": 0, "validated": 0, "invalid": 0},
         },
         {
             "name": "dns",
@@ -479,5 +483,6 @@ def test_status_of_a_service() -> None:
             "packets": 0,
             "bytes": 0,
             "drops": {},
+            "syn_cookies": {"sent": 0, "validated": 0, "invalid": 0},
         },
     ]

@@ -18,7 +18,13 @@ from scapy.packet import Packet
 
 from lbnat.backends import Health
 from lbnat.dataplane.guard import KernelGuard, _format_ranges, _parse_ranges, ruleset
-from lbnat.dataplane.link import Link, Neighbours, read_arp_table
+from lbnat.dataplane.link import (
+    Link,
+    Neighbours,
+    link_mtu,
+    read_arp_table,
+    receive_buffer_max,
+)
 from lbnat.dataplane.packet_socket import build_filter
 from lbnat.health import HealthPolicy, Verdict, judge
 from tests.unit.cbpf import run_bpf
@@ -238,3 +244,25 @@ def test_guard_does_not_restore_a_crashed_runs_reservation(
 
 def test_ruleset_records_the_reserved_range() -> None:
     assert 'comment "lbnat reserved ports 61000-65535"' in ruleset(LB, [20000], [], NAT)
+
+
+def test_link_mtu_reads_sysfs_and_says_none_when_it_cannot(tmp_path: Path) -> None:
+    (tmp_path / "eth0").mkdir()
+    (tmp_path / "eth0" / "mtu").write_text("1450\n")
+    (tmp_path / "eth1").mkdir()
+    (tmp_path / "eth1" / "mtu").write_text("garbage\n")
+    assert link_mtu("eth0", str(tmp_path)) == 1450
+    assert link_mtu("eth1", str(tmp_path)) is None
+    assert link_mtu("eth2", str(tmp_path)) is None
+
+
+def test_receive_buffer_max_is_the_larger_of_tcp_rmem_and_rmem_max(tmp_path: Path) -> None:
+    (tmp_path / "ipv4").mkdir()
+    (tmp_path / "core").mkdir()
+    (tmp_path / "ipv4" / "tcp_rmem").write_text("4096\t131072\t33554432\n")
+    (tmp_path / "core" / "rmem_max").write_text("212992\n")
+    assert receive_buffer_max(str(tmp_path)) == 33554432
+    (tmp_path / "core" / "rmem_max").write_text("67108864\n")
+    assert receive_buffer_max(str(tmp_path)) == 67108864
+    (tmp_path / "ipv4" / "tcp_rmem").write_text("4096\n")
+    assert receive_buffer_max(str(tmp_path)) is None

@@ -508,8 +508,11 @@ def test_no_backend_rst_acknowledges_syn_data() -> None:
 def test_a_full_table_evicts_nothing_for_a_flow_refused_for_lack_of_ports() -> None:
     """Eviction happens only once the new flow has a NAT port: a refused flow ends nobody."""
     lab = EngineHarness(backends=1, nat_ports=(61000, 61001), cap=2)
-    lab.flow(CLIENT1, 40001).syn()
-    lab.flow(CLIENT1, 40002).syn()  # two half-open rows: the table is full, the ports are gone
+    for port in (40001, 40002):  # two established rows: the table is full, the ports are gone
+        flow = lab.flow(CLIENT1, port)
+        flow.syn()
+        flow.synack()
+        flow.ack()
     lab.events()
     result = lab.flow(CLIENT2, 40003).syn()
     assert result.drop_reason == DropReason.NAT_PORTS_EXHAUSTED

@@ -136,6 +136,9 @@ PURE = [
     "lbnat.messages",
     "lbnat.views",
     "lbnat.drops",
+    "lbnat.actions",
+    "lbnat.syncookie",
+    "lbnat.synproxy",
 ]
 IO_CALLS = {
     "socket": {"socket", "socketpair", "create_connection", "create_server", "fromfd"},

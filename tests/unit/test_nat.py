@@ -12,7 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+from scapy.layers.inet import IP
+from scapy.layers.inet import TCP as ScapyTCP
 
+from lbnat import nat
 from lbnat.backends import Health
 from lbnat.drops import DropReason
 from lbnat.engine import DROP, FORWARD, REPLY
@@ -21,6 +24,8 @@ from tests.unit.fixtures import (
     BACKEND_IPS,
     CLIENT1,
     CLIENT2,
+    LB,
+    WEB_BACKEND_PORT,
     EngineHarness,
     Flow,
     Result,
@@ -486,7 +491,10 @@ def test_nat_ports_are_per_backend() -> None:
     """A full pool of one backend does not stop flows to another."""
     lab = EngineHarness(backends=2, nat_ports=(61000, 61000))
     one, two, three = (lab.flow(CLIENT1, 1000 + i) for i in range(3))
-    assert one.syn().forwarded and two.syn().forwarded
+    for flow in (one, two):  # established: they keep their ports
+        assert flow.syn().forwarded
+        flow.synack()
+        flow.ack()
     assert (one.backend, two.backend) == BACKEND_IPS[:2]
     assert one.nat_port == two.nat_port == 61000  # (backend, NAT port) is what is unique
     assert three.syn().drop_reason == DropReason.NAT_PORTS_EXHAUSTED  # b1 again, full
@@ -497,6 +505,7 @@ def test_udp_nat_port_exhaustion() -> None:
     one = lab.udp_flow(CLIENT1, 5000)
     two = lab.udp_flow(CLIENT2, 5000)
     assert one.request().forwarded
+    one.reply()  # answered: no longer half-open, it keeps its port
     assert two.request().drop_reason == DropReason.NAT_PORTS_EXHAUSTED
     assert lab.engine.services["dns"].drops == {DropReason.NAT_PORTS_EXHAUSTED: 1}
 
@@ -844,3 +853,83 @@ def test_lookups_and_row_views() -> None:
     assert s.client_ip == addr(CLIENT2) and s.client_port == 4321
     assert s.backend.key == backend.key
     assert list(table) == [s]
+
+
+# --- SYN floods: a full port pool takes back half-open ports; pressure cuts their timeout -------
+
+
+def test_a_full_pool_takes_the_port_of_its_oldest_half_open_row_and_resets_the_backend() -> None:
+    """A flood of SYNs that nobody completes must not lock a backend out until the rows time
+    out: the next flow takes the oldest half-open row's NAT port, and the backend first gets
+    a RST (at the client's ISN + 1) so that it forgets its half-open connection on that port."""
+    lab = EngineHarness(backends=1, nat_ports=(61000, 61001))
+    spoofed = [lab.flow(CLIENT2, 7000 + i, isn=5000 + i) for i in range(2)]
+    for flow in spoofed:
+        assert flow.syn().forwarded
+    spoofed[1].synack()  # SYN_RECV is half-open too
+    lab.events()
+    real = lab.flow(CLIENT1, 40000, isn=100)
+    result = real.syn()
+    assert result.forwarded and result.next_hop == BACKEND_IPS[0]
+    assert real.nat_port == 61000 and spoofed[0].session is None
+    [(packet, hop)] = result.sent_first
+    rst = IP(packet)
+    assert hop == BACKEND_IPS[0] and rst[ScapyTCP].flags == "R"
+    assert (rst.src, rst.dst, rst[ScapyTCP].sport, rst[ScapyTCP].dport) == (
+        LB, BACKEND_IPS[0], 61000, WEB_BACKEND_PORT
+    )
+    assert rst[ScapyTCP].seq == 5000 + 1
+    assert describe_events(lab.events()) == ["end evicted 1", "open b1"]
+    assert lab.table.ports_reclaimed == 1 and lab.table.evicted == 1
+    real.synack()
+    real.ack()
+    assert real.state == ESTABLISHED
+    check_table(lab.table)
+
+
+def test_established_flows_never_give_up_their_ports() -> None:
+    lab = EngineHarness(backends=1, nat_ports=(61000, 61001))
+    keep = [established(lab, CLIENT1, 1000 + i) for i in range(2)]
+    assert lab.flow(CLIENT2, 3000).syn().drop_reason == DropReason.NAT_PORTS_EXHAUSTED
+    assert all(flow.state == ESTABLISHED for flow in keep)
+    assert lab.table.ports_reclaimed == 0
+    check_table(lab.table)
+
+
+def test_udp_unanswered_rows_give_up_their_ports_without_a_packet() -> None:
+    lab = EngineHarness(backends=1, nat_ports=(61000, 61000))
+    old = lab.udp_flow(CLIENT1, 5000)
+    assert old.request().forwarded
+    new = lab.udp_flow(CLIENT2, 5000)
+    result = new.request()
+    assert result.kind == FORWARD and old.session is None
+    assert lab.table.ports_reclaimed == 1
+    check_table(lab.table)
+
+
+def test_half_open_rows_time_out_early_while_the_table_is_under_pressure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Above PRESSURE_HALF_OPEN half-open rows, their timeout is cut (rows already filed move
+    to their earlier deadline); established rows keep theirs; under half of it, back to
+    normal."""
+    monkeypatch.setattr(nat, "PRESSURE_HALF_OPEN", 8)
+    lab = EngineHarness(backends=1, timeouts=Timeouts(syn_sent=120, half_open_under_pressure=5))
+    keep = established(lab, CLIENT1, 1)
+    flood = [lab.flow(CLIENT2, 2000 + i) for i in range(8)]
+    for flow in flood:
+        flow.syn()
+    assert not lab.table.under_pressure  # 8 is not above 8
+    lab.advance(2)
+    late = lab.flow(CLIENT2, 3000)
+    late.syn()
+    assert lab.table.under_pressure and lab.table.pressure_spells == 1
+    check_table(lab.table)
+    lab.advance(3.5)  # 5.5 s after the first 8: gone; 3.5 s after the late one: still there
+    assert all(flow.session is None for flow in flood)
+    assert late.state == SYN_SENT and keep.state == ESTABLISHED
+    assert not lab.table.under_pressure  # 1 half-open row left: under half of 8
+    lab.advance(60)
+    assert late.state == SYN_SENT  # filed at 5 s but back to 120 s: re-filed by the sweep
+    assert keep.state == ESTABLISHED
+    check_table(lab.table)

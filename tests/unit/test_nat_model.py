@@ -27,7 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from lbnat.backends import BackendKey, Health
 from lbnat.drops import DropReason
-from lbnat.engine import DROP, FORWARD, REPLY, FlowEnded, FlowOpened, NoBackend
+from lbnat.engine import DROP, FORWARD, REPLY, SEND_FIRST, FlowEnded, FlowOpened, NoBackend
 from lbnat.nat import ENDED, HALF_OPEN, Session, State, Timeouts, forward_key
 from lbnat.packet import TCP, UDP, parse
 from tests.unit.fixtures import (
@@ -147,6 +147,16 @@ class NatMachine(RuleBasedStateMachine):
                 self.entered[s] = self.now
                 self.state_of[s] = s.state
                 self.touched.setdefault(s, self.now)
+        if action[0] == SEND_FIRST:
+            # A new flow evicted half-open TCP rows: each backend gets a RST for its old one
+            # first; then the packet is forwarded as any other.
+            for packet, hop in action[2]:
+                assert checksums_ok(packet), "a RST for an evicted row has a wrong checksum"
+                rst = parse(packet, 0, len(packet))
+                assert isinstance(rst, tuple) and rst[6] == 0x04  # RST alone
+                assert (rst[2], rst[3]) == (addr(LB), hop)
+            event(f"sent {len(action[2])} RST(s) first")
+            action = (FORWARD, action[1])
         if action[0] == FORWARD:
             assert checksums_ok(buf), "a forwarded packet has a wrong checksum"
             event("forwarded")

@@ -1,0 +1,26 @@
+"""What the engine decides for a packet: a plain tuple, so a verdict costs no object.
+
+    (FORWARD, next_hop)          send buf[start:end] as rewritten, to IPv4 address next_hop (int)
+    (REPLY, packet, next_hop)    send this new IPv4 packet instead (a packet lbnat makes itself)
+    (DROP, reason)               send nothing; the reason has been counted
+    (SEND_FIRST, next_hop, ((packet, next_hop), ...))
+                                 send these new packets, then forward buf[start:end] as FORWARD
+                                 does (lbnat.engine: a RST for an evicted half-open row first)
+
+(A module of its own so that lbnat.engine and lbnat.synproxy share it without a cycle.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lbnat.drops import DropReason
+
+FORWARD = 1
+REPLY = 2
+DROP = 3
+SEND_FIRST = 4
+
+Action = tuple[Any, ...]  # (FORWARD, int) | (REPLY, bytes, int) | (DROP, int) | SEND_FIRST's
+
+DROP_ACTIONS: dict[DropReason, Action] = {reason: (DROP, int(reason)) for reason in DropReason}
