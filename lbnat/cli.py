@@ -419,6 +419,9 @@ def status(admin_socket: str, as_json: bool) -> None:
             f"{table['ports_reclaimed']}  pressure spells {table['pressure_spells']}"
             + ("  UNDER PRESSURE" if table["under_pressure"] else "")
         )
+    link = reply.get("link")
+    if link and link["state"] != "up":
+        click.echo(f"  link {link['interface']} {link['state']} for {link['since']} s")
     if len(workers) > 1:
         for w in workers:
             state = "running" if w["alive"] else "restarting"

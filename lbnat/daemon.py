@@ -44,7 +44,14 @@ from lbnat.control.protocol import Request, ack, nack
 from lbnat.control.server import AdminServer, RegistrationServer, start_servers
 from lbnat.dataplane.fanout import nat_slices
 from lbnat.dataplane.guard import GuardError, KernelGuard
-from lbnat.dataplane.link import Link, LinkError, find_link, link_mtu, receive_buffer_max
+from lbnat.dataplane.link import (
+    Link,
+    LinkError,
+    LinkProbe,
+    find_link,
+    link_mtu,
+    receive_buffer_max,
+)
 from lbnat.dataplane.packet_socket import build_filter
 from lbnat.dataplane.rings import RingSpec
 from lbnat.dataplane.workers import (
@@ -58,6 +65,7 @@ from lbnat.eventlog import (
     EventLog,
     Log,
     LogLine,
+    link_line,
     reload_rejected_line,
     start_lines,
     table_error_line,
@@ -65,6 +73,7 @@ from lbnat.eventlog import (
 )
 from lbnat.health import HealthChecker
 from lbnat.health.checker import Report
+from lbnat.linkwatch import LinkState, LinkWatch
 from lbnat.messages import (
     AskCounters,
     AskSessions,
@@ -79,7 +88,9 @@ from lbnat.service import Service
 from lbnat.syncookie import DEFAULT_WSCALE, SECRET_BYTES, SynProxySettings, kernel_wscale
 from lbnat.views import merge_counters
 
-__all__ = ["Daemon", "StartError", "check_can_start", "check_port_free"]
+__all__ = ["INTERFACE_GONE", "Daemon", "StartError", "check_can_start", "check_port_free"]
+
+INTERFACE_GONE = 1  # exit code: the interface went away under lbnat (systemd restarts it)
 
 
 class StartError(Exception):
@@ -151,6 +162,28 @@ def worker_setup(
     )
 
 
+def syn_proxy_settings(config: Config) -> SynProxySettings:
+    """The SYN proxy's settings. The secret is drawn once: every worker, and a worker restarted
+    later, checks the cookies of all. The window scale is the one this host's kernel would
+    offer: backends with the same defaults pick the same, and their windows then pass without
+    rescaling (lbnat.synproxy)."""
+    space = receive_buffer_max()
+    return SynProxySettings(
+        config.syn_proxy,
+        config.syn_proxy_threshold,
+        config.syn_proxy_mss,
+        os.urandom(SECRET_BYTES),
+        DEFAULT_WSCALE if space is None else kernel_wscale(space),
+    )
+
+
+def fit_mss(settings: SynProxySettings, mtu: int | None) -> SynProxySettings:
+    """The cookie SYN-ACK must not promise segments the LB's own link cannot carry."""
+    if mtu is not None and 536 <= mtu - 40 < settings.mss:
+        return dataclasses.replace(settings, mss=mtu - 40)
+    return settings
+
+
 class Daemon:
     def __init__(
         self,
@@ -169,23 +202,14 @@ class Daemon:
         self.guard: KernelGuard | None = None
         self.health: HealthChecker | None = None
         self.link: Link | None = None
+        self.link_probe: LinkProbe | None = None
+        self.link_watch: LinkWatch | None = None
+        self.exit_code = 0
         self._servers: list[RegistrationServer | AdminServer] = []
         self._lock = threading.Lock()  # every call into self.control
-        # One reload at a time: a plan is made and committed under two takes of self._lock,
-        # and a second reload (a SIGHUP storm starts a thread per signal) must not commit
-        # between them.
+        # A reload plans and commits under two takes of _lock: no other reload in between.
         self._reload_lock = threading.Lock()
-        # Drawn once: every worker, and a worker restarted later, checks the cookies of all.
-        # The window scale this host's kernel would offer: backends with the same defaults
-        # pick the same, and their windows then pass without rescaling (lbnat.synproxy).
-        space = receive_buffer_max()
-        self.syn_proxy = SynProxySettings(
-            config.syn_proxy,
-            config.syn_proxy_threshold,
-            config.syn_proxy_mss,
-            os.urandom(SECRET_BYTES),
-            DEFAULT_WSCALE if space is None else kernel_wscale(space),
-        )
+        self.syn_proxy = syn_proxy_settings(config)
 
     @property
     def config(self) -> Config:
@@ -201,12 +225,11 @@ class Daemon:
         check_can_start(c)
         try:
             self.link = link = find_link(self.lb_ip, c.interface)
+            self.link_probe = LinkProbe(link.interface)
         except LinkError as error:
             raise StartError(str(error)) from None
-        mtu = link_mtu(link.interface)
-        if mtu is not None and 536 <= mtu - 40 < self.syn_proxy.mss:
-            # The cookie SYN-ACK must not promise segments the LB's own link cannot carry.
-            self.syn_proxy = dataclasses.replace(self.syn_proxy, mss=mtu - 40)
+        self.syn_proxy = fit_mss(self.syn_proxy, link_mtu(link.interface))
+        self.link_watch = LinkWatch(time.monotonic(), self.link_probe.state())
         for service in self.control.services.values():
             check_port_free(self.lb_ip, service.service.port, service.service.proto)
         try:
@@ -273,7 +296,7 @@ class Daemon:
                 signal.signal(sig, handler)
             self.close()
             self.log("lbnat stopped", "stop")
-        return 0
+        return self.exit_code
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.plane is not None:
@@ -299,6 +322,9 @@ class Daemon:
         if self.guard is not None:
             self.guard.remove()
             self.guard = None
+        if self.link_probe is not None:
+            self.link_probe.close()
+            self.link_probe = None
 
     # --- carrying out the control plane's effects ------------------------------------------
 
@@ -346,8 +372,9 @@ class Daemon:
         return plane.ask(question, timeout)
 
     def _maintain(self, now: float) -> None:
-        """Upkeep between batches (one worker) or by the supervisor (N workers): remove drained
-        backends whose last flow has ended in every worker."""
+        """Upkeep between batches (one worker) or by the supervisor (N workers): watch the
+        interface; remove drained backends whose last flow has ended in every worker."""
+        self._watch_link(now)
         with self._lock:
             question = self.control.draining()
         if question is None:
@@ -357,6 +384,29 @@ class Daemon:
         except (TimeoutError, RuntimeError):
             return  # asked again at the next upkeep
         self._locked(lambda: self.control.sweep(now, answers))
+
+    def _watch_link(self, now: float) -> None:
+        """One line per transition of the interface (the loops survive a flap by themselves);
+        stop when it is gone for good."""
+        probe, watch, link = self.link_probe, self.link_watch, self.link
+        if probe is None or watch is None or link is None:
+            return
+        change = watch.observe(probe.state(), now)
+        if change is None:
+            return
+        try:
+            flows: int | None = int(merge_counters(self.ask(AskCounters()))["open_flows"])
+        except (TimeoutError, RuntimeError):
+            flows = None
+        self.log.write(link_line(link.interface, change, flows))
+        if self.health is not None:
+            if change.state is LinkState.UP:
+                self.health.resume()
+            else:
+                self.health.hold()
+        if change.state is LinkState.GONE and self.plane is not None:
+            self.exit_code = INTERFACE_GONE
+            self.plane.stop()
 
     def _inline_events(self, events: list[Event]) -> None:
         self._on_events(0, events)
@@ -413,7 +463,15 @@ class Daemon:
         workers = self.plane.info()
         now = time.monotonic()
         with self._lock:
-            return self.control.status(counters, workers, now)
+            status = self.control.status(counters, workers, now)
+        watch, link = self.link_watch, self.link
+        if watch is not None and link is not None:
+            status["link"] = {
+                "interface": link.interface,
+                "state": watch.state.value,
+                "since": round(now - watch.since, 1),  # seconds in this state
+            }
+        return status
 
     def sessions(self) -> list[dict[str, object]]:
         """Every worker's rows, each marked with its worker."""
@@ -437,23 +495,20 @@ class Daemon:
         running config stays) or None."""
         if self.reload_config is None:
             return self._reload_failed("lbnat was started without a config file")
-        with self._reload_lock:
-            return self._reload(self.reload_config)
-
-    def _reload(self, reload_config: Callable[[], Config]) -> str | None:
-        try:
-            new = reload_config()
-            with self._lock:
-                plan = self.control.plan_reload(new)
-            self._carry_out(plan.notes)
-            if plan.error is not None:
-                return self._reload_failed(plan.error)
-            for service in plan.added:
-                check_port_free(self.lb_ip, service.service.port, service.service.proto)
-            self._locked(lambda: self.control.commit_reload(plan))
-        except (ConfigError, ValueError, OSError, GuardError, StartError) as error:
-            # StartError: a new service's port is taken (before, this escaped as a traceback)
-            return self._reload_failed(str(error))
+        with self._reload_lock:  # one at a time (a SIGHUP storm starts a thread per signal)
+            try:
+                new = self.reload_config()
+                with self._lock:
+                    plan = self.control.plan_reload(new)
+                self._carry_out(plan.notes)
+                if plan.error is not None:
+                    return self._reload_failed(plan.error)
+                for service in plan.added:
+                    check_port_free(self.lb_ip, service.service.port, service.service.proto)
+                self._locked(lambda: self.control.commit_reload(plan))
+            except (ConfigError, ValueError, OSError, GuardError, StartError) as error:
+                # StartError: a new service's port is taken (before, a traceback)
+                return self._reload_failed(str(error))
         return None
 
     def _reload_failed(self, error: str) -> str:

@@ -29,6 +29,7 @@ class DropReason(enum.IntEnum):
     BAD_COOKIE = 30  # an ACK that matches no row and acknowledges no valid SYN cookie
     SYN_PROXY_PENDING = 31  # a client segment while lbnat's SYN to the backend is unanswered
     SYN_PROXY_UNEXPECTED = 32  # a backend segment of a proxied row before its SYN-ACK
+    LINK_DOWN = 28  # data plane: the interface was down or gone when the frame was to leave
 
     @property
     def label(self) -> str:

@@ -18,6 +18,7 @@ from typing import TextIO
 from lbnat.config import Config
 from lbnat.engine import Event, FlowEnded, FlowOpened, NoBackend
 from lbnat.health.checker import Report
+from lbnat.linkwatch import LinkChange, LinkState
 from lbnat.nat import ENDED
 
 ENDED_NAMES = frozenset(state.name for state in ENDED)
@@ -235,6 +236,26 @@ def reload_applied_line(services: int, added: int) -> LogLine:
         services=services,
         added=added,
     )
+
+
+# --- the interface ----------------------------------------------------------------------------
+
+
+def link_line(interface: str, change: LinkChange, flows: int | None) -> LogLine:
+    """One line per transition of lbnat's interface; `flows`: the open flows summed over every
+    worker (None when they could not be asked)."""
+    held = "its" if flows is None else str(flows)
+    match change.state:
+        case LinkState.DOWN:
+            text = f"link {interface} down: holding {held} flows until it comes back"
+            return line(text, "link_down", interface=interface, flows=flows)
+        case LinkState.UP:
+            seconds = round(change.seconds, 1)
+            text = f"link {interface} up again after {seconds:.1f} s: {held} flows kept"
+            return line(text, "link_up", interface=interface, flows=flows, down_seconds=seconds)
+        case LinkState.GONE:
+            text = f"interface {interface} is gone: stopping"
+            return line(text, "interface_gone", interface=interface, flows=flows)
 
 
 # --- kill -USR1: the NAT table ----------------------------------------------------------------

@@ -15,6 +15,10 @@ Nothing is shared between workers: each owns its slice of the NAT ports and the 
 Group membership is an array in the kernel, in join order, compacted when a socket leaves. So
 the main process opens every worker's socket, joins them in order and keeps them open: a worker
 that dies leaves its socket (and its place in the group) behind, and its replacement inherits it.
+A link flap unlinks every member and links them again in the order the sockets were *created*
+(the kernel walks the namespace's packet-socket list): `join` must be given them in creation
+order, as lbnat.dataplane.workers.open_worker_sockets does, or worker i loses slice i after the
+first flap (tests/integration/test_link_netns.py).
 """
 
 from __future__ import annotations

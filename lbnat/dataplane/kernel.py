@@ -44,6 +44,7 @@ TPACKET_REQ3 = struct.Struct("<7I")
 
 TP_STATUS_USER = 1  # receive: the slot (or block) is lbnat's
 TP_STATUS_COPY = 2  # receive: truncated here, the whole frame waits on the socket
+TP_STATUS_AVAILABLE = 0  # transmit: the slot is free for lbnat to fill
 TP_STATUS_SEND_REQUEST = 1  # transmit: lbnat filled the slot, the kernel may send it
 TP_STATUS_LEN = 4  # tp_status (and a block's block_status) is a __u32
 ZERO_STATUS = bytes(TP_STATUS_LEN)  # TP_STATUS_KERNEL: the slot is the kernel's again

@@ -10,6 +10,7 @@ milliseconds while anything waits. A periodic re-read picks up a neighbour whose
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import socket
 import struct
@@ -19,7 +20,13 @@ from typing import Literal
 
 import netifaces
 
+from lbnat.linkwatch import LinkState
 from lbnat.packet import checksum
+
+SIOCGIFFLAGS = 0x8913  # linux/sockios.h: an interface's flags, by name
+IFF_UP = 0x1  # linux/if.h: administratively up
+IFF_RUNNING = 0x40  # linux/if.h: operationally up (carrier, not dormant)
+IFREQ = struct.Struct("16sH22x")  # struct ifreq: the name, then ifr_flags in the union
 
 
 class LinkError(Exception):
@@ -66,6 +73,35 @@ def find_link(ip: str, interface: str | None = None) -> Link:
                 return Link(name, ip, network, _mac_bytes(mac))
     where = f"interface {interface}" if interface else "any interface"
     raise LinkError(f"{ip} is not an address of {where} in this network namespace")
+
+
+class LinkProbe:
+    """Reads whether lbnat's interface is up, down or gone (lbnat.linkwatch), for the main
+    process's upkeep. By index: lbnat's packet sockets are bound to the index, so a renamed
+    interface is still theirs and one deleted and made again under the same name is not. Two
+    calls on a datagram socket (16 us measured), in lbnat's own network namespace: /sys/class/net
+    shows the namespace sysfs was mounted in, which need not be this one."""
+
+    def __init__(self, interface: str) -> None:
+        try:
+            self.index = socket.if_nametoindex(interface)
+        except OSError:
+            raise LinkError(f"no interface named {interface!r}") from None
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def state(self) -> LinkState:
+        try:
+            name = socket.if_indextoname(self.index)
+            answer = fcntl.ioctl(self._sock, SIOCGIFFLAGS, IFREQ.pack(name.encode(), 0))
+        except OSError:  # no such index (ENXIO), or it went between the two calls (ENODEV)
+            return LinkState.GONE
+        flags = IFREQ.unpack(answer)[1]
+        if flags & IFF_UP and flags & IFF_RUNNING:
+            return LinkState.UP
+        return LinkState.DOWN
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 def default_gateway(interface: str) -> int | None:

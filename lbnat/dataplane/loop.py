@@ -11,6 +11,13 @@ Two ways to move frames, the same engine in between:
 - `RingLoop` (`--io rings`, the default): the mmap'ed TPACKET rings of lbnat.dataplane.rings.
   The engine rewrites each frame where the kernel put it in the receive ring, the loop copies it
   into the transmit ring, and one `send()` per batch transmits them all.
+
+A link flap (the interface set down and up, a lost carrier, a driver reload) is survived with
+the table: the kernel keeps the socket bound and its rings mapped, reports ENETDOWN once on a
+read and refuses every send while the link is down (ENXIO once the interface is gone). The
+reads note it and go on (`_link_error`), the sends count the frame as dropped (`link_down`)
+and the rows stay; the main process watches the interface and logs the transitions
+(lbnat.linkwatch; docs/architecture.md, "Link flaps").
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from lbnat.dataplane.kernel import (
     ZERO_STATUS,
 )
 from lbnat.dataplane.link import Neighbours
-from lbnat.dataplane.rings import RingSpec, RxBlocks, RxFrames, TxRing
+from lbnat.dataplane.rings import LINK_ERRORS, RingSpec, RxBlocks, RxFrames, TxRing
 from lbnat.drops import DropReason
 from lbnat.engine import DROP, FORWARD, REPLY, Engine, Event
 
@@ -74,6 +81,7 @@ class PacketLoop:
         self.stopping = threading.Event()
         self.sent = 0
         self.send_errors = 0
+        self.link_errors = 0  # reads that found the link down or gone
         self._watched: dict[int, Callable[[], None]] = {}
         self._buf = bytearray(RECV_BUFFER)
         self._view = memoryview(self._buf)
@@ -146,6 +154,9 @@ class PacketLoop:
                 break
             except InterruptedError:
                 continue
+            except OSError as error:
+                self._link_error(error)  # the link went down or away: nothing to read now
+                break
             # The frame starts with its virtio_net_hdr, whose first byte holds the flags.
             action = handle(buf, start, n, bool(buf[0] & needs_csum), now)
             verb = action[0]
@@ -184,11 +195,23 @@ class PacketLoop:
             self.sock.send(frame)
             self.sent += 1
         except OSError as error:
-            # ENOBUFS/EAGAIN: the device queue is full; the sender will retransmit.
             self.send_errors += 1
+            if error.errno in LINK_ERRORS:  # the row stays: the sender retransmits once it is up
+                self.engine.count_drop(DropReason.LINK_DOWN)
+                return
+            # ENOBUFS/EAGAIN: the device queue is full; the sender will retransmit.
             self.engine.count_drop(DropReason.SEND_FAILED)
-            if error.errno not in (errno.ENOBUFS, errno.EAGAIN, errno.ENETDOWN, errno.EMSGSIZE):
+            if error.errno not in (errno.ENOBUFS, errno.EAGAIN, errno.EMSGSIZE):
                 raise
+
+    def _link_error(self, error: OSError) -> None:
+        """A read gave `error`: ENETDOWN (or a friend) is the kernel saying, once per socket,
+        that the interface went down or away. Noted and survived: the socket and its rings stay
+        bound, the kernel hooks them in again when the link is up, and the main process logs
+        the transition (it watches the interface). Anything else is a bug: raised."""
+        if error.errno not in LINK_ERRORS:
+            raise error
+        self.link_errors += 1
 
     def _drain_commands(self) -> None:
         while True:
@@ -235,7 +258,7 @@ class RingLoop(PacketLoop):
             handled = self._receive_blocks(now)
         else:
             handled = self._receive_frames(now)
-        self.sent += self.tx.flush()
+        self._flush()
         if not handled and not self.rx.resync():
             self._drain_socket()
 
@@ -335,30 +358,53 @@ class RingLoop(PacketLoop):
         m[vnet + _eth : vnet + _ip] = header
         frame = view[vnet:end]
         if not self.tx.put(frame):
-            self.sent += self.tx.flush()  # what is queued leaves first: frames keep order
+            self._flush()  # what is queued leaves first: frames keep order
             self._send(frame)
 
+    def _flush(self) -> None:
+        tx = self.tx
+        self.sent += tx.flush()
+        if tx.lost:  # the link was down or gone: the marked slots were taken back
+            for _ in range(tx.lost):
+                self.engine.count_drop(DropReason.LINK_DOWN)
+            tx.lost = 0
+
     def _receive_copy(self, now: float) -> None:
-        """A frame too big for a slot (a GSO super-packet): the whole of it is on the socket."""
-        try:
-            n = self.sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            self.engine.count_drop(DropReason.RING_TRUNCATED)
+        """A frame too big for a slot (a GSO super-packet): the whole of it is on the socket.
+        The link's error, if one is pending, comes before it (the kernel reports sk_err first
+        and keeps the frame queued): then the second read gets the frame."""
+        for _ in range(2):
+            try:
+                n = self.sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as error:
+                self._link_error(error)
+                continue
+            self._forward(self._buf, self._view, 0, n, now)
             return
-        self._forward(self._buf, self._view, 0, n, now)
+        self.engine.count_drop(DropReason.RING_TRUNCATED)
 
     def _drain_socket(self) -> None:
         """The socket said readable and the ring holds nothing: whole frames left on the socket
-        whose slots are gone (lost while a worker restarted). Drop and count them."""
+        whose slots are gone (lost while a worker restarted), or the link's error (ENETDOWN,
+        reported once when it went down or away). Drop and count the frames; note the error."""
+        link_errors = 0
         while True:
             try:
                 self.sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError as error:
+                self._link_error(error)
+                link_errors += 1
+                if link_errors > 1:  # the kernel reports it once; never spin on it
+                    return
+                continue  # frames queued behind the error are still there
             self.engine.count_drop(DropReason.RING_TRUNCATED)
 
     def send_packet(self, packet: bytes, destination: int, now: float) -> None:
-        self.sent += self.tx.flush()
+        self._flush()
         super().send_packet(packet, destination, now)
 
     def close(self) -> None:

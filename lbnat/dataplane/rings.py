@@ -29,6 +29,7 @@ the same rings again and finds its place with `resync()`.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import socket
 import struct
@@ -46,6 +47,7 @@ from lbnat.dataplane.kernel import (
     PACKET_VNET_HDR,
     SO_SNDBUFFORCE,
     SOL_PACKET,
+    TP_STATUS_AVAILABLE,
     TP_STATUS_SEND_REQUEST,
     TP_STATUS_USER,
     TPACKET_REQ,
@@ -57,6 +59,13 @@ from lbnat.dataplane.kernel import (
 )
 
 RxKind = Literal["frames", "blocks"]
+
+# What a packet socket's send() and recv() raise while its interface is down or after it is
+# gone, measured on 6.18 with veth (docs/architecture.md, "Link flaps"): ENETDOWN (recv: once,
+# from the socket's sk_err, when the device goes down or away; send: every time while it is
+# down), ENXIO (send, once the device is unregistered). ENODEV and ENETUNREACH were not seen
+# here; they say the same of a device or its network, so lbnat takes them alike.
+LINK_ERRORS = frozenset({errno.ENETDOWN, errno.ENXIO, errno.ENODEV, errno.ENETUNREACH})
 
 U32 = struct.Struct("<I")
 
@@ -195,6 +204,7 @@ class TxRing:
         self.index = 0
         self.queued = 0  # slots marked since the last flush
         self.full = 0  # frames that found no free slot (sent per packet instead)
+        self.lost = 0  # frames taken back from the ring because the link was down or gone
 
     def put(self, frame: memoryview | bytes) -> bool:
         """Copy one frame (virtio_net_hdr + Ethernet + IP) into the next slot. False when it
@@ -218,7 +228,8 @@ class TxRing:
         return True
 
     def flush(self) -> int:
-        """Have the kernel send every marked slot. Returns how many were queued."""
+        """Have the kernel send every marked slot. Returns how many were queued; with the link
+        down or gone none was, and the marked slots are taken back (counted in `lost`)."""
         queued = self.queued
         if queued:
             self.queued = 0
@@ -226,9 +237,26 @@ class TxRing:
                 self.sock.send(b"", socket.MSG_DONTWAIT)
             except BlockingIOError:
                 pass  # slots stay marked and go out with the next flush
-            except OSError:
-                pass  # ENOBUFS, ENETDOWN: the same; the sender retransmits what is lost
+            except OSError as error:
+                if error.errno in LINK_ERRORS:
+                    return queued - self.reclaim()
+                # ENOBUFS: slots stay marked as with EAGAIN; the sender retransmits what is lost
         return queued
+
+    def reclaim(self) -> int:
+        """Free every slot still marked for sending; how many there were. Only after a send()
+        the link refused: the kernel then returned before it looked at a slot (tpacket_snd
+        checks the device first), and nothing else reads a marked slot between two of our
+        send() calls. Without this the frames of a link-down would wait in the ring and leave
+        stale on the first flush after the link is back, and a long outage would fill it."""
+        m, size = self.map, self.frame_size
+        lost = 0
+        for at in range(0, size * self.count, size):
+            if m[at] == TP_STATUS_SEND_REQUEST:
+                m[at] = TP_STATUS_AVAILABLE
+                lost += 1
+        self.lost += lost
+        return lost
 
     def close(self) -> None:
         self.view.release()

@@ -50,6 +50,10 @@ class HealthChecker:
     _stop: threading.Event = field(default_factory=threading.Event)
     _wake: threading.Event = field(default_factory=threading.Event)  # stop or new checks
     _thread: threading.Thread | None = None
+    # While lbnat's own link is down every probe fails, whatever the backends do: rounds that
+    # overlap such a time are thrown away instead of judged (see `hold`).
+    _held: threading.Event = field(default_factory=threading.Event)
+    _epoch: int = 0  # moved by every hold and resume: a round that saw one is not judged
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lbnat-health", daemon=True)
@@ -67,6 +71,17 @@ class HealthChecker:
         backends that stay are kept."""
         self.checks = dict(checks)  # one reference swap: the thread reads either whole dict
         self._wake.set()
+
+    def hold(self) -> None:
+        """lbnat's own link is down: judge no probe until `resume` (a failed probe would say
+        nothing about the backend, and `fall` of them would make every backend dead: no new
+        flow for a round after the link is back, or every flow reset with --on-dead reset)."""
+        self._epoch += 1
+        self._held.set()
+
+    def resume(self) -> None:
+        self._epoch += 1
+        self._held.clear()
 
     def _run(self) -> None:
         next_due: dict[str, float] = {}
@@ -94,6 +109,9 @@ class HealthChecker:
     ) -> None:
         """Probe every backend of these services once, then report and publish."""
         checks = self.checks if checks is None else checks
+        if self._held.is_set():
+            return
+        epoch = self._epoch
         current = self.backends()
         futures = {}
         for name in services:
@@ -103,6 +121,8 @@ class HealthChecker:
                     check.probe.check, backend.ip, backend.port, check.policy.timeout
                 )
         results = {key: future.result() for key, future in futures.items()}
+        if self._held.is_set() or self._epoch != epoch:
+            return  # the link went down or came back while probing: these judge our link
         for name in services:
             backends = current.get(name, ())
             reports = []

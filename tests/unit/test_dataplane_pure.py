@@ -147,6 +147,25 @@ def test_neighbours_give_up_and_pick_up_a_changed_mac(tmp_path: Path) -> None:
     assert header is not None and header[:6] == bytes.fromhex("020000009921")
 
 
+def test_neighbours_keep_their_macs_when_a_link_flap_empties_the_kernels_table(
+    tmp_path: Path,
+) -> None:
+    """On NETDEV_DOWN the kernel flushes the device's neighbour entries; nothing re-resolves
+    them until the host's own stack talks to those hosts. lbnat keeps the MACs it knew (the
+    best guess, right unless a neighbour changed its NIC meanwhile, which the next refresh
+    after the kernel re-learns it picks up), so no flow waits for ARP after the link is back."""
+    path = tmp_path / "arp"
+    path.write_text(ARP_TABLE)
+    neighbours = Neighbours(link(), str(path), gateway=None)
+    b1 = int(ipaddress.IPv4Address("198.18.0.21"))
+    before = neighbours.header_for(b1)
+    assert before is not None
+    path.write_text(ARP_TABLE.splitlines()[0] + "\n")  # flushed
+    assert neighbours.refresh() == []
+    neighbours.headers.clear()  # even rebuilt from scratch
+    assert neighbours.header_for(b1) == before
+
+
 # --- guard --------------------------------------------------------------------------------------
 
 

@@ -149,6 +149,38 @@ def test_checker_rounds_report_and_publish() -> None:
     assert all(name == "web" and snapshot[0].health is Health.ALIVE for name, snapshot in published)
 
 
+def test_checker_judges_nothing_while_lbnats_own_link_is_down() -> None:
+    """Held (the daemon saw its interface go down): no round is judged, none published; a round
+    during which the link went down or came back is thrown away too."""
+    a = Backend("198.18.0.21", 1)
+    reports: list[Report] = []
+    checker: HealthChecker
+
+    def flap_while_probing(ip: str, port: int, timeout: float) -> ProbeResult:
+        checker.hold()
+        return ProbeResult(False, "link down")
+
+    probe = ScriptedProbe({1: [False]})
+    checker = HealthChecker(
+        {"web": HealthCheck(HealthPolicy(fall=1), probe)},
+        lambda: {"web": (a,)},
+        lambda name, snapshot: None,
+        reports.append,
+    )
+    with ThreadPoolExecutor(2) as pool:
+        checker.hold()
+        checker.round(pool, ["web"])
+        assert reports == [] and probe.calls == {}  # not even probed
+        checker.resume()
+        probe.check = flap_while_probing  # type: ignore[method-assign]
+        checker.round(pool, ["web"])
+        assert reports == []  # probed, but the link went down meanwhile
+        checker.resume()
+        probe.check = ScriptedProbe({1: [True]}).check  # type: ignore[method-assign]
+        checker.round(pool, ["web"])
+    assert [(r.health, r.changed) for r in reports] == [(Health.ALIVE, True)]
+
+
 def test_checker_keeps_verdicts_per_service() -> None:
     """The same backend in two services is judged per service (each with its own probe)."""
     shared = Backend("198.18.0.21", 1)

@@ -139,6 +139,7 @@ PURE = [
     "lbnat.actions",
     "lbnat.syncookie",
     "lbnat.synproxy",
+    "lbnat.linkwatch",
 ]
 IO_CALLS = {
     "socket": {"socket", "socketpair", "create_connection", "create_server", "fromfd"},
