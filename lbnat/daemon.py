@@ -207,6 +207,8 @@ class Daemon:
         self.exit_code = 0
         self._servers: list[RegistrationServer | AdminServer] = []
         self._lock = threading.Lock()  # every call into self.control
+        # A reload plans and commits under two takes of _lock: no other reload in between.
+        self._reload_lock = threading.Lock()
         self.syn_proxy = syn_proxy_settings(config)
 
     @property
@@ -493,19 +495,20 @@ class Daemon:
         running config stays) or None."""
         if self.reload_config is None:
             return self._reload_failed("lbnat was started without a config file")
-        try:
-            new = self.reload_config()
-            with self._lock:
-                plan = self.control.plan_reload(new)
-            self._carry_out(plan.notes)
-            if plan.error is not None:
-                return self._reload_failed(plan.error)
-            for service in plan.added:
-                check_port_free(self.lb_ip, service.service.port, service.service.proto)
-            self._locked(lambda: self.control.commit_reload(plan))
-        except (ConfigError, ValueError, OSError, GuardError, StartError) as error:
-            # StartError: a new service's port is taken (before, this escaped as a traceback)
-            return self._reload_failed(str(error))
+        with self._reload_lock:  # one at a time (a SIGHUP storm starts a thread per signal)
+            try:
+                new = self.reload_config()
+                with self._lock:
+                    plan = self.control.plan_reload(new)
+                self._carry_out(plan.notes)
+                if plan.error is not None:
+                    return self._reload_failed(plan.error)
+                for service in plan.added:
+                    check_port_free(self.lb_ip, service.service.port, service.service.proto)
+                self._locked(lambda: self.control.commit_reload(plan))
+            except (ConfigError, ValueError, OSError, GuardError, StartError) as error:
+                # StartError: a new service's port is taken (before, a traceback)
+                return self._reload_failed(str(error))
         return None
 
     def _reload_failed(self, error: str) -> str:

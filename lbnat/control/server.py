@@ -30,7 +30,16 @@ Apply = Callable[[Request, str], bytes]  # (request, who asked) -> the reply lin
 Refused = Callable[[str, str], None]  # (who asked, why) -> log it
 
 REQUESTS_PER_CONNECTION = 100
-IDLE_TIMEOUT = 10.0  # seconds a connection may stay silent
+IDLE_TIMEOUT = 10.0
+"""Seconds a connection has to send a whole request line (silent or dripping a byte at a
+time alike), and to take its reply."""
+BACKLOG = 128
+"""Connections waiting to be accepted. socketserver's default, 5, overflows as soon as a few
+clients connect at once (a burst of backends registering after a restart, or a flood): the
+kernel then drops their SYNs and each one waits a 1 s retransmit (tests/faults measured it)."""
+MAX_CONNECTIONS = 256
+"""Connections served at once, per server (a thread each); one more is refused and closed at
+once, so a flood costs lbnat a bounded number of threads."""
 
 
 class _LineHandler(socketserver.StreamRequestHandler):
@@ -39,31 +48,74 @@ class _LineHandler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         server = cast(_LineServer, self.server)
         peer = server.peer_name(self.client_address)
+        pending = bytearray()
         for _ in range(REQUESTS_PER_CONNECTION):
             try:
-                line = self.rfile.readline(MAX_LINE + 1)
+                line = self._read_line(pending)
+            except TimeoutError:
+                server.refused(peer, f"no request within {IDLE_TIMEOUT:g} s; connection closed")
+                return
             except OSError:
                 return
             if not line:
                 return
             if len(line) > MAX_LINE or not line.endswith(b"\n"):
-                self._reply(nack(f"a request is one line of at most {MAX_LINE} bytes"))
+                reason = f"a request is one line of at most {MAX_LINE} bytes"
+                server.refused(peer, reason)
+                self._reply(nack(reason), server, peer)
                 return
-            self._reply(server.answer(line, peer))
+            if not self._reply(server.answer(line, peer), server, peer):
+                return
 
-    def _reply(self, data: bytes) -> None:
-        with contextlib.suppress(OSError):
+    def _read_line(self, pending: bytearray) -> bytes:
+        """The next line, its newline included, read within IDLE_TIMEOUT in all (a socket
+        timeout alone would restart with every byte a slow peer drips). At most MAX_LINE + 1
+        bytes (the caller refuses more); what came before EOF without a newline; b"" at EOF.
+        Hand-written because a buffered readline cannot take a deadline."""
+        deadline = time.monotonic() + IDLE_TIMEOUT
+        while (end := pending.find(b"\n")) < 0 and len(pending) <= MAX_LINE:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self.connection.settimeout(left)
+            chunk = self.connection.recv(MAX_LINE + 1)
+            if not chunk:
+                end = len(pending) - 1
+                break
+            pending += chunk
+        size = end + 1 if end >= 0 else MAX_LINE + 1
+        line = bytes(pending[:size])
+        del pending[:size]
+        return line
+
+    def _reply(self, data: bytes, server: _LineServer, peer: str) -> bool:
+        """Send one reply line; False (logged) if the peer did not take it within the idle
+        bound, so a client that never reads holds a thread for IDLE_TIMEOUT at most."""
+        try:
+            self.connection.settimeout(IDLE_TIMEOUT)
             self.wfile.write(data)
             self.wfile.flush()
+        except TimeoutError:
+            server.refused(peer, f"did not read its reply within {IDLE_TIMEOUT:g} s; dropped")
+            return False
+        except OSError:
+            return False
+        return True
 
 
-class _LineServer:
-    """What both servers share: one request line in, one reply line out."""
+class _LineServer(socketserver.ThreadingMixIn):
+    """What both servers share: one request line in, one reply line out; a thread per
+    connection, at most MAX_CONNECTIONS at once."""
 
+    daemon_threads = True
     admin = False
     auth: Authenticator | None = None
     apply: Apply
     refused: Refused
+
+    def _start_counting(self) -> None:
+        self._open = 0
+        self._open_lock = threading.Lock()
 
     def peer_name(self, address: Any) -> str:
         return "admin" if self.admin else str(address[0])
@@ -78,10 +130,38 @@ class _LineServer:
             return nack(request.reason)
         return self.apply(request, peer)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            admitted = self._open < MAX_CONNECTIONS
+            self._open += admitted
+        if not admitted:
+            reason = f"{MAX_CONNECTIONS} connections open already; connection closed"
+            self.refused(self.peer_name(client_address), reason)
+            with contextlib.suppress(OSError):  # a fresh socket's buffer takes one line
+                request.send(nack(reason), socket.MSG_DONTWAIT)
+                request.shutdown(socket.SHUT_WR)
+            request.close()
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
 
-class RegistrationServer(_LineServer, socketserver.ThreadingMixIn, socketserver.TCPServer):
-    daemon_threads = True
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._open_lock:
+            self._open -= 1
+
+
+class RegistrationServer(_LineServer, socketserver.TCPServer):
     allow_reuse_address = True
+    request_queue_size = BACKLOG
 
     def __init__(
         self, host: str, port: int, auth: Authenticator, apply: Apply, refused: Refused
@@ -89,16 +169,18 @@ class RegistrationServer(_LineServer, socketserver.ThreadingMixIn, socketserver.
         self.auth = auth
         self.apply = apply
         self.refused = refused
+        self._start_counting()
         socketserver.TCPServer.__init__(self, (host, port), _LineHandler)
 
 
-class AdminServer(_LineServer, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+class AdminServer(_LineServer, socketserver.UnixStreamServer):
     admin = True
+    request_queue_size = BACKLOG
 
     def __init__(self, path: str, apply: Apply, refused: Refused) -> None:
         self.apply = apply
         self.refused = refused
+        self._start_counting()
         self.path = path
         prepare_socket_path(path)
         old_umask = os.umask(0o177)  # the socket is created 0600: root only
