@@ -31,9 +31,11 @@ alone (three bytes, no CRC to redo) and checked by range when read:
      8     4    client IPv4 address
     12     4    backend IPv4 address
     16     2    NAT port
-    18     1    SYN-proxy flags (reserved for a SYN-proxy, 0)
-    19     1    reserved (0)
-    20     4    sequence offset (reserved for a SYN-proxy, 0)
+    18     1    SYN-proxy flags: bit 0 the row is SYN-proxied (lbnat.synproxy), bit 1 its
+                offset is known (the backend has answered), bits 2-6 its window shift towards
+                the client + 15; 0 for any other row
+    19     1    SYN-proxy: its window shift towards the backend + 15 (0 for any other row)
+    20     4    SYN-proxy: its sequence offset (0 for any other row)
     24     4    created: the whole second the row was opened (the engine's clock)
     28     4    CRC-32 of bytes 0-27: a record torn by a kill in mid-write is refused
     32     1    state (lbnat.nat.State)
@@ -41,8 +43,11 @@ alone (three bytes, no CRC to redo) and checked by range when read:
     34     1    window scales, (client << 4) | backend, 15 = not offered (Session.wscale)
     35     5    reserved (0)
 
-(A field of bytes 0-27 that changes later, such as a SYN-proxy's sequence offset, is written
-with the whole of them and the CRC again.) A kill in mid-write of a state change leaves the
+(A field of bytes 0-27 that changes later, a SYN-proxied row's offset and window shifts, is
+written with the whole of them and the CRC again: a proxied row's state changes rewrite its
+whole record. A proxied row whose backend had not answered yet is not restored: its handshake
+state (the kept ACK, lbnat's SYN) is not kept, and the client's next segment, whose ACK still
+carries a valid cookie, opens the flow again.) A kill in mid-write of a state change leaves the
 old or the new value in each of bytes 32-34, each a state the row could be in; a kill in
 mid-write of an open leaves a record whose CRC does not match, dropped (the flow was only
 being opened: its SYN comes again). A slot is free again once its row is removed (the format
@@ -60,11 +65,17 @@ import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 from zlib import crc32
 
 from lbnat.engine import Engine, ip_text
 from lbnat.nat import Session, State
 from lbnat.packet import TCP, UDP
+from lbnat.synproxy import ProxiedSession, offset_delta
+
+PROXIED = 0x01  # SYN-proxy flags: the row is SYN-proxied
+OFFSET_KNOWN = 0x02  # and its backend has answered: the offset and window shifts are set
+_SHIFT_BIAS = 15  # window shifts (-14..14) are kept + 15
 
 MAGIC = b"lbnatrow"
 FORMAT = 1
@@ -122,14 +133,19 @@ class RowRecord:
     created: int
     proxy_flags: int = 0
     seq_offset: int = 0
+    proxy_window: int = 0  # the window shift towards the backend + 15 (proxied rows)
 
 
 def record_of(s: Session) -> RowRecord:
     """What `RowCheckpoint.write` stores for row `s`."""
     backend = s.pool.backend
+    flags = window = offset = 0
+    if s.__class__ is not Session:
+        flags, window, offset = proxy_fields(cast(ProxiedSession, s))
     return RowRecord(
         s.proto, s.state, s.fins, s.service_port, s.client_ip, s.client_port,
         backend.ip_int, backend.port, s.nat_port, s.wscale, s.created & 0xFFFFFFFF,
+        flags, offset, window,
     )  # fmt: skip
 
 
@@ -137,8 +153,8 @@ def encode_record(record: RowRecord) -> bytes:
     """The record's RECORD_SIZE bytes."""
     fixed = _FIXED.pack(
         FORMAT, record.proto, record.service_port, record.client_port, record.backend_port,
-        record.client_ip, record.backend_ip, record.nat_port, record.proxy_flags, 0,
-        record.seq_offset, record.created,
+        record.client_ip, record.backend_ip, record.nat_port, record.proxy_flags,
+        record.proxy_window, record.seq_offset, record.created,
     )  # fmt: skip
     return _RECORD.pack(fixed, crc32(fixed), record.state, record.fins, record.wscale)
 
@@ -155,7 +171,7 @@ def decode_record(data: bytes) -> RowRecord | None:
         raise ValueError("its CRC does not match (torn by a kill in mid-write?)")
     (
         form, proto, service_port, client_port, backend_port, client_ip, backend_ip, nat_port,
-        proxy_flags, _, seq_offset, created,
+        proxy_flags, proxy_window, seq_offset, created,
     ) = _FIXED.unpack(fixed)  # fmt: skip
     if form != FORMAT:
         raise ValueError(f"record format {form} is not {FORMAT}")
@@ -166,9 +182,11 @@ def decode_record(data: bytes) -> RowRecord | None:
         raise ValueError(f"state {state} is not one of a protocol {proto} row")
     if flags & ~0x03:
         raise ValueError(f"unknown flags {flags:#x}")
+    if proxy_flags & 0x80 or proxy_window > 2 * _SHIFT_BIAS or (proxy_flags and proto != TCP):
+        raise ValueError(f"SYN-proxy fields {proxy_flags:#x} {proxy_window:#x} are not a row's")
     return RowRecord(
         proto, State(state), flags, service_port, client_ip, client_port, backend_ip,
-        backend_port, nat_port, wscale, created, proxy_flags, seq_offset,
+        backend_port, nat_port, wscale, created, proxy_flags, seq_offset, proxy_window,
     )  # fmt: skip
 
 
@@ -217,29 +235,34 @@ class RowCheckpoint:
     def write(self, s: Session) -> None:
         slot = s.slot
         buffer = self._buffer
-        if slot >= 0:
+        proxy_flags = proxy_window = offset = 0
+        if s.__class__ is not Session:  # SYN-proxied: its offset is set on a change of state
+            proxy_flags, proxy_window, offset = proxy_fields(cast(ProxiedSession, s))
+        elif slot >= 0:
             # A change of state: a row's addresses, ports, backend and NAT port are fixed for
             # its life; only the three bytes its state changes move are written.
             at = HEADER_SIZE + slot * RECORD_SIZE + MOVING_AT
             _MOVING.pack_into(buffer, at, s.state, s.fins, s.wscale)
             return
-        if self._free:
-            slot = self._free.pop()
-        elif self.high_water < self.slots:
-            slot = self.high_water
-            self.high_water = slot + 1
-            _HIGH_WATER.pack_into(buffer, _HIGH_WATER_AT, self.high_water)
-        else:
-            self.full += 1
-            return
-        s.slot = slot
+        if slot < 0:  # a new row (a proxied row's change of state rewrites its own slot)
+            if self._free:
+                slot = self._free.pop()
+            elif self.high_water < self.slots:
+                slot = self.high_water
+                self.high_water = slot + 1
+                _HIGH_WATER.pack_into(buffer, _HIGH_WATER_AT, self.high_water)
+            else:
+                self.full += 1
+                return
+            s.slot = slot
         # Packed field by field from the row rather than through record_of(): no object per
         # write (the engine opens flows at thousands per second).
         key = s.key
         backend = s.pool.backend
         fixed = _FIXED.pack(
             FORMAT, key >> 64, (key >> 48) & 0xFFFF, key & 0xFFFF, backend.port,
-            (key >> 16) & 0xFFFFFFFF, backend.ip_int, s.nat_port, 0, 0, 0, s.created & 0xFFFFFFFF,
+            (key >> 16) & 0xFFFFFFFF, backend.ip_int, s.nat_port, proxy_flags, proxy_window,
+            offset, s.created & 0xFFFFFFFF,
         )  # fmt: skip
         _RECORD.pack_into(
             buffer, HEADER_SIZE + slot * RECORD_SIZE, fixed, crc32(fixed), s.state, s.fins,
@@ -259,6 +282,23 @@ class RowCheckpoint:
         return self.high_water - len(self._free)
 
 
+def proxy_fields(row: ProxiedSession) -> tuple[int, int, int]:
+    """(flags, window byte, offset) of a SYN-proxied row's record."""
+    if row.offset < 0:
+        return PROXIED, 0, 0
+    flags = PROXIED | OFFSET_KNOWN | ((row.win_to_client + _SHIFT_BIAS) << 2)
+    return flags, row.win_to_backend + _SHIFT_BIAS, row.offset
+
+
+def adopt_proxy(row: ProxiedSession, record: RowRecord) -> None:
+    """Give a restored SYN-proxied row its offset, checksum deltas and window shifts."""
+    row.offset = record.seq_offset
+    row.seq_delta = offset_delta(row.offset)
+    row.ack_delta = offset_delta(-row.offset & 0xFFFFFFFF)
+    row.win_to_client = ((record.proxy_flags >> 2) & 0x1F) - _SHIFT_BIAS
+    row.win_to_backend = record.proxy_window - _SHIFT_BIAS
+
+
 class Dropped(enum.Enum):
     """Why a record was not restored."""
 
@@ -267,6 +307,7 @@ class Dropped(enum.Enum):
     NO_BACKEND = "no_backend"  # its backend is no longer one of the service's
     CONFLICT = "conflict"  # its client socket or NAT port is taken, outside this worker's
     # NAT ports, or the table is full
+    HANDSHAKE = "handshake"  # a SYN-proxied row whose backend had not answered (see above)
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,13 +361,19 @@ def restore(engine: Engine, checkpoint: RowCheckpoint, now: float) -> RestoreRep
         if backend is None:
             drop(slot, Dropped.NO_BACKEND)
             continue
+        proxied = bool(r.proxy_flags & PROXIED)
+        if proxied and not r.proxy_flags & OFFSET_KNOWN:
+            drop(slot, Dropped.HANDSHAKE)
+            continue
         row = table.adopt(
             now, service, r.proto, r.client_ip, r.client_port, engine.lb_ip, backend,
-            r.nat_port, r.state,
+            r.nat_port, r.state, ProxiedSession if proxied else Session,
         )  # fmt: skip
         if row is None:
             drop(slot, Dropped.CONFLICT)
             continue
+        if proxied:
+            adopt_proxy(cast(ProxiedSession, row), r)
         row.wscale, row.fins, row.slot = r.wscale, r.fins, slot
         if r.created <= floor_now:  # the age `lbnat sessions` shows goes on
             row.created = table.expiry.shared_second(r.created)

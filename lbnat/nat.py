@@ -617,9 +617,11 @@ class SessionTable:
         backend: Backend,
         nat_port: int,
         state: State,
+        row_class: type[Session] = Session,
     ) -> Session | None:
         """Rebuild a row a previous worker had (lbnat.checkpoint.restore): this NAT port, this
-        state, its timeout running from `now`, both sides' ACKs unknown until its next packets.
+        state, its timeout running from `now`, both sides' ACKs unknown until its next packets
+        (`row_class`: as in `open`; the caller fills in a subclass's own slots).
         None when the client socket or the port is taken, or the table is full. The flow is not
         counted as a new one (it was scheduled before)."""
         key = forward_key(proto, client_ip, client_port, service.port)
@@ -628,7 +630,7 @@ class SessionTable:
         pool = self.pool_for(proto, backend)
         if not pool.claim(nat_port):
             return None
-        s = Session()
+        s = row_class()
         s.key = key
         s.service = service
         s.pool = pool

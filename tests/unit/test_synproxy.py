@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 
+from lbnat.checkpoint import RowCheckpoint, checkpoint_bytes, restore
 from lbnat.drops import DropReason
 from lbnat.engine import DROP, FORWARD, REPLY, FlowEnded
 from lbnat.nat import EndReason, State
@@ -545,3 +546,67 @@ def test_any_segment_on_a_proxied_row_is_handled_without_a_traceback(
             verify_checksums(result.out, kernel_completed=partial)
         elif result.kind == REPLY:
             verify_checksums(result.reply)
+
+
+# --- a worker restarted after a crash takes its proxied rows back (lbnat.checkpoint) -----------
+
+
+@pytest.mark.parametrize(
+    ("distance", "backend_scale"),  # backend ISN = cookie - distance; the backend's wscale
+    [(100, 7), (M - 200, 7), (0x80000000, 3), (1, None)],
+)
+def test_a_restored_proxied_row_translates_as_the_original_did(
+    distance: int, backend_scale: int | None
+) -> None:
+    """The offset and window shifts go into the row's record when the backend answers; a new
+    engine restored from it translates the next segments both ways byte for byte as the
+    original engine does."""
+    buffer = memoryview(bytearray(checkpoint_bytes(8)))
+    original = EngineHarness(1, syn_proxy=ON)
+    assert restore(original.engine, RowCheckpoint(buffer), 0.0).rows == 0
+    flow = Proxied(original)
+    flow.syn()
+    flow.ack()
+    flow.b_isn = (flow.cookie - distance) & M
+    opts = [o for o in LINUX_SYN if o[0] != "WScale"]
+    flow.synack(opts if backend_scale is None else [*opts, ("WScale", backend_scale)])
+    row = flow.row
+    twin_lab = EngineHarness(1, syn_proxy=ON)
+    report = restore(twin_lab.engine, RowCheckpoint(buffer), 5.0)
+    assert (report.rows, report.open_flows, report.dropped) == (1, 1, {})
+    twin = Proxied(twin_lab, cookie=flow.cookie, nat_port=flow.nat_port, b_isn=flow.b_isn)
+    copy = twin.row
+    assert (copy.offset, copy.seq_delta, copy.ack_delta) == (
+        row.offset, row.seq_delta, row.ack_delta
+    )
+    assert (copy.win_to_client, copy.win_to_backend) == (row.win_to_client, row.win_to_backend)
+    c_seq, b_seq = (flow.c_isn + 1) & M, (flow.b_isn + 1) & M
+    for size in (10, 0, 700):
+        for sender in (flow, twin):
+            out = forwarded(sender.client("PA", c_seq, (b_seq + row.offset) & M, b"c" * size))
+            if sender is flow:
+                expected = bytes(out)
+        assert bytes(out) == expected and out[TCP].ack == b_seq
+        c_seq = (c_seq + size) & M
+        for sender in (flow, twin):
+            back = forwarded(sender.backend("PA", b_seq, c_seq, b"b" * size))
+            if sender is flow:
+                expected = bytes(back)
+        assert bytes(back) == expected and back[TCP].seq == (b_seq + row.offset) & M
+        b_seq = (b_seq + size) & M
+
+
+def test_a_proxied_row_whose_backend_had_not_answered_is_not_restored() -> None:
+    """Its handshake state is not kept: the client's next segment, whose ACK still carries a
+    valid cookie, opens the flow again."""
+    buffer = memoryview(bytearray(checkpoint_bytes(8)))
+    lab = EngineHarness(1, syn_proxy=ON)
+    restore(lab.engine, RowCheckpoint(buffer), 0.0)
+    flow = Proxied(lab)
+    flow.syn()
+    flow.ack()  # lbnat's SYN is on its way to the backend
+    twin_lab = EngineHarness(1, syn_proxy=ON)
+    report = restore(twin_lab.engine, RowCheckpoint(buffer), 1.0)
+    assert (report.rows, report.dropped) == (0, {"handshake": 1})
+    twin = Proxied(twin_lab, cookie=flow.cookie)
+    twin.ack()  # the client's retransmitted ACK: a new SYN to the backend
