@@ -97,7 +97,7 @@ def recrc(data: bytes) -> bytes:
 
 
 DECODE_CASES = ["free", "torn-body", "torn-crc", "format", "proto", "udp-state", "state"]
-DECODE_CASES += ["flags", "short"]
+DECODE_CASES += ["flags", "short", "proxy-bit-7", "proxy-window", "proxied-udp"]
 
 
 @pytest.mark.parametrize(
@@ -112,6 +112,9 @@ DECODE_CASES += ["flags", "short"]
         (with_byte(encode_record(RECORD), 32, 99), "state 99"),
         (with_byte(encode_record(RECORD), 33, 4), "flags"),
         (encode_record(RECORD)[:20], "40 bytes"),
+        (recrc(with_byte(encode_record(RECORD), 18, 0x80)), "SYN-proxy fields"),
+        (recrc(with_byte(encode_record(RECORD), 19, 31)), "SYN-proxy fields"),
+        (recrc(with_byte(with_byte(encode_record(RECORD), 1, 17), 18, 1)), "SYN-proxy fields"),
     ],
     ids=DECODE_CASES,
 )
@@ -155,8 +158,9 @@ records = st.builds(
     nat_port=st.integers(1, 65535),
     wscale=st.integers(0, 255),
     created=st.integers(0, 2**32 - 1),
-    proxy_flags=st.integers(0, 255),
+    proxy_flags=st.integers(0, 127),  # bit 7 is no flag of a row's
     seq_offset=st.integers(0, 2**32 - 1),
+    proxy_window=st.integers(0, 30),  # a window shift (-15..15) + 15
 ) | st.builds(
     RowRecord,
     proto=st.just(17),
