@@ -114,7 +114,10 @@ DECODE_CASES += ["flags", "short", "proxy-bit-7", "proxy-window", "proxied-udp"]
         (encode_record(RECORD)[:20], "40 bytes"),
         (recrc(with_byte(encode_record(RECORD), 18, 0x80)), "SYN-proxy fields"),
         (recrc(with_byte(encode_record(RECORD), 19, 31)), "SYN-proxy fields"),
-        (recrc(with_byte(with_byte(encode_record(RECORD), 1, 17), 18, 1)), "SYN-proxy fields"),
+        (
+            with_byte(recrc(with_byte(with_byte(encode_record(RECORD), 1, 17), 18, 1)), 32, 7),
+            "SYN-proxy fields",
+        ),
     ],
     ids=DECODE_CASES,
 )
