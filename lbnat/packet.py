@@ -24,6 +24,7 @@ every fragment (MF set or offset non-zero) is dropped and counted as FRAGMENT.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 from lbnat.drops import DropReason
 
@@ -259,10 +260,36 @@ def seq_after(a: int, b: int) -> bool:
     return 0 < ((a - b) & 0xFFFFFFFF) < 0x80000000
 
 
+def tcp_options(buf: bytearray | bytes, l4: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(kind, offset, length) of each option of the TCP header at `l4` but NOP and EOL, in
+    order; the walk stops at the end of the options, at EOL or at garbage (a length under 2
+    or past the options' end)."""
+    if l4 + 13 > end:
+        return
+    options_end = min(l4 + ((buf[l4 + 12] >> 4) << 2), end)
+    at = l4 + 20
+    while at < options_end:
+        kind = buf[at]
+        if kind == 0:
+            return
+        if kind == 1:
+            at += 1
+            continue
+        if at + 1 >= options_end:
+            return
+        length = buf[at + 1]
+        if length < 2 or at + length > options_end:
+            return
+        yield kind, at, length
+        at += length
+
+
 def tcp_window_scale(buf: bytearray | bytes, l4: int, end: int) -> int | None:
     """The window scale option of a SYN at `l4`, or None. Tolerates any option garbage."""
-    if l4 + 13 > end:
-        return None
+    for kind, at, length in tcp_options(buf, l4, end):
+        if kind == 3 and length == 3:
+            return min(buf[at + 2], 14)  # RFC 7323 caps the shift at 14
+    return None
     options_end = min(l4 + ((buf[l4 + 12] >> 4) << 2), end)
     at = l4 + 20
     while at < options_end:

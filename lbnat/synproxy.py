@@ -61,6 +61,7 @@ from lbnat.packet import (
     fold,
     ipv4_header,
     rewrite,
+    tcp_options,
     tcp_segment,
     tcp_window_scale,
     transport_checksum,
@@ -102,23 +103,12 @@ class ProxiedSession(Session):
 
 def syn_options(buf: bytearray | bytes, l4: int, end: int) -> tuple[int | None, bool]:
     """(MSS, SACK permitted) of a SYN at `l4`. Tolerates any option garbage."""
-    options_end = min(l4 + ((buf[l4 + 12] >> 4) << 2), end)
-    at, mss, sack = l4 + 20, None, False
-    while at < options_end:
-        kind = buf[at]
-        if kind == 0:
-            break
-        if kind == 1:
-            at += 1
-            continue
-        if at + 1 >= options_end or buf[at + 1] < 2:
-            break
-        length = buf[at + 1]
-        if kind == 2 and length == 4 and at + 4 <= options_end:
+    mss, sack = None, False
+    for kind, at, length in tcp_options(buf, l4, end):
+        if kind == 2 and length == 4:
             mss = (buf[at + 2] << 8) | buf[at + 3]
         elif kind == 4 and length == 2:
             sack = True
-        at += length
     return mss, sack
 
 
@@ -167,25 +157,14 @@ def rescale_window(buf: bytearray, l4: int, shift: int) -> int:
     return (~old & 0xFFFF) + new
 
 
-def translate_sack(buf: bytearray, l4: int, offset: int, delta: int) -> int:
+def translate_sack(buf: bytearray, l4: int, end: int, offset: int, delta: int) -> int:
     """Shift every edge of the SACK blocks in the options at `l4` by `offset`; return the
     checksum delta (0 without SACK blocks)."""
-    options_end = l4 + ((buf[l4 + 12] >> 4) << 2)
-    at, total = l4 + 20, 0
-    while at < options_end:
-        kind = buf[at]
-        if kind == 0:
-            break
-        if kind == 1:
-            at += 1
-            continue
-        if at + 1 >= options_end or buf[at + 1] < 2:
-            break
-        length = buf[at + 1]
-        if kind == 5 and at + length <= options_end:
+    total = 0
+    for kind, at, length in tcp_options(buf, l4, end):
+        if kind == 5:
             for edge in range(at + 2, at + length - 3, 4):
                 total += shift_field(buf, edge, offset, delta)
-        at += length
     return total
 
 
@@ -344,7 +323,7 @@ class SynProxy:
         if flags & ACK:
             extra = shift_field(buf, l4 + 8, -row.offset & MASK32, row.ack_delta)
         if buf[l4 + 12] > 0x5F:  # options: SACK blocks name the backend's sequence numbers
-            extra += translate_sack(buf, l4, -row.offset & MASK32, row.ack_delta)
+            extra += translate_sack(buf, l4, end, -row.offset & MASK32, row.ack_delta)
         if row.win_to_backend:
             extra += rescale_window(buf, l4, row.win_to_backend)
         deltas = row.deltas
