@@ -578,23 +578,10 @@ class SessionTable:
             else:
                 ended.append(self._evict(victim))
 
-        s = row_class()
-        s.key = forward_key(proto, client_ip, client_port, service.port)
-        s.service = service
-        s.pool = pool
-        s.nat_port = nat_port
-        s.created = self.expiry.shared_second(math.floor(now))
-        _prepare_rewrites(s, client_ip, client_port, vip, backend.port)
-        self.forward[s.key] = s
-        pool.rows[nat_port - pool.first] = s
-        pool.active += 1
+        key = forward_key(proto, client_ip, client_port, service.port)
+        state = State.SYN_SENT if proto == TCP else State.UDP_UNREPLIED
+        s = self._file(row_class(), key, service, pool, nat_port, state, now, vip)
         pool.flows += 1
-        self.open_flows += 1
-        s.state = State.SYN_SENT if proto == TCP else State.UDP_UNREPLIED
-        self._half_open.push(s)
-        pool._half_open.push(s)
-        s.seen = now
-        self.expiry.file(s, now + self.timeout_of[s.state])
         if self._half_open.live > PRESSURE_HALF_OPEN and not self.under_pressure:
             self._enter_pressure()
         return s, ended
@@ -630,15 +617,23 @@ class SessionTable:
         pool = self.pool_for(proto, backend)
         if not pool.claim(nat_port):
             return None
-        s = row_class()
+        s = self._file(row_class(), key, service, pool, PORTS[nat_port], state, now, vip)
+        s.ack_c = s.ack_s = UNKNOWN_ACK
+        return s
+
+    def _file(
+        self, s: Session, key: int, service: ServiceState, pool: PortPool, nat_port: int,
+        state: State, now: float, vip: int,
+    ) -> Session:  # fmt: skip
+        """Fill in new row `s` and file it: the forward map, its pool's array, the counters,
+        the eviction queues its state belongs to, the expiry bucket of its timeout."""
         s.key = key
         s.service = service
         s.pool = pool
-        s.nat_port = PORTS[nat_port]
+        s.nat_port = nat_port
         s.created = self.expiry.shared_second(math.floor(now))
-        _prepare_rewrites(s, client_ip, client_port, vip, backend.port)
+        _prepare_rewrites(s, key_client_ip(key), key & 0xFFFF, vip, pool.backend.port)
         s.state = state
-        s.ack_c = s.ack_s = UNKNOWN_ACK
         self.forward[key] = s
         pool.rows[nat_port - pool.first] = s
         if state in ENDED:
