@@ -3,20 +3,11 @@ namespace), and a bounded poll."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
-from tests.integration.conftest import WAIT, Bed
-
-
-def admin_json(fbed: Bed, command: str) -> Any:
-    """`lbnat COMMAND --json` on the test's admin socket, parsed."""
-    out = fbed.lab.run(
-        "lb", "lbnat", command, "--json", "--admin-socket", str(fbed.tmp / "admin.sock")
-    ).stdout
-    return json.loads(out)
+from tests.integration.conftest import WAIT, Bed, admin_json
 
 
 def backends(fbed: Bed, service: int = 0) -> dict[str, dict[str, Any]]:

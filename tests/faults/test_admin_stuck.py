@@ -10,8 +10,8 @@ import pytest
 
 from lbnat.control.server import IDLE_TIMEOUT
 from lbnat_lab.netns import ECHO, LB_IP
-from tests.faults.admin import admin_json, no_traceback, wait_until
-from tests.integration.conftest import BACKEND_PORT, VIP_PORT, Bed
+from tests.faults.admin import no_traceback, wait_until
+from tests.integration.conftest import BACKEND_PORT, VIP_PORT, Bed, admin_json
 
 pytestmark = pytest.mark.netns
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from lbnat_lab.netns import CLIENTS, LB_IP
-from tests.faults.admin import admin_json, backends, no_traceback, wait_until
+from tests.faults.admin import backends, no_traceback, wait_until
 from tests.faults.tools import is_prefix_of_stream
-from tests.integration.conftest import BACKEND_PORT, VIP_PORT, Bed, require
+from tests.integration.conftest import BACKEND_PORT, VIP_PORT, Bed, admin_json, require
 
 pytestmark = pytest.mark.netns
 

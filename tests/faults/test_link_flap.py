@@ -11,13 +11,12 @@ stop: its nftables table is removed.
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 
 from tests.faults.conftest import scaled
-from tests.integration.conftest import LBNAT_TABLE, Bed, Proc, console_script
+from tests.integration.conftest import LBNAT_TABLE, Bed, Proc, admin_json
 
 DOWN_SECONDS = scaled(2.0, 5.0)
 FLOWS = scaled(8, 24)
@@ -29,15 +28,6 @@ FAST_HEALTH = (
     "--health-timeout",
     "1",
 )  # dead within 1 s, were it judged
-
-
-def admin_json(bed: Bed, what: str) -> object:
-    done = bed.lab.run(
-        "lb", console_script("lbnat"), what, "--json",
-        "--admin-socket", str(bed.tmp / "admin.sock"), check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def sessions(bed: Bed) -> list[dict[str, object]]:

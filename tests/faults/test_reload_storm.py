@@ -14,10 +14,17 @@ from pathlib import Path
 import pytest
 
 from lbnat_lab.netns import LB_IP, host_ip
-from tests.faults.admin import admin_json, backends, no_traceback, wait_until
+from tests.faults.admin import backends, no_traceback, wait_until
 from tests.faults.conftest import scaled
 from tests.faults.tools import is_prefix_of_stream
-from tests.integration.conftest import BACKEND_PORT, VIP_PORT, Bed, console_script, require
+from tests.integration.conftest import (
+    BACKEND_PORT,
+    VIP_PORT,
+    Bed,
+    admin_json,
+    console_script,
+    require,
+)
 
 pytestmark = pytest.mark.netns
 

@@ -27,7 +27,7 @@ from tests.integration.conftest import (
     VIP_PORT,
     Bed,
     Proc,
-    console_script,
+    admin_json,
     require,
 )
 
@@ -76,11 +76,7 @@ print(json.dumps({"attempts": attempts, "ok": ok}), flush=True)
 
 
 def admin_status(bed: Bed) -> dict[str, Any]:
-    result = bed.lab.run(
-        "lb", console_script("lbnat"), "status", "--json", "--admin-socket",
-        str(bed.tmp / "admin.sock"),
-    )  # fmt: skip
-    status: dict[str, Any] = json.loads(result.stdout)
+    status: dict[str, Any] = admin_json(bed, "status")
     return status
 
 

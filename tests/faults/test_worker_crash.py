@@ -5,28 +5,18 @@ dead, stays ended. A restart of lbnat itself restores nothing."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 from pathlib import Path
 
 from tests.faults.conftest import scaled
-from tests.integration.conftest import NEW_CLIENT_RE, WAIT, Bed, Proc, console_script
+from tests.integration.conftest import NEW_CLIENT_RE, WAIT, Bed, Proc, admin_json
 
 FLOWS = scaled(24, 48)  # chat flows that must all carry on
 LEAVERS = 2  # flows of the victim that end: one before the kill, one while it is dead
 FAST = ("--health-interval", "0.3", "--health-timeout", "1")
 ENDED = ("TIME_WAIT", "CLOSE")
-
-
-def admin_json(bed: Bed, what: str) -> object:
-    done = bed.lab.run(
-        "lb", console_script("lbnat"), what, "--json",
-        "--admin-socket", str(bed.tmp / "admin.sock"), check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def sessions(bed: Bed) -> dict[str, dict[str, object]]:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import pytest
 
@@ -428,3 +428,13 @@ def bed(
             yield testbed
         finally:
             testbed.close()
+
+
+def admin_json(bed: Bed, what: str) -> Any:
+    """`lbnat WHAT --json` (status, sessions) on the test's admin socket, parsed."""
+    done = bed.lab.run(
+        "lb", console_script("lbnat"), what, "--json",
+        "--admin-socket", str(bed.tmp / "admin.sock"), check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)

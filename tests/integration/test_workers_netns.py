@@ -5,7 +5,6 @@ data path (`--io socket`) and the block ring (`--rx-ring blocks`) still carry by
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lbnat_lab.netns import Lab, skip_reason
-from tests.integration.conftest import BACKEND_PORT, Bed, Proc, console_script, require
+from tests.integration.conftest import BACKEND_PORT, Bed, Proc, admin_json, require
 
 WORKERS = max(2, os.cpu_count() or 1)
 FAST = ("--health-interval", "0.3", "--health-timeout", "1")
@@ -33,15 +32,6 @@ def nbed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bed]:
             yield testbed
         finally:
             testbed.close()
-
-
-def admin_json(bed: Bed, what: str) -> object:
-    done = bed.lab.run(
-        "lb", console_script("lbnat"), what, "--json",
-        "--admin-socket", str(bed.tmp / "admin.sock"), check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def workers_of(bed: Bed) -> list[dict[str, object]]:
