@@ -409,10 +409,13 @@ class ExpiryBuckets:
     seconds are shared int objects (`shared_second`): rows hold a pointer, not an int each.
     """
 
+    COMPACT_SLACK = 4096  # stale entries allowed beyond the rows filed, before a compaction
+
     def __init__(self) -> None:
         self._buckets: dict[int, list[Session]] = {}
         self._due: list[int] = []  # heap of bucket seconds
         self._seconds: dict[int, int] = {}  # one shared int object per live second
+        self._entries = 0  # in all buckets, stale ones (rows removed or re-filed) included
 
     def shared_second(self, second: int) -> int:
         return self._seconds.setdefault(second, second)
@@ -421,12 +424,30 @@ class ExpiryBuckets:
         second = math.ceil(deadline)
         second = self._seconds.setdefault(second, second)
         s.bucket = second
+        self._entries += 1
         bucket = self._buckets.get(second)
         if bucket is None:
             self._buckets[second] = [s]
             heapq.heappush(self._due, second)
         else:
             bucket.append(s)
+
+    def compact(self, rows: int) -> None:
+        """Drop the stale entries once they outnumber the `rows` filed (plus a slack). A stale
+        entry keeps a removed row's memory alive until its second comes due: under a SYN flood
+        whose rows are evicted by the thousand a second, that is most of lbnat's memory. Costs
+        O(entries), once per `rows + COMPACT_SLACK` removals: O(1) a removal, amortised."""
+        if self._entries <= 2 * rows + self.COMPACT_SLACK:
+            return
+        kept = 0
+        for second in list(self._buckets):
+            bucket = [s for s in self._buckets[second] if s.bucket == second]
+            if bucket:
+                self._buckets[second] = bucket
+                kept += len(bucket)
+            else:
+                del self._buckets[second]  # its heap entry finds nothing when it comes due
+        self._entries = kept
 
     def pop_due(self, now: float) -> Iterator[Session]:
         """Empty every bucket whose second is <= now, yielding the rows still filed there.
@@ -435,12 +456,19 @@ class ExpiryBuckets:
         while due and due[0] <= now:
             second = heapq.heappop(due)
             self._seconds.pop(second, None)
-            for s in self._buckets.pop(second):
+            bucket = self._buckets.pop(second, ())
+            self._entries -= len(bucket)
+            for s in bucket:
                 if s.bucket == second:  # else removed, or re-filed earlier
                     yield s
         if len(self._seconds) > 4 * len(self._buckets) + 4096:
             # created-second entries are only for sharing objects; drop the old ones.
             self._seconds = {k: k for k in self._buckets}
+
+    @property
+    def entries(self) -> int:
+        """Entries in all buckets, stale ones included (what `compact` bounds)."""
+        return self._entries
 
     def holds(self, s: Session) -> bool:
         """Is `s` filed in the bucket it names (an invariant the tests check)."""
@@ -667,6 +695,7 @@ class SessionTable:
         pool = s.pool
         pool.rows[s.nat_port - pool.first] = None
         pool.free.append(s.nat_port)
+        self.expiry.compact(len(self.forward))
         if self.checkpoint is not None:
             self.checkpoint.clear(s)
 

@@ -933,3 +933,18 @@ def test_half_open_rows_time_out_early_while_the_table_is_under_pressure(
     assert late.state == SYN_SENT  # filed at 5 s but back to 120 s: re-filed by the sweep
     assert keep.state == ESTABLISHED
     check_table(lab.table)
+
+
+def test_a_flood_of_evicted_rows_leaves_no_growing_trail_in_the_expiry_buckets() -> None:
+    """Removed rows stay in their expiry bucket until it comes due; under a flood whose rows
+    are evicted by the thousand, those stale entries are compacted away (memory bounded by the
+    rows held, not by the flood)."""
+    lab = EngineHarness(backends=1, nat_ports=(61000, 61009))
+    slack = nat.ExpiryBuckets.COMPACT_SLACK
+    for i in range(3 * slack):
+        assert lab.flow(CLIENT2, 1000 + i % 60000, isn=i).syn().forwarded
+        assert lab.table.expiry.entries <= 2 * len(lab.table) + slack + 1
+    assert len(lab.table) == 10 and lab.table.ports_reclaimed == 3 * slack - 10
+    check_table(lab.table)
+    lab.advance(200)  # every bucket comes due: nothing stale is yielded, the rows expire
+    assert len(lab.table) == 0 and lab.table.expiry.entries == 0
