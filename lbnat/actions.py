@@ -6,6 +6,9 @@
     (SEND_FIRST, next_hop, ((packet, next_hop), ...))
                                  send these new packets, then forward buf[start:end] as FORWARD
                                  does (lbnat.engine: a RST for an evicted half-open row first)
+    (REPLIES, 0, ((packet, next_hop), ...))
+                                 send these new packets in order, and not this one (the SYN
+                                 proxy's SYN to a backend after the RSTs of evicted rows)
 
 (A module of its own so that lbnat.engine and lbnat.synproxy share it without a cycle.)
 """
@@ -20,7 +23,8 @@ FORWARD = 1
 REPLY = 2
 DROP = 3
 SEND_FIRST = 4
+REPLIES = 5
 
-Action = tuple[Any, ...]  # (FORWARD, int) | (REPLY, bytes, int) | (DROP, int) | SEND_FIRST's
+Action = tuple[Any, ...]  # (FORWARD, int) | (REPLY, bytes, int) | (DROP, int) | see above
 
 DROP_ACTIONS: dict[DropReason, Action] = {reason: (DROP, int(reason)) for reason in DropReason}

@@ -30,6 +30,7 @@ from typing import cast
 from lbnat.actions import DROP as DROP  # re-exported: the data plane and the tests read them here
 from lbnat.actions import DROP_ACTIONS
 from lbnat.actions import FORWARD as FORWARD
+from lbnat.actions import REPLIES as REPLIES
 from lbnat.actions import REPLY as REPLY
 from lbnat.actions import SEND_FIRST as SEND_FIRST
 from lbnat.actions import Action as Action
@@ -277,6 +278,7 @@ class Engine:
             self._flow_ended,
             self.count_drop,
             self._open,
+            self.take_resets,
         )
 
     def set_backends(self, service: str, backends: Sequence[Backend]) -> None:
@@ -379,7 +381,7 @@ class Engine:
                 return opened
             row = opened
             if self._send_first:
-                resets, self._send_first = tuple(self._send_first), []
+                resets = self.take_resets()
                 return forward_after_resets(buf, start, l4, end, proto, row, partial, resets)
         elif proto == TCP:
             if row.__class__ is not Session:  # a SYN-proxied row: sequence numbers translated
@@ -486,8 +488,9 @@ class Engine:
         )
         for victim in evicted:
             self._flow_ended(victim, now)
-            if victim.session.proto == TCP:
-                self._send_first.append(backend_reset(self.lb_ip, victim.session))
+            gone = victim.session
+            if gone.proto == TCP and gone.ack_s != UNKNOWN_ACK:  # (a restored row may not know)
+                self._send_first.append(backend_reset(self.lb_ip, gone))
         if isinstance(opened, Refusal):
             self._send_first.clear()  # (a refusal after an eviction: the backend times out)
             service.count_drop(_REFUSAL_DROPS[opened])
@@ -504,6 +507,12 @@ class Engine:
         self.events.append(FlowOpened(service.name, opened.client, backend.key, opened.nat_port,
                                       flows))  # fmt: skip
         return opened
+
+    def take_resets(self) -> tuple[tuple[bytes, int], ...]:
+        """The RSTs `_open` made for the rows it evicted, to send before the new flow's first
+        packet (see SEND_FIRST); the list is empty after."""
+        resets, self._send_first = tuple(self._send_first), []
+        return resets
 
     def _drop(self, reason: DropReason) -> Action:
         self.count_drop(reason)

@@ -46,7 +46,7 @@ import struct
 from collections.abc import Callable
 from typing import cast
 
-from lbnat.actions import DROP_ACTIONS, FORWARD, REPLY, Action
+from lbnat.actions import DROP_ACTIONS, FORWARD, REPLIES, REPLY, Action
 from lbnat.drops import DropReason
 from lbnat.nat import ConnectionTracker, Ended, Session
 from lbnat.packet import (
@@ -181,6 +181,7 @@ class SynProxy:
         flow_ended: Callable[[Ended, float], None],
         count_drop: Callable[[DropReason], None],
         open_flow: Callable[..., Session | Action],
+        take_resets: Callable[[], tuple[tuple[bytes, int], ...]],
     ) -> None:
         self.settings = settings
         self.mode = settings.mode
@@ -190,6 +191,7 @@ class SynProxy:
         self._flow_ended = flow_ended
         self._count_drop = count_drop
         self._open_flow = open_flow  # Engine._open: schedules a flow, makes its row
+        self._take_resets = take_resets  # Engine.take_resets: RSTs for the rows it evicted
 
     def proxies(self, half_open: int) -> bool:
         """Answer this new SYN with a cookie? In auto mode: from more than `threshold` half-open
@@ -244,9 +246,14 @@ class SynProxy:
             row_class=ProxiedSession,
         )  # fmt: skip
         if isinstance(opened, Session):
-            return self.start(
+            action = self.start(
                 cast(ProxiedSession, opened), facts, buf, start, end, l4, partial, seq, ack, win
             )
+            resets = self._take_resets()
+            if resets:  # the new row evicted half-open ones (maybe on its NAT port): RSTs first
+                after = ((action[1], action[2]),) if action[0] == REPLY else ()
+                return (REPLIES, 0, resets + after)
+            return action
         if opened[0] == REPLY:  # no backend: the client, connected, needs our sequence
             return (REPLY, tcp_segment(self.lb_ip, src, dport, sport, ack, 0, RST), src)
         return opened

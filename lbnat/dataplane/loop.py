@@ -50,7 +50,7 @@ from lbnat.dataplane.kernel import (
 from lbnat.dataplane.link import Neighbours
 from lbnat.dataplane.rings import LINK_ERRORS, RingSpec, RxBlocks, RxFrames, TxRing
 from lbnat.drops import DropReason
-from lbnat.engine import DROP, FORWARD, REPLY, Engine, Event
+from lbnat.engine import DROP, FORWARD, REPLIES, REPLY, Engine, Event
 
 Command = Callable[[Engine], None]
 
@@ -166,8 +166,10 @@ class PacketLoop:
                 if verb == REPLY:  # a packet the engine made (a RST) instead of this one
                     self.send_packet(action[1], action[2], now)
                     continue
-                for packet, destination in action[2]:  # SEND_FIRST: these go out first
+                for packet, destination in action[2]:  # SEND_FIRST, REPLIES: these go first
                     self.send_packet(packet, destination, now)
+                if verb == REPLIES:  # ... and this frame not at all
+                    continue
             header = headers.get(action[1])
             if header is None:
                 header = self.neighbours.header_for(action[1])
@@ -347,8 +349,10 @@ class RingLoop(PacketLoop):
             if verb == REPLY:  # a packet the engine made (a RST) instead of this one
                 self.send_packet(action[1], action[2], now)
                 return
-            for packet, destination in action[2]:  # SEND_FIRST: these go out first
+            for packet, destination in action[2]:  # SEND_FIRST, REPLIES: these go first
                 self.send_packet(packet, destination, now)
+            if verb == REPLIES:  # ... and this frame not at all
+                return
         header = self.neighbours.headers.get(action[1])
         if header is None:
             header = self.neighbours.header_for(action[1])

@@ -239,7 +239,8 @@ class TxRing:
                 pass  # slots stay marked and go out with the next flush
             except OSError as error:
                 if error.errno in LINK_ERRORS:
-                    return queued - self.reclaim()
+                    # (slots an earlier EAGAIN left marked were counted as sent then)
+                    return max(0, queued - self.reclaim())
                 # ENOBUFS: slots stay marked as with EAGAIN; the sender retransmits what is lost
         return queued
 

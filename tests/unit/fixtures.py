@@ -23,6 +23,7 @@ from lbnat.backends import Backend, Health
 from lbnat.engine import (
     DROP,
     FORWARD,
+    REPLIES,
     REPLY,
     SEND_FIRST,
     Action,
@@ -273,8 +274,9 @@ class Result:
 
     @property
     def sent_first(self) -> list[tuple[bytes, str]]:
-        """The packets the engine sent before forwarding this one, with their next hops."""
-        if self.kind != SEND_FIRST:
+        """The packets the engine sent before forwarding this one (SEND_FIRST), or instead of
+        it (REPLIES), with their next hops."""
+        if self.kind not in (SEND_FIRST, REPLIES):
             return []
         return [(packet, ip_text(hop)) for packet, hop in self.action[2]]
 

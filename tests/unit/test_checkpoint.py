@@ -556,3 +556,18 @@ def test_a_fresh_buffer_restores_nothing() -> None:
     assert report(lab) == RestoreReport()
     assert len(lab.table) == 0
     assert lab.flow().syn().action[0] == FORWARD
+
+
+def test_evicting_a_restored_half_open_row_sends_no_rst_it_cannot_aim() -> None:
+    """A restored row does not know the client's ISN (its ACKs are picked up later): evicting
+    it sends no RST (the backend's half-open connection times out) and raises nothing."""
+    buffer = new_buffer()
+    original = EngineHarness(1, cap=1)
+    attached(original, buffer)
+    assert original.flow(CLIENT1, 40000).syn().forwarded
+    twin = restored(buffer, 1.0, EngineHarness(1, cap=1))
+    assert report(twin).rows == 1
+    result = twin.flow(CLIENT2, 40001).syn()
+    assert result.kind == FORWARD and result.sent_first == []
+    assert twin.table.evicted == 1
+    check_table(twin.table)

@@ -17,13 +17,14 @@ from scapy.layers.inet import IP, TCP
 
 from lbnat.checkpoint import RowCheckpoint, checkpoint_bytes, restore
 from lbnat.drops import DropReason
-from lbnat.engine import DROP, FORWARD, REPLY, FlowEnded
+from lbnat.engine import DROP, FORWARD, REPLIES, REPLY, FlowEnded
 from lbnat.nat import EndReason, State
 from lbnat.syncookie import SynProxySettings
 from lbnat.synproxy import ProxiedSession
 from tests.unit.fixtures import (
     BACKEND_IPS,
     CLIENT1,
+    CLIENT2,
     LB,
     WEB_BACKEND_PORT,
     WEB_PORT,
@@ -610,3 +611,27 @@ def test_a_proxied_row_whose_backend_had_not_answered_is_not_restored() -> None:
     assert (report.rows, report.dropped) == (0, {"handshake": 1})
     twin = Proxied(twin_lab, cookie=flow.cookie)
     twin.ack()  # the client's retransmitted ACK: a new SYN to the backend
+
+
+def test_a_cookie_ack_that_takes_an_evicted_rows_port_resets_it_before_the_syn() -> None:
+    """The proxied flow's row takes the NAT port of the backend's oldest half-open row: the
+    RST for that row goes to the backend first, then lbnat's SYN on the same port (REPLIES);
+    nothing is left pending for a later flow."""
+    lab = EngineHarness(
+        1, nat_ports=(61000, 61000), syn_proxy=SynProxySettings(mode="off", secret=SECRET)
+    )
+    plain = lab.send(tcp(CLIENT2, LB, 50000, WEB_PORT, "S", 9000))
+    assert plain.forwarded  # a half-open plain row on 61000, the only port
+    lab.engine.syn_proxy.mode = "on"
+    flow = Proxied(lab)
+    flow.syn()
+    result = flow.client("A", flow.c_isn + 1, flow.cookie + 1)
+    assert result.kind == REPLIES, result.action
+    (rst, rst_hop), (syn, syn_hop) = [(IP(p), hop) for p, hop in result.sent_first]
+    assert rst_hop == syn_hop == B1
+    assert rst[TCP].flags == "R" and rst[TCP].sport == 61000 and rst[TCP].seq == 9001
+    assert syn[TCP].flags == "S" and syn[TCP].sport == 61000 and syn[TCP].seq == flow.c_isn
+    assert lab.engine.take_resets() == ()
+    flow.nat_port = 61000
+    flow.synack()
+    assert flow.row.state is State.ESTABLISHED
