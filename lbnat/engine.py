@@ -241,6 +241,17 @@ def forward_after_resets(
     return (SEND_FIRST, pool.backend.ip_int, resets)
 
 
+class PendingResets(list[tuple[bytes, int]]):
+    """The RSTs `Engine._open` made for the rows it evicted, to send before the new flow's
+    first packet (SEND_FIRST, REPLIES)."""
+
+    def take(self) -> tuple[tuple[bytes, int], ...]:
+        """Every RST waiting, in order; none is left after."""
+        resets = tuple(self)
+        self.clear()
+        return resets
+
+
 class Engine:
     def __init__(
         self,
@@ -267,7 +278,7 @@ class Engine:
         for spec in services:
             self.services.add(spec)
         self.events: list[Event] = []
-        self._send_first: list[tuple[bytes, int]] = []  # RSTs for rows _open evicted
+        self._send_first = PendingResets()  # RSTs for rows _open evicted
         self.drops: dict[DropReason, int] = {}
         self.packets = 0
         self.icmp_translated = 0
@@ -278,7 +289,7 @@ class Engine:
             self._flow_ended,
             self.count_drop,
             self._open,
-            self.take_resets,
+            self._send_first.take,
         )
 
     def set_backends(self, service: str, backends: Sequence[Backend]) -> None:
@@ -293,8 +304,7 @@ class Engine:
     def pool_of(self, service: str, backend: BackendKey) -> PortPool | None:
         """The port pool (rows and counters) of one backend of a service, if it has had flows."""
         state = self.services[service]
-        ip, port = backend
-        return self.table.pools.get(pool_key(state.proto, ip_int(ip), port))
+        return self.table.pools.get(pool_key(state.proto, ip_int(backend[0]), backend[1]))
 
     def active_flows(self, service: str, backend: BackendKey) -> int:
         """Open flows of `service` to `backend` (a pool may be shared by two services)."""
@@ -381,7 +391,7 @@ class Engine:
                 return opened
             row = opened
             if self._send_first:
-                resets = self.take_resets()
+                resets = self._send_first.take()
                 return forward_after_resets(buf, start, l4, end, proto, row, partial, resets)
         elif proto == TCP:
             if row.__class__ is not Session:  # a SYN-proxied row: sequence numbers translated
@@ -507,12 +517,6 @@ class Engine:
         self.events.append(FlowOpened(service.name, opened.client, backend.key, opened.nat_port,
                                       flows))  # fmt: skip
         return opened
-
-    def take_resets(self) -> tuple[tuple[bytes, int], ...]:
-        """The RSTs `_open` made for the rows it evicted, to send before the new flow's first
-        packet (see SEND_FIRST); the list is empty after."""
-        resets, self._send_first = tuple(self._send_first), []
-        return resets
 
     def _drop(self, reason: DropReason) -> Action:
         self.count_drop(reason)
