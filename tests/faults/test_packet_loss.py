@@ -13,8 +13,8 @@ import pytest
 
 from lbnat_lab.faults import packet_loss
 from tests.faults.conftest import scaled
-from tests.faults.transfer import MB, download, random_file, sha256, upload
-from tests.integration.conftest import Bed, require
+from tests.faults.transfer import download, upload
+from tests.integration.conftest import MB, Bed, random_file, require, sha256
 
 pytestmark = pytest.mark.netns
 

@@ -3,34 +3,12 @@ their sha256 (a transfer "arrives" when the digests match)."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 from lbnat_lab.netns import LB_IP
 from tests.integration.conftest import BACKEND_PORT, VIP_PORT, Bed
 
-MB = 1 << 20
 TRANSFER_TIMEOUT = 300.0  # bound of one transfer under loss (pure-Python LB, 2 busy cores)
-
-
-def random_file(path: Path, size: int) -> str:
-    """Write `size` random bytes (a whole number of MB) to `path`; their sha256."""
-    digest = hashlib.sha256()
-    with path.open("wb") as f:
-        for _ in range(size // MB):
-            chunk = os.urandom(MB)
-            digest.update(chunk)
-            f.write(chunk)
-    return digest.hexdigest()
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(MB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def upload(bed: Bed, client: str, backend: str, src: Path, dst: Path) -> None:

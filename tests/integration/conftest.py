@@ -11,6 +11,7 @@ A process's stdout and stderr are read by one thread each into `Output`, which k
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -438,3 +439,24 @@ def admin_json(bed: Bed, what: str) -> Any:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+MB = 1 << 20
+
+def random_file(path: Path, size: int) -> str:
+    """Write `size` random bytes (a whole number of MB) to `path`; their sha256."""
+    digest = hashlib.sha256()
+    with path.open("wb") as f:
+        for _ in range(size // MB):
+            chunk = os.urandom(MB)
+            digest.update(chunk)
+            f.write(chunk)
+    return digest.hexdigest()
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(MB):
+            digest.update(chunk)
+    return digest.hexdigest()

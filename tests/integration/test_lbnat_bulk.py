@@ -3,8 +3,6 @@ ICMP unreachable for lbnat's flows, while the host's other services keep working
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,35 +13,18 @@ from lbnat_lab.netns import CLIENTS, LB_IP, host_ip
 from tests.integration.conftest import (
     BACKEND_PORT,
     LBNAT_TABLE,
+    MB,
     NEW_CLIENT_RE,
     VIP_PORT,
     Bed,
+    random_file,
     require,
+    sha256,
 )
 
 pytestmark = pytest.mark.netns
 
-MB = 1 << 20
 TRANSFER_TIMEOUT = 120.0  # bound of one transfer (a pure-Python data path on 2 busy cores)
-
-
-def random_file(path: Path, size: int) -> str:
-    """Write `size` random bytes to `path`; their sha256."""
-    digest = hashlib.sha256()
-    with path.open("wb") as f:
-        for _ in range(size // MB):
-            chunk = os.urandom(MB)
-            digest.update(chunk)
-            f.write(chunk)
-    return digest.hexdigest()
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(MB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @pytest.fixture
