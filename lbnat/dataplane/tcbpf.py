@@ -444,6 +444,12 @@ class FlowMap:
 
     def __init__(self, fd: int) -> None:
         lib = _libbpf()
+        try:  # BPF_OBJ_GET_INFO_BY_FD fills a program's info just as happily
+            kind = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as error:
+            raise OSError(error.errno, f"fd {fd}: {error.strerror}") from None
+        if kind != "anon_inode:bpf-map":
+            raise OSError(errno.EINVAL, f"fd {fd} is not a BPF map but {kind}")
         info = _MapInfo()
         size = ctypes.c_uint32(ctypes.sizeof(info))
         code = -int(lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)))
