@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * lbnat's kernel fast path (issue 17; the contract is /work/notes/offload-spec.md, mirrored by
- * lbnat/fastpath.py): a tc clsact ingress program, direct-action, that rewrites packets of the
+ * lbnat's kernel fast path (issue 17; the entry layouts are lbnat/fastpath.py's, the loader is
+ * lbnat/dataplane/tcbpf.py): a tc clsact ingress program, direct-action, that rewrites packets of the
  * established flows the Python engine put in the map `lbnat_flows` exactly as lbnat.packet.rewrite
  * does, and redirects them to the egress of the backend's (or client's) device. Everything else
  * is passed up (TC_ACT_OK) to lbnat's packet socket as before.
@@ -165,7 +165,9 @@ int lbnat_fastpath(struct __sk_buff *skb)
 	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, 0, bpf_htons(v->ip_delta), 0) < 0)
 		return TC_ACT_SHOT;
 	/* The address part with BPF_F_PSEUDO_HDR: a partial checksum (pseudo-header sum only)
-	 * gets just this one; a complete one gets both. */
+	 * gets just this one; a complete one gets both. For UDP, BPF_F_MARK_MANGLED_0 leaves a
+	 * 0 ("no checksum") alone in both calls and sends a computed 0 as 0xFFFF; a 0xFFFF the
+	 * first call made is the same number as 0 to the second, so two steps equal one. */
 	if (bpf_l4_csum_replace(skb, csum_off, 0, bpf_htons(v->ip_delta),
 				BPF_F_PSEUDO_HDR | mangled) < 0 ||
 	    bpf_l4_csum_replace(skb, csum_off, 0, bpf_htons(v->port_delta), mangled) < 0)

@@ -440,7 +440,7 @@ class FlowMap:
     duplicate of the fd: close() closes that copy, the caller keeps and closes `fd`.
 
     Keys and values are the raw bytes lbnat.fastpath packs (KEY_SIZE, VALUE_SIZE). Each call is
-    one bpf() system call on preallocated ctypes buffers."""
+    one bpf() system call on preallocated ctypes buffers (so one FlowMap per thread)."""
 
     def __init__(self, fd: int) -> None:
         lib = _libbpf()

@@ -6,7 +6,8 @@ in Python (complete checksums, partial=False), with the deltas of lbnat.packet.r
 plus the entry's Ethernet header, and come back as TC_ACT_REDIRECT. Frames the program must
 not touch come back as TC_ACT_OK, unchanged, with the entry's counters unchanged. A hypothesis
 property does the same over random addresses, ports and payloads. Map entries are packed here
-by hand with struct, per the contract (/work/notes/offload-spec.md), not with lbnat.fastpath.
+by hand with struct, per the contract of issue 17 (the layouts in the program's source), not
+with lbnat.fastpath.
 
 Limits of BPF_PROG_TEST_RUN: it cannot mark an skb CHECKSUM_PARTIAL (its skbs are
 CHECKSUM_NONE), so the partial-checksum branch of the helpers is not exercised here, and it
