@@ -83,7 +83,7 @@ class PathSpec:
 # lbnat's data-plane variants (#8), each on an address of its own on the LB's interface so
 # all of them run side by side (an lbnat instance owns its address's NAT ports and guard).
 LBNAT_VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "lbnat": (LB_IP, []),  # the defaults: one worker per core, mmap'ed rings
+    "lbnat": (LB_IP, []),  # the defaults: one worker per core, mmap'ed rings, --offload auto
     # the pure-Python data plane: the same as "lbnat" without the kernel fast path (#17)
     "lbnat-python": ("198.18.0.6", ["--offload", "off"]),
     # the Python loop's I/O variants, measured without the fast path too
