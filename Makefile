@@ -2,10 +2,14 @@
 PYTHON ?= python3
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: deps demo test lint unit netns faults soak bench-core bench bench-quick screenshots config-reference clean-lab lab-compose-check lab-vagrant-check
+.PHONY: deps bpf demo test lint unit netns faults soak bench-core bench bench-quick screenshots config-reference clean-lab lab-compose-check lab-vagrant-check
 
-deps:  ## Debian tools + the project with its test extras
+deps:  ## Debian tools + the project with its test extras (+ the eBPF fast path's object)
 	scripts/install-deps.sh
+	scripts/build-bpf.sh
+
+bpf:  ## the tc eBPF fast path: lbnat/bpf/fastpath.bpf.c -> fastpath.bpf.o (clang, libbpf-dev)
+	scripts/build-bpf.sh
 
 demo: deps  ## the netns lab: three chat servers, lbnat, six clients, the NAT table draining
 	scripts/demo.sh
@@ -20,7 +24,7 @@ unit:
 netns:
 	$(PYTEST) -q -ra tests/integration
 
-test: lint  ## lint, unit tests and netns integration tests (root), in one pytest run
+test: lint bpf  ## lint, unit tests and netns integration tests (root), in one pytest run
 	$(PYTEST) -ra tests
 
 faults:  ## the fault suite at full size (root; netns): flaps, kills, loss, floods; docs/reliability.md

@@ -25,6 +25,7 @@ from lbnat.config import (
     DEFAULT_ADMIN_SOCKET,
     DEFAULT_CONTROL_PORT,
     IO_KINDS,
+    OFFLOAD_MODES,
     PROBE_KINDS,
     RX_RINGS,
     SYN_PROXY_MODES,
@@ -43,6 +44,7 @@ from lbnat.syncookie import DEFAULT_THRESHOLD
 DEFAULT_VIP_PORT = config_module.DEFAULT_PORT
 ADMIN_SOCKET_ENV = "LBNAT_ADMIN_SOCKET"  # overrides the default, for the server and the clients
 WORKERS_ENV = "LBNAT_WORKERS"
+OFFLOAD_ENV = "LBNAT_OFFLOAD"
 
 _T = TypeVar("_T")
 
@@ -216,6 +218,14 @@ def main() -> None:
     help="Receive ring: frames (per-frame hand-over) or blocks (TPACKET_V3, adds latency).",
 )
 @click.option(
+    "--offload",
+    type=click.Choice(OFFLOAD_MODES),
+    default="auto",
+    envvar=OFFLOAD_ENV,
+    show_default=True,
+    help="Kernel fast path: tc (a tc eBPF program rewrites established flows), off, or auto.",
+)
+@click.option(
     "--syn-proxy",
     type=click.Choice(SYN_PROXY_MODES),
     default="auto",
@@ -246,6 +256,8 @@ def run(
     }
     if ctx.get_parameter_source("workers") is ParameterSource.ENVIRONMENT:
         given.add("workers")  # LBNAT_WORKERS overrides the file's workers too
+    if ctx.get_parameter_source("offload") is ParameterSource.ENVIRONMENT:
+        given.add("offload")  # and LBNAT_OFFLOAD its offload
     overrides = Overrides(words=words, config_file=config_file, given=frozenset(given), **options)
 
     def build() -> Config:
@@ -418,6 +430,12 @@ def status(admin_socket: str, as_json: bool) -> None:
             f"  half-open {table['half_open']}  evicted {table['evicted']}  ports reclaimed "
             f"{table['ports_reclaimed']}  pressure spells {table['pressure_spells']}"
             + ("  UNDER PRESSURE" if table["under_pressure"] else "")
+        )
+    offload = reply.get("offload", {})
+    if offload.get("offloaded"):
+        click.echo(
+            f"  kernel fast path: rows {offload['rows']}  packets {offload['packets']}  "
+            f"bytes {human_bytes(offload['bytes'])}  rows refused {offload['refused']}"
         )
     link = reply.get("link")
     if link and link["state"] != "up":

@@ -68,6 +68,7 @@ __all__ = [
     "IO_KINDS",
     "LOG_FORMATS",
     "MAX_WORKERS",
+    "OFFLOAD_MODES",
     "ON_DEAD",
     "PROBE_KINDS",
     "RX_RINGS",
@@ -99,6 +100,7 @@ DEFAULT_DRAIN_TIMEOUT: Final = 300.0
 DEFAULT_WINDOW: Final = 30.0
 IO_KINDS: Final = ("rings", "socket")
 RX_RINGS: Final = ("frames", "blocks")
+OFFLOAD_MODES: Final = ("auto", "tc", "off")
 MAX_WORKERS: Final = 64
 LOG_FORMATS: Final = ("text", "json")
 ON_DEAD: Final = ("keep", "reset")
@@ -179,6 +181,9 @@ class Config:
     workers: int = 1  # data-plane processes; the CLI and the file default to one per core
     io: str = "rings"  # "rings" (mmap'ed TPACKET rings) or "socket" (a syscall per packet)
     rx_ring: str = "frames"  # receive ring layout: "frames" (TPACKET_V2) or "blocks" (V3)
+    # The kernel fast path (lbnat.fastpath, lbnat/bpf/fastpath.bpf.c): "tc" or nothing,
+    # "auto": tc when it can load, the Python path alone (with one log line) when it cannot.
+    offload: str = "auto"
     # The SYN-cookie proxy (lbnat.synproxy): one setting for the whole engine, because what a
     # flood exhausts (half-open rows, the table, NAT ports a backend's services share) is too.
     syn_proxy: str = "auto"  # "auto", "on" or "off"
@@ -202,7 +207,7 @@ TOP_KEYS: Final = (
     "dataplane",
     "syn_proxy",
 )
-DATAPLANE_KEYS: Final = ("workers", "io", "rx_ring")
+DATAPLANE_KEYS: Final = ("workers", "io", "rx_ring", "offload")
 SYN_PROXY_KEYS: Final = ("mode", "threshold", "mss")
 TIMEOUT_KEYS: Final = tuple(f.name for f in dataclasses.fields(Timeouts))
 LOG_KEYS: Final = ("format", "quiet", "transitions")
@@ -509,6 +514,7 @@ def _native(data: dict[str, Any], default_port: int, read_file: FileReader) -> C
         workers=workers,
         io=dataplane.get("io", "rings"),
         rx_ring=dataplane.get("rx_ring", "frames"),
+        offload=dataplane.get("offload", "auto"),
         syn_proxy=syn_proxy.get("mode", "auto"),
         syn_proxy_threshold=syn_proxy.get("threshold", DEFAULT_THRESHOLD),
         syn_proxy_mss=syn_proxy.get("mss", DEFAULT_MSS),
@@ -785,6 +791,7 @@ class Overrides:
     workers: str = "auto"
     io: str = "rings"
     rx_ring: str = "frames"
+    offload: str = "auto"
     syn_proxy: str = "auto"
     syn_proxy_threshold: int = DEFAULT_THRESHOLD
     quiet: bool = False
@@ -801,6 +808,7 @@ _GLOBAL_OVERRIDES: Final = (
     "drain_timeout",
     "io",
     "rx_ring",
+    "offload",
     "admin_socket",
     "syn_proxy",
     "syn_proxy_threshold",

@@ -52,6 +52,8 @@ from lbnat.dataplane.link import (
     link_mtu,
     receive_buffer_max,
 )
+from lbnat.dataplane.loop import PacketLoop
+from lbnat.dataplane.offload import KernelPath, OffloadError, attach_fast_path, start_offload
 from lbnat.dataplane.packet_socket import build_filter
 from lbnat.dataplane.rings import RingSpec
 from lbnat.dataplane.workers import (
@@ -144,8 +146,10 @@ def worker_setup(
     specs: tuple[Service, ...],
     cursor_slots: dict[str, int],
     syn_proxy: SynProxySettings,
+    offload: KernelPath | None = None,
 ) -> WorkerSetup:
-    """What worker `index` starts with: its slice of the NAT ports and of the table cap."""
+    """What worker `index` starts with: its slice of the NAT ports and of the table cap, and
+    the kernel fast path's map (an fd it inherits) when there is one."""
     return WorkerSetup(
         index=index,
         lb_ip=lb_ip,
@@ -159,7 +163,24 @@ def worker_setup(
         flow_events=not config.quiet,
         syn_proxy=syn_proxy,
         cursor_slots=cursor_slots,
+        offload_fd=-1 if offload is None else offload.map_fd,
+        ifindex=0 if offload is None else offload.ifindex,
     )
+
+
+def inline_loop(
+    engine: Engine,
+    sock: socket.socket,
+    link: Link,
+    config: Config,
+    on_events: Callable[[list[Event]], None],
+    offload: KernelPath | None,
+) -> PacketLoop:
+    """The loop of the one-worker data plane (on the main thread), given the kernel's map."""
+    loop = build_loop(engine, sock, link, config.io, ring_spec(config), on_events)
+    if offload is not None:
+        attach_fast_path(engine, offload.map_fd, loop.neighbours, offload.ifindex)
+    return loop
 
 
 def syn_proxy_settings(config: Config) -> SynProxySettings:
@@ -184,6 +205,26 @@ def fit_mss(settings: SynProxySettings, mtu: int | None) -> SynProxySettings:
     return settings
 
 
+def link_status(watch: LinkWatch, link: Link, now: float) -> dict[str, object]:
+    return {
+        "interface": link.interface,
+        "state": watch.state.value,
+        "since": round(now - watch.since, 1),  # seconds in this state
+    }
+
+
+def in_thread(
+    target: Callable[[], object], name: str
+) -> Callable[[int, FrameType | None], None]:
+    """A signal handler that runs `target` on a thread of its own (a dump or a reload asks the
+    workers and waits: never inside the handler, which interrupts the loop)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=target, name=name, daemon=True).start()
+
+    return handler
+
+
 class Daemon:
     def __init__(
         self,
@@ -204,6 +245,7 @@ class Daemon:
         self.link: Link | None = None
         self.link_probe: LinkProbe | None = None
         self.link_watch: LinkWatch | None = None
+        self.offload: KernelPath | None = None
         self.exit_code = 0
         self._servers: list[RegistrationServer | AdminServer] = []
         self._lock = threading.Lock()  # every call into self.control
@@ -245,12 +287,15 @@ class Daemon:
         self.guard = KernelGuard(self.lb_ip, tcp, udp, c.nat_ports)
         try:
             self.guard.install()
+            self.offload, offload_text = start_offload(
+                c.offload, link.interface, link.ip_int, c.table_cap
+            )
             socks = open_worker_sockets(
                 link, packet_filter(link.ip_int, self.control), c.nat_ports, c.workers, c.io, rings
             )
             self.plane = start_plane(
                 socks,
-                lambda: build_loop(engine, socks[0], link, c.io, rings, self._inline_events),
+                lambda: inline_loop(engine, socks[0], link, c, self._inline_events, self.offload),
                 lambda index: self._setup(index, slices[index]),
                 self._on_events,
                 self.log,
@@ -258,10 +303,10 @@ class Daemon:
             self._servers = start_servers(
                 self.config.control, self.config.admin_socket, self.apply, self._refused
             )
-        except (GuardError, OSError, WorkerError) as error:
+        except (GuardError, OSError, WorkerError, OffloadError) as error:
             self.close()
             raise StartError(str(error)) from None
-        for line in start_lines(c, self.lb_ip, self.link.interface):
+        for line in start_lines(c, self.lb_ip, self.link.interface, offload_text):
             self.log.write(line)
         if self.guard.notice is not None:
             self.log(self.guard.notice, "reserved_ports")
@@ -275,8 +320,9 @@ class Daemon:
             specs = self.control.specs()
             slots = dict(self.control.cursor_slots)
         return worker_setup(
-            self.config, self.lb_ip, self.link, index, nat_ports, specs, slots, self.syn_proxy
-        )
+            self.config, self.lb_ip, self.link, index, nat_ports, specs, slots, self.syn_proxy,
+            self.offload,
+        )  # fmt: skip
 
     def run(self) -> int:
         """Start, forward until SIGINT/SIGTERM, clean up. Returns the exit code."""
@@ -285,8 +331,8 @@ class Daemon:
         handlers: dict[signal.Signals, Callable[[int, FrameType | None], None]] = {
             signal.SIGINT: self._on_stop_signal,
             signal.SIGTERM: self._on_stop_signal,
-            signal.SIGUSR1: self._on_dump_signal,
-            signal.SIGHUP: self._on_reload_signal,
+            signal.SIGUSR1: in_thread(self.dump_table, "lbnat-dump"),
+            signal.SIGHUP: in_thread(self.reload, "lbnat-reload"),
         }
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:
@@ -302,12 +348,6 @@ class Daemon:
         if self.plane is not None:
             self.plane.stop()
 
-    def _on_dump_signal(self, signum: int, frame: FrameType | None) -> None:
-        threading.Thread(target=self.dump_table, name="lbnat-dump", daemon=True).start()
-
-    def _on_reload_signal(self, signum: int, frame: FrameType | None) -> None:
-        threading.Thread(target=self.reload, name="lbnat-reload", daemon=True).start()
-
     def close(self) -> None:
         for server in self._servers:
             server.shutdown()
@@ -319,6 +359,9 @@ class Daemon:
         if self.plane is not None:
             self.plane.close()
             self.plane = None
+        if self.offload is not None:
+            self.offload.close()  # the filter off the interface: nothing rewrites for us now
+            self.offload = None
         if self.guard is not None:
             self.guard.remove()
             self.guard = None
@@ -464,13 +507,8 @@ class Daemon:
         now = time.monotonic()
         with self._lock:
             status = self.control.status(counters, workers, now)
-        watch, link = self.link_watch, self.link
-        if watch is not None and link is not None:
-            status["link"] = {
-                "interface": link.interface,
-                "state": watch.state.value,
-                "since": round(now - watch.since, 1),  # seconds in this state
-            }
+        if self.link_watch is not None and self.link is not None:
+            status["link"] = link_status(self.link_watch, self.link, now)
         return status
 
     def sessions(self) -> list[dict[str, object]]:

@@ -541,10 +541,8 @@ class Engine:
         Returns the packets to send, with their next hop.
 
         Each RST carries the sequence number its receiver expects next (the peer's last ACK
-        the engine tracked), so the endpoint accepts it. The client of a row still in SYN_SENT
-        has not seen the backend's sequence numbers: it gets none and retries its SYN. Nor
-        does an end whose peer has not ACKed since the row was restored (UNKNOWN_ACK): a guessed
-        sequence number would be refused anyway."""
+        tracked), so the endpoint accepts it. A client in SYN_SENT has not seen the backend's
+        numbers (it gets none, retries its SYN), nor has a restored row's end (UNKNOWN_ACK)."""
         state = self.services[service]
         pool = self.pool_of(service, backend)
         if pool is None:
@@ -552,6 +550,8 @@ class Engine:
         backend_ip, port = ip_int(backend[0]), backend[1]
         packets: list[tuple[bytes, int]] = []
         for row in [r for r in pool.rows if r is not None and r.service is state and not r.ended]:
+            if self.table.kernel is not None:  # its latest ACKs are the kernel's
+                self.table.kernel.refresh(row)
             if state.proto == TCP:
                 client_ip, client_port = row.client_ip, row.client_port
                 if row.state is not State.SYN_SENT and row.ack_c != UNKNOWN_ACK:

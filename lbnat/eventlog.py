@@ -64,8 +64,11 @@ class Log:
         self.write(LogLine(text, event, verbose, fields))
 
 
-def start_lines(config: Config, lb_ip: str, interface: str) -> list[LogLine]:
-    """What lbnat prints once it forwards: SRCIP, the data plane, every configured backend."""
+def start_lines(
+    config: Config, lb_ip: str, interface: str, offload: str = "no offload"
+) -> list[LogLine]:
+    """What lbnat prints once it forwards: SRCIP, the data plane (and which path runs: `tc
+    offload`, or why not), every configured backend."""
     c = config
     out = [
         line(
@@ -74,15 +77,17 @@ def start_lines(config: Config, lb_ip: str, interface: str) -> list[LogLine]:
             interface=interface,
             workers=c.workers,
             io=io_text(c),
+            offload=offload,
         )
     ]
-    if c.workers > 1 or c.io != "rings":
+    if c.workers > 1 or c.io != "rings" or c.offload != "off":
         out.append(
             line(
                 f"data plane : {c.workers} worker{'s' if c.workers > 1 else ''}, "
-                f"{'mmap rings' if c.io == 'rings' else 'one syscall per packet'}",
+                f"{'mmap rings' if c.io == 'rings' else 'one syscall per packet'}, {offload}",
                 "dataplane",
-                verbose=True,
+                # a fallback is said even with --quiet: it is not what was asked for
+                verbose=not offload.startswith("no offload ("),
             )
         )
     for service in c.services:

@@ -108,6 +108,9 @@ class WorkerSetup:
     cursor_slots: dict[str, int] = field(default_factory=dict)
     # The same secret in every worker: each checks any worker's cookies.
     syn_proxy: SynProxySettings = field(default_factory=lambda: SynProxySettings(mode="off"))
+    # The kernel fast path's map (lbnat.dataplane.offload): an fd the worker inherits, -1: none.
+    offload_fd: int = -1
+    ifindex: int = 0  # the interface the program redirects to
 
 
 @dataclass(frozen=True, slots=True)

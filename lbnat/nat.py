@@ -391,6 +391,16 @@ _SYN_SENT = State.SYN_SENT
 _SYN_RECV = State.SYN_RECV
 
 
+class KernelRows(Protocol):
+    """The rows a kernel fast path rewrites (lbnat.fastpath.FastPath), told of every change."""
+
+    def changed(self, s: Session) -> None: ...
+
+    def removed(self, s: Session) -> None: ...
+
+    def refresh(self, s: Session) -> None: ...
+
+
 class RowSink(Protocol):
     """Hears of a row's changes that outlive a worker (lbnat.checkpoint.RowCheckpoint)."""
 
@@ -513,6 +523,7 @@ class SessionTable:
         self.pressure_spells = 0  # times the table went under pressure
         self.rst_ignored = 0
         self.checkpoint: RowSink | None = None  # set by lbnat.checkpoint.restore
+        self.kernel: KernelRows | None = None  # set by the data plane when it offloads
 
     def __len__(self) -> int:
         return len(self.forward)
@@ -675,6 +686,8 @@ class SessionTable:
             pool._half_open.push(s)
         s.seen = now
         self.expiry.file(s, now + self.timeout_of[state])
+        if self.kernel is not None and state in (State.ESTABLISHED, State.UDP_REPLIED):
+            self.kernel.changed(s)  # a restored row (adopt) goes back to the kernel
         return s
 
     def remove(self, s: Session) -> None:
@@ -698,6 +711,8 @@ class SessionTable:
         self.expiry.compact(len(self.forward))
         if self.checkpoint is not None:
             self.checkpoint.clear(s)
+        if self.kernel is not None:
+            self.kernel.removed(s)
 
     def end(self, s: Session, state: State, now: float, reason: EndReason) -> Ended:
         """Move an open row to TIME_WAIT or CLOSE: the flow is over, the row lingers."""
@@ -712,6 +727,8 @@ class SessionTable:
         self._deadline(s, now)
         if self.checkpoint is not None:
             self.checkpoint.write(s)
+        if self.kernel is not None:
+            self.kernel.changed(s)
         return Ended(s, reason, self.open_flows)
 
     def move(self, s: Session, state: State, now: float) -> None:
@@ -723,6 +740,8 @@ class SessionTable:
         self._deadline(s, now)
         if self.checkpoint is not None:
             self.checkpoint.write(s)
+        if self.kernel is not None:
+            self.kernel.changed(s)
 
     def _deadline(self, s: Session, now: float) -> None:
         s.seen = now
@@ -738,7 +757,10 @@ class SessionTable:
         had already ended, by FIN or RST, go silently)."""
         ended: list[Ended] = []
         timeout_of = self.timeout_of
+        kernel = self.kernel
         for s in self.expiry.pop_due(now):
+            if kernel is not None:
+                kernel.refresh(s)  # a row in the kernel was last seen there
             deadline = s.seen + timeout_of[s.state]
             if deadline > now:
                 self.expiry.file(s, deadline)
@@ -821,6 +843,8 @@ class ConnectionTracker:
             s.ack_c = ack
             s.win_c = PORTS[win]
             return None
+        if state is _ESTABLISHED and self._table.kernel is not None:
+            self._table.kernel.refresh(s)  # the kernel carried its latest ACKs and windows
         if flags & RST:
             return self._reset(s, seq, s.ack_s, s.win_s, s.wscale & 0x0F, now)
         if flags & ACK:
@@ -847,6 +871,8 @@ class ConnectionTracker:
             s.ack_s = ack
             s.win_s = PORTS[win]
             return None
+        if state is _ESTABLISHED and self._table.kernel is not None:
+            self._table.kernel.refresh(s)
         if flags & RST:
             if state is _SYN_SENT:
                 # A refused connection: acceptable only if it acknowledges the client's SYN.

@@ -13,6 +13,7 @@ from typing import Any
 
 from lbnat.backends import Backend, BackendKey
 from lbnat.engine import Engine
+from lbnat.fastpath import FastPath
 from lbnat.messages import (
     AskActive,
     AskCounters,
@@ -46,6 +47,9 @@ def apply_change(engine: Engine, change: Change, now: float) -> list[tuple[bytes
 
 
 def answer(engine: Engine, question: Question, now: float) -> Any:
+    kernel = engine.table.kernel
+    if isinstance(kernel, FastPath) and isinstance(question, AskCounters | AskSessions):
+        kernel.sync()  # the kernel's packets, bytes and last-seen times into the rows first
     match question:
         case AskCounters():
             return engine_counters(engine)
@@ -83,6 +87,7 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
             "backends": backends,
         }
     table = engine.table
+    kernel = table.kernel
     return {
         "rows": len(table),
         "open_flows": engine.open_flows,
@@ -96,6 +101,8 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
         "packets": engine.packets,
         "drops": {reason.label: n for reason, n in engine.drops.items()},
         "services": services,
+        # rows the tc program rewrites, and what it rewrote (lbnat.fastpath); zeros without it
+        "offload": kernel.counters() if isinstance(kernel, FastPath) else FastPath.ZEROS,
     }
 
 
@@ -117,6 +124,8 @@ def merge_counters(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def session_rows(engine: Engine, now: float) -> list[dict[str, object]]:
     rows = []
+    kernel = engine.table.kernel
+    in_kernel = kernel.rows if isinstance(kernel, FastPath) else {}
     for row in engine.table:
         ip, port = row.client
         backend: Backend = row.backend
@@ -128,6 +137,7 @@ def session_rows(engine: Engine, now: float) -> list[dict[str, object]]:
                 "backend": f"{backend.ip}:{backend.port}",
                 "nat_port": row.nat_port,
                 "state": row.state.name,
+                "path": "kernel" if row in in_kernel else "python",
                 "age": round(max(0.0, now - row.created), 0),
             }
         )

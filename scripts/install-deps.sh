@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Install what lbnat, its lab, its tests and its benchmarks need on a fresh Debian machine:
 # the Debian tools (nft, ip, ping, ethtool, iperf3, socat, curl, nginx, haproxy, tcpdump, wrk,
-# cairo and the DejaVu fonts for the screenshots) and the project itself with its test and docs
+# cairo and the DejaVu fonts for the screenshots, clang + libbpf-dev + bpftool for the tc eBPF fast
+# path that `make bpf` builds) and the project itself with its test and docs
 # extras. (Debian's own python3 refuses `pip install` outside a venv, PEP 668: there, make a venv
 # first, `python3 -m venv /opt/lbnat && . /opt/lbnat/bin/activate`, as provision-lb.sh does.) Idempotent; skips apt when every tool is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nftables iproute2 iputils-ping ethtool iperf3 socat curl nginx-light libnginx-mod-stream haproxy tcpdump procps wrk libcairo2 fonts-dejavu-core)
-tools=(nft ip ping ethtool iperf3 socat curl nginx haproxy tcpdump ps wrk)
+packages=(nftables iproute2 iputils-ping ethtool iperf3 socat curl nginx-light libnginx-mod-stream haproxy tcpdump procps wrk libcairo2 fonts-dejavu-core clang libbpf-dev bpftool)
+tools=(nft ip ping ethtool iperf3 socat curl nginx haproxy tcpdump ps wrk clang bpftool)
 
 missing=0
 for tool in "${tools[@]}"; do
@@ -17,6 +18,8 @@ done
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing=1  # nginx's stream proxy (benchmarks)
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf ] || missing=1  # the screenshots' font
 PATH="$PATH:/usr/sbin:/sbin" ldconfig -p 2>/dev/null | grep -q libcairo.so.2 || missing=1  # cairosvg
+[ -e /usr/include/bpf/bpf_helpers.h ] || missing=1  # libbpf-dev: build-bpf.sh's headers
+PATH="$PATH:/usr/sbin:/sbin" ldconfig -p 2>/dev/null | grep -q libbpf.so.1 || missing=1  # lbnat.dataplane.tcbpf loads it
 if [ "$missing" = 1 ] || [ "${LBNAT_FORCE_APT:-0}" = 1 ]; then
 	if [ "$(id -u)" -ne 0 ]; then
 		echo "install-deps: run as root (apt-get needs it)" >&2

@@ -258,6 +258,8 @@ class ControlPlane:
             "rows": counters["rows"],
             "open_flows": counters["open_flows"],
             "table": counters.get("table", {}),
+            # the kernel fast path: its rows now, and what it rewrote (lbnat.fastpath)
+            "offload": counters.get("offload", {}),
             "drops": counters["drops"],
             "services": [
                 self._service_status(name, counters["services"].get(name, {}), now)

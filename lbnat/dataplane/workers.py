@@ -51,6 +51,7 @@ from lbnat.dataplane.bpf import attach_filter
 from lbnat.dataplane.fanout import join, steering_program
 from lbnat.dataplane.link import Link, Neighbours
 from lbnat.dataplane.loop import PacketLoop, RingLoop
+from lbnat.dataplane.offload import attach_fast_path
 from lbnat.dataplane.packet_socket import open_packet_socket, reject_all
 from lbnat.dataplane.rings import RingSpec
 from lbnat.engine import Engine, Event, NoBackend
@@ -353,6 +354,7 @@ class WorkerProcess:
             self.rows = RowMemory(self.index, setup.table_cap)
         parent, child = socket.socketpair()
         fds = (self.sock.fileno(), child.fileno(), self.cursors.fd, self.rows.fd)
+        inherited = (*fds, setup.offload_fd) if setup.offload_fd >= 0 else fds  # the BPF map
         command = [
             sys.executable,
             "-m",
@@ -371,7 +373,7 @@ class WorkerProcess:
         self.restored = RestoreReport()
         self.errors = []  # this start's
         try:
-            self.proc = subprocess.Popen(command, pass_fds=fds, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(command, pass_fds=inherited, stdin=subprocess.DEVNULL)
         finally:
             child.close()
         self.control = parent
@@ -622,13 +624,6 @@ def worker_main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         send_message(control, WorkerFailed(str(error)))
         return 1
-    # The rows of this worker's predecessor, rebuilt before the first frame is read.
-    try:
-        checkpoint = map_checkpoint(args.rows_fd)
-    except (OSError, ValueError) as error:
-        send_message(control, WorkerFailed(f"cannot map its row checkpoint: {error}"))
-        return 1
-    restored = restore(engine, checkpoint, time.monotonic())
     lock = threading.Lock()
 
     def send(message: FromWorker) -> None:
@@ -646,6 +641,16 @@ def worker_main(argv: list[str] | None = None) -> int:
     except OSError as error:
         send(WorkerFailed(f"cannot open its rings: {error}"))
         return 1
+    if setup.offload_fd >= 0:
+        attach_fast_path(engine, setup.offload_fd, loop.neighbours, setup.ifindex)
+    # The rows of this worker's predecessor, rebuilt before the first frame is read (and
+    # those in the kernel handed to it again: their entries outlived the dead worker).
+    try:
+        checkpoint = map_checkpoint(args.rows_fd)
+    except (OSError, ValueError) as error:
+        send(WorkerFailed(f"cannot map its row checkpoint: {error}"))
+        return 1
+    restored = restore(engine, checkpoint, time.monotonic())
 
     def on_control() -> None:
         try:

@@ -409,19 +409,30 @@ def start_nginx(bed: Bed, backend: str) -> Path:
     return d
 
 
-# Every test that uses a bed runs twice: lbnat with one worker (the packet loop in the main
-# process) and with N worker processes behind PACKET_FANOUT (N = the cores, at least 2).
+# Every test that uses a bed runs four times: lbnat with one worker (the packet loop in the main
+# process) and with N worker processes behind PACKET_FANOUT (N = the cores, at least 2), each
+# with the kernel fast path (tc: lbnat refuses to start without it, so a run here proves it
+# ran) and without it (off: every packet through Python).
 WORKER_COUNTS = (1, max(2, os.cpu_count() or 1))
+OFFLOAD_MODES = ("tc", "off")
+VARIANTS = [(workers, offload) for offload in OFFLOAD_MODES for workers in WORKER_COUNTS]
 
 
-@pytest.fixture(params=WORKER_COUNTS, ids=lambda n: f"{n}w")
+def variant_id(variant: tuple[int, str]) -> str:
+    return f"{variant[0]}w-{variant[1]}"
+
+
+@pytest.fixture(params=VARIANTS, ids=variant_id)
 def bed(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Bed]:
     """A fresh lab (c1, c2, lb, b1..b3) for one test; everything gone afterwards."""
     if (reason := skip_reason()) is not None:
         pytest.skip(reason)
-    monkeypatch.setenv("LBNAT_WORKERS", str(request.param))  # read by lbnat and loadbalancerLobin
+    workers, offload = request.param
+    # read by lbnat and loadbalancerLobin; with a config file too
+    monkeypatch.setenv("LBNAT_WORKERS", str(workers))
+    monkeypatch.setenv("LBNAT_OFFLOAD", offload)
     require("nft")
     with Lab() as lab:
         testbed = Bed(lab, tmp_path)

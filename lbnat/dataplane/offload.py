@@ -1,0 +1,76 @@
+"""Starting and stopping the kernel fast path: the tc program on the LB's interface, its map
+handed to each engine. The decisions are lbnat.fastpath's; the syscalls lbnat.dataplane.tcbpf's.
+
+    main process: start_offload() loads lbnat/bpf/fastpath.bpf.o and attaches it (clsact
+                  ingress of the LB's interface); its map's fd goes to every worker (inherited,
+                  like the row checkpoint's memfd: no bpffs pin, so no mount namespace can hide
+                  it, and the map dies with lbnat)
+    each engine:  engine.table.kernel = FastPath(FlowMap(fd), neighbours.header_for, ifindex)
+
+`auto` falls back to the Python path alone with one line saying why; `tc` refuses to start.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from lbnat.dataplane.link import Neighbours
+from lbnat.dataplane.tcbpf import FlowMap, OffloadUnavailable, TcProgram, object_path
+from lbnat.engine import Engine
+from lbnat.fastpath import FastPath
+
+MAX_ENTRIES = 1 << 21  # two entries a row; the hash map allocates them as rows come
+
+
+class OffloadError(Exception):
+    """`--offload tc` was asked for and cannot be had (the message says why)."""
+
+
+@dataclass
+class KernelPath:
+    """The attached program and the interface it is attached to."""
+
+    program: TcProgram
+    ifindex: int
+
+    @property
+    def map_fd(self) -> int:
+        return self.program.map_fd
+
+    def close(self) -> None:
+        self.program.detach()
+        self.program.close()
+
+
+def filter_handle(lb_ip: int) -> int:
+    """The tc filter handle of the lbnat instance that owns `lb_ip`: one per instance, so
+    several lbnat (one address each) share an interface, each replacing only its own filter
+    (a filter left behind by a killed lbnat on the same address is replaced at start)."""
+    return 0x1B000000 | (lb_ip & 0xFFFFFF)
+
+
+def start_offload(
+    mode: str, interface: str, lb_ip: int, table_cap: int
+) -> tuple[KernelPath | None, str]:
+    """(the attached fast path or None, what the start-up line says of it)."""
+    if mode == "off":
+        return None, "no offload"
+    try:
+        ifindex = socket.if_nametoindex(interface)
+        program = TcProgram.load(object_path(), min(MAX_ENTRIES, 2 * table_cap))
+        try:
+            program.attach(ifindex, filter_handle(lb_ip))
+        except BaseException:
+            program.close()
+            raise
+    except (OffloadUnavailable, OSError) as error:
+        if mode == "tc":
+            raise OffloadError(f"--offload tc: {error}") from None
+        return None, f"no offload ({error}; --offload off to silence this)"
+    return KernelPath(program, ifindex), "tc offload"
+
+
+def attach_fast_path(engine: Engine, map_fd: int, neighbours: Neighbours, ifindex: int) -> None:
+    """Give an engine the kernel's map: from now on its established rows enter it."""
+    engine.table.kernel = FastPath(FlowMap(map_fd), neighbours.header_for, ifindex)

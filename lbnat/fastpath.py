@@ -1,0 +1,286 @@
+"""The kernel fast path, engine side: which rows the tc program rewrites, and with what.
+
+What this module may know: a row (`lbnat.nat.Session`), its state and its precomputed rewrites;
+the layout of the kernel map's entries (the contract with `lbnat/bpf/fastpath.bpf.c`); the
+time, as an argument. It touches no socket, file or syscall: the map it fills is injected
+(`KernelMap`: `lbnat.dataplane.tcbpf.FlowMap` in the data plane, `SimulatedMap` in tests), as
+katran's control plane is given its BPF adapter.
+
+The engine stays the single source of truth; the kernel only repeats, per packet, a rewrite the
+engine computed:
+
+- a TCP row enters the kernel when it becomes ESTABLISHED, a UDP row when its first reply is
+  seen (UDP_REPLIED). Its two entries (client -> VIP, backend -> NAT port) carry the address and
+  port bytes and the checksum deltas `Engine.handle` writes for that row (`Session.fwd_ports`,
+  `rev_addresses`, `rev_ports`, `deltas`) and the Ethernet header the data plane would use;
+- SYN, FIN and RST segments never match in the kernel: they come up to `Engine.handle` as
+  before, whose tracker first takes the kernel's last ACK and window of each side (`refresh`),
+  then judges the segment with them (the in-window RST check needs them);
+- a row that leaves those states (a FIN, an in-window RST, eviction, removal, a dead backend's
+  reset, expiry) leaves the kernel (`withdraw`), its kernel counters folded into its pool and
+  service first;
+- idle expiry: a due row in the kernel first takes the kernel's last-seen time (`refresh`);
+- SYN-proxied rows (`lbnat.synproxy.ProxiedSession`) stay in Python: every packet of theirs
+  has its sequence numbers shifted, which the program does not do.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Final, Protocol
+
+from lbnat.nat import Session, State
+from lbnat.packet import ADDRESS
+
+KEY = struct.Struct("!IIHHB3x")
+"""An entry's key: the packet as it arrives at the LB (saddr, daddr, sport, dport, proto)."""
+
+VALUE = struct.Struct("<8s4sHH12sIQQQIHBx")
+"""An entry's value (64 bytes; C's natural alignment gives the same offsets): addresses and
+ports to write, the checksum deltas of the address change and of the port change, destination
+and source MAC, the egress ifindex; then what the kernel writes: packets, bytes, last-seen
+(CLOCK_MONOTONIC ns), and for TCP the last ACK number and raw window, and whether it has one."""
+
+KERNEL_PART = struct.Struct("<QQQIHB")
+KERNEL_PART_AT = 32  # offset of the kernel-written part in VALUE
+
+OFFLOADED = (State.ESTABLISHED, State.UDP_REPLIED)
+
+
+class KernelMap(Protocol):
+    """The flow map (lbnat.dataplane.tcbpf.FlowMap); keys and values are KEY and VALUE bytes."""
+
+    def put(self, key: bytes, value: bytes) -> bool:
+        """Insert or replace; False when the map is full."""
+        ...
+
+    def get(self, key: bytes) -> bytes | None: ...
+
+    def delete(self, key: bytes) -> None: ...
+
+
+def _fold(value: int) -> int:
+    while value > 0xFFFF:
+        value = (value & 0xFFFF) + (value >> 16)
+    return value
+
+
+def port_delta(ip_delta: int, l4_delta: int) -> int:
+    """The delta of the port change alone: the transport delta less the address part (ones'
+    complement subtraction). The kernel adds the address part with BPF_F_PSEUDO_HDR (kept for
+    a partial checksum) and this without it (skipped for a partial one), as packet.rewrite."""
+    return _fold(l4_delta + (~ip_delta & 0xFFFF))
+
+
+Entry = tuple[bytes, bytes]  # (KEY bytes, VALUE bytes)
+
+
+def flow_entries(
+    row: Session, ethernet: Callable[[int], bytes | None], ifindex: int
+) -> tuple[Entry, Entry] | None:
+    """The row's two kernel entries, client -> VIP then backend -> NAT port; None while the
+    Ethernet header of either next hop is unknown. `ethernet(ip)` returns the 14-byte header
+    the data plane writes for a frame to `ip` (lbnat.dataplane.link.Neighbours.header_for)."""
+    pool = row.pool
+    backend = pool.backend
+    client_ip = ADDRESS.unpack(row.rev_addresses[4:])[0]
+    vip = ADDRESS.unpack(row.rev_addresses[:4])[0]
+    lb_ip = ADDRESS.unpack(pool.fwd_addresses[:4])[0]
+    to_backend = ethernet(backend.ip_int)
+    to_client = ethernet(client_ip)
+    if to_backend is None or to_client is None:
+        return None
+    proto = row.proto
+    deltas = row.deltas
+    fwd_ip, fwd_l4 = deltas >> 48, (deltas >> 32) & 0xFFFF
+    rev_ip, rev_l4 = (deltas >> 16) & 0xFFFF, deltas & 0xFFFF
+    forward = (
+        KEY.pack(client_ip, vip, row.client_port, row.service_port, proto),
+        VALUE.pack(
+            pool.fwd_addresses, row.fwd_ports, fwd_ip, port_delta(fwd_ip, fwd_l4),
+            to_backend[:12], ifindex, 0, 0, 0, 0, 0, 0,
+        ),
+    )  # fmt: skip
+    reverse = (
+        KEY.pack(backend.ip_int, lb_ip, backend.port, row.nat_port, proto),
+        VALUE.pack(
+            row.rev_addresses, row.rev_ports, rev_ip, port_delta(rev_ip, rev_l4),
+            to_client[:12], ifindex, 0, 0, 0, 0, 0, 0,
+        ),
+    )  # fmt: skip
+    return forward, reverse
+
+
+class _InKernel:
+    """A row in the kernel: its two keys and the kernel's counts already folded into the
+    row's pool and service (the kernel's counters only grow while the entry lives)."""
+
+    __slots__ = ("forward", "fwd_bytes", "fwd_packets", "rev_bytes", "rev_packets", "reverse")
+
+    def __init__(self, forward: bytes, reverse: bytes) -> None:
+        self.forward = forward
+        self.reverse = reverse
+        self.fwd_packets = self.fwd_bytes = self.rev_packets = self.rev_bytes = 0
+
+
+class FastPath:
+    """Which rows the kernel rewrites (`rows`), and their entries kept in step with the engine.
+    Set as `SessionTable.kernel`: the table calls `changed`/`removed` on every change of state
+    and removal, `refresh` before expiring a row; the tracker calls `refresh` before judging a
+    FIN, RST or SYN of an established row."""
+
+    def __init__(
+        self, kernel: KernelMap, ethernet: Callable[[int], bytes | None], ifindex: int
+    ) -> None:
+        self.kernel = kernel
+        self.ethernet = ethernet
+        self.ifindex = ifindex
+        self.rows: dict[Session, _InKernel] = {}
+        self.offloaded = 0  # rows handed to the kernel, ever
+        self.withdrawn = 0
+        self.refused = 0  # rows that stayed in Python: map full, or a next hop not yet resolved
+        self.packets = 0  # what the kernel rewrote, folded so far
+        self.bytes = 0
+
+    def __contains__(self, row: object) -> bool:
+        return row in self.rows
+
+    def changed(self, row: Session) -> None:
+        """The row's state changed: hand it to the kernel, or take it back."""
+        if row.state in OFFLOADED and row.__class__ is Session:
+            if row not in self.rows:
+                self._offload(row)
+        elif row in self.rows:
+            self.withdraw(row)
+
+    def removed(self, row: Session) -> None:
+        if row in self.rows:
+            self.withdraw(row)
+
+    def _offload(self, row: Session) -> None:
+        entries = flow_entries(row, self.ethernet, self.ifindex)
+        if entries is None:
+            self.refused += 1
+            return
+        (fwd_key, fwd_value), (rev_key, rev_value) = entries
+        if not self.kernel.put(fwd_key, fwd_value):
+            self.refused += 1
+            return
+        if not self.kernel.put(rev_key, rev_value):
+            self.kernel.delete(fwd_key)
+            self.refused += 1
+            return
+        self.rows[row] = _InKernel(fwd_key, rev_key)
+        self.offloaded += 1
+
+    def withdraw(self, row: Session) -> None:
+        """Take the row's entries out of the kernel, its last counts folded in first."""
+        entry = self.rows.get(row)
+        if entry is None:
+            return
+        self.refresh(row)
+        self.kernel.delete(entry.forward)
+        self.kernel.delete(entry.reverse)
+        del self.rows[row]
+        self.withdrawn += 1
+
+    def refresh(self, row: Session) -> None:
+        """Bring what the kernel saw of the row into it: its packets and bytes (into the pool's
+        and the service's counters), its last-seen time, and each side's last ACK and window
+        when the kernel has carried a segment of that side since the last refresh."""
+        entry = self.rows.get(row)
+        if entry is None:
+            return
+        forward = self.kernel.get(entry.forward)
+        if forward is not None:
+            packets, octets, seen_ns, ack, window, acked = KERNEL_PART.unpack_from(
+                forward, KERNEL_PART_AT
+            )
+            if packets > entry.fwd_packets:
+                self._count(row, packets - entry.fwd_packets, octets - entry.fwd_bytes, seen_ns)
+                entry.fwd_packets, entry.fwd_bytes = packets, octets
+                if acked:
+                    row.ack_c, row.win_c = ack, window
+        reverse = self.kernel.get(entry.reverse)
+        if reverse is not None:
+            packets, octets, seen_ns, ack, window, acked = KERNEL_PART.unpack_from(
+                reverse, KERNEL_PART_AT
+            )
+            if packets > entry.rev_packets:
+                self._count(row, packets - entry.rev_packets, octets - entry.rev_bytes, seen_ns)
+                entry.rev_packets, entry.rev_bytes = packets, octets
+                if acked:
+                    row.ack_s, row.win_s = ack, window
+
+    def _count(self, row: Session, packets: int, octets: int, seen_ns: int) -> None:
+        pool, service = row.pool, row.service
+        pool.packets += packets
+        pool.bytes += octets
+        service.packets += packets
+        service.bytes += octets
+        self.packets += packets
+        self.bytes += octets
+        seen = seen_ns / 1e9
+        if seen > row.seen:
+            row.seen = seen
+
+    def sync(self) -> None:
+        """Refresh every row in the kernel (before counters are reported): two lookups a row."""
+        for row in list(self.rows):
+            self.refresh(row)
+
+    def withdraw_all(self) -> None:
+        """Take every row back (the fast path is going away: lbnat stops)."""
+        for row in list(self.rows):
+            self.withdraw(row)
+
+    NAMES: Final = ("rows", "offloaded", "withdrawn", "refused", "packets", "bytes")
+    ZEROS: Final = dict.fromkeys(NAMES, 0)
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "rows": len(self.rows),
+            "offloaded": self.offloaded,
+            "withdrawn": self.withdrawn,
+            "refused": self.refused,
+            "packets": self.packets,
+            "bytes": self.bytes,
+        }
+
+
+class SimulatedMap:
+    """The kernel map in memory, with the program's bookkeeping done by `carry` (what the tc
+    program writes for each packet it rewrites): the engine's tests run the fast path's
+    decisions without BPF, as katran's tests run against its simulator."""
+
+    def __init__(self, capacity: int = 1 << 16) -> None:
+        self.capacity = capacity
+        self.entries: dict[bytes, bytes] = {}
+
+    def put(self, key: bytes, value: bytes) -> bool:
+        if key not in self.entries and len(self.entries) >= self.capacity:
+            return False
+        self.entries[key] = value
+        return True
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.entries.get(key)
+
+    def delete(self, key: bytes) -> None:
+        self.entries.pop(key, None)
+
+    def carry(self, key: bytes, length: int, now_ns: int, ack: int | None, window: int) -> bool:
+        """Account one packet of `length` IP bytes as the program does; False on a miss."""
+        value = self.entries.get(key)
+        if value is None:
+            return False
+        packets, octets, _seen, old_ack, old_window, acked = KERNEL_PART.unpack_from(
+            value, KERNEL_PART_AT
+        )
+        if ack is not None:
+            old_ack, old_window, acked = ack, window, 1
+        written = KERNEL_PART.pack(packets + 1, octets + length, now_ns, old_ack, old_window, acked)
+        tail = value[KERNEL_PART_AT + KERNEL_PART.size :]
+        self.entries[key] = value[:KERNEL_PART_AT] + written + tail
+        return True
