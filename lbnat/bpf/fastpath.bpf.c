@@ -4,7 +4,8 @@
  * lbnat/dataplane/tcbpf.py): a tc clsact ingress program, direct-action, that rewrites packets of the
  * established flows the Python engine put in the map `lbnat_flows` exactly as lbnat.packet.rewrite
  * does, and redirects them to the egress of the backend's (or client's) device. Everything else
- * is passed up (TC_ACT_OK) to lbnat's packet socket as before.
+ * is passed on (TC_ACT_UNSPEC: the next filter runs, another lbnat's on the same interface, and
+ * then the packet goes up to lbnat's packet socket as before).
  *
  * Headers: the UAPI ones (linux-libc-dev, -I/usr/include/x86_64-linux-gnu for <asm/...>) and
  * libbpf-dev's helpers, not a vmlinux.h. The program touches only __sk_buff and the wire formats,
@@ -98,49 +99,49 @@ int lbnat_fastpath(struct __sk_buff *skb)
 	__u32 ihl, l4, total, l4_len, csum_off, mangled;
 	__u64 now;
 
-	/* ---- checks: any failure passes the packet up, untouched ---- */
+	/* ---- checks: any failure passes the packet on, untouched ---- */
 	if (skb->protocol != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0 || eth.h_proto != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK; /* e.g. a VLAN tag not taken off by the NIC */
+		return TC_ACT_UNSPEC; /* e.g. a VLAN tag not taken off by the NIC */
 	if (bpf_skb_load_bytes(skb, ETH_LEN, &ip, sizeof(ip)) < 0)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (ip.version != 4 || ip.ihl < 5)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (ip.frag_off & bpf_htons(0x3FFF)) /* MF or an offset: lbnat drops fragments */
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	ihl = ip.ihl * 4;
 	total = bpf_ntohs(ip.tot_len);
 	if (total < ihl || total > skb->len - ETH_LEN)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	l4 = ETH_LEN + ihl; /* IP options are fine: they only move the L4 header */
 	l4_len = total - ihl;
 
 	if (ip.protocol == IPPROTO_TCP) {
 		if (l4_len < sizeof(struct tcphdr) ||
 		    bpf_skb_load_bytes(skb, l4, &l4h, sizeof(struct tcphdr)) < 0)
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		/* lbnat.packet.parse drops these; pass them up so the engine counts them */
 		if (l4h.tcp.doff < 5 || l4h.tcp.doff * 4 > l4_len)
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		if (!(l4h.raw[TCP_FLAGS_BYTE] & 0x3F))
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		/* Opening and closing segments are the engine's (its state machine, its timers). */
 		if (l4h.raw[TCP_FLAGS_BYTE] & (F_SYN | F_FIN | F_RST))
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		csum_off = l4 + offsetof(struct tcphdr, check);
 		mangled = 0;
 	} else if (ip.protocol == IPPROTO_UDP) {
 		if (l4_len < sizeof(struct udphdr) ||
 		    bpf_skb_load_bytes(skb, l4, &l4h, sizeof(struct udphdr)) < 0)
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		if (bpf_ntohs(l4h.udp.len) < sizeof(struct udphdr) || bpf_ntohs(l4h.udp.len) > l4_len)
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		csum_off = l4 + offsetof(struct udphdr, check);
 		/* A UDP checksum of 0 means "none" and stays 0; a computed 0 becomes 0xFFFF. */
 		mangled = BPF_F_MARK_MANGLED_0;
 	} else {
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 
 	key.saddr = ip.saddr;
@@ -150,7 +151,7 @@ int lbnat_fastpath(struct __sk_buff *skb)
 	key.proto = ip.protocol;
 	v = bpf_map_lookup_elem(&lbnat_flows, &key);
 	if (!v)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 
 	/* ---- rewrite: from here on, an error drops the packet ---- */
 	if (bpf_skb_store_bytes(skb, IP_ADDRS_OFF, v->addresses, 8, 0) < 0 ||

@@ -35,6 +35,7 @@ KEY_SIZE = 16  # struct flow_key, lbnat/bpf/fastpath.bpf.c
 VALUE_SIZE = 64  # struct flow_value
 TC_HANDLE = 0x1B
 TC_PRIORITY = 0xB1
+TC_ACT_UNSPEC = -1  # "not mine": the next filter of the chain runs (another lbnat's), then on up
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
 TC_ACT_REDIRECT = 7
@@ -121,12 +122,12 @@ def _tc_hook(ifindex: int, attach_point: int = _BPF_TC_INGRESS) -> _TcHook:
     return _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex, attach_point=attach_point)
 
 
-def _tc_ours(prog_fd: int = 0, flags: int = 0) -> _TcOpts:
+def _tc_ours(prog_fd: int = 0, flags: int = 0, handle: int = TC_HANDLE) -> _TcOpts:
     return _TcOpts(
         sz=ctypes.sizeof(_TcOpts),
         prog_fd=prog_fd,
         flags=flags,
-        handle=TC_HANDLE,
+        handle=handle,
         priority=TC_PRIORITY,
     )
 
@@ -272,6 +273,7 @@ class TcProgram:
         self._prog_fd = prog_fd
         self._map_fd = map_fd
         self._attached: tuple[int, bool] | None = None  # (ifindex, clsact created by us)
+        self._handle = TC_HANDLE  # of the filter attached
 
     @classmethod
     def load(cls, path: Path, max_entries: int) -> TcProgram:
@@ -319,9 +321,11 @@ class TcProgram:
         """The ifindex the program is attached to, or None."""
         return None if self._attached is None else self._attached[0]
 
-    def attach(self, ifindex: int) -> None:
+    def attach(self, ifindex: int, handle: int = TC_HANDLE) -> None:
         """Attach to `ifindex`'s clsact ingress (creating clsact if absent), replacing a filter
-        with our handle and priority; moves the program if it was attached elsewhere."""
+        with this handle and our priority; moves the program if it was attached elsewhere.
+        Several lbnat on one interface (one address each) attach with handles of their own:
+        each program passes what is not its own on to the next (TC_ACT_UNSPEC)."""
         self._check_open()
         if self._attached is not None and self._attached[0] != ifindex:
             self.detach()
@@ -333,7 +337,7 @@ class TcProgram:
                     f"cannot add a clsact qdisc to ifindex {ifindex}: {_why(code, messages)}"
                 )
             created = code == 0 or (self._attached is not None and self._attached[1])
-            opts = _tc_ours(self._prog_fd, _BPF_TC_F_REPLACE)
+            opts = _tc_ours(self._prog_fd, _BPF_TC_F_REPLACE, handle)
             code = -int(self._lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts)))
             if code:
                 if created:
@@ -343,6 +347,7 @@ class TcProgram:
                     f"cannot attach {PROGRAM_NAME} to ifindex {ifindex}: {_why(code, messages)}"
                 )
         self._attached = (ifindex, created)
+        self._handle = handle
 
     def detach(self) -> None:
         """Remove our filter, and the clsact qdisc if we created it. Idempotent; a device that
@@ -353,7 +358,8 @@ class TcProgram:
         self._attached = None
         hook = _tc_hook(ifindex)
         with _capture() as messages:
-            code = -int(self._lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(_tc_ours())))
+            opts = _tc_ours(handle=self._handle)
+            code = -int(self._lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts)))
             if code and code not in _GONE:
                 raise OffloadUnavailable(
                     f"cannot detach {PROGRAM_NAME} from ifindex {ifindex}: {_why(code, messages)}"
@@ -389,7 +395,8 @@ class TcProgram:
         code = -int(self._lib.bpf_prog_test_run_opts(self._prog_fd, ctypes.byref(opts)))
         if code:
             raise OSError(code, f"BPF_PROG_TEST_RUN: {os.strerror(code)}")
-        return int(opts.retval), data_out.raw[: opts.data_size_out]
+        retval = ctypes.c_int32(opts.retval).value  # TC_ACT_UNSPEC is -1
+        return retval, data_out.raw[: opts.data_size_out]
 
     def close(self) -> None:
         """Detach, then close the object (its program and map fds). Idempotent. The map lives
@@ -418,13 +425,13 @@ class TcProgram:
         self.close()
 
 
-def detach_stale(ifindex: int) -> bool:
+def detach_stale(ifindex: int, handle: int = TC_HANDLE) -> bool:
     """Remove a filter with our handle and priority from `ifindex`'s clsact ingress (left by a
     killed lbnat); True if there was one. A clsact qdisc it left stays: it may not be ours."""
     lib = _libbpf()
     hook = _tc_hook(ifindex)
     with _capture() as messages:
-        code = -int(lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(_tc_ours())))
+        code = -int(lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(_tc_ours(handle=handle))))
         if code and code not in _GONE:
             raise OffloadUnavailable(
                 f"cannot remove a stale filter from ifindex {ifindex}: {_why(code, messages)}"

@@ -4,10 +4,10 @@ The program is loaded for real and run with BPF_PROG_TEST_RUN on scapy-built fra
 rewritten frame must equal, byte for byte, what lbnat.packet.rewrite makes of the same frame
 in Python (complete checksums, partial=False), with the deltas of lbnat.packet.rewrite_deltas,
 plus the entry's Ethernet header, and come back as TC_ACT_REDIRECT. Frames the program must
-not touch come back as TC_ACT_OK, unchanged, with the entry's counters unchanged. A hypothesis
-property does the same over random addresses, ports and payloads. Map entries are packed here
-by hand with struct, per the contract of issue 17 (the layouts in the program's source), not
-with lbnat.fastpath.
+not touch come back as TC_ACT_UNSPEC (-1: on to the next filter), unchanged, with the entry's
+counters unchanged. A hypothesis property does the same over random addresses, ports and
+payloads. Map entries are packed here by hand with struct, per the contract of issue 17 (the
+layouts in the program's source), not with lbnat.fastpath.
 
 Limits of BPF_PROG_TEST_RUN: it cannot mark an skb CHECKSUM_PARTIAL (its skbs are
 CHECKSUM_NONE), so the partial-checksum branch of the helpers is not exercised here, and it
@@ -416,7 +416,7 @@ def test_the_program_passes_up_what_is_not_an_offloaded_established_flow(
     for flow in case.flows:
         assert flows.put(flow.key(), flow.value())
     retval, out = program.test_run(case.raw)
-    assert retval == tcbpf.TC_ACT_OK
+    assert retval == tcbpf.TC_ACT_UNSPEC
     assert out.hex() == case.raw.hex()
     for flow in case.flows:
         assert counters(flows, flow).packets == 0
