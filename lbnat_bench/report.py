@@ -416,6 +416,16 @@ def markdown_goals(rows: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
+def _fallbacks(meta: Mapping[str, Any]) -> list[str]:
+    """A warning paragraph for each lbnat path that asked for the kernel fast path and ran
+    without it (it said why at start): its figures are the Python data plane's."""
+    return [
+        f"**{path_label(path)} ran without its kernel fast path**: {state}.\n"
+        for path, state in meta.get("offload", {}).items()
+        if state.startswith("no offload")
+    ]
+
+
 def markdown_report(results: Mapping[str, Any], charts: Sequence[str] = ()) -> str:
     """The whole docs/benchmarks/README.md: machine, table, goals, scale, charts."""
     meta = results["meta"]
@@ -446,6 +456,7 @@ def markdown_report(results: Mapping[str, Any], charts: Sequence[str] = ()) -> s
         "of it the kernel charges to the sending process depends on its IRQ-time accounting: "
         "compare these figures between the paths of one run, not across machines.",
         "",
+        *_fallbacks(meta),
         "## Goals (reported, never asserted)",
         "",
         markdown_goals(results.get("goals", [])),
@@ -532,6 +543,7 @@ def readme_block(results: Mapping[str, Any]) -> str:
         f"(`make bench`; medians of {meta['reps']} × {meta['seconds']:g} s; the full report, "
         f"JSON and charts are in [docs/benchmarks/](docs/benchmarks/README.md){others}).",
         "",
+        *_fallbacks(meta),
         markdown_table(results["summary"], paths, headline),
         "",
         markdown_goals(results.get("goals", [])),

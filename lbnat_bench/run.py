@@ -336,6 +336,16 @@ class Bed:
             if variant in self.lb_pid:
                 self.wait_lbnat(variant)
 
+    def offload(self, variant: str) -> str:
+        """Which data path an lbnat variant runs: "off" (asked for), "tc offload", or the
+        fallback lbnat printed at start ("no offload (why; ...)", said even with quiet logs)."""
+        options = LBNAT_VARIANTS[variant][1]
+        if "--offload" in options and options[options.index("--offload") + 1] == "off":
+            return "off"
+        log = (self.work / f"{variant}.log").read_text(errors="replace")
+        fallback = re.search(r"no offload \(.*\)", log)
+        return "tc offload" if fallback is None else fallback.group(0)
+
     def start_iperf_server(self) -> None:
         if self.iperf_server is not None:
             terminate([self.iperf_server])
@@ -662,12 +672,18 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
     t0 = time.monotonic()
     records: list[Record] = []
     profiles: list[str] = []
+    offload: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="lbnat-bench.") as tmp:
         bed = Bed(settings, Path(tmp))
         try:
             bed.up()
             print(f"bench: lab {bed.lab.prefix} up; {settings.reps} rep(s) x "
                   f"{settings.seconds:g} s; paths {', '.join(settings.paths)}", file=log)
+            offload = {v: bed.offload(v) for v in LBNAT_VARIANTS if v in bed.lb_pid}
+            for variant, state in offload.items():
+                if state.startswith("no offload"):
+                    print(f"bench: WARNING: {variant} runs without its kernel fast path: {state}"
+                          " (`make bpf` builds the program)", file=log)
             for rep in range(settings.reps):
                 for w_index, workload in enumerate(settings.workloads):
                     order = [p for p in settings.paths
@@ -701,6 +717,7 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
             "reps": settings.reps,
             "seconds": settings.seconds,
             "settings": asdict(settings),
+            "offload": offload,  # lbnat variant -> "tc offload", "off" or lbnat's fallback
         },
         "paths": settings.paths,
         "records": records,

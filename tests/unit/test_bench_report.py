@@ -413,6 +413,36 @@ def test_readme_block_shows_the_headline_ratios_and_says_where_the_others_are() 
     assert "README.md); the ratios of lbnat 1 worker too)." in text
 
 
+def test_a_fast_path_fallback_is_said_in_the_report_and_the_readme() -> None:
+    res = results(SUMMARY, [], [])
+    res["meta"]["offload"] = {"lbnat": "no offload (no fastpath.bpf.o)", "lbnat-1w": "off"}
+    warning = "**lbnat ran without its kernel fast path**: no offload (no fastpath.bpf.o).\n"
+    assert warning in report.markdown_report(res)
+    assert warning in report.readme_block(res)
+    res["meta"]["offload"] = {"lbnat": "tc offload", "lbnat-1w": "off"}
+    assert "kernel fast path" not in report.readme_block(res)
+
+
+@pytest.mark.parametrize(
+    ("variant", "log", "expected"),
+    [
+        ("lbnat", "srcIP : 198.18.0.2\n", "tc offload"),
+        ("lbnat", "data plane : 2 workers, mmap rings, no offload (no such file: "
+         "fastpath.bpf.o; --offload off to silence this)\n",
+         "no offload (no such file: fastpath.bpf.o; --offload off to silence this)"),
+        ("lbnat-python", "", "off"),
+        ("lbnat-socket", "", "off"),
+    ],
+)
+def test_bed_offload_reads_the_start_line(
+    tmp_path: Path, variant: str, log: str, expected: str
+) -> None:
+    from lbnat_bench import run
+
+    (tmp_path / f"{variant}.log").write_text(log)
+    assert run.Bed(run.Settings(), tmp_path).offload(variant) == expected
+
+
 def test_markdown_goals() -> None:
     text = report.markdown_goals([
         {"goal": "bulk 1 stream ≥ 2 × HAProxy", "value": 2.5, "met": True},
