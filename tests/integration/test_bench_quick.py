@@ -34,7 +34,7 @@ PATHS = ("direct", "lbnat", "lbnat-python", "lbnat-1w", "lbnat-socket", "haproxy
 def test_quick_benchmark_produces_every_result(tmp_path: Path) -> None:
     if (reason := skip_reason()) is not None:
         pytest.skip(reason)
-    require("iperf3", "wrk", "haproxy", "nginx")
+    require("iperf3", "wrk", "haproxy", "nginx", "nft")
     if not Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists():
         pytest.skip("needs nginx's stream module (libnginx-mod-stream)")
     out = tmp_path / "bench"
