@@ -36,7 +36,7 @@ soak:  ## 10 minutes of mixed traffic through lbnat, RSS sampled every 10 s (roo
 bench-core:  ## engine only: cost per packet and memory per session with 1,000,000 rows
 	$(PYTHON) -m lbnat_bench.scale --rows 1000000 --tracemalloc
 
-bench: deps  ## direct, lbnat, HAProxy, nginx stream side by side (< 10 min); docs/benchmarks/
+bench: deps  ## direct, lbnat (4 variants), HAProxy, nginx stream, nftables side by side (~13 min); docs/benchmarks/
 	$(PYTHON) -m lbnat_bench $(BENCH_ARGS)
 
 bench-quick: deps  ## the same, one short repetition (about a minute), into /tmp/lbnat-bench

@@ -17,8 +17,14 @@ import matplotlib.pyplot as plt
 
 from lbnat_bench.report import Record, Summary, path_label
 
-COLOURS = {"direct": "#7f7f7f", "haproxy": "#1f77b4", "nginx": "#2ca02c"}
+COLOURS = {"direct": "#7f7f7f", "haproxy": "#1f77b4", "nginx": "#2ca02c", "nftables": "#bcbd22"}
 LBNAT_COLOURS = ("#d62728", "#ff7f0e", "#9467bd", "#8c564b")
+
+
+def width(paths: Sequence[str], base: float, panels: int = 1) -> float:
+    """Figure width in inches: `base` up to six paths, wider with more (per panel of bars), so
+    the medians written above the bars stay apart."""
+    return base + 0.6 * panels * max(0, len(paths) - 6)
 
 
 def colour(path: str, paths: Sequence[str]) -> str:
@@ -108,7 +114,7 @@ def draw_all(results: Mapping[str, Any], out_dir: Path) -> list[str]:
         if not any(summary.get(w, {}).get(p, {}).get(k) is not None
                    for w, k, _ in groups for p in paths):
             return
-        fig, ax = plt.subplots(figsize=(8, 4.2))
+        fig, ax = plt.subplots(figsize=(width(paths, 8), 4.2))
         _bars(ax, summary, records, paths, groups, ylabel)
         ax.set_title(f"{heading} ({title})", fontsize=10)
         _save(fig, out_dir / name)
@@ -135,7 +141,7 @@ def draw_all(results: Mapping[str, Any], out_dir: Path) -> list[str]:
     if any(summary.get(w, {}).get(p, {}).get(k) is not None
            for groups, _ in latency for w, k, _ in groups for p in paths):
         # two panels, each on its own scale: saturation latencies dwarf the fixed-rate ones
-        fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+        fig, axes = plt.subplots(1, 2, figsize=(width(paths, 9, panels=2), 4.2))
         for ax, (groups, heading) in zip(axes, latency, strict=True):
             _bars(ax, summary, records, paths, groups, "ms (lower is better)")
             ax.set_title(heading, fontsize=9)

@@ -164,12 +164,20 @@ METRICS: tuple[Metric, ...] = (
 
 PATH_LABELS = {
     "direct": "direct",
-    "lbnat": "lbnat",  # the defaults: one worker per core, rings
+    "lbnat": "lbnat",  # the defaults: one worker per core, rings, the kernel fast path
+    "lbnat-python": "lbnat, Python only",  # the same without the fast path (--offload off)
     "lbnat-1w": "lbnat 1 worker",
     "lbnat-socket": "lbnat 1 worker, no rings",
     "haproxy": "HAProxy",
     "nginx": "nginx stream",
+    "nftables": "nftables",  # the kernel's own NAT: DNAT + SNAT, conntrack, no process
 }
+
+PEERS = ("direct", "nftables", "haproxy")
+"""what each lbnat path is divided by, in this order; nftables only in runs that have it"""
+
+HEADLINE = ("lbnat", "lbnat-python")
+"""the lbnat paths whose ratios the README's table shows (the full report shows them all)"""
 
 
 def path_label(path: str) -> str:
@@ -336,13 +344,30 @@ def _rows_label(rows: int) -> str:
     return str(rows)
 
 
-def markdown_table(summary: Summary, paths: Sequence[str]) -> str:
-    """Medians per metric and path, then each lbnat path's ratio to direct and to HAProxy
-    (for latencies and CPU, lower is better; the arrow in the first column says which)."""
+def ratio_peers(paths: Sequence[str]) -> list[str]:
+    """The peers of the ratio columns: direct and HAProxy always (as in every earlier run),
+    nftables between them when the run has it."""
+    return [p for p in PEERS if p != "nftables" or p in paths]
+
+
+def headline_paths(paths: Sequence[str]) -> list[str]:
+    """The lbnat paths of HEADLINE that the run has, or every lbnat path if it has none."""
     lbnats = [p for p in paths if is_lbnat(p)]
+    return [p for p in lbnats if p in HEADLINE] or lbnats
+
+
+def markdown_table(
+    summary: Summary, paths: Sequence[str], ratio_paths: Sequence[str] | None = None
+) -> str:
+    """Medians per metric and path, then each lbnat path's ratio to direct, to nftables (when
+    the run has it) and to HAProxy (for latencies and CPU, lower is better; the arrow in the
+    first column says which). `ratio_paths`: the lbnat paths with ratio columns (default:
+    every one)."""
+    lbnats = [p for p in paths if is_lbnat(p)] if ratio_paths is None else list(ratio_paths)
+    peers = ratio_peers(paths)
     head = ["metric", *(path_label(p) for p in paths)]
     for p in lbnats:
-        head += [f"{path_label(p)} ÷ direct", f"{path_label(p)} ÷ HAProxy"]
+        head += [f"{path_label(p)} ÷ {path_label(peer)}" for peer in peers]
     lines = [
         "| " + " | ".join(head) + " |",
         "|---" + "|---:" * (len(head) - 1) + "|",
@@ -356,7 +381,7 @@ def markdown_table(summary: Summary, paths: Sequence[str]) -> str:
         for p in paths:
             cells.append(_fmt(paths_seen.get(p, {}).get(metric.key), metric.digits))
         for p in lbnats:
-            for peer in ("direct", "haproxy"):
+            for peer in peers:
                 if metric.key.startswith("added_") or not metric.ratios:
                     cells.append("")
                     continue
@@ -391,6 +416,16 @@ def markdown_goals(rows: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
+def _fallbacks(meta: Mapping[str, Any]) -> list[str]:
+    """A warning paragraph for each lbnat path that asked for the kernel fast path and ran
+    without it (it said why at start): its figures are the Python data plane's."""
+    return [
+        f"**{path_label(path)} ran without its kernel fast path**: {state}.\n"
+        for path, state in meta.get("offload", {}).items()
+        if state.startswith("no offload")
+    ]
+
+
 def markdown_report(results: Mapping[str, Any], charts: Sequence[str] = ()) -> str:
     """The whole docs/benchmarks/README.md: machine, table, goals, scale, charts."""
     meta = results["meta"]
@@ -410,12 +445,18 @@ def markdown_report(results: Mapping[str, Any], charts: Sequence[str] = ()) -> s
         markdown_table(summary, paths),
         "",
         "HAProxy has no UDP (the UDP rows show it as –). \"Added p99\" is the path's p99 minus "
-        "direct's. CPU is the load balancer's processes' user + system time during the run "
+        "direct's. nftables is the kernel's own NAT load balancer on the same host (DNAT to a "
+        "backend picked by a jhash of the client's address and port, SNAT to its address, "
+        "conntrack): no process, so no CPU figure; it is what a NAT load balancer can do on "
+        "this machine. \"lbnat\" runs with its defaults (the kernel fast path where it can); "
+        "\"lbnat, Python only\" and the 1-worker variants run with `--offload off`. "
+        "CPU is the load balancer's processes' user + system time during the run "
         "(/proc/PID/stat), per GB received or per 1,000 connections. With veth, part of the "
         "receiving namespace's network stack runs inside the sender's send call, and how much "
         "of it the kernel charges to the sending process depends on its IRQ-time accounting: "
         "compare these figures between the paths of one run, not across machines.",
         "",
+        *_fallbacks(meta),
         "## Goals (reported, never asserted)",
         "",
         markdown_goals(results.get("goals", [])),
@@ -493,12 +534,17 @@ def profile_summary(collapsed: str, workload: str, top: int = 12) -> str:
 def readme_block(results: Mapping[str, Any]) -> str:
     """What the top-level README shows of a full run: the table, the goals, two charts."""
     meta = results["meta"]
+    paths = results["paths"]
+    headline = headline_paths(paths)
+    rest = [path_label(p) for p in paths if is_lbnat(p) and p not in headline]
+    others = f"; the ratios of {', '.join(rest)} too" if rest else ""
     return "\n".join([
         f"Measured {meta['started']} on {meta['cpus']} CPUs, kernel {meta['kernel']} "
         f"(`make bench`; medians of {meta['reps']} × {meta['seconds']:g} s; the full report, "
-        "JSON and charts are in [docs/benchmarks/](docs/benchmarks/README.md)).",
+        f"JSON and charts are in [docs/benchmarks/](docs/benchmarks/README.md){others}).",
         "",
-        markdown_table(results["summary"], results["paths"]),
+        *_fallbacks(meta),
+        markdown_table(results["summary"], paths, headline),
         "",
         markdown_goals(results.get("goals", [])),
         "",

@@ -8,6 +8,11 @@ Topology (scripts/lab.sh with one backend; every host a network namespace on one
     c1 ──► lb 198.18.0.2 :5201 tcp+udp, :80   lbnat ─────────────────► b1  lbnat
     c1 ──► lb 198.18.0.2 :8201, :8080         HAProxy (mode tcp) ────► b1  haproxy
     c1 ──► lb 198.18.0.2 :9201 tcp+udp, :9080 nginx stream ──────────► b1  nginx
+    c1 ──► lb 198.18.0.5 :5201 tcp+udp, :80   nftables DNAT+SNAT ────► b1  nftables
+
+The lbnat variants sit on addresses of their own (198.18.0.2-4, 6), and so does the nftables
+path: the kernel's own NAT (conntrack, a jhash over a backend map), no process in the way,
+the physical limit of a NAT load balancer on this machine (lbnat_bench/nftlb.py).
 
 All load balancers run at once (idle ones cost nothing measurable); each workload runs through
 each path in turn, the order rotating every repetition so slow drift in the machine does not
@@ -45,8 +50,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from lbnat_bench import report
-from lbnat_bench.report import Record
+from lbnat_bench import nftlb, report
+from lbnat_bench.report import Record, is_lbnat
 from lbnat_lab.netns import REPO, Lab, LabError, checkout_env, terminate
 
 DEFAULT_OUT = REPO / "docs" / "benchmarks"
@@ -78,16 +83,23 @@ class PathSpec:
 # lbnat's data-plane variants (#8), each on an address of its own on the LB's interface so
 # all of them run side by side (an lbnat instance owns its address's NAT ports and guard).
 LBNAT_VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "lbnat": (LB_IP, []),  # the defaults: one worker per core, mmap'ed rings
-    "lbnat-1w": ("198.18.0.3", ["--workers", "1"]),  # one worker (loop in the main process)
-    "lbnat-socket": ("198.18.0.4", ["--workers", "1", "--io", "socket"]),  # a syscall a packet
+    "lbnat": (LB_IP, []),  # the defaults: one worker per core, mmap'ed rings, --offload auto
+    # the pure-Python data plane: the same as "lbnat" without the kernel fast path (#17)
+    "lbnat-python": ("198.18.0.6", ["--offload", "off"]),
+    # the Python loop's I/O variants, measured without the fast path too
+    "lbnat-1w": ("198.18.0.3", ["--workers", "1", "--offload", "off"]),  # one worker
+    "lbnat-socket": ("198.18.0.4",  # a syscall per packet
+                     ["--workers", "1", "--io", "socket", "--offload", "off"]),
 }
+NFT_IP = "198.18.0.5"
+"""the nftables path's address: its own, so its rules never see another path's packets"""
 
 PATHS: dict[str, PathSpec] = {
     "direct": PathSpec("direct", BACKEND_IP, IPERF_PORT, HTTP_PORT),
     **{name: PathSpec(name, ip, IPERF_PORT, HTTP_PORT) for name, (ip, _) in LBNAT_VARIANTS.items()},
     "haproxy": PathSpec("haproxy", LB_IP, 8201, 8080, udp=False),  # HAProxy has no UDP
     "nginx": PathSpec("nginx", LB_IP, 9201, 9080),
+    "nftables": PathSpec("nftables", NFT_IP, IPERF_PORT, HTTP_PORT),
 }
 
 
@@ -252,6 +264,15 @@ def lbnat_conf(work: Path, nat_ports: str, variant: str = "lbnat") -> dict[str, 
     }
 
 
+def nft_services() -> list[nftlb.Service]:
+    """The nftables path's services: the same three as lbnat's, each port to itself."""
+    return [
+        nftlb.Service("iperf_tcp", "tcp", IPERF_PORT, ((BACKEND_IP, IPERF_PORT),)),
+        nftlb.Service("iperf_udp", "udp", IPERF_PORT, ((BACKEND_IP, IPERF_PORT),)),
+        nftlb.Service("http", "tcp", HTTP_PORT, ((BACKEND_IP, HTTP_PORT),)),
+    ]
+
+
 # --- the bed: lab + servers + load balancers --------------------------------------------------
 
 
@@ -264,6 +285,7 @@ class Bed:
         self.cpus = os.cpu_count() or 1
         self.lb_pid: dict[str, int] = {}
         self.iperf_server: subprocess.Popen[bytes] | None = None
+        self.nft_table: str | None = None  # the nftables path's table, while it may be there
 
     @property
     def lab(self) -> Lab:
@@ -302,6 +324,8 @@ class Bed:
             proc = self.start("lb", variant, [
                 sys.executable, "-m", "lbnat.cli", "run", "--config", str(conf), *options])
             self.lb_pid[variant] = proc.pid
+        if "nftables" in self.settings.paths:
+            self.nft_up()
         self.wait_listening(BACKEND, HTTP_PORT)
         self.wait_listening(BACKEND, IPERF_PORT)
         for path in ("haproxy", "nginx"):
@@ -311,6 +335,16 @@ class Bed:
         for variant in LBNAT_VARIANTS:
             if variant in self.lb_pid:
                 self.wait_lbnat(variant)
+
+    def offload(self, variant: str) -> str:
+        """Which data path an lbnat variant runs: "off" (asked for), "tc offload", or the
+        fallback lbnat printed at start ("no offload (why; ...)", said even with quiet logs)."""
+        options = LBNAT_VARIANTS[variant][1]
+        if "--offload" in options and options[options.index("--offload") + 1] == "off":
+            return "off"
+        log = (self.work / f"{variant}.log").read_text(errors="replace")
+        fallback = re.search(r"no offload \(.*\)", log)
+        return "tc offload" if fallback is None else fallback.group(0)
 
     def start_iperf_server(self) -> None:
         if self.iperf_server is not None:
@@ -338,8 +372,31 @@ class Bed:
             time.sleep(0.2)
         raise BenchError(f"lbnat did not become ready in {timeout} s: {last[-300:]}")
 
+    def nft_up(self) -> None:
+        """The nftables path: its address on the LB's interface, forwarding on (the kernel
+        forwards the DNATed packets; no ICMP redirects to the client, which would tell it the
+        backend is one hop away), then its table."""
+        self.nft_table = nftlb.table_name(NFT_IP)  # from here on, down() removes it
+        self.run("lb", ["ip", "addr", "add", f"{NFT_IP}/24", "dev", "eth0"], timeout=10)
+        self.sysctl("lb", "net.ipv4.ip_forward=1")
+        for dev in ("all", "eth0"):
+            self.sysctl("lb", f"net.ipv4.conf.{dev}.send_redirects=0")
+        script = self.work / "nftables.nft"
+        script.write_text(nftlb.ruleset(NFT_IP, nft_services()))
+        self.run("lb", ["nft", "-f", str(script)], timeout=10)
+
+    def nft_down(self) -> None:
+        """Remove the nftables path's table (quietly: it runs in a finally, even after a
+        failed start; the namespace goes right after)."""
+        if self.nft_table is None or self._lab is None:
+            return
+        with contextlib.suppress(BenchError, OSError):
+            self.run("lb", ["nft", "-f", "-"], timeout=10, stdin=nftlb.delete_script(NFT_IP))
+        self.nft_table = None
+
     def down(self) -> None:
         """Stop every process by pid, take the namespaces down; quietly (it runs in a finally)."""
+        self.nft_down()
         if self._lab is not None:
             with contextlib.suppress(LabError):
                 self._lab.close()
@@ -366,10 +423,11 @@ class Bed:
                 log = (self.work / f"{name}.log").read_text(errors="replace").strip()
                 raise BenchError(f"{name} exited {proc.returncode}: {log[-500:]}")
 
-    def run(self, host: str, argv: Sequence[str], timeout: float) -> str:
+    def run(self, host: str, argv: Sequence[str], timeout: float, stdin: str | None = None) -> str:
         """Run a client in `host` to completion; its stdout (stderr appended on failure)."""
         try:
-            done = self.lab.run(host, *argv, check=False, timeout=timeout, start_new_session=True)
+            done = self.lab.run(host, *argv, check=False, timeout=timeout, start_new_session=True,
+                                input=stdin)
         except subprocess.TimeoutExpired:
             raise BenchError(f"{argv[0]} did not finish in {timeout:.0f} s") from None
         if done.returncode != 0:
@@ -591,6 +649,8 @@ def preflight(settings: Settings) -> None:
     if os.geteuid() != 0:
         raise BenchError("run as root: the benchmark builds network namespaces")
     needed = {"ip": "iproute2", "iperf3": "iperf3", "wrk": "wrk", "ss": "iproute2"}
+    if "nftables" in settings.paths or any(is_lbnat(p) for p in settings.paths):
+        needed["nft"] = "nftables"
     if "haproxy" in settings.paths:
         needed["haproxy"] = "haproxy"
     if "nginx" in settings.paths or "direct" in settings.paths:
@@ -612,12 +672,18 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
     t0 = time.monotonic()
     records: list[Record] = []
     profiles: list[str] = []
+    offload: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="lbnat-bench.") as tmp:
         bed = Bed(settings, Path(tmp))
         try:
             bed.up()
             print(f"bench: lab {bed.lab.prefix} up; {settings.reps} rep(s) x "
                   f"{settings.seconds:g} s; paths {', '.join(settings.paths)}", file=log)
+            offload = {v: bed.offload(v) for v in LBNAT_VARIANTS if v in bed.lb_pid}
+            for variant, state in offload.items():
+                if state.startswith("no offload"):
+                    print(f"bench: WARNING: {variant} runs without its kernel fast path: {state}"
+                          " (`make bpf` builds the program)", file=log)
             for rep in range(settings.reps):
                 for w_index, workload in enumerate(settings.workloads):
                     order = [p for p in settings.paths
@@ -651,6 +717,7 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
             "reps": settings.reps,
             "seconds": settings.seconds,
             "settings": asdict(settings),
+            "offload": offload,  # lbnat variant -> "tc offload", "off" or lbnat's fallback
         },
         "paths": settings.paths,
         "records": records,
@@ -705,7 +772,8 @@ def redraw(out: Path, readme: bool) -> int:
 def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
     parser = argparse.ArgumentParser(
         prog="python -m lbnat_bench",
-        description="lbnat against direct, HAProxy and nginx stream in a netns lab (root). "
+        description="lbnat against direct, HAProxy, nginx stream and nftables NAT in a netns "
+        "lab (root). "
         "Example: sudo python -m lbnat_bench --quick --out /tmp/bench",
     )
     parser.add_argument("--quick", action="store_true",

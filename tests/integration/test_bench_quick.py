@@ -27,13 +27,14 @@ PRIMARY = {  # workload -> the figure every path must have produced
     "udp_low": "pps",
     "udp_high": "pps",
 }
-PATHS = ("direct", "lbnat", "lbnat-1w", "lbnat-socket", "haproxy", "nginx")
+PATHS = ("direct", "lbnat", "lbnat-python", "lbnat-1w", "lbnat-socket", "haproxy", "nginx",
+         "nftables")
 
 
 def test_quick_benchmark_produces_every_result(tmp_path: Path) -> None:
     if (reason := skip_reason()) is not None:
         pytest.skip(reason)
-    require("iperf3", "wrk", "haproxy", "nginx")
+    require("iperf3", "wrk", "haproxy", "nginx", "nft")
     if not Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists():
         pytest.skip("needs nginx's stream module (libnginx-mod-stream)")
     out = tmp_path / "bench"
@@ -55,7 +56,7 @@ def test_quick_benchmark_produces_every_result(tmp_path: Path) -> None:
                 continue
             record = seen[(workload, path)]
             assert record[key] > 0, (workload, path, record)
-            if path != "direct":
+            if path not in ("direct", "nftables"):  # nftables: no process to measure
                 assert record["lb_cpu_s"] >= 0, (workload, path, record)
     assert [r["rows"] for r in results["scale"]] == [10_000, 100_000]
     for row in results["scale"]:
@@ -63,8 +64,11 @@ def test_quick_benchmark_produces_every_result(tmp_path: Path) -> None:
 
     readme = (out / "README.md").read_text()
     assert (
-        "| metric | direct | lbnat | lbnat 1 worker | lbnat 1 worker, no rings | HAProxy "
-        "| nginx stream |" in readme
+        "| metric | direct | lbnat | lbnat, Python only | lbnat 1 worker "
+        "| lbnat 1 worker, no rings | HAProxy | nginx stream | nftables |" in readme
+    )
+    assert (
+        "| lbnat ÷ direct | lbnat ÷ nftables | lbnat ÷ HAProxy |" in readme
     )
     charts = sorted(p.name for p in out.glob("*.png"))
     assert charts == ["bulk.png", "cpu.png", "latency.png", "requests.png", "scale.png", "udp.png"]

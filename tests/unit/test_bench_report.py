@@ -358,6 +358,91 @@ def test_markdown_table_one_ratio_pair_per_lbnat_path() -> None:
                          "| lbnat-pypy ÷ direct | lbnat-pypy ÷ HAProxy |")
 
 
+NFT_SUMMARY: Summary = {
+    "bulk_1": {"direct": {"gbit_s": 20.0}, "lbnat": {"gbit_s": 16.0, "cpu_s_per_gb": 0.1},
+               "lbnat-python": {"gbit_s": 8.0, "cpu_s_per_gb": 0.8},
+               "lbnat-1w": {"gbit_s": 7.0}, "haproxy": {"gbit_s": 5.0},
+               "nftables": {"gbit_s": 18.0}},
+    "udp_high": {"lbnat": {"pps": 90000.0, "loss_pct": 1.0},
+                 "nftables": {"pps": 100000.0, "loss_pct": 0.5}},
+}
+NFT_PATHS = ["direct", "lbnat", "lbnat-python", "lbnat-1w", "haproxy", "nftables"]
+
+
+def test_markdown_table_divides_by_nftables_when_the_run_has_it() -> None:
+    lines = report.markdown_table(NFT_SUMMARY, NFT_PATHS, ["lbnat", "lbnat-python"]).splitlines()
+    assert lines[0] == (
+        "| metric | direct | lbnat | lbnat, Python only | lbnat 1 worker | HAProxy | nftables "
+        "| lbnat ÷ direct | lbnat ÷ nftables | lbnat ÷ HAProxy "
+        "| lbnat, Python only ÷ direct | lbnat, Python only ÷ nftables "
+        "| lbnat, Python only ÷ HAProxy |"
+    )
+    assert ("| bulk TCP, 1 stream (Gbit/s) ↑ | 20.00 | 16.00 | 8.00 | 7.00 | 5.00 | 18.00 "
+            "| 0.80 × | 0.89 × | 3.20 × | 0.40 × | 0.44 × | 1.60 × |") in lines
+    # no CPU figure for nftables (no process), no HAProxy over UDP: no ratio
+    assert ("| LB CPU per GB (1 stream) (CPU s) ↓ | – | 0.10 | 0.80 | – | – | – "
+            "| – | – | – | – | – | – |") in lines
+    assert ("| UDP delivered, high offered rate (pps) ↑ | – | 90,000 | – | – | – | 100,000 "
+            "| – | 0.90 × | – | – | – | – |") in lines
+    assert ("| UDP loss, high offered rate (%) ↓ | – | 1.00 | – | – | – | 0.50 "
+            "|  |  |  |  |  |  |") in lines
+
+
+@pytest.mark.parametrize(
+    ("paths", "peers", "headline"),
+    [
+        (PATHS, ["direct", "haproxy"], ["lbnat"]),  # an earlier run: its columns unchanged
+        (NFT_PATHS, ["direct", "nftables", "haproxy"], ["lbnat", "lbnat-python"]),
+        (["direct", "nftables", "haproxy"], ["direct", "nftables", "haproxy"], []),
+        (["lbnat-1w", "lbnat-socket", "nginx"], ["direct", "haproxy"],
+         ["lbnat-1w", "lbnat-socket"]),  # no headline path: every lbnat path
+    ],
+)
+def test_ratio_peers_and_headline_paths(
+    paths: list[str], peers: list[str], headline: list[str]
+) -> None:
+    assert report.ratio_peers(paths) == peers
+    assert report.headline_paths(paths) == headline
+
+
+def test_readme_block_shows_the_headline_ratios_and_says_where_the_others_are() -> None:
+    res = {**results(NFT_SUMMARY, [], []), "paths": NFT_PATHS}
+    text = report.readme_block(res)
+    assert report.markdown_table(NFT_SUMMARY, NFT_PATHS, ["lbnat", "lbnat-python"]) in text
+    assert "lbnat 1 worker ÷" not in text
+    assert "README.md); the ratios of lbnat 1 worker too)." in text
+
+
+def test_a_fast_path_fallback_is_said_in_the_report_and_the_readme() -> None:
+    res = results(SUMMARY, [], [])
+    res["meta"]["offload"] = {"lbnat": "no offload (no fastpath.bpf.o)", "lbnat-1w": "off"}
+    warning = "**lbnat ran without its kernel fast path**: no offload (no fastpath.bpf.o).\n"
+    assert warning in report.markdown_report(res)
+    assert warning in report.readme_block(res)
+    res["meta"]["offload"] = {"lbnat": "tc offload", "lbnat-1w": "off"}
+    assert "kernel fast path" not in report.readme_block(res)
+
+
+@pytest.mark.parametrize(
+    ("variant", "log", "expected"),
+    [
+        ("lbnat", "srcIP : 198.18.0.2\n", "tc offload"),
+        ("lbnat", "data plane : 2 workers, mmap rings, no offload (no such file: "
+         "fastpath.bpf.o; --offload off to silence this)\n",
+         "no offload (no such file: fastpath.bpf.o; --offload off to silence this)"),
+        ("lbnat-python", "", "off"),
+        ("lbnat-socket", "", "off"),
+    ],
+)
+def test_bed_offload_reads_the_start_line(
+    tmp_path: Path, variant: str, log: str, expected: str
+) -> None:
+    from lbnat_bench import run
+
+    (tmp_path / f"{variant}.log").write_text(log)
+    assert run.Bed(run.Settings(), tmp_path).offload(variant) == expected
+
+
 def test_markdown_goals() -> None:
     text = report.markdown_goals([
         {"goal": "bulk 1 stream ≥ 2 × HAProxy", "value": 2.5, "met": True},
@@ -473,6 +558,15 @@ def test_charts_draw_all_writes_pngs(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     for name in names:
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_charts_every_path_has_its_own_colour() -> None:
+    pytest.importorskip("matplotlib")
+    from lbnat_bench import charts, run
+
+    paths = list(run.PATHS)
+    assert len({charts.colour(p, paths) for p in paths}) == len(paths)
+    assert charts.width(PATHS, 8) == 8 and charts.width(paths, 9, panels=2) > 9
 
 
 def test_update_readme_replaces_only_the_marked_block(tmp_path: Path) -> None:
