@@ -91,9 +91,12 @@ union l4hdr {
 SEC("tc")
 int lbnat_fastpath(struct __sk_buff *skb)
 {
-	struct ethhdr eth;
-	struct iphdr ip;
-	union l4hdr l4h;
+	/* Zeroed: without CAP_PERFMON (CAP_BPF + CAP_NET_ADMIN only, as the systemd unit gives)
+	 * the verifier refuses any read of stack bytes not written first, and it cannot tell that
+	 * the flags byte read after the lookup was loaded on the TCP path. */
+	struct ethhdr eth = {};
+	struct iphdr ip = {};
+	union l4hdr l4h = {};
 	struct flow_key key = {};
 	struct flow_value *v;
 	__u32 ihl, l4, total, l4_len, csum_off, mangled;

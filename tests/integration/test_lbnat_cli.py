@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     Bed,
     console_script,
     require,
+    variant_id,
 )
 
 pytestmark = pytest.mark.netns
@@ -116,8 +117,10 @@ def test_nobody_with_net_raw_and_net_admin_balances(bed: Bed) -> None:
     sockets = Path(tempfile.mkdtemp(prefix="lbnat-nobody-"))  # /tmp: nobody can reach it
     try:
         os.chown(sockets, 65534, 65534)
+        # the kernel fast path (LBNAT_OFFLOAD=tc in this variant) needs CAP_BPF too
+        caps = ("net_raw", "net_admin", *(("bpf",) if offload_asked() == "tc" else ()))
         argv = [
-            *as_nobody(bed, ("net_raw", "net_admin")), console_script("lbnat"), "run",
+            *as_nobody(bed, caps), console_script("lbnat"), "run",
             LB_IP, B1, str(BACKEND_PORT), B2, str(BACKEND_PORT),
             "--admin-socket", str(sockets / "admin.sock"),
         ]  # fmt: skip
@@ -133,6 +136,39 @@ def test_nobody_with_net_raw_and_net_admin_balances(bed: Bed) -> None:
         assert bed.stop(lb) == 0
         assert LBNAT_TABLE not in bed.nft_tables()
         assert bed.read_file("lb", RESERVED_PORTS) == before
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def offload_asked() -> str:
+    return os.environ.get("LBNAT_OFFLOAD", "auto")
+
+
+@pytest.mark.parametrize("bed", [(1, "tc")], indirect=True, ids=variant_id)
+def test_nobody_without_cap_bpf_runs_the_python_path_and_says_so(bed: Bed) -> None:
+    """--offload auto as nobody with CAP_NET_RAW and CAP_NET_ADMIN only: the program cannot
+    be loaded, lbnat says why in its data-plane line and balances on the Python path; --offload
+    tc refuses to start, naming what is missing."""
+    bed.chat_server("b1")
+    sockets = Path(tempfile.mkdtemp(prefix="lbnat-nobody-"))
+    try:
+        os.chown(sockets, 65534, 65534)
+        nobody = as_nobody(bed, ("net_raw", "net_admin"))
+        base = [console_script("lbnat"), "run", LB_IP, B1, str(BACKEND_PORT),
+                "--admin-socket", str(sockets / "admin.sock")]  # fmt: skip
+        refused = bed.lab.run("lb", *nobody, *base, "--offload", "tc", check=False)
+        assert refused.returncode != 0
+        assert "--offload tc: " in refused.stderr and "CAP_BPF" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+        lb = bed.start("lb", *nobody, *base, "--offload", "auto", name="lbnat as nobody")
+        bed.wait_ready(lb, ("b1",))
+        line = lb.expect("data plane : ")
+        assert "no offload (" in line and "CAP_BPF" in line, line
+        alice, server = bed.chat_client("c1", "alice")
+        assert server == "b1"
+        alice.send_line("hello on the python path")
+        alice.expect("[alice] hello on the python path")
+        assert bed.stop(lb) == 0
     finally:
         shutil.rmtree(sockets, ignore_errors=True)
 
