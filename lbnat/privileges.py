@@ -6,15 +6,22 @@ lbnat needs two, not root as such:
   SO_RCVBUFFORCE/SO_SNDBUFFORCE, PACKET_FANOUT and net.ipv4.ip_local_reserved_ports (the
   kernel lets a holder of CAP_NET_ADMIN write the net.* sysctls of its namespace as root can).
 
-So root works, and so does any user that holds both, such as the systemd unit's service
-(scripts/systemd/lbnat.service, AmbientCapabilities=). The check reads the effective set from
+The kernel fast path (`--offload`, lbnat.dataplane.offload) wants CAP_BPF as well; without it
+`auto` runs the Python path and says why. So root works, and so does any user that holds
+both, such as the systemd unit's service (scripts/systemd/lbnat.service,
+AmbientCapabilities=). The check reads the effective set from
 /proc/self/status rather than trying an operation, so the error can name what is missing.
 """
 
 from __future__ import annotations
 
 # include/uapi/linux/capability.h
-CAPABILITY_BITS = {"CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13}
+CAPABILITY_BITS = {
+    "CAP_NET_BIND_SERVICE": 10,
+    "CAP_NET_ADMIN": 12,
+    "CAP_NET_RAW": 13,
+    "CAP_BPF": 39,  # not required: the kernel fast path's (--offload), which says when it lacks it
+}
 REQUIRED = ("CAP_NET_RAW", "CAP_NET_ADMIN")
 
 

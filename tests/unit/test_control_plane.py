@@ -400,6 +400,8 @@ def test_status_is_built_from_the_given_counters() -> None:
         "rows": 4,
         "open_flows": 3,
         "table": {"half_open": 1, "evicted": 7, "ports_reclaimed": 5, "pressure_spells": 1},
+        "offload": {"rows": 2, "offloaded": 3, "withdrawn": 1, "refused": 0, "packets": 70,
+                    "bytes": 7000},
         "packets": 99,
         "drops": {"no_session": 2},
         "services": {
@@ -424,6 +426,8 @@ def test_status_is_built_from_the_given_counters() -> None:
         "rows": 4,
         "open_flows": 3,
         "table": {"half_open": 1, "evicted": 7, "ports_reclaimed": 5, "pressure_spells": 1},
+        "offload": {"rows": 2, "offloaded": 3, "withdrawn": 1, "refused": 0, "packets": 70,
+                    "bytes": 7000},
         "drops": {"no_session": 2},
     }
     assert b1 == {
