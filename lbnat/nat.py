@@ -400,6 +400,8 @@ class KernelRows(Protocol):
 
     def refresh(self, s: Session) -> None: ...
 
+    def settle(self, now: float) -> None: ...
+
 
 class RowSink(Protocol):
     """Hears of a row's changes that outlive a worker (lbnat.checkpoint.RowCheckpoint)."""
@@ -758,6 +760,8 @@ class SessionTable:
         ended: list[Ended] = []
         timeout_of = self.timeout_of
         kernel = self.kernel
+        if kernel is not None:
+            kernel.settle(now)  # rows established long enough enter the kernel
         for s in self.expiry.pop_due(now):
             if kernel is not None:
                 kernel.refresh(s)  # a row in the kernel was last seen there

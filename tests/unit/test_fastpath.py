@@ -15,6 +15,7 @@ from lbnat.fastpath import (
     KERNEL_PART,
     KERNEL_PART_AT,
     KEY,
+    OFFLOAD_AFTER,
     VALUE,
     FastPath,
     SimulatedMap,
@@ -69,6 +70,7 @@ def established(lab: EngineHarness, port: int = 40000) -> Flow:
     flow.synack()
     flow.ack()
     assert flow.state is State.ESTABLISHED
+    lab.advance(OFFLOAD_AFTER)  # the next tick after it: into the kernel
     return flow
 
 
@@ -97,8 +99,63 @@ def test_a_tcp_row_enters_the_kernel_once_established_not_before() -> None:
     flow.synack()
     assert kernel.entries == {}  # SYN_RECV
     flow.ack()
+    assert kernel.entries == {}  # ESTABLISHED, for less than OFFLOAD_AFTER
+    lab.advance(OFFLOAD_AFTER / 2)
+    assert kernel.entries == {}
+    lab.advance(OFFLOAD_AFTER / 2)
     assert set(kernel.entries) == {fwd_key(flow), rev_key(flow)}
     assert flow.session in fastpath and fastpath.offloaded == 1
+
+
+class CountingMap(SimulatedMap):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def put(self, key: bytes, value: bytes) -> bool:
+        self.calls += 1
+        return super().put(key, value)
+
+    def get(self, key: bytes) -> bytes | None:
+        self.calls += 1
+        return super().get(key)
+
+    def delete(self, key: bytes) -> None:
+        self.calls += 1
+        super().delete(key)
+
+
+def test_a_short_flow_never_touches_the_kernel() -> None:
+    """An HTTP request with Connection: close, over within OFFLOAD_AFTER: no map call at all
+    (what offloading it would cost is more than its Python path)."""
+    lab = EngineHarness()
+    kernel = CountingMap()
+    fastpath = FastPath(kernel, ethernet, IFINDEX)
+    lab.table.kernel = fastpath
+    flow = lab.flow(CLIENT1, 40000)
+    flow.syn()
+    flow.synack()
+    flow.ack()
+    lab.advance(OFFLOAD_AFTER / 10)
+    flow.data_c(80)
+    flow.data_s(500)
+    flow.fin_s()
+    flow.fin_c()
+    lab.advance(OFFLOAD_AFTER)
+    assert flow.state is State.TIME_WAIT
+    assert kernel.calls == 0 and fastpath.offloaded == 0 and not fastpath.waiting
+
+
+def test_leaving_the_kernel_reads_it_once() -> None:
+    """A FIN: the tracker reads the row's two entries, the withdrawal deletes them without
+    reading them again (two lookups, two deletes)."""
+    lab = EngineHarness()
+    kernel = CountingMap()
+    lab.table.kernel = FastPath(kernel, ethernet, IFINDEX)
+    flow = established(lab)
+    kernel.calls = 0
+    flow.fin_c()
+    assert kernel.calls == 4 and kernel.entries == {}
 
 
 ON = SynProxySettings(mode="on", secret=SECRET)
@@ -201,6 +258,8 @@ def test_a_udp_row_enters_the_kernel_on_its_first_reply() -> None:
     flow.request()
     assert kernel.entries == {}
     flow.reply()
+    assert kernel.entries == {}
+    lab.advance(OFFLOAD_AFTER)
     assert flow.state is State.UDP_REPLIED and len(kernel.entries) == 2
     assert flow.backend is not None and flow.nat_port is not None
     assert KEY.pack(ip_int(CLIENT1), ip_int(LB), 5000, DNS_PORT, 17) in kernel.entries
@@ -215,6 +274,7 @@ def test_idle_expiry_reads_the_kernels_last_seen_time() -> None:
     flow = lab.udp_flow(CLIENT1, 5000)
     flow.request()
     flow.reply()
+    lab.advance(OFFLOAD_AFTER)
     assert flow.backend is not None and flow.nat_port is not None
     key = KEY.pack(ip_int(CLIENT1), ip_int(LB), 5000, DNS_PORT, 17)
     timeout = lab.table.timeouts.udp_replied
@@ -283,6 +343,7 @@ def test_syn_proxied_rows_stay_in_python() -> None:
     flow.syn()
     flow.ack()
     flow.synack()
+    lab.advance(OFFLOAD_AFTER)
     row = next(iter(lab.table))
     assert isinstance(row, ProxiedSession) and row.state is State.ESTABLISHED
     assert kernel.entries == {} and fastpath.offloaded == 0 and fastpath.refused == 0
@@ -301,7 +362,9 @@ def test_restored_established_rows_go_back_to_the_kernel() -> None:
         lab.now, row.service, 6, ip_int(CLIENT1), flow.port, ip_int(LB), backend, flow.nat_port,
         State.ESTABLISHED,
     )  # fmt: skip
-    assert adopted is not None and adopted in fastpath
+    assert adopted is not None and adopted not in fastpath
+    lab.advance(OFFLOAD_AFTER)
+    assert adopted in fastpath
     assert set(kernel.entries) == {fwd_key(flow), rev_key(flow)}
 
 
@@ -326,4 +389,5 @@ def test_udp_entries_are_udp() -> None:
     flow = lab.udp_flow(CLIENT1, 5000)
     flow.request()
     flow.reply()
-    assert all(KEY.unpack(key)[4] == 17 for key in kernel.entries)
+    lab.advance(OFFLOAD_AFTER)
+    assert kernel.entries and all(KEY.unpack(key)[4] == 17 for key in kernel.entries)

@@ -25,7 +25,7 @@ from scapy.packet import Packet
 
 from lbnat.dataplane import tcbpf
 from lbnat.engine import FORWARD, ip_int
-from lbnat.fastpath import FastPath
+from lbnat.fastpath import OFFLOAD_AFTER, FastPath
 from lbnat.packet import ADDRESS
 from tests.unit import fixtures as fx
 from tests.unit.test_tcbpf import clear, program  # noqa: F401 (the loaded program, a fixture)
@@ -77,6 +77,7 @@ def established(lab: fx.EngineHarness, port: int = 40000) -> fx.Flow:
     flow.syn()
     flow.synack()
     flow.ack()
+    lab.advance(OFFLOAD_AFTER)
     return flow
 
 
@@ -125,6 +126,7 @@ def test_udp_both_ways_come_out_of_both_paths_the_same(
     flow = lab.udp_flow(fx.CLIENT1, 5353)
     flow.request()
     flow.reply()
+    lab.advance(OFFLOAD_AFTER)
     assert len(kernel.keys()) == 2
     assert flow.backend is not None and flow.nat_port is not None
     request = fx.udp(fx.CLIENT1, fx.LB, 5353, fx.DNS_PORT, b"q" * 33, chksum)
@@ -160,6 +162,7 @@ def test_any_flow_any_segment_comes_out_of_both_paths_the_same(
     flow.syn()
     flow.synack()
     flow.ack()
+    lab.advance(OFFLOAD_AFTER)
     if towards_client:
         assert flow.backend is not None and flow.nat_port is not None
         packet = fx.tcp(flow.backend, fx.LB, fx.WEB_BACKEND_PORT, flow.nat_port, flags,
