@@ -4,7 +4,8 @@ super-packet), and check every checksum as the receiving kernel would have to.
 
     python -m tests.integration.capture --source 198.18.0.2 --seconds 20 --limit 4000
 
-prints one JSON object: frames, partial, gso, and the first bad ones. A partial checksum is
+stops after --seconds, --limit frames or a SIGTERM (the test's transfer is over), and prints one
+JSON object: frames, partial, gso, and the first bad ones. A partial checksum is
 completed first, as the kernel's skb_checksum_help does; the arithmetic is tests.unit.fixtures',
 never lbnat.packet's. Runs inside the namespace (`ip netns exec`); bounded in frames and time.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import select
+import signal
 import socket
 import struct
 import sys
@@ -57,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     bad: list[str] = []
     frames = partial_frames = gso_frames = 0
     deadline = time.monotonic() + args.seconds
-    while frames < args.limit and (left := deadline - time.monotonic()) > 0:
-        if not select.select([sock], [], [], min(left, 0.5))[0]:
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))  # the data is in
+    while not stop and frames < args.limit and (left := deadline - time.monotonic()) > 0:
+        try:
+            if not select.select([sock], [], [], min(left, 0.2))[0]:
+                continue
+        except InterruptedError:
             continue
         frame, address = sock.recvfrom(1 << 17)
         if address[2] == socket.PACKET_OUTGOING:

@@ -166,6 +166,8 @@ def test_every_frame_the_backend_gets_has_right_checksums(scratch: Path, bed: Be
         "c1", "socat", "-u", paced(src), f"TCP:{LB_IP}:{VIP_PORT}", timeout=TRANSFER_TIMEOUT
     )
     assert sink.wait(TRANSFER_TIMEOUT) == 0, sink.err.tail()
+    time.sleep(0.3)  # the last frames into the capture's socket
+    cap.send_signal(signal.SIGTERM)
     summary = captured(cap)
     assert sha256(dst) == digest
     assert summary["bad"] == [], summary
