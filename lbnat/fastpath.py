@@ -123,15 +123,16 @@ def flow_entries(
 
 
 class _InKernel:
-    """A row in the kernel: its two keys and the kernel's counts already folded into the
-    row's pool and service (the kernel's counters only grow while the entry lives)."""
+    """A row in the kernel: its two keys and, per entry, the kernel's packets and bytes already
+    folded into the row's pool and service (the kernel's counters only grow while it lives)."""
 
-    __slots__ = ("forward", "fwd_bytes", "fwd_packets", "rev_bytes", "rev_packets", "reverse")
+    __slots__ = ("forward", "fwd_counts", "rev_counts", "reverse")
 
     def __init__(self, forward: bytes, reverse: bytes) -> None:
         self.forward = forward
         self.reverse = reverse
-        self.fwd_packets = self.fwd_bytes = self.rev_packets = self.rev_bytes = 0
+        self.fwd_counts = [0, 0]  # packets, bytes
+        self.rev_counts = [0, 0]
 
 
 class FastPath:
@@ -219,26 +220,27 @@ class FastPath:
         if entry is None:
             return
         self._refreshed = row
-        forward = self.kernel.get(entry.forward)
-        if forward is not None:
-            packets, octets, seen_ns, ack, window, acked = KERNEL_PART.unpack_from(
-                forward, KERNEL_PART_AT
-            )
-            if packets > entry.fwd_packets:
-                self._count(row, packets - entry.fwd_packets, octets - entry.fwd_bytes, seen_ns)
-                entry.fwd_packets, entry.fwd_bytes = packets, octets
-                if acked:
-                    row.ack_c, row.win_c = ack, window
-        reverse = self.kernel.get(entry.reverse)
-        if reverse is not None:
-            packets, octets, seen_ns, ack, window, acked = KERNEL_PART.unpack_from(
-                reverse, KERNEL_PART_AT
-            )
-            if packets > entry.rev_packets:
-                self._count(row, packets - entry.rev_packets, octets - entry.rev_bytes, seen_ns)
-                entry.rev_packets, entry.rev_bytes = packets, octets
-                if acked:
-                    row.ack_s, row.win_s = ack, window
+        acked = self._fold(row, entry.forward, entry.fwd_counts)
+        if acked is not None:
+            row.ack_c, row.win_c = acked
+        acked = self._fold(row, entry.reverse, entry.rev_counts)
+        if acked is not None:
+            row.ack_s, row.win_s = acked
+
+    def _fold(self, row: Session, key: bytes, counts: list[int]) -> tuple[int, int] | None:
+        """Fold one entry's new packets and bytes into the row; the ACK and window of the
+        side's last segment if the kernel carried one since the last fold."""
+        value = self.kernel.get(key)
+        if value is None:
+            return None
+        packets, octets, seen_ns, ack, window, acked = KERNEL_PART.unpack_from(
+            value, KERNEL_PART_AT
+        )
+        if packets <= counts[0]:
+            return None
+        self._count(row, packets - counts[0], octets - counts[1], seen_ns)
+        counts[0], counts[1] = packets, octets
+        return (ack, window) if acked else None
 
     def _count(self, row: Session, packets: int, octets: int, seen_ns: int) -> None:
         pool, service = row.pool, row.service

@@ -4,29 +4,19 @@ for byte, and lbnat ends the flows as usual."""
 
 from __future__ import annotations
 
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lbnat_lab.faults import packet_loss
 from tests.faults.conftest import scaled
-from tests.faults.transfer import download, upload
 from tests.integration.conftest import MB, Bed, random_file, require, sha256
+from tests.integration.transfer import download, upload
 
 pytestmark = pytest.mark.netns
 
 SIZE = scaled(10 * MB, 50 * MB)
-
-
-@pytest.fixture
-def scratch(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "loss"
-    path.mkdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.parametrize("percent", [1, 5])

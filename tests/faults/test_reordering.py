@@ -4,9 +4,7 @@ segments out of order, and a transfer each way still arrives byte for byte."""
 
 from __future__ import annotations
 
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,21 +12,13 @@ import pytest
 from lbnat_lab.faults import out_of_order, reordering
 from tests.faults.admin import no_traceback
 from tests.faults.conftest import scaled
-from tests.faults.transfer import download, upload
 from tests.integration.conftest import MB, Bed, random_file, require, sha256
+from tests.integration.transfer import download, upload
 
 pytestmark = pytest.mark.netns
 
 SIZE = scaled(10 * MB, 50 * MB)
 PERCENT = 10  # of each side's TCP packets held back
-
-
-@pytest.fixture
-def scratch(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "reorder"
-    path.mkdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_a_transfer_survives_reordering_both_ways(scratch: Path, fbed: Bed) -> None:

@@ -3,8 +3,6 @@ ICMP unreachable for lbnat's flows, while the host's other services keep working
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,19 +19,11 @@ from tests.integration.conftest import (
     require,
     sha256,
 )
+from tests.integration.transfer import download, upload
 
 pytestmark = pytest.mark.netns
 
 TRANSFER_TIMEOUT = 120.0  # bound of one transfer (a pure-Python data path on 2 busy cores)
-
-
-@pytest.fixture
-def scratch(tmp_path: Path) -> Iterator[Path]:
-    """A directory for the bulk files, removed after the test (pytest keeps old tmp_paths)."""
-    path = tmp_path / "bulk"
-    path.mkdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def offloads(bed: Bed, host: str) -> dict[str, str]:
@@ -58,15 +48,7 @@ def test_bulk_50mb_both_ways_with_tso(scratch: Path, bed: Bed) -> None:
 
     up_src, up_dst = scratch / "up.src", scratch / "up.dst"
     up_sum = random_file(up_src, 50 * MB)
-    sink = bed.start(
-        "b1", "socat", "-u", f"TCP-LISTEN:{BACKEND_PORT},reuseaddr", f"CREATE:{up_dst}",
-        name="socat sink b1",
-    )  # fmt: skip
-    bed.lab.wait_tcp_listening("b1", BACKEND_PORT)
-    bed.lab.run(
-        "c1", "socat", "-u", f"OPEN:{up_src}", f"TCP:{LB_IP}:{VIP_PORT}", timeout=TRANSFER_TIMEOUT
-    )
-    assert sink.wait(TRANSFER_TIMEOUT) == 0, sink.err.tail()
+    upload(bed, "c1", "b1", up_src, up_dst)
     assert up_dst.stat().st_size == 50 * MB
     assert sha256(up_dst) == up_sum
     flow = lbnat.out.expect_re(NEW_CLIENT_RE)
@@ -76,16 +58,7 @@ def test_bulk_50mb_both_ways_with_tso(scratch: Path, bed: Bed) -> None:
 
     down_src, down_dst = scratch / "down.src", scratch / "down.dst"
     down_sum = random_file(down_src, 50 * MB)
-    source = bed.start(
-        "b1", "socat", "-u", f"OPEN:{down_src}", f"TCP-LISTEN:{BACKEND_PORT},reuseaddr",
-        name="socat source b1",
-    )  # fmt: skip
-    bed.lab.wait_tcp_listening("b1", BACKEND_PORT)
-    bed.lab.run(
-        "c2", "socat", "-u", f"TCP:{LB_IP}:{VIP_PORT}", f"CREATE:{down_dst}",
-        timeout=TRANSFER_TIMEOUT,
-    )  # fmt: skip
-    assert source.wait(TRANSFER_TIMEOUT) == 0, source.err.tail()
+    download(bed, "c2", "b1", down_src, down_dst)
     assert down_dst.stat().st_size == 50 * MB
     assert sha256(down_dst) == down_sum
     flow = lbnat.out.expect_re(NEW_CLIENT_RE)

@@ -17,12 +17,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from tests.integration.conftest import (
     sha256,
     variant_id,
 )
+from tests.integration.transfer import download, upload
 
 # These tests are about the kernel path: they run it with one worker and with N.
 pytestmark = [
@@ -50,23 +49,7 @@ pytestmark = [
     ),
 ]
 
-TRANSFER_TIMEOUT = 120.0
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def scratch(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "bulk"
-    path.mkdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def paced(path: Path) -> str:
-    """A socat address that sends the file's first MB, waits, then the rest: the flow is
-    established well past OFFLOAD_AFTER, so the rest rides the kernel (a file sent at full
-    speed would be over before the engine's next tick hands the row to the kernel)."""
-    return f"SYSTEM:head -c {MB} {path}; sleep 0.5; tail -c +{MB + 1} {path}"
 
 
 def tc_filters(bed: Bed) -> str:
@@ -91,29 +74,12 @@ def test_bulk_both_ways_rides_the_kernel(scratch: Path, bed: Bed) -> None:
     lbnat.expect("data plane : ")
     up_src, up_dst = scratch / "up.src", scratch / "up.dst"
     up_sum = random_file(up_src, 20 * MB)
-    sink = bed.start(
-        "b1", "socat", "-u", f"TCP-LISTEN:{BACKEND_PORT},reuseaddr", f"CREATE:{up_dst}",
-        name="socat sink b1",
-    )  # fmt: skip
-    bed.lab.wait_tcp_listening("b1", BACKEND_PORT)
-    bed.lab.run(
-        "c1", "socat", "-u", paced(up_src), f"TCP:{LB_IP}:{VIP_PORT}", timeout=TRANSFER_TIMEOUT
-    )
-    assert sink.wait(TRANSFER_TIMEOUT) == 0, sink.err.tail()
+    upload(bed, "c1", "b1", up_src, up_dst, paced=True)
     assert sha256(up_dst) == up_sum
 
     down_src, down_dst = scratch / "down.src", scratch / "down.dst"
     down_sum = random_file(down_src, 20 * MB)
-    source = bed.start(
-        "b1", "socat", "-u", paced(down_src), f"TCP-LISTEN:{BACKEND_PORT},reuseaddr",
-        name="socat source b1",
-    )  # fmt: skip
-    bed.lab.wait_tcp_listening("b1", BACKEND_PORT)
-    bed.lab.run(
-        "c2", "socat", "-u", f"TCP:{LB_IP}:{VIP_PORT}", f"CREATE:{down_dst}",
-        timeout=TRANSFER_TIMEOUT,
-    )  # fmt: skip
-    assert source.wait(TRANSFER_TIMEOUT) == 0, source.err.tail()
+    download(bed, "c2", "b1", down_src, down_dst, paced=True)
     assert sha256(down_dst) == down_sum
     lbnat.expect("Current NAT table length : 0")
 
@@ -156,16 +122,8 @@ def test_every_frame_the_backend_gets_has_right_checksums(scratch: Path, bed: Be
     lbnat = bed.lbnat("--no-health", backends=("b1",))
     src, dst = scratch / "src", scratch / "dst"
     digest = random_file(src, 8 * MB)
-    sink = bed.start(
-        "b1", "socat", "-u", f"TCP-LISTEN:{BACKEND_PORT},reuseaddr", f"CREATE:{dst}",
-        name="socat sink b1",
-    )  # fmt: skip
-    bed.lab.wait_tcp_listening("b1", BACKEND_PORT)
     cap = capture(bed, "b1", LB_IP, seconds=30)
-    bed.lab.run(
-        "c1", "socat", "-u", paced(src), f"TCP:{LB_IP}:{VIP_PORT}", timeout=TRANSFER_TIMEOUT
-    )
-    assert sink.wait(TRANSFER_TIMEOUT) == 0, sink.err.tail()
+    upload(bed, "c1", "b1", src, dst, paced=True)
     time.sleep(0.3)  # the last frames into the capture's socket
     cap.send_signal(signal.SIGTERM)
     summary = captured(cap)
