@@ -688,8 +688,8 @@ class SessionTable:
             pool._half_open.push(s)
         s.seen = now
         self.expiry.file(s, now + self.timeout_of[state])
-        if self.kernel is not None and state in (State.ESTABLISHED, State.UDP_REPLIED):
-            self.kernel.changed(s)  # a restored row (adopt) goes back to the kernel
+        if self.kernel is not None:
+            self.kernel.changed(s)  # a restored established row (adopt) goes back to the kernel
         return s
 
     def remove(self, s: Session) -> None:
