@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Final, Protocol
 
 from lbnat.nat import Session, State
-from lbnat.packet import ADDRESS
+from lbnat.packet import ADDRESS, fold
 
 KEY = struct.Struct("!IIHHB3x")
 """An entry's key: the packet as it arrives at the LB (saddr, daddr, sport, dport, proto)."""
@@ -70,17 +70,11 @@ class KernelMap(Protocol):
     def delete(self, key: bytes) -> None: ...
 
 
-def _fold(value: int) -> int:
-    while value > 0xFFFF:
-        value = (value & 0xFFFF) + (value >> 16)
-    return value
-
-
 def port_delta(ip_delta: int, l4_delta: int) -> int:
     """The delta of the port change alone: the transport delta less the address part (ones'
     complement subtraction). The kernel adds the address part with BPF_F_PSEUDO_HDR (kept for
     a partial checksum) and this without it (skipped for a partial one), as packet.rewrite."""
-    return _fold(l4_delta + (~ip_delta & 0xFFFF))
+    return fold(l4_delta + (~ip_delta & 0xFFFF))
 
 
 Entry = tuple[bytes, bytes]  # (KEY bytes, VALUE bytes)
@@ -259,11 +253,6 @@ class FastPath:
         for row in list(self.rows):
             self.refresh(row)
         self._refreshed = None
-
-    def withdraw_all(self) -> None:
-        """Take every row back (the fast path is going away: lbnat stops)."""
-        for row in list(self.rows):
-            self.withdraw(row)
 
     NAMES: Final = ("rows", "offloaded", "withdrawn", "refused", "packets", "bytes")
     ZEROS: Final = dict.fromkeys(NAMES, 0)

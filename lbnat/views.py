@@ -102,7 +102,7 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
         "drops": {reason.label: n for reason, n in engine.drops.items()},
         "services": services,
         # rows the tc program rewrites, and what it rewrote (lbnat.fastpath); zeros without it
-        "offload": kernel.counters() if isinstance(kernel, FastPath) else FastPath.ZEROS,
+        "offload": kernel.counters() if isinstance(kernel, FastPath) else dict(FastPath.ZEROS),
     }
 
 

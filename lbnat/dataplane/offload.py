@@ -39,8 +39,7 @@ class KernelPath:
         return self.program.map_fd
 
     def close(self) -> None:
-        self.program.detach()
-        self.program.close()
+        self.program.close()  # detaches the filter first
 
 
 def filter_handle(lb_ip: int) -> int:
