@@ -234,8 +234,8 @@ def forward_after_resets(
         buf, start, l4, proto, pool.fwd_addresses, row.fwd_ports,
         deltas >> 48, (deltas >> 32) & 0xFFFF, partial,
     )  # fmt: skip
-    pool.packets += 1
-    pool.bytes += end - start
+    pool.to_backend_packets += 1
+    pool.to_backend_bytes += end - start
     row.service.packets += 1
     row.service.bytes += end - start
     return (SEND_FIRST, pool.backend.ip_int, resets)
@@ -283,14 +283,9 @@ class Engine:
         self.packets = 0
         self.icmp_translated = 0
         self.syn_proxy = SynProxy(
-            syn_proxy or SynProxySettings(mode="off"),
-            self.lb_ip,
-            self._tracker,
-            self._flow_ended,
-            self.count_drop,
-            self._open,
-            self._send_first.take,
-        )
+            syn_proxy or SynProxySettings(mode="off"), self.lb_ip, self._tracker,
+            self._flow_ended, self.count_drop, self._open, self._send_first.take,
+        )  # fmt: skip
 
     def set_backends(self, service: str, backends: Sequence[Backend]) -> None:
         """Publish a new snapshot of a service's backends (health, weights, draining)."""
@@ -350,8 +345,8 @@ class Engine:
                 buf, start, l4, proto, s.rev_addresses, s.rev_ports,
                 (deltas >> 16) & 0xFFFF, deltas & 0xFFFF, partial,
             )  # fmt: skip
-            pool.packets += 1
-            pool.bytes += end - start
+            pool.to_client_packets += 1
+            pool.to_client_bytes += end - start
             service = s.service
             service.packets += 1
             service.bytes += end - start
@@ -410,8 +405,8 @@ class Engine:
             buf, start, l4, proto, pool.fwd_addresses, row.fwd_ports,
             deltas >> 48, (deltas >> 32) & 0xFFFF, partial,
         )  # fmt: skip
-        pool.packets += 1
-        pool.bytes += end - start
+        pool.to_backend_packets += 1
+        pool.to_backend_bytes += end - start
         service.packets += 1
         service.bytes += end - start
         return (FORWARD, pool.backend.ip_int)
@@ -527,6 +522,7 @@ class Engine:
 
     def _flow_ended(self, ended: Ended, now: float) -> None:
         s = ended.session
+        s.service.count_end(ended.reason.value)
         affinity = self._affinity.get(s.service.name)
         if affinity is not None:
             # IPVS persistence counts from the end of the client's last connection.

@@ -214,16 +214,19 @@ class FastPath:
         if entry is None:
             return
         self._refreshed = row
-        acked = self._fold(row, entry.forward, entry.fwd_counts)
+        acked = self._fold(row, entry.forward, entry.fwd_counts, False)
         if acked is not None:
             row.ack_c, row.win_c = acked
-        acked = self._fold(row, entry.reverse, entry.rev_counts)
+        acked = self._fold(row, entry.reverse, entry.rev_counts, True)
         if acked is not None:
             row.ack_s, row.win_s = acked
 
-    def _fold(self, row: Session, key: bytes, counts: list[int]) -> tuple[int, int] | None:
-        """Fold one entry's new packets and bytes into the row; the ACK and window of the
-        side's last segment if the kernel carried one since the last fold."""
+    def _fold(
+        self, row: Session, key: bytes, counts: list[int], to_client: bool
+    ) -> tuple[int, int] | None:
+        """Fold one entry's new packets and bytes into the row (the reverse entry's go to the
+        client); the ACK and window of the side's last segment if the kernel carried one
+        since the last fold."""
         value = self.kernel.get(key)
         if value is None:
             return None
@@ -232,14 +235,20 @@ class FastPath:
         )
         if packets <= counts[0]:
             return None
-        self._count(row, packets - counts[0], octets - counts[1], seen_ns)
+        self._count(row, packets - counts[0], octets - counts[1], seen_ns, to_client)
         counts[0], counts[1] = packets, octets
         return (ack, window) if acked else None
 
-    def _count(self, row: Session, packets: int, octets: int, seen_ns: int) -> None:
+    def _count(
+        self, row: Session, packets: int, octets: int, seen_ns: int, to_client: bool
+    ) -> None:
         pool, service = row.pool, row.service
-        pool.packets += packets
-        pool.bytes += octets
+        if to_client:
+            pool.to_client_packets += packets
+            pool.to_client_bytes += octets
+        else:
+            pool.to_backend_packets += packets
+            pool.to_backend_bytes += octets
         service.packets += packets
         service.bytes += octets
         self.packets += packets

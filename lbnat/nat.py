@@ -200,16 +200,18 @@ class PortPool:
         "_half_open",
         "active",
         "backend",
-        "bytes",
         "first",
         "flows",
         "free",
         "fwd_addresses",
         "last",
         "next_unused",
-        "packets",
         "rows",
         "timeout_of",
+        "to_backend_bytes",
+        "to_backend_packets",
+        "to_client_bytes",
+        "to_client_packets",
     )
 
     def __init__(
@@ -233,8 +235,16 @@ class PortPool:
         self.fwd_addresses = ADDRESS.pack(lb_ip) + ADDRESS.pack(backend.ip_int)
         self.active = 0  # open flows (not ended)
         self.flows = 0  # flows ever scheduled here
-        self.packets = 0
-        self.bytes = 0
+        # what lbnat forwarded for this backend's flows, per direction (the kernel's folded in)
+        self.to_backend_packets = 0
+        self.to_backend_bytes = 0
+        self.to_client_packets = 0
+        self.to_client_bytes = 0
+
+    @property
+    def ports_in_use(self) -> int:
+        """NAT ports held by a row (open, lingering or half-open) now."""
+        return self.next_unused - self.first - len(self.free)
 
     def take(self) -> int | None:
         if self.next_unused <= self.last:

@@ -52,6 +52,7 @@ class ServiceState:
         self.packets = 0
         self.bytes = 0
         self.flows = 0
+        self.ended: dict[str, int] = {}  # flows ended, by lbnat.nat.EndReason value
         self.drops: dict[DropReason, int] = {}
         # The SYN proxy's counters (lbnat.synproxy): cookies sent, ACKs that proved one, not.
         self.syn_cookies = {"sent": 0, "validated": 0, "invalid": 0}
@@ -73,6 +74,9 @@ class ServiceState:
         self.backends = backends
         self.by_key = dict(zip(keys, backends, strict=True))
         self.scheduler.update(backends)
+
+    def count_end(self, reason: str) -> None:
+        self.ended[reason] = self.ended.get(reason, 0) + 1
 
     def count_drop(self, reason: DropReason) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1

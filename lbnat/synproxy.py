@@ -339,8 +339,8 @@ class SynProxy:
             buf, start, l4, TCP, pool.fwd_addresses, row.fwd_ports,
             deltas >> 48, fold(((deltas >> 32) & 0xFFFF) + extra), partial,
         )  # fmt: skip
-        pool.packets += 1
-        pool.bytes += end - start
+        pool.to_backend_packets += 1
+        pool.to_backend_bytes += end - start
         service.packets += 1
         service.bytes += end - start
         if ended is not None:
@@ -365,8 +365,8 @@ class SynProxy:
             (deltas >> 16) & 0xFFFF, fold((deltas & 0xFFFF) + extra), partial,
         )  # fmt: skip
         pool = row.pool
-        pool.packets += 1
-        pool.bytes += end - start
+        pool.to_client_packets += 1
+        pool.to_client_bytes += end - start
         service.packets += 1
         service.bytes += end - start
         if ended is not None:

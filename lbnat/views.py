@@ -24,6 +24,7 @@ from lbnat.messages import (
     SetBackends,
     SetServices,
 )
+from lbnat.nat import PortPool
 
 
 def apply_change(engine: Engine, change: Change, now: float) -> list[tuple[bytes, int]]:
@@ -72,14 +73,10 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
         backends: dict[BackendKey, dict[str, int]] = {}
         for backend in state.backends:
             pool = engine.pool_of(name, backend.key)
-            backends[backend.key] = {
-                "active": engine.active_flows(name, backend.key),
-                "flows": 0 if pool is None else pool.flows,
-                "packets": 0 if pool is None else pool.packets,
-                "bytes": 0 if pool is None else pool.bytes,
-            }
+            backends[backend.key] = pool_counters(pool, engine.active_flows(name, backend.key))
         services[name] = {
             "flows": state.flows,
+            "ended": dict(state.ended),  # flows ended, by reason
             "packets": state.packets,
             "bytes": state.bytes,
             "drops": {reason.label: n for reason, n in state.drops.items()},
@@ -90,6 +87,7 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
     kernel = table.kernel
     return {
         "rows": len(table),
+        "rows_cap": table.cap,
         "open_flows": engine.open_flows,
         "table": {  # how the table fares under a flood (lbnat.nat: eviction, pressure)
             "half_open": table.half_open_count,
@@ -103,6 +101,26 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
         "services": services,
         # rows the tc program rewrites, and what it rewrote (lbnat.fastpath); zeros without it
         "offload": kernel.counters() if isinstance(kernel, FastPath) else dict(FastPath.ZEROS),
+    }
+
+
+def pool_counters(pool: PortPool | None, active: int) -> dict[str, Any]:
+    """One backend's counters in one engine: flows open now and ever, what was forwarded
+    each way, and its NAT ports (held now, and the size of this engine's slice)."""
+    if pool is None:
+        return {
+            "active": active, "flows": 0, "packets": 0, "bytes": 0,
+            "to_backend": {"packets": 0, "bytes": 0}, "to_client": {"packets": 0, "bytes": 0},
+            "nat_ports": {"in_use": 0, "size": 0},
+        }  # fmt: skip
+    return {
+        "active": active,
+        "flows": pool.flows,
+        "packets": pool.to_backend_packets + pool.to_client_packets,
+        "bytes": pool.to_backend_bytes + pool.to_client_bytes,
+        "to_backend": {"packets": pool.to_backend_packets, "bytes": pool.to_backend_bytes},
+        "to_client": {"packets": pool.to_client_packets, "bytes": pool.to_client_bytes},
+        "nat_ports": {"in_use": pool.ports_in_use, "size": pool.last - pool.first + 1},
     }
 
 

@@ -256,6 +256,7 @@ class ControlPlane:
             "io": io_text(c),
             "syn_proxy": c.syn_proxy,
             "rows": counters["rows"],
+            "rows_cap": counters.get("rows_cap", c.table_cap),
             "open_flows": counters["open_flows"],
             "table": counters.get("table", {}),
             # the kernel fast path: its rows now, and what it rewrote (lbnat.fastpath)
@@ -290,6 +291,9 @@ class ControlPlane:
                     "flows": count.get("flows", 0),
                     "packets": count.get("packets", 0),
                     "bytes": count.get("bytes", 0),
+                    "to_backend": count.get("to_backend", {"packets": 0, "bytes": 0}),
+                    "to_client": count.get("to_client", {"packets": 0, "bytes": 0}),
+                    "nat_ports": count.get("nat_ports", {"in_use": 0, "size": 0}),
                     "last_probe": detail,
                     "last_probe_age": round(now - at, 1) if detail else None,
                 }
@@ -303,6 +307,7 @@ class ControlPlane:
             if config.health
             else "off",
             "flows": counted.get("flows", 0),
+            "ended": counted.get("ended", {}),
             "packets": counted.get("packets", 0),
             "bytes": counted.get("bytes", 0),
             "drops": counted.get("drops", {}),

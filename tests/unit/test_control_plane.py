@@ -398,6 +398,7 @@ def test_status_is_built_from_the_given_counters() -> None:
     cp.report(report(Health.ALIVE, True, B1), now=3.0)
     counters = {
         "rows": 4,
+        "rows_cap": 500_000,
         "open_flows": 3,
         "table": {"half_open": 1, "evicted": 7, "ports_reclaimed": 5, "pressure_spells": 1},
         "offload": {"rows": 2, "offloaded": 3, "withdrawn": 1, "refused": 0, "packets": 70,
@@ -410,7 +411,15 @@ def test_status_is_built_from_the_given_counters() -> None:
                 "packets": 90,
                 "bytes": 9000,
                 "drops": {"no_backend": 1},
-                "backends": {B1.key: {"active": 2, "flows": 4, "packets": 80, "bytes": 8000}},
+                "ended": {"fin": 2, "rst": 1},
+                "backends": {
+                    B1.key: {
+                        "active": 2, "flows": 4, "packets": 80, "bytes": 8000,
+                        "to_backend": {"packets": 50, "bytes": 3000},
+                        "to_client": {"packets": 30, "bytes": 5000},
+                        "nat_ports": {"in_use": 3, "size": 4535},
+                    }
+                },
             }
         },
     }
@@ -424,6 +433,7 @@ def test_status_is_built_from_the_given_counters() -> None:
         "io": "rings (frames)",
         "syn_proxy": "auto",
         "rows": 4,
+        "rows_cap": 500_000,
         "open_flows": 3,
         "table": {"half_open": 1, "evicted": 7, "ports_reclaimed": 5, "pressure_spells": 1},
         "offload": {"rows": 2, "offloaded": 3, "withdrawn": 1, "refused": 0, "packets": 70,
@@ -442,6 +452,9 @@ def test_status_is_built_from_the_given_counters() -> None:
         "flows": 4,
         "packets": 80,
         "bytes": 8000,
+        "to_backend": {"packets": 50, "bytes": 3000},
+        "to_client": {"packets": 30, "bytes": 5000},
+        "nat_ports": {"in_use": 3, "size": 4535},
         "last_probe": "refused",
         "last_probe_age": 7.5,
     }
@@ -472,6 +485,7 @@ def test_status_of_a_service() -> None:
             "scheduler": "rr",
             "health_check": "syn",
             "flows": 5,
+            "ended": {},
             "packets": 90,
             "bytes": 9000,
             "drops": {},
@@ -484,6 +498,7 @@ def test_status_of_a_service() -> None:
             "scheduler": "rr",
             "health_check": "udp",
             "flows": 0,
+            "ended": {},
             "packets": 0,
             "bytes": 0,
             "drops": {},

@@ -290,16 +290,24 @@ def test_counters_per_service_and_per_backend() -> None:
     two = lab.flow(CLIENT2, 1)
     sizes: dict[str, int] = {B1: 0, B2: 0}
     packets: dict[str, int] = {B1: 0, B2: 0}
+    # per backend and direction: (packets, bytes) to the backend and to the client
+    ways: dict[tuple[str, int], list[int]] = {(b, up): [0, 0] for b in (B1, B2) for up in (1, 0)}
     for flow in (one, two):
-        for send in (flow.syn, flow.synack, flow.ack, flow.data_c, flow.data_s):
+        for send, up in ((flow.syn, 1), (flow.synack, 0), (flow.ack, 1), (flow.data_c, 1),
+                         (flow.data_s, 0)):  # fmt: skip
             result = send()
             assert flow.backend is not None
             sizes[flow.backend] += len(result.out)
             packets[flow.backend] += 1
+            ways[flow.backend, up][0] += 1
+            ways[flow.backend, up][1] += len(result.out)
     two.fin_c()
     two.fin_s()
     sizes[B2] += 2 * 40
     packets[B2] += 2
+    for up in (1, 0):
+        ways[B2, up][0] += 1
+        ways[B2, up][1] += 40
     lab.udp_flow(CLIENT1, 9).request(b"12345")
     lab.send(tcp(CLIENT1, LB, 7, WEB_PORT, "A", 1, 1))  # NO_SESSION
     lab.send(tcp(CLIENT1, LB, 7, 81, "S"))  # NOT_FOR_US
@@ -315,8 +323,14 @@ def test_counters_per_service_and_per_backend() -> None:
     assert (dns.flows, dns.packets, dns.bytes) == (1, 1, 20 + 8 + 5)
     pools = {pool.backend.key: pool for pool in lab.table.pools.values()}
     p1, p2 = pools[(B1, WEB_BACKEND_PORT)], pools[(B2, WEB_BACKEND_PORT)]
-    assert (p1.packets, p1.bytes, p1.flows, p1.active) == (packets[B1], sizes[B1], 1, 1)
-    assert (p2.packets, p2.bytes, p2.flows, p2.active) == (packets[B2], sizes[B2], 1, 0)
+    for pool, backend, active in ((p1, B1, 1), (p2, B2, 0)):
+        assert (pool.flows, pool.active) == (1, active)
+        assert [pool.to_backend_packets, pool.to_backend_bytes] == ways[backend, 1]
+        assert [pool.to_client_packets, pool.to_client_bytes] == ways[backend, 0]
+        assert pool.to_backend_packets + pool.to_client_packets == packets[backend]
+        assert pool.to_backend_bytes + pool.to_client_bytes == sizes[backend]
+        assert pool.ports_in_use == 1  # two's row lingers in TIME_WAIT and keeps its port
+    assert web.ended == {"fin": 1} and dns.ended == {}
     assert lab.engine.packets == 12 + 1 + 2
     assert lab.engine.drops == {DropReason.NO_SESSION: 1, DropReason.NOT_FOR_US: 1}
     assert lab.engine.open_flows == 2  # one TCP, one UDP
