@@ -45,6 +45,7 @@ DEFAULT_VIP_PORT = config_module.DEFAULT_PORT
 ADMIN_SOCKET_ENV = "LBNAT_ADMIN_SOCKET"  # overrides the default, for the server and the clients
 WORKERS_ENV = "LBNAT_WORKERS"
 OFFLOAD_ENV = "LBNAT_OFFLOAD"
+METRICS_ENV = "LBNAT_METRICS"
 
 _T = TypeVar("_T")
 
@@ -197,6 +198,14 @@ def main() -> None:
     help="Unix socket of lbnat status/sessions/backend/reload ('' to disable).",
 )
 @click.option(
+    "--metrics",
+    default=None,
+    envvar=METRICS_ENV,
+    metavar="HOST[:PORT]",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (port 9120 if none; off if "
+    "not given), e.g. 127.0.0.1:9120.",
+)
+@click.option(
     "--workers",
     default="auto",
     envvar=WORKERS_ENV,
@@ -258,6 +267,8 @@ def run(
         given.add("workers")  # LBNAT_WORKERS overrides the file's workers too
     if ctx.get_parameter_source("offload") is ParameterSource.ENVIRONMENT:
         given.add("offload")  # and LBNAT_OFFLOAD its offload
+    if ctx.get_parameter_source("metrics") is ParameterSource.ENVIRONMENT:
+        given.add("metrics")
     overrides = Overrides(words=words, config_file=config_file, given=frozenset(given), **options)
 
     def build() -> Config:

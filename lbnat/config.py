@@ -61,6 +61,7 @@ __all__ = [
     "DEFAULT_ADMIN_SOCKET",
     "DEFAULT_CONTROL_PORT",
     "DEFAULT_DRAIN_TIMEOUT",
+    "DEFAULT_METRICS_PORT",
     "DEFAULT_NAT_PORTS",
     "DEFAULT_PORT",
     "DEFAULT_TABLE_CAP",
@@ -93,6 +94,7 @@ __all__ = [
 
 DEFAULT_PORT: Final = 20000
 DEFAULT_CONTROL_PORT: Final = 7000
+DEFAULT_METRICS_PORT: Final = 9120  # HAProxy's exporter is 9101, node_exporter 9100
 DEFAULT_NAT_PORTS: Final = (61000, 65535)
 DEFAULT_TABLE_CAP: Final = 1_000_000
 DEFAULT_ADMIN_SOCKET: Final = "/run/lbnat/lbnat.sock"
@@ -189,6 +191,8 @@ class Config:
     syn_proxy: str = "auto"  # "auto", "on" or "off"
     syn_proxy_threshold: int = DEFAULT_THRESHOLD  # half-open rows per worker before "auto" acts
     syn_proxy_mss: int = DEFAULT_MSS  # the MSS lbnat's cookie SYN-ACK announces
+    # Prometheus exposition over HTTP (lbnat.metrics): (host, port), or None: no server
+    metrics: tuple[str, int] | None = None
 
 
 # --- the keys of each block (the schema's properties; a unit test keeps them equal) -------
@@ -206,9 +210,11 @@ TOP_KEYS: Final = (
     "services",
     "dataplane",
     "syn_proxy",
+    "metrics",
 )
 DATAPLANE_KEYS: Final = ("workers", "io", "rx_ring", "offload")
 SYN_PROXY_KEYS: Final = ("mode", "threshold", "mss")
+METRICS_KEYS: Final = ("listen",)
 TIMEOUT_KEYS: Final = tuple(f.name for f in dataclasses.fields(Timeouts))
 LOG_KEYS: Final = ("format", "quiet", "transitions")
 CONTROL_KEYS: Final = ("listen", "secret", "secret_file", "allow", "window")
@@ -497,7 +503,12 @@ def _native(data: dict[str, Any], default_port: int, read_file: FileReader) -> C
     control = None
     if data.get("control") is not None:
         control = _control(data["control"], "control", read_file)
-        _check_control_port(control, lb_ip, nat_ports, services)
+        _check_listen_port("control.listen", control.host, control.port, lb_ip, nat_ports,
+                           services)  # fmt: skip
+    metrics = None
+    if data.get("metrics") is not None:
+        metrics = _check(fields.host_port, data["metrics"]["listen"], "metrics.listen")
+        _check_listen_port("metrics.listen", *metrics, lb_ip, nat_ports, services)
     return Config(
         lb_ip=lb_ip,
         interface=interface,
@@ -518,6 +529,7 @@ def _native(data: dict[str, Any], default_port: int, read_file: FileReader) -> C
         syn_proxy=syn_proxy.get("mode", "auto"),
         syn_proxy_threshold=syn_proxy.get("threshold", DEFAULT_THRESHOLD),
         syn_proxy_mss=syn_proxy.get("mss", DEFAULT_MSS),
+        metrics=metrics,
     )
 
 
@@ -585,24 +597,24 @@ def _read_secret(secret_file: str, path: str, read_file: FileReader) -> bytes:
     return secret
 
 
-def _check_control_port(
-    control: ControlConfig,
+def _check_listen_port(
+    path: str,
+    host: str,
+    port: int,
     lb_ip: str | None,
     nat_ports: tuple[int, int],
     services: tuple[ServiceConfig, ...],
 ) -> None:
-    """The guard drops packets to SRCIP on the service ports and the NAT range."""
+    """The guard drops packets to SRCIP on the service ports and the NAT range: a listener
+    (the control channel, the metrics server) there would never hear a thing."""
     first, last = nat_ports
-    if first <= control.port <= last:
-        _fail("control.listen", f"port {control.port} is inside nat_ports {first}-{last}")
-    if control.host not in ("0.0.0.0", lb_ip):
+    if first <= port <= last:
+        _fail(path, f"port {port} is inside nat_ports {first}-{last}")
+    if host not in ("0.0.0.0", lb_ip):
         return
     for spec in services:
-        if spec.service.port == control.port:
-            _fail(
-                "control.listen",
-                f"port {control.port} is also the port of service {_show(spec.service.name)}",
-            )
+        if spec.service.port == port:
+            _fail(path, f"port {port} is also the port of service {_show(spec.service.name)}")
 
 
 def _services(
@@ -796,6 +808,7 @@ class Overrides:
     syn_proxy_threshold: int = DEFAULT_THRESHOLD
     quiet: bool = False
     log_format: str = "text"
+    metrics: str | None = None  # HOST[:PORT] of the Prometheus exposition
 
 
 # option -> the Config field it sets; with a config file only when given
@@ -844,6 +857,9 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
         overrides, parse_port(overrides.vip_port, "virtual port"), backends
     )
     control = _command_line_control(overrides, read)
+    metrics = None
+    if overrides.metrics:
+        metrics = parse_host_port(overrides.metrics, DEFAULT_METRICS_PORT, "metrics address")
     given = overrides.given
     if base is None:
         if not backends:
@@ -855,6 +871,7 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
                 **{field: getattr(overrides, option) for option, field in _TIMEOUT_OVERRIDES}
             ),
             control=control,
+            metrics=metrics,
             services=(ours,),
             workers=_parse_workers(overrides.workers),
             **{option: getattr(overrides, option) for option in _GLOBAL_OVERRIDES},
@@ -876,6 +893,8 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
             changes["timeouts"] = dataclasses.replace(base.timeouts, **timeouts)
         if control is not None:
             changes["control"] = control
+        if metrics is not None:
+            changes["metrics"] = metrics
         config = dataclasses.replace(
             base,
             lb_ip=lb_ip or base.lb_ip,
@@ -884,6 +903,8 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
         )
     if config.lb_ip is None:
         _fail("", "no SRCIP: give it first on the command line or as lb_ip in the config")
+    if metrics is not None:
+        _check_listen_port("--metrics", *metrics, config.lb_ip, config.nat_ports, config.services)
     problem = check_slices(config.nat_ports, config.workers)
     if problem:
         _fail("", problem)

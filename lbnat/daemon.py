@@ -29,11 +29,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
-from typing import Any, TextIO
+from typing import TextIO
 
 from lbnat import privileges
 from lbnat.backends import Backend
 from lbnat.config import Config, ConfigError
+from lbnat.control.metrics_server import MetricsError, MetricsServer
 from lbnat.control.plane import (
     ControlPlane,
     Effect,
@@ -42,6 +43,7 @@ from lbnat.control.plane import (
 )
 from lbnat.control.protocol import Request, ack, nack
 from lbnat.control.server import AdminServer, RegistrationServer, start_servers
+from lbnat.daemon_questions import Questions
 from lbnat.dataplane.fanout import nat_slices
 from lbnat.dataplane.guard import GuardError, KernelGuard
 from lbnat.dataplane.link import (
@@ -78,14 +80,13 @@ from lbnat.health.checker import Report
 from lbnat.linkwatch import LinkState, LinkWatch
 from lbnat.messages import (
     AskCounters,
-    AskSessions,
     DataPlane,
-    Question,
     ResetBackend,
     SetBackends,
     SetServices,
     WorkerSetup,
 )
+from lbnat.metrics import Instruments, ScrapeCollector
 from lbnat.service import Service
 from lbnat.syncookie import DEFAULT_WSCALE, SECRET_BYTES, SynProxySettings, kernel_wscale
 from lbnat.views import merge_counters
@@ -205,14 +206,6 @@ def fit_mss(settings: SynProxySettings, mtu: int | None) -> SynProxySettings:
     return settings
 
 
-def link_status(watch: LinkWatch, link: Link, now: float) -> dict[str, object]:
-    return {
-        "interface": link.interface,
-        "state": watch.state.value,
-        "since": round(now - watch.since, 1),  # seconds in this state
-    }
-
-
 def in_thread(
     target: Callable[[], object], name: str
 ) -> Callable[[int, FrameType | None], None]:
@@ -225,7 +218,7 @@ def in_thread(
     return handler
 
 
-class Daemon:
+class Daemon(Questions):
     def __init__(
         self,
         config: Config,
@@ -246,6 +239,8 @@ class Daemon:
         self.link_probe: LinkProbe | None = None
         self.link_watch: LinkWatch | None = None
         self.offload: KernelPath | None = None
+        self.instruments = Instruments()  # the metrics' registry: served with --metrics
+        self.metrics: MetricsServer | None = None
         self.exit_code = 0
         self._servers: list[RegistrationServer | AdminServer] = []
         self._lock = threading.Lock()  # every call into self.control
@@ -303,7 +298,10 @@ class Daemon:
             self._servers = start_servers(
                 self.config.control, self.config.admin_socket, self.apply, self._refused
             )
-        except (GuardError, OSError, WorkerError, OffloadError) as error:
+            if c.metrics is not None:
+                self.instruments.add(ScrapeCollector(self.metrics_snapshot))
+                self.metrics = MetricsServer.start(*c.metrics, self.instruments.registry)
+        except (GuardError, OSError, WorkerError, OffloadError, MetricsError) as error:
             self.close()
             raise StartError(str(error)) from None
         for line in start_lines(c, self.lb_ip, self.link.interface, offload_text):
@@ -349,6 +347,9 @@ class Daemon:
             self.plane.stop()
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         for server in self._servers:
             server.shutdown()
             server.server_close()
@@ -407,13 +408,6 @@ class Daemon:
 
     # --- the data plane ------------------------------------------------------------------------
 
-    def ask(self, question: Question, timeout: float = 5.0) -> list[Any]:
-        """Every engine's answer to `question` (lbnat.views.answer), one per live worker."""
-        plane = self.plane
-        if plane is None:
-            raise RuntimeError("lbnat is not running")
-        return plane.ask(question, timeout)
-
     def _maintain(self, now: float) -> None:
         """Upkeep between batches (one worker) or by the supervisor (N workers): watch the
         interface; remove drained backends whose last flow has ended in every worker."""
@@ -469,54 +463,45 @@ class Daemon:
         self._locked(lambda: self.control.verdicts(service, snapshot))
 
     def _report(self, report: Report) -> None:
+        b, result = report.backend, report.result
+        self.instruments.probe(report.service, f"{b.ip}:{b.port}", result.seconds, result.ok)
         now = time.monotonic()
         self._locked(lambda: self.control.report(report, now))
 
     # --- requests from the control channel and the admin socket ------------------------------
 
-    def _refused(self, peer: str, reason: str) -> None:
+    def _refused(self, peer: str, reason: str, kind: str) -> None:
+        """A request refused before it was read as one (its op unknown)."""
+        self.instruments.request("unknown", kind)
         self._carry_out(self.control.refused(peer, reason))
 
     def apply(self, request: Request, peer: str) -> bytes:
-        """One request, one reply line. Runs on a server thread."""
+        """One request, one reply line (counted by op and result). Runs on a server thread."""
+        line, refusal = self._answer(request, peer)
+        self.instruments.request(request.op, refusal)
+        return line
+
+    def _answer(self, request: Request, peer: str) -> tuple[bytes, str | None]:
+        """The reply line, and None or why it is a nack ("rejected", "unavailable")."""
         try:
             match request.op:
                 case "status":
-                    return ack(op="status", **self.status())
+                    return ack(op="status", **self.status()), None
                 case "sessions":
-                    return ack(op="sessions", sessions=self.sessions())
+                    return ack(op="sessions", sessions=self.sessions()), None
                 case "reload":
                     error = self.reload()
-                    return nack(error) if error else ack(op="reload")
+                    return (nack(error), "rejected") if error else (ack(op="reload"), None)
                 case _:
                     now = time.monotonic()
                     with self._lock:
                         reply = self.control.request(request, peer, now)
                         self._change(reply.effects)
                     self._carry_out(reply.effects)
-                    return reply.line
+                    return reply.line, None if reply.acked else "rejected"
         except (ValueError, TimeoutError, RuntimeError) as error:
-            self._refused(peer, str(error))
-            return nack(str(error))
-
-    def status(self) -> dict[str, object]:
-        """Services, backends with state, and counters summed over every worker."""
-        assert self.plane is not None
-        counters = merge_counters(self.ask(AskCounters()))
-        workers = self.plane.info()
-        now = time.monotonic()
-        with self._lock:
-            status = self.control.status(counters, workers, now)
-        if self.link_watch is not None and self.link is not None:
-            status["link"] = link_status(self.link_watch, self.link, now)
-        return status
-
-    def sessions(self) -> list[dict[str, object]]:
-        """Every worker's rows, each marked with its worker."""
-        rows: list[dict[str, object]] = []
-        for worker, answer in enumerate(self.ask(AskSessions())):
-            rows.extend({**row, "worker": worker} for row in answer)
-        return rows
+            self._carry_out(self.control.refused(peer, str(error)))
+            return nack(str(error)), "unavailable"
 
     def dump_table(self) -> None:
         """`kill -USR1`: the NAT table into the log (on a thread of its own)."""
@@ -547,8 +532,10 @@ class Daemon:
             except (ConfigError, ValueError, OSError, GuardError, StartError) as error:
                 # StartError: a new service's port is taken (before, a traceback)
                 return self._reload_failed(str(error))
+        self.instruments.reload(applied=True)
         return None
 
     def _reload_failed(self, error: str) -> str:
+        self.instruments.reload(applied=False)
         self.log.write(reload_rejected_line(error))
         return error

@@ -183,6 +183,9 @@ class DataPlane(Protocol):
     def ask(self, question: Question, timeout: float = 5.0) -> list[Any]:
         """Every live engine's answer to `question`."""
 
+    def ask_each(self, question: Question, timeout: float = 5.0) -> list[tuple[int, Any]]:
+        """The same, each with its worker's index (metrics label their series by worker)."""
+
     def set_filter(self, program: bytes) -> None: ...
 
     def info(self) -> list[dict[str, object]]:

@@ -30,6 +30,7 @@ The transitions of a backend, as the registry makes them (lbnat.registry):
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -79,6 +80,10 @@ class Reply:
     line: bytes
     effects: list[Effect] = field(default_factory=list)
 
+    @property
+    def acked(self) -> bool:
+        return bool(json.loads(self.line)["ok"])
+
 
 @dataclass(frozen=True, slots=True)
 class ReloadPlan:
@@ -92,7 +97,8 @@ class ReloadPlan:
 
 # Settings a reload cannot change in a running lbnat.
 RESTART_KEYS = ("lb_ip", "interface", "nat_ports", "table_cap", "timeouts", "control",
-                "admin_socket", "syn_proxy", "syn_proxy_threshold", "syn_proxy_mss")  # fmt: skip
+                "admin_socket", "syn_proxy", "syn_proxy_threshold", "syn_proxy_mss",
+                "metrics")  # fmt: skip
 
 # The requests that change a backend: (state in the reply, verb in the log line).
 BACKEND_OPS = {

@@ -98,9 +98,13 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Nack:
-    """A refused request: `reason` is one line, safe to send to the peer and to log."""
+    """A refused request: `reason` is one line, safe to send to the peer and to log; `kind`
+    one word for the metrics' `reason` label (lbnat.metrics): "malformed" (not a request we
+    understand), "not_allowed" (the source is not on the allow list), "auth" (signature,
+    timestamp or nonce refused)."""
 
     reason: str
+    kind: str = "malformed"
 
 
 # --- authentication -------------------------------------------------------------------------
@@ -286,14 +290,14 @@ def parse_request(
     source check. `auth=None` on the control channel means any source, no authentication.
     Never raises."""
     if not admin and auth is not None and not auth.source_allowed(source_ip):
-        return Nack(f"source {_plain(source_ip)} is not allowed")
+        return Nack(f"source {_plain(source_ip)} is not allowed", "not_allowed")
     message = _load(line)
     if isinstance(message, Nack):
         return message
     if not admin and auth is not None:
         refused = auth.verify(message, now)
         if refused is not None:
-            return refused
+            return Nack(refused.reason, "auth")
     fields = {key: value for key, value in message.items() if key not in AUTH_FIELDS}
     return _request(fields, admin)
 

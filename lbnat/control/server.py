@@ -27,7 +27,8 @@ from lbnat.config import ControlConfig
 from lbnat.control.protocol import MAX_LINE, Authenticator, Nack, Request, nack, parse_request
 
 Apply = Callable[[Request, str], bytes]  # (request, who asked) -> the reply line
-Refused = Callable[[str, str], None]  # (who asked, why) -> log it
+# (who asked, why, one word for why: Nack.kind, or "connection", "busy") -> log and count it
+Refused = Callable[[str, str, str], None]
 
 REQUESTS_PER_CONNECTION = 100
 IDLE_TIMEOUT = 10.0
@@ -53,7 +54,9 @@ class _LineHandler(socketserver.StreamRequestHandler):
             try:
                 line = self._read_line(pending)
             except TimeoutError:
-                server.refused(peer, f"no request within {IDLE_TIMEOUT:g} s; connection closed")
+                server.refused(
+                    peer, f"no request within {IDLE_TIMEOUT:g} s; connection closed", "connection"
+                )
                 return
             except OSError:
                 return
@@ -61,7 +64,7 @@ class _LineHandler(socketserver.StreamRequestHandler):
                 return
             if len(line) > MAX_LINE or not line.endswith(b"\n"):
                 reason = f"a request is one line of at most {MAX_LINE} bytes"
-                server.refused(peer, reason)
+                server.refused(peer, reason, "malformed")
                 self._reply(nack(reason), server, peer)
                 return
             if not self._reply(server.answer(line, peer), server, peer):
@@ -96,7 +99,9 @@ class _LineHandler(socketserver.StreamRequestHandler):
             self.wfile.write(data)
             self.wfile.flush()
         except TimeoutError:
-            server.refused(peer, f"did not read its reply within {IDLE_TIMEOUT:g} s; dropped")
+            server.refused(
+                peer, f"did not read its reply within {IDLE_TIMEOUT:g} s; dropped", "connection"
+            )
             return False
         except OSError:
             return False
@@ -126,7 +131,7 @@ class _LineServer(socketserver.ThreadingMixIn):
             line, source_ip=source, now=time.time(), auth=self.auth, admin=self.admin
         )
         if isinstance(request, Nack):
-            self.refused(peer, request.reason)
+            self.refused(peer, request.reason, request.kind)
             return nack(request.reason)
         return self.apply(request, peer)
 
@@ -136,7 +141,7 @@ class _LineServer(socketserver.ThreadingMixIn):
             self._open += admitted
         if not admitted:
             reason = f"{MAX_CONNECTIONS} connections open already; connection closed"
-            self.refused(self.peer_name(client_address), reason)
+            self.refused(self.peer_name(client_address), reason, "busy")
             with contextlib.suppress(OSError):  # a fresh socket's buffer takes one line
                 request.send(nack(reason), socket.MSG_DONTWAIT)
                 request.shutdown(socket.SHUT_WR)

@@ -288,8 +288,11 @@ class InlinePlane:
         loop.submit(apply)
 
     def ask(self, question: Question, timeout: float = 5.0) -> list[Any]:
+        return [value for _, value in self.ask_each(question, timeout)]
+
+    def ask_each(self, question: Question, timeout: float = 5.0) -> list[tuple[int, Any]]:
         if threading.current_thread() is self._thread:  # asked from the loop's own upkeep
-            return [answer(self.loop.engine, question, time.monotonic())]
+            return [(0, answer(self.loop.engine, question, time.monotonic()))]
         done = threading.Event()
         box: list[tuple[bool, Any]] = []
 
@@ -307,7 +310,7 @@ class InlinePlane:
         ok, value = box[0]
         if not ok:
             raise value
-        return [value]
+        return [(0, value)]
 
     def set_filter(self, program: bytes) -> None:
         attach_filter(self.sock, program)
@@ -542,6 +545,10 @@ class WorkerPool:
 
     def ask(self, question: Question, timeout: float = 5.0) -> list[Any]:
         """Every live worker's answer (a dead one, being restarted, has none)."""
+        return [value for _, value in self.ask_each(question, timeout)]
+
+    def ask_each(self, question: Question, timeout: float = 5.0) -> list[tuple[int, Any]]:
+        """Every live worker's answer with its index."""
         with self._request_lock:
             self._requests += 1
             request = self._requests
@@ -556,7 +563,7 @@ class WorkerPool:
             ok, value = box[0]
             if not ok:
                 raise RuntimeError(f"worker {proc.index}: {value}")
-            answers.append(value)
+            answers.append((proc.index, value))
         return answers
 
     def set_filter(self, program: bytes) -> None:

@@ -10,6 +10,7 @@ packet loop; the probes of one round run in parallel on a small pool, so a few d
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +39,14 @@ class Report:
     health: Health
     changed: bool  # a transition (or the backend's first verdict)
     result: ProbeResult
+
+
+def timed_check(probe: Probe, ip: str, port: int, timeout: float) -> ProbeResult:
+    """The probe's result with how long it took, failures included (lbnat.metrics'
+    probe duration histogram)."""
+    began = time.monotonic()
+    result = probe.check(ip, port, timeout)
+    return dataclasses.replace(result, seconds=time.monotonic() - began)
 
 
 @dataclass
@@ -118,7 +127,7 @@ class HealthChecker:
             check = checks[name]
             for backend in current.get(name, ()):
                 futures[(name, backend.ip, backend.port)] = pool.submit(
-                    check.probe.check, backend.ip, backend.port, check.policy.timeout
+                    timed_check, check.probe, backend.ip, backend.port, check.policy.timeout
                 )
         results = {key: future.result() for key, future in futures.items()}
         if self._held.is_set() or self._epoch != epoch:

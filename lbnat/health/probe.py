@@ -20,6 +20,7 @@ DRAIN_SECONDS = 0.5  # how long a probe waits for the server's side of a polite 
 class ProbeResult:
     ok: bool
     detail: str = ""  # why, for the JSON log: "connection refused", "status 503", ...
+    seconds: float = 0.0  # how long the probe took (set by the checker, which times it)
 
 
 class Probe(Protocol):

@@ -317,6 +317,26 @@ BAD: list[tuple[str, object, str]] = [
         'control.listen: port 20000 is also the port of service "chat"',
     ),
     (
+        "metrics-listen-name",
+        {"metrics": {"listen": "localhost:9120"}},
+        'metrics.listen: "localhost" is not an IPv4 address',
+    ),
+    (
+        "metrics-no-listen",
+        {"metrics": {}},
+        'metrics: missing the required key "listen"',
+    ),
+    (
+        "metrics-listen-in-nat-range",
+        {"metrics": {"listen": "127.0.0.1:62000"}},
+        "metrics.listen: port 62000 is inside nat_ports 61000-65535",
+    ),
+    (
+        "metrics-listen-on-service",
+        {"metrics": {"listen": "0.0.0.0:20000"}, "services": [{"name": "chat"}]},
+        'metrics.listen: port 20000 is also the port of service "chat"',
+    ),
+    (
         "control-both-secrets",
         control(secret="s3cret", secret_file="/etc/lbnat/secret"),
         'control.secret_file: give "secret" or "secret_file", not both',
@@ -763,6 +783,7 @@ def test_the_schema_names_the_same_keys_as_the_parser() -> None:
     assert _properties(schema, top["timeouts"]) == set(config_module.TIMEOUT_KEYS)
     assert _properties(schema, top["log"]) == set(config_module.LOG_KEYS)
     assert _properties(schema, top["control"]) == set(config_module.CONTROL_KEYS)
+    assert _properties(schema, top["metrics"]) == set(config_module.METRICS_KEYS)
     assert set(service["properties"]) == set(config_module.SERVICE_KEYS)
     assert _properties(schema, service["properties"]["health"]) == set(config_module.HEALTH_KEYS)
     assert set(schema["$defs"]["backend"]["properties"]) == set(config_module.BACKEND_KEYS)

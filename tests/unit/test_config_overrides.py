@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +230,28 @@ def test_mistakes_with_a_file(tmp_path: Path) -> None:
 def test_overrides_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         Overrides().proto = "udp"  # type: ignore[misc]
+
+
+def test_metrics_address_from_the_command_line_and_the_file(tmp_path: Path) -> None:
+    assert build_config(Overrides(words=WORDS)).metrics is None
+    assert build_config(Overrides(words=WORDS, metrics="127.0.0.1")).metrics == (
+        "127.0.0.1", 9120
+    )
+    path = tmp_path / "lbnat.json"
+    path.write_text(json.dumps({"lb_ip": "198.18.0.2", "metrics": {"listen": "0.0.0.0:9200"}}))
+    assert build_config(Overrides(config_file=str(path))).metrics == ("0.0.0.0", 9200)
+    given = Overrides(config_file=str(path), metrics="127.0.0.1:9300", given=frozenset({"metrics"}))
+    assert build_config(given).metrics == ("127.0.0.1", 9300)
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("localhost:9120", "metrics address 'localhost' is not an IPv4 address"),
+        ("127.0.0.1:99999", "metrics address port"),
+        ("127.0.0.1:62000", "--metrics: port 62000 is inside nat_ports 61000-65535"),
+    ],
+)
+def test_metrics_address_mistakes(address: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_config(Overrides(words=WORDS, metrics=address))

@@ -241,12 +241,12 @@ def test_missing_auth_field(field: str) -> None:
     auth = gate()
     message = sign(REGISTER, SECRET, NOW, NONCE)
     del message[field]
-    assert parse(encode(message), auth) == Nack(f'missing field "{field}"')
+    assert parse(encode(message), auth) == Nack(f'missing field "{field}"', "auth")
     assert len(auth) == 0
 
 
 def test_unsigned_request_names_every_missing_auth_field() -> None:
-    assert parse(raw(REGISTER), gate()) == Nack('missing fields "ts", "nonce", "mac"')
+    assert parse(raw(REGISTER), gate()) == Nack('missing fields "ts", "nonce", "mac"', "auth")
 
 
 @pytest.mark.parametrize(
@@ -327,9 +327,10 @@ def test_replay_is_refused_inside_the_window_and_by_the_timestamp_after_it() -> 
     auth = gate()
     line = signed(nonce=NONCE)
     assert parse(line, auth) == REGISTERED
-    assert parse(line, auth) == Nack("nonce: already used (a replayed request)")
+    assert parse(line, auth) == Nack("nonce: already used (a replayed request)", "auth")
     # Still remembered at the window's far edge, where the timestamp still passes.
-    assert parse(line, auth, now=NOW + WINDOW) == Nack("nonce: already used (a replayed request)")
+    replayed = Nack("nonce: already used (a replayed request)", "auth")
+    assert parse(line, auth, now=NOW + WINDOW) == replayed
     # Past it the timestamp refuses the replay, and the nonce has been forgotten.
     refused(parse(line, auth, now=NOW + WINDOW + EPSILON), "ts:", "behind the server clock")
     assert len(auth) == 0
@@ -341,7 +342,7 @@ def test_replay_of_a_future_dated_message_is_refused_until_its_timestamp_expires
     auth = gate()
     line = signed(ts=NOW + WINDOW, nonce=NONCE)
     assert parse(line, auth) == REGISTERED
-    replay = Nack("nonce: already used (a replayed request)")
+    replay = Nack("nonce: already used (a replayed request)", "auth")
     assert parse(line, auth, now=NOW + WINDOW + 1.0) == replay
     assert parse(line, auth, now=NOW + 2 * WINDOW) == replay
     refused(parse(line, auth, now=NOW + 2 * WINDOW + EPSILON), "ts:")
@@ -377,7 +378,7 @@ def test_signed_request_with_bad_content_is_refused_after_authentication() -> No
 
 def test_unsigned_stranger_learns_nothing_but_authentication() -> None:
     assert parse(raw({"op": "explode", "colour": 1}), gate()) == Nack(
-        'missing fields "ts", "nonce", "mac"'
+        'missing fields "ts", "nonce", "mac"', "auth"
     )
 
 
@@ -396,7 +397,9 @@ def test_unsigned_stranger_learns_nothing_but_authentication() -> None:
 )
 def test_source_outside_the_allow_list_is_refused_before_parsing(line: bytes) -> None:
     for auth in (gate(), gate(None)):
-        assert parse(line, auth, source="10.0.0.1") == Nack("source 10.0.0.1 is not allowed")
+        assert parse(line, auth, source="10.0.0.1") == Nack(
+            "source 10.0.0.1 is not allowed", "not_allowed"
+        )
 
 
 def test_source_refused_burns_no_nonce() -> None:
@@ -655,7 +658,7 @@ def test_concurrent_replays_accept_exactly_one() -> None:
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda _: attempt(), range(8)))
     assert results.count(REGISTERED) == 1
-    assert results.count(Nack("nonce: already used (a replayed request)")) == 7
+    assert results.count(Nack("nonce: already used (a replayed request)", "auth")) == 7
 
 
 @pytest.mark.parametrize(
@@ -841,7 +844,7 @@ def test_sign_then_parse_round_trips(request: tuple[dict[str, object], Request],
     auth = gate()
     line = encode(sign(message, SECRET, ts))
     assert parse(line, auth) == expected
-    assert parse(line, auth) == Nack("nonce: already used (a replayed request)")
+    assert parse(line, auth) == Nack("nonce: already used (a replayed request)", "auth")
 
 
 @PROPERTY

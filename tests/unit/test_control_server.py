@@ -24,10 +24,12 @@ BOUND = 0.3  # the idle bound in these tests (seconds)
 class Log:
     def __init__(self) -> None:
         self.lines: list[tuple[str, str]] = []
+        self.kinds: list[str] = []  # the metrics' word for each refusal
         self.seen = threading.Event()
 
-    def __call__(self, peer: str, reason: str) -> None:
+    def __call__(self, peer: str, reason: str, kind: str) -> None:
         self.lines.append((peer, reason))
+        self.kinds.append(kind)
         self.seen.set()
 
 
@@ -114,6 +116,7 @@ def test_an_over_long_line_is_refused_and_logged(
     assert b"at most 4096 bytes" in reply
     [(_, reason)] = refused.lines
     assert reason == "a request is one line of at most 4096 bytes"
+    assert refused.kinds == ["malformed"]
 
 
 def test_the_admin_socket_drops_a_silent_client(tmp_path: Path, refused: Log) -> None:
@@ -129,6 +132,7 @@ def test_the_admin_socket_drops_a_silent_client(tmp_path: Path, refused: Log) ->
     finally:
         admin.server_close()
     assert refused.lines == [("admin", f"no request within {BOUND:g} s; connection closed")]
+    assert refused.kinds == ["connection"]
 
 
 def test_a_client_that_drips_its_request_is_dropped_after_the_bound(
@@ -191,3 +195,4 @@ def test_connections_past_the_cap_are_refused_at_once(
                 client.close()
     assert b"3 connections open already" in reply
     assert ("127.0.0.1", "3 connections open already; connection closed") in refused.lines
+    assert "busy" in refused.kinds

@@ -1,0 +1,94 @@
+"""What the daemon answers about the running lbnat: status, sessions, a scrape's snapshot.
+
+A part of `Daemon` (lbnat.daemon) kept apart: questions only read. They are asked on the
+admin server's threads and the metrics server's thread, without the control plane's lock
+(the loops answer them between batches); only the control plane's part of the status is built
+under it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from lbnat.control.plane import ControlPlane
+from lbnat.dataplane.link import Link
+from lbnat.dataplane.offload import KernelPath
+from lbnat.linkwatch import LinkWatch
+from lbnat.messages import AskCounters, AskSessions, DataPlane, Question
+from lbnat.metrics import Snapshot, lbnat_version
+from lbnat.views import merge_counters
+
+__all__ = ["SCRAPE_TIMEOUT", "Questions", "link_status"]
+
+SCRAPE_TIMEOUT = 2.0  # seconds a scrape waits for the workers' counters (Prometheus: 10 s)
+
+
+def link_status(watch: LinkWatch, link: Link, now: float) -> dict[str, object]:
+    return {
+        "interface": link.interface,
+        "state": watch.state.value,
+        "since": round(now - watch.since, 1),  # seconds in this state
+    }
+
+
+class Questions:
+    """The daemon's answers about the data plane (the attributes are the Daemon's)."""
+
+    plane: DataPlane | None
+    control: ControlPlane
+    link: Link | None
+    link_watch: LinkWatch | None
+    offload: KernelPath | None
+    _lock: threading.Lock
+
+    def ask(self, question: Question, timeout: float = 5.0) -> list[Any]:
+        """Every engine's answer to `question` (lbnat.views.answer), one per live worker."""
+        plane = self.plane
+        if plane is None:
+            raise RuntimeError("lbnat is not running")
+        return plane.ask(question, timeout)
+
+    def status(self) -> dict[str, object]:
+        """Services, backends with state, and counters summed over every worker."""
+        return self.status_of(merge_counters(self.ask(AskCounters())))
+
+    def status_of(self, counters: dict[str, Any]) -> dict[str, object]:
+        """The status around `counters` (every worker's, merged)."""
+        plane = self.plane
+        if plane is None:
+            raise RuntimeError("lbnat is not running")
+        workers = plane.info()
+        now = time.monotonic()
+        with self._lock:
+            status = self.control.status(counters, workers, now)
+        if self.link_watch is not None and self.link is not None:
+            status["link"] = link_status(self.link_watch, self.link, now)
+        return status
+
+    def metrics_snapshot(self) -> Snapshot | None:
+        """What one scrape sees (on the metrics server's thread): each worker's own counters,
+        and the status around their sum. None once lbnat is stopping."""
+        plane = self.plane
+        if plane is None:
+            return None
+        try:
+            answers = plane.ask_each(AskCounters(), SCRAPE_TIMEOUT)
+            status = self.status_of(merge_counters([answer for _, answer in answers]))
+        except (TimeoutError, RuntimeError):
+            return None  # a worker stuck or dying: this scrape has the main process's metrics
+        return Snapshot(status, answers, self.offload is not None, lbnat_version())
+
+    def sessions(self) -> list[dict[str, object]]:
+        """Every worker's rows, each marked with its worker."""
+        rows: list[dict[str, object]] = []
+        for worker, answer in self.ask_each_live(AskSessions()):
+            rows.extend({**row, "worker": worker} for row in answer)
+        return rows
+
+    def ask_each_live(self, question: Question) -> list[tuple[int, Any]]:
+        plane = self.plane
+        if plane is None:
+            raise RuntimeError("lbnat is not running")
+        return plane.ask_each(question)
