@@ -1,16 +1,23 @@
 """lbnat.sdnotify: systemd's notify protocol, against a real AF_UNIX datagram socket the test
-binds (a path in tmp_path, or an abstract name)."""
+binds (a path in tmp_path, or an abstract name), and the daemon's use of it (READY=1 once,
+watchdog pings at half the interval, a reload framed by RELOADING=1 and READY=1) with a fake
+data plane: no root, no namespace."""
 
 from __future__ import annotations
 
+import io
 import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lbnat.backends import Backend
+from lbnat.config import ConfigError, parse_config
+from lbnat.daemon import Daemon, ready_status
 from lbnat.sdnotify import Notifier, message, notify_address, ping_due, watchdog_interval
 
 
@@ -200,3 +207,102 @@ def test_no_pings_for_another_process(listener: Listener) -> None:
     assert [notifier.ping_if_due(t) for t in (0.0, 5.0, 10.0)] == [False] * 3
     assert notifier.ready("x") is True  # the rest of the protocol still goes out
     assert listener.take() == [b"READY=1\nSTATUS=x"]
+
+
+# --- the daemon's use of it -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("alive", "backends", "status"),
+    [
+        ([True], {"chat": 3}, "forwarding: 1 worker, 3 backends"),
+        ([True, True], {"chat": 3, "web": 3}, "forwarding: 2 workers, 6 backends"),
+        ([True, False], {"chat": 1}, "forwarding: 1 worker, 1 backend"),
+    ],
+)
+def test_ready_status(alive: list[bool], backends: dict[str, int], status: str) -> None:
+    workers = [{"index": i, "alive": a} for i, a in enumerate(alive)]
+    snapshot = {
+        name: tuple(Backend("198.18.0.21", 9000 + i) for i in range(count))
+        for name, count in backends.items()
+    }
+    assert ready_status(workers, snapshot) == status
+
+
+class FakePlane:
+    """What the daemon asks of a data plane between its upkeeps, nothing more."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+
+    def info(self) -> list[dict[str, object]]:
+        return [{"index": i, "alive": True} for i in range(self.workers)]
+
+    def change(self, change: object) -> None:
+        pass
+
+
+CONFIG: Mapping[str, Any] = {
+    "lb_ip": "198.18.0.2",
+    "services": [
+        {
+            "name": "chat",
+            "protocol": "tcp",
+            "port": 20000,
+            "backends": [{"ip": f"198.18.0.{20 + i}", "port": 9000} for i in (1, 2, 3)],
+        }
+    ],
+}
+
+
+def daemon(listener: Listener, workers: int, reload_to: Mapping[str, Any] | None) -> Daemon:
+    def reload_config() -> Any:
+        if reload_to is None:
+            raise ConfigError("services[0].port", "not a port", "lbnat.json")
+        return parse_config(reload_to)
+
+    d = Daemon(
+        parse_config(CONFIG), out=io.StringIO(), reload_config=reload_config,
+        notifier=listener.notifier(watchdog=1.0),
+    )  # fmt: skip
+    d.plane = FakePlane(workers)  # type: ignore[assignment]
+    return d
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_daemon_says_ready_once_then_pings(listener: Listener, workers: int) -> None:
+    d = daemon(listener, workers, CONFIG)
+    for t in range(12):  # upkeeps 0.1 s apart
+        d._maintain(50.0 + t / 10)
+    ready = f"READY=1\nSTATUS=forwarding: {workers} worker{'s' if workers > 1 else ''}, 3 backends"
+    assert listener.take() == [ready.encode(), b"WATCHDOG=1", b"WATCHDOG=1", b"WATCHDOG=1"]
+
+
+@pytest.mark.parametrize("taken", [True, False], ids=["applied", "rejected"])
+def test_a_reload_is_framed_by_reloading_and_ready(listener: Listener, taken: bool) -> None:
+    chat = CONFIG["services"][0]
+    more = {
+        **CONFIG,
+        "services": [
+            {**chat, "backends": [*chat["backends"], {"ip": "198.18.0.24", "port": 9000}]}
+        ],
+    }
+    d = daemon(listener, 2, more if taken else None)
+    d._maintain(10.0)
+    listener.take()
+    error = d.reload()
+    assert (error is None) is taken
+    reloading, ready = listener.take()
+    assert reloading.startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+    usec = int(reloading.split(b"\n")[1].split(b"=")[1])
+    assert 0 < usec <= int(time.monotonic() * 1_000_000)
+    backends = 4 if taken else 3
+    assert ready == f"READY=1\nSTATUS=forwarding: 2 workers, {backends} backends".encode()
+
+
+def test_no_reload_notifications_before_ready(listener: Listener) -> None:
+    """A SIGHUP that comes before the loop turned: systemd would take its READY=1 for the end
+    of start-up."""
+    d = daemon(listener, 1, None)
+    assert d.reload() is not None
+    assert listener.take() == []
