@@ -15,9 +15,8 @@ Thread and process model (docs/architecture.md, "Threads, processes and why"):
 - signal handlers only ask: stop (SIGINT, SIGTERM), dump the table (SIGUSR1), reload (SIGHUP);
   cleanup (workers, nftables table, reserved ports, sockets) runs on the main thread on the way
   out;
-- under systemd (lbnat.sdnotify) the main loop's first upkeep says READY=1, its upkeep pings
-  the watchdog, a reload is framed by RELOADING=1 and READY=1, and the way out starts with
-  STOPPING=1.
+- systemd hears READY=1 at the main loop's first upkeep, WATCHDOG=1 from its upkeep,
+  RELOADING=1 and READY=1 around a reload, STOPPING=1 on the way out (lbnat.sdnotify.Lifecycle).
 """
 
 from __future__ import annotations
@@ -89,7 +88,7 @@ from lbnat.messages import (
     SetServices,
     WorkerSetup,
 )
-from lbnat.sdnotify import Notifier
+from lbnat.sdnotify import Lifecycle
 from lbnat.service import Service
 from lbnat.syncookie import DEFAULT_WSCALE, SECRET_BYTES, SynProxySettings, kernel_wscale
 from lbnat.views import merge_counters
@@ -100,6 +99,7 @@ __all__ = [
     "StartError",
     "check_can_start",
     "check_port_free",
+    "forwarding_status",
     "ready_status",
 ]
 
@@ -227,13 +227,19 @@ def link_status(watch: LinkWatch, link: Link, now: float) -> dict[str, object]:
 def ready_status(
     workers: Sequence[Mapping[str, object]], backends: Mapping[str, Sequence[Backend]]
 ) -> str:
-    """The STATUS= line sent with READY=1 (what `systemctl status lbnat` shows)."""
+    """The STATUS= line of READY=1 (what `systemctl status lbnat` shows)."""
     alive = sum(1 for worker in workers if worker.get("alive"))
     count = sum(len(service) for service in backends.values())
     return (
         f"forwarding: {alive} worker{'' if alive == 1 else 's'}, "
         f"{count} backend{'' if count == 1 else 's'}"
     )
+
+
+def forwarding_status(daemon: Daemon) -> str | None:
+    """The daemon's READY=1 STATUS= line; None before it has a data plane."""
+    plane = daemon.plane
+    return None if plane is None else ready_status(plane.info(), daemon.current_backends())
 
 
 def in_thread(
@@ -254,7 +260,6 @@ class Daemon:
         config: Config,
         out: TextIO = sys.stdout,
         reload_config: Callable[[], Config] | None = None,
-        notifier: Notifier | None = None,
     ) -> None:
         if config.lb_ip is None:
             raise StartError("no SRCIP: give it on the command line or as lb_ip in the config")
@@ -276,12 +281,7 @@ class Daemon:
         # A reload plans and commits under two takes of _lock: no other reload in between.
         self._reload_lock = threading.Lock()
         self.syn_proxy = syn_proxy_settings(config)
-        # systemd's notify socket ($NOTIFY_SOCKET; without it every notification is a no-op)
-        self.notifier = (
-            notifier if notifier is not None else Notifier.from_environment(self._notify_failed)
-        )
-        self._ready = False  # READY=1 sent: the main loop has turned once
-        self._stopping = False  # STOPPING=1 sent: no READY=1 after it (a reload ending late)
+        self.systemd = Lifecycle.from_environment(lambda: forwarding_status(self), self.log)
 
     @property
     def config(self) -> Config:
@@ -368,11 +368,7 @@ class Daemon:
         try:
             self.plane.run(self._maintain)
         finally:
-            # Said here, on the main thread, not in the signal handler: a failed send is logged,
-            # and the handler may have interrupted this thread inside the log's lock. The loop
-            # ends within one upkeep of the signal; the slow part (workers, nftables) follows.
-            self._stopping = True
-            self.notifier.stopping()
+            self.systemd.stopping()  # STOPPING=1 here, not in the signal handler (Lifecycle)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.close()
@@ -450,10 +446,9 @@ class Daemon:
         return plane.ask(question, timeout)
 
     def _maintain(self, now: float) -> None:
-        """Upkeep between batches (one worker) or by the supervisor (N workers): tell systemd;
-        watch the interface; remove drained backends whose last flow has ended in every
-        worker."""
-        self._tell_systemd(now)
+        """Upkeep between batches (one worker) or by the supervisor (N workers): tell systemd, watch
+        the interface, remove drained backends whose last flow has ended in every worker."""
+        self.systemd.upkeep(now)
         self._watch_link(now)
         with self._lock:
             question = self.control.draining()
@@ -464,34 +459,6 @@ class Daemon:
         except (TimeoutError, RuntimeError):
             return  # asked again at the next upkeep
         self._locked(lambda: self.control.sweep(now, answers))
-
-    def _tell_systemd(self, now: float) -> None:
-        """READY=1 at the first upkeep, watchdog pings at every upkeep that finds one due.
-
-        Not at the end of start(): only the main loop turning proves that what READY promises
-        answers. start_plane returned once every worker process sent its Ready (WorkerPool) or
-        once the loop was built (InlinePlane, whose loop is this thread: before it runs, a
-        status question waits); the guard, the servers and the health thread started before
-        this loop did, and the stop and reload handlers are installed (a SIGHUP before them
-        would kill lbnat). The upkeep runs every TICK_EVERY (0.1 s) between batches on the
-        one-worker loop, also under load (a batch is bounded), and every SUPERVISE_EVERY
-        (0.2 s) on the N-worker supervisor: pinging from here means a main loop that hangs
-        stops pinging, and systemd restarts lbnat (WatchdogSec= in lbnat.service)."""
-        if not self._ready:
-            self._say_ready()
-            self._ready = True
-        self.notifier.ping_if_due(now)
-
-    def _say_ready(self) -> None:
-        plane = self.plane
-        if plane is None or self._stopping:
-            return
-        with self._lock:
-            backends = self.control.backends()
-        self.notifier.ready(ready_status(plane.info(), backends))
-
-    def _notify_failed(self, text: str) -> None:
-        self.log(text, "sdnotify_failed")
 
     def _watch_link(self, now: float) -> None:
         """One line per transition of the interface (the loops survive a flap by themselves);
@@ -594,37 +561,24 @@ class Daemon:
     # --- reload ------------------------------------------------------------------------------
 
     def reload(self) -> str | None:
-        """Re-read the config and apply it without losing a session. Returns the error (the
-        running config stays) or None. systemd hears RELOADING=1 first and READY=1 after,
-        whether the new config was taken or rejected: lbnat runs on either way."""
-        with self._reload_lock:  # one at a time (a SIGHUP storm starts a thread per signal)
-            # Not before the first READY=1: systemd would take this one for the end of start-up.
-            framed = self._ready
-            if framed:
-                self.notifier.reloading(time.monotonic())
+        """Re-read the config and apply it without losing a session, one at a time (a SIGHUP storm
+        starts a thread per signal). Returns the error (the running config stays) or None."""
+        with self._reload_lock, self.systemd.reloading(time.monotonic()):
+            if self.reload_config is None:
+                return self._reload_failed("lbnat was started without a config file")
             try:
-                return self._reload()
-            finally:
-                if framed:
-                    self._say_ready()
-
-    def _reload(self) -> str | None:
-        """The reload itself, under the reload lock."""
-        if self.reload_config is None:
-            return self._reload_failed("lbnat was started without a config file")
-        try:
-            new = self.reload_config()
-            with self._lock:
-                plan = self.control.plan_reload(new)
-            self._carry_out(plan.notes)
-            if plan.error is not None:
-                return self._reload_failed(plan.error)
-            for service in plan.added:
-                check_port_free(self.lb_ip, service.service.port, service.service.proto)
-            self._locked(lambda: self.control.commit_reload(plan))
-        except (ConfigError, ValueError, OSError, GuardError, StartError) as error:
-            # StartError: a new service's port is taken (before, a traceback)
-            return self._reload_failed(str(error))
+                new = self.reload_config()
+                with self._lock:
+                    plan = self.control.plan_reload(new)
+                self._carry_out(plan.notes)
+                if plan.error is not None:
+                    return self._reload_failed(plan.error)
+                for service in plan.added:
+                    check_port_free(self.lb_ip, service.service.port, service.service.proto)
+                self._locked(lambda: self.control.commit_reload(plan))
+            except (ConfigError, ValueError, OSError, GuardError, StartError) as error:
+                # StartError: a new service's port is taken (before, a traceback)
+                return self._reload_failed(str(error))
         return None
 
     def _reload_failed(self, error: str) -> str:

@@ -10,16 +10,20 @@ and is itself these few lines. Without $NOTIFY_SOCKET (lbnat run by hand, in a c
 the tests) every call is a no-op.
 
 The helpers that read the environment and decide when a watchdog ping is due are pure (the
-time comes in as an argument); `Notifier` is the I/O.
+time comes in as an argument); `Notifier` is the I/O; `Lifecycle` is what the daemon says
+when.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Protocol
 
 __all__ = [
+    "Lifecycle",
     "Notifier",
     "message",
     "notify_address",
@@ -166,3 +170,74 @@ class Notifier:
         # Due again half an interval from now even when this one failed: no retry per upkeep.
         self.last_ping = now
         return self.watchdog()
+
+
+class Log(Protocol):
+    """lbnat.eventlog.Log, as far as this module uses it."""
+
+    def __call__(self, text: str, event: str) -> None: ...
+
+
+class Lifecycle:
+    """What lbnat tells systemd, and when (lbnat.daemon calls these).
+
+    READY=1 at the first upkeep of the main loop, not at the end of start-up: only the loop
+    turning proves that what READY promises answers. By then start_plane has returned, after
+    every worker process sent its Ready (N workers) or with the loop built on this very thread
+    (one worker: before it runs, a status question waits); the nftables guard, the
+    registration and admin servers and the health thread are up; the stop and reload signal
+    handlers are installed (a SIGHUP before them would kill lbnat).
+
+    The upkeep runs every TICK_EVERY (0.1 s) between batches on the one-worker loop, also under
+    load (a batch is bounded), and every SUPERVISE_EVERY (0.2 s) on the N-worker supervisor;
+    each finds out whether a watchdog ping is due. A main loop that hangs stops pinging, and
+    systemd restarts lbnat (WatchdogSec= in scripts/systemd/lbnat.service).
+
+    A reload is framed by RELOADING=1 and READY=1, whatever its outcome (lbnat runs on with the
+    old config or the new), once READY=1 was said: before that, systemd would take the reload's
+    READY=1 for the end of start-up. STOPPING=1 comes on the way out, from the main thread (a
+    failed send is logged, and a signal handler may have interrupted that thread inside the
+    log's lock); no READY=1 after it, from a reload that ends late.
+    """
+
+    def __init__(self, notifier: Notifier, status: Callable[[], str | None]) -> None:
+        self.notifier = notifier
+        self.status = status  # the STATUS= line of a READY=1; None: nothing to say yet
+        self.ready = False
+        self.stopped = False
+
+    @classmethod
+    def from_environment(cls, status: Callable[[], str | None], log: Log) -> Lifecycle:
+        """The notifier of os.environ; a failed send goes to `log` as event "sdnotify_failed"."""
+        return cls(Notifier.from_environment(lambda text: log(text, "sdnotify_failed")), status)
+
+    def upkeep(self, now: float) -> None:
+        """One turn of the main loop: READY=1 the first time, then a ping when one is due."""
+        if not self.ready:
+            self.ready = self._say_ready()
+        self.notifier.ping_if_due(now)
+
+    def _say_ready(self) -> bool:
+        if self.stopped or not self.notifier.enabled:
+            return True  # nothing to say, or too late to say it
+        status = self.status()
+        if status is None:
+            return False
+        self.notifier.ready(status)
+        return True
+
+    @contextmanager
+    def reloading(self, now_monotonic: float) -> Iterator[None]:
+        """Around one reload (`now_monotonic`: time.monotonic() as it starts)."""
+        framed = self.ready
+        if framed:
+            self.notifier.reloading(now_monotonic)
+        try:
+            yield
+        finally:
+            if framed:
+                self._say_ready()
+
+    def stopping(self) -> None:
+        self.stopped = True
+        self.notifier.stopping()

@@ -18,7 +18,7 @@ import pytest
 from lbnat.backends import Backend
 from lbnat.config import ConfigError, parse_config
 from lbnat.daemon import Daemon, ready_status
-from lbnat.sdnotify import Notifier, message, notify_address, ping_due, watchdog_interval
+from lbnat.sdnotify import Lifecycle, Notifier, message, notify_address, ping_due, watchdog_interval
 
 
 class Listener:
@@ -209,6 +209,61 @@ def test_no_pings_for_another_process(listener: Listener) -> None:
     assert listener.take() == [b"READY=1\nSTATUS=x"]
 
 
+# --- what the daemon says when: Lifecycle ---------------------------------------------------
+
+
+def test_lifecycle_says_ready_once_then_pings(listener: Listener) -> None:
+    statuses: list[str | None] = [None, "forwarding: 1 worker, 3 backends"]
+    life = Lifecycle(listener.notifier(watchdog=1.0), lambda: statuses.pop(0))
+    for t in range(12):  # upkeeps 0.1 s apart; at the first, nothing to say yet (no plane)
+        life.upkeep(50.0 + t / 10)
+    assert statuses == []  # asked twice, never again once READY=1 was said
+    assert listener.take() == [
+        b"WATCHDOG=1",  # 50.0
+        b"READY=1\nSTATUS=forwarding: 1 worker, 3 backends",  # 50.1
+        b"WATCHDOG=1",  # 50.5
+        b"WATCHDOG=1",  # 51.0
+    ]
+
+
+def test_lifecycle_frames_a_reload_once_ready(listener: Listener) -> None:
+    life = Lifecycle(listener.notifier(), lambda: "up")
+    with life.reloading(5.0):  # before READY=1: systemd would take the reload's for start-up's
+        pass
+    assert listener.take() == []
+    life.upkeep(6.0)
+    with pytest.raises(RuntimeError), life.reloading(7.25):  # a reload that fails: READY=1 too
+        raise RuntimeError("bug")
+    assert listener.take() == [
+        b"READY=1\nSTATUS=up",
+        b"RELOADING=1\nMONOTONIC_USEC=7250000\nSTATUS=reloading the config",
+        b"READY=1\nSTATUS=up",
+    ]
+
+
+def test_lifecycle_says_no_ready_after_stopping(listener: Listener) -> None:
+    life = Lifecycle(listener.notifier(), lambda: "up")
+    life.upkeep(1.0)
+    with life.reloading(2.0):
+        life.stopping()  # SIGTERM while a reload runs
+    assert listener.take() == [
+        b"READY=1\nSTATUS=up",
+        b"RELOADING=1\nMONOTONIC_USEC=2000000\nSTATUS=reloading the config",
+        b"STOPPING=1\nSTATUS=stopping",
+    ]
+
+
+def test_lifecycle_without_systemd_never_asks_for_the_status() -> None:
+    def status() -> str:
+        raise AssertionError("asked")
+
+    life = Lifecycle(Notifier(None), status)
+    life.upkeep(1.0)
+    with life.reloading(2.0):
+        pass
+    life.stopping()
+
+
 # --- the daemon's use of it -----------------------------------------------------------------
 
 
@@ -242,36 +297,43 @@ class FakePlane:
         pass
 
 
-CONFIG: Mapping[str, Any] = {
-    "lb_ip": "198.18.0.2",
-    "services": [
-        {
-            "name": "chat",
-            "protocol": "tcp",
-            "port": 20000,
-            "backends": [{"ip": f"198.18.0.{20 + i}", "port": 9000} for i in (1, 2, 3)],
-        }
-    ],
+CHAT: Mapping[str, Any] = {
+    "name": "chat",
+    "protocol": "tcp",
+    "port": 20000,
+    "backends": [{"ip": f"198.18.0.{20 + i}", "port": 9000} for i in (1, 2, 3)],
 }
+CONFIG: Mapping[str, Any] = {"lb_ip": "198.18.0.2", "services": [CHAT]}
 
 
-def daemon(listener: Listener, workers: int, reload_to: Mapping[str, Any] | None) -> Daemon:
+def daemon(
+    listener: Listener,
+    monkeypatch: pytest.MonkeyPatch,
+    workers: int,
+    reload_to: Mapping[str, Any] | None,
+) -> Daemon:
+    """A daemon whose environment names the listener (as systemd's would), with a fake data
+    plane; `reload_to`: the config a reload reads (None: a broken file)."""
+    for key, value in listener.environ(watchdog=1.0).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+
     def reload_config() -> Any:
         if reload_to is None:
             raise ConfigError("services[0].port", "not a port", "lbnat.json")
         return parse_config(reload_to)
 
-    d = Daemon(
-        parse_config(CONFIG), out=io.StringIO(), reload_config=reload_config,
-        notifier=listener.notifier(watchdog=1.0),
-    )  # fmt: skip
+    d = Daemon(parse_config(CONFIG), out=io.StringIO(), reload_config=reload_config)
     d.plane = FakePlane(workers)  # type: ignore[assignment]
     return d
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_the_daemon_says_ready_once_then_pings(listener: Listener, workers: int) -> None:
-    d = daemon(listener, workers, CONFIG)
+def test_the_daemon_says_ready_at_its_first_upkeep_then_pings(
+    listener: Listener, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    d = daemon(listener, monkeypatch, workers, CONFIG)
+    assert listener.take() == []  # nothing before the main loop turns
     for t in range(12):  # upkeeps 0.1 s apart
         d._maintain(50.0 + t / 10)
     ready = f"READY=1\nSTATUS=forwarding: {workers} worker{'s' if workers > 1 else ''}, 3 backends"
@@ -279,30 +341,39 @@ def test_the_daemon_says_ready_once_then_pings(listener: Listener, workers: int)
 
 
 @pytest.mark.parametrize("taken", [True, False], ids=["applied", "rejected"])
-def test_a_reload_is_framed_by_reloading_and_ready(listener: Listener, taken: bool) -> None:
-    chat = CONFIG["services"][0]
+def test_a_reload_is_framed_by_reloading_and_ready(
+    listener: Listener, monkeypatch: pytest.MonkeyPatch, taken: bool
+) -> None:
     more = {
         **CONFIG,
         "services": [
-            {**chat, "backends": [*chat["backends"], {"ip": "198.18.0.24", "port": 9000}]}
+            {**CHAT, "backends": [*CHAT["backends"], {"ip": "198.18.0.24", "port": 9000}]}
         ],
     }
-    d = daemon(listener, 2, more if taken else None)
+    d = daemon(listener, monkeypatch, 2, more if taken else None)
     d._maintain(10.0)
     listener.take()
+    before = time.monotonic()
     error = d.reload()
-    assert (error is None) is taken
+    assert (error is None) is taken, error
     reloading, ready = listener.take()
-    assert reloading.startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+    assert reloading.startswith(b"RELOADING=1\nMONOTONIC_USEC="), reloading
     usec = int(reloading.split(b"\n")[1].split(b"=")[1])
-    assert 0 < usec <= int(time.monotonic() * 1_000_000)
+    assert before * 1_000_000 <= usec <= time.monotonic() * 1_000_000
     backends = 4 if taken else 3
     assert ready == f"READY=1\nSTATUS=forwarding: 2 workers, {backends} backends".encode()
 
 
-def test_no_reload_notifications_before_ready(listener: Listener) -> None:
-    """A SIGHUP that comes before the loop turned: systemd would take its READY=1 for the end
-    of start-up."""
-    d = daemon(listener, 1, None)
-    assert d.reload() is not None
-    assert listener.take() == []
+def test_a_failed_notification_is_one_log_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))  # systemd went away
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # a ping due every other upkeep: all fail
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    out = io.StringIO()
+    d = Daemon(parse_config(CONFIG), out=out)
+    d.plane = FakePlane(1)  # type: ignore[assignment]
+    for t in range(30):
+        d._maintain(float(t))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cannot notify systemd at "), lines
