@@ -6,8 +6,9 @@ named by $NOTIFY_SOCKET (a path, or an abstract name written with a leading '@')
 here by hand because there is no maintained pure-Python implementation to depend on:
 python-systemd (the libsystemd bindings) builds a C extension, so installing it from PyPI
 needs libsystemd-dev and a compiler on the LB; the `sdnotify` package on PyPI is unmaintained
-and is itself these few lines. Without $NOTIFY_SOCKET (lbnat run by hand, in a container, in
-the tests) every call is a no-op.
+and is itself these few lines. systemd declares the protocol stable
+(systemd.io/PORTABILITY_AND_STABILITY): owning it costs nothing later. Without $NOTIFY_SOCKET
+(lbnat run by hand, in a container, in the tests) every call is a no-op.
 
 The helpers that read the environment and decide when a watchdog ping is due are pure (the
 time comes in as an argument); `Notifier` is the I/O; `Lifecycle` is what the daemon says
@@ -31,9 +32,10 @@ __all__ = [
     "watchdog_interval",
 ]
 
-# A notification that fails (systemd gone, its queue full) is dropped: lbnat keeps forwarding.
-# The error is said once; the failures after it are silent (a ping every few seconds would
-# otherwise fill the log).
+# Never wait for systemd: with one worker the watchdog is pinged from the packet loop itself,
+# and a full queue (systemd hung) must not stall forwarding. A notification that fails (systemd
+# gone, its queue full) is dropped; the error is said once, the failures after it are silent
+# (a ping every few seconds would otherwise fill the log). MSG_NOSIGNAL: no SIGPIPE, ever.
 SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 
 
