@@ -14,7 +14,9 @@ Thread and process model (docs/architecture.md, "Threads, processes and why"):
   it), answered by every engine and merged (lbnat.views);
 - signal handlers only ask: stop (SIGINT, SIGTERM), dump the table (SIGUSR1), reload (SIGHUP);
   cleanup (workers, nftables table, reserved ports, sockets) runs on the main thread on the way
-  out.
+  out;
+- systemd hears READY=1 at the main loop's first upkeep, WATCHDOG=1 from its upkeep,
+  RELOADING=1 and READY=1 around a reload, STOPPING=1 on the way out (lbnat.sdnotify.Lifecycle).
 """
 
 from __future__ import annotations
@@ -87,11 +89,20 @@ from lbnat.messages import (
     WorkerSetup,
 )
 from lbnat.metrics import Instruments, ScrapeCollector
+from lbnat.sdnotify import Lifecycle
 from lbnat.service import Service
 from lbnat.syncookie import DEFAULT_WSCALE, SECRET_BYTES, SynProxySettings, kernel_wscale
 from lbnat.views import merge_counters
 
-__all__ = ["INTERFACE_GONE", "Daemon", "StartError", "check_can_start", "check_port_free"]
+__all__ = [
+    "INTERFACE_GONE",
+    "Daemon",
+    "StartError",
+    "check_can_start",
+    "check_port_free",
+    "forwarding_status",
+    "ready_status",
+]
 
 INTERFACE_GONE = 1  # exit code: the interface went away under lbnat (systemd restarts it)
 
@@ -206,6 +217,24 @@ def fit_mss(settings: SynProxySettings, mtu: int | None) -> SynProxySettings:
     return settings
 
 
+def ready_status(
+    workers: Sequence[Mapping[str, object]], backends: Mapping[str, Sequence[Backend]]
+) -> str:
+    """The STATUS= line of READY=1 (what `systemctl status lbnat` shows)."""
+    alive = sum(1 for worker in workers if worker.get("alive"))
+    count = sum(len(service) for service in backends.values())
+    return (
+        f"forwarding: {alive} worker{'' if alive == 1 else 's'}, "
+        f"{count} backend{'' if count == 1 else 's'}"
+    )
+
+
+def forwarding_status(daemon: Daemon) -> str | None:
+    """The daemon's READY=1 STATUS= line; None before it has a data plane."""
+    plane = daemon.plane
+    return None if plane is None else ready_status(plane.info(), daemon.current_backends())
+
+
 def in_thread(
     target: Callable[[], object], name: str
 ) -> Callable[[int, FrameType | None], None]:
@@ -247,6 +276,7 @@ class Daemon(Questions):
         # A reload plans and commits under two takes of _lock: no other reload in between.
         self._reload_lock = threading.Lock()
         self.syn_proxy = syn_proxy_settings(config)
+        self.systemd = Lifecycle.from_environment(lambda: forwarding_status(self), self.log)
 
     @property
     def config(self) -> Config:
@@ -336,6 +366,7 @@ class Daemon(Questions):
         try:
             self.plane.run(self._maintain)
         finally:
+            self.systemd.stopping()  # STOPPING=1 here, not in the signal handler (Lifecycle)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.close()
@@ -409,8 +440,9 @@ class Daemon(Questions):
     # --- the data plane ------------------------------------------------------------------------
 
     def _maintain(self, now: float) -> None:
-        """Upkeep between batches (one worker) or by the supervisor (N workers): watch the
-        interface; remove drained backends whose last flow has ended in every worker."""
+        """Upkeep between batches (one worker) or by the supervisor (N workers): tell systemd, watch
+        the interface, remove drained backends whose last flow has ended in every worker."""
+        self.systemd.upkeep(now)
         self._watch_link(now)
         with self._lock:
             question = self.control.draining()
@@ -514,11 +546,11 @@ class Daemon(Questions):
     # --- reload ------------------------------------------------------------------------------
 
     def reload(self) -> str | None:
-        """Re-read the config and apply it without losing a session. Returns the error (the
-        running config stays) or None."""
-        if self.reload_config is None:
-            return self._reload_failed("lbnat was started without a config file")
-        with self._reload_lock:  # one at a time (a SIGHUP storm starts a thread per signal)
+        """Re-read the config and apply it without losing a session, one at a time (a SIGHUP storm
+        starts a thread per signal). Returns the error (the running config stays) or None."""
+        with self._reload_lock, self.systemd.reloading(time.monotonic()):
+            if self.reload_config is None:
+                return self._reload_failed("lbnat was started without a config file")
             try:
                 new = self.reload_config()
                 with self._lock:

@@ -167,13 +167,10 @@ sed -e "s|/opt/lbnat/bin/lbnat|$lbnat|g" -e "s|/etc/lbnat/config.json|$config|g"
 chmod 0644 "$unit"
 systemctl daemon-reload
 systemctl enable lbnat.service >/dev/null 2>&1
-systemctl restart lbnat.service
-for ((i = 0; i < 150; i++)); do
-	[ -S "$admin_socket" ] && break
-	systemctl is-failed --quiet lbnat.service && break
-	sleep 0.1
-done
-if ! systemctl is-active --quiet lbnat.service || ! [ -S "$admin_socket" ]; then
+# Type=notify: restart returns once lbnat says READY=1 (forwarding, its admin socket up), or
+# fails when it exits first (or says nothing within the start timeout)
+if ! systemctl restart lbnat.service || ! systemctl is-active --quiet lbnat.service ||
+	! [ -S "$admin_socket" ]; then
 	journalctl -u lbnat.service -n 30 --no-pager >&2 || true
 	die "lbnat.service did not start (journalctl -u lbnat)"
 fi

@@ -355,6 +355,10 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     assert service["ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
     assert service["RuntimeDirectory"] == ["lbnat"]
     assert service["Restart"] == ["on-failure"]
+    # readiness and watchdog (lbnat.sdnotify; test_sdnotify_netns.py plays systemd's part)
+    assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["main"]
+    assert service["WatchdogSec"] == ["30s"]
+    assert "AF_UNIX" in " ".join(service["RestrictAddressFamilies"]).split()  # the notify socket
     assert {"CAP_NET_RAW", "CAP_NET_ADMIN"} <= set(unit_caps()) <= set(CAPABILITY_BITS)
     root = tmp_path / "root"
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
