@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 from lbnat_bench.report import Record, Summary, path_label
 
 COLOURS = {"direct": "#7f7f7f", "haproxy": "#1f77b4", "nginx": "#2ca02c", "nftables": "#bcbd22"}
-LBNAT_COLOURS = ("#d62728", "#ff7f0e", "#9467bd", "#8c564b")
+LBNAT_COLOURS = ("#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2")
 
 
 def width(paths: Sequence[str], base: float, panels: int = 1) -> float:

@@ -90,7 +90,13 @@ LBNAT_VARIANTS: dict[str, tuple[str, list[str]]] = {
     "lbnat-1w": ("198.18.0.3", ["--workers", "1", "--offload", "off"]),  # one worker
     "lbnat-socket": ("198.18.0.4",  # a syscall per packet
                      ["--workers", "1", "--io", "socket", "--offload", "off"]),
+    # the defaults with the metrics server on, scraped by a real Prometheus every second for
+    # the whole run (#18): what metrics cost the packet path, against "lbnat"
+    "lbnat-metrics": ("198.18.0.7", ["--metrics", "198.18.0.7:9120"]),
 }
+METRICS_TARGET = "198.18.0.7:9120"
+PROMETHEUS_LISTEN = "127.0.0.1:9090"  # in c2, the client namespace wrk and iperf3 do not use
+CLIENT_OF_PROMETHEUS = "c2"
 NFT_IP = "198.18.0.5"
 """the nftables path's address: its own, so its rules never see another path's packets"""
 
@@ -326,6 +332,8 @@ class Bed:
             self.lb_pid[variant] = proc.pid
         if "nftables" in self.settings.paths:
             self.nft_up()
+        if "lbnat-metrics" in self.lb_pid:
+            self.prometheus_up()
         self.wait_listening(BACKEND, HTTP_PORT)
         self.wait_listening(BACKEND, IPERF_PORT)
         for path in ("haproxy", "nginx"):
@@ -384,6 +392,30 @@ class Bed:
         script = self.work / "nftables.nft"
         script.write_text(nftlb.ruleset(NFT_IP, nft_services()))
         self.run("lb", ["nft", "-f", str(script)], timeout=10)
+
+    def prometheus_up(self) -> None:
+        """Debian's Prometheus in c2, scraping lbnat-metrics every second."""
+        conf = self.work / "prometheus.yml"
+        conf.write_text(
+            "global: {scrape_interval: 1s, scrape_timeout: 1s}\n"
+            "scrape_configs:\n"
+            f"  - {{job_name: lbnat, static_configs: [{{targets: ['{METRICS_TARGET}']}}]}}\n"
+        )
+        self.start(CLIENT_OF_PROMETHEUS, "prometheus", [
+            "prometheus", f"--config.file={conf}", f"--storage.tsdb.path={self.work / 'tsdb'}",
+            f"--web.listen-address={PROMETHEUS_LISTEN}", "--log.level=warn"])
+
+    def scrapes(self) -> int | None:
+        """How many scrapes of lbnat-metrics succeeded (the samples of `up` that are 1)."""
+        if "prometheus" not in self.servers:
+            return None
+        query = "sum_over_time(up{job='lbnat'}[6h])"
+        with contextlib.suppress(BenchError, ValueError, KeyError, IndexError):
+            reply = json.loads(self.run(CLIENT_OF_PROMETHEUS, [
+                "curl", "-sS", "--max-time", "5", "--get", "--data-urlencode", f"query={query}",
+                f"http://{PROMETHEUS_LISTEN}/api/v1/query"], timeout=10))
+            return int(float(reply["data"]["result"][0]["value"][1]))
+        return None
 
     def nft_down(self) -> None:
         """Remove the nftables path's table (quietly: it runs in a finally, even after a
@@ -653,6 +685,9 @@ def preflight(settings: Settings) -> None:
         needed["nft"] = "nftables"
     if "haproxy" in settings.paths:
         needed["haproxy"] = "haproxy"
+    if "lbnat-metrics" in settings.paths:
+        needed["prometheus"] = "prometheus"
+        needed["curl"] = "curl"
     if "nginx" in settings.paths or "direct" in settings.paths:
         needed["nginx"] = "nginx-light"
     missing = [f"{tool} (Debian package {pkg})" for tool, pkg in needed.items()
@@ -673,6 +708,7 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
     records: list[Record] = []
     profiles: list[str] = []
     offload: dict[str, str] = {}
+    scrapes: int | None = None
     with tempfile.TemporaryDirectory(prefix="lbnat-bench.") as tmp:
         bed = Bed(settings, Path(tmp))
         try:
@@ -694,6 +730,7 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
                         print(f"  rep {rep + 1} {workload:<10} {name:<8} {one_line(record)}",
                               file=log, flush=True)
                         records.append(record)
+            scrapes = bed.scrapes()
             if settings.profile:
                 for workload in [w for w in PROFILED if w in settings.workloads]:
                     profile = profile_lbnat(bed, workload, log)
@@ -718,6 +755,7 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
             "seconds": settings.seconds,
             "settings": asdict(settings),
             "offload": offload,  # lbnat variant -> "tc offload", "off" or lbnat's fallback
+            "metrics_scrapes": scrapes,  # Prometheus' good scrapes of lbnat-metrics
         },
         "paths": settings.paths,
         "records": records,

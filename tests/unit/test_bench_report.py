@@ -310,6 +310,7 @@ GOAL_SUMMARY: Summary = {
         "lbnat": {"rps": 9000.0, "cpu_s_per_kconn": 0.05},
         "haproxy": {"rps": 12000.0, "cpu_s_per_kconn": 0.1},
         "nftables": {"rps": 10000.0},
+        "lbnat-metrics": {"rps": 8100.0},  # issue 18's goals: this path against lbnat
     },
     "udp_high": {"lbnat": {"loss_pct": 1.5}},
 }
@@ -334,6 +335,10 @@ def test_goal_rows() -> None:
         "bulk 1 stream ≥ 0.9 × nftables": (1.25, True),
         "bulk 8 streams ≥ 0.9 × nftables": (None, None),  # no nftables in this run
         "new connections/s ≥ 0.9 × nftables": (0.9, True),
+        "metrics on: bulk 8 streams ≥ 0.95 × lbnat": (None, None),
+        "metrics on: new connections/s ≥ 0.95 × lbnat": (0.9, False),
+        "metrics on: keep-alive requests/s ≥ 0.95 × lbnat": (None, None),
+        "metrics on: UDP delivered at the high rate ≥ 0.95 × lbnat": (None, None),
         "per-packet cost flat, 10k → 1M rows (≤ 1.25 ×)": (1.15, True),
         "memory per session flat, 10k → 1M rows (≤ 1.25 ×)": (1.4, False),
     }
