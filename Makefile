@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: deps bpf demo test lint unit netns faults soak bench-core bench bench-quick screenshots config-reference clean-lab lab-compose-check lab-vagrant-check
+.PHONY: deps bpf demo test lint unit netns faults soak bench-core bench bench-quick screenshots dashboard config-reference clean-lab lab-compose-check lab-vagrant-check
 
 deps:  ## Debian tools + the project with its test extras (+ the eBPF fast path's object)
 	scripts/install-deps.sh
@@ -44,6 +44,9 @@ bench-quick: deps  ## the same, one short repetition (about a minute), into /tmp
 
 screenshots: deps  ## the README's PNGs from real runs in a netns lab (about 10 s); docs/screenshots/
 	$(PYTHON) scripts/screenshots.py --out docs/screenshots
+
+dashboard:  ## the Grafana dashboard's panels drawn from a real Prometheus over a lab run (~2 min); docs/screenshots/dashboard.png
+	$(PYTHON) -m lbnat_lab.dashboard --out docs/screenshots/dashboard.png
 
 config-reference:  ## rewrite the README's configuration reference from lbnat/config.schema.json
 	$(PYTHON) scripts/schema_doc.py --write

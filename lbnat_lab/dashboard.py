@@ -187,7 +187,7 @@ def prepare_nginx(work: Path, backend: str) -> Path:
     with (d / "www" / "large").open("wb") as f:
         f.truncate(512 * 1024 * 1024)  # sparse: read back as zeros, fast
     (d / "nginx.conf").write_text(
-        f"pid {d}/nginx.pid; error_log {d}/error.log; events {{}}\n"
+        f"user root; pid {d}/nginx.pid; error_log {d}/error.log; events {{}}\n"
         f"http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d};\n"
         f"fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n"
         f"server {{ listen {host_ip(backend)}:80; root {d}/www; }} }}\n"
@@ -210,14 +210,14 @@ def traffic(
     b3: subprocess.Popen[bytes],
     restart_b3: Callable[[], None],
 ) -> None:
-    """Short downloads paced (~40/s) and one long rate-limited one for `seconds`; b3's nginx
+    """Short downloads paced (~40/s) and one long one at 4 MB/s for `seconds`; b3's nginx
     is stopped at a third of the run and started again at two thirds."""
     url = f"http://{LB_IP}:{VIP_PORT}"
     count = int(seconds * 40)
     loop = (f"for i in $(seq {count}); do curl -s -o /dev/null --max-time 2 {url}/small; "
             "sleep 0.02; done")  # fmt: skip
     short = lab.popen("c1", "sh", "-c", loop, stdout=subprocess.DEVNULL)
-    long = lab.popen("c1", "curl", "-s", "-o", "/dev/null", "--limit-rate", "40M",
+    long = lab.popen("c1", "curl", "-s", "-o", "/dev/null", "--limit-rate", "4M",
                      "--max-time", str(int(seconds)), f"{url}/large",
                      stdout=subprocess.DEVNULL)  # fmt: skip
     procs += [short, long]

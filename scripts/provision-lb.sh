@@ -95,11 +95,12 @@ fi
 
 # --- install ---------------------------------------------------------------------------------
 if [ "$install" = 1 ]; then
-	# Debian's click, netifaces and jsonschema (netifaces has no wheel for Python 3.11 and would
-	# need a compiler); the venv sees them through --system-site-packages, and Debian's
-	# setuptools builds lbnat, so nothing comes from PyPI.
+	# Debian's click, netifaces, jsonschema, prometheus-client and rich (netifaces has no wheel
+	# for Python 3.11 and would need a compiler); the venv sees them through
+	# --system-site-packages, and Debian's setuptools builds lbnat, so nothing comes from PyPI.
 	apt_install python3 python3-venv python3-setuptools python3-wheel python3-click \
-		python3-netifaces python3-jsonschema nftables iproute2
+		python3-netifaces python3-jsonschema python3-prometheus-client python3-rich \
+		nftables iproute2
 	[ -x "$venv/bin/python3" ] || /usr/bin/python3 -m venv --system-site-packages "$venv"
 	echo "$me: pip install $repo into $venv"
 	"$venv/bin/pip" install -q --no-deps --no-build-isolation --no-cache-dir "$repo" ||

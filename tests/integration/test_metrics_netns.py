@@ -9,7 +9,9 @@ against the traffic the test sent and against `lbnat status --json`:
 - flows opened and ended (by reason), bytes and packets per backend and direction, backend
   health, probe durations, control requests and the kernel path's rows, as Prometheus stored
   them, equal what was sent and what `lbnat status --json` says;
-- `promtool check metrics` passes on the exposition.
+- every query of the Grafana dashboard (docs/observability/) runs on that Prometheus, and the
+  per-backend panels have data; `promtool check metrics` passes on the exposition, `promtool
+  check config` and `check rules` on the shipped scrape example and alert rules.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from lbnat_lab.dashboard import DASHBOARD, expand, load_panels
 from lbnat_lab.netns import LB_IP
 from tests.integration.conftest import (
     MB,
@@ -168,6 +171,11 @@ def test_prometheus_scrapes_what_was_sent(bed: Bed) -> None:
     else:
         assert entered == 0
 
+    for panel in load_panels():
+        results = [query(bed, expand(target.expr)) for target in panel.targets]
+        if "per backend" in panel.title:
+            assert all(results), (panel.title, results)
+
     exposition = bed.lab.run("c2", "curl", "-sS", f"http://{METRICS}/metrics", check=False)
     assert exposition.returncode == 0, exposition.stderr
     checked = subprocess.run(
@@ -176,3 +184,12 @@ def test_prometheus_scrapes_what_was_sent(bed: Bed) -> None:
     )  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
     Path(bed.tmp / "exposition.txt").write_text(exposition.stdout)
+
+
+def test_the_shipped_prometheus_files_pass_promtool() -> None:
+    require("promtool")
+    observability = DASHBOARD.parent
+    for argv in (["check", "config", "prometheus.yml"], ["check", "rules", "lbnat-alerts.yml"]):
+        done = subprocess.run(["promtool", *argv], cwd=observability, capture_output=True,
+                              text=True, timeout=30, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
