@@ -18,7 +18,7 @@ from lbnat.control.plane import (
     UpdateGuard,
 )
 from lbnat.control.protocol import Request
-from lbnat.eventlog import LogLine
+from lbnat.eventlog import WARNING, LogLine
 from lbnat.health.checker import Report
 from lbnat.health.probe import ProbeResult
 from lbnat.health_settings import ProbeSettings
@@ -129,7 +129,7 @@ def test_a_refused_request_changes_nothing(req: Request, error: str) -> None:
         LogLine(
             f"control : refused a request from {PEER}: {error}",
             "control_refused",
-            False,
+            WARNING,
             {"peer": PEER, "reason": error},
         )
     ]
