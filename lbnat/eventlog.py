@@ -176,13 +176,10 @@ class Log:
         self.logger.addHandler(handler)
         self.logger.setLevel(threshold(level, quiet))
 
-    def enabled(self, level: int) -> bool:
-        return self.logger.isEnabledFor(level)
-
     def write(self, record: LogLine) -> None:
         # The record is made here, not by Logger.log, which looks up the caller's file and line
-        # in the stack (findCaller): that alone cost five times the old direct write per line,
-        # for a location no format prints (each line says what it is).
+        # in the stack (findCaller): about half of a line's cost, for a location no format
+        # prints (each line says what it is).
         if self.logger.isEnabledFor(record.level):
             self.logger.handle(EventRecord(self.logger.name, record))
 
