@@ -25,6 +25,7 @@ from lbnat.config import (
     DEFAULT_ADMIN_SOCKET,
     DEFAULT_CONTROL_PORT,
     IO_KINDS,
+    LOG_LEVELS,
     OFFLOAD_MODES,
     PROBE_KINDS,
     RX_RINGS,
@@ -46,6 +47,7 @@ ADMIN_SOCKET_ENV = "LBNAT_ADMIN_SOCKET"  # overrides the default, for the server
 WORKERS_ENV = "LBNAT_WORKERS"
 OFFLOAD_ENV = "LBNAT_OFFLOAD"
 METRICS_ENV = "LBNAT_METRICS"
+LOG_LEVEL_ENV = "LBNAT_LOG_LEVEL"
 
 _T = TypeVar("_T")
 
@@ -248,9 +250,17 @@ def main() -> None:
     show_default=True,
     help="Half-open rows per worker above which --syn-proxy auto answers SYNs itself.",
 )
-@click.option("--quiet", is_flag=True, help="No per-flow and per-probe lines.")
+@click.option("--quiet", is_flag=True, help="No per-flow and per-probe lines (--log-level notice).")
 @click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS),
+    default="info",
+    envvar=LOG_LEVEL_ENV,
+    show_default=True,
+    help="The least level logged: info (every flow), notice, warning or error.",
 )
 @click.pass_context
 def run(
@@ -269,6 +279,8 @@ def run(
         given.add("offload")  # and LBNAT_OFFLOAD its offload
     if ctx.get_parameter_source("metrics") is ParameterSource.ENVIRONMENT:
         given.add("metrics")
+    if ctx.get_parameter_source("log_level") is ParameterSource.ENVIRONMENT:
+        given.add("log_level")  # and LBNAT_LOG_LEVEL its log level
     overrides = Overrides(words=words, config_file=config_file, given=frozenset(given), **options)
 
     def build() -> Config:

@@ -68,6 +68,7 @@ __all__ = [
     "DEFAULT_WINDOW",
     "IO_KINDS",
     "LOG_FORMATS",
+    "LOG_LEVELS",
     "MAX_WORKERS",
     "OFFLOAD_MODES",
     "ON_DEAD",
@@ -105,6 +106,7 @@ RX_RINGS: Final = ("frames", "blocks")
 OFFLOAD_MODES: Final = ("auto", "tc", "off")
 MAX_WORKERS: Final = 64
 LOG_FORMATS: Final = ("text", "json")
+LOG_LEVELS: Final = ("info", "notice", "warning", "error")  # the least level logged
 ON_DEAD: Final = ("keep", "reset")
 PROTOCOL_NAMES: Final = ("tcp", "udp")
 SCHEMA_FILE: Final = "config.schema.json"  # package data of lbnat, beside this module
@@ -174,7 +176,8 @@ class Config:
     table_cap: int = DEFAULT_TABLE_CAP
     timeouts: Timeouts = field(default_factory=Timeouts)
     log_format: str = "text"  # or "json"
-    quiet: bool = False
+    quiet: bool = False  # no INFO lines, whatever log_level says (its meaning before levels)
+    log_level: str = "info"  # one of LOG_LEVELS
     log_transitions: bool = False
     control: ControlConfig | None = None
     admin_socket: str = DEFAULT_ADMIN_SOCKET
@@ -216,7 +219,7 @@ DATAPLANE_KEYS: Final = ("workers", "io", "rx_ring", "offload")
 SYN_PROXY_KEYS: Final = ("mode", "threshold", "mss")
 METRICS_KEYS: Final = ("listen",)
 TIMEOUT_KEYS: Final = tuple(f.name for f in dataclasses.fields(Timeouts))
-LOG_KEYS: Final = ("format", "quiet", "transitions")
+LOG_KEYS: Final = ("format", "quiet", "level", "transitions")
 CONTROL_KEYS: Final = ("listen", "secret", "secret_file", "allow", "window")
 SERVICE_KEYS: Final = (
     "name",
@@ -517,6 +520,7 @@ def _native(data: dict[str, Any], default_port: int, read_file: FileReader) -> C
         timeouts=timeouts,
         log_format=log.get("format", "text"),
         quiet=log.get("quiet", False),
+        log_level=log.get("level", "info"),
         log_transitions=log.get("transitions", False),
         control=control,
         admin_socket=admin_socket,
@@ -766,8 +770,8 @@ class Overrides:
     """`lbnat run`'s words and options, as the command line gave them (numbers already typed
     by click, addresses and ports still text: they are checked here).
 
-    `given` names the options given explicitly (on the command line, or `workers` through
-    LBNAT_WORKERS): with a config file only those override the file's settings.
+    `given` names the options given explicitly (on the command line, or through LBNAT_WORKERS,
+    LBNAT_OFFLOAD, LBNAT_LOG_LEVEL): with a config file only those override the file's settings.
     """
 
     words: tuple[str, ...] = ()  # [SRCIP] [IP PORT]...
@@ -809,6 +813,7 @@ class Overrides:
     quiet: bool = False
     log_format: str = "text"
     metrics: str | None = None  # HOST[:PORT] of the Prometheus exposition
+    log_level: str = "info"
 
 
 # option -> the Config field it sets; with a config file only when given
@@ -817,6 +822,7 @@ _GLOBAL_OVERRIDES: Final = (
     "table_cap",
     "quiet",
     "log_format",
+    "log_level",
     "log_transitions",
     "drain_timeout",
     "io",

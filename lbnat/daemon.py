@@ -68,6 +68,7 @@ from lbnat.dataplane.workers import (
 )
 from lbnat.engine import Engine, Event
 from lbnat.eventlog import (
+    INFO,
     EventLog,
     Log,
     LogLine,
@@ -76,6 +77,7 @@ from lbnat.eventlog import (
     start_lines,
     table_error_line,
     table_lines,
+    threshold,
 )
 from lbnat.health import HealthChecker
 from lbnat.health.checker import Report
@@ -172,7 +174,7 @@ def worker_setup(
         table_cap=max(1, config.table_cap // config.workers),
         io=config.io,
         rings=ring_spec(config),
-        flow_events=not config.quiet,
+        flow_events=threshold(config.log_level, config.quiet) <= INFO,
         syn_proxy=syn_proxy,
         cursor_slots=cursor_slots,
         offload_fd=-1 if offload is None else offload.map_fd,
@@ -258,7 +260,7 @@ class Daemon(Questions):
             raise StartError("no SRCIP: give it on the command line or as lb_ip in the config")
         self.lb_ip: str = config.lb_ip
         self.reload_config = reload_config
-        self.log = Log(out, config.log_format, config.quiet)
+        self.log = Log(out, config.log_format, config.quiet, config.log_level)
         self.control = ControlPlane(config, started=time.monotonic())
         self.events = EventLog(config.workers)
         self.plane: DataPlane | None = None

@@ -1,20 +1,28 @@
 """Every line lbnat logs once it runs, and the writer that prints them.
 
-What this module may know: engine events, health reports, requests and their outcomes, and
-the two formats: the C++ original's lines (text) and one JSON object per line (`--log-format
-json`, the same text as "message" plus the fields). The functions and `EventLog` are pure:
-they build `LogLine` records. Only `Log` writes (to the stream it is given). The integration
-tests and `make demo` compare these lines byte for byte: change them only on purpose.
+What this module may know: engine events, health reports, requests and their outcomes, their
+levels, and the two formats: the C++ original's lines (text) and one JSON object per line
+(`--log-format json`, the same text as "message" plus the level, the time and the fields). The
+functions and `EventLog` are pure: they build `LogLine` records. Only `Log` writes, through a
+`logging.Logger` of its own onto the stream it is given. The integration tests and `make demo`
+compare these lines byte for byte: change them only on purpose.
+
+Levels are the stdlib's plus NOTICE (25) so that each maps onto one syslog priority:
+INFO (6) the per-flow lines and repeated health verdicts (what --quiet leaves out), NOTICE (5)
+ordinary events, WARNING (4) problems, ERROR (3) lbnat losing a part of itself.
 """
 
 from __future__ import annotations
 
 import json
-import threading
+import logging
+import os
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Final, TextIO
 
+from lbnat.backends import Health
 from lbnat.config import Config
 from lbnat.engine import Event, FlowEnded, FlowOpened, NoBackend
 from lbnat.health.checker import Report
@@ -23,45 +31,167 @@ from lbnat.nat import ENDED
 
 ENDED_NAMES = frozenset(state.name for state in ENDED)
 
+INFO: Final = logging.INFO
+NOTICE: Final = 25  # between INFO and WARNING, as syslog's priorities are
+WARNING: Final = logging.WARNING
+ERROR: Final = logging.ERROR
+logging.addLevelName(NOTICE, "NOTICE")
+
+# --log-level's words (lbnat.config.LOG_LEVELS) and the levels they name
+LEVELS: Final = {"info": INFO, "notice": NOTICE, "warning": WARNING, "error": ERROR}
+
+# syslog's priorities (RFC 5424), which journald reads from a `<N>` prefix
+SYSLOG_PRIORITY: Final = {
+    logging.DEBUG: 7,
+    INFO: 6,
+    NOTICE: 5,
+    WARNING: 4,
+    ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+JOURNAL_STREAM = "JOURNAL_STREAM"  # set by systemd: "DEVICE:INODE" of the journal's stream
+
 
 @dataclass(frozen=True, slots=True)
 class LogLine:
-    """One line: `text` in text mode; in JSON mode {"event", "message": text.strip(), **fields}.
-    A `verbose` line is left out with --quiet."""
+    """One line: `text` in text mode; in JSON mode {"time", "level", "event", "message":
+    text.strip(), **fields}. INFO lines are the verbose ones, left out with --quiet."""
 
     text: str
     event: str
-    verbose: bool = False
+    level: int = NOTICE
     fields: Mapping[str, object] = field(default_factory=dict)
 
+    @property
+    def verbose(self) -> bool:
+        return self.level < NOTICE
 
-def line(text: str, event: str, verbose: bool = False, **fields: object) -> LogLine:
-    return LogLine(text, event, verbose, fields)
+
+def line(
+    text: str, event: str, verbose: bool = False, level: int | None = None, **fields: object
+) -> LogLine:
+    """A line at `level`; without one, INFO when `verbose`, else NOTICE."""
+    if level is None:
+        level = INFO if verbose else NOTICE
+    return LogLine(text, event, level, fields)
+
+
+def threshold(log_level: str = "info", quiet: bool = False) -> int:
+    """The least level logged: --log-level's, raised to NOTICE by --quiet (which has always
+    meant: no per-flow and per-probe lines)."""
+    level = LEVELS[log_level]
+    return max(level, NOTICE) if quiet else level
+
+
+def on_journal(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether `stream` is systemd's journal stream: JOURNAL_STREAM names its device and inode
+    (systemd.exec(5)). The variable alone is not enough: it is inherited by children whose
+    output goes elsewhere (a pipe, a file)."""
+    value = environ.get(JOURNAL_STREAM, "")
+    device, _, inode = value.partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError):  # io.UnsupportedOperation is both: no file descriptor
+        return False
+    return (st.st_dev, st.st_ino) == (int(device), int(inode))
+
+
+class EventRecord(logging.LogRecord):
+    """A LogRecord that carries its line's event and fields (the JSON format's keys). No
+    args: the text is never %-formatted, whatever it holds."""
+
+    def __init__(self, name: str, line: LogLine) -> None:
+        super().__init__(name, line.level, "", 0, line.text, (), None)
+        self.event = line.event
+        self.fields = line.fields
+
+
+class _LineFormatter(logging.Formatter):
+    """Shared by both formats: on the journal, each physical line starts with its syslog
+    priority, which journald strips and files (SyslogLevelPrefix=, on by default)."""
+
+    def __init__(self, journal: bool) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def prefixed(self, text: str, levelno: int) -> str:
+        if not self.journal:
+            return text
+        prefix = f"<{SYSLOG_PRIORITY.get(levelno, 6)}>"
+        # journald reads the prefix per line: a line of its own ("\nclient ... terminated")
+        # must carry it too
+        return "\n".join(prefix + part for part in text.split("\n"))
+
+
+class TextFormatter(_LineFormatter):
+    """The original's lines as they are: no time (there never was one), no level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.prefixed(record.getMessage(), record.levelno)
+
+
+class JsonFormatter(_LineFormatter):
+    """One object per line: time (ISO-8601 UTC, milliseconds; left out on the journal, which
+    stamps every line itself), level, event, message, then the line's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {}
+        if not self.journal:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            out["time"] = f"{stamp}.{int(record.msecs):03d}Z"
+        out["level"] = record.levelname.lower()
+        out["event"] = getattr(record, "event", "")
+        out["message"] = record.getMessage().strip()
+        out.update(getattr(record, "fields", {}))
+        return self.prefixed(json.dumps(out), record.levelno)
 
 
 class Log:
-    """The original's lines in text mode; one JSON object per line with --log-format json."""
+    """The writer: `LogLine`s into a `logging.Logger` of this Log's own with one handler on
+    `out`, the original's lines (text) or one JSON object per line (json).
 
-    def __init__(self, out: TextIO, fmt: str = "text", quiet: bool = False) -> None:
-        self.out = out
-        self.json = fmt == "json"
-        self.quiet = quiet
-        self._lock = threading.Lock()  # several threads log
+    The logger is made directly, not through logging.getLogger: it is in no hierarchy, so
+    nothing reaches the root logger or another Log (tests and a daemon make several), and it
+    is freed with its Log. The handler's lock keeps lines whole across threads; StreamHandler
+    flushes after every record."""
+
+    def __init__(
+        self,
+        out: TextIO,
+        fmt: str = "text",
+        quiet: bool = False,
+        level: str = "info",
+        journal: bool | None = None,
+    ) -> None:
+        self.journal = on_journal(out) if journal is None else journal
+        handler = logging.StreamHandler(out)
+        handler.setFormatter(
+            JsonFormatter(self.journal) if fmt == "json" else TextFormatter(self.journal)
+        )
+        self.logger = logging.Logger("lbnat.events")
+        self.logger.propagate = False
+        self.logger.addHandler(handler)
+        self.logger.setLevel(threshold(level, quiet))
 
     def write(self, record: LogLine) -> None:
-        if record.verbose and self.quiet:
-            return
-        if self.json:
-            text = json.dumps({"event": record.event, "message": record.text.strip(),
-                               **record.fields})  # fmt: skip
-        else:
-            text = record.text
-        with self._lock:
-            self.out.write(text + "\n")
-            self.out.flush()
+        # The record is made here, not by Logger.log, which looks up the caller's file and line
+        # in the stack (findCaller): about half of a line's cost, for a location no format
+        # prints (each line says what it is).
+        if self.logger.isEnabledFor(record.level):
+            self.logger.handle(EventRecord(self.logger.name, record))
 
-    def __call__(self, text: str, event: str, verbose: bool = False, **fields: object) -> None:
-        self.write(LogLine(text, event, verbose, fields))
+    def __call__(
+        self,
+        text: str,
+        event: str,
+        verbose: bool = False,
+        level: int | None = None,
+        **fields: object,
+    ) -> None:
+        self.write(line(text, event, verbose, level, **fields))
 
 
 def start_lines(
@@ -87,13 +217,13 @@ def start_lines(
                 f"{'mmap rings' if c.io == 'rings' else 'one syscall per packet'}, {offload}",
                 "dataplane",
                 # a fallback is said even with --quiet: it is not what was asked for
-                verbose=not offload.startswith("no offload ("),
+                level=WARNING if offload.startswith("no offload (") else INFO,
             )
         )
     for service in c.services:
         name = service.service.name
         for b in service.service.backends:
-            out.append(line(f"server {name} : {b.ip}:{b.port}", "backend", verbose=True,
+            out.append(line(f"server {name} : {b.ip}:{b.port}", "backend", level=INFO,
                             service=name))  # fmt: skip
     return out
 
@@ -133,7 +263,7 @@ def flow_ended_lines(event: FlowEnded, total_open: int) -> list[LogLine]:
         line(
             f"\nclient <{ip},{port}> terminated ",
             "flow_ended",
-            verbose=True,
+            level=INFO,
             client=f"{ip}:{port}",
             backend=f"{event.backend[0]}:{event.backend[1]}",
             reason=event.reason.value,
@@ -141,7 +271,7 @@ def flow_ended_lines(event: FlowEnded, total_open: int) -> list[LogLine]:
         line(
             f"Current NAT table length : {total_open}",
             "table_length",
-            verbose=True,
+            level=INFO,
             length=total_open,
         ),
     ]
@@ -153,7 +283,7 @@ def flow_opened_line(event: FlowOpened) -> LogLine:
         f"new client <{ip},{port}> -> server {event.backend[0]}:{event.backend[1]} "
         f"(NAT port {event.nat_port})",
         "flow_opened",
-        verbose=True,
+        level=INFO,
         client=f"{ip}:{port}",
         backend=f"{event.backend[0]}:{event.backend[1]}",
         nat_port=event.nat_port,
@@ -165,6 +295,7 @@ def no_backend_line(event: NoBackend) -> LogLine:
     return line(
         f"no backend available for client <{ip},{port}> (service {event.service})",
         "no_backend",
+        level=WARNING,
         client=f"{ip}:{port}",
         service=event.service,
     )
@@ -174,15 +305,18 @@ def no_backend_line(event: NoBackend) -> LogLine:
 
 
 def health_line(report: Report, transitions_only: bool) -> LogLine | None:
-    """The original's "IP : a, Port : p Server is x"; a repeat verdict is verbose, and left out
-    altogether with --log-transitions."""
+    """The original's "IP : a, Port : p Server is x"; a repeat verdict is verbose (INFO), and
+    left out altogether with --log-transitions. A backend turning bad or dead is a WARNING."""
     if transitions_only and not report.changed:
         return None
     backend = report.backend
+    level = NOTICE if report.health is Health.ALIVE else WARNING
+    if not report.changed:
+        level = INFO  # the same verdict again
     return line(
         f"IP : {backend.ip}, Port : {backend.port} Server is {report.health.value}",
         "health",
-        verbose=not report.changed,
+        level=level,
         service=report.service,
         backend=f"{backend.ip}:{backend.port}",
         health=report.health.value,
@@ -208,6 +342,7 @@ def refused_line(peer: str, reason: str) -> LogLine:
     return line(
         f"control : refused a request from {peer}: {reason}",
         "control_refused",
+        level=WARNING,
         peer=peer,
         reason=reason,
     )
@@ -223,14 +358,21 @@ def drained_line(service: str, backend: str) -> LogLine:
 
 
 def reload_note_line(key: str) -> LogLine:
+    """A WARNING: the running lbnat is not what the file says until someone restarts it."""
     return line(
-        f"reload : {key} changed; it takes effect at the next start", "reload_note", key=key
+        f"reload : {key} changed; it takes effect at the next start",
+        "reload_note",
+        level=WARNING,
+        key=key,
     )
 
 
 def reload_rejected_line(error: str) -> LogLine:
     return line(
-        f"reload : rejected, the running config stays: {error}", "reload_rejected", error=error
+        f"reload : rejected, the running config stays: {error}",
+        "reload_rejected",
+        level=WARNING,
+        error=error,
     )
 
 
@@ -253,14 +395,14 @@ def link_line(interface: str, change: LinkChange, flows: int | None) -> LogLine:
     match change.state:
         case LinkState.DOWN:
             text = f"link {interface} down: holding {held} flows until it comes back"
-            return line(text, "link_down", interface=interface, flows=flows)
+            return line(text, "link_down", level=WARNING, interface=interface, flows=flows)
         case LinkState.UP:
             seconds = round(change.seconds, 1)
             text = f"link {interface} up again after {seconds:.1f} s: {held} flows kept"
             return line(text, "link_up", interface=interface, flows=flows, down_seconds=seconds)
         case LinkState.GONE:
             text = f"interface {interface} is gone: stopping"
-            return line(text, "interface_gone", interface=interface, flows=flows)
+            return line(text, "interface_gone", level=ERROR, interface=interface, flows=flows)
 
 
 # --- kill -USR1: the NAT table ----------------------------------------------------------------
@@ -286,4 +428,5 @@ def table_lines(rows: list[dict[str, object]]) -> list[LogLine]:
 
 
 def table_error_line(error: str) -> LogLine:
-    return line(f"NAT table : not available ({error})", "table_error", error=error)
+    return line(f"NAT table : not available ({error})", "table_error", level=WARNING,
+                error=error)  # fmt: skip

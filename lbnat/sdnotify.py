@@ -17,6 +17,7 @@ when.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Callable, Iterator, Mapping
@@ -177,7 +178,7 @@ class Notifier:
 class Log(Protocol):
     """lbnat.eventlog.Log, as far as this module uses it."""
 
-    def __call__(self, text: str, event: str) -> None: ...
+    def __call__(self, text: str, event: str, *, level: int | None = None) -> None: ...
 
 
 class Lifecycle:
@@ -211,7 +212,10 @@ class Lifecycle:
     @classmethod
     def from_environment(cls, status: Callable[[], str | None], log: Log) -> Lifecycle:
         """The notifier of os.environ; a failed send goes to `log` as event "sdnotify_failed"."""
-        return cls(Notifier.from_environment(lambda text: log(text, "sdnotify_failed")), status)
+        def failed(text: str) -> None:
+            log(text, "sdnotify_failed", level=logging.WARNING)
+
+        return cls(Notifier.from_environment(failed), status)
 
     def upkeep(self, now: float) -> None:
         """One turn of the main loop: READY=1 the first time, then a ping when one is due."""

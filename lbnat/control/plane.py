@@ -95,10 +95,14 @@ class ReloadPlan:
     error: str | None = None
 
 
+# The daemon's Log is made once, and each worker is told at its start whether to send flow
+# events: the running config keeps these across a reload so that it says what is logged (and
+# a worker restarted after a reload is told the same as the others).
+LOG_SETTINGS = ("log_format", "quiet", "log_level")
 # Settings a reload cannot change in a running lbnat.
 RESTART_KEYS = ("lb_ip", "interface", "nat_ports", "table_cap", "timeouts", "control",
                 "admin_socket", "syn_proxy", "syn_proxy_threshold", "syn_proxy_mss",
-                "metrics")  # fmt: skip
+                "metrics", *LOG_SETTINGS)  # fmt: skip
 
 # The requests that change a backend: (state in the reply, verb in the log line).
 BACKEND_OPS = {
@@ -364,6 +368,7 @@ class ControlPlane:
         effects.append(SetHealthChecks({n: check for n, check in checks.items() if check}))
         old = self.config
         self.config = replace(new, lb_ip=old.lb_ip, interface=old.interface,
-                              nat_ports=old.nat_ports)  # fmt: skip
+                              nat_ports=old.nat_ports,
+                              **{key: getattr(old, key) for key in LOG_SETTINGS})  # fmt: skip
         effects.append(reload_applied_line(len(specs), len(added)))
         return effects

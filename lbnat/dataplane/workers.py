@@ -25,6 +25,7 @@ messages on a worker's socketpair are the frozen dataclasses of lbnat.messages.
 from __future__ import annotations
 
 import argparse
+import logging
 import mmap
 import os
 import pickle
@@ -514,7 +515,7 @@ class WorkerPool:
             proc.start(self.setup_for(proc.index))
         except (WorkerError, OSError) as error:
             self.log(f"worker {proc.index} : restart failed: {error}", "worker_failed",
-                     worker=proc.index, error=str(error))  # fmt: skip
+                     level=logging.ERROR, worker=proc.index, error=str(error))  # fmt: skip
             return
         assert proc.proc is not None
         restored = proc.restored
@@ -527,6 +528,7 @@ class WorkerPool:
             f"{proc.proc.pid}, its {restored.open_flows} flows restored{dropped}, the other "
             "workers kept forwarding",
             "worker_restarted",
+            level=logging.WARNING,  # its flows survived, but a worker died
             worker=proc.index,
             old_pid=pid,
             pid=proc.proc.pid,

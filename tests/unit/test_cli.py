@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from click.testing import CliRunner
 
 from lbnat.cli import lobin_main, main
+from lbnat.config import Config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "config.example.json"
 
@@ -66,6 +68,50 @@ def test_run_argument_errors_are_one_line_and_exit_2() -> None:
         assert result.exit_code == 2, (argv, result.output)
         lines = result.output.splitlines()
         assert len(lines) == 1 and message in lines[0], (argv, result.output)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "file_level", "expected"),
+    [
+        ([], {}, None, ("info", False)),
+        (["--quiet"], {}, None, ("info", True)),
+        (["--log-level", "warning"], {}, None, ("warning", False)),
+        ([], {"LBNAT_LOG_LEVEL": "error"}, None, ("error", False)),
+        ([], {}, "notice", ("notice", False)),  # the file's log.level
+        ([], {"LBNAT_LOG_LEVEL": "error"}, "notice", ("error", False)),  # the variable wins
+        (["--log-level", "info"], {}, "warning", ("info", False)),  # the option wins
+    ],
+)
+def test_the_log_level_reaches_the_config(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    argv: list[str],
+    env: dict[str, str],
+    file_level: str | None,
+    expected: tuple[str, bool],
+) -> None:
+    started: list[Config] = []
+
+    def run_daemon(config: Config, reload_config: object = None) -> NoReturn:
+        started.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("lbnat.cli.run_daemon", run_daemon)
+    words = ["198.18.0.2", "198.18.0.21", "9000"]
+    if file_level is not None:
+        path = tmp_path / "lbnat.json"
+        path.write_text(json.dumps({"log": {"level": file_level}}))
+        words += ["--config", str(path)]
+    result = CliRunner().invoke(main, ["run", *words, *argv], env=env)
+    assert result.exit_code == 0, result.output
+    assert [(c.log_level, c.quiet) for c in started] == [expected]
+
+
+def test_an_unknown_log_level_is_a_usage_error() -> None:
+    result = CliRunner().invoke(
+        main, ["run", "198.18.0.2", "198.18.0.21", "9000"], env={"LBNAT_LOG_LEVEL": "debug"}
+    )
+    assert result.exit_code == 2 and "'debug' is not one of" in result.output
 
 
 @pytest.mark.parametrize("command", ["", *sorted(main.commands)])

@@ -26,6 +26,7 @@ from lbnat.config import (
     load_config,
     parse_config,
 )
+from lbnat.eventlog import LEVELS
 from lbnat.health import PROBE_KINDS, HealthPolicy, ProbeSettings
 from lbnat.nat import Timeouts
 from lbnat.scheduler import SCHEDULERS
@@ -284,6 +285,12 @@ BAD: list[tuple[str, object, str]] = [
     ),
     ("log-format", {"log": {"format": "xml"}}, 'log.format: "xml" is not "text" or "json"'),
     ("log-quiet", {"log": {"quiet": "yes"}}, 'log.quiet: "yes" is not true or false'),
+    (
+        "log-level",
+        {"log": {"level": "warn"}},
+        'log.level: "warn" is not one of "info", "notice", "warning", "error" (did you mean '
+        '"warning"?)',
+    ),
     ("admin-socket-empty", {"admin_socket": ""}, "admin_socket: must not be empty"),
     ("drain-timeout", {"drain_timeout": "300"}, 'drain_timeout: "300" is not a number'),
     (
@@ -451,6 +458,7 @@ def test_empty_config_is_all_defaults() -> None:
     assert config.table_cap == 1_000_000
     assert config.timeouts == Timeouts()
     assert (config.log_format, config.quiet, config.log_transitions) == ("text", False, False)
+    assert config.log_level == "info"
     assert config.control is None
     assert config.admin_socket == "/run/lbnat/lbnat.sock"
     assert config.drain_timeout == 300.0
@@ -484,7 +492,7 @@ def test_full_config(tmp_path: Path) -> None:
         "nat_ports": [50000, 59999],
         "table_cap": 5000,
         "timeouts": {"syn_sent": 30, "established": 600.5, "time_wait": 0, "udp_replied": 60},
-        "log": {"format": "json", "quiet": True, "transitions": True},
+        "log": {"format": "json", "quiet": True, "level": "warning", "transitions": True},
         "control": {
             "listen": "0.0.0.0:7000",
             "secret_file": str(secret),
@@ -535,6 +543,7 @@ def test_full_config(tmp_path: Path) -> None:
         syn_sent=30.0, established=600.5, time_wait=0.0, udp_replied=60.0
     )
     assert (config.log_format, config.quiet, config.log_transitions) == ("json", True, True)
+    assert config.log_level == "warning"
     assert config.control == ControlConfig(
         host="0.0.0.0",
         port=7000,
@@ -823,6 +832,10 @@ def test_the_schema_lists_the_same_choices_as_the_code() -> None:
     assert tuple(schema["properties"]["log"]["properties"]["format"]["enum"]) == (
         config_module.LOG_FORMATS
     )
+    assert tuple(schema["properties"]["log"]["properties"]["level"]["enum"]) == (
+        config_module.LOG_LEVELS
+    )
+    assert tuple(LEVELS) == config_module.LOG_LEVELS  # the words the Log knows
     assert tuple(dataplane["io"]["enum"]) == config_module.IO_KINDS
     assert tuple(dataplane["rx_ring"]["enum"]) == config_module.RX_RINGS
     assert dataplane["workers"]["oneOf"][0]["maximum"] == config_module.MAX_WORKERS

@@ -99,6 +99,7 @@ def test_every_option_reaches_the_config_without_a_file(tmp_path: Path) -> None:
             rx_ring="blocks",
             quiet=True,
             log_format="json",
+            log_level="error",
             log_transitions=True,
         )
     )
@@ -119,7 +120,7 @@ def test_every_option_reaches_the_config_without_a_file(tmp_path: Path) -> None:
     assert (config.interface, config.nat_ports, config.table_cap) == ("eth1", (50000, 50999), 10)
     assert (config.drain_timeout, config.admin_socket, config.workers) == (4.0, "", 2)
     assert (config.io, config.rx_ring, config.quiet) == ("socket", "blocks", True)
-    assert (config.log_format, config.log_transitions) == ("json", True)
+    assert (config.log_format, config.log_transitions, config.log_level) == ("json", True, "error")
 
 
 def test_backends_join_the_files_service_and_only_given_options_override(tmp_path: Path) -> None:
@@ -128,6 +129,7 @@ def test_backends_join_the_files_service_and_only_given_options_override(tmp_pat
         config_file=config_file(tmp_path),
         scheduler="lc",
         quiet=True,  # not given: the file's (default) setting stays
+        log_level="error",  # not given either
         fall=5,
         given=frozenset({"scheduler", "fall"}),
     )
@@ -137,7 +139,7 @@ def test_backends_join_the_files_service_and_only_given_options_override(tmp_pat
     assert chat.service.scheduler == "lc"
     assert chat.health == HealthPolicy(fall=5)
     assert dns.service.backends == ()
-    assert config.quiet is False
+    assert (config.quiet, config.log_level) == (False, "info")
     assert config.lb_ip == "198.18.0.2"
 
 

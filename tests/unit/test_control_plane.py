@@ -18,7 +18,7 @@ from lbnat.control.plane import (
     UpdateGuard,
 )
 from lbnat.control.protocol import Request
-from lbnat.eventlog import LogLine
+from lbnat.eventlog import WARNING, LogLine
 from lbnat.health.checker import Report
 from lbnat.health.probe import ProbeResult
 from lbnat.health_settings import ProbeSettings
@@ -129,7 +129,7 @@ def test_a_refused_request_changes_nothing(req: Request, error: str) -> None:
         LogLine(
             f"control : refused a request from {PEER}: {error}",
             "control_refused",
-            False,
+            WARNING,
             {"peer": PEER, "reason": error},
         )
     ]
@@ -321,6 +321,20 @@ def test_a_reload_notes_settings_that_wait_for_a_restart() -> None:
     cp.commit_reload(plan)
     assert cp.config.nat_ports != (50000, 50999)  # the running range stays
     assert cp.config.table_cap == 10
+
+
+def test_a_reload_keeps_the_running_log_settings_and_says_so() -> None:
+    """The Log and the workers' flow events are set at start: the running config must not
+    claim another level or format."""
+    cp = plane()
+    new = config(web(B1, B2, B3), log_level="warning", quiet=True, log_format="json")
+    plan = cp.plan_reload(new)
+    assert [(n.text, n.level) for n in plan.notes] == [
+        (f"reload : {key} changed; it takes effect at the next start", WARNING)
+        for key in ("log_format", "quiet", "log_level")
+    ]
+    cp.commit_reload(plan)
+    assert (cp.config.log_format, cp.config.quiet, cp.config.log_level) == ("text", False, "info")
 
 
 @pytest.mark.parametrize(
