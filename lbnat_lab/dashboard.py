@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -240,6 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "dashboard.png")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=90.0)
     args = parser.parse_args(argv)
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(f"dashboard: stopped by signal {signum}")  # the lab comes down
+
+    signal.signal(signal.SIGTERM, stop)
     record(args.out, args.seconds)
     print(f"dashboard: wrote {args.out}")
     return 0
