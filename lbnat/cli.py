@@ -518,6 +518,31 @@ def sessions(admin_socket: str, as_json: bool) -> None:
 
 
 @main.command()
+@admin_socket_option
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes (and the span each rate is measured over).",
+)
+@click.option("--once", is_flag=True, help="Print one frame (two snapshots --interval apart).")
+def top(admin_socket: str, interval: float, once: bool) -> None:
+    """A live view: per service and backend, health, flows and rates (q quits).
+
+    Example: sudo lbnat top
+    """
+    from lbnat import topterm  # rich loads here only: `lbnat run` starts without it
+
+    try:
+        code = topterm.run(admin_socket, interval, once)
+    except topterm.TopError as error:
+        click.echo(f"lbnat: {error}", err=True)
+        raise SystemExit(1) from None
+    raise SystemExit(code)
+
+
+@main.command()
 @click.argument("action", type=click.Choice(["add", "remove", "drain"]))
 @click.argument("service")
 @click.argument("ip")
