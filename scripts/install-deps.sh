@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what lbnat, its lab, its tests and its benchmarks need on a fresh Debian machine:
-# the Debian tools (nft, ip, ping, ethtool, iperf3, socat, curl, nginx, haproxy, tcpdump, wrk,
+# the Debian tools (nft, ip, ping, ethtool, iperf3, socat, curl, nginx, haproxy, tcpdump, wrk, tmux,
 # cairo and the DejaVu fonts for the screenshots, clang + libbpf-dev + bpftool for the tc eBPF fast
 # path that `make bpf` builds, prometheus + promtool for the metrics test) and the project itself with its test and docs
 # extras. (Debian's own python3 refuses `pip install` outside a venv, PEP 668: there, make a venv
@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nftables iproute2 iputils-ping ethtool iperf3 socat curl nginx-light libnginx-mod-stream haproxy tcpdump procps wrk libcairo2 fonts-dejavu-core clang libbpf-dev bpftool prometheus)
-tools=(nft ip ping ethtool iperf3 socat curl nginx haproxy tcpdump ps wrk clang bpftool prometheus promtool)
+packages=(nftables iproute2 iputils-ping ethtool iperf3 socat curl nginx-light libnginx-mod-stream haproxy tcpdump procps wrk tmux libcairo2 fonts-dejavu-core clang libbpf-dev bpftool prometheus)
+tools=(nft ip ping ethtool iperf3 socat curl nginx haproxy tcpdump ps wrk tmux clang bpftool prometheus promtool)
 
 missing=0
 for tool in "${tools[@]}"; do
