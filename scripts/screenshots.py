@@ -4,13 +4,16 @@
 
     sudo python3 scripts/screenshots.py [--out docs/screenshots] [--prefix lbshot] [--svg]
 
-Writes four PNGs (about 10 s on two cores):
+Writes five PNGs (about 20 s on two cores):
 
     chat-demo.png   loadbalancerLobin's log and six chat clients' transcripts: round-robin
                     puts (test1, test4) (test2, test5) (test3, test6) on one server each
     health.png      lbnat's health log while the chat server of b2 is stopped and started again
     status.png      `lbnat status` against the running lbnat with the six clients connected
     sessions.png    `lbnat sessions`, the same moment
+    top.png         `lbnat top` in a terminal (tmux) while four clients chat at different rates
+                    through lbnat, a fifth connects and leaves five times a second, and b3's
+                    chat server is down
 
 Two halves:
 
@@ -28,7 +31,7 @@ Two halves:
   words are highlighted (alive, bad, dead). tests/unit/test_screenshots.py tests this half.
 
 Needs: pip install rich cairosvg (cairosvg needs Debian's libcairo2), Debian's
-fonts-dejavu-core.
+fonts-dejavu-core and tmux.
 """
 
 from __future__ import annotations
@@ -481,12 +484,133 @@ def capture_health(capture: Capture, servers: dict[str, Any]) -> Screen:
     )
 
 
+# A chat client that talks without pause (for `lbnat top`): 500-byte lines at RATE a second,
+# every line the server relays back read and dropped. One process, ended by pid.
+CHATTER = """
+import socket, sys, threading, time
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+def read():
+    while conn.recv(65536):
+        pass
+threading.Thread(target=read, daemon=True).start()
+line, pause = b"x" * 499 + b"\\n", 1 / float(sys.argv[3])
+while True:
+    conn.sendall(line)
+    time.sleep(pause)
+"""
+CHATTERS = (("c1", 400), ("c2", 200), ("c1", 100), ("c2", 50))  # (host, lines a second)
+# A client that connects, reads the greeting and leaves, about five times a second: new flows.
+CHURNER = """
+import socket, sys, time
+while True:
+    try:
+        with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2) as conn:
+            conn.recv(100)
+    except OSError:
+        pass
+    time.sleep(0.2)
+"""
+TOP_SIZE = (132, 14)  # the terminal `lbnat top` runs in: wide enough for its full table
+ROW_RE = re.compile(r"^\s*(?P<address>198\.18\.0\.\d+:\d+)\s+(?P<health>\w+)(?P<rest>.*)$")
+
+
+def top_ready(screen: str, up: Sequence[str], down: str) -> bool:
+    """Whether `lbnat top` shows the backends `up` alive with packets both ways and `down`
+    dead: the moment to take the screenshot."""
+    rows = {}
+    for line in screen.splitlines():
+        if (m := ROW_RE.match(line)) is not None:
+            rows[m["address"]] = (m["health"], m["rest"].split())
+    if rows.get(down, ("", []))[0] != "dead":
+        return False
+    service = next((line.split() for line in screen.splitlines() if line.startswith("tcp:")), [])
+    if len(service) < 7 or service[6] == "0":  # name proto/port scheduler n/m alive active new/s
+        return False
+    # rest: weight, active, new/s, to-backend pkt/s, bit/s, to-client pkt/s, bit/s, NAT ports
+    return all(
+        a in rows and rows[a][0] == "alive" and rows[a][1][3] != "0" and rows[a][1][5] != "0"
+        for a in up
+    )
+
+
+def tmux_screen(
+    capture: Capture, argv: Sequence[str], ready: Callable[[str], bool]
+) -> tuple[Line, ...]:
+    """Run `argv` in the lb namespace in a terminal (a tmux server of our own, its own socket),
+    wait until its screen is `ready`, and return that screen with its colours (SGR escapes);
+    then `q`, and the server is killed."""
+    name = f"{capture.lab.prefix}-top"
+    tmux = ["tmux", "-L", name]
+    width, height = TOP_SIZE
+    env = [
+        f"PYTHONPATH={REPO}",
+        f"LBNAT_ADMIN_SOCKET={capture.admin_socket}",
+        "TERM=xterm-256color",  # rich then draws with 256 colours, as in most terminals
+    ]
+    command = ["ip", "netns", "exec", capture.lab.ns("lb"), "env", *env, *argv]
+    subprocess.run([*tmux, "-f", "/dev/null", "-u", "new-session", "-d", "-x", str(width),
+                    "-y", str(height), "--", *command], check=True, timeout=10)  # fmt: skip
+    where = [*tmux, "display-message", "-p", "#{socket_path}"]
+    socket_path = subprocess.run(where, capture_output=True, text=True, timeout=10).stdout.strip()
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:
+            plain = subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True,
+                                   text=True, check=True, timeout=10).stdout  # fmt: skip
+            if ready(plain):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"lbnat top: the view never showed what it should:\n{plain}")
+            time.sleep(0.25)
+        shown = subprocess.run([*tmux, "capture-pane", "-p", "-e"], capture_output=True,
+                               text=True, check=True, timeout=10).stdout  # fmt: skip
+        subprocess.run([*tmux, "send-keys", "q"], check=True, timeout=10)
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10, check=False)
+        if socket_path:  # a killed tmux server leaves its socket behind
+            Path(socket_path).unlink(missing_ok=True)
+    lines = [Line(text) for text in shown.rstrip("\n").split("\n")]
+    while lines and not lines[-1].text.strip():
+        lines.pop()
+    return tuple(lines)
+
+
+def capture_top(capture: Capture, servers: dict[str, Any]) -> Screen:
+    """lbnat with b3's chat server stopped, four clients chatting at different rates, one
+    coming and going, and `lbnat top` in a terminal in the lb namespace."""
+    b3 = capture.lab.ip("b3")
+    capture.lab.stop(servers["b3"])
+    options = ["--health-interval", str(HEALTH_INTERVAL), "--health-timeout", "0.3"]
+    popen, lb = capture.lbnat(["-m", "lbnat.cli", "run", LB_IP, *backend_words(capture), *options])
+    lb.out.wait_for(rf"IP : {b3}, Port : {BACKEND_PORT} Server is dead")
+    chatters = [
+        capture.start(host, [sys.executable, "-c", CHATTER, LB_IP, str(VIP_PORT), str(rate)])[0]
+        for host, rate in CHATTERS
+    ]
+    chatters.append(capture.start("c2", [sys.executable, "-c", CHURNER, LB_IP, str(VIP_PORT)])[0])
+    up = [f"{capture.lab.ip(h)}:{BACKEND_PORT}" for h in ("b1", "b2")]
+    lines = tmux_screen(
+        capture,
+        [sys.executable, "-m", "lbnat.cli", "top"],
+        lambda screen: top_ready(screen, up, f"{b3}:{BACKEND_PORT}"),
+    )
+    for chatter in chatters:
+        capture.lab.stop(chatter)
+    capture.lab.stop(popen)
+    return Screen(
+        "top",
+        "lbnat top: four clients chatting, one coming and going, b3's chat server stopped",
+        ((Pane(lines),),),
+    )
+
+
 def capture_all(prefix: str) -> list[Screen]:
     capture = Capture(prefix)
     try:
         servers = {host: capture.chat_server(host) for host in BACKEND_HOSTS}
         screens = capture_chat(capture)
         screens.insert(1, capture_health(capture, servers))
+        screens.append(capture_top(capture, servers))
         return screens
     finally:
         capture.close()
@@ -539,6 +663,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if os.geteuid() != 0:
         print("screenshots: run as root (sudo): the lab uses network namespaces", file=sys.stderr)
+        return 2
+    if shutil.which("tmux") is None:
+        print("screenshots: needs tmux (apt-get install tmux) for lbnat top", file=sys.stderr)
         return 2
     started = time.monotonic()
     try:

@@ -131,3 +131,32 @@ def test_png_has_the_svg_size_and_shows_text() -> None:
 def test_png_size_rejects_other_data() -> None:
     with pytest.raises(ValueError, match="PNG"):
         shots.png_size(b"GIF89a" + bytes(30))
+
+
+TOP = """\
+lbnat 198.18.0.2  up 3s  rows 11/1,000,000  open flows 4  offload rows 4 (2.53k pkt/s)
+
+                                                   to backend  to backend  to client  to client
+service / backend     health  weight  active  new/s  pkt/s  bit/s  pkt/s  bit/s  drops/s  NAT ports
+tcp:20000 tcp/20000 rr  2/3 alive          4    {new}  1.12k  3.33M  1.46k  8.81M  0
+  198.18.0.21:9000    alive          1       3    3.0  1.06k  3.11M  {b1_out}  8.59M     6/4536
+  198.18.0.22:9000    alive          1       1    2.0     60   224k     56   223k     5/4536
+  198.18.0.23:9000    {b3}           1       0      0      0      0      0      0        0/0
+"""
+UP = ["198.18.0.21:9000", "198.18.0.22:9000"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "ready"),
+    [
+        ({"new": "5.0", "b1_out": "1.40k", "b3": "dead"}, True),
+        ({"new": "0", "b1_out": "1.40k", "b3": "dead"}, False),  # no new flows yet
+        ({"new": "5.0", "b1_out": "0", "b3": "dead"}, False),  # nothing back to the clients
+        ({"new": "5.0", "b1_out": "1.40k", "b3": "bad"}, False),  # b3 not dead yet
+    ],
+)
+def test_top_ready_waits_for_traffic_both_ways_and_the_dead_backend(
+    fields: dict[str, str], ready: bool
+) -> None:
+    assert shots.top_ready(TOP.format(**fields), UP, "198.18.0.23:9000") is ready
+    assert shots.top_ready("", UP, "198.18.0.23:9000") is False
