@@ -42,7 +42,7 @@ bench: deps  ## direct, lbnat (4 variants), HAProxy, nginx stream, nftables side
 bench-quick: deps  ## the same, one short repetition (about a minute), into /tmp/lbnat-bench
 	$(PYTHON) -m lbnat_bench --quick --out /tmp/lbnat-bench
 
-screenshots: deps  ## the README's PNGs from real runs in a netns lab (about 10 s); docs/screenshots/
+screenshots: deps  ## the README's PNGs from real runs in a netns lab (about 15 s); docs/screenshots/
 	$(PYTHON) scripts/screenshots.py --out docs/screenshots
 
 dashboard:  ## the Grafana dashboard's panels drawn from a real Prometheus over a lab run (~2 min); docs/screenshots/dashboard.png
