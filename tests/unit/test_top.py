@@ -465,3 +465,21 @@ def busy_frame_status() -> dict[str, Any]:
         backend(B1, flows=20, to_b=(31_000, 40_100_000), to_c=(1500, 1_100_000), active=3),
         uptime=3725,
     )
+
+
+def test_top_to_a_pipe_prints_each_frame_plain_until_interrupted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def ask(path: str, timeout: float = 2.0) -> top.Status:
+        if not answers:
+            raise KeyboardInterrupt  # Ctrl-C while asking: the command ends, exit 0
+        return answers.pop(0)
+
+    answers: list[dict[str, Any]] = [BEFORE, busy_frame_status(), busy_frame_status()]
+    monkeypatch.setattr(topterm, "ask_status", ask)
+    out = io.StringIO()
+    console = Console(file=out, width=80, highlight=False)
+    assert topterm.run("x", 0.01, once=False, console=console) == 0
+    text = out.getvalue()
+    assert text.count("lbnat 198.18.0.2  up 1h02m") == 2  # two frames, one per new snapshot
+    assert "\x1b[" not in text and "NAT ports" in text  # plain, and the full table (PLAIN_WIDTH)
