@@ -10,7 +10,8 @@ Counters in a snapshot only grow, with one exception: a restarted worker's count
 its rate is counted from its new value alone, as is a counter that was not there before (a
 backend added, a drop reason seen for the first time): a rate is never negative. With several
 workers, one restart makes the merged counters of that second wrong either way (too low, or
-the whole new value at once), so the frame says so (`Frame.restarted`).
+the whole new value at once), so the frame says so (`Frame.restarted`). A key missing from a
+snapshot (an lbnat older than this one) reads as zero: the view shows what it is given.
 """
 
 from __future__ import annotations
