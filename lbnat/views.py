@@ -73,7 +73,9 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
         backends: dict[BackendKey, dict[str, int]] = {}
         for backend in state.backends:
             pool = engine.pool_of(name, backend.key)
-            backends[backend.key] = pool_counters(pool, engine.active_flows(name, backend.key))
+            backends[backend.key] = pool_counters(
+                pool, engine.active_flows(name, backend.key), engine.nat_last - engine.nat_first + 1
+            )
         services[name] = {
             "flows": state.flows,
             "ended": dict(state.ended),  # flows ended, by reason
@@ -104,14 +106,15 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
     }
 
 
-def pool_counters(pool: PortPool | None, active: int) -> dict[str, Any]:
+def pool_counters(pool: PortPool | None, active: int, ports: int) -> dict[str, Any]:
     """One backend's counters in one engine: flows open now and ever, what was forwarded
-    each way, and its NAT ports (held now, and the size of this engine's slice)."""
+    each way, and its NAT ports (held now, and the `ports` of this engine's slice, whether
+    or not a flow has made the backend's pool yet)."""
     if pool is None:
         return {
             "active": active, "flows": 0, "packets": 0, "bytes": 0,
             "to_backend": {"packets": 0, "bytes": 0}, "to_client": {"packets": 0, "bytes": 0},
-            "nat_ports": {"in_use": 0, "size": 0},
+            "nat_ports": {"in_use": 0, "size": ports},
         }  # fmt: skip
     return {
         "active": active,

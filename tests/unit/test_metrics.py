@@ -115,6 +115,9 @@ def test_per_backend_counters_per_direction_and_worker(
     assert value(samples, "lbnat_backend_packets_total", **b1, direction="to_backend",
                  worker="0") == 4  # fmt: skip
     assert value(samples, "lbnat_nat_ports_in_use", **b1, worker="0") == 1  # TIME_WAIT keeps it
+    # worker 1 never sent b2 a flow: no pool yet, but its slice of NAT ports is b2's all the same
+    b2 = {"service": "web", "backend": f"198.18.0.22:{WEB_BACKEND_PORT}"}
+    assert value(samples, "lbnat_nat_ports_limit", **b2, worker="1") == 65535 - 61000 + 1
     assert value(samples, "lbnat_drops_total", reason="no_session", worker="1") == 1
     assert value(samples, "lbnat_nat_rows", worker="0") == 2
     assert value(samples, "lbnat_nat_rows_limit", worker="1") == 1_000_000
