@@ -456,6 +456,11 @@ def _fallbacks(meta: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _scrapes(meta: Mapping[str, Any]) -> str:
+    scrapes = meta.get("metrics_scrapes")
+    return "scrapes not counted" if scrapes is None else f"{scrapes:,} good scrapes"
+
+
 def markdown_report(results: Mapping[str, Any], charts: Sequence[str] = ()) -> str:
     """The whole docs/benchmarks/README.md: machine, table, goals, scale, charts."""
     meta = results["meta"]
@@ -479,7 +484,9 @@ def markdown_report(results: Mapping[str, Any], charts: Sequence[str] = ()) -> s
         "backend picked by a jhash of the client's address and port, SNAT to its address, "
         "conntrack): no process, so no CPU figure; it is what a NAT load balancer can do on "
         "this machine. \"lbnat\" runs with its defaults (the kernel fast path where it can); "
-        "\"lbnat, Python only\" and the 1-worker variants run with `--offload off`. "
+        "\"lbnat, Python only\" and the 1-worker variants run with `--offload off`; "
+        "\"lbnat, metrics scraped 1/s\" is \"lbnat\" with `--metrics`, scraped every second by "
+        f"a real Prometheus for the whole run ({_scrapes(meta)}). "
         "CPU is the load balancer's processes' user + system time during the run "
         "(/proc/PID/stat), per GB received or per 1,000 connections. With veth, part of the "
         "receiving namespace's network stack runs inside the sender's send call, and how much "

@@ -58,6 +58,7 @@ def test_quick_benchmark_produces_every_result(tmp_path: Path) -> None:
             assert record[key] > 0, (workload, path, record)
             if path not in ("direct", "nftables"):  # nftables: no process to measure
                 assert record["lb_cpu_s"] >= 0, (workload, path, record)
+    assert results["meta"]["metrics_scrapes"] > 10  # Prometheus scraped lbnat-metrics, 1/s
     assert [r["rows"] for r in results["scale"]] == [10_000, 100_000]
     for row in results["scale"]:
         assert row["us_per_packet"] > 0 and row["bytes_per_session"] > 0
@@ -65,7 +66,8 @@ def test_quick_benchmark_produces_every_result(tmp_path: Path) -> None:
     readme = (out / "README.md").read_text()
     assert (
         "| metric | direct | lbnat | lbnat, Python only | lbnat 1 worker "
-        "| lbnat 1 worker, no rings | HAProxy | nginx stream | nftables |" in readme
+        "| lbnat 1 worker, no rings | lbnat, metrics scraped 1/s | HAProxy | nginx stream "
+        "| nftables |" in readme
     )
     assert (
         "| lbnat ÷ direct | lbnat ÷ nftables | lbnat ÷ HAProxy |" in readme
