@@ -17,6 +17,7 @@ against the traffic the test sent and against `lbnat status --json`:
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import urllib.parse
@@ -44,7 +45,7 @@ pytestmark = pytest.mark.netns
 METRICS = f"{LB_IP}:9120"
 PROMETHEUS = "127.0.0.1:9090"  # in c2
 SMALL = 256 * 1024  # bytes of each short download: over before the kernel path takes it
-LARGE = 6 * MB  # and of each long one (rate-limited to 3 MB/s: 2 s, in the kernel with tc)
+LARGE = 6 * MB  # and of each long one (curl reads it at 3 MB/s)
 SHORT_FLOWS = 10
 LONG_FLOWS = 2
 WAIT = 30.0  # seconds for Prometheus to be up, or to have scraped what the test waits for
@@ -165,11 +166,15 @@ def test_prometheus_scrapes_what_was_sent(bed: Bed) -> None:
     acked = 'sum(lbnat_control_requests_total{op="status",result="acked"})'
     assert (wait_value(bed, acked, 1.0) or 0) >= 1
     entered = scalar(bed, 'sum(lbnat_offload_row_changes_total{event="entered"})')
-    if status["offload"]["offloaded"]:  # (tc) the long downloads went through the kernel
-        assert entered == status["offload"]["offloaded"] >= LONG_FLOWS
-        assert scalar(bed, "max(lbnat_offload_enabled)") == 1
-    else:
-        assert entered == 0
+    # The kernel path's counts as lbnat's status has them. (How many rows entered varies: a
+    # 6 MB download may sit in c1's socket buffer within 50 ms, before its row is due, and an
+    # idle flow is never handed to the kernel.)
+    kernel = status["offload"]
+    assert entered == kernel["offloaded"]
+    refused = scalar(bed, 'sum(lbnat_offload_row_changes_total{event="refused"})')
+    assert refused == kernel["refused"]
+    tc = os.environ["LBNAT_OFFLOAD"] == "tc"  # the bed's variant: lbnat refuses to start without
+    assert scalar(bed, "max(lbnat_offload_enabled)") == int(tc)
 
     for panel in load_panels():
         results = [query(bed, expand(target.expr)) for target in panel.targets]
