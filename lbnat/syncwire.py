@@ -383,7 +383,10 @@ def _misplaced(message_type: MessageType, kinds: list[Kind]) -> bool:
 
 
 def decode(
-    datagram: bytes, secret: bytes, peers: Collection[int], limit: int = MAX_DATAGRAM
+    datagram: bytes | bytearray | memoryview,
+    secret: bytes,
+    peers: Collection[int],
+    limit: int = MAX_DATAGRAM,
 ) -> Message | Dropped:
     """One received datagram as a Message, or Dropped with the first check it failed, in this
     order: size, header length, magic, version, sender among `peers`, MAC (constant time),

@@ -141,6 +141,7 @@ PURE = [
     "lbnat.syncookie",
     "lbnat.synproxy",
     "lbnat.linkwatch",
+    "lbnat.syncwire",
 ]
 IO_CALLS = {
     "socket": {"socket", "socketpair", "create_connection", "create_server", "fromfd"},
