@@ -15,22 +15,25 @@ typed effects (`InstallRows`, `EndRows`, `RefreshRows`, `MarkStale`, `ResyncComp
 
 The receiver's states, per peer (`SyncReceiver`; the table is `TRANSITIONS`):
 
-    state         event                                    effects                  next
-    ------------  ---------------------------------------  -----------------------  ----------
-    RESYNC_NEEDED request due (tick, or a gap/epoch change  MarkStale, RequestResync RESYNCING
-                  and the last request >= min_interval ago)
-    RESYNCING     BULK_DONE of our request, its row count   ResyncComplete           IN_SYNC
-                  matches what its chunks carried           (+ MarkReady, 1st time)
-    RESYNCING     BULK_DONE of our request, count differs   -                        RESYNC_NEEDED
-    RESYNCING     no BULK_DONE within resync_timeout of     -                        RESYNC_NEEDED
-                  the request or of its last chunk
-    any           datagram with a gap in the sequence       its records applied      RESYNC_NEEDED
-    any           datagram of a newer epoch (peer restart)  its records applied      RESYNC_NEEDED
-    any           datagram in order                         its records applied      (same)
-    any           datagram older than expected (replay)     dropped: replay          (same)
-    any           datagram of an older epoch                dropped: old_epoch       (same)
-    RESYNC_NEEDED tick, and nothing ever heard from the     MarkReady(alone=True)    (same)
-    RESYNCING     peer within alone_after of the start
+    state          event                                  effects                  next
+    -------------  -------------------------------------  -----------------------  -------------
+    RESYNC_NEEDED  a request is due: at a tick, or at     MarkStale,               RESYNCING
+                   once on a gap or epoch change, once    RequestResync
+                   the spacing since the last request
+                   has passed (1 s, doubling to 30 s)
+    RESYNCING      BULK_DONE of our request whose row     ResyncComplete           IN_SYNC
+                   count is what its chunks carried       (+ MarkReady, 1st time)
+    RESYNCING      BULK_DONE of our request, another      -                        RESYNC_NEEDED
+                   count
+    RESYNCING      no BULK_DONE resync_timeout after the  -                        RESYNC_NEEDED
+                   request or its last chunk (tick)
+    any            a datagram past a gap in the sequence  its records' effects     RESYNC_NEEDED
+    any            a datagram of a newer epoch (restart)  its records' effects     RESYNC_NEEDED
+    any            a datagram in order                    its records' effects     (same)
+    any            a datagram below the expected number   dropped: replay          (same)
+    any            a datagram of an older epoch           dropped: old_epoch       (same)
+    not IN_SYNC    a tick alone_after the start with      MarkReady(alone=True)    (same)
+                   nothing ever heard from the peer
 
 The first datagram from a peer (no epoch known yet) is taken in order: its epoch and
 sequence number are adopted. A receiver starts in RESYNC_NEEDED, so its first tick asks.
@@ -46,9 +49,10 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import math
 import struct
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from lbnat.checkpoint import RECORD_SIZE, RowRecord, decode_record, encode_record
@@ -63,10 +67,11 @@ MAX_DATAGRAM = 1400
 """Bytes in a datagram, header and MAC included: fits a 1500-byte MTU with IPv6 (40), UDP (8)
 and room for a tunnel's headers, so sync datagrams are never fragmented."""
 
-_HEADER = struct.Struct("<4sBBHIQQ")  # magic, version, type, count, sender, epoch, sequence
-HEADER_SIZE = _HEADER.size  # 28
+# magic, version, type, count, sender, epoch, sequence, the sender's clock (whole seconds)
+_HEADER = struct.Struct("<4sBBHIQQI")
+HEADER_SIZE = _HEADER.size  # 32
 MAC_SIZE = 32  # HMAC-SHA256, whole
-ROOM = MAX_DATAGRAM - HEADER_SIZE - MAC_SIZE  # 1340 bytes of records
+ROOM = MAX_DATAGRAM - HEADER_SIZE - MAC_SIZE  # 1336 bytes of records
 
 U16, U32, U64 = 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
 
@@ -246,6 +251,7 @@ class Message:
     sender: int
     epoch: int
     seq: int
+    clock: int  # the sender's engine clock, whole seconds mod 2**32: what `created` is counted in
     records: tuple[Record, ...]
 
 
@@ -278,9 +284,9 @@ def _sign(secret: bytes, data: bytes) -> bytes:
 
 def _datagram(
     message_type: MessageType, records: Sequence[bytes], sender: int, epoch: int, seq: int,
-    secret: bytes,
+    clock: int, secret: bytes,
 ) -> bytes:  # fmt: skip
-    body = _HEADER.pack(MAGIC, VERSION, message_type, len(records), sender, epoch, seq)
+    body = _HEADER.pack(MAGIC, VERSION, message_type, len(records), sender, epoch, seq, clock)
     body += b"".join(records)
     return body + _sign(secret, body)
 
@@ -292,11 +298,14 @@ def encode(
     sender: int,
     epoch: int,
     seq: int,
+    clock: int,
     secret: bytes,
     limit: int = MAX_DATAGRAM,
 ) -> list[bytes]:
     """`records` as signed datagrams of at most `limit` bytes, in order, numbered `seq`,
-    `seq + 1`, ... (the caller's next sequence number moves on by the length of the list).
+    `seq + 1`, ... (the caller's next sequence number moves on by the length of the list),
+    each stamped with `clock`, the sender's engine clock in whole seconds (mod 2**32: the
+    clock the rows' `created` is counted in).
 
     UPDATE: as many records per datagram as fit; no records makes one heartbeat.
     REQUEST: one ResyncRequest, one datagram.
@@ -308,6 +317,7 @@ def encode(
     _check("sender", sender, U32)
     _check("epoch", epoch, U64)
     _check("sequence number", seq, U64 - len(records))
+    clock &= U32
     room = limit - HEADER_SIZE - MAC_SIZE
     head: list[bytes] = []
     body = list(records)
@@ -336,13 +346,13 @@ def encode(
     used = head_size
     for data in packed:
         if used + len(data) > room:
-            datagrams.append(_datagram(message_type, batch, sender, epoch, seq, secret))
+            datagrams.append(_datagram(message_type, batch, sender, epoch, seq, clock, secret))
             seq += 1
             batch, used = list(head), head_size
         batch.append(data)
         used += len(data)
     if batch or not datagrams:  # a last batch, or a heartbeat with no records at all
-        datagrams.append(_datagram(message_type, batch, sender, epoch, seq, secret))
+        datagrams.append(_datagram(message_type, batch, sender, epoch, seq, clock, secret))
     return datagrams
 
 
@@ -398,7 +408,7 @@ def decode(
         return Dropped(DropReason.OVERSIZE)
     if size < HEADER_SIZE + MAC_SIZE:
         return Dropped(DropReason.TRUNCATED)
-    magic, version, type_byte, count, sender, epoch, seq = _HEADER.unpack_from(datagram)
+    magic, version, type_byte, count, sender, epoch, seq, clock = _HEADER.unpack_from(datagram)
     if magic != MAGIC:
         return Dropped(DropReason.BAD_MAGIC)
     if version != VERSION:
@@ -436,7 +446,7 @@ def decode(
         return Dropped(DropReason.TRAILING)
     if _misplaced(message_type, kinds):
         return Dropped(DropReason.MISPLACED)
-    return Message(message_type, sender, epoch, seq, tuple(records))
+    return Message(message_type, sender, epoch, seq, clock, tuple(records))
 
 
 # --- effects --------------------------------------------------------------------------------
@@ -444,10 +454,13 @@ def decode(
 
 @dataclass(frozen=True, slots=True)
 class InstallRows:
-    """Install (or update) these standby rows from `peer`; each is fresh again (not stale)."""
+    """Install (or update) these standby rows from `peer`; each is fresh again (not stale).
+    `clock` is the peer's clock when it sent them: a row opened `clock - row.created` seconds
+    ago (mod 2**32) and last saw a packet `idle` seconds ago, whatever this node's clock says."""
 
     peer: int
     rows: tuple[RowUpdate, ...]
+    clock: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,17 +525,18 @@ Effect = (
 )  # fmt: skip
 
 
-def apply_records(peer: int, records: Iterable[Record]) -> list[Effect]:
+def apply_records(message: Message) -> list[Effect]:
     """The effects of a datagram's records, in their order (a ROW then the END of the same row
     in one datagram must leave it ended): runs of one kind become one effect."""
     effects: list[Effect] = []
-    for record in records:
+    peer, clock = message.sender, message.clock
+    for record in message.records:
         last = effects[-1] if effects else None
         if isinstance(record, RowUpdate):
             if isinstance(last, InstallRows):
-                effects[-1] = InstallRows(peer, (*last.rows, record))
+                effects[-1] = InstallRows(peer, (*last.rows, record), clock)
             else:
-                effects.append(InstallRows(peer, (record,)))
+                effects.append(InstallRows(peer, (record,), clock))
         elif isinstance(record, RowEnd):
             if isinstance(last, EndRows):
                 effects[-1] = EndRows(peer, (*last.keys, record.key))
@@ -574,16 +588,19 @@ in order, a BULK_DONE of another request, a request not yet due."""
 class SyncReceiver:
     """What this node knows of one peer's stream, and what to do with each of its datagrams.
 
-    `own_epoch` names this node's requests (RequestId). A resync is asked for at most every
-    `min_interval` seconds (a lossy link must not turn every datagram into a whole-table bulk);
-    one not complete `resync_timeout` seconds after the request or its last chunk is asked for
-    again; a peer never heard from by `alone_after` seconds after `started` is taken as absent
-    (MarkReady(alone=True))."""
+    `own_epoch` names this node's requests (RequestId). Requests are spaced out: the first may
+    go at once, each next one only `interval` seconds after the last, and `interval` doubles
+    with each request up to `max_interval`, back to `min_interval` once a resync completes (a
+    lossy link, or someone on the path dropping one datagram a second, must not turn the peer
+    into a sender of whole-table bulks back to back). A resync not complete `resync_timeout`
+    seconds after the request or its last chunk is asked for again. A peer never heard from
+    by `alone_after` seconds after `started` is taken as absent (MarkReady(alone=True))."""
 
     peer: int
     own_epoch: int
     started: float
     min_interval: float = 1.0
+    max_interval: float = 30.0
     resync_timeout: float = 10.0
     alone_after: float = 3.0
     state: SyncState = SyncState.RESYNC_NEEDED
@@ -593,23 +610,26 @@ class SyncReceiver:
     request: RequestId | None = None  # the resync under way (RESYNCING)
     bulk_rows: int = 0  # ROW records its chunks have brought so far
     deadline: float = 0.0  # RESYNCING: when to give it up and ask again
-    last_request: float | None = None
+    next_request: float = float("-inf")  # no request before this
+    interval: float = 0.0  # what the next request's spacing will be (min_interval at first)
     ready: bool = False
     drops: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.interval = self.min_interval
 
     def _move(self, event: Event) -> None:
         self.state = TRANSITIONS.get((self.state, event), self.state)
 
     def _ask_if_due(self, now: float) -> list[Effect]:
-        """RESYNC_NEEDED: the request, when min_interval has passed since the last one."""
-        if self.state is not SyncState.RESYNC_NEEDED:
-            return []
-        if self.last_request is not None and now - self.last_request < self.min_interval:
+        """RESYNC_NEEDED: the request, once the spacing since the last one has passed."""
+        if self.state is not SyncState.RESYNC_NEEDED or now < self.next_request:
             return []
         self.requests += 1
         self.request = RequestId(self.own_epoch, self.requests)
         self.bulk_rows = 0
-        self.last_request = now
+        self.next_request = now + self.interval
+        self.interval = min(self.interval * 2, self.max_interval)
         self.deadline = now + self.resync_timeout
         self._move(Event.REQUEST_SENT)
         return [MarkStale(self.peer), RequestResync(self.peer, self.request)]
@@ -638,7 +658,7 @@ class SyncReceiver:
             self._move(Event.NEW_EPOCH)
         self.epoch = message.epoch
         self.expected = message.seq + 1
-        effects = apply_records(self.peer, message.records)
+        effects = apply_records(message)
         effects += self._bulk(message, now)
         effects += self._ask_if_due(now)
         return effects
@@ -661,6 +681,7 @@ class SyncReceiver:
             return []
         self._move(Event.BULK_DONE)
         self.request = None
+        self.interval = self.min_interval
         effects: list[Effect] = [ResyncComplete(self.peer)]
         if not self.ready:
             self.ready = True
@@ -717,22 +738,28 @@ class SyncSender:
     secret: bytes
     seq: int = 0
 
-    def _send(self, message_type: MessageType, records: Sequence[Record]) -> list[bytes]:
+    def _send(
+        self, message_type: MessageType, records: Sequence[Record], now: float
+    ) -> list[bytes]:
         datagrams = encode(
             message_type, records, sender=self.sender, epoch=self.epoch, seq=self.seq,
-            secret=self.secret,
+            clock=math.floor(now), secret=self.secret,
         )  # fmt: skip
         self.seq += len(datagrams)
         return datagrams
 
-    def updates(self, records: Sequence[RowUpdate | RowEnd | RowRefresh]) -> list[bytes]:
-        """Row changes (none: a heartbeat)."""
-        return self._send(MessageType.UPDATE, records)
+    def updates(
+        self, records: Sequence[RowUpdate | RowEnd | RowRefresh], now: float
+    ) -> list[bytes]:
+        """Row changes (none: a heartbeat). `now` is the engine's clock, the rows' `created`'s."""
+        return self._send(MessageType.UPDATE, records, now)
 
-    def request(self, request: RequestId) -> list[bytes]:
-        return self._send(MessageType.REQUEST, [ResyncRequest(request)])
+    def request(self, request: RequestId, now: float) -> list[bytes]:
+        return self._send(MessageType.REQUEST, [ResyncRequest(request)], now)
 
-    def bulk(self, request: RequestId, rows: Sequence[RowUpdate], final: int | None) -> list[bytes]:
+    def bulk(
+        self, request: RequestId, rows: Sequence[RowUpdate], final: int | None, now: float
+    ) -> list[bytes]:
         """Chunks answering `request`; `final` (the bulk's row count over all calls) ends it."""
         tail: list[Record] = [] if final is None else [BulkDone(request, final)]
-        return self._send(MessageType.BULK, [BulkChunk(request), *rows, *tail])
+        return self._send(MessageType.BULK, [BulkChunk(request), *rows, *tail], now)

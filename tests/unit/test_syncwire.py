@@ -68,6 +68,7 @@ PEER = 1
 PEERS = frozenset({PEER})
 EPOCH = 1_700_000_000_000_000  # the peer's: its start in microseconds
 OWN_EPOCH = 1_700_000_100_000_000
+CLOCK = 86_400  # the peer's engine clock, whole seconds
 
 ROW = RowRecord(
     proto=6, state=State.ESTABLISHED, fins=0, service_port=80, client_ip=addr(CLIENT1),
@@ -106,17 +107,22 @@ def forge(
     sender: int = PEER,
     epoch: int = EPOCH,
     seq: int = 0,
+    clock: int = CLOCK,
 ) -> bytes:
     """A datagram built by hand from raw record bytes, signed with SECRET: the checks after
     the MAC see exactly what is given here."""
-    header = struct.pack("<4sBBHIQQ", magic, version, message_type, count, sender, epoch, seq)
+    header = struct.pack(
+        "<4sBBHIQQI", magic, version, message_type, count, sender, epoch, seq, clock
+    )
     return sign(header + records)
 
 
 def send(
     message_type: MessageType, records: Sequence[Record], seq: int = 0, **options: object
 ) -> list[bytes]:
-    settings: dict[str, object] = {"sender": PEER, "epoch": EPOCH, "seq": seq, "secret": SECRET}
+    settings: dict[str, object] = {
+        "sender": PEER, "epoch": EPOCH, "seq": seq, "clock": CLOCK, "secret": SECRET
+    }  # fmt: skip
     settings.update(options)
     return encode(message_type, records, **settings)  # type: ignore[arg-type]
 
@@ -134,7 +140,7 @@ def received(datagrams: Sequence[bytes]) -> list[Record]:
 
 
 def test_the_sizes_are_the_documented_ones() -> None:
-    assert (HEADER_SIZE, MAC_SIZE, ROOM, MAX_DATAGRAM) == (28, 32, 1340, 1400)
+    assert (HEADER_SIZE, MAC_SIZE, ROOM, MAX_DATAGRAM) == (32, 32, 1336, 1400)
     assert SIZES == {
         Kind.ROW: 44, Kind.END: 12, Kind.REFRESH: 14, Kind.RESYNC_REQUEST: 13,
         Kind.BULK_CHUNK: 13, Kind.BULK_DONE: 17,
@@ -170,7 +176,7 @@ ROUND_TRIPS = {
 def test_every_record_kind_round_trips(message_type: MessageType, records: list[Record]) -> None:
     [datagram] = send(message_type, records, seq=41)
     message = decode(datagram, SECRET, PEERS)
-    assert message == Message(message_type, PEER, EPOCH, 41, tuple(records))
+    assert message == Message(message_type, PEER, EPOCH, 41, CLOCK, tuple(records))
 
 
 def test_encode_refuses_what_the_wire_cannot_carry() -> None:
@@ -197,29 +203,30 @@ def test_encode_refuses_what_the_wire_cannot_carry() -> None:
 
 # --- batching -------------------------------------------------------------------------------
 
-# 28 rows (1,232 bytes) and 9 ENDs (108) fill the 1,340 bytes of a datagram's records exactly.
+# 28 rows (1,232 bytes), 4 REFRESHes (56) and 4 ENDs (48) fill the 1,336 bytes of a datagram's
+# records exactly.
 BATCH_IDS = ["heartbeat", "30-rows", "31-rows", "exactly-full", "one-over", "111-ends"]
 BATCH_IDS += ["112-ends", "bulk-30", "bulk-31", "bulk-done-spills"]
-EXACTLY_FULL: list[Record] = [*[UPDATE] * 28, *[END] * 9]
+EXACTLY_FULL: list[Record] = [*[UPDATE] * 28, *[REFRESH] * 4, *[END] * 4]
 
 
 @pytest.mark.parametrize(
     ("message_type", "records", "sizes", "counts"),
     [
-        (MessageType.UPDATE, [], [60], [0]),
-        (MessageType.UPDATE, [UPDATE] * 30, [1380], [30]),
-        (MessageType.UPDATE, [UPDATE] * 31, [1380, 104], [30, 1]),
-        (MessageType.UPDATE, EXACTLY_FULL, [MAX_DATAGRAM], [37]),
-        (MessageType.UPDATE, [*EXACTLY_FULL, END], [MAX_DATAGRAM, 72], [37, 1]),
-        (MessageType.UPDATE, [END] * 111, [1392], [111]),
-        (MessageType.UPDATE, [END] * 112, [1392, 72], [111, 1]),
+        (MessageType.UPDATE, [], [64], [0]),
+        (MessageType.UPDATE, [UPDATE] * 30, [1384], [30]),
+        (MessageType.UPDATE, [UPDATE] * 31, [1384, 108], [30, 1]),
+        (MessageType.UPDATE, EXACTLY_FULL, [MAX_DATAGRAM], [36]),
+        (MessageType.UPDATE, [*EXACTLY_FULL, END], [MAX_DATAGRAM, 76], [36, 1]),
+        (MessageType.UPDATE, [END] * 111, [1396], [111]),
+        (MessageType.UPDATE, [END] * 112, [1396, 76], [111, 1]),
         # a bulk's datagrams each start with its 13-byte BulkChunk: 30 rows still fit
-        (MessageType.BULK, [BulkChunk(REQUEST), *[UPDATE] * 30], [1393], [31]),
-        (MessageType.BULK, [BulkChunk(REQUEST), *[UPDATE] * 31], [1393, 117], [31, 2]),
+        (MessageType.BULK, [BulkChunk(REQUEST), *[UPDATE] * 30], [1397], [31]),
+        (MessageType.BULK, [BulkChunk(REQUEST), *[UPDATE] * 31], [1397, 121], [31, 2]),
         (
             MessageType.BULK,
             [BulkChunk(REQUEST), *[UPDATE] * 30, BulkDone(REQUEST, 30)],
-            [1393, 90],
+            [1397, 94],
             [31, 2],
         ),
     ],
@@ -243,7 +250,7 @@ def test_batching_fills_a_datagram_to_the_byte_and_no_further(
 
 def test_a_smaller_limit_makes_smaller_datagrams() -> None:
     datagrams = send(MessageType.UPDATE, [UPDATE] * 10, limit=HEADER_SIZE + MAC_SIZE + 88)
-    assert [len(d) for d in datagrams] == [148] * 5
+    assert [len(d) for d in datagrams] == [152] * 5
 
 
 # --- drops ----------------------------------------------------------------------------------
@@ -328,8 +335,8 @@ def test_replays_and_old_epochs_are_dropped_and_counted_by_the_inbox() -> None:
     inbox = SyncInbox(SECRET, PEERS, OWN_EPOCH, started=0.0)
     assert inbox.tick(0.0) == requested(1)
     first, second = (send(MessageType.UPDATE, [UPDATE], seq=seq)[0] for seq in (0, 1))
-    assert inbox.receive(first, now=1.0) == [InstallRows(PEER, (UPDATE,))]
-    assert inbox.receive(second, now=1.0) == [InstallRows(PEER, (UPDATE,))]
+    assert inbox.receive(first, now=1.0) == [InstallRows(PEER, (UPDATE,), CLOCK)]
+    assert inbox.receive(second, now=1.0) == [InstallRows(PEER, (UPDATE,), CLOCK)]
     assert inbox.receive(first, now=1.0) == []  # replayed
     assert inbox.receive(second, now=1.0) == []  # replayed
     restarted = send(MessageType.UPDATE, [END], epoch=EPOCH + 1)[0]
@@ -353,7 +360,7 @@ def message(
     message_type: MessageType = MessageType.UPDATE,
     epoch: int = EPOCH,
 ) -> Message:
-    return Message(message_type, PEER, epoch, seq, tuple(records))
+    return Message(message_type, PEER, epoch, seq, CLOCK, tuple(records))
 
 
 def receiver() -> SyncReceiver:
@@ -374,10 +381,12 @@ def bulk(seq: int, number: int, rows: int, done: int | None = None) -> Message:
 Step = tuple[str, float, object, object, SyncState]  # (what, now, input, effects, state after)
 IN_SYNC_AT_2: list[Step] = [
     ("tick", 0.0, None, requested(1), SyncState.RESYNCING),
-    ("receive", 0.1, bulk(0, 1, 2), [InstallRows(PEER, (UPDATE, UPDATE))], SyncState.RESYNCING),
+    ("receive", 0.1, bulk(0, 1, 2), [InstallRows(PEER, (UPDATE, UPDATE), CLOCK)],
+     SyncState.RESYNCING),
     (
         "receive", 0.2, bulk(1, 1, 1, done=3),
-        [InstallRows(PEER, (UPDATE,)), ResyncComplete(PEER), MarkReady(PEER)], SyncState.IN_SYNC,
+        [InstallRows(PEER, (UPDATE,), CLOCK), ResyncComplete(PEER), MarkReady(PEER)],
+        SyncState.IN_SYNC,
     ),
 ]  # fmt: skip
 
@@ -389,11 +398,12 @@ SCENARIOS: dict[str, list[Step]] = {
     "resync-chunks-then-done-make-it-ready": IN_SYNC_AT_2,
     "in-order-updates-apply-in-order": [
         *IN_SYNC_AT_2,
-        ("receive", 3.0, message(2, [UPDATE]), [InstallRows(PEER, (UPDATE,))], SyncState.IN_SYNC),
+        ("receive", 3.0, message(2, [UPDATE]), [InstallRows(PEER, (UPDATE,), CLOCK)],
+         SyncState.IN_SYNC),
         (
             "receive", 3.0, message(3, [UPDATE, END, REFRESH, UPDATE]),
-            [InstallRows(PEER, (UPDATE,)), EndRows(PEER, (KEY,)), RefreshRows(PEER, (REFRESH,)),
-             InstallRows(PEER, (UPDATE,))],
+            [InstallRows(PEER, (UPDATE,), CLOCK), EndRows(PEER, (KEY,)),
+             RefreshRows(PEER, (REFRESH,)), InstallRows(PEER, (UPDATE,), CLOCK)],
             SyncState.IN_SYNC,
         ),
         ("receive", 3.0, message(4), [], SyncState.IN_SYNC),  # a heartbeat
@@ -405,7 +415,7 @@ SCENARIOS: dict[str, list[Step]] = {
             SyncState.RESYNCING,
         ),
         ("receive", 3.1, message(3, [UPDATE]), Dropped(DropReason.REPLAY), SyncState.RESYNCING),
-        ("receive", 3.1, message(6, [UPDATE]), [InstallRows(PEER, (UPDATE,))],
+        ("receive", 3.1, message(6, [UPDATE]), [InstallRows(PEER, (UPDATE,), CLOCK)],
          SyncState.RESYNCING),
         ("receive", 3.2, bulk(7, 2, 0, done=0), [ResyncComplete(PEER)], SyncState.IN_SYNC),
     ],
@@ -418,17 +428,33 @@ SCENARIOS: dict[str, list[Step]] = {
     ],
     "a-gap-during-a-resync-starts-it-over": [
         ("tick", 0.0, None, requested(1), SyncState.RESYNCING),
-        ("receive", 0.1, bulk(0, 1, 1), [InstallRows(PEER, (UPDATE,))], SyncState.RESYNCING),
-        ("receive", 1.5, bulk(2, 1, 1), [InstallRows(PEER, (UPDATE,)), *requested(2)],
+        ("receive", 0.1, bulk(0, 1, 1), [InstallRows(PEER, (UPDATE,), CLOCK)], SyncState.RESYNCING),
+        ("receive", 1.5, bulk(2, 1, 1), [InstallRows(PEER, (UPDATE,), CLOCK), *requested(2)],
          SyncState.RESYNCING),
         # the first request's DONE no longer completes anything
         ("receive", 1.6, bulk(3, 1, 0, done=2), [], SyncState.RESYNCING),
-        ("receive", 1.7, bulk(4, 2, 1, done=1), [InstallRows(PEER, (UPDATE,)),
+        ("receive", 1.7, bulk(4, 2, 1, done=1), [InstallRows(PEER, (UPDATE,), CLOCK),
          ResyncComplete(PEER), MarkReady(PEER)], SyncState.IN_SYNC),
+    ],
+    "requests-back-off-while-no-resync-completes": [
+        ("tick", 0.0, None, requested(1), SyncState.RESYNCING),
+        ("receive", 0.1, message(0), [], SyncState.RESYNCING),
+        ("receive", 1.0, message(2), requested(2), SyncState.RESYNCING),  # spacing 1 s
+        ("receive", 2.0, message(4), [], SyncState.RESYNC_NEEDED),  # now 2 s
+        ("tick", 2.9, None, [], SyncState.RESYNC_NEEDED),
+        ("tick", 3.0, None, requested(3), SyncState.RESYNCING),
+        ("receive", 6.9, message(6), [], SyncState.RESYNC_NEEDED),  # now 4 s
+        ("tick", 7.0, None, requested(4), SyncState.RESYNCING),
+        ("receive", 7.1, bulk(7, 4, 0, done=0), [ResyncComplete(PEER), MarkReady(PEER)],
+         SyncState.IN_SYNC),
+        # done: the spacing is 1 s again
+        ("receive", 15.0, message(9), requested(5), SyncState.RESYNCING),
+        ("receive", 15.5, message(11), [], SyncState.RESYNC_NEEDED),
+        ("tick", 16.0, None, requested(6), SyncState.RESYNCING),
     ],
     "a-done-whose-count-differs-asks-again": [
         ("tick", 0.0, None, requested(1), SyncState.RESYNCING),
-        ("receive", 0.1, bulk(0, 1, 2, done=3), [InstallRows(PEER, (UPDATE, UPDATE))],
+        ("receive", 0.1, bulk(0, 1, 2, done=3), [InstallRows(PEER, (UPDATE, UPDATE), CLOCK)],
          SyncState.RESYNC_NEEDED),
         ("tick", 1.0, None, requested(2), SyncState.RESYNCING),
     ],
@@ -438,13 +464,13 @@ SCENARIOS: dict[str, list[Step]] = {
             "receive", 3.0,
             message(2, [BulkChunk(RequestId(77, 1)), UPDATE, BulkDone(RequestId(77, 1), 1)],
                     MessageType.BULK),
-            [InstallRows(PEER, (UPDATE,))], SyncState.IN_SYNC,
+            [InstallRows(PEER, (UPDATE,), CLOCK)], SyncState.IN_SYNC,
         ),
     ],
     "an-epoch-change-asks-for-a-resync": [
         *IN_SYNC_AT_2,
         ("receive", 3.0, message(0, [UPDATE], epoch=EPOCH + 1),
-         [InstallRows(PEER, (UPDATE,)), *requested(2)], SyncState.RESYNCING),
+         [InstallRows(PEER, (UPDATE,), CLOCK), *requested(2)], SyncState.RESYNCING),
         ("receive", 3.1, message(2, [UPDATE]), Dropped(DropReason.OLD_EPOCH),
          SyncState.RESYNCING),
         ("receive", 3.2, message(1, [END], epoch=EPOCH + 1), [EndRows(PEER, (KEY,))],
@@ -453,7 +479,7 @@ SCENARIOS: dict[str, list[Step]] = {
     "a-resync-not-done-in-time-is-asked-again": [
         ("tick", 0.0, None, requested(1), SyncState.RESYNCING),
         ("receive", 0.1, message(0), [], SyncState.RESYNCING),
-        ("receive", 5.0, bulk(1, 1, 1), [InstallRows(PEER, (UPDATE,))], SyncState.RESYNCING),
+        ("receive", 5.0, bulk(1, 1, 1), [InstallRows(PEER, (UPDATE,), CLOCK)], SyncState.RESYNCING),
         ("tick", 14.9, None, [], SyncState.RESYNCING),  # the chunk moved the deadline
         ("tick", 15.0, None, requested(2), SyncState.RESYNCING),
     ],
@@ -507,18 +533,19 @@ def test_two_nodes_resync_end_to_end() -> None:
     [stale, ask] = b_in.tick(100.0)
     assert isinstance(ask, RequestResync) and stale == MarkStale(1)
     assert not b_in.ready
-    [answer] = [e for d in b_out.request(ask.request) for e in a_in.receive(d, 100.0)]
+    [answer] = [e for d in b_out.request(ask.request, now=100.0) for e in a_in.receive(d, 100.0)]
     assert answer == SendBulk(2, ask.request)
-    chunks = a_out.bulk(answer.request, a_rows, final=len(a_rows))
+    chunks = a_out.bulk(answer.request, a_rows, final=len(a_rows), now=5000.5)
     assert len(chunks) == 3 and a_out.seq == 3
     effects = [e for d in chunks for e in b_in.receive(d, 100.1)]
     installed = [row for e in effects if isinstance(e, InstallRows) for row in e.rows]
     assert installed == a_rows
+    assert {e.clock for e in effects if isinstance(e, InstallRows)} == {5000}  # A's clock
     assert effects[-2:] == [ResyncComplete(1), MarkReady(1)]
     assert b_in.ready and b_in.drops == {}
-    lost = a_out.updates([END])  # never reaches B
+    lost = a_out.updates([END], now=5001.0)  # never reaches B
     assert a_out.seq == 4 and len(lost) == 1
-    assert b_in.receive(a_out.updates([REFRESH])[0], 101.0) == [
+    assert b_in.receive(a_out.updates([REFRESH], now=5001.0)[0], 101.0) == [
         RefreshRows(1, (REFRESH,)),
         MarkStale(1),
         RequestResync(1, RequestId(OWN_EPOCH, 2)),
