@@ -60,8 +60,8 @@ from lbnat.packet import TCP, UDP
 
 MAGIC = b"lbsy"
 VERSION = 1
-DEFAULT_PORT = 7947
-"""UDP port of the sync channel (unicast and multicast alike); `lbnat run` may change it."""
+DEFAULT_PORT = 7001
+"""UDP port of the sync channel, unicast and multicast alike (the control channel's 7000 + 1)."""
 
 MAX_DATAGRAM = 1400
 """Bytes in a datagram, header and MAC included: fits a 1500-byte MTU with IPv6 (40), UDP (8)

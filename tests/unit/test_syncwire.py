@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import struct
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -619,3 +621,30 @@ def test_no_single_flipped_bit_of_a_signed_datagram_is_accepted(
     assert isinstance(outcome, Dropped)
     header_reasons = {DropReason.BAD_MAGIC, DropReason.BAD_VERSION, DropReason.UNKNOWN_SENDER}
     assert outcome.reason in {DropReason.BAD_MAC} | header_reasons
+
+
+# --- the protocol page's worked example ----------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "sync-protocol.md"
+
+
+def example_hex() -> bytes:
+    """The hex dump in the worked example of docs/sync-protocol.md, as bytes."""
+    text = DOC.read_text()
+    block = text.split("<!-- worked-example -->", 2)[1]
+    dump = re.findall(r"^[0-9a-f]{4}:((?: [0-9a-f]{2})+)", block, re.MULTILINE)
+    return bytes.fromhex("".join(dump))
+
+
+def test_the_worked_example_is_what_encode_makes() -> None:
+    [datagram] = encode(
+        MessageType.UPDATE, [UPDATE, END], sender=1, epoch=EPOCH, seq=41, clock=CLOCK,
+        secret=b"example-secret",
+    )  # fmt: skip
+    assert example_hex() == datagram
+    assert decode(datagram, b"example-secret", {1}) == Message(
+        MessageType.UPDATE, 1, EPOCH, 41, CLOCK, (UPDATE, END)
+    )
+    text = DOC.read_text()  # the shell check's input and output
+    assert f"printf '%s' {datagram[:-MAC_SIZE].hex()} " in text
+    assert f"{datagram[-MAC_SIZE:].hex()} *stdin" in text
