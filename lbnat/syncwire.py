@@ -102,7 +102,8 @@ class Kind(enum.IntEnum):
 class RowUpdate:
     """A row opened or changed: its checkpoint record (exactly what `checkpoint.restore`
     rebuilds a row from), the sender's worker whose NAT port slice holds it, and the seconds
-    since it last saw a packet (so the standby's copy expires when the original would)."""
+    since it last saw a packet (so the standby's copy expires when the original would; the
+    maker caps it at 65535, `encode` refuses more)."""
 
     row: RowRecord
     worker: int = 0
@@ -112,8 +113,8 @@ class RowUpdate:
 @dataclass(frozen=True, slots=True)
 class RowKey:
     """Names one row: its forward key (protocol, service port, client address and port) and
-    its NAT port, so an END or REFRESH for an older row of a reused client socket, which the
-    sender had given another NAT port, cannot touch the newer one."""
+    its NAT port, so an END or REFRESH for an older row of a reused client socket, to which the
+    sender may have given another NAT port, cannot touch the newer one."""
 
     proto: int
     service_port: int
