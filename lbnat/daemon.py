@@ -358,10 +358,10 @@ class Daemon(Questions):
         except START_ERRORS as error:
             self.close()
             raise StartError(str(error)) from None
-        if self.handover is not None:
-            self.handover.restored(self.plane.restored())
         for line in start_lines(c, self.lb_ip, self.link.interface, offload_text):
             self.log.write(line)
+        if self.handover is not None:
+            self.handover.restored(self.plane.restored())
         if self.guard.notice is not None:
             self.log(self.guard.notice, "reserved_ports")
         self.health = HealthChecker(checks, self.current_backends, self._publish, self._report)
