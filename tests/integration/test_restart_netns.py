@@ -171,8 +171,11 @@ def test_a_state_file_of_another_worker_count_is_refused_with_one_line(bed: Bed)
 @pytest.mark.parametrize("bed", [(1, "tc")], indirect=True, ids=variant_id)
 def test_cleanup_removes_what_a_stopped_lbnat_left(bed: Bed) -> None:
     state = bed.tmp / "state.json"
+    bed.chat_server("b1")
     first = bed.lbnat("--no-health", "--state-file", str(state), backends=("b1",))
-    stop_keeping_the_guard(bed, first, state)
+    bed.chat_client("c1", "k0")  # a flow through: its loop runs (and handles SIGTERM)
+    line = stop_keeping_the_guard(bed, first, state)
+    assert line.startswith("state saved: 1 rows"), line
     assert tc_filters(bed) == 1
     done = bed.lab.run("lb", console_script("lbnat"), "cleanup", "--state-file", str(state))
     assert "removed the nftables guard" in done.stdout, done.stdout
@@ -181,3 +184,33 @@ def test_cleanup_removes_what_a_stopped_lbnat_left(bed: Bed) -> None:
     assert f"{NAT_PORTS[0]}-{NAT_PORTS[1]}" not in reserved, reserved
     assert tc_filters(bed) == 0
     assert not state.exists() and not Path(f"{state}.rows-0").exists()
+
+
+@pytest.mark.parametrize("bed", [(2, "tc")], indirect=True, ids=variant_id)
+def test_the_rows_of_a_killed_lbnat_are_restored_too(bed: Bed) -> None:
+    """SIGKILL: nothing runs at exit, and nothing needs to: the records are written as rows
+    open, and the guard and the filter are where a clean stop leaves them."""
+    state = bed.tmp / "state.json"
+    for b in ("b1", "b2", "b3"):
+        bed.chat_server(b)
+    first = bed.lbnat(*FAST, "--state-file", str(state))
+    workers = [int(w["pid"]) for w in admin_json(bed, "status")["workers"]]
+    clients = {f"k{i}": bed.chat_client("c1" if i % 2 else "c2", f"k{i}")[0] for i in range(4)}
+    before = rows_of(bed)
+    assert len(before) == 4
+    first.signal(signal.SIGKILL)
+    first.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):  # they see the main one gone
+        assert time.monotonic() < deadline, "workers outlived their main process"
+        time.sleep(0.05)
+    assert LBNAT_TABLE in bed.nft_tables() and tc_filters(bed) == 1
+
+    second = bed.lbnat(*FAST, "--state-file", str(state))
+    restored = second.expect("restored ")
+    assert restored == f"restored 4 rows from {state} (left by an lbnat that did not stop)"
+    assert rows_of(bed) == before
+    for name, client in clients.items():
+        client.send_line(f"after the kill {name}")
+    for name, client in clients.items():
+        client.expect(f"after the kill {name}")
