@@ -356,7 +356,8 @@ class Daemon(Questions):
                 self.instruments.add(ScrapeCollector(self.metrics_snapshot))
                 self.metrics = MetricsServer.start(*c.metrics, self.instruments.registry)
         except START_ERRORS as error:
-            self.close()
+            # a predecessor's flows still need its guard: the next try restores them
+            self.close(keep=self.handover is not None and self.handover.previous is not None)
             raise StartError(str(error)) from None
         for line in start_lines(c, self.lb_ip, self.link.interface, offload_text):
             self.log.write(line)

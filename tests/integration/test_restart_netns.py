@@ -214,3 +214,34 @@ def test_the_rows_of_a_killed_lbnat_are_restored_too(bed: Bed) -> None:
         client.send_line(f"after the kill {name}")
     for name, client in clients.items():
         client.expect(f"after the kill {name}")
+
+
+@pytest.mark.parametrize("bed", [(1, "off")], indirect=True, ids=variant_id)
+def test_a_start_that_fails_after_taking_rows_over_leaves_them_for_the_next_try(
+    bed: Bed,
+) -> None:
+    require("socat")
+    state = bed.tmp / "state.json"
+    bed.chat_server("b1")
+    first = bed.lbnat("--no-health", "--state-file", str(state), backends=("b1",))
+    client, _ = bed.chat_client("c1", "k0")
+    stop_keeping_the_guard(bed, first, state)
+
+    # the metrics port is taken: this lbnat has restored the row when it fails
+    bed.start("lb", "socat", "TCP-LISTEN:9120,bind=127.0.0.1,reuseaddr", "STDOUT", name="taken")
+    bed.lab.wait_tcp_listening("lb", 9120)
+    argv = [console_script("lbnat"), "run", LB_IP, host_ip("b1"), "9000", "--no-health"]
+    admin = ("--admin-socket", str(bed.tmp / "admin.sock"))
+    failed = bed.start(
+        "lb", *argv, *admin, "--state-file", str(state), "--metrics", "127.0.0.1:9120",
+        name="failing lbnat",
+    )  # fmt: skip
+    assert failed.wait() == 2, failed.describe()
+    assert not any("Traceback" in x for x in failed.err.snapshot()), failed.describe()
+    failed.out.expect(f"state saved: 1 rows in {state}; guard kept for the next lbnat")
+    assert LBNAT_TABLE in bed.nft_tables()
+
+    second = bed.lbnat("--no-health", "--state-file", str(state), backends=("b1",))
+    second.expect(f"restored 1 rows from {state} (saved at its stop)")
+    client.send_line("after a failed start")
+    client.expect("after a failed start")
