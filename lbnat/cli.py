@@ -21,6 +21,7 @@ import click
 from click.core import ParameterSource
 
 from lbnat import config as config_module
+from lbnat import privileges
 from lbnat.config import (
     DEFAULT_ADMIN_SOCKET,
     DEFAULT_CONTROL_PORT,
@@ -363,6 +364,10 @@ def cleanup(state_file: str) -> None:
 
     Example: sudo lbnat cleanup --state-file /run/lbnat/state.json
     """
+    if "CAP_NET_ADMIN" in privileges.missing_here():
+        # without it nft cannot even list the table, and the files would go with it left
+        fail("lbnat cleanup needs CAP_NET_ADMIN (the nftables table, the reserved ports, the tc "
+             "filter): run it as root")  # fmt: skip
     try:
         done = handover.cleanup(state_file)
     except handover.HandoverError as error:

@@ -80,6 +80,18 @@ def stop_keeping_the_guard(bed: Bed, lbnat: Proc, state: Path) -> str:
     return line
 
 
+def wait_in_kernel(bed: Bed, clients: set[str], timeout: float = 10.0) -> None:
+    """Until the rows of `clients` are in the kernel's map again (`lbnat sessions`' path):
+    restored established rows re-enter it as any row does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        paths = {r["client"]: r["path"] for r in admin_json(bed, "sessions")}
+        if all(paths.get(client) == "kernel" for client in clients):
+            return
+        assert time.monotonic() < deadline, f"not back in the kernel: {paths}"
+        time.sleep(0.2)
+
+
 def tc_filters(bed: Bed) -> int:
     shown = bed.lab.run("lb", "tc", "filter", "show", "dev", "eth0", "ingress").stdout
     return sum("lbnat_fastpath" in line for line in shown.splitlines())
@@ -128,6 +140,7 @@ def test_a_restarted_lbnat_carries_every_flow_on(
     assert rows_of(bed) == before
     if offload == "tc":
         assert tc_filters(bed) == 1  # the new program replaced the old one
+        wait_in_kernel(bed, {row[1] for row in before if row[0] == "tcp:20000"})
 
     for name, client in clients.items():
         client.send_line(f"after the restart {name}")
