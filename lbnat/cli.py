@@ -21,6 +21,7 @@ import click
 from click.core import ParameterSource
 
 from lbnat import config as config_module
+from lbnat import privileges
 from lbnat.config import (
     DEFAULT_ADMIN_SOCKET,
     DEFAULT_CONTROL_PORT,
@@ -39,6 +40,7 @@ from lbnat.config import (
 from lbnat.control.protocol import encode, sign
 from lbnat.control.server import request_line
 from lbnat.daemon import Daemon, StartError
+from lbnat.dataplane import handover
 from lbnat.scheduler import SCHEDULERS
 from lbnat.syncookie import DEFAULT_THRESHOLD
 
@@ -48,6 +50,7 @@ WORKERS_ENV = "LBNAT_WORKERS"
 OFFLOAD_ENV = "LBNAT_OFFLOAD"
 METRICS_ENV = "LBNAT_METRICS"
 LOG_LEVEL_ENV = "LBNAT_LOG_LEVEL"
+STATE_FILE_ENV = "LBNAT_STATE_FILE"
 
 _T = TypeVar("_T")
 
@@ -250,6 +253,14 @@ def main() -> None:
     show_default=True,
     help="Half-open rows per worker above which --syn-proxy auto answers SYNs itself.",
 )
+@click.option(
+    "--state-file",
+    default=None,
+    envvar=STATE_FILE_ENV,
+    metavar="PATH",
+    help="Hitless restart: keep the rows in files next to PATH and, at SIGTERM, leave the "
+    "guard for the next lbnat, which restores them (off if not given).",
+)
 @click.option("--quiet", is_flag=True, help="No per-flow and per-probe lines (--log-level notice).")
 @click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
@@ -279,6 +290,8 @@ def run(
         given.add("offload")  # and LBNAT_OFFLOAD its offload
     if ctx.get_parameter_source("metrics") is ParameterSource.ENVIRONMENT:
         given.add("metrics")
+    if ctx.get_parameter_source("state_file") is ParameterSource.ENVIRONMENT:
+        given.add("state_file")
     if ctx.get_parameter_source("log_level") is ParameterSource.ENVIRONMENT:
         given.add("log_level")  # and LBNAT_LOG_LEVEL its log level
     overrides = Overrides(words=words, config_file=config_file, given=frozenset(given), **options)
@@ -332,6 +345,35 @@ def check_config(file: str, vip_port: str) -> None:
     click.echo(
         f"{file}: ok: {len(config.services)} services: {names or 'none'}; {backends} backends"
     )
+
+
+# --- lbnat cleanup -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--state-file",
+    required=True,
+    envvar=STATE_FILE_ENV,
+    metavar="PATH",
+    help="The state file the stopped lbnat was run with.",
+)
+def cleanup(state_file: str) -> None:
+    """Remove what an lbnat stopped with --state-file left for its successor (its nftables
+    table, reserved NAT ports and tc filter) when none is coming, and the state files.
+
+    Example: sudo lbnat cleanup --state-file /run/lbnat/state.json
+    """
+    if "CAP_NET_ADMIN" in privileges.missing_here():
+        # without it nft cannot even list the table, and the files would go with it left
+        fail("lbnat cleanup needs CAP_NET_ADMIN (the nftables table, the reserved ports, the tc "
+             "filter): run it as root")  # fmt: skip
+    try:
+        done = handover.cleanup(state_file)
+    except handover.HandoverError as error:
+        fail(str(error))
+    for line in done:
+        click.echo(f"cleanup: {line}")
 
 
 # --- talking to a running lbnat -------------------------------------------------------------------

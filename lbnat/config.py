@@ -196,6 +196,9 @@ class Config:
     syn_proxy_mss: int = DEFAULT_MSS  # the MSS lbnat's cookie SYN-ACK announces
     # Prometheus exposition over HTTP (lbnat.metrics): (host, port), or None: no server
     metrics: tuple[str, int] | None = None
+    # A hitless restart (lbnat.dataplane.handover): the rows kept in files next to this path,
+    # and the guard left in place at exit for the next lbnat; None: neither
+    state_file: str | None = None
 
 
 # --- the keys of each block (the schema's properties; a unit test keeps them equal) -------
@@ -214,6 +217,7 @@ TOP_KEYS: Final = (
     "dataplane",
     "syn_proxy",
     "metrics",
+    "state_file",
 )
 DATAPLANE_KEYS: Final = ("workers", "io", "rx_ring", "offload")
 SYN_PROXY_KEYS: Final = ("mode", "threshold", "mss")
@@ -534,6 +538,7 @@ def _native(data: dict[str, Any], default_port: int, read_file: FileReader) -> C
         syn_proxy_threshold=syn_proxy.get("threshold", DEFAULT_THRESHOLD),
         syn_proxy_mss=syn_proxy.get("mss", DEFAULT_MSS),
         metrics=metrics,
+        state_file=data.get("state_file"),
     )
 
 
@@ -814,6 +819,7 @@ class Overrides:
     log_format: str = "text"
     metrics: str | None = None  # HOST[:PORT] of the Prometheus exposition
     log_level: str = "info"
+    state_file: str | None = None  # --state-file (LBNAT_STATE_FILE): a hitless restart
 
 
 # option -> the Config field it sets; with a config file only when given
@@ -831,6 +837,7 @@ _GLOBAL_OVERRIDES: Final = (
     "admin_socket",
     "syn_proxy",
     "syn_proxy_threshold",
+    "state_file",
 )
 _TIMEOUT_OVERRIDES: Final = (
     ("time_wait", "time_wait"),

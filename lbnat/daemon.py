@@ -48,6 +48,7 @@ from lbnat.control.server import AdminServer, RegistrationServer, start_servers
 from lbnat.daemon_questions import Questions
 from lbnat.dataplane.fanout import nat_slices
 from lbnat.dataplane.guard import GuardError, KernelGuard
+from lbnat.dataplane.handover import Handover, HandoverError
 from lbnat.dataplane.link import (
     Link,
     LinkError,
@@ -197,6 +198,28 @@ def inline_loop(
     return loop
 
 
+START_ERRORS = (GuardError, OSError, WorkerError, OffloadError, MetricsError, HandoverError)
+
+
+def open_sockets(
+    link: Link, control: ControlPlane, rings: RingSpec
+) -> tuple[list[socket.socket], KernelPath | None, str]:
+    """Every worker's packet socket, then the kernel fast path (and what the start-up line
+    says of it). The sockets first: a tc filter left by a predecessor (a hitless restart) is
+    replaced by one with an empty map, and its flows' packets come up from then on; queued in
+    the rings, they wait there for their rows to be restored."""
+    c = control.config
+    program = packet_filter(link.ip_int, control)
+    socks = open_worker_sockets(link, program, c.nat_ports, c.workers, c.io, rings)
+    try:
+        offload, text = start_offload(c.offload, link.interface, link.ip_int, c.table_cap)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks, offload, text
+
+
 def syn_proxy_settings(config: Config) -> SynProxySettings:
     """The SYN proxy's settings. The secret is drawn once: every worker, and a worker restarted
     later, checks the cookies of all. The window scale is the one this host's kernel would
@@ -278,6 +301,8 @@ class Daemon(Questions):
         # A reload plans and commits under two takes of _lock: no other reload in between.
         self._reload_lock = threading.Lock()
         self.syn_proxy = syn_proxy_settings(config)
+        # --state-file: rows in files, the guard left for the next lbnat (a hitless restart)
+        self.handover = None if config.state_file is None else Handover(config.state_file, self.log)
         self.systemd = Lifecycle.from_environment(lambda: forwarding_status(self), self.log)
 
     @property
@@ -313,19 +338,16 @@ class Daemon(Questions):
         tcp, udp = list(self.control.ports("tcp")), list(self.control.ports("udp"))
         self.guard = KernelGuard(self.lb_ip, tcp, udp, c.nat_ports)
         try:
-            self.guard.install()
-            self.offload, offload_text = start_offload(
-                c.offload, link.interface, link.ip_int, c.table_cap
-            )
-            socks = open_worker_sockets(
-                link, packet_filter(link.ip_int, self.control), c.nat_ports, c.workers, c.io, rings
-            )
+            row_files = None if self.handover is None else self.handover.take(c, link.interface)
+            self.guard.install()  # over a predecessor's table in one transaction
+            socks, self.offload, offload_text = open_sockets(link, self.control, rings)
             self.plane = start_plane(
                 socks,
                 lambda: inline_loop(engine, socks[0], link, c, self._inline_events, self.offload),
                 lambda index: self._setup(index, slices[index]),
                 self._on_events,
                 self.log,
+                row_files,
             )
             self._servers = start_servers(
                 self.config.control, self.config.admin_socket, self.apply, self._refused
@@ -333,11 +355,14 @@ class Daemon(Questions):
             if c.metrics is not None:
                 self.instruments.add(ScrapeCollector(self.metrics_snapshot))
                 self.metrics = MetricsServer.start(*c.metrics, self.instruments.registry)
-        except (GuardError, OSError, WorkerError, OffloadError, MetricsError) as error:
-            self.close()
+        except START_ERRORS as error:
+            # a predecessor's flows still need its guard: the next try restores them
+            self.close(keep=self.handover is not None and self.handover.previous is not None)
             raise StartError(str(error)) from None
         for line in start_lines(c, self.lb_ip, self.link.interface, offload_text):
             self.log.write(line)
+        if self.handover is not None:
+            self.handover.restored(self.plane.restored())
         if self.guard.notice is not None:
             self.log(self.guard.notice, "reserved_ports")
         self.health = HealthChecker(checks, self.current_backends, self._publish, self._report)
@@ -371,7 +396,7 @@ class Daemon(Questions):
             self.systemd.stopping()  # STOPPING=1 here, not in the signal handler (Lifecycle)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.close()
+            self.close(keep=self.handover is not None)
             self.log("lbnat stopped", "stop")
         return self.exit_code
 
@@ -379,7 +404,9 @@ class Daemon(Questions):
         if self.plane is not None:
             self.plane.stop()
 
-    def close(self) -> None:
+    def close(self, keep: bool = False) -> None:
+        """Stop everything; `keep` (a stop with --state-file): leave the guard, the reserved
+        ports and the tc filter to the next lbnat (lbnat.dataplane.handover)."""
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
@@ -391,8 +418,10 @@ class Daemon(Questions):
             self.health.stop()
             self.health = None
         if self.plane is not None:
-            self.plane.close()
+            self.plane.close()  # the workers stop; their row files are flushed and closed
             self.plane = None
+        if keep and self.handover is not None:
+            self.handover.leave(self.guard, self.offload)
         if self.offload is not None:
             self.offload.close()  # the filter off the interface: nothing rewrites for us now
             self.offload = None

@@ -191,4 +191,7 @@ class DataPlane(Protocol):
     def info(self) -> list[dict[str, object]]:
         """Index, pid, alive and restarts of each worker (for status)."""
 
+    def restored(self) -> RestoreReport:
+        """The rows the engines took over from a state file at start (--state-file)."""
+
     def close(self) -> None: ...

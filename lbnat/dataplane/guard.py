@@ -100,6 +100,26 @@ def leftover_reservation(lb_ip: str) -> tuple[int, int] | None:
     return int(match.group(1)), int(match.group(2))
 
 
+def remove_leftover(lb_ip: str, reserved_path: str = RESERVED_PORTS) -> tuple[int, int] | None:
+    """Remove the table and the NAT ports' reservation an lbnat left for a successor that never
+    came (`lbnat cleanup`); the range it had reserved, or None when there was no table."""
+    left = leftover_reservation(lb_ip)
+    if left is None:
+        return None
+    try:
+        with open(reserved_path) as f:
+            ranges = _parse_ranges(f.read())
+        if left in ranges:
+            ranges.remove(left)
+            with open(reserved_path, "w") as f:
+                f.write(_format_ranges(ranges) + "\n")
+    except OSError as error:
+        raise GuardError(f"cannot give back the NAT ports in {reserved_path}: {error}") from None
+    name = table_name(lb_ip)
+    nft(f"table ip {name}\ndelete table ip {name}\n")
+    return left
+
+
 def _parse_ranges(text: str) -> list[tuple[int, int]]:
     ranges = []
     for part in text.replace("\n", "").split(","):
@@ -201,6 +221,14 @@ class KernelGuard:
             with contextlib.suppress(GuardError):
                 nft(f"table ip {name}\ndelete table ip {name}\n")
             self.installed = False
+
+    def release(self) -> None:
+        """Leave the table and the reserved ports in place for the next lbnat (a hitless
+        restart, lbnat.dataplane.handover): it takes both over in install() (the table's
+        comment tells it the range is lbnat's, not the host's), or `lbnat cleanup` removes
+        them. This object forgets them, so a later remove() does nothing."""
+        self._saved_reserved = None
+        self.installed = False
 
     def kernel_rsts(self) -> int:
         """Packets counted by the output chain: RSTs the kernel sent from lbnat's ports."""

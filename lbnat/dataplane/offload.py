@@ -41,6 +41,10 @@ class KernelPath:
     def close(self) -> None:
         self.program.close()  # detaches the filter first
 
+    def release(self) -> None:
+        """Exit leaving the filter attached (a hitless restart: TcProgram.release)."""
+        self.program.release()
+
 
 def filter_handle(lb_ip: int) -> int:
     """The tc filter handle of the lbnat instance that owns `lb_ip`: one per instance, so

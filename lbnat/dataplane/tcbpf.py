@@ -409,6 +409,17 @@ class TcProgram:
             self._lib.bpf_object__close(self._obj)
             self._obj = None
 
+    def release(self) -> None:
+        """Close the object but leave the filter attached: the kernel keeps the program (and
+        its map, which the program holds) as long as the filter is there, so the flows in the
+        map go on being rewritten after lbnat exits (a hitless restart: the next lbnat
+        replaces the filter, `lbnat cleanup` or detach_stale removes it). Idempotent."""
+        if self._obj is None:
+            return
+        self._attached = None
+        self._lib.bpf_object__close(self._obj)
+        self._obj = None
+
     def _check_open(self) -> None:
         if self._obj is None:
             raise ValueError("the TcProgram is closed")

@@ -15,7 +15,10 @@ takes its flows back: each worker keeps a record of every row in a memfd of its 
 (`RowMemory`, lbnat.checkpoint) that the main process creates and passes to every incarnation
 of that worker; the new one rebuilds the rows from it before it reads its first frame, and
 the frames that waited in the kept socket's ring meanwhile find them. The memfd lives as long as
-the main process: a restart of lbnat starts with empty tables.
+the main process: a restart of lbnat starts with empty tables, unless `--state-file` puts the
+rows in files instead (lbnat.statefile, lbnat.dataplane.handover): then the next lbnat restores
+them too, through the same path. With one worker the loop keeps a checkpoint only then (no
+process of its own restarts it: without a file nobody would ever read it).
 
 Both implement lbnat.messages.DataPlane: `change()` sends a change to every engine, `ask()`
 returns every engine's answer (lbnat.views), events come back through `on_events`. The
@@ -36,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
@@ -170,12 +173,22 @@ class _Cursor:
 class RowMemory:
     """One worker's row checkpoint (lbnat.checkpoint): a memfd the main process creates, keeps
     and passes to every incarnation of the worker, with room for `rows` records. Its pages are
-    allocated as records are first written, so a large table cap costs nothing up front."""
+    allocated as records are first written, so a large table cap costs nothing up front.
 
-    def __init__(self, index: int, rows: int) -> None:
-        self.fd = os.memfd_create(f"lbnat-rows-{index}")  # close-on-exec; pass_fds passes it
+    With `path` (--state-file) the records are in that file instead, so that they outlive
+    lbnat: a file that exists is kept as it is (a previous lbnat's rows, restored by the
+    worker) and only grown, never shrunk (a smaller table cap must not cut records off)."""
+
+    def __init__(self, index: int, rows: int, path: str | None = None) -> None:
+        self.path = path
+        if path is None:
+            self.fd = os.memfd_create(f"lbnat-rows-{index}")  # close-on-exec; pass_fds passes it
+        else:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # not inheritable either
         try:
-            os.ftruncate(self.fd, checkpoint_bytes(rows))
+            size = checkpoint_bytes(rows)
+            if os.fstat(self.fd).st_size < size:
+                os.ftruncate(self.fd, size)  # sparse: pages come as records are written
         except OSError:
             os.close(self.fd)
             raise
@@ -185,13 +198,27 @@ class RowMemory:
         return records_below(os.pread(self.fd, HEADER_SIZE, 0))
 
     def close(self) -> None:
-        os.close(self.fd)
+        try:
+            if self.path is not None:
+                os.fsync(self.fd)  # the workers' (or the loop's) mapped writes, for the next lbnat
+        finally:
+            os.close(self.fd)
 
 
 def map_checkpoint(fd: int) -> RowCheckpoint:
     """A worker's view of its RowMemory (the checkpoint's memoryview keeps the mapping open
     for the process's life)."""
     return RowCheckpoint(memoryview(mmap.mmap(fd, os.fstat(fd).st_size)))
+
+
+def merge_reports(reports: Sequence[RestoreReport]) -> RestoreReport:
+    """Several workers' restores as one."""
+    dropped: dict[str, int] = {}
+    for report in reports:
+        for why, n in report.dropped.items():
+            dropped[why] = dropped.get(why, 0) + n
+    rows = sum(report.rows for report in reports)
+    return RestoreReport(rows, sum(report.open_flows for report in reports), dropped)
 
 
 # --- building a loop (the same in the main process and in a worker) -----------------------------
@@ -240,17 +267,29 @@ def start_plane(
     setup_for: Callable[[int], WorkerSetup],
     on_events: EventSink,
     log: Callable[..., None],
+    row_files: Sequence[str] | None = None,
 ) -> InlinePlane | WorkerPool:
     """One socket: the loop `inline_loop()` builds, on the main thread. Several: a worker
-    process on each, started and ready. On failure the sockets are closed."""
+    process on each, started and ready. With `row_files` (one per worker: --state-file) each
+    engine keeps its rows in its file and starts with the rows found there. On failure the
+    sockets are closed."""
     if len(socks) == 1:
+        rows: RowMemory | None = None
         try:
             loop = inline_loop()
+            report = RestoreReport()
+            if row_files:
+                rows = RowMemory(0, loop.engine.table.cap, row_files[0])
+                # as a worker does: the rows before the first frame (the fast path is
+                # attached already, so the established ones go back into the kernel)
+                report = restore(loop.engine, map_checkpoint(rows.fd), time.monotonic())
         except BaseException:
+            if rows is not None:
+                rows.close()
             socks[0].close()
             raise
-        return InlinePlane(loop, socks[0])
-    pool = WorkerPool(socks, setup_for, on_events, log, SharedCursors())
+        return InlinePlane(loop, socks[0], rows, report)
+    pool = WorkerPool(socks, setup_for, on_events, log, SharedCursors(), row_files)
     try:
         pool.start()
     except BaseException:
@@ -265,10 +304,22 @@ def start_plane(
 class InlinePlane:
     """One worker: the packet loop runs on the main thread, the engine lives in this process."""
 
-    def __init__(self, loop: PacketLoop, sock: socket.socket) -> None:
+    def __init__(
+        self,
+        loop: PacketLoop,
+        sock: socket.socket,
+        rows: RowMemory | None = None,
+        restored: RestoreReport | None = None,
+    ) -> None:
         self.loop = loop
         self.sock = sock
+        self.rows = rows  # the loop's row checkpoint (--state-file only)
+        self._restored = restored or RestoreReport()
         self._thread: threading.Thread | None = None
+
+    def restored(self) -> RestoreReport:
+        """The rows taken over at start (--state-file)."""
+        return self._restored
 
     def run(self, upkeep: Callable[[float], None]) -> None:
         self.loop.on_tick = lambda engine, now: upkeep(now)
@@ -323,6 +374,9 @@ class InlinePlane:
         self.loop.close()
         self.loop.neighbours.close()
         self.sock.close()
+        if self.rows is not None:
+            self.rows.close()
+            self.rows = None
 
 
 # --- N workers: processes -----------------------------------------------------------------------
@@ -332,9 +386,15 @@ class WorkerProcess:
     """The main process's end of one worker: its process, control connection and answers."""
 
     def __init__(
-        self, index: int, sock: socket.socket, cursors: SharedCursors, on_events: EventSink
+        self,
+        index: int,
+        sock: socket.socket,
+        cursors: SharedCursors,
+        on_events: EventSink,
+        row_file: str | None = None,
     ) -> None:
         self.index = index
+        self.row_file = row_file  # --state-file: the rows in this file, not in a memfd
         self.sock = sock
         self.cursors = cursors
         self.on_events = on_events
@@ -355,7 +415,7 @@ class WorkerProcess:
 
     def start(self, setup: WorkerSetup) -> None:
         if self.rows is None:
-            self.rows = RowMemory(self.index, setup.table_cap)
+            self.rows = RowMemory(self.index, setup.table_cap, self.row_file)
         parent, child = socket.socketpair()
         fds = (self.sock.fileno(), child.fileno(), self.cursors.fd, self.rows.fd)
         inherited = (*fds, setup.offload_fd) if setup.offload_fd >= 0 else fds  # the BPF map
@@ -484,12 +544,18 @@ class WorkerPool:
         on_events: EventSink,
         log: Callable[..., None],
         cursors: SharedCursors,
+        row_files: Sequence[str] | None = None,
     ) -> None:
         self.socks = socks
         self.setup_for = setup_for
         self.log = log
         self.cursors = cursors
-        self.procs = [WorkerProcess(i, s, cursors, on_events) for i, s in enumerate(socks)]
+        files: Sequence[str | None] = row_files or [None] * len(socks)
+        self.procs = [
+            WorkerProcess(i, s, cursors, on_events, f)
+            for i, (s, f) in enumerate(zip(socks, files, strict=True))
+        ]
+        self._first: list[RestoreReport] = []  # each worker's rows taken over at start
         self.stopping = threading.Event()
         self._requests = 0
         self._request_lock = threading.Lock()
@@ -497,6 +563,11 @@ class WorkerPool:
     def start(self) -> None:
         for proc in self.procs:
             proc.start(self.setup_for(proc.index))
+            self._first.append(proc.restored)
+
+    def restored(self) -> RestoreReport:
+        """The rows every worker took over at start (--state-file), summed."""
+        return merge_reports(self._first)
 
     def run(self, upkeep: Callable[[float], None]) -> None:
         while not self.stopping.wait(SUPERVISE_EVERY):

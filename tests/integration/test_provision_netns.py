@@ -351,7 +351,13 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     if analyze is None:
         pytest.skip("needs systemd-analyze (Debian package systemd)")
     service = unit_service()
-    assert service["ExecStart"] == ["/opt/lbnat/bin/lbnat run --config /etc/lbnat/config.json"]
+    assert service["ExecStart"] == [
+        "/opt/lbnat/bin/lbnat run --config /etc/lbnat/config.json "
+        "--state-file /run/lbnat/state.json"
+    ]
+    # a hitless restart: the state file survives restarts; a stop cleans up (handover.py)
+    assert service["RuntimeDirectoryPreserve"] == ["yes"]
+    assert "lbnat cleanup --state-file /run/lbnat/state.json" in service["ExecStopPost"][0]
     assert service["ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
     assert service["RuntimeDirectory"] == ["lbnat"]
     assert service["Restart"] == ["on-failure"]
@@ -362,7 +368,7 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     assert {"CAP_NET_RAW", "CAP_NET_ADMIN"} <= set(unit_caps()) <= set(CAPABILITY_BITS)
     root = tmp_path / "root"
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    for exe in ("/opt/lbnat/bin/lbnat", "/bin/kill"):
+    for exe in ("/opt/lbnat/bin/lbnat", "/bin/kill", "/bin/sh"):
         path = root / exe.lstrip("/")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("#!/bin/sh\n")

@@ -9,6 +9,7 @@ from typing import NoReturn
 import pytest
 from click.testing import CliRunner
 
+from lbnat import privileges
 from lbnat.cli import lobin_main, main
 from lbnat.config import Config
 
@@ -146,3 +147,29 @@ def test_status_shows_the_syn_proxys_counters(monkeypatch: pytest.MonkeyPatch) -
     web, dns = [line for line in result.output.splitlines() if line.startswith("service ")]
     assert web.endswith("drops bad_cookie 2  syn cookies sent 20000 validated 50 invalid 2")
     assert "syn cookies" not in dns
+
+
+def test_cleanup_without_cap_net_admin_touches_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state.json"
+    state.write_text("{}")
+    monkeypatch.setattr(privileges, "missing_here", lambda: ["CAP_NET_ADMIN"])
+    result = CliRunner().invoke(main, ["cleanup", "--state-file", str(state)])
+    assert result.exit_code == 2
+    assert result.output.startswith("lbnat: lbnat cleanup needs CAP_NET_ADMIN")
+    assert state.exists()
+
+
+def test_cleanup_of_a_bad_state_file_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state.json"
+    state.write_text("nonsense")
+    monkeypatch.setattr(privileges, "missing_here", lambda: [])
+    result = CliRunner().invoke(main, ["cleanup", "--state-file", str(state)])
+    assert result.exit_code == 2
+    assert (
+        result.output
+        == f"lbnat: {state}: it is not JSON (Expecting value: line 1 column 1 (char 0))\n"
+    )

@@ -257,3 +257,13 @@ def test_metrics_address_from_the_command_line_and_the_file(tmp_path: Path) -> N
 def test_metrics_address_mistakes(address: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_config(Overrides(words=WORDS, metrics=address))
+
+
+def test_state_file_from_the_command_line_and_the_file(tmp_path: Path) -> None:
+    assert build_config(Overrides(words=WORDS)).state_file is None  # off by default
+    cli = build_config(Overrides(words=WORDS, state_file="/run/lbnat/state.json"))
+    assert cli.state_file == "/run/lbnat/state.json"
+    path = config_file(tmp_path, {**FILE, "state_file": "/var/lib/lbnat/state.json"})
+    assert build_config(Overrides(config_file=path)).state_file == "/var/lib/lbnat/state.json"
+    given = Overrides(config_file=path, state_file="/tmp/s.json", given=frozenset({"state_file"}))
+    assert build_config(given).state_file == "/tmp/s.json"
