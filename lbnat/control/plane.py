@@ -30,7 +30,6 @@ The transitions of a backend, as the registry makes them (lbnat.registry):
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -79,10 +78,7 @@ class Reply:
 
     line: bytes
     effects: list[Effect] = field(default_factory=list)
-
-    @property
-    def acked(self) -> bool:
-        return bool(json.loads(self.line)["ok"])
+    acked: bool = True  # False: `line` is a nack
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,11 +159,11 @@ class ControlPlane:
         """A request that changes a backend: its reply, the new snapshot, the log line. A
         refused one changes nothing: a nack and the refusal in the log."""
         if request.op not in BACKEND_OPS:
-            return Reply(nack(f"unknown op {request.op!r}"))
+            return Reply(nack(f"unknown op {request.op!r}"), acked=False)
         try:
             return self._change_backend(request, peer, now)
         except (RegistryError, ValueError) as error:
-            return Reply(nack(str(error)), [refused_line(peer, str(error))])
+            return Reply(nack(str(error)), [refused_line(peer, str(error))], acked=False)
 
     def _change_backend(self, request: Request, peer: str, now: float) -> Reply:
         if request.service is None or request.ip is None or request.port is None:
