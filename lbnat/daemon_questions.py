@@ -45,10 +45,14 @@ class Questions:
 
     def ask(self, question: Question, timeout: float = 5.0) -> list[Any]:
         """Every engine's answer to `question` (lbnat.views.answer), one per live worker."""
+        return [answer for _, answer in self.ask_each(question, timeout)]
+
+    def ask_each(self, question: Question, timeout: float = 5.0) -> list[tuple[int, Any]]:
+        """The same, each with its worker's index."""
         plane = self.plane
         if plane is None:
             raise RuntimeError("lbnat is not running")
-        return plane.ask(question, timeout)
+        return plane.ask_each(question, timeout)
 
     def status(self) -> dict[str, object]:
         """Services, backends with state, and counters summed over every worker."""
@@ -83,12 +87,6 @@ class Questions:
     def sessions(self) -> list[dict[str, object]]:
         """Every worker's rows, each marked with its worker."""
         rows: list[dict[str, object]] = []
-        for worker, answer in self.ask_each_live(AskSessions()):
+        for worker, answer in self.ask_each(AskSessions()):
             rows.extend({**row, "worker": worker} for row in answer)
         return rows
-
-    def ask_each_live(self, question: Question) -> list[tuple[int, Any]]:
-        plane = self.plane
-        if plane is None:
-            raise RuntimeError("lbnat is not running")
-        return plane.ask_each(question)
