@@ -406,8 +406,7 @@ class TcProgram:
         try:
             self.detach()
         finally:
-            self._lib.bpf_object__close(self._obj)
-            self._obj = None
+            self.release()
 
     def release(self) -> None:
         """Close the object but leave the filter attached: the kernel keeps the program (and
