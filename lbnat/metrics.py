@@ -23,6 +23,7 @@ prometheus-client's own thread-safe instruments (`Instruments`), in the same reg
 
 from __future__ import annotations
 
+import functools
 import platform
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -221,6 +222,7 @@ class ScrapeCollector:
         return []  # no describe: registering must not take a snapshot (the workers may be down)
 
 
+@functools.cache  # read once: the installed metadata does not change under a running lbnat
 def lbnat_version() -> str:
     try:
         return version("lbnat")
