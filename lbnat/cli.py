@@ -37,8 +37,8 @@ from lbnat.config import (
     build_config,
     load_config,
 )
-from lbnat.control.protocol import encode, sign
-from lbnat.control.server import request_line
+from lbnat.control.protocol import sign
+from lbnat.control.server import AdminError, ask_lbnat
 from lbnat.daemon import Daemon, StartError
 from lbnat.dataplane import handover
 from lbnat.scheduler import SCHEDULERS
@@ -381,24 +381,11 @@ def cleanup(state_file: str) -> None:
 
 def talk(target: str | tuple[str, int], message: dict[str, object]) -> dict[str, Any]:
     """Send one request, return the reply; unreachable lbnat -> exit 1 with a clear line."""
-    where = target if isinstance(target, str) else f"{target[0]}:{target[1]}"
     try:
-        line = request_line(target, encode(message))
-    except FileNotFoundError:
-        click.echo(f"lbnat: no admin socket at {where}: is lbnat running?", err=True)
+        return ask_lbnat(target, message)
+    except AdminError as error:
+        click.echo(f"lbnat: {error}", err=True)
         raise SystemExit(1) from None
-    except OSError as error:
-        click.echo(f"lbnat: cannot reach lbnat at {where}: {error.strerror or error}", err=True)
-        raise SystemExit(1) from None
-    try:
-        reply: dict[str, Any] = json.loads(line)
-    except ValueError:
-        click.echo(f"lbnat: {where} did not answer with JSON", err=True)
-        raise SystemExit(1) from None
-    if not reply.get("ok"):
-        click.echo(f"lbnat: refused: {reply.get('error', 'no reason given')}", err=True)
-        raise SystemExit(1)
-    return reply
 
 
 def registration(op: str, lb: str, service: str, ip: str, port: str, weight: int, name: str,

@@ -14,7 +14,6 @@ with one line (`TopError`), before the terminal is touched.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import select
 import signal
@@ -25,13 +24,12 @@ import tty
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
-from typing import IO, Any
+from typing import IO
 
 from rich.console import Console, RenderableType
 from rich.live import Live
 
-from lbnat.control.protocol import encode
-from lbnat.control.server import request_line
+from lbnat.control.server import AdminError, RequestRefused, ask_lbnat
 from lbnat.top import Frame, Status, compute, render
 
 QUIT_KEYS = frozenset(b"qQ")
@@ -46,18 +44,11 @@ class TopError(Exception):
 def ask_status(path: str, timeout: float = ASK_TIMEOUT) -> Status:
     """One {"op": "status"} on the admin socket at `path`; TopError with a one-line reason."""
     try:
-        line = request_line(path, encode({"op": "status"}), timeout)
-    except FileNotFoundError:
-        raise TopError(f"no admin socket at {path}: is lbnat running?") from None
-    except OSError as error:
-        raise TopError(f"cannot reach lbnat at {path}: {error.strerror or error}") from None
-    try:
-        reply: dict[str, Any] = json.loads(line)
-    except ValueError:
-        raise TopError(f"{path} did not answer with JSON") from None
-    if not reply.get("ok"):
-        raise TopError(f"{path} refused: {reply.get('error', 'no reason given')}")
-    return reply
+        return ask_lbnat(path, {"op": "status"}, timeout)
+    except RequestRefused as refused:
+        raise TopError(f"{path} refused: {refused.reason}") from None
+    except AdminError as error:
+        raise TopError(str(error)) from None
 
 
 @dataclass

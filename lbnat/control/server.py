@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import socket
 import socketserver
@@ -24,7 +25,15 @@ from pathlib import Path
 from typing import Any, cast
 
 from lbnat.config import ControlConfig
-from lbnat.control.protocol import MAX_LINE, Authenticator, Nack, Request, nack, parse_request
+from lbnat.control.protocol import (
+    MAX_LINE,
+    Authenticator,
+    Nack,
+    Request,
+    encode,
+    nack,
+    parse_request,
+)
 
 Apply = Callable[[Request, str], bytes]  # (request, who asked) -> the reply line
 # (who asked, why, one word for why: Nack.kind, or "connection", "busy") -> log and count it
@@ -276,3 +285,37 @@ def request_line(target: str | tuple[str, int], line: bytes, timeout: float = 5.
                 break
             reply += chunk
         return reply
+
+
+class AdminError(Exception):
+    """lbnat could not be asked, or its answer was not a reply (one line, for the user)."""
+
+
+class RequestRefused(AdminError):
+    """lbnat answered with a nack; `reason` is its error."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"refused: {reason}")
+        self.reason = reason
+
+
+def ask_lbnat(
+    target: str | tuple[str, int], message: dict[str, object], timeout: float = 5.0
+) -> dict[str, Any]:
+    """One request to a running lbnat (its admin socket path, or its registration channel's
+    (host, port)) and its acked reply; AdminError (RequestRefused for a nack) otherwise. The
+    CLI's commands and `lbnat top` say these errors each in their own way."""
+    where = target if isinstance(target, str) else f"{target[0]}:{target[1]}"
+    try:
+        line = request_line(target, encode(message), timeout)
+    except FileNotFoundError:
+        raise AdminError(f"no admin socket at {where}: is lbnat running?") from None
+    except OSError as error:
+        raise AdminError(f"cannot reach lbnat at {where}: {error.strerror or error}") from None
+    try:
+        reply: dict[str, Any] = json.loads(line)
+    except ValueError:
+        raise AdminError(f"{where} did not answer with JSON") from None
+    if not reply.get("ok"):
+        raise RequestRefused(str(reply.get("error", "no reason given")))
+    return reply
