@@ -277,6 +277,10 @@ class RowCheckpoint:
         self._free.append(slot)
         s.slot = -1
 
+    def alive(self, s: Session) -> None:
+        """Nothing to write: a record holds no last-seen time (a restored row starts its
+        timeout again)."""
+
     def __len__(self) -> int:
         """Rows held (slots handed out and not freed)."""
         return self.high_water - len(self._free)

@@ -25,6 +25,7 @@ from lbnat import privileges
 from lbnat.config import (
     DEFAULT_ADMIN_SOCKET,
     DEFAULT_CONTROL_PORT,
+    DEFAULT_SYNC_PORT,
     IO_KINDS,
     LOG_LEVELS,
     OFFLOAD_MODES,
@@ -37,7 +38,7 @@ from lbnat.config import (
     build_config,
     load_config,
 )
-from lbnat.control.protocol import sign
+from lbnat.control.protocol import HA_ROLES, sign
 from lbnat.control.server import AdminError, ask_lbnat
 from lbnat.daemon import Daemon, StartError
 from lbnat.dataplane import handover
@@ -260,6 +261,33 @@ def main() -> None:
     metavar="PATH",
     help="Hitless restart: keep the rows in files next to PATH and, at SIGTERM, leave the "
     "guard for the next lbnat, which restores them (off if not given).",
+)
+@click.option(
+    "--sync-listen",
+    default=None,
+    metavar="ADDRESS",
+    help="Session sync with a peer lbnat (an active/backup pair): this node's own address on "
+    "the sync link (not the VIP). With --sync-peer and --sync-secret-file.",
+)
+@click.option(
+    "--sync-peer",
+    "sync_peers",
+    multiple=True,
+    metavar="ADDRESS[:PORT]",
+    help="The peer's sync address (repeatable).",
+)
+@click.option(
+    "--sync-port",
+    type=click.IntRange(1, 65535),
+    default=DEFAULT_SYNC_PORT,
+    show_default=True,
+    help="UDP port of the session sync.",
+)
+@click.option(
+    "--sync-secret-file",
+    default=None,
+    metavar="PATH",
+    help="The pair's shared sync secret (HMAC-SHA256; not the control channel's).",
 )
 @click.option("--quiet", is_flag=True, help="No per-flow and per-probe lines (--log-level notice).")
 @click.option(
@@ -604,6 +632,42 @@ def backend(action: str, service: str, ip: str, port: str, weight: int, name: st
             f"{action}: {reply.get('backend')} in service {reply.get('service')}: "
             f"{reply.get('state')}"
         )
+
+
+@main.command("ha-role")
+@click.argument("role", type=click.Choice(HA_ROLES, case_sensitive=False))
+@admin_socket_option
+def ha_role(role: str, admin_socket: str) -> None:
+    """Tell a running lbnat its VRRP role (keepalived's notify script calls it).
+
+    A master ignores its peer's rows; a node that becomes backup asks the master for its flows
+    again.
+
+    Example: lbnat ha-role MASTER
+    """
+    reply = talk(admin_socket, {"op": "ha_role", "role": role.lower()})
+    ready = "ready" if reply.get("ready") else "not ready"
+    click.echo(f"ha-role: {reply.get('role')} (sync {ready})")
+
+
+@main.command("ha-check")
+@admin_socket_option
+def ha_check(admin_socket: str) -> None:
+    """Exit 0 when lbnat runs and holds its peer's flows (keepalived's vrrp_script).
+
+    A node that has just started, or come back, is ready once its first resync from the peer
+    is complete (or the peer stayed silent for 3 s): until then it should not take the VIP.
+
+    Example: lbnat ha-check || echo not ready
+    """
+    reply = talk(admin_socket, {"op": "status"})
+    sync = reply.get("sync")
+    if not isinstance(sync, dict):
+        click.echo("lbnat: the session sync is off (no --sync-peer)", err=True)
+        raise SystemExit(1)
+    if not sync.get("ready"):
+        click.echo("lbnat: not ready: the resync from its peer is not complete", err=True)
+        raise SystemExit(1)
 
 
 @main.command()

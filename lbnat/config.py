@@ -64,6 +64,7 @@ __all__ = [
     "DEFAULT_METRICS_PORT",
     "DEFAULT_NAT_PORTS",
     "DEFAULT_PORT",
+    "DEFAULT_SYNC_PORT",
     "DEFAULT_TABLE_CAP",
     "DEFAULT_WINDOW",
     "IO_KINDS",
@@ -82,6 +83,7 @@ __all__ = [
     "FileReader",
     "Overrides",
     "ServiceConfig",
+    "SyncConfig",
     "build_config",
     "check_slices",
     "default_workers",
@@ -96,6 +98,7 @@ __all__ = [
 DEFAULT_PORT: Final = 20000
 DEFAULT_CONTROL_PORT: Final = 7000
 DEFAULT_METRICS_PORT: Final = 9120  # HAProxy's exporter is 9101, node_exporter 9100
+DEFAULT_SYNC_PORT: Final = 7001  # the session sync (lbnat.syncwire.DEFAULT_PORT)
 DEFAULT_NAT_PORTS: Final = (61000, 65535)
 DEFAULT_TABLE_CAP: Final = 1_000_000
 DEFAULT_ADMIN_SOCKET: Final = "/run/lbnat/lbnat.sock"
@@ -169,6 +172,16 @@ class ControlConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SyncConfig:
+    """The session sync with the other lbnat of a pair (docs/sync-protocol.md)."""
+
+    listen: str  # this node's own address on the sync link (never the VIP)
+    port: int
+    peers: tuple[tuple[str, int], ...]  # (address, port) of each peer
+    secret: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     lb_ip: str | None = None  # SRCIP; may come from the command line instead
     interface: str | None = None
@@ -199,6 +212,8 @@ class Config:
     # A hitless restart (lbnat.dataplane.handover): the rows kept in files next to this path,
     # and the guard left in place at exit for the next lbnat; None: neither
     state_file: str | None = None
+    # The session sync with a peer lbnat (lbnat.dataplane.syncnode); None: off
+    sync: SyncConfig | None = None
 
 
 # --- the keys of each block (the schema's properties; a unit test keeps them equal) -------
@@ -218,10 +233,12 @@ TOP_KEYS: Final = (
     "syn_proxy",
     "metrics",
     "state_file",
+    "sync",
 )
 DATAPLANE_KEYS: Final = ("workers", "io", "rx_ring", "offload")
 SYN_PROXY_KEYS: Final = ("mode", "threshold", "mss")
 METRICS_KEYS: Final = ("listen",)
+SYNC_KEYS: Final = ("listen", "port", "peers", "secret_file")
 TIMEOUT_KEYS: Final = tuple(f.name for f in dataclasses.fields(Timeouts))
 LOG_KEYS: Final = ("format", "quiet", "level", "transitions")
 CONTROL_KEYS: Final = ("listen", "secret", "secret_file", "allow", "window")
@@ -516,6 +533,9 @@ def _native(data: dict[str, Any], default_port: int, read_file: FileReader) -> C
     if data.get("metrics") is not None:
         metrics = _check(fields.host_port, data["metrics"]["listen"], "metrics.listen")
         _check_listen_port("metrics.listen", *metrics, lb_ip, nat_ports, services)
+    sync = None
+    if data.get("sync") is not None:
+        sync = _sync(data["sync"], "sync", read_file)
     return Config(
         lb_ip=lb_ip,
         interface=interface,
@@ -539,6 +559,7 @@ def _native(data: dict[str, Any], default_port: int, read_file: FileReader) -> C
         syn_proxy_mss=syn_proxy.get("mss", DEFAULT_MSS),
         metrics=metrics,
         state_file=data.get("state_file"),
+        sync=sync,
     )
 
 
@@ -593,6 +614,37 @@ def _control(block: dict[str, Any], path: str, read_file: FileReader) -> Control
     )
     window = _seconds(block.get("window", DEFAULT_WINDOW), _at(path, "window"))
     return ControlConfig(host=host, port=port, secret=secret, allow=allow, window=window)
+
+
+def _sync(block: dict[str, Any], path: str, read_file: FileReader) -> SyncConfig:
+    listen = _check(fields.host_ipv4, block["listen"], _at(path, "listen"))
+    port = block.get("port", DEFAULT_SYNC_PORT)
+    peers = tuple(
+        _sync_peer(item, port, _item(_at(path, "peers"), i))
+        for i, item in enumerate(block["peers"])
+    )
+    where = _at(path, "secret_file")
+    secret = _read_secret(_check(fields.text, block["secret_file"], where), where, read_file)
+    return checked_sync(SyncConfig(listen, port, peers, secret), path)
+
+
+def _sync_peer(text: object, default_port: int, path: str) -> tuple[str, int]:
+    if not isinstance(text, str):
+        _fail(path, f"must be a string, not {_show(text)}")
+    try:
+        return parse_host_port(text, default_port, "sync peer")
+    except ConfigError as error:
+        _fail(path, error.problem)
+
+
+def checked_sync(sync: SyncConfig, path: str) -> SyncConfig:
+    """A sync block that can work: peers, none of them this node itself."""
+    if not sync.peers:
+        _fail(path, "the session sync needs at least one peer")
+    for host, port in sync.peers:
+        if (host, port) == (sync.listen, sync.port):
+            _fail(path, f"peer {host}:{port} is this node's own sync address")
+    return sync
 
 
 def _read_secret(secret_file: str, path: str, read_file: FileReader) -> bytes:
@@ -820,6 +872,10 @@ class Overrides:
     metrics: str | None = None  # HOST[:PORT] of the Prometheus exposition
     log_level: str = "info"
     state_file: str | None = None  # --state-file (LBNAT_STATE_FILE): a hitless restart
+    sync_listen: str | None = None  # --sync-listen: the session sync on this own address
+    sync_peers: tuple[str, ...] = ()  # --sync-peer ADDRESS[:PORT], repeatable
+    sync_port: int = DEFAULT_SYNC_PORT
+    sync_secret_file: str | None = None
 
 
 # option -> the Config field it sets; with a config file only when given
@@ -870,6 +926,7 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
         overrides, parse_port(overrides.vip_port, "virtual port"), backends
     )
     control = _command_line_control(overrides, read)
+    sync = _command_line_sync(overrides, read)
     metrics = None
     if overrides.metrics:
         metrics = parse_host_port(overrides.metrics, DEFAULT_METRICS_PORT, "metrics address")
@@ -885,6 +942,7 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
             ),
             control=control,
             metrics=metrics,
+            sync=sync,
             services=(ours,),
             workers=_parse_workers(overrides.workers),
             **{option: getattr(overrides, option) for option in _GLOBAL_OVERRIDES},
@@ -908,6 +966,8 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
             changes["control"] = control
         if metrics is not None:
             changes["metrics"] = metrics
+        if sync is not None:
+            changes["sync"] = sync
         config = dataclasses.replace(
             base,
             lb_ip=lb_ip or base.lb_ip,
@@ -929,6 +989,28 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
                 f"virtual port {spec.service.port} is inside the NAT port range {first}-{last}",
             )
     return config
+
+
+def _command_line_sync(overrides: Overrides, read_file: FileReader) -> SyncConfig | None:
+    """--sync-listen, --sync-peer, --sync-port, --sync-secret-file: all or none."""
+    given = [
+        name for name, value in (
+            ("--sync-listen", overrides.sync_listen), ("--sync-peer", overrides.sync_peers),
+            ("--sync-secret-file", overrides.sync_secret_file),
+        ) if value
+    ]  # fmt: skip
+    if not given:
+        return None
+    if len(given) < 3:
+        _fail("", "the session sync needs --sync-listen, --sync-peer and --sync-secret-file "
+                  f"(given: {', '.join(given)})")  # fmt: skip
+    assert overrides.sync_listen is not None and overrides.sync_secret_file is not None
+    listen = parse_ip(overrides.sync_listen, "sync address")
+    peers = tuple(
+        parse_host_port(peer, overrides.sync_port, "sync peer") for peer in overrides.sync_peers
+    )
+    secret = _read_secret(overrides.sync_secret_file, "--sync-secret-file", read_file)
+    return checked_sync(SyncConfig(listen, overrides.sync_port, peers, secret), "--sync-peer")
 
 
 def _command_line_service(

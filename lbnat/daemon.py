@@ -46,6 +46,7 @@ from lbnat.control.plane import (
 from lbnat.control.protocol import Request, ack, nack
 from lbnat.control.server import AdminServer, RegistrationServer, start_servers
 from lbnat.daemon_questions import Questions
+from lbnat.daemon_sync import SyncGlue
 from lbnat.dataplane.fanout import nat_slices
 from lbnat.dataplane.guard import GuardError, KernelGuard
 from lbnat.dataplane.handover import Handover, HandoverError
@@ -61,6 +62,7 @@ from lbnat.dataplane.loop import PacketLoop
 from lbnat.dataplane.offload import KernelPath, OffloadError, attach_fast_path, start_offload
 from lbnat.dataplane.packet_socket import build_filter
 from lbnat.dataplane.rings import RingSpec
+from lbnat.dataplane.syncnode import SyncNode
 from lbnat.dataplane.workers import (
     WorkerError,
     build_loop,
@@ -76,8 +78,6 @@ from lbnat.eventlog import (
     link_line,
     reload_rejected_line,
     start_lines,
-    table_error_line,
-    table_lines,
     threshold,
 )
 from lbnat.health import HealthChecker
@@ -107,6 +107,7 @@ __all__ = [
     "ready_status",
 ]
 
+IP_FREEBIND = 15  # linux/in.h: bind an address this host does not hold (yet)
 INTERFACE_GONE = 1  # exit code: the interface went away under lbnat (systemd restarts it)
 
 
@@ -118,6 +119,7 @@ def check_port_free(ip: str, port: int, proto: str) -> None:
     """A VIP port another program of this host already listens on cannot be balanced."""
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as probe:
+        probe.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)  # a pair's VIP may be on the master only
         try:
             probe.bind((ip, port))
         except OSError as error:
@@ -180,6 +182,7 @@ def worker_setup(
         cursor_slots=cursor_slots,
         offload_fd=-1 if offload is None else offload.map_fd,
         ifindex=0 if offload is None else offload.ifindex,
+        sync=config.sync is not None,
     )
 
 
@@ -260,9 +263,7 @@ def forwarding_status(daemon: Daemon) -> str | None:
     return None if plane is None else ready_status(plane.info(), daemon.current_backends())
 
 
-def in_thread(
-    target: Callable[[], object], name: str
-) -> Callable[[int, FrameType | None], None]:
+def in_thread(target: Callable[[], object], name: str) -> Callable[[int, FrameType | None], None]:
     """A signal handler that runs `target` on a thread of its own (a dump or a reload asks the
     workers and waits: never inside the handler, which interrupts the loop)."""
 
@@ -272,7 +273,7 @@ def in_thread(
     return handler
 
 
-class Daemon(Questions):
+class Daemon(Questions, SyncGlue):
     def __init__(
         self,
         config: Config,
@@ -295,6 +296,7 @@ class Daemon(Questions):
         self.offload: KernelPath | None = None
         self.instruments = Instruments()  # the metrics' registry: served with --metrics
         self.metrics: MetricsServer | None = None
+        self.sync: SyncNode | None = None  # the session sync of a pair (lbnat.daemon_sync)
         self.exit_code = 0
         self._servers: list[RegistrationServer | AdminServer] = []
         self._lock = threading.Lock()  # every call into self.control
@@ -318,7 +320,8 @@ class Daemon(Questions):
         rings = ring_spec(c)
         check_can_start(c)
         try:
-            self.link = link = find_link(self.lb_ip, c.interface)
+            # a pair's VIP may be absent: keepalived adds it on the master (docs/ha.md)
+            self.link = link = find_link(self.lb_ip, c.interface, c.sync is not None)
             self.link_probe = LinkProbe(link.interface)
         except LinkError as error:
             raise StartError(str(error)) from None
@@ -343,12 +346,14 @@ class Daemon(Questions):
             socks, self.offload, offload_text = open_sockets(link, self.control, rings)
             self.plane = start_plane(
                 socks,
-                lambda: inline_loop(engine, socks[0], link, c, self._inline_events, self.offload),
+                lambda: inline_loop(engine, socks[0], link, c, self._on_inline, self.offload),
                 lambda index: self._setup(index, slices[index]),
                 self._on_events,
                 self.log,
                 row_files,
+                self._open_sync(c),  # the engines' journals go to its node (--sync-peer)
             )
+            self._start_sync()
             self._servers = start_servers(
                 self.config.control, self.config.admin_socket, self.apply, self._refused
             )
@@ -414,6 +419,7 @@ class Daemon(Questions):
             server.shutdown()
             server.server_close()
         self._servers = []
+        self._close_sync()
         if self.health is not None:
             self.health.stop()
             self.health = None
@@ -508,7 +514,7 @@ class Daemon(Questions):
             self.exit_code = INTERFACE_GONE
             self.plane.stop()
 
-    def _inline_events(self, events: list[Event]) -> None:
+    def _on_inline(self, events: list[Event]) -> None:
         self._on_events(0, events)
 
     def _on_events(self, worker: int, events: list[Event]) -> None:
@@ -555,6 +561,8 @@ class Daemon(Questions):
                 case "reload":
                     error = self.reload()
                     return (nack(error), "rejected") if error else (ack(op="reload"), None)
+                case "ha_role":
+                    return self.ha_role(request)
                 case _:
                     now = time.monotonic()
                     with self._lock:
@@ -565,14 +573,6 @@ class Daemon(Questions):
         except (ValueError, TimeoutError, RuntimeError) as error:
             self._carry_out(self.control.refused(peer, str(error)))
             return nack(str(error)), "unavailable"
-
-    def dump_table(self) -> None:
-        """`kill -USR1`: the NAT table into the log (on a thread of its own)."""
-        try:
-            lines = table_lines(self.sessions())
-        except (TimeoutError, RuntimeError) as error:
-            lines = [table_error_line(str(error))]
-        self._carry_out(lines)
 
     # --- reload ------------------------------------------------------------------------------
 

@@ -15,6 +15,8 @@ from typing import Any
 from lbnat.control.plane import ControlPlane
 from lbnat.dataplane.link import Link
 from lbnat.dataplane.offload import KernelPath
+from lbnat.dataplane.syncnode import SyncNode
+from lbnat.eventlog import Log, table_error_line, table_lines
 from lbnat.linkwatch import LinkWatch
 from lbnat.messages import AskCounters, AskSessions, DataPlane, Question
 from lbnat.metrics import Snapshot, lbnat_version
@@ -41,6 +43,8 @@ class Questions:
     link: Link | None
     link_watch: LinkWatch | None
     offload: KernelPath | None
+    sync: SyncNode | None
+    log: Log
     _lock: threading.Lock
 
     def ask(self, question: Question, timeout: float = 5.0) -> list[Any]:
@@ -69,6 +73,8 @@ class Questions:
             status = self.control.status(counters, workers, now)
         if self.link_watch is not None and self.link is not None:
             status["link"] = link_status(self.link_watch, self.link, now)
+        if self.sync is not None:
+            status["sync"] = self.sync.status()
         return status
 
     def metrics_snapshot(self) -> Snapshot | None:
@@ -83,6 +89,15 @@ class Questions:
         except (TimeoutError, RuntimeError):
             return None  # a worker stuck or dying: this scrape has the main process's metrics
         return Snapshot(status, answers, self.offload is not None, lbnat_version())
+
+    def dump_table(self) -> None:
+        """`kill -USR1`: the NAT table into the log (on a thread of its own)."""
+        try:
+            lines = table_lines(self.sessions())
+        except (TimeoutError, RuntimeError) as error:
+            lines = [table_error_line(str(error))]
+        for line in lines:
+            self.log.write(line)
 
     def sessions(self) -> list[dict[str, object]]:
         """Every worker's rows, each marked with its worker."""

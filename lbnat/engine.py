@@ -25,7 +25,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from lbnat.actions import DROP as DROP  # re-exported: the data plane and the tests read them here
 from lbnat.actions import DROP_ACTIONS
@@ -72,6 +72,9 @@ from lbnat.scheduler import Scheduler, SharedCursor, make_scheduler
 from lbnat.service import Service, ServiceState
 from lbnat.syncookie import SynProxySettings
 from lbnat.synproxy import ProxiedSession, SynProxy
+
+if TYPE_CHECKING:  # an annotation only: lbnat.standby builds on this module
+    from lbnat.standby import Standby
 
 _DROP_ACTIONS = DROP_ACTIONS
 _REFUSAL_DROPS = {
@@ -278,6 +281,7 @@ class Engine:
         for spec in services:
             self.services.add(spec)
         self.events: list[Event] = []
+        self.standby: Standby | None = None  # the session sync, when on (lbnat.standby)
         self._send_first = PendingResets()  # RSTs for rows _open evicted
         self.drops: dict[DropReason, int] = {}
         self.packets = 0

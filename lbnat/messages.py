@@ -6,12 +6,12 @@ knows nothing of sockets, processes or engines: `lbnat.views` applies changes an
 questions on an engine, `lbnat.dataplane.workers` carries them (in-process or pickled over a
 socketpair to a worker), and both dispatch on the class with `match`.
 
-    main process ─── Change (SetBackends, SetServices, ResetBackend) ──► every engine
-                 ─── Question (AskCounters, AskSessions, AskActive) ──► every engine
+    main process ─── Change (SetBackends, SetServices, ResetBackend, StandbyChange) ──► every engine
+                 ─── Question (AskCounters, AskSessions, AskActive, AskSyncRows) ──► every engine
                  ◄── its answer (one per live worker)
     with N worker processes, on each worker's socketpair:
     main ── WorkerSetup (first), ApplyChange, Ask, Stop ──► worker
-    main ◄── Ready, WorkerFailed, Events, Answer ─────────── worker
+    main ◄── Ready, WorkerFailed, Events, Answer, SyncOut ── worker
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from lbnat.backends import Backend, BackendKey
 from lbnat.checkpoint import RestoreReport
 from lbnat.engine import Event
 from lbnat.service import Service
+from lbnat.standby import StandbyEffect, SyncRecords
 from lbnat.syncookie import SynProxySettings
 
 if TYPE_CHECKING:  # only annotations: this module stays free of the I/O modules
@@ -60,7 +61,14 @@ class ResetBackend:
     backend: BackendKey
 
 
-Change = SetBackends | SetServices | ResetBackend
+@dataclass(frozen=True, slots=True)
+class StandbyChange:
+    """A peer's rows, applied as standby rows (lbnat.standby; the session sync is on)."""
+
+    effect: StandbyEffect
+
+
+Change = SetBackends | SetServices | ResetBackend | StandbyChange
 
 
 # --- questions: what the control plane asks every engine -----------------------------------
@@ -83,7 +91,12 @@ class AskActive:
     backends: tuple[tuple[str, BackendKey], ...]
 
 
-Question = AskCounters | AskSessions | AskActive
+@dataclass(frozen=True, slots=True)
+class AskSyncRows:
+    """Every row a peer should hold a copy of (a resync's answer, lbnat.standby)."""
+
+
+Question = AskCounters | AskSessions | AskActive | AskSyncRows
 
 
 # --- the worker wire: main process -> worker --------------------------------------------------
@@ -111,6 +124,7 @@ class WorkerSetup:
     # The kernel fast path's map (lbnat.dataplane.offload): an fd the worker inherits, -1: none.
     offload_fd: int = -1
     ifindex: int = 0  # the interface the program redirects to
+    sync: bool = False  # the session sync is on: journal the rows, apply a peer's (lbnat.standby)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +177,14 @@ class Answer:
     value: Any  # the engine's answer (lbnat.views.answer), or the error text when not ok
 
 
-FromWorker = Ready | WorkerFailed | Events | Answer
+@dataclass(frozen=True, slots=True)
+class SyncOut:
+    """A batch of the worker's row changes for the session sync's peers."""
+
+    records: SyncRecords
+
+
+FromWorker = Ready | WorkerFailed | Events | Answer | SyncOut
 
 
 # --- the data plane as the daemon sees it -----------------------------------------------------

@@ -422,6 +422,10 @@ class RowSink(Protocol):
     def clear(self, s: Session) -> None:
         """The row is gone."""
 
+    def alive(self, s: Session) -> None:
+        """The row came due and has seen a packet since it was filed (the session sync's
+        refresh of a long-lived row, lbnat.standby; once per timeout, never per packet)."""
+
 
 class ExpiryBuckets:
     """Rows filed by deadline in one-second buckets, and a heap of the seconds that have one.
@@ -755,6 +759,12 @@ class SessionTable:
         if self.kernel is not None:
             self.kernel.changed(s)
 
+    def hold(self, s: Session, seen: float, deadline: float) -> None:
+        """Set the row's last-seen time and file it under `deadline`, later or earlier (a
+        standby row of the session sync: its peer's last-seen, and a grace, lbnat.standby)."""
+        s.seen = seen
+        self.expiry.file(s, deadline)
+
     def _deadline(self, s: Session, now: float) -> None:
         s.seen = now
         deadline = now + self.timeout_of[s.state]
@@ -778,6 +788,8 @@ class SessionTable:
             deadline = s.seen + timeout_of[s.state]
             if deadline > now:
                 self.expiry.file(s, deadline)
+                if self.checkpoint is not None:
+                    self.checkpoint.alive(s)
                 continue
             was_open = s.state not in ENDED
             self.remove(s)

@@ -570,6 +570,7 @@ class Event(enum.Enum):
     BULK_DONE = "bulk_done"  # of our current request, with the row count its chunks carried
     BULK_SHORT = "bulk_short"  # of our current request, with another count
     RESYNC_TIMEOUT = "resync_timeout"
+    DEMOTED = "demoted"  # this node became a backup: its rows must be the master's again
 
 
 _ANY = tuple(SyncState)
@@ -578,6 +579,7 @@ TRANSITIONS: dict[tuple[SyncState, Event], SyncState] = {
     (SyncState.RESYNCING, Event.BULK_DONE): SyncState.IN_SYNC,
     (SyncState.RESYNCING, Event.BULK_SHORT): SyncState.RESYNC_NEEDED,
     (SyncState.RESYNCING, Event.RESYNC_TIMEOUT): SyncState.RESYNC_NEEDED,
+    (SyncState.IN_SYNC, Event.DEMOTED): SyncState.RESYNC_NEEDED,
     **{(state, Event.GAP): SyncState.RESYNC_NEEDED for state in _ANY},
     **{(state, Event.NEW_EPOCH): SyncState.RESYNC_NEEDED for state in _ANY},
 }
@@ -645,6 +647,13 @@ class SyncReceiver:
             self.ready = True
             effects.append(MarkReady(self.peer, alone=True))
         return effects
+
+    def demoted(self, now: float) -> list[Effect]:
+        """This node has become a backup (keepalived's notify): the rows it served itself must
+        give way to the master's, so an in-sync peer is asked for a resync (one already under
+        way or due stays as it is)."""
+        self._move(Event.DEMOTED)
+        return self._ask_if_due(now)
 
     def receive(self, message: Message, now: float) -> list[Effect] | Dropped:
         """A decoded datagram of this peer's: its effects, or Dropped (replay, old epoch)."""
@@ -721,6 +730,9 @@ class SyncInbox:
 
     def tick(self, now: float) -> list[Effect]:
         return [effect for r in self.receivers.values() for effect in r.tick(now)]
+
+    def demoted(self, now: float) -> list[Effect]:
+        return [effect for r in self.receivers.values() for effect in r.demoted(now)]
 
     @property
     def ready(self) -> bool:

@@ -18,11 +18,13 @@ from lbnat.messages import (
     AskActive,
     AskCounters,
     AskSessions,
+    AskSyncRows,
     Change,
     Question,
     ResetBackend,
     SetBackends,
     SetServices,
+    StandbyChange,
 )
 from lbnat.nat import PortPool
 
@@ -42,6 +44,10 @@ def apply_change(engine: Engine, change: Change, now: float) -> list[tuple[bytes
                     engine.set_backends(spec.name, spec.backends)
         case ResetBackend(service, backend):
             return engine.reset_flows(service, backend, now)
+        case StandbyChange(effect):
+            if engine.standby is None:
+                raise ValueError("the session sync is off in this engine")
+            engine.standby.apply(effect, now)
         case _:
             raise ValueError(f"unknown change {change!r}")
     return []
@@ -49,13 +55,16 @@ def apply_change(engine: Engine, change: Change, now: float) -> list[tuple[bytes
 
 def answer(engine: Engine, question: Question, now: float) -> Any:
     kernel = engine.table.kernel
-    if isinstance(kernel, FastPath) and isinstance(question, AskCounters | AskSessions):
+    reads_rows = isinstance(question, AskCounters | AskSessions | AskSyncRows)
+    if isinstance(kernel, FastPath) and reads_rows:
         kernel.sync()  # the kernel's packets, bytes and last-seen times into the rows first
     match question:
         case AskCounters():
             return engine_counters(engine)
         case AskSessions():
             return session_rows(engine, now)
+        case AskSyncRows():
+            return [] if engine.standby is None else engine.standby.bulk(now)
         case AskActive(backends):
             return {
                 (service, key): engine.active_flows(service, key)
@@ -103,6 +112,8 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
         "services": services,
         # rows the tc program rewrites, and what it rewrote (lbnat.fastpath); zeros without it
         "offload": kernel.counters() if isinstance(kernel, FastPath) else dict(FastPath.ZEROS),
+        # a peer's rows applied here (lbnat.standby: installed, updated, ended, ...); {} off
+        "standby": {} if engine.standby is None else dict(engine.standby.counts),
     }
 
 

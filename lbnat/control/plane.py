@@ -98,7 +98,7 @@ LOG_SETTINGS = ("log_format", "quiet", "log_level")
 # Settings a reload cannot change in a running lbnat.
 RESTART_KEYS = ("lb_ip", "interface", "nat_ports", "table_cap", "timeouts", "control",
                 "admin_socket", "syn_proxy", "syn_proxy_threshold", "syn_proxy_mss",
-                "metrics", "state_file", *LOG_SETTINGS)  # fmt: skip
+                "metrics", "state_file", "sync", *LOG_SETTINGS)  # fmt: skip
 
 # The requests that change a backend: (state in the reply, verb in the log line).
 BACKEND_OPS = {

@@ -49,13 +49,15 @@ MAX_LINE = 4096
 REGISTRATION_OPS = ("register", "unregister")
 """Ops allowed on the TCP control channel (and on the admin socket)."""
 
-ADMIN_OPS = ("status", "sessions", "backend_add", "backend_remove", "backend_drain", "reload")
+ADMIN_OPS = ("status", "sessions", "backend_add", "backend_remove", "backend_drain", "reload",
+             "ha_role")  # fmt: skip
 """Ops allowed only on the admin socket."""
 
 OPS = REGISTRATION_OPS + ADMIN_OPS
 
 AUTH_FIELDS = ("ts", "nonce", "mac")
-REQUEST_FIELDS = ("op", "service", "ip", "port", "weight", "name")
+REQUEST_FIELDS = ("op", "service", "ip", "port", "weight", "name", "role")
+HA_ROLES = ("master", "backup", "fault", "stop")  # keepalived's states, as its notify names them
 
 MAX_NAME = 64  # characters in a backend name
 MAX_SERVICE = 64  # characters in a service name
@@ -75,6 +77,7 @@ _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "backend_remove": (_BACKEND, _NONE),
     "backend_drain": (_BACKEND, _NONE),
     "reload": (_NONE, _NONE),
+    "ha_role": (frozenset({"role"}), _NONE),
 }
 
 _NONCE = re.compile(f"[0-9a-fA-F]{{{NONCE_MIN_HEX},{NONCE_MAX_HEX}}}")
@@ -94,6 +97,7 @@ class Request:
     port: int | None = None
     weight: int = 1  # register/backend_add only; 0..MAX_WEIGHT
     name: str = ""  # register/backend_add only; "" = the backend's default name
+    role: str = ""  # ha_role only: one of HA_ROLES
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,7 +402,13 @@ def _request(fields: dict[str, object], admin: bool) -> Request | Nack:
         if isinstance(checked_name, Nack):
             return checked_name
         name = checked_name
-    return Request(op, service, ip, port, weight, name)
+    role = ""
+    if "role" in fields:
+        given = fields["role"]
+        if not isinstance(given, str) or given.lower() not in HA_ROLES:
+            return Nack(f"role: must be one of {', '.join(HA_ROLES)}, not {_show(given)}")
+        role = given.lower()
+    return Request(op, service, ip, port, weight, name, role)
 
 
 def _service(value: object) -> str | Nack:

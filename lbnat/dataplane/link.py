@@ -49,8 +49,10 @@ def _mac_bytes(text: str) -> bytes:
     return bytes(int(part, 16) for part in text.split(":"))
 
 
-def find_link(ip: str, interface: str | None = None) -> Link:
-    """The interface that holds `ip` (or check that `interface` holds it)."""
+def find_link(ip: str, interface: str | None = None, absent_ok: bool = False) -> Link:
+    """The interface that holds `ip` (or check that `interface` holds it). `absent_ok` (a
+    pair's VIP, which keepalived adds on the master only): `interface`, which must be given,
+    may hold another address of the same subnet instead."""
     try:
         ipaddress.IPv4Address(ip)
     except ValueError:
@@ -71,8 +73,30 @@ def find_link(ip: str, interface: str | None = None) -> Link:
                 if not mac or name == "lo":
                     raise LinkError(f"{ip} is on {name}, which has no Ethernet address")
                 return Link(name, ip, network, _mac_bytes(mac))
+    if absent_ok and interface:
+        link = _subnet_link(ip, interface)
+        if link is not None:
+            return link
     where = f"interface {interface}" if interface else "any interface"
-    raise LinkError(f"{ip} is not an address of {where} in this network namespace")
+    hint = ""
+    if absent_ok:
+        hint = (" (a pair's VIP may be absent until keepalived adds it: give --interface, "
+                "one with an address in the VIP's subnet)")  # fmt: skip
+    raise LinkError(f"{ip} is not an address of {where} in this network namespace{hint}")
+
+
+def _subnet_link(ip: str, interface: str) -> Link | None:
+    """`interface` as the link of `ip`, which it does not hold (yet) but whose subnet it is on."""
+    addresses = netifaces.ifaddresses(interface)
+    links = addresses.get(netifaces.AF_LINK, [])
+    mac = links[0].get("addr", "") if links else ""
+    for entry in addresses.get(netifaces.AF_INET, []):
+        network = ipaddress.IPv4Network(
+            f"{entry.get('addr')}/{entry.get('netmask', '255.255.255.255')}", strict=False
+        )
+        if ipaddress.IPv4Address(ip) in network and mac and interface != "lo":
+            return Link(interface, ip, network, _mac_bytes(mac))
+    return None
 
 
 class LinkProbe:

@@ -51,6 +51,7 @@ from lbnat.dataplane.link import Neighbours
 from lbnat.dataplane.rings import LINK_ERRORS, RingSpec, RxBlocks, RxFrames, TxRing
 from lbnat.drops import DropReason
 from lbnat.engine import DROP, FORWARD, REPLIES, REPLY, Engine, Event
+from lbnat.standby import SyncRecords
 
 Command = Callable[[Engine], None]
 
@@ -72,6 +73,8 @@ class PacketLoop:
         on_tick: Callable[[Engine, float], None] | None = None,
     ) -> None:
         self.engine = engine
+        # the session sync's journal, sent on after every batch (lbnat.standby): None when off
+        self.on_sync: Callable[[SyncRecords], None] | None = None
         self.sock = sock
         self.neighbours = neighbours
         self.on_events = on_events
@@ -137,6 +140,9 @@ class PacketLoop:
             self._drain_commands()
             if engine.events:
                 self.on_events(engine.take_events())
+            standby = engine.standby
+            if standby is not None and standby.journal.pending and self.on_sync is not None:
+                self.on_sync(standby.journal.drain(now))
 
     def _receive(self, now: float) -> None:
         """Up to BATCH frames from the socket, one recv and one send each."""

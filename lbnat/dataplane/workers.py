@@ -70,14 +70,17 @@ from lbnat.messages import (
     Ready,
     SetServices,
     Stop,
+    SyncOut,
     ToWorker,
     WorkerFailed,
     WorkerSetup,
 )
 from lbnat.scheduler import SharedCursor
+from lbnat.standby import Standby, SyncRecords
 from lbnat.views import answer, apply_change
 
 EventSink = Callable[[int, list[Event]], None]  # (worker index, events)
+SyncSink = Callable[[SyncRecords], None]  # a batch of a worker's row changes (lbnat.standby)
 
 START_TIMEOUT = 15.0  # seconds for a worker to report ready (with an empty checkpoint)
 # ... and more per record its checkpoint holds: a restore costs about 30 us a row here (about
@@ -268,11 +271,13 @@ def start_plane(
     on_events: EventSink,
     log: Callable[..., None],
     row_files: Sequence[str] | None = None,
+    on_sync: SyncSink | None = None,
 ) -> InlinePlane | WorkerPool:
     """One socket: the loop `inline_loop()` builds, on the main thread. Several: a worker
     process on each, started and ready. With `row_files` (one per worker: --state-file) each
-    engine keeps its rows in its file and starts with the rows found there. On failure the
-    sockets are closed."""
+    engine keeps its rows in its file and starts with the rows found there. With `on_sync`
+    (the session sync is on) each engine journals its rows to it and applies a peer's
+    (lbnat.standby). On failure the sockets are closed."""
     if len(socks) == 1:
         rows: RowMemory | None = None
         try:
@@ -283,13 +288,16 @@ def start_plane(
                 # as a worker does: the rows before the first frame (the fast path is
                 # attached already, so the established ones go back into the kernel)
                 report = restore(loop.engine, map_checkpoint(rows.fd), time.monotonic())
+            if on_sync is not None:  # after the restore: the journal tees into its checkpoint
+                loop.engine.standby = Standby(loop.engine, 0)
+                loop.on_sync = on_sync
         except BaseException:
             if rows is not None:
                 rows.close()
             socks[0].close()
             raise
         return InlinePlane(loop, socks[0], rows, report)
-    pool = WorkerPool(socks, setup_for, on_events, log, SharedCursors(), row_files)
+    pool = WorkerPool(socks, setup_for, on_events, log, SharedCursors(), row_files, on_sync)
     try:
         pool.start()
     except BaseException:
@@ -392,8 +400,10 @@ class WorkerProcess:
         cursors: SharedCursors,
         on_events: EventSink,
         row_file: str | None = None,
+        on_sync: SyncSink | None = None,
     ) -> None:
         self.index = index
+        self.on_sync = on_sync
         self.row_file = row_file  # --state-file: the rows in this file, not in a memfd
         self.sock = sock
         self.cursors = cursors
@@ -480,6 +490,9 @@ class WorkerProcess:
         match message:
             case Events(events):
                 self.on_events(self.index, events)
+            case SyncOut(records):
+                if self.on_sync is not None:
+                    self.on_sync(records)
             case Answer(request, ok, value):
                 waiting = self._answers.pop(request, None)
                 if waiting is not None:
@@ -545,6 +558,7 @@ class WorkerPool:
         log: Callable[..., None],
         cursors: SharedCursors,
         row_files: Sequence[str] | None = None,
+        on_sync: SyncSink | None = None,
     ) -> None:
         self.socks = socks
         self.setup_for = setup_for
@@ -552,7 +566,7 @@ class WorkerPool:
         self.cursors = cursors
         files: Sequence[str | None] = row_files or [None] * len(socks)
         self.procs = [
-            WorkerProcess(i, s, cursors, on_events, f)
+            WorkerProcess(i, s, cursors, on_events, f, on_sync)
             for i, (s, f) in enumerate(zip(socks, files, strict=True))
         ]
         self._first: list[RestoreReport] = []  # each worker's rows taken over at start
@@ -731,6 +745,9 @@ def worker_main(argv: list[str] | None = None) -> int:
         send(WorkerFailed(f"cannot map its row checkpoint: {error}"))
         return 1
     restored = restore(engine, checkpoint, time.monotonic())
+    if setup.sync:  # after the restore: the journal tees into the checkpoint
+        engine.standby = Standby(engine, setup.index)
+        loop.on_sync = lambda records: send(SyncOut(records))
 
     def on_control() -> None:
         try:

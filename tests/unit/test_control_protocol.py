@@ -174,6 +174,8 @@ ADMIN_REQUESTS: list[tuple[dict[str, object], Request]] = [
         Request("backend_drain", "chat", "10.0.0.1", 80),
     ),
     ({"op": "reload"}, Request("reload")),
+    ({"op": "ha_role", "role": "MASTER"}, Request("ha_role", role="master")),
+    ({"op": "ha_role", "role": "backup"}, Request("ha_role", role="backup")),
     (REGISTER, REGISTERED),
     (UNREGISTER, UNREGISTERED),
 ]
@@ -821,6 +823,10 @@ def valid_requests(draw: st.DrawFn, ops: tuple[str, ...]) -> tuple[dict[str, obj
         if only is not None:
             message["service"] = only
         return message, Request(op, service=only)
+    if op == "ha_role":
+        role = draw(st.sampled_from(["master", "backup", "fault", "stop"]))
+        message["role"] = draw(st.sampled_from([role, role.upper(), role.capitalize()]))
+        return message, Request(op, role=role)
     service = draw(NAMES.filter(bool))
     ip = str(draw(ADDRESSES))
     port = draw(st.integers(1, 65535))
@@ -852,3 +858,16 @@ def test_sign_then_parse_round_trips(request: tuple[dict[str, object], Request],
 def test_admin_round_trips(request: tuple[dict[str, object], Request]) -> None:
     message, expected = request
     assert parse(encode(message), None, admin=True) == expected
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ({"op": "ha_role"}, 'missing field "role"'),
+        ({"op": "ha_role", "role": "leader"}, "role: must be one of master, backup, fault, stop"),
+        ({"op": "ha_role", "role": 1}, "role: must be one of"),
+        ({"op": "status", "role": "master"}, "not allowed with op"),
+    ],
+)
+def test_ha_role_takes_only_keepalived_s_states(message: dict[str, object], reason: str) -> None:
+    refused(parse(json.dumps(message).encode() + b"\n", None, admin=True), reason)

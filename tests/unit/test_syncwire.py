@@ -393,6 +393,15 @@ IN_SYNC_AT_2: list[Step] = [
 ]  # fmt: skip
 
 SCENARIOS: dict[str, list[Step]] = {
+    "a-node-that-becomes-backup-asks-the-master-again": [
+        *IN_SYNC_AT_2,
+        ("demoted", 5.0, None, requested(2), SyncState.RESYNCING),
+        ("demoted", 5.5, None, [], SyncState.RESYNCING),  # one under way: no second
+    ],
+    "demoted-before-its-first-resync-asks-once": [
+        ("tick", 0.0, None, requested(1), SyncState.RESYNCING),
+        ("demoted", 0.2, None, [], SyncState.RESYNCING),
+    ],
     "a-start-asks-for-a-resync": [
         ("tick", 0.0, None, requested(1), SyncState.RESYNCING),
         ("tick", 0.5, None, [], SyncState.RESYNCING),
@@ -504,6 +513,8 @@ def test_the_receivers_state_table(steps: list[Step]) -> None:
     for number, (what, now, given_input, effects, state) in enumerate(steps):
         if what == "tick":
             outcome: object = peer.tick(now)
+        elif what == "demoted":
+            outcome = peer.demoted(now)
         else:
             assert isinstance(given_input, Message)
             outcome = peer.receive(given_input, now)
@@ -515,10 +526,12 @@ def test_the_transition_table_is_the_documented_one() -> None:
     assert TRANSITIONS[(SyncState.RESYNCING, Event.BULK_DONE)] is SyncState.IN_SYNC
     assert TRANSITIONS[(SyncState.RESYNCING, Event.BULK_SHORT)] is SyncState.RESYNC_NEEDED
     assert TRANSITIONS[(SyncState.RESYNCING, Event.RESYNC_TIMEOUT)] is SyncState.RESYNC_NEEDED
+    # a node that becomes backup asks again, unless a resync is already under way or due
+    assert TRANSITIONS[(SyncState.IN_SYNC, Event.DEMOTED)] is SyncState.RESYNC_NEEDED
     for state in SyncState:
         assert TRANSITIONS[(state, Event.GAP)] is SyncState.RESYNC_NEEDED
         assert TRANSITIONS[(state, Event.NEW_EPOCH)] is SyncState.RESYNC_NEEDED
-    assert len(TRANSITIONS) == 4 + 2 * len(SyncState)
+    assert len(TRANSITIONS) == 5 + 2 * len(SyncState)
     # IN_SYNC is reached only by a completed bulk
     assert [key for key, to in TRANSITIONS.items() if to is SyncState.IN_SYNC] == [
         (SyncState.RESYNCING, Event.BULK_DONE)

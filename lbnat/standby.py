@@ -1,0 +1,287 @@
+"""One engine's side of the session sync (docs/sync-protocol.md): what it tells its peer, and
+the peer's rows it keeps as standby rows.
+
+What this module may know: the engine, its session table and the sync's records
+(lbnat.syncwire). It touches no socket, thread or clock: `now` comes in. The main process's
+`lbnat.dataplane.syncnode` carries the records between the nodes; the workers run this.
+
+    packets ──► Engine ──► SessionTable ──(RowSink: write, clear, alive)──► SyncJournal
+                                                                          │  ├─► RowCheckpoint
+                                          drained after every batch  ◄────┘  (the tee's inner)
+                                          as one SyncRecords event ──► main process ──► peer
+
+    peer ──► main process ──► StandbyChange(InstallRows | EndRows | RefreshRows | MarkStale
+                              | ResyncComplete) ──► Standby.apply ──► the same SessionTable
+
+A **standby row** is an ordinary row of the table, installed from a peer's record exactly as a
+restore rebuilds one (same client, backend, NAT port, state; sequence tracking picked up from
+its next packets). What makes it standby is only its deadline: its peer's last-seen time plus
+its state's timeout plus `GRACE`, set again by each of the peer's records. The peer refreshes a
+long-lived row when the row comes due on its side and has seen packets since (`alive`), so a
+standby copy outlives its original's due time by `GRACE` and the refresh finds it. When the
+VIP moves here, packets reach the row and it is this node's like any other.
+
+The journal is muted while peer records are applied: a standby row's install, change and
+removal are written to the checkpoint (a worker restart or a hitless restart keeps them) but
+never sent back, so two nodes never echo each other's records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+from lbnat.checkpoint import PROXIED, adopt_proxy, record_of
+from lbnat.engine import ip_text
+from lbnat.nat import ENDED, HALF_OPEN, EndReason, RowSink, Session, forward_key
+from lbnat.syncwire import (
+    EndRows,
+    InstallRows,
+    MarkStale,
+    RefreshRows,
+    ResyncComplete,
+    RowEnd,
+    RowKey,
+    RowRefresh,
+    RowUpdate,
+)
+from lbnat.synproxy import ProxiedSession
+
+if TYPE_CHECKING:
+    from lbnat.engine import Engine
+
+GRACE = 5.0
+"""Seconds a standby row outlives its original's deadline: the original's refresh (sent when
+it comes due, batched, carried by the main process) reaches the standby row before it goes."""
+
+MAX_IDLE = 0xFFFF  # the records' idle field (seconds)
+U32 = 0xFFFFFFFF
+
+RowChange = RowUpdate | RowEnd | RowRefresh
+StandbyEffect = InstallRows | EndRows | RefreshRows | MarkStale | ResyncComplete
+
+
+def synced(s: Session) -> bool:
+    """A row worth a peer's copy: past its handshake (a SYN flood's rows never reach the wire,
+    and a SYN-proxied row whose backend has not answered cannot be restored anyway)."""
+    return s.state not in HALF_OPEN
+
+
+def row_key(s: Session) -> RowKey:
+    return RowKey(s.proto, s.service_port, s.client_ip, s.client_port, s.nat_port)
+
+
+def idle_of(s: Session, now: float) -> int:
+    return min(MAX_IDLE, max(0, int(now - s.seen)))
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRecords:
+    """One batch of a worker's row changes, for its peers (an engine event: it travels from a
+    worker to the main process with the others)."""
+
+    worker: int
+    records: tuple[RowChange, ...]
+
+
+class SyncJournal:
+    """The table's RowSink when the sync is on: tells `inner` (the checkpoint, if any) every
+    change, and keeps this batch's changes for the peers. Per flow, never per packet: a row's
+    opening and changes of state, its removal, and a refresh when it comes due alive."""
+
+    def __init__(self, worker: int, inner: RowSink | None) -> None:
+        self.worker = worker
+        self.inner = inner
+        self.muted = False  # applying a peer's records: nothing goes back to it
+        self._rows: dict[Session, None] = {}  # rows opened or changed, in order, once each
+        self._ends: list[RowKey] = []
+        self._alive: list[Session] = []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._rows or self._ends or self._alive)
+
+    def write(self, s: Session) -> None:
+        if self.inner is not None:
+            self.inner.write(s)
+        if not self.muted and synced(s):
+            self._rows[s] = None
+
+    def clear(self, s: Session) -> None:
+        if self.inner is not None:
+            self.inner.clear(s)
+        if self.muted:
+            return
+        self._rows.pop(s, None)
+        if synced(s):
+            self._ends.append(row_key(s))
+
+    def alive(self, s: Session) -> None:
+        if self.inner is not None:
+            self.inner.alive(s)
+        if not self.muted and synced(s):
+            self._alive.append(s)
+
+    def drain(self, now: float) -> SyncRecords:
+        """This batch's records: the ends first (an END of a row, then a ROW of a new row of the
+        same client socket, must leave the new one), then refreshes, then the rows as they are
+        now (a row changed twice in a batch is sent once)."""
+        records: list[RowChange] = [RowEnd(key) for key in self._ends]
+        rows = self._rows
+        for s in self._alive:
+            if s.bucket >= 0 and s not in rows:
+                records.append(RowRefresh(row_key(s), idle_of(s, now)))
+        worker = self.worker
+        for s in rows:
+            if s.bucket >= 0:
+                records.append(RowUpdate(record_of(s), worker, idle_of(s, now)))
+        self._rows, self._ends, self._alive = {}, [], []
+        return SyncRecords(worker, tuple(records))
+
+
+class Standby:
+    """The sync in one engine: its journal, and the peer's rows applied to its table. Rows
+    whose NAT port is outside this engine's slice are another worker's and skipped; a row in
+    this slice from another worker of the peer cannot be found by its client's packets here
+    (the pair runs different worker counts or NAT ranges) and is refused (`misfit`)."""
+
+    def __init__(self, engine: Engine, worker: int) -> None:
+        self.engine = engine
+        self.worker = worker
+        self.journal = SyncJournal(worker, engine.table.checkpoint)
+        engine.table.checkpoint = self.journal
+        self.stale: set[int] = set()  # forward keys of rows a resync has not confirmed yet
+        self.counts: Counter[str] = Counter()  # installed, updated, ended, refreshed, swept, ...
+
+    def apply(self, effect: StandbyEffect, now: float) -> None:
+        self.journal.muted = True
+        try:
+            match effect:
+                case InstallRows(_, rows, clock):
+                    self._install(rows, clock, now)
+                case EndRows(_, keys):
+                    self._end(keys)
+                case RefreshRows(_, refreshes):
+                    self._refresh(refreshes, now)
+                case MarkStale():
+                    self.stale = set(self.engine.table.forward)
+                case ResyncComplete():
+                    self._sweep()
+        finally:
+            self.journal.muted = False
+
+    def bulk(self, now: float) -> list[RowUpdate]:
+        """Every row a peer should hold a copy of, as it is now (a resync's answer)."""
+        worker = self.worker
+        return [
+            RowUpdate(record_of(s), worker, idle_of(s, now))
+            for s in self.engine.table.forward.values()
+            if synced(s)
+        ]
+
+    # --- applying a peer's records ---------------------------------------------------------
+
+    def _mine(self, nat_port: int) -> bool:
+        return self.engine.nat_first <= nat_port <= self.engine.nat_last
+
+    def _hold(self, s: Session, idle: int, now: float) -> None:
+        seen = now - idle
+        self.engine.table.hold(s, seen, seen + s.pool.timeout_of[s.state] + GRACE)
+
+    def _install(self, rows: Sequence[RowUpdate], clock: int, now: float) -> None:
+        engine = self.engine
+        table, services = engine.table, engine.services.by_port
+        floor_now = math.floor(now)
+        for update in rows:
+            r = update.row
+            if not self._mine(r.nat_port):
+                continue
+            if update.worker != self.worker:
+                self.counts["misfit"] += 1
+                continue
+            key = forward_key(r.proto, r.client_ip, r.client_port, r.service_port)
+            self.stale.discard(key)
+            service = services.get((r.proto << 16) | r.service_port)
+            if service is None:
+                self.counts["no_service"] += 1
+                continue
+            backend = service.by_key.get((ip_text(r.backend_ip), r.backend_port))
+            if backend is None:
+                self.counts["no_backend"] += 1
+                continue
+            row = table.forward.get(key)
+            if row is not None and row.nat_port == r.nat_port and row.pool.backend is backend:
+                self._update(row, update, now)
+                continue
+            if row is not None:  # an older row of a reused client socket: the peer's is newer
+                table.remove(row)
+            pool = table.pool_for(r.proto, backend)
+            index = r.nat_port - pool.first
+            if 0 <= index < len(pool.rows) and (holder := pool.rows[index]) is not None:
+                table.remove(holder)  # the peer gave this port to another flow since
+            proxied = bool(r.proxy_flags & PROXIED)
+            row = table.adopt(
+                now, service, r.proto, r.client_ip, r.client_port, engine.lb_ip, backend,
+                r.nat_port, r.state, ProxiedSession if proxied else Session,
+            )  # fmt: skip
+            if row is None:
+                self.counts["conflict"] += 1
+                continue
+            if proxied:
+                adopt_proxy(cast(ProxiedSession, row), r)
+            row.wscale, row.fins = r.wscale, r.fins
+            created = floor_now - ((clock - r.created) & U32)  # the peer's age of the row
+            if 0 <= created <= floor_now:
+                row.created = table.expiry.shared_second(created)
+            self.journal.write(row)  # muted: into the checkpoint only
+            self._hold(row, update.idle, now)
+            self.counts["installed"] += 1
+
+    def _update(self, row: Session, update: RowUpdate, now: float) -> None:
+        r, table = update.row, self.engine.table
+        row.fins, row.wscale = r.fins, r.wscale
+        if r.state != row.state:
+            if r.state in ENDED and not row.ended:
+                reason = EndReason.FIN if r.state == ENDED[0] else EndReason.RST
+                table.end(row, r.state, now, reason)
+            elif r.state not in ENDED and not row.ended:
+                table.move(row, r.state, now)
+        self._hold(row, update.idle, now)
+        self.counts["updated"] += 1
+
+    def _end(self, keys: Sequence[RowKey]) -> None:
+        table = self.engine.table
+        for k in keys:
+            if not self._mine(k.nat_port):
+                continue
+            key = forward_key(k.proto, k.client_ip, k.client_port, k.service_port)
+            row = table.forward.get(key)
+            if row is not None and row.nat_port == k.nat_port:
+                table.remove(row)
+                self.counts["ended"] += 1
+
+    def _refresh(self, refreshes: Sequence[RowRefresh], now: float) -> None:
+        table = self.engine.table
+        for refresh in refreshes:
+            k = refresh.key
+            if not self._mine(k.nat_port):
+                continue
+            key = forward_key(k.proto, k.client_ip, k.client_port, k.service_port)
+            row = table.forward.get(key)
+            if row is not None and row.nat_port == k.nat_port:
+                self.stale.discard(key)
+                self._hold(row, refresh.idle, now)
+                self.counts["refreshed"] += 1
+
+    def _sweep(self) -> None:
+        """A resync completed: rows it did not confirm are gone on the peer (their END lost)."""
+        table = self.engine.table
+        for key in self.stale:
+            row = table.forward.get(key)
+            if row is not None:
+                table.remove(row)
+                self.counts["swept"] += 1
+        self.stale = set()
