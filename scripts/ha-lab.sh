@@ -5,7 +5,7 @@
 #
 #      ${P}-c1        ${P}-c2         ${P}-lb1                ${P}-lb2
 #   198.18.0.11    198.18.0.12      198.18.0.3              198.18.0.4
-#                                  (+198.18.0.2, the VIP, on whichever is keepalived's master)
+#                                  (+198.18.0.2/24, the VIP, on keepalived's master)
 #      eth0           eth0            eth0                    eth0
 #        |              |               |  VRRP adverts and     |
 #        |              |               |  lbnat's sync (UDP    |
@@ -81,7 +81,7 @@ cmd_status() {
 	local ok=0 who
 	"$LAB_SH" status || ok=1
 	who="$(holders | tr '\n' ' ')"
-	printf '%-14s %-18s %s\n' "VIP" "$VIP/32" "${who:-nobody}"
+	printf '%-14s %-18s %s\n' "VIP" "$VIP" "on ${who:-nobody}"
 	return $ok
 }
 

@@ -11,6 +11,7 @@
 #   --own IP              this node's address on the interface (the adverts' source)
 #   --peer IP             the other node's address (the adverts go there: unicast)
 #   --vip IP              the virtual IP keepalived adds on the master (lbnat's SRCIP)
+#   --vip-prefix N        its prefix length: the segment's, as the node's own address (24)
 #   --priority N          1-254; the higher one is master when both start together
 #   --interface DEV       where the VIP goes and the adverts go out (eth0)
 #   --vrid N              virtual_router_id, 1-255, the same on both nodes (51)
@@ -32,10 +33,11 @@ repo="$(cd "$here/../.." && pwd)"
 . "$repo/scripts/provision-common.sh"
 
 usage() {
-	sed -n '4,25p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '4,26p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 name="" own="" peer="" vip="" priority=""
+vip_prefix=24
 interface=eth0
 vrid=51
 lbnat=/usr/local/bin/lbnat
@@ -45,7 +47,7 @@ notify_log=""
 check=1
 while [ $# -gt 0 ]; do
 	case "$1" in
-	--name | --own | --peer | --vip | --priority | --interface | --vrid | --lbnat | \
+	--name | --own | --peer | --vip | --vip-prefix | --priority | --interface | --vrid | --lbnat | \
 		--admin-socket | --notify | --notify-log)
 		[ $# -ge 2 ] || bad_usage "$1 needs a value"
 		case "$1" in
@@ -53,6 +55,7 @@ while [ $# -gt 0 ]; do
 		--own) own="$2" ;;
 		--peer) peer="$2" ;;
 		--vip) vip="$2" ;;
+		--vip-prefix) vip_prefix="$2" ;;
 		--priority) priority="$2" ;;
 		--interface) interface="$2" ;;
 		--vrid) vrid="$2" ;;
@@ -81,6 +84,9 @@ fi
 if ! [[ "$priority" =~ ^[0-9]{1,3}$ ]] || [ "$priority" -lt 1 ] || [ "$priority" -gt 254 ]; then
 	bad_usage "--priority must be 1-254"
 fi
+if ! [[ "$vip_prefix" =~ ^[0-9]{1,2}$ ]] || [ "$vip_prefix" -lt 1 ] || [ "$vip_prefix" -gt 32 ]; then
+	bad_usage "--vip-prefix must be 1-32"
+fi
 if ! [[ "$vrid" =~ ^[0-9]{1,3}$ ]] || [ "$vrid" -lt 1 ] || [ "$vrid" -gt 255 ]; then
 	bad_usage "--vrid must be 1-255"
 fi
@@ -95,7 +101,7 @@ if [ -n "$notify_log" ]; then
 fi
 
 conf="$(sed -e "s|@ROUTER_ID@|$name|g" -e "s|@OWN@|$own|g" -e "s|@PEER@|$peer|g" \
-	-e "s|@VIP@|$vip|g" -e "s|@PRIORITY@|$priority|g" -e "s|@INTERFACE@|$interface|g" \
+	-e "s|@VIP@|$vip|g" -e "s|@VIP_PREFIX@|$vip_prefix|g" -e "s|@PRIORITY@|$priority|g" -e "s|@INTERFACE@|$interface|g" \
 	-e "s|@VRID@|$vrid|g" -e "s|@LBNAT@|$lbnat|g" -e "s|@ADMIN_SOCKET@|$admin_socket|g" \
 	-e "s|@NOTIFY@|$notify|g" -e "s|@NOTIFY_LOG@|$notify_log|g" "$here/keepalived.conf.in")"
 if grep -q '@[A-Z_]*@' <<<"$conf"; then
