@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: deps bpf demo test lint unit netns faults soak bench-core bench bench-quick screenshots dashboard config-reference clean-lab lab-compose-check lab-vagrant-check
+.PHONY: deps bpf demo demo-ha test lint unit netns faults soak bench-core bench bench-quick screenshots dashboard config-reference clean-lab lab-compose-check lab-vagrant-check
 
 deps:  ## Debian tools + the project with its test extras (+ the eBPF fast path's object)
 	scripts/install-deps.sh
@@ -13,6 +13,9 @@ bpf:  ## the tc eBPF fast path: lbnat/bpf/fastpath.bpf.c -> fastpath.bpf.o (clan
 
 demo: deps  ## the netns lab: three chat servers, lbnat, six clients, the NAT table draining
 	scripts/demo.sh
+
+demo-ha: deps  ## the HA pair in the netns lab: keepalived moves the VIP, the flows carry on
+	scripts/demo-ha.sh
 
 lint:
 	ruff check .
@@ -51,8 +54,9 @@ dashboard:  ## the Grafana dashboard's panels drawn from a real Prometheus over 
 config-reference:  ## rewrite the README's configuration reference from lbnat/config.schema.json
 	$(PYTHON) scripts/schema_doc.py --write
 
-clean-lab:  ## remove the demo lab if a run was interrupted
+clean-lab:  ## remove the demo labs if a run was interrupted
 	LAB_PREFIX=lbnat scripts/lab.sh down
+	LAB_PREFIX=lbha scripts/ha-lab.sh down
 
 lab-compose-check:  ## the compose lab end to end (root; starts a private dockerd if none answers)
 	$(PYTHON) -m lbnat_lab.compose_check $(ARGS)

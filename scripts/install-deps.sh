@@ -2,14 +2,16 @@
 # Install what lbnat, its lab, its tests and its benchmarks need on a fresh Debian machine:
 # the Debian tools (nft, ip, ping, ethtool, iperf3, socat, curl, nginx, haproxy, tcpdump, wrk, tmux,
 # cairo and the DejaVu fonts for the screenshots, clang + libbpf-dev + bpftool for the tc eBPF fast
-# path that `make bpf` builds, prometheus + promtool for the metrics test) and the project itself with its test and docs
+# path that `make bpf` builds, prometheus + promtool for the metrics test, keepalived for the HA pair) and the project itself with its test and docs
 # extras. (Debian's own python3 refuses `pip install` outside a venv, PEP 668: there, make a venv
 # first, `python3 -m venv /opt/lbnat && . /opt/lbnat/bin/activate`, as provision-lb.sh does.) Idempotent; skips apt when every tool is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nftables iproute2 iputils-ping ethtool iperf3 socat curl nginx-light libnginx-mod-stream haproxy tcpdump procps wrk tmux libcairo2 fonts-dejavu-core clang libbpf-dev bpftool prometheus)
-tools=(nft ip ping ethtool iperf3 socat curl nginx haproxy tcpdump ps wrk tmux clang bpftool prometheus promtool)
+# keepalived: VRRP for the HA pair (scripts/keepalived/, make demo-ha); policy-rc.d below keeps
+# its packaged service from starting
+packages=(nftables iproute2 iputils-ping ethtool iperf3 socat curl nginx-light libnginx-mod-stream haproxy tcpdump procps wrk tmux libcairo2 fonts-dejavu-core clang libbpf-dev bpftool prometheus keepalived)
+tools=(nft ip ping ethtool iperf3 socat curl nginx haproxy tcpdump ps wrk tmux clang bpftool prometheus promtool keepalived)
 
 missing=0
 for tool in "${tools[@]}"; do
@@ -27,7 +29,7 @@ if [ "$missing" = 1 ] || [ "${LBNAT_FORCE_APT:-0}" = 1 ]; then
 	fi
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -q
-	# policy-rc.d 101: do not start nginx/haproxy as host services; the lab starts its own.
+	# policy-rc.d 101: do not start nginx/haproxy/keepalived as host services; the lab starts its own.
 	printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
 	apt-get install -y -q --no-install-recommends "${packages[@]}"
 	rm -f /usr/sbin/policy-rc.d

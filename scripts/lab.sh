@@ -15,6 +15,10 @@
 #      ${P}-b1          ${P}-b2          ${P}-b3     ${P}-bN
 #   198.18.0.21      198.18.0.22       198.18.0.23  198.18.0.(20+N)
 #
+# With LAB_LBS=2 (scripts/ha-lab.sh) the one lb becomes a pair, ${P}-lb1 198.18.0.3 and
+# ${P}-lb2 198.18.0.4, on the same bridge; 198.18.0.2 is then the pair's VIP, which keepalived
+# adds on the master (scripts/ha-lab.sh draws it).
+#
 # All addresses are in 198.18.0.0/24 (from the benchmarking range 198.18.0.0/15).
 # Every host is a namespace of its own with lo and one veth "eth0"; the peer of each eth0
 # lives in the switch namespace ${P}-sw (named after the host: c1, lb, b3, ...) and is
@@ -23,11 +27,12 @@
 # interfaces so no DAD or router solicitations add noise to captures.
 #
 # Usage: lab.sh up | down | status | check | add-backend N
-#   P = ${LAB_PREFIX:-lbnat};  up creates ${LAB_BACKENDS:-3} backends.
+#   P = ${LAB_PREFIX:-lbnat};  up creates ${LAB_BACKENDS:-3} backends and ${LAB_LBS:-1} LBs
+#   (1: lb; 2: lb1 and lb2).
 #   up and down are idempotent; down first kills (by pid) whatever still runs inside the
 #   lab's namespaces, then deletes them.
 #   status exits 0 when every host of the lab is up, 1 otherwise.
-#   check pings every host from lb and from c1 (inside the namespaces only).
+#   check pings every host from the (first) LB and from c1 (inside the namespaces only).
 
 set -euo pipefail
 
@@ -36,6 +41,7 @@ ksft_skip=4
 
 P="${LAB_PREFIX:-lbnat}"
 NBACKENDS="${LAB_BACKENDS:-3}"
+NLBS="${LAB_LBS:-1}"
 SW="${P}-sw"
 BR="br0"
 NET="198.18.0"
@@ -46,7 +52,7 @@ log() { echo "lab: $*"; }
 die() { echo "lab: error: $*" >&2; exit 1; }
 
 usage() {
-	echo "usage: LAB_PREFIX=P LAB_BACKENDS=N $0 up|down|status|check|add-backend N" >&2
+	echo "usage: LAB_PREFIX=P LAB_BACKENDS=N LAB_LBS=1|2 $0 up|down|status|check|add-backend N" >&2
 	exit 2
 }
 
@@ -72,10 +78,20 @@ valid_count() {
 	fi
 }
 
-# host name (c1, lb, b3) -> address
+valid_lbs() {
+	[[ "$NLBS" =~ ^[12]$ ]] || die "LAB_LBS '$NLBS' is not 1 or 2"
+}
+
+# The LB hosts: lb, or the pair lb1 lb2
+lb_hosts() {
+	if [ "$NLBS" = 1 ]; then echo lb; else echo lb1 lb2; fi
+}
+
+# host name (c1, lb, lb2, b3) -> address
 host_ip() {
 	case "$1" in
 	lb) echo "$NET.2" ;;
+	lb[12]) echo "$NET.$((2 + ${1#lb}))" ;;
 	c[0-9]*) echo "$NET.$((10 + ${1#c}))" ;;
 	b[0-9]*) echo "$NET.$((20 + ${1#b}))" ;;
 	*) die "unknown host '$1'" ;;
@@ -89,7 +105,7 @@ ns_exists() {
 # Namespaces of this lab that exist now (exact prefix, so lbt1 never matches lbt12-*).
 lab_namespaces() {
 	ip netns list | awk '{print $1}' |
-		grep -E -- "^${P//./\\.}-(sw|lb|c[0-9]+|b[0-9]+)\$" || true
+		grep -E -- "^${P//./\\.}-(sw|lb|lb[12]|c[0-9]+|b[0-9]+)\$" || true
 }
 
 # Existing backend hosts (b1, b2, ...), sorted by number.
@@ -98,10 +114,10 @@ existing_backends() {
 }
 
 expected_hosts() {
-	local i
+	local i h
 	echo c1
 	echo c2
-	echo lb
+	for h in $(lb_hosts); do echo "$h"; done
 	for ((i = 1; i <= NBACKENDS; i++)); do echo "b$i"; done
 	# backends added later with add-backend count as part of the lab too
 	existing_backends
@@ -262,7 +278,7 @@ cmd_check() {
 		exit $ksft_skip
 	fi
 	cmd_status >/dev/null || die "check: lab is not up (run: $0 up)"
-	for from in lb c1; do
+	for from in $(lb_hosts | awk '{print $1}') c1; do
 		for h in $(lab_hosts); do
 			[ "$h" != "$from" ] || continue
 			if ip netns exec "${P}-$from" ping -q -c 1 -W 2 "$(host_ip "$h")" >/dev/null 2>&1; then
@@ -290,6 +306,7 @@ main() {
 	require
 	valid_prefix
 	valid_count "$NBACKENDS"
+	valid_lbs
 	case "$1" in
 	up) cmd_up ;;
 	down) cmd_down ;;
