@@ -313,7 +313,7 @@ class SyncNode:
                 return
             records, self._pending = self._pending, []
             role = self.role
-        if role in (Role.BACKUP, Role.FAULT):
+        if role in (Role.BACKUP, Role.FAULT, Role.STOP):
             self.counts["records_withheld"] += len(records)  # it serves no flow of its own
             return
         self.counts["records_sent"] += len(records)
