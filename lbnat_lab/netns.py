@@ -53,25 +53,31 @@ LB_IP = "198.18.0.2"
 CLIENTS: dict[str, str] = {"c1": "198.18.0.11", "c2": "198.18.0.12"}
 BACKENDS: dict[str, str] = {f"b{n}": f"198.18.0.{20 + n}" for n in range(1, 5)}
 """b1..b4; `lab.sh up` makes the first LAB_BACKENDS (3) of them, `Lab.add_backend` more."""
-HOSTS: dict[str, str] = {"lb": LB_IP, **CLIENTS, **BACKENDS}
+LB_PAIR: dict[str, str] = {"lb1": "198.18.0.3", "lb2": "198.18.0.4"}
+"""With `Lab(lbs=2)` (lab.sh's LAB_LBS=2, scripts/ha-lab.sh) these replace lb; LB_IP is then the
+pair's VIP, which keepalived adds on the master."""
+HOSTS: dict[str, str] = {"lb": LB_IP, **LB_PAIR, **CLIENTS, **BACKENDS}
 
 CHAT: tuple[str, ...] = (sys.executable, "-m", "lbnat_lab.chat")
 """argv prefix of the chat server/client, to run with `Lab.run` / `Lab.popen`."""
 ECHO: tuple[str, ...] = (sys.executable, "-m", "lbnat_lab.udpecho")
 """argv prefix of the UDP echo server."""
 
-_HOST_RE = re.compile(r"^(lb|c[1-9][0-9]?|b[1-9][0-9]?)$")
+_HOST_RE = re.compile(r"^(lb|lb[12]|c[1-9][0-9]?|b[1-9][0-9]?)$")
 SCRIPT_TIMEOUT = 120.0
 RUN_TIMEOUT = 30.0
 TERMINATE_TIMEOUT = 5.0
 
 
 def host_ip(host: str) -> str:
-    """Address of a lab host: lb, cN (198.18.0.10+N) or bN (198.18.0.20+N)."""
+    """Address of a lab host: lb, lb1 and lb2 (the pair), cN (198.18.0.10+N) or bN
+    (198.18.0.20+N)."""
     if not _HOST_RE.match(host):
-        raise ValueError(f"{host!r} is not a lab host (lb, c1, c2, b1, b2, ...)")
+        raise ValueError(f"{host!r} is not a lab host (lb, lb1, lb2, c1, c2, b1, b2, ...)")
     if host == "lb":
         return LB_IP
+    if host in LB_PAIR:
+        return LB_PAIR[host]
     base = 10 if host[0] == "c" else 20
     return f"198.18.0.{base + int(host[1:])}"
 
@@ -120,8 +126,10 @@ def terminate(procs: Sequence[subprocess.Popen[Any]], timeout: float = TERMINATE
 class Lab:
     """One lab: namespaces up on construction, everything gone after `close`."""
 
-    def __init__(self, backends: int = 3, prefix: str | None = None) -> None:
+    def __init__(self, backends: int = 3, prefix: str | None = None, lbs: int = 1) -> None:
+        """`lbs`: 1, one LB "lb" (198.18.0.2); 2, the HA pair "lb1" and "lb2" (LB_PAIR)."""
         self.prefix = prefix or f"lbt{secrets.token_hex(3)}"
+        self.lbs = lbs
         # Each lab's lbnat gets its own admin socket (labs may run side by side on one host).
         self.admin_socket = f"/run/lbnat/{self.prefix}.sock"
         self.backends = backends
@@ -141,7 +149,9 @@ class Lab:
         """Run ``scripts/lab.sh ARGS`` for this lab's prefix; raise with its output on error."""
         result = subprocess.run(
             ["bash", str(LAB_SH), *args],
-            env=checkout_env(LAB_PREFIX=self.prefix, LAB_BACKENDS=str(self.backends)),
+            env=checkout_env(
+                LAB_PREFIX=self.prefix, LAB_BACKENDS=str(self.backends), LAB_LBS=str(self.lbs)
+            ),
             capture_output=True,
             text=True,
             timeout=SCRIPT_TIMEOUT,

@@ -4,10 +4,11 @@ user would, checked end to end, and torn down again, also when a step fails.
 ::
 
     client 198.18.0.11 ─┐                             ┌─ b1 198.18.0.21 chat :9000 web :80
-                        ├── lab network 198.18.0.0/24 ┼─ b2 198.18.0.22 chat :9000 web :80
-    lb 198.18.0.2 ──────┘   libvirt network lbnat-lab └─ b3 198.18.0.23 chat :9000 web :80
+    lb1 198.18.0.3 ─────┼── lab network 198.18.0.0/24 ┼─ b2 198.18.0.22 chat :9000 web :80
+    lb2 198.18.0.4 ─────┘   libvirt network lbnat-lab └─ b3 198.18.0.23 chat :9000 web :80
                             (isolated, no forwarding)
-    lbnat.service on lb: 198.18.0.2:20000 -> chat, 198.18.0.2:8080 -> web, round-robin
+    VIP 198.18.0.2 on the keepalived master (lb1 first); lbnat.service on lb1 and lb2, synced:
+    198.18.0.2:20000 -> chat, 198.18.0.2:8080 -> web, round-robin
     every VM's eth0: Vagrant's management network lbnat-mgmt, 198.19.200.0/24 (ssh, apt)
 
 1. What it needs (vagrant, vagrant-libvirt, libvirt's daemons, qemu, ...): it installs
@@ -21,7 +22,7 @@ user would, checked end to end, and torn down again, also when a step fails.
    there, else lbnat/bookworm-local when it is there, else the official one added from Vagrant
    Cloud, else (or with --local-box) lbnat/bookworm-local built by
    scripts/build-vagrant-box.sh (debootstrap), with --ca-bundle carried into it.
-4. `vagrant up --provider=libvirt` in vagrant/ (the five VMs in parallel), its own
+4. `vagrant up --provider=libvirt` in vagrant/ (the six VMs in parallel), its own
    VAGRANT_DOTFILE_PATH, the management network in 198.19.200.0/24; then until lbnat reports
    its six backends (chat and web on b1 b2 b3) alive.
 5. As the README says: HTTP round-robin over b1 b2 b3 on the web VIP port (curl on the
@@ -97,7 +98,8 @@ OFFICIAL_BOX = "debian/bookworm64"
 LOCAL_BOX = "lbnat/bookworm-local"
 MGMT_NET = "198.19.200.0/24"  # benchmarking range, away from the compose check's 198.19.0-127
 NETWORKS = ("lbnat-mgmt", "lbnat-lab")  # the Vagrantfile's libvirt networks
-VMS = ("b1", "b2", "b3", "lb", "client")
+VMS = ("b1", "b2", "b3", "lb1", "lb2", "client")
+LBS = {"lb1": "198.18.0.3", "lb2": "198.18.0.4"}  # the pair; lb1 is master first (priority)
 LIBVIRT = "qemu:///system"
 VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")
 # what libvirt leaves of a domain or a network once they are gone: qemu's log, dnsmasq's files
@@ -433,7 +435,7 @@ def choose_box(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[st
 
 @dataclass
 class VagrantLab:
-    """The five VMs, driven with vagrant in vagrant/ and ssh through `vagrant ssh-config`."""
+    """The six VMs, driven with vagrant in vagrant/ and ssh through `vagrant ssh-config`."""
 
     env: dict[str, str]
     work: Path
@@ -511,9 +513,12 @@ class VagrantLab:
     def ssh(self, host: str, command: str, timeout: float = 60) -> str:
         return run(self.ssh_argv(host, command), timeout=timeout).stdout
 
-    def status(self) -> dict[str, object]:
-        status: dict[str, object] = json.loads(self.ssh("lb", "sudo lbnat status --json"))
+    def status(self, lb: str = "lb1") -> dict[str, object]:
+        status: dict[str, object] = json.loads(self.ssh(lb, "sudo lbnat status --json"))
         return status
+
+    def holds_vip(self, lb: str) -> bool:
+        return f" inet {VIP}/" in self.ssh(lb, "ip -4 -o addr show")
 
     def health(self) -> dict[tuple[str, str], str]:
         return backend_health(self.status())
@@ -600,6 +605,26 @@ def check_health(lab: VagrantLab) -> None:
     lab.say(f"health: chat b2 alive {time.monotonic() - started:.1f} s after the start returned")
 
 
+def check_pair(lab: VagrantLab) -> None:
+    """The HA pair as provisioned: the VIP on lb1 only (keepalived's master: the higher
+    priority), and each lbnat's sync role and readiness (`lbnat status --json`'s "sync")."""
+
+    def settled() -> bool | None:
+        return True if lab.holds_vip("lb1") and not lab.holds_vip("lb2") else None
+
+    wait_until(f"{VIP} on lb1 only", 60, settled, every=2.0)
+    roles = {}
+    for lb in LBS:
+        sync = lab.status(lb).get("sync")
+        if not isinstance(sync, dict) or sync.get("ready") is not True:
+            raise CheckFailed(f"{lb}: lbnat's sync is not ready: {sync!r}")
+        roles[lb] = sync.get("role")
+    if roles != {"lb1": "master", "lb2": "backup"}:
+        raise CheckFailed(f"the pair's roles are {roles}, not lb1 master and lb2 backup")
+    say_roles = ", ".join(f"{lb} {role}" for lb, role in roles.items())
+    lab.say(f"pair: {VIP} on lb1 only; lbnat's sync ready on both ({say_roles})")
+
+
 # --- the whole check -------------------------------------------------------------------------
 
 
@@ -646,7 +671,7 @@ def check(args: argparse.Namespace, say: Callable[[str], None], work: Path) -> N
         say(f"$ cd vagrant; LBNAT_BOX={box} LBNAT_LIBVIRT_DRIVER={driver} "
             f"LBNAT_LIBVIRT_MGMT_NET={args.mgmt_net} vagrant up --provider=libvirt")  # fmt: skip
         lab.up(args.up_timeout)
-        say(f"up: five VMs up and provisioned in {time.monotonic() - started:.0f} s")
+        say(f"up: six VMs up and provisioned in {time.monotonic() - started:.0f} s")
         lab.write_ssh_config()
 
         def all_alive() -> bool | None:
@@ -657,7 +682,8 @@ def check(args: argparse.Namespace, say: Callable[[str], None], work: Path) -> N
             return None
 
         wait_until("six alive backends in lbnat status", 120, all_alive, every=2.0)
-        say("lab: lbnat up on lb, chat and web backends b1 b2 b3 alive")
+        say("lab: lbnat up on lb1, chat and web backends b1 b2 b3 alive")
+        check_pair(lab)
 
         served = check_web(lab, set(BACKENDS), 6)
         if served[:3] != served[3:]:
@@ -668,8 +694,8 @@ def check(args: argparse.Namespace, say: Callable[[str], None], work: Path) -> N
         check_health(lab)
 
         documented = "sudo lbnat status"
-        out = lab.vagrant("ssh", "lb", "-c", documented, timeout=120)
-        say(f"$ vagrant ssh lb -c '{documented}'")
+        out = lab.vagrant("ssh", "lb1", "-c", documented, timeout=120)
+        say(f"$ vagrant ssh lb1 -c '{documented}'")
         say(out.rstrip())
     finally:
         teardown(lab, daemons, before, host, say)
@@ -841,7 +867,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--up-timeout", type=float, default=1800.0,
-        help="seconds for `vagrant up` (1800: five VMs under software emulation take ~15 min)",
+        help="seconds for `vagrant up` (1800: five VMs under software emulation took ~24 min)",
     )  # fmt: skip
     parser.add_argument(
         "--readme", action="store_true", help=f"rewrite the transcript block of {VAGRANT_README}"
@@ -855,7 +881,7 @@ def management_network(text: str) -> str:
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"{text!r}: {error}") from error
     if network.prefixlen > 29:
-        raise argparse.ArgumentTypeError(f"{text}: too small for five VMs")
+        raise argparse.ArgumentTypeError(f"{text}: too small for six VMs")
     return str(network)
 
 

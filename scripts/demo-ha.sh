@@ -242,14 +242,22 @@ for node in lb1 lb2; do wait_until 30 "$node's lbnat to be ready (lbnat ha-check
 show_logs
 
 say "keepalived on lb1 (priority 150) and lb2 (100): one VRRP instance, VIP $VIP"
+# keepalived disables a script that a user other than root could change (the file or a
+# directory above it): the notify script is run from a copy in this root-only directory
+install -m 0755 scripts/keepalived/lbnat-notify "$work/lbnat-notify"
 for node in lb1 lb2; do
 	scripts/keepalived/keepalived-conf.sh --name "$node" --own "${OWN[$node]}" \
 		--peer "${PEER[$node]}" --vip "$VIP" --priority "${PRIORITY[$node]}" \
-		--lbnat "$LBNAT" --admin-socket "$work/$node.sock" \
+		--lbnat "$LBNAT" --admin-socket "$work/$node.sock" --notify "$work/lbnat-notify" \
 		--notify-log "$work/$node-notify.log" >"$work/$node-keepalived.conf"
 	start_keepalived "$node"
 done
 wait_until 15 "the VIP on lb1" vip_on lb1
+for node in lb1 lb2; do
+	if grep -E 'Unsafe permissions|insecure' "$work/$node-keepalived.log"; then
+		die "keepalived disabled a script (a directory above $LBNAT is not root's alone?)"
+	fi
+done
 scripts/ha-lab.sh status | tail -n 1
 show_logs
 

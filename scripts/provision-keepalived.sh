@@ -36,7 +36,7 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 . "$repo/scripts/provision-common.sh"
 
 usage() {
-	sed -n '4,29p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '4,30p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 gen_args=()
@@ -71,6 +71,9 @@ done
 for path in "$conf" "$notify_script" "$lbnat"; do
 	[[ "$path" == /* ]] || bad_usage "'$path' is not an absolute path"
 done
+# the arguments checked now (usage mistakes: exit 2), before anything is installed
+"$repo/scripts/keepalived/keepalived-conf.sh" "${gen_args[@]}" --lbnat "$lbnat" \
+	--notify "$notify_script" --no-check >/dev/null
 need_root "keepalived adds and removes the VIP"
 if [ "$mode" = systemd ]; then
 	has_systemd || die "systemd is not running here; use --foreground (netns lab, containers)"
@@ -104,7 +107,8 @@ trap 'rm -f "$tmp"' EXIT
 chmod 0644 "$tmp"
 mv "$tmp" "$conf"
 trap - EXIT
-echo "$me: wrote $conf ($(grep -o 'router_id .*' "$conf"), $(grep -oE 'priority [0-9]+' "$conf"))"
+echo "$me: wrote $conf (router_id $(awk '$1 == "router_id" { print $2; exit }' "$conf")," \
+	"priority $(awk '$1 == "priority" { print $2; exit }' "$conf"))"
 
 # --- run -------------------------------------------------------------------------------------
 if [ "$mode" = foreground ]; then
@@ -115,7 +119,10 @@ fi
 
 # Debian's keepalived.service runs `keepalived --dont-fork $DAEMON_ARGS`, DAEMON_ARGS from
 # /etc/default/keepalived: VRRP only (no IPVS checker). The drop-in orders it after lbnat (at
-# boot lbnat is up first; chk_lbnat would hold keepalived in FAULT until it is anyway).
+# boot lbnat is up first; chk_lbnat would hold keepalived in FAULT until it is anyway), and
+# restarts it when it dies: Debian's unit has no Restart=, and a killed keepalived leaves the
+# VIP on the interface (this host would go on answering ARP for it) until the next one starts
+# and removes it.
 sed -i 's/^DAEMON_ARGS=.*/DAEMON_ARGS="--vrrp"/' /etc/default/keepalived 2>/dev/null ||
 	echo 'DAEMON_ARGS="--vrrp"' >/etc/default/keepalived
 mkdir -p /etc/systemd/system/keepalived.service.d
@@ -124,6 +131,10 @@ cat >/etc/systemd/system/keepalived.service.d/lbnat.conf <<'UNIT'
 [Unit]
 After=lbnat.service
 Wants=lbnat.service
+
+[Service]
+Restart=on-failure
+RestartSec=1
 UNIT
 systemctl daemon-reload
 systemctl enable keepalived.service >/dev/null 2>&1

@@ -7,7 +7,8 @@
 #
 #   provision-lb.sh --lb-ip IP --backend IP:PORT [--backend IP:PORT ...] [options]
 #
-#   --lb-ip IP            the LB's own address, the virtual IP clients connect to (SRCIP)
+#   --lb-ip IP            the virtual IP clients connect to (SRCIP): the LB's own address, or
+#                         with --sync-peer the pair's VIP, which keepalived adds on the master
 #   --backend IP:PORT     a chat backend (at least one; repeat)
 #   --vip-port N          the chat service's virtual port (20000)
 #   --web-vip-port N      the web service's virtual port (8080): HTTP to the same backends'
@@ -16,6 +17,11 @@
 #   --config FILE         the config to write (/etc/lbnat/config.json, the unit's)
 #   --admin-socket PATH   the admin socket in that config (/run/lbnat/lbnat.sock)
 #   --venv DIR            install into this venv (/opt/lbnat: the unit runs /opt/lbnat/bin/lbnat)
+#   --sync-own IP         one node of an HA pair (issue 19, docs/sync-protocol.md): this node's
+#   --sync-peer IP        own address and its peer's; lbnat runs with --sync-listen OWN
+#   --sync-secret-file F  --sync-peer PEER --sync-secret-file /etc/lbnat/sync.secret (F copied
+#                         there, 0600) and may start before the VIP is on its interface;
+#                         provision-keepalived.sh then runs keepalived, which owns the VIP
 #   --no-install          lbnat is installed already (lbnat on PATH, or $LBNAT)
 #   --systemd             (the default) install scripts/systemd/lbnat.service, (re)start it
 #   --foreground          exec `lbnat run --config FILE` in this process (stop it by pid)
@@ -35,7 +41,7 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 . "$repo/scripts/provision-common.sh"
 
 usage() {
-	sed -n '4,29p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '4,35p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 lb_ip=""
@@ -48,9 +54,14 @@ admin_socket=/run/lbnat/lbnat.sock
 venv=/opt/lbnat
 install=1
 mode=systemd
+sync_own=""
+sync_peer=""
+sync_secret=""
+secret_dest=/etc/lbnat/sync.secret
 while [ $# -gt 0 ]; do
 	case "$1" in
-	--lb-ip | --backend | --vip-port | --web-vip-port | --web-port | --config | --admin-socket | --venv)
+	--lb-ip | --backend | --vip-port | --web-vip-port | --web-port | --config | --admin-socket | --venv | \
+		--sync-own | --sync-peer | --sync-secret-file)
 		[ $# -ge 2 ] || bad_usage "$1 needs a value"
 		case "$1" in
 		--lb-ip) lb_ip="$2" ;;
@@ -61,6 +72,9 @@ while [ $# -gt 0 ]; do
 		--config) config="$2" ;;
 		--admin-socket) admin_socket="$2" ;;
 		--venv) venv="$2" ;;
+		--sync-own) sync_own="$2" ;;
+		--sync-peer) sync_peer="$2" ;;
+		--sync-secret-file) sync_secret="$2" ;;
 		esac
 		shift 2
 		;;
@@ -88,6 +102,22 @@ fi
 [[ "$config" == /* ]] || bad_usage "--config must be an absolute path"
 [[ "$admin_socket" == /* ]] || bad_usage "--admin-socket must be an absolute path"
 [[ "$venv" == /* ]] || bad_usage "--venv must be an absolute path"
+sync_args=()
+if [ -n "$sync_own$sync_peer$sync_secret" ]; then
+	if [ -z "$sync_own" ] || [ -z "$sync_peer" ] || [ -z "$sync_secret" ]; then
+		bad_usage "--sync-own, --sync-peer and --sync-secret-file go together"
+	fi
+	valid_ipv4 "$sync_own"
+	valid_ipv4 "$sync_peer"
+	[ "$sync_own" != "$sync_peer" ] || bad_usage "--sync-own and --sync-peer must differ"
+	if [ "$lb_ip" = "$sync_own" ] || [ "$lb_ip" = "$sync_peer" ]; then
+		bad_usage "--lb-ip is the pair's VIP: neither node's own address"
+	fi
+	[ -r "$sync_secret" ] || bad_usage "cannot read the secret file '$sync_secret'"
+	# beside the config, whose directory (and name) the secret follows
+	secret_dest="$(dirname "$config")/sync.secret"
+	sync_args=(--sync-listen "$sync_own" --sync-peer "$sync_peer" --sync-secret-file "$secret_dest")
+fi
 need_root "lbnat opens a packet socket and installs an nftables table"
 if [ "$mode" = systemd ]; then
 	has_systemd || die "systemd is not running here; use --foreground (netns lab, containers)"
@@ -151,19 +181,27 @@ chmod 0600 "$tmp"
 mv "$tmp" "$config"
 trap - EXIT
 echo "$me: wrote $config: $lb_ip:$vip_port -> ${backends[*]}"
+if [ ${#sync_args[@]} -gt 0 ]; then
+	if ! [ "$sync_secret" -ef "$secret_dest" ]; then
+		install -m 0600 "$sync_secret" "$secret_dest"
+	fi
+	echo "$me: session sync $sync_own <-> $sync_peer (UDP 7001), secret $secret_dest"
+fi
 if [ "$web_vip_port" != 0 ]; then
 	echo "$me: and $lb_ip:$web_vip_port -> the same backends' port $web_port (web)"
 fi
 
 # --- run -------------------------------------------------------------------------------------
 if [ "$mode" = foreground ]; then
-	exec "$lbnat" run --config "$config"
+	exec "$lbnat" run --config "$config" "${sync_args[@]}"
 fi
 
 unit=/etc/systemd/system/lbnat.service
 # the unit runs /opt/lbnat/bin/lbnat and reads /etc/lbnat/config.json; point it elsewhere
 # when told to
+# (and with --sync-*, the sync options at the end of ExecStart)
 sed -e "s|/opt/lbnat/bin/lbnat|$lbnat|g" -e "s|/etc/lbnat/config.json|$config|g" \
+	-e "/^ExecStart=/s|\$| ${sync_args[*]}|" -e "/^ExecStart=/s| *\$||" \
 	"$repo/scripts/systemd/lbnat.service" >"$unit"
 chmod 0644 "$unit"
 systemctl daemon-reload

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -90,4 +91,41 @@ def test_shell_scripts_pass_shellcheck() -> None:
     shellcheck = tool("shellcheck", "shellcheck")
     scripts = sorted(str(p.relative_to(REPO)) for p in (REPO / "scripts").glob("*.sh"))
     assert "scripts/provision-lb.sh" in scripts
-    run([shellcheck, "-x", *scripts], REPO)
+    keepalived = [f"scripts/keepalived/{name}" for name in ("keepalived-conf.sh", "lbnat-notify")]
+    run([shellcheck, "-x", *scripts, *keepalived], REPO)
+
+
+@pytest.mark.parametrize(
+    ("name", "own", "peer", "priority"),
+    [("lb1", "198.18.0.3", "198.18.0.4", 150), ("lb2", "198.18.0.4", "198.18.0.3", 100)],
+)
+def test_keepalived_config_for_the_pair(
+    tmp_path: Path, name: str, own: str, peer: str, priority: int
+) -> None:
+    """scripts/keepalived/keepalived-conf.sh writes a config `keepalived -t` accepts (it runs
+    it), for each node of the Vagrant pair: VRRP unicast to the peer, advert_int 1, nopreempt,
+    lbnat ha-check tracked (init_fail, fall 2), the notify script, the VIP with the segment's
+    prefix. (test_provision_netns.py runs keepalived from it in namespaces.)"""
+    tool("keepalived", "keepalived")
+    lbnat = tmp_path / "lbnat"  # keepalived -t wants the scripts to exist
+    lbnat.write_text("#!/bin/sh\nexit 1\n")
+    lbnat.chmod(0o755)
+    argv = [
+        "bash", str(REPO / "scripts" / "keepalived" / "keepalived-conf.sh"), "--name", name,
+        "--own", own, "--peer", peer, "--vip", "198.18.0.2", "--priority", str(priority),
+        "--lbnat", str(lbnat), "--admin-socket", "/run/lbnat/lbnat.sock",
+    ]  # fmt: skip
+    env = dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    conf = run(argv, REPO, env)
+    words = [line.split() for line in conf.splitlines() if line.strip()]
+    for expected in (
+        ["router_id", name], ["state", "BACKUP"], ["priority", str(priority)],
+        ["advert_int", "1"], ["nopreempt"], ["unicast_src_ip", own], [peer],
+        ["198.18.0.2/24", "dev", "eth0"], ["chk_lbnat"], ["interval", "1"], ["fall", "2"],
+        ["rise", "1"], ["init_fail"], ["enable_script_security"], ["script_user", "root"],
+    ):  # fmt: skip
+        assert expected in words, (expected, conf)
+    assert f'script "{lbnat} ha-check --admin-socket /run/lbnat/lbnat.sock"' in conf
+    notify = REPO / "scripts" / "keepalived" / "lbnat-notify"
+    assert f'notify "{notify} --lbnat {lbnat} --admin-socket /run/lbnat/lbnat.sock"' in conf
+    assert re.search(r"@[A-Z_]+@", conf) is None  # no placeholder left

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -285,6 +287,10 @@ def test_provisioned_lab_carries_chat_through_lbnat(prov: Bed) -> None:
     assert f":{BACKEND_PORT} " not in listening and f":{WEB_PORT} " not in listening, listening
 
 
+KA_ARGS = ["--name", "lb1", "--peer", "198.18.0.4", "--own", "198.18.0.3", "--vip", "198.18.0.2",
+           "--priority", "150"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("name", "args", "message"),
     [
@@ -311,6 +317,20 @@ def test_provisioned_lab_carries_chat_through_lbnat(prov: Bed) -> None:
         ("provision-lb.sh", ["--lb-ip", "198.18.0.2", "--backend", "198.18.0.21:9000",
                              "--web-port", "0"], "'0' is not a port"),
         ("provision-client.sh", ["--bin-dir", "bin"], "must be an absolute path"),
+        ("provision-lb.sh", ["--lb-ip", "198.18.0.2", "--backend", "198.18.0.21:9000",
+                             "--sync-peer", "198.18.0.4"], "go together"),
+        ("provision-lb.sh", ["--lb-ip", "198.18.0.3", "--backend", "198.18.0.21:9000",
+                             "--sync-own", "198.18.0.3", "--sync-peer", "198.18.0.4",
+                             "--sync-secret-file", "/dev/null"], "neither node's own address"),
+        ("provision-lb.sh", ["--lb-ip", "198.18.0.2", "--backend", "198.18.0.21:9000",
+                             "--sync-own", "198.18.0.3", "--sync-peer", "198.18.0.4",
+                             "--sync-secret-file", "/nonexistent"], "cannot read the secret"),
+        ("provision-keepalived.sh", KA_ARGS[:-2], "--priority must be 1-254"),
+        ("provision-keepalived.sh", [*KA_ARGS[:-1], "255"], "--priority must be 1-254"),
+        ("provision-keepalived.sh", [*KA_ARGS[:3], "198.18.0.3", *KA_ARGS[4:]],
+         "--own and --peer must differ"),
+        ("provision-keepalived.sh", [*KA_ARGS, "--conf", "k.conf"], "is not an absolute path"),
+        ("provision-keepalived.sh", [*KA_ARGS, "--bogus"], "unknown argument '--bogus'"),
     ],
 )  # fmt: skip
 def test_scripts_refuse_bad_input(name: str, args: list[str], message: str) -> None:
@@ -385,3 +405,76 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout + result.stderr == "", result.stderr
+
+
+# -- the HA pair's keepalived (issue 19) --------------------------------------------------------
+
+PAIR = {"lb1": ("198.18.0.4", 150), "lb2": ("198.18.0.3", 100)}  # peer, VRRP priority
+
+
+def vip_holders(bed: Bed) -> list[str]:
+    return [
+        lb for lb in PAIR
+        if f" inet {LB_IP}/" in bed.lab.run(lb, "ip", "-4", "-o", "addr", "show", "eth0").stdout
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Bed]:
+    """A lab "lbprovXXXX-*" with the HA pair lb1 and lb2 (lab.sh LAB_LBS=2), gone afterwards
+    with all its processes."""
+    if (reason := skip_reason()) is not None:
+        pytest.skip(reason)
+    require("keepalived")
+    with Lab(prefix=f"lbprov{secrets.token_hex(2)}", lbs=2) as lab:
+        bed = Bed(lab, tmp_path)
+        try:
+            yield bed
+        finally:
+            bed.close()
+
+
+def test_provisioned_keepalived_keeps_the_vip_from_an_lbnat_not_ready(pair: Bed) -> None:
+    """provision-keepalived.sh (what the Vagrant LBs run after provision-lb.sh) in lb1 and lb2:
+    the notify script installed root's and 0755 (keepalived runs no script another user could
+    change), the config written and accepted by `keepalived -t`, keepalived run from it. With no
+    lbnat running, `lbnat ha-check` fails on both: both stay in FAULT and neither takes the VIP,
+    longer than a backup waits for a master (3 adverts + skew): a node whose lbnat is not ready
+    never becomes master. (With lbnat's sync running, lb1 would be master: make demo-ha.)"""
+    bed = pair
+    lbnat = console_script("lbnat")
+    procs: dict[str, Proc] = {}
+    for lb, (peer, priority) in PAIR.items():
+        conf = bed.tmp / lb / "keepalived.conf"
+        notify = bed.tmp / "sbin" / "lbnat-notify"
+        procs[lb] = bed.start(
+            lb,
+            "bash", str(SCRIPTS / "provision-keepalived.sh"), "--foreground", "--no-install",
+            "--name", lb, "--own", host_ip(lb), "--peer", peer, "--vip", LB_IP,
+            "--priority", str(priority), "--lbnat", lbnat,
+            "--admin-socket", str(bed.tmp / f"{lb}.sock"),
+            "--conf", str(conf), "--notify-script", str(notify),
+            name=f"provision-keepalived {lb}",
+        )  # fmt: skip
+        procs[lb].expect(
+            f"provision-keepalived: wrote {conf} (router_id {lb}, priority {priority})"
+        )
+        written = conf.read_text()
+        for line in (
+            f"unicast_src_ip {host_ip(lb)}", f"\t\t{peer}\n", "nopreempt", "advert_int 1",
+            "init_fail", "enable_script_security", f"{LB_IP}/24 dev eth0",
+            f'script "{lbnat} ha-check --admin-socket {bed.tmp / lb}.sock"',
+            f'notify "{notify} --lbnat {lbnat} --admin-socket {bed.tmp / lb}.sock"',
+        ):  # fmt: skip
+            assert line in written, (line, written)
+        mode = notify.stat()
+        assert mode.st_uid == 0 and stat.S_IMODE(mode.st_mode) == 0o755
+    for lb in PAIR:  # (keepalived -l logs on stderr; init_fail: it starts in FAULT)
+        procs[lb].err.expect_re(re.compile(r"VRRP_Script\(chk_lbnat\) (failed|timed_out)"))
+    time.sleep(5.0)  # > 3 x advert_int + skew: a backup hearing no master would have taken over
+    assert vip_holders(bed) == []
+    for lb in PAIR:
+        assert procs[lb].err.count("Entering MASTER STATE") == 0
+        assert procs[lb].err.count("Entering BACKUP STATE") == 0
+        assert procs[lb].err.count("Unsafe permissions") == 0  # (it would disable the script)
+        assert bed.stop(procs[lb]) == 0

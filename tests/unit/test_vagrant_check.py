@@ -61,8 +61,15 @@ def test_the_check_and_the_vagrantfile_agree() -> None:
         assert f'ENV["{variable}"]' in VAGRANTFILE or f'ENV.fetch("{variable}"' in VAGRANTFILE
     for name in vagrant_check.NETWORKS:
         assert f'"{name}"' in VAGRANTFILE
+    # the HA pair: each LB's own address (the VIP is the master's)
+    for name, ip in vagrant_check.LBS.items():
+        assert f'"{name}" => ["#{{LAB_NET}}.{ip.rsplit(".", 1)[1]}", ' in VAGRANTFILE
     for vm in vagrant_check.VMS:
-        assert f'define "{vm}"' in VAGRANTFILE or vm in vagrant_check.BACKENDS
+        assert (
+            f'define "{vm}"' in VAGRANTFILE
+            or vm in vagrant_check.BACKENDS
+            or vm in vagrant_check.LBS
+        )
 
 
 def test_readme_has_the_transcript_block() -> None:
