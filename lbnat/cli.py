@@ -21,7 +21,7 @@ import click
 from click.core import ParameterSource
 
 from lbnat import config as config_module
-from lbnat import privileges
+from lbnat import hatool, privileges
 from lbnat.config import (
     DEFAULT_ADMIN_SOCKET,
     DEFAULT_CONTROL_PORT,
@@ -638,14 +638,19 @@ def backend(action: str, service: str, ip: str, port: str, weight: int, name: st
 @click.argument("role", type=click.Choice(HA_ROLES, case_sensitive=False))
 @admin_socket_option
 def ha_role(role: str, admin_socket: str) -> None:
-    """Tell a running lbnat its VRRP role (keepalived's notify script calls it).
+    """Tell a running lbnat its VRRP role (keepalived's notify script runs `lbnat-ha role`,
+    the same on the standard library alone).
 
     A master ignores its peer's rows; a node that becomes backup asks the master for its flows
     again.
 
     Example: lbnat ha-role MASTER
     """
-    reply = talk(admin_socket, {"op": "ha_role", "role": role.lower()})
+    try:
+        reply = hatool.tell_role(admin_socket, role)
+    except hatool.HaError as error:
+        click.echo(f"lbnat: {error}", err=True)
+        raise SystemExit(1) from None
     ready = "ready" if reply.get("ready") else "not ready"
     click.echo(f"ha-role: {reply.get('role')} (sync {ready})")
 
@@ -653,20 +658,20 @@ def ha_role(role: str, admin_socket: str) -> None:
 @main.command("ha-check")
 @admin_socket_option
 def ha_check(admin_socket: str) -> None:
-    """Exit 0 when lbnat runs and holds its peer's flows (keepalived's vrrp_script).
+    """Exit 0 when lbnat runs and holds its peer's flows (keepalived's vrrp_script runs
+    `lbnat-ha check`, the same on the standard library alone).
 
     A node that has just started, or come back, is ready once its first resync from the peer
     is complete (or the peer stayed silent for 3 s): until then it should not take the VIP.
 
     Example: lbnat ha-check || echo not ready
     """
-    reply = talk(admin_socket, {"op": "status"})
-    sync = reply.get("sync")
-    if not isinstance(sync, dict):
-        click.echo("lbnat: the session sync is off (no --sync-peer)", err=True)
-        raise SystemExit(1)
-    if not sync.get("ready"):
-        click.echo("lbnat: not ready: the resync from its peer is not complete", err=True)
+    try:
+        problem = hatool.check(admin_socket)
+    except hatool.HaError as error:
+        problem = str(error)
+    if problem:
+        click.echo(f"lbnat: {problem}", err=True)
         raise SystemExit(1)
 
 

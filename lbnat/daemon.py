@@ -561,8 +561,8 @@ class Daemon(Questions, SyncGlue):
                 case "reload":
                     error = self.reload()
                     return (nack(error), "rejected") if error else (ack(op="reload"), None)
-                case "ha_role":
-                    return self.ha_role(request)
+                case "ha_role" | "ha_status":
+                    return self.ha_request(request)
                 case _:
                     now = time.monotonic()
                     with self._lock:

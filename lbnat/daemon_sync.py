@@ -58,9 +58,11 @@ class SyncGlue:
             raise RuntimeError("lbnat is stopping")
         return [row for rows in plane.ask(AskSyncRows()) for row in rows]
 
-    def ha_role(self, request: Request) -> tuple[bytes, str | None]:
-        """keepalived's notify script: this node's VRRP role (the reply, and why a nack)."""
+    def ha_request(self, request: Request) -> tuple[bytes, str | None]:
+        """keepalived's hooks (lbnat.hatool): `ha_role` sets this node's VRRP role, both answer
+        with the sync's status; the reply, and why a nack."""
         if self.sync is None:
             return nack("the session sync is off: start lbnat with --sync-peer"), "rejected"
-        self.sync.set_role(Role(request.role))
-        return ack(op="ha_role", role=self.sync.role.value, ready=self.sync.ready), None
+        if request.op == "ha_role":
+            self.sync.set_role(Role(request.role))
+        return ack(op=request.op, **self.sync.status()), None

@@ -50,7 +50,7 @@ REGISTRATION_OPS = ("register", "unregister")
 """Ops allowed on the TCP control channel (and on the admin socket)."""
 
 ADMIN_OPS = ("status", "sessions", "backend_add", "backend_remove", "backend_drain", "reload",
-             "ha_role")  # fmt: skip
+             "ha_role", "ha_status")  # fmt: skip
 """Ops allowed only on the admin socket."""
 
 OPS = REGISTRATION_OPS + ADMIN_OPS
@@ -78,6 +78,7 @@ _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "backend_drain": (_BACKEND, _NONE),
     "reload": (_NONE, _NONE),
     "ha_role": (frozenset({"role"}), _NONE),
+    "ha_status": (_NONE, _NONE),  # the sync's status alone: no worker is asked (lbnat-ha check)
 }
 
 _NONCE = re.compile(f"[0-9a-fA-F]{{{NONCE_MIN_HEX},{NONCE_MAX_HEX}}}")

@@ -176,6 +176,7 @@ ADMIN_REQUESTS: list[tuple[dict[str, object], Request]] = [
     ({"op": "reload"}, Request("reload")),
     ({"op": "ha_role", "role": "MASTER"}, Request("ha_role", role="master")),
     ({"op": "ha_role", "role": "backup"}, Request("ha_role", role="backup")),
+    ({"op": "ha_status"}, Request("ha_status")),
     (REGISTER, REGISTERED),
     (UNREGISTER, UNREGISTERED),
 ]
@@ -817,6 +818,8 @@ ADDRESSES = st.ip_addresses(v=4).filter(
 def valid_requests(draw: st.DrawFn, ops: tuple[str, ...]) -> tuple[dict[str, object], Request]:
     op = draw(st.sampled_from(ops))
     message: dict[str, object] = {"op": op}
+    if op == "ha_status":
+        return message, Request(op)
     if op in ("status", "sessions", "reload"):
         filtered = op != "reload" and draw(st.booleans())
         only = draw(NAMES.filter(bool)) if filtered else None

@@ -1,0 +1,114 @@
+"""lbnat.hatool (`lbnat-ha`): keepalived's check and notify hooks against a stand-in for
+lbnat's admin socket (a Unix socket in the test's directory that answers canned lines), and
+the CLI's ha-check / ha-role, which call the same functions."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lbnat import hatool
+from lbnat.cli import main
+from lbnat.config import DEFAULT_ADMIN_SOCKET
+
+
+class FakeLbnat:
+    """Answers each request line with `reply(request)`; keeps the requests."""
+
+    def __init__(self, path: Path, reply: dict[str, object]) -> None:
+        self.path = str(path)
+        self.reply = reply
+        self.requests: list[dict[str, object]] = []
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(self.path)
+        self.server.listen()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                line = conn.makefile("rb").readline()
+                self.requests.append(json.loads(line))
+                conn.sendall(json.dumps(self.reply).encode() + b"\n")
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture
+def lbnat(tmp_path: Path) -> Iterator[FakeLbnat]:
+    fake = FakeLbnat(tmp_path / "admin.sock", {"ok": True, "role": "backup", "ready": True})
+    yield fake
+    fake.close()
+
+
+def test_the_default_socket_is_the_config_s() -> None:
+    assert hatool.DEFAULT_ADMIN_SOCKET == DEFAULT_ADMIN_SOCKET
+
+
+def test_check_passes_when_ready_and_asks_for_the_sync_alone(lbnat: FakeLbnat) -> None:
+    assert hatool.main(["--admin-socket", lbnat.path, "check"]) == 0
+    assert lbnat.requests == [{"op": "ha_status"}]
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        ({"ok": True, "ready": False}, "not ready: its first resync"),
+        ({"ok": False, "error": "the session sync is off"}, "lbnat refused: the session sync"),
+    ],
+)
+def test_check_fails_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reply: dict[str, object], message: str
+) -> None:
+    fake = FakeLbnat(tmp_path / "admin.sock", reply)
+    try:
+        assert hatool.main(["--admin-socket", fake.path, "check"]) == 1
+    finally:
+        fake.close()
+    err = capsys.readouterr().err
+    assert err.startswith("lbnat-ha: ") and message in err and err.count("\n") == 1
+
+
+def test_check_without_lbnat_fails_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert hatool.main(["--admin-socket", str(tmp_path / "none.sock"), "check"]) == 1
+    assert capsys.readouterr().err == (
+        f"lbnat-ha: no admin socket at {tmp_path / 'none.sock'}: is lbnat running?\n"
+    )
+
+
+def test_role_sends_keepalived_s_state_in_lower_case(
+    lbnat: FakeLbnat, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert hatool.main(["--admin-socket", lbnat.path, "role", "BACKUP"]) == 0
+    assert lbnat.requests == [{"op": "ha_role", "role": "backup"}]
+    assert capsys.readouterr().out == "lbnat-ha: role backup (sync ready)\n"
+
+
+def test_an_unknown_role_is_refused_before_asking(
+    lbnat: FakeLbnat, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert hatool.main(["--admin-socket", lbnat.path, "role", "leader"]) == 1
+    assert lbnat.requests == []
+    assert "is not one of master, backup, fault, stop" in capsys.readouterr().err
+
+
+def test_the_cli_s_ha_check_and_ha_role_are_the_same(lbnat: FakeLbnat) -> None:
+    runner = CliRunner()
+    assert runner.invoke(main, ["ha-check", "--admin-socket", lbnat.path]).exit_code == 0
+    result = runner.invoke(main, ["ha-role", "MASTER", "--admin-socket", lbnat.path])
+    assert result.exit_code == 0 and result.output == "ha-role: backup (sync ready)\n"
+    assert lbnat.requests[-1] == {"op": "ha_role", "role": "master"}
