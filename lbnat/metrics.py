@@ -100,6 +100,9 @@ def _control_families(f: _Families, snap: Snapshot) -> None:
     info.add_metric([snap.version, platform.python_version()], 1)
     f.gauge("lbnat_offload_enabled", "1 when the kernel fast path (tc eBPF) is attached.",
             []).add_metric([], int(snap.offload))  # fmt: skip
+    sync = status.get("sync")
+    if isinstance(sync, Mapping):
+        _sync_families(f, sync)
     link = status.get("link")
     if isinstance(link, Mapping):
         up = f.gauge("lbnat_link_up", "1 when lbnat's interface is up.", ["interface"])
@@ -133,6 +136,44 @@ def _control_families(f: _Families, snap: Snapshot) -> None:
         index = str(worker["index"])
         up.add_metric([index], int(bool(worker["alive"])))
         restarts.add_metric([index], worker["restarts"])
+
+
+SYNC_ROLES = ("unknown", "master", "backup", "fault", "stop")  # lbnat.dataplane.syncnode.Role
+SYNC_COUNTS = {  # the sync node's counts: (metric, label value)
+    "datagrams_sent": ("datagrams", "sent"), "datagrams_received": ("datagrams", "received"),
+    "records_sent": ("records", "sent"), "records_withheld": ("records", "withheld"),
+    "rows_received": ("records", "rows_received"), "bulk_rows_sent": ("records", "bulk_rows_sent"),
+    "ignored_as_master": ("records", "ignored_as_master"), "send_errors": ("errors", "send"),
+}  # fmt: skip
+
+
+def _sync_families(f: _Families, sync: Mapping[str, Any]) -> None:
+    """The session sync of a pair (lbnat.dataplane.syncnode), when it is on."""
+    f.gauge("lbnat_sync_ready", "1 once the node holds its peers' flows (lbnat ha-check passes).",
+            []).add_metric([], int(bool(sync.get("ready"))))  # fmt: skip
+    role = f.gauge("lbnat_sync_role", "The VRRP role keepalived last told lbnat: 1 for the "
+                   "current one.", ["role"])  # fmt: skip
+    for name in SYNC_ROLES:
+        role.add_metric([name], int(sync.get("role") == name))
+    datagrams = f.counter("lbnat_sync_datagrams", "Sync datagrams sent and received.",
+                          ["direction"])  # fmt: skip
+    records = f.counter("lbnat_sync_records", "Row records sent, withheld (a backup's), "
+                        "received, sent in bulks, ignored by a master.", ["event"])  # fmt: skip
+    errors = f.counter("lbnat_sync_send_errors", "Sync datagrams the kernel refused to send.", [])
+    families = {"datagrams": datagrams, "records": records}
+    counts = sync.get("counts", {})
+    for key, (family, label) in SYNC_COUNTS.items():
+        if family == "errors":
+            errors.add_metric([], counts.get(key, 0))
+        else:
+            families[family].add_metric([label], counts.get(key, 0))
+    dropped = f.counter("lbnat_sync_dropped", "Sync datagrams dropped unread, by why.", ["reason"])
+    for reason, n in sync.get("dropped", {}).items():
+        dropped.add_metric([reason], n)
+    in_sync = f.gauge("lbnat_sync_peer_in_sync", "1 when the peer's stream is in sync (no "
+                      "resync due or under way).", ["peer"])  # fmt: skip
+    for peer in sync.get("peers", []):
+        in_sync.add_metric([str(peer["address"])], int(peer.get("state") == "in_sync"))
 
 
 def _worker_families(f: _Families, workers: Iterable[tuple[int, Mapping[str, Any]]]) -> None:
@@ -172,6 +213,9 @@ def _worker_families(f: _Families, workers: Iterable[tuple[int, Mapping[str, Any
                                ["worker"])  # fmt: skip
     kernel_bytes = f.counter("lbnat_offload_bytes", "Bytes the kernel fast path rewrote.",
                              ["worker"], unit="bytes")  # fmt: skip
+    standby = f.counter("lbnat_standby_rows", "A peer's rows applied here (the session sync): "
+                        "installed, updated, ended, refreshed, swept, or refused by why.",
+                        ["event", "worker"])  # fmt: skip
     for index, c in workers:
         w = str(index)
         for name, service in c.get("services", {}).items():
@@ -204,6 +248,8 @@ def _worker_families(f: _Families, workers: Iterable[tuple[int, Mapping[str, Any
             kernel_moves.add_metric([event, w], kernel.get(key, 0))
         kernel_packets.add_metric([w], kernel.get("packets", 0))
         kernel_bytes.add_metric([w], kernel.get("bytes", 0))
+        for event, n in c.get("standby", {}).items():
+            standby.add_metric([event, w], n)
 
 
 class ScrapeCollector:

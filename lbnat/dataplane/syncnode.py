@@ -22,6 +22,7 @@ Everything that touches the inbox and the senders runs on the sync thread: `subm
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import ipaddress
@@ -137,6 +138,10 @@ class SyncNode:
         self._unreachable: set[int] = set()  # peers whose last send failed (logged once)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # a first pending record wakes the thread from an idle wait (at most TICK) at once
+        self._wake, self._waker = socket.socketpair()
+        self._wake.setblocking(False)
+        self._waker.setblocking(False)
         self.sock = self._open()
 
     def _open(self) -> socket.socket:
@@ -163,15 +168,21 @@ class SyncNode:
             self._thread.join(5.0)
             self._thread = None
         self.sock.close()
+        self._wake.close()
+        self._waker.close()
 
     def submit(self, records: SyncRecords) -> None:
         """A batch of a worker's row changes (on its reader thread, or the loop's)."""
         if not records.records:
             return
         with self._lock:
-            if not self._pending:
+            first = not self._pending
+            if first:
                 self._pending_since = self.clock()
             self._pending.extend(records.records)
+        if first:
+            with contextlib.suppress(OSError):  # full: the thread is awake anyway
+                self._waker.send(b"!")
 
     def set_role(self, role: Role) -> None:
         """keepalived's word (lbnat ha-role): logged, and acted on by the sync thread."""
@@ -215,15 +226,18 @@ class SyncNode:
         next_tick = 0.0
         while not self._stop.is_set():
             now = self.clock()
-            timeout = min(BATCH, max(0.0, next_tick - now))
-            if self._bulks:
-                timeout = min(timeout, 1.0 / BULK_RATE * 10)
+            timeout = max(0.0, next_tick - now)  # idle: the next look at the timers
+            if self._pending or self._bulks:
+                timeout = min(timeout, BATCH)  # a batch to send, or the next bulk datagrams
             try:
-                readable, _, _ = select.select([self.sock], [], [], timeout)
+                readable, _, _ = select.select([self.sock, self._wake], [], [], timeout)
             except (InterruptedError, ValueError):
                 readable = []
             now = self.clock()
-            if readable:
+            if self._wake in readable:
+                with contextlib.suppress(OSError):
+                    self._wake.recv(4096)
+            if self.sock in readable:
                 self._receive(now)
             with self._lock:
                 demote, self._demote = self._demote, False

@@ -158,9 +158,41 @@ def test_names_follow_prometheus_conventions(
             assert sample.removesuffix("_total") in counters, sample
     labels = {label for _, sample_labels in samples for label, _ in sample_labels}
     assert labels <= {"service", "backend", "reason", "direction", "worker", "state", "result",
-                      "event", "op", "le", "version", "python", "interface"}  # fmt: skip
+                      "event", "op", "le", "version", "python", "interface", "role",
+                      "peer"}  # fmt: skip
     assert "lbnat_process_start_time_seconds" not in types  # the process collector's own name:
     assert ("process_start_time_seconds", frozenset()) in samples
+
+
+def test_the_session_sync_s_status_and_standby_rows(
+    scraped: tuple[Samples, dict[str, str], list[dict[str, Any]]],
+) -> None:
+    samples, types, _ = scraped
+    assert "lbnat_sync_ready" not in types  # the sync is off: no sync families
+    sync = {
+        "role": "backup", "ready": True, "listen": "198.18.0.4:7001", "epoch": 1,
+        "peers": [{"address": "198.18.0.3:7001", "state": "in_sync", "ready": True}],
+        "counts": {"datagrams_sent": 7, "datagrams_received": 9, "rows_received": 5,
+                   "records_withheld": 2},
+        "dropped": {"bad_mac": 3, "stranger": 1},
+    }  # fmt: skip
+    worker = {"standby": {"installed": 5, "swept": 1}}
+    instruments = Instruments()
+    snapshot = Snapshot({"sync": sync}, [(0, worker)], offload=False, version="1.2")
+    instruments.add(ScrapeCollector(lambda: snapshot))
+    samples, types = scrape(instruments)
+    assert value(samples, "lbnat_sync_ready") == 1
+    assert [r for r in ("unknown", "master", "backup", "fault", "stop")
+            if value(samples, "lbnat_sync_role", role=r)] == ["backup"]  # fmt: skip
+    assert value(samples, "lbnat_sync_datagrams_total", direction="sent") == 7
+    assert value(samples, "lbnat_sync_datagrams_total", direction="received") == 9
+    assert value(samples, "lbnat_sync_records_total", event="rows_received") == 5
+    assert value(samples, "lbnat_sync_records_total", event="withheld") == 2
+    assert value(samples, "lbnat_sync_records_total", event="sent") == 0
+    assert value(samples, "lbnat_sync_dropped_total", reason="bad_mac") == 3
+    assert value(samples, "lbnat_sync_peer_in_sync", peer="198.18.0.3:7001") == 1
+    assert value(samples, "lbnat_standby_rows_total", event="installed", worker="0") == 5
+    assert value(samples, "lbnat_standby_rows_total", event="swept", worker="0") == 1
 
 
 def test_instruments_count_probes_requests_and_reloads() -> None:
