@@ -304,7 +304,8 @@ echo "  failover: the VIP on lb2 $(seconds "$killed" "$moved") s after the kill"
 	"($(date -d "@$killed" +%T.%3N) -> $(date -d "@$moved" +%T.%3N); VRRP: 3 adverts of 1 s + skew)"
 wait_until 15 "the transfer to flow again" grep -q "flowing again" "$work/transfer.out"
 flowing="$(grep "flowing again" "$work/transfer.out" | tail -n 1 | awk '{print $NF}')"
-echo "  failover: the transfer's first byte through lb2 $(seconds "$killed" "$flowing") s after the kill"
+echo "  failover: the transfer's first byte through lb2 $(seconds "$killed" "$flowing") s after the kill" \
+	"(TCP's own retransmission timer, doubled while the VIP was nowhere, decides when after the move)"
 grep "stalled" "$work/transfer.out" | sed 's/^/  /'
 chat_round "after the failover"
 mkclient 5 c2

@@ -67,3 +67,8 @@ wait_listening() {
 	done
 	return 1
 }
+
+# iface_of IP: the interface holding IPv4 address IP here (nothing when none does)
+iface_of() {
+	ip -o -4 addr show 2>/dev/null | awk -v ip="$1" '{ split($4, a, "/"); if (a[1] == ip) { print $2; exit } }'
+}

@@ -13,7 +13,8 @@
 #   --peer IP             the other node's address
 #   --vip IP              the VIP keepalived adds on the master (lbnat's SRCIP, --lb-ip)
 #   --priority N          1-254: the higher one is master when both start together
-#   --interface DEV       (eth0); --vip-prefix N: the VIP's prefix length, the segment's (24)
+#   --interface DEV       where the VIP goes (the one holding --own, found here: eth1 on a
+#                         Vagrant VM); --vip-prefix N: the VIP's prefix, the segment's (24)
 #   --admin-socket PATH   lbnat's admin socket (/run/lbnat/lbnat.sock)
 #   --lbnat PATH          the lbnat command keepalived's scripts run (/usr/local/bin/lbnat)
 #   --conf FILE           the config to write (/etc/keepalived/keepalived.conf)
@@ -36,10 +37,12 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 . "$repo/scripts/provision-common.sh"
 
 usage() {
-	sed -n '4,30p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '4,31p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 gen_args=()
+own=""
+interface=""
 conf=/etc/keepalived/keepalived.conf
 notify_script=/usr/local/sbin/lbnat-notify
 lbnat=/usr/local/bin/lbnat
@@ -49,6 +52,10 @@ while [ $# -gt 0 ]; do
 	case "$1" in
 	--name | --own | --peer | --vip | --priority | --interface | --vip-prefix | --admin-socket)
 		[ $# -ge 2 ] || bad_usage "$1 needs a value"
+		case "$1" in
+		--own) own="$2" ;;
+		--interface) interface="$2" ;;
+		esac
 		gen_args+=("$1" "$2")
 		shift 2
 		;;
@@ -95,6 +102,11 @@ fi
 keepalived="$(PATH="$PATH:/usr/sbin:/sbin" command -v keepalived || true)"
 [ -n "$keepalived" ] || die "no keepalived (apt-get install keepalived, or drop --no-install)"
 [ -x "$lbnat" ] || die "no lbnat at $lbnat (provision-lb.sh first, or --lbnat PATH)"
+if [ -z "$interface" ]; then
+	interface="$(iface_of "$own")"
+	[ -n "$interface" ] || die "no interface here holds --own $own (or give --interface)"
+	gen_args+=(--interface "$interface")
+fi
 
 # --- notify script and config ----------------------------------------------------------------
 install -D -m 0755 "$repo/scripts/keepalived/lbnat-notify" "$notify_script"

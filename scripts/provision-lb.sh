@@ -20,8 +20,9 @@
 #   --sync-own IP         one node of an HA pair (issue 19, docs/sync-protocol.md): this node's
 #   --sync-peer IP        own address and its peer's; lbnat runs with --sync-listen OWN
 #   --sync-secret-file F  --sync-peer PEER --sync-secret-file /etc/lbnat/sync.secret (F copied
-#                         there, 0600) and may start before the VIP is on its interface;
-#                         provision-keepalived.sh then runs keepalived, which owns the VIP
+#                         there, 0600) and may start before the VIP is on its interface
+#                         (--interface: the one holding OWN, found here); then
+#                         provision-keepalived.sh runs keepalived, which owns the VIP
 #   --no-install          lbnat is installed already (lbnat on PATH, or $LBNAT)
 #   --systemd             (the default) install scripts/systemd/lbnat.service, (re)start it
 #   --foreground          exec `lbnat run --config FILE` in this process (stop it by pid)
@@ -41,7 +42,7 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 . "$repo/scripts/provision-common.sh"
 
 usage() {
-	sed -n '4,35p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '4,36p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 lb_ip=""
@@ -182,10 +183,15 @@ mv "$tmp" "$config"
 trap - EXIT
 echo "$me: wrote $config: $lb_ip:$vip_port -> ${backends[*]}"
 if [ ${#sync_args[@]} -gt 0 ]; then
+	# the VIP is not on an interface until keepalived adds it: lbnat is told which one (the
+	# lab network's, e.g. eth1 on a Vagrant VM, whose eth0 is Vagrant's own)
+	iface="$(iface_of "$sync_own")"
+	[ -n "$iface" ] || die "no interface here holds --sync-own $sync_own"
+	sync_args+=(--interface "$iface")
 	if ! [ "$sync_secret" -ef "$secret_dest" ]; then
 		install -m 0600 "$sync_secret" "$secret_dest"
 	fi
-	echo "$me: session sync $sync_own <-> $sync_peer (UDP 7001), secret $secret_dest"
+	echo "$me: session sync $sync_own <-> $sync_peer (UDP 7001) on $iface, secret $secret_dest"
 fi
 if [ "$web_vip_port" != 0 ]; then
 	echo "$me: and $lb_ip:$web_vip_port -> the same backends' port $web_port (web)"

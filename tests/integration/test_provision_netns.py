@@ -26,14 +26,14 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
 import pytest
 
 from lbnat.privileges import CAPABILITY_BITS, effective_set
-from lbnat_lab.netns import LB_IP, REPO, Lab, host_ip, skip_reason
+from lbnat_lab.netns import CHAT, LB_IP, REPO, Lab, host_ip, skip_reason
 from tests.integration.conftest import (
     BACKEND_PORT,
     LBNAT_TABLE,
@@ -478,3 +478,79 @@ def test_provisioned_keepalived_keeps_the_vip_from_an_lbnat_not_ready(pair: Bed)
         assert procs[lb].err.count("Entering BACKUP STATE") == 0
         assert procs[lb].err.count("Unsafe permissions") == 0  # (it would disable the script)
         assert bed.stop(procs[lb]) == 0
+
+
+def wait_until(what: str, timeout: float, check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.2)
+
+
+def test_provisioned_pair_serves_through_the_vip(pair: Bed) -> None:
+    """What the Vagrant LBs run, in lb1 and lb2: provision-lb.sh with --sync-own/--sync-peer/
+    --sync-secret-file (the secret copied beside the config, 0600; lbnat started without the
+    VIP on its interface), then provision-keepalived.sh. Both lbnats become ready (each
+    resynced from the other), keepalived puts the VIP on lb1 only (priority 150, both started
+    together), and a chat line goes through the VIP to a backend and back."""
+    bed = pair
+    lbnat = console_script("lbnat")
+    secret = bed.tmp / "sync.secret"
+    secret.write_text(secrets.token_hex(32) + "\n")
+    for b in BACKENDS:
+        bed.start(
+            b, "env", f"PYTHON={sys.executable}", "bash", str(SCRIPTS / "provision-backend.sh"),
+            "--foreground", "--name", b, "--port", str(BACKEND_PORT),
+            name=f"provision-backend {b}",
+        )  # fmt: skip
+    for b in BACKENDS:
+        bed.lab.wait_tcp_listening(b, BACKEND_PORT)
+    lbs: dict[str, Proc] = {}
+    for lb, (peer, _) in PAIR.items():
+        config = bed.tmp / lb / "config.json"
+        argv = [
+            "env", f"LBNAT={lbnat}", f"PYTHON={sys.executable}",
+            "bash", str(SCRIPTS / "provision-lb.sh"), "--foreground", "--no-install",
+            "--lb-ip", LB_IP, "--config", str(config),
+            "--admin-socket", str(bed.tmp / f"{lb}.sock"),
+            "--sync-own", host_ip(lb), "--sync-peer", peer, "--sync-secret-file", str(secret),
+        ]  # fmt: skip
+        for b in BACKENDS:
+            argv += ["--backend", f"{host_ip(b)}:{BACKEND_PORT}"]
+        lbs[lb] = bed.start(lb, *argv, name=f"provision-lb {lb}")
+        lbs[lb].expect(f"provision-lb: session sync {host_ip(lb)} <-> {peer} (UDP 7001)")
+        copied = bed.tmp / lb / "sync.secret"
+        assert copied.read_text() == secret.read_text()
+        assert stat.S_IMODE(copied.stat().st_mode) == 0o600
+    for lb in PAIR:
+
+        def ready(lb: str = lb) -> bool:
+            check = [lbnat, "ha-check", "--admin-socket", str(bed.tmp / f"{lb}.sock")]
+            return bed.lab.run(lb, *check, check=False).returncode == 0
+
+        wait_until(f"ready lbnat in {lb} (lbnat ha-check)", 30, ready)
+    for lb, (peer, priority) in PAIR.items():
+        keepalived = bed.start(
+            lb,
+            "bash", str(SCRIPTS / "provision-keepalived.sh"), "--foreground", "--no-install",
+            "--name", lb, "--own", host_ip(lb), "--peer", peer, "--vip", LB_IP,
+            "--priority", str(priority), "--lbnat", lbnat,
+            "--admin-socket", str(bed.tmp / f"{lb}.sock"),
+            "--conf", str(bed.tmp / lb / "keepalived.conf"),
+            "--notify-script", str(bed.tmp / "sbin" / "lbnat-notify"),
+            name=f"provision-keepalived {lb}",
+        )  # fmt: skip
+        keepalived.expect("provision-keepalived: wrote ")
+    wait_until(f"{LB_IP} on lb1 only", 20, lambda: vip_holders(bed) == ["lb1"])
+    client = bed.start(
+        "c1", *CHAT, "client", LB_IP, str(VIP_PORT), "alice", name="alice", stdin=True
+    )
+    client.expect("* connected to b")
+    client.send_line("through the pair")
+    client.expect("[alice] through the pair")
+    status = json.loads(
+        bed.lab.run(
+            "lb1", lbnat, "status", "--json", "--admin-socket", str(bed.tmp / "lb1.sock")
+        ).stdout
+    )
+    assert status["sync"]["ready"] is True, status["sync"]
