@@ -27,7 +27,7 @@
 #   --foreground          exec keepalived in this process (VRRP only, logs on stdout; stop it
 #                         by pid), with pid files beside --conf
 #
-# keepalived stays in FAULT, and never takes the VIP, until `lbnat ha-check` answers that
+# keepalived stays in FAULT, and never takes the VIP, until `lbnat-ha check` answers that
 # lbnat is ready (synced with its peer, or alone): start lbnat first or not, either works.
 set -euo pipefail
 

@@ -139,6 +139,8 @@ if [ "$install" = 1 ]; then
 	lbnat="$venv/bin/lbnat"
 	# sudo's secure_path has /usr/local/bin: `sudo lbnat status` as the docs say
 	ln -sfn "$lbnat" /usr/local/bin/lbnat
+	# and keepalived's hooks beside it (scripts/keepalived/: "$lbnat-ha check", "... role")
+	ln -sfn "$lbnat-ha" /usr/local/bin/lbnat-ha
 else
 	lbnat="${LBNAT:-$(command -v lbnat || true)}"
 fi

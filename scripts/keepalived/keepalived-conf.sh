@@ -15,7 +15,7 @@
 #   --priority N          1-254; the higher one is master when both start together
 #   --interface DEV       where the VIP goes and the adverts go out (eth0)
 #   --vrid N              virtual_router_id, 1-255, the same on both nodes (51)
-#   --lbnat PATH          the lbnat command the scripts run (/usr/local/bin/lbnat)
+#   --lbnat PATH          the lbnat command; the scripts run lbnat-ha beside it (/usr/local/bin/lbnat)
 #   --admin-socket PATH   lbnat's admin socket (/run/lbnat/lbnat.sock)
 #   --notify PATH         the notify script (this directory's lbnat-notify)
 #   --notify-log FILE     the notify script logs there instead of syslog + stderr

@@ -104,7 +104,7 @@ def test_keepalived_config_for_the_pair(
 ) -> None:
     """scripts/keepalived/keepalived-conf.sh writes a config `keepalived -t` accepts (it runs
     it), for each node of the Vagrant pair: VRRP unicast to the peer, advert_int 1, nopreempt,
-    lbnat ha-check tracked (init_fail, fall 2), the notify script, the VIP with the segment's
+    lbnat-ha check tracked (init_fail, fall 2), the notify script, the VIP with the segment's
     prefix. (test_provision_netns.py runs keepalived from it in namespaces.)"""
     tool("keepalived", "keepalived")
     lbnat = tmp_path / "lbnat"  # keepalived -t wants the scripts to exist
@@ -125,7 +125,7 @@ def test_keepalived_config_for_the_pair(
         ["rise", "1"], ["init_fail"], ["enable_script_security"], ["script_user", "root"],
     ):  # fmt: skip
         assert expected in words, (expected, conf)
-    assert f'script "{lbnat} ha-check --admin-socket /run/lbnat/lbnat.sock"' in conf
+    assert f'script "{lbnat}-ha check --admin-socket /run/lbnat/lbnat.sock"' in conf
     notify = REPO / "scripts" / "keepalived" / "lbnat-notify"
     assert f'notify "{notify} --lbnat {lbnat} --admin-socket /run/lbnat/lbnat.sock"' in conf
     assert re.search(r"@[A-Z_]+@", conf) is None  # no placeholder left

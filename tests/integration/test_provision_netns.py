@@ -463,7 +463,7 @@ def test_provisioned_keepalived_keeps_the_vip_from_an_lbnat_not_ready(pair: Bed)
         for line in (
             f"unicast_src_ip {host_ip(lb)}", f"\t\t{peer}\n", "nopreempt", "advert_int 1",
             "init_fail", "enable_script_security", f"{LB_IP}/24 dev eth0",
-            f'script "{lbnat} ha-check --admin-socket {bed.tmp / lb}.sock"',
+            f'script "{lbnat}-ha check --admin-socket {bed.tmp / lb}.sock"',
             f'notify "{notify} --lbnat {lbnat} --admin-socket {bed.tmp / lb}.sock"',
         ):  # fmt: skip
             assert line in written, (line, written)
