@@ -77,25 +77,28 @@ def tell_role(path: str, role: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    socket_option = argparse.ArgumentParser(add_help=False)  # before or after the command
+    socket_option.add_argument("--admin-socket", default=argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
-        prog="lbnat-ha", description="keepalived's hooks into a running lbnat (docs/ha.md)"
-    )
-    parser.add_argument(
-        "--admin-socket", default=os.environ.get(ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET)
-    )
+        prog="lbnat-ha", description="keepalived's hooks into a running lbnat (docs/ha.md)",
+        parents=[socket_option],
+    )  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("check", help="exit 0 when lbnat runs and holds its peer's flows")
-    role = commands.add_parser("role", help="tell lbnat its VRRP role")
+    commands.add_parser(
+        "check", help="exit 0 when lbnat runs and holds its peer's flows", parents=[socket_option]
+    )
+    role = commands.add_parser("role", help="tell lbnat its VRRP role", parents=[socket_option])
     role.add_argument("role", metavar="STATE", help="master, backup, fault or stop")
     args = parser.parse_args(argv)
+    path = getattr(args, "admin_socket", os.environ.get(ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET))
     try:
         if args.command == "check":
-            problem = check(args.admin_socket)
+            problem = check(path)
             if problem:
                 print(f"lbnat-ha: {problem}", file=sys.stderr)
                 return 1
             return 0
-        answer = tell_role(args.admin_socket, args.role)
+        answer = tell_role(path, args.role)
     except HaError as error:
         print(f"lbnat-ha: {error}", file=sys.stderr)
         return 1

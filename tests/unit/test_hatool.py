@@ -57,9 +57,14 @@ def test_the_default_socket_is_the_config_s() -> None:
     assert hatool.DEFAULT_ADMIN_SOCKET == DEFAULT_ADMIN_SOCKET
 
 
-def test_check_passes_when_ready_and_asks_for_the_sync_alone(lbnat: FakeLbnat) -> None:
+def test_check_passes_when_ready_and_asks_for_the_sync_alone(
+    lbnat: FakeLbnat, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert hatool.main(["--admin-socket", lbnat.path, "check"]) == 0
-    assert lbnat.requests == [{"op": "ha_status"}]
+    assert hatool.main(["check", "--admin-socket", lbnat.path]) == 0  # as keepalived runs it
+    monkeypatch.setenv("LBNAT_ADMIN_SOCKET", lbnat.path)
+    assert hatool.main(["check"]) == 0
+    assert lbnat.requests == [{"op": "ha_status"}] * 3
 
 
 @pytest.mark.parametrize(
@@ -93,7 +98,7 @@ def test_check_without_lbnat_fails_with_one_line(
 def test_role_sends_keepalived_s_state_in_lower_case(
     lbnat: FakeLbnat, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert hatool.main(["--admin-socket", lbnat.path, "role", "BACKUP"]) == 0
+    assert hatool.main(["role", "BACKUP", "--admin-socket", lbnat.path]) == 0
     assert lbnat.requests == [{"op": "ha_role", "role": "backup"}]
     assert capsys.readouterr().out == "lbnat-ha: role backup (sync ready)\n"
 
