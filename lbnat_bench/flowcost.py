@@ -1,5 +1,5 @@
-"""What the row checkpoint (lbnat.checkpoint, issue 16) costs per flow, and what a restore costs
-per row.
+"""What the row checkpoint (lbnat.checkpoint, issue 16) and the session sync (lbnat.standby,
+issue 19) cost per flow, and what a restore costs per row.
 
     python -m lbnat_bench.flowcost --flows 20000 --rows 100000     # prints one JSON record
 
@@ -8,7 +8,10 @@ FIN, FIN, the last ACK, then the expiry sweep that removes the row; once without
 and once with one on a shared mapping (as a worker has), alternating, medians of the rounds.
 Its record is written whole once (the open), then in part at each of its four state changes
 (SYN_RECV, ESTABLISHED, FIN_WAIT, TIME_WAIT), and cleared once; the data packets write
-nothing. Then `--rows` established flows are
+nothing. With the sync on top, the journal also keeps the row at ESTABLISHED, FIN_WAIT and
+TIME_WAIT and its END, drained every BATCH packets as the loop does, and its records are
+encoded into signed datagrams as the main process does (HMAC-SHA256 included). Then `--rows`
+established flows are
 checkpointed and restored into a fresh engine (what a restarted worker does before its first
 frame).
 """
@@ -26,9 +29,12 @@ from lbnat.checkpoint import RowCheckpoint, checkpoint_bytes, restore
 from lbnat.engine import Engine, ip_int
 from lbnat.nat import Timeouts, forward_key
 from lbnat.packet import ACK, FIN, SYN, TCP, tcp_segment
+from lbnat.standby import Standby
+from lbnat.syncwire import SyncSender
 from lbnat_bench.scale import LB, fill, make_engine
 
 TIMEOUTS = Timeouts(time_wait=1.0)
+BATCH = 64  # packets between two drains of the sync journal (a ring block's worth)
 
 
 def engine_for(flows: int) -> Engine:
@@ -54,9 +60,20 @@ def lives(engine: Engine, flows: int, start: int, now: float) -> float:
     handle, table = engine.handle, engine.table
     clients = [(base + (i >> 14), 1024 + (i & 0x3FFF)) for i in range(start, start + flows)]
     syns = [bytearray(tcp_segment(c, lb, p, 80, 1000, 0, SYN, 64240)) for c, p in clients]
+    standby = engine.standby
+    sender = SyncSender(1, 1, b"bench-secret")
+    datagrams = 0
+
+    def drain() -> None:
+        nonlocal datagrams
+        if standby is not None and standby.journal.pending:
+            datagrams += len(sender.updates(standby.journal.drain(now).records, now))
+
     t0 = time.perf_counter()
-    for buf in syns:
+    for i, buf in enumerate(syns):
         handle(buf, 0, len(buf), False, now)
+        if i % BATCH == 0:
+            drain()
     elapsed = time.perf_counter() - t0
     rest: list[bytearray] = []
     for client, port in clients:
@@ -75,9 +92,12 @@ def lives(engine: Engine, flows: int, start: int, now: float) -> float:
             )
         ]
     t0 = time.perf_counter()
-    for buf in rest:
+    for i, buf in enumerate(rest):
         handle(buf, 0, len(buf), False, now)
+        if i % BATCH == 0:
+            drain()
     engine.tick(now + 10.0)
+    drain()
     elapsed += time.perf_counter() - t0
     if len(table) or table.open_flows:
         raise SystemExit(f"bench: {len(table)} rows left after the sweep")
@@ -86,18 +106,21 @@ def lives(engine: Engine, flows: int, start: int, now: float) -> float:
 
 
 def per_flow_us(flows: int, rounds: int) -> dict[str, float]:
-    plain, kept = engine_for(flows), engine_for(flows)
+    plain, kept, synced = engine_for(flows), engine_for(flows), engine_for(flows)
     restore(kept, RowCheckpoint(shared_buffer(flows)), 0.0)
-    samples: dict[str, list[float]] = {"plain": [], "checkpoint": []}
+    restore(synced, RowCheckpoint(shared_buffer(flows)), 0.0)
+    synced.standby = Standby(synced, 0)  # after the restore, as a worker does
+    samples: dict[str, list[float]] = {"plain": [], "checkpoint": [], "sync": []}
     now = 0.0
-    pair = [("plain", plain), ("checkpoint", kept)]
+    order = [("plain", plain), ("checkpoint", kept), ("sync", synced)]
     for r in range(rounds):
-        for name, engine in pair if r % 2 else pair[::-1]:  # each goes first every other round
+        for name, engine in order[r % 3 :] + order[: r % 3]:  # each goes first in turn
             gc.collect()
             samples[name].append(lives(engine, flows, r * flows, now) / flows * 1e6)
         now += 20.0
     plain_us = statistics.median(samples["plain"])
     kept_us = statistics.median(samples["checkpoint"])
+    sync_us = statistics.median(samples["sync"])
     # The fastest rounds too: on a shared machine they are the ones least disturbed.
     plain_min, kept_min = min(samples["plain"]), min(samples["checkpoint"])
     return {
@@ -105,6 +128,9 @@ def per_flow_us(flows: int, rounds: int) -> dict[str, float]:
         "us_per_flow_checkpoint": kept_us,
         "us_per_flow_added": kept_us - plain_us,
         "us_per_flow_added_fastest": kept_min - plain_min,
+        "us_per_flow_sync": sync_us,
+        "us_per_flow_sync_added": sync_us - kept_us,  # over the checkpoint it tees into
+        "us_per_flow_sync_added_fastest": min(samples["sync"]) - kept_min,
     }
 
 
