@@ -325,8 +325,10 @@ def switch_back_and_check(pair: Pair, traffic: Traffic) -> None:
     traffic.chat_round("switched back")
 
 
-@pytest.mark.parametrize("options", [(), ("--workers", "1"), ("--workers", "1", "--offload", "off")],
-                         ids=["2w-tc", "1w-tc", "1w-off"])  # fmt: skip
+VARIANTS = {"2w-tc": (), "1w-tc": ("--workers", "1"), "1w-off": ("--workers", "1", "--offload", "off")}
+
+
+@pytest.mark.parametrize("options", VARIANTS.values(), ids=VARIANTS)
 def test_a_killed_master_s_flows_carry_on_through_the_backup_and_its_return(
     pair: Pair, scratch: Path, options: tuple[str, ...]
 ) -> None:
