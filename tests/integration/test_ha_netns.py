@@ -325,7 +325,11 @@ def switch_back_and_check(pair: Pair, traffic: Traffic) -> None:
     traffic.chat_round("switched back")
 
 
-VARIANTS = {"2w-tc": (), "1w-tc": ("--workers", "1"), "1w-off": ("--workers", "1", "--offload", "off")}
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "2w-tc": (),  # the default workers (2 here) and fast path
+    "1w-tc": ("--workers", "1"),
+    "1w-off": ("--workers", "1", "--offload", "off"),
+}
 
 
 @pytest.mark.parametrize("options", VARIANTS.values(), ids=VARIANTS)
