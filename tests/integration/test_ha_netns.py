@@ -326,7 +326,7 @@ def switch_back_and_check(pair: Pair, traffic: Traffic) -> None:
 
 
 VARIANTS: dict[str, tuple[str, ...]] = {
-    "2w-tc": (),  # the default workers (2 here) and fast path
+    "2w-tc": ("--workers", "2"),  # with the kernel fast path (offload auto: tc)
     "1w-tc": ("--workers", "1"),
     "1w-off": ("--workers", "1", "--offload", "off"),
 }
