@@ -107,9 +107,10 @@ def test_keepalived_config_for_the_pair(
     lbnat-ha check tracked (init_fail, fall 2), the notify script, the VIP with the segment's
     prefix. (test_provision_netns.py runs keepalived from it in namespaces.)"""
     tool("keepalived", "keepalived")
-    lbnat = tmp_path / "lbnat"  # keepalived -t wants the scripts to exist
-    lbnat.write_text("#!/bin/sh\nexit 1\n")
-    lbnat.chmod(0o755)
+    lbnat = tmp_path / "lbnat"  # keepalived -t wants the scripts to exist: lbnat-ha beside it
+    for path in (lbnat, tmp_path / "lbnat-ha"):
+        path.write_text("#!/bin/sh\nexit 1\n")
+        path.chmod(0o755)
     argv = [
         "bash", str(REPO / "scripts" / "keepalived" / "keepalived-conf.sh"), "--name", name,
         "--own", own, "--peer", peer, "--vip", "198.18.0.2", "--priority", str(priority),
