@@ -56,7 +56,11 @@ class SyncGlue:
         plane = self.plane
         if plane is None:
             raise RuntimeError("lbnat is stopping")
-        return [row for rows in plane.ask(AskSyncRows()) for row in rows]
+        answers = plane.ask_each(AskSyncRows())
+        workers = len(plane.info())
+        if len(answers) < workers:  # a bulk without a worker's rows would sweep them
+            raise RuntimeError(f"{workers - len(answers)} of {workers} workers did not answer")
+        return [row for _, rows in answers for row in rows]
 
     def ha_request(self, request: Request) -> tuple[bytes, str | None]:
         """keepalived's hooks (lbnat.hatool): `ha_role` sets this node's VRRP role, both answer

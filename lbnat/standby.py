@@ -166,8 +166,9 @@ class Standby:
                     self._end(keys)
                 case RefreshRows(_, refreshes):
                     self._refresh(refreshes, now)
-                case MarkStale():
-                    self.stale = set(self.engine.table.forward)
+                case MarkStale():  # the rows a bulk can confirm (not the handshakes)
+                    forward = self.engine.table.forward
+                    self.stale = {key for key, s in forward.items() if synced(s)}
                 case ResyncComplete():
                     self._sweep()
         finally:

@@ -580,6 +580,9 @@ TRANSITIONS: dict[tuple[SyncState, Event], SyncState] = {
     (SyncState.RESYNCING, Event.BULK_SHORT): SyncState.RESYNC_NEEDED,
     (SyncState.RESYNCING, Event.RESYNC_TIMEOUT): SyncState.RESYNC_NEEDED,
     (SyncState.IN_SYNC, Event.DEMOTED): SyncState.RESYNC_NEEDED,
+    # one under way was asked for (and its rows marked stale) while this node was master,
+    # when its stale marks were not applied: asked again
+    (SyncState.RESYNCING, Event.DEMOTED): SyncState.RESYNC_NEEDED,
     **{(state, Event.GAP): SyncState.RESYNC_NEEDED for state in _ANY},
     **{(state, Event.NEW_EPOCH): SyncState.RESYNC_NEEDED for state in _ANY},
 }
@@ -650,8 +653,9 @@ class SyncReceiver:
 
     def demoted(self, now: float) -> list[Effect]:
         """This node has become a backup (keepalived's notify): the rows it served itself must
-        give way to the master's, so an in-sync peer is asked for a resync (one already under
-        way or due stays as it is)."""
+        give way to the master's, so the peer is asked for a resync (a new one: one under way
+        began while this node was master, which applied none of its stale marks; the spacing
+        between requests holds)."""
         self._move(Event.DEMOTED)
         return self._ask_if_due(now)
 

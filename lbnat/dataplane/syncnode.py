@@ -26,13 +26,14 @@ import contextlib
 import enum
 import errno
 import ipaddress
+import itertools
 import logging
 import math
 import select
 import socket
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ from lbnat.syncwire import (
     RequestId,
     RequestResync,
     ResyncComplete,
+    RowEnd,
     RowUpdate,
     SendBulk,
     SyncInbox,
@@ -60,6 +62,7 @@ HEARTBEAT = 1.0  # seconds without a datagram to a peer before an empty UPDATE
 TICK = 0.1  # seconds between looks at the receivers' timers
 BULK_RATE = 2000  # bulk datagrams a second (30 rows each: 60,000 rows/s, 22 Mbit/s)
 BULK_ROWS = 30  # ROW records per bulk datagram (syncwire: 30 fill one, with its chunk record)
+MAX_PENDING = 1_000_000  # records waiting for the sync thread before new ones are dropped
 RECEIVE_BUFFER = 4 << 20  # a lost datagram costs a resync: room for bursts
 IP_FREEBIND = 15  # linux/in.h: bind an address the host does not hold (yet)
 
@@ -89,13 +92,22 @@ def address_id(address: str) -> int:
     return int(ipaddress.IPv4Address(address))
 
 
+BulkKey = tuple[int, int, int, int]  # protocol, service port, client address, client port
+
+
+def bulk_key(proto: int, service_port: int, client_ip: int, client_port: int) -> BulkKey:
+    return (proto, service_port, client_ip, client_port)
+
+
 @dataclass(slots=True)
 class _Bulk:
-    """A bulk under way to one peer: the rows still to send, paced."""
+    """A bulk under way to one peer: the rows still to send (a snapshot taken when it was
+    asked for), paced. A row that changes or ends meanwhile goes as an UPDATE and leaves this
+    queue, so no older snapshot of it follows its newer state."""
 
     request: RequestId
-    rows: deque[RowUpdate]
-    total: int
+    rows: dict[BulkKey, RowUpdate]
+    sent: int = 0
 
 
 class SyncNode:
@@ -176,6 +188,9 @@ class SyncNode:
         if not records.records:
             return
         with self._lock:
+            if len(self._pending) >= MAX_PENDING:  # the sync thread is stuck: memory is bounded
+                self.counts["records_dropped"] += len(records.records)
+                return
             first = not self._pending
             if first:
                 self._pending_since = self.clock()
@@ -208,15 +223,16 @@ class SyncNode:
                 "last_sent_ago": round(now - self._last_sent[peer_id], 3)
                 if math.isfinite(self._last_sent[peer_id]) else None,
             })  # fmt: skip
-        dropped = Counter(self.drops)
-        dropped.update(self.inbox.drops)
+        dropped = Counter(dict(self.drops))  # copies first: the sync thread adds reasons
+        dropped.update(dict(self.inbox.drops))
         return {
             "role": self.role.value,
-            "ready": self.ready,
+            "ready": self.ready and (self._thread is None or self._thread.is_alive()),
             "listen": f"{self.settings.listen}:{self.settings.port}",
             "epoch": self.epoch,
             "peers": peers,
             "counts": dict(self.counts),
+            "running": self._thread is not None and self._thread.is_alive(),
             "dropped": dict(dropped),
         }
 
@@ -225,35 +241,48 @@ class SyncNode:
     def _run(self) -> None:
         next_tick = 0.0
         while not self._stop.is_set():
-            now = self.clock()
-            timeout = max(0.0, next_tick - now)  # idle: the next look at the timers
-            if self._pending or self._bulks:
-                timeout = min(timeout, BATCH)  # a batch to send, or the next bulk datagrams
             try:
-                readable, _, _ = select.select([self.sock, self._wake], [], [], timeout)
-            except (InterruptedError, ValueError):
-                readable = []
-            now = self.clock()
-            if self._wake in readable:
-                with contextlib.suppress(OSError):
-                    self._wake.recv(4096)
-            if self.sock in readable:
-                self._receive(now)
-            with self._lock:
-                demote, self._demote = self._demote, False
-            if demote:
-                self._carry_out(self.inbox.demoted(now), now)
-            if now >= next_tick:
-                self._carry_out(self.inbox.tick(now), now)
-                next_tick = now + TICK
-            self._flush(now)
-            self._pace_bulks(now)
-            self._heartbeats(now)
+                next_tick = self._turn(next_tick)
+            except Exception as error:  # a bug must not end the sync silently: logged, counted
+                self.counts["internal_errors"] += 1
+                if self.counts["internal_errors"] == 1:
+                    self.log(f"sync: internal error: {error!r} (counted; the sync goes on)",
+                             "sync_error", level=logging.ERROR)  # fmt: skip
+                self._stop.wait(TICK)
+
+    def _turn(self, next_tick: float) -> float:
+        """One wait and what it found: datagrams, timers, batches, bulks, heartbeats; the time
+        of the next look at the timers."""
+        now = self.clock()
+        timeout = max(0.0, next_tick - now)  # idle: the next look at the timers
+        if self._pending or self._bulks:
+            timeout = min(timeout, BATCH)  # a batch to send, or the next bulk datagrams
+        try:
+            readable, _, _ = select.select([self.sock, self._wake], [], [], timeout)
+        except (InterruptedError, ValueError):
+            readable = []
+        now = self.clock()
+        if self._wake in readable:
+            with contextlib.suppress(OSError):
+                self._wake.recv(4096)
+        if self.sock in readable:
+            self._receive(now)
+        with self._lock:
+            demote, self._demote = self._demote, False
+        if demote:
+            self._carry_out(self.inbox.demoted(now), now)
+        if now >= next_tick:
+            self._carry_out(self.inbox.tick(now), now)
+            next_tick = now + TICK
+        self._flush(now)
+        self._pace_bulks(now)
+        self._heartbeats(now)
+        return next_tick
 
     def _receive(self, now: float) -> None:
         for _ in range(256):  # then the timers and the sends get their turn
             try:
-                datagram, source = self.sock.recvfrom(2048)
+                datagram, source = self.sock.recvfrom(65536)  # whole: an oversize is seen
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # an ICMP error of an earlier send (the peer is down): read on
@@ -297,12 +326,14 @@ class SyncNode:
     def _start_bulk(self, peer_id: int, request: RequestId) -> None:
         try:
             rows = list(self.ask_rows())
-        except (TimeoutError, RuntimeError, ValueError) as error:
+        except Exception as error:  # a worker away or stuck: the peer asks again (10 s)
             self.log(f"sync: cannot answer {self.peers[peer_id].address}'s resync: {error}",
                      "sync_bulk_failed", level=logging.WARNING)  # fmt: skip
             return
         # A new request from the peer replaces a bulk still going to it.
-        self._bulks[peer_id] = _Bulk(request, deque(rows), len(rows))
+        queue = {bulk_key(u.row.proto, u.row.service_port, u.row.client_ip, u.row.client_port): u
+                 for u in rows}  # fmt: skip
+        self._bulks[peer_id] = _Bulk(request, queue)
         self.log(f"sync: sending {len(rows)} flows to {self.peers[peer_id].address} (resync "
                  f"{request.number})", "sync_bulk", rows=len(rows))  # fmt: skip
 
@@ -313,8 +344,10 @@ class SyncNode:
         for peer_id, bulk in list(self._bulks.items()):
             sender = self.senders[peer_id]
             for _ in range(max(1, int(BULK_RATE * BATCH))):
-                chunk = [bulk.rows.popleft() for _ in range(min(BULK_ROWS, len(bulk.rows)))]
-                final = None if bulk.rows else bulk.total
+                keys = list(itertools.islice(bulk.rows, BULK_ROWS))
+                chunk = [bulk.rows.pop(key) for key in keys]
+                bulk.sent += len(chunk)
+                final = None if bulk.rows else bulk.sent
                 self._send(peer_id, sender.bulk(bulk.request, chunk, final, now), now)
                 self.counts["bulk_rows_sent"] += len(chunk)
                 if final is not None:
@@ -331,6 +364,19 @@ class SyncNode:
             self.counts["records_withheld"] += len(records)  # it serves no flow of its own
             return
         self.counts["records_sent"] += len(records)
+        if self._bulks:  # these rows' newer state goes now: their snapshot must not follow
+            for record in records:
+                if isinstance(record, RowUpdate):
+                    r = record.row
+                    key = bulk_key(r.proto, r.service_port, r.client_ip, r.client_port)
+                elif isinstance(record, RowEnd):
+                    k = record.key
+                    key = bulk_key(k.proto, k.service_port, k.client_ip, k.client_port)
+                else:  # a refresh carries no row: the snapshot still has to install it
+                    continue
+                for bulk in self._bulks.values():
+                    if bulk.rows.pop(key, None) is not None:
+                        self.counts["bulk_rows_superseded"] += 1
         for peer_id, sender in self.senders.items():
             self._send(peer_id, sender.updates(records, now), now)
 
@@ -345,6 +391,9 @@ class SyncNode:
         for datagram in datagrams:
             try:
                 self.sock.sendto(datagram, (peer.address, peer.port))
+            except BlockingIOError:  # the socket's send buffer is full: this one is lost
+                self.counts["send_buffer_full"] += 1
+                continue
             except OSError as error:
                 self.counts["send_errors"] += 1
                 if peer_id not in self._unreachable:

@@ -282,3 +282,15 @@ def test_after_each_sync_the_backup_holds_exactly_the_masters_synced_rows(
     sync(master, backup)
     assert rows_of(backup[0]) == rows_of(master[0])
     assert not backup[1].journal.pending
+
+
+def test_a_resync_leaves_the_backup_s_own_handshakes_alone() -> None:
+    master, backup = node(), node()
+    established(master[0], CLIENT1, 41000)
+    backup[0].flow(CLIENT2, 42001).syn()  # to b1, on the port the master's row will claim
+    own = backup[0].flow(CLIENT2, 42000)
+    own.syn()  # to b2: a handshake the backup holds itself, no bulk could confirm it
+    backup[1].apply(MarkStale(PEER), 1.0)
+    relay(SyncRecords(0, tuple(master[1].bulk(1.0))), backup[1], 1.0)
+    backup[1].apply(ResyncComplete(PEER), 1.0)
+    assert own.session is not None and backup[1].counts["swept"] == 0

@@ -396,11 +396,14 @@ SCENARIOS: dict[str, list[Step]] = {
     "a-node-that-becomes-backup-asks-the-master-again": [
         *IN_SYNC_AT_2,
         ("demoted", 5.0, None, requested(2), SyncState.RESYNCING),
-        ("demoted", 5.5, None, [], SyncState.RESYNCING),  # one under way: no second
+        # demoted again while it runs: asked anew, once the spacing allows
+        ("demoted", 5.5, None, [], SyncState.RESYNC_NEEDED),
+        ("tick", 6.0, None, requested(3), SyncState.RESYNCING),
     ],
-    "demoted-before-its-first-resync-asks-once": [
+    "demoted-during-its-first-resync-asks-again-after-the-spacing": [
         ("tick", 0.0, None, requested(1), SyncState.RESYNCING),
-        ("demoted", 0.2, None, [], SyncState.RESYNCING),
+        ("demoted", 0.2, None, [], SyncState.RESYNC_NEEDED),
+        ("tick", 1.0, None, requested(2), SyncState.RESYNCING),
     ],
     "a-start-asks-for-a-resync": [
         ("tick", 0.0, None, requested(1), SyncState.RESYNCING),
@@ -528,10 +531,11 @@ def test_the_transition_table_is_the_documented_one() -> None:
     assert TRANSITIONS[(SyncState.RESYNCING, Event.RESYNC_TIMEOUT)] is SyncState.RESYNC_NEEDED
     # a node that becomes backup asks again, unless a resync is already under way or due
     assert TRANSITIONS[(SyncState.IN_SYNC, Event.DEMOTED)] is SyncState.RESYNC_NEEDED
+    assert TRANSITIONS[(SyncState.RESYNCING, Event.DEMOTED)] is SyncState.RESYNC_NEEDED
     for state in SyncState:
         assert TRANSITIONS[(state, Event.GAP)] is SyncState.RESYNC_NEEDED
         assert TRANSITIONS[(state, Event.NEW_EPOCH)] is SyncState.RESYNC_NEEDED
-    assert len(TRANSITIONS) == 5 + 2 * len(SyncState)
+    assert len(TRANSITIONS) == 6 + 2 * len(SyncState)
     # IN_SYNC is reached only by a completed bulk
     assert [key for key, to in TRANSITIONS.items() if to is SyncState.IN_SYNC] == [
         (SyncState.RESYNCING, Event.BULK_DONE)
