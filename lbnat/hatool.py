@@ -10,8 +10,8 @@ Why a tool of its own, hand-written on socket and json rather than the click CLI
 runs the check every second on both nodes, and `lbnat ha-check` costs about 0.35 s of CPU
 (its imports: click, the config's jsonschema, the whole package), over 2 s on a busy 2-core
 machine, where a check that times out makes the node FAULT. This module imports nothing of
-lbnat's but the admin socket's default path; a check costs about 30 ms. `lbnat ha-check` and
-`lbnat ha-role` call the same functions.
+lbnat's but `lbnat.control.client` (the standard library too); a check costs about 30 ms.
+`lbnat ha-check` and `lbnat ha-role` call the same functions.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 from typing import Any
+
+from lbnat.control.client import request_line
 
 DEFAULT_ADMIN_SOCKET = "/run/lbnat/lbnat.sock"  # lbnat.config.DEFAULT_ADMIN_SOCKET (a test
 # keeps them equal: importing lbnat.config here would cost what this module saves)
@@ -37,16 +38,7 @@ class HaError(Exception):
 def ask(path: str, request: dict[str, object]) -> dict[str, Any]:
     """One request line to lbnat's admin socket, its reply line parsed (ok or not)."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(TIMEOUT)
-            sock.connect(path)
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            reply = b""
-            while not reply.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                reply += chunk
+        reply = request_line(path, json.dumps(request).encode() + b"\n", TIMEOUT)
     except FileNotFoundError:
         raise HaError(f"no admin socket at {path}: is lbnat running?") from None
     except OSError as error:

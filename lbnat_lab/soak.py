@@ -227,7 +227,7 @@ def config(work: Path) -> dict[str, object]:
 
 
 def status(admin_socket: str) -> dict[str, object]:
-    from lbnat.control.server import request_line  # the admin socket is a file: any netns
+    from lbnat.control.client import request_line  # the admin socket is a file: any netns
 
     reply: dict[str, object] = json.loads(request_line(admin_socket, b'{"op": "status"}\n'))
     return reply

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from lbnat.config import ControlConfig
+from lbnat.control.client import request_line
 from lbnat.control.protocol import (
     MAX_LINE,
     Authenticator,
@@ -268,23 +269,6 @@ def serve_in_thread(server: socketserver.BaseServer, name: str) -> threading.Thr
     thread = threading.Thread(target=server.serve_forever, args=(0.2,), name=name, daemon=True)
     thread.start()
     return thread
-
-
-def request_line(target: str | tuple[str, int], line: bytes, timeout: float = 5.0) -> bytes:
-    """The client side: send one request line to a Unix socket path or a (host, port), return
-    the reply line."""
-    family = socket.AF_UNIX if isinstance(target, str) else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(target)
-        sock.sendall(line)
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
-        return reply
 
 
 class AdminError(Exception):

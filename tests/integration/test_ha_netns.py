@@ -38,7 +38,7 @@ from tests.integration.conftest import (
     require,
     sha256,
 )
-from tests.integration.transfer import TRANSFER_TIMEOUT
+from tests.integration.transfer import TRANSFER_TIMEOUT, paced_source
 
 pytestmark = pytest.mark.netns
 
@@ -262,15 +262,7 @@ def start_traffic(pair: Pair, scratch: Path) -> Traffic:
     bed = pair.bed
     data, received = scratch / "data.bin", scratch / "received.bin"
     digest = random_file(data, SIZE)
-    pacer = (
-        f"for i in $(seq 0 {SIZE // MB - 1}); do dd if={data} bs={MB} skip=$i count=1 "
-        f"status=none; sleep {PACE}; done"
-    )
-    source = bed.start(
-        "b3", "socat", "-u", f"SYSTEM:{pacer}", f"TCP-LISTEN:{BULK_PORT},reuseaddr",
-        name="paced source",
-    )  # fmt: skip
-    bed.lab.wait_tcp_listening("b3", BULK_PORT)
+    source = paced_source(bed, "b3", BULK_PORT, data, PACE)
     chats = {f"k{i}": bed.chat_client("c1" if i % 2 else "c2", f"k{i}")[0] for i in range(6)}
     sink = bed.start(
         "c1", "socat", "-u", f"TCP:{LB_IP}:{BULK_VIP}", f"CREATE:{received}", name="sink"

@@ -27,7 +27,7 @@ from tests.integration.conftest import (
     sha256,
     variant_id,
 )
-from tests.integration.transfer import TRANSFER_TIMEOUT
+from tests.integration.transfer import TRANSFER_TIMEOUT, paced_source
 
 pytestmark = pytest.mark.netns
 
@@ -108,15 +108,7 @@ def test_a_restarted_lbnat_carries_every_flow_on(
         bed.chat_server(b)
     data, received = scratch / "data.bin", scratch / "received.bin"
     digest = random_file(data, SIZE)
-    pacer = (
-        f"for i in $(seq 0 {SIZE // MB - 1}); do dd if={data} bs={MB} skip=$i count=1 "
-        f"status=none; sleep {PACE}; done"
-    )
-    source = bed.start(
-        "b1", "socat", "-u", f"SYSTEM:{pacer}", f"TCP-LISTEN:{BULK_PORT},reuseaddr",
-        name="paced source",
-    )  # fmt: skip
-    bed.lab.wait_tcp_listening("b1", BULK_PORT)
+    source = paced_source(bed, "b1", BULK_PORT, data, PACE)
 
     first = bed.lbnat(*options)
     clients = {f"k{i}": bed.chat_client("c1" if i % 2 else "c2", f"k{i}")[0] for i in range(6)}

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
+from lbnat.control.client import request_line
 from lbnat.control.protocol import encode
-from lbnat.control.server import request_line
 from lbnat_lab.netns import LB_IP, host_ip
 from tests.integration.conftest import (
     BACKEND_PORT,

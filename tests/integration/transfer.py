@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lbnat_lab.netns import LB_IP
-from tests.integration.conftest import BACKEND_PORT, MB, VIP_PORT, Bed
+from tests.integration.conftest import BACKEND_PORT, MB, VIP_PORT, Bed, Proc
 
 TRANSFER_TIMEOUT = 300.0  # bound of one transfer under loss (pure-Python LB, 2 busy cores)
 
@@ -51,3 +51,19 @@ def download(
         timeout=TRANSFER_TIMEOUT,
     )  # fmt: skip
     assert source.wait(TRANSFER_TIMEOUT) == 0, source.err.tail()
+
+
+def paced_source(bed: Bed, host: str, port: int, data: Path, pace: float) -> Proc:
+    """socat on `host`:`port` serving `data` (a whole number of MB) to one connection, one MB
+    every `pace` seconds: a transfer in flight across whatever the test does meanwhile."""
+    size = data.stat().st_size
+    pacer = (
+        f"for i in $(seq 0 {size // MB - 1}); do dd if={data} bs={MB} skip=$i count=1 "
+        f"status=none; sleep {pace}; done"
+    )
+    source = bed.start(
+        host, "socat", "-u", f"SYSTEM:{pacer}", f"TCP-LISTEN:{port},reuseaddr",
+        name="paced source",
+    )  # fmt: skip
+    bed.lab.wait_tcp_listening(host, port)
+    return source
