@@ -68,9 +68,11 @@ from dataclasses import dataclass, field
 from typing import cast
 from zlib import crc32
 
+from lbnat.backends import Backend
 from lbnat.engine import Engine, ip_text
 from lbnat.nat import Session, State
 from lbnat.packet import TCP, UDP
+from lbnat.service import ServiceState
 from lbnat.synproxy import ProxiedSession, offset_delta
 
 PROXIED = 0x01  # SYN-proxy flags: the row is SYN-proxied
@@ -328,6 +330,41 @@ class RestoreReport:
         return sum(self.dropped.values())
 
 
+def place_of(engine: Engine, r: RowRecord) -> tuple[ServiceState, Backend] | Dropped:
+    """The service and backend the row of record `r` belongs to in `engine`, or why it cannot
+    be rebuilt there (its service or backend is gone; a SYN-proxied row before its backend's
+    answer)."""
+    service = engine.services.by_port.get((r.proto << 16) | r.service_port)
+    if service is None:
+        return Dropped.NO_SERVICE
+    backend = service.by_key.get((ip_text(r.backend_ip), r.backend_port))
+    if backend is None:
+        return Dropped.NO_BACKEND
+    if r.proxy_flags & PROXIED and not r.proxy_flags & OFFSET_KNOWN:
+        return Dropped.HANDSHAKE
+    return service, backend
+
+
+def rebuild(
+    engine: Engine, r: RowRecord, service: ServiceState, backend: Backend, now: float
+) -> Session | None:
+    """The row of record `r` in `engine`'s table, as the original was: the same NAT port,
+    state, window scales and FINs (and SYN-proxy offset), its timeout from `now`; None when
+    its client socket or NAT port is taken, or the table is full (lbnat.nat.adopt). Shared by
+    the restore below and the session sync's standby rows (lbnat.standby)."""
+    proxied = bool(r.proxy_flags & PROXIED)
+    row = engine.table.adopt(
+        now, service, r.proto, r.client_ip, r.client_port, engine.lb_ip, backend,
+        r.nat_port, r.state, ProxiedSession if proxied else Session,
+    )  # fmt: skip
+    if row is None:
+        return None
+    if proxied:
+        adopt_proxy(cast(ProxiedSession, row), r)
+    row.wscale, row.fins = r.wscale, r.fins
+    return row
+
+
 def restore(engine: Engine, checkpoint: RowCheckpoint, now: float) -> RestoreReport:
     """Rebuild in `engine` (before its first packet) every row `checkpoint` holds, as the
     table's own rows: same NAT port and backend, same state, its timeout counted from `now`,
@@ -352,33 +389,20 @@ def restore(engine: Engine, checkpoint: RowCheckpoint, now: float) -> RestoreRep
             records.append((slot, record))
     # Rising NAT ports: a port pool then claims each without a search (PortPool.claim).
     records.sort(key=lambda entry: entry[1].nat_port)
-    table, services = engine.table, engine.services.by_port
+    table = engine.table
     held: set[int] = set()
     open_flows = 0
     floor_now = math.floor(now)
     for slot, r in records:
-        service = services.get((r.proto << 16) | r.service_port)
-        if service is None:
-            drop(slot, Dropped.NO_SERVICE)
+        place = place_of(engine, r)
+        if isinstance(place, Dropped):
+            drop(slot, place)
             continue
-        backend = service.by_key.get((ip_text(r.backend_ip), r.backend_port))
-        if backend is None:
-            drop(slot, Dropped.NO_BACKEND)
-            continue
-        proxied = bool(r.proxy_flags & PROXIED)
-        if proxied and not r.proxy_flags & OFFSET_KNOWN:
-            drop(slot, Dropped.HANDSHAKE)
-            continue
-        row = table.adopt(
-            now, service, r.proto, r.client_ip, r.client_port, engine.lb_ip, backend,
-            r.nat_port, r.state, ProxiedSession if proxied else Session,
-        )  # fmt: skip
+        row = rebuild(engine, r, *place, now)
         if row is None:
             drop(slot, Dropped.CONFLICT)
             continue
-        if proxied:
-            adopt_proxy(cast(ProxiedSession, row), r)
-        row.wscale, row.fins, row.slot = r.wscale, r.fins, slot
+        row.slot = slot
         if r.created <= floor_now:  # the age `lbnat sessions` shows goes on
             row.created = table.expiry.shared_second(r.created)
         held.add(slot)

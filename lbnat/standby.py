@@ -32,10 +32,9 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
-from lbnat.checkpoint import PROXIED, adopt_proxy, record_of
-from lbnat.engine import ip_text
+from lbnat.checkpoint import Dropped, RowRecord, place_of, rebuild, record_of
 from lbnat.nat import ENDED, HALF_OPEN, EndReason, RowSink, Session, forward_key
 from lbnat.syncwire import (
     EndRows,
@@ -48,7 +47,6 @@ from lbnat.syncwire import (
     RowRefresh,
     RowUpdate,
 )
-from lbnat.synproxy import ProxiedSession
 
 if TYPE_CHECKING:
     from lbnat.engine import Engine
@@ -72,6 +70,11 @@ def synced(s: Session) -> bool:
 
 def row_key(s: Session) -> RowKey:
     return RowKey(s.proto, s.service_port, s.client_ip, s.client_port, s.nat_port)
+
+
+def client_key(k: RowKey | RowRecord) -> int:
+    """The forward key (lbnat.nat.forward_key) of the client socket a record names."""
+    return forward_key(k.proto, k.client_ip, k.client_port, k.service_port)
 
 
 def idle_of(s: Session, now: float) -> int:
@@ -192,9 +195,15 @@ class Standby:
         seen = now - idle
         self.engine.table.hold(s, seen, seen + s.pool.timeout_of[s.state] + GRACE)
 
+    def _row_named(self, k: RowKey) -> Session | None:
+        """The row an END or REFRESH names: its client socket's, if it holds that NAT port (an
+        older row of a reused socket is another row)."""
+        row = self.engine.table.forward.get(client_key(k))
+        return row if row is not None and row.nat_port == k.nat_port else None
+
     def _install(self, rows: Sequence[RowUpdate], clock: int, now: float) -> None:
         engine = self.engine
-        table, services = engine.table, engine.services.by_port
+        table = engine.table
         floor_now = math.floor(now)
         for update in rows:
             r = update.row
@@ -203,16 +212,13 @@ class Standby:
             if update.worker != self.worker:
                 self.counts["misfit"] += 1
                 continue
-            key = forward_key(r.proto, r.client_ip, r.client_port, r.service_port)
+            key = client_key(r)
             self.stale.discard(key)
-            service = services.get((r.proto << 16) | r.service_port)
-            if service is None:
-                self.counts["no_service"] += 1
+            place = place_of(engine, r)
+            if isinstance(place, Dropped):
+                self.counts[place.value] += 1
                 continue
-            backend = service.by_key.get((ip_text(r.backend_ip), r.backend_port))
-            if backend is None:
-                self.counts["no_backend"] += 1
-                continue
+            service, backend = place
             row = table.forward.get(key)
             if row is not None and row.nat_port == r.nat_port and row.pool.backend is backend:
                 self._update(row, update, now)
@@ -223,17 +229,10 @@ class Standby:
             index = r.nat_port - pool.first
             if 0 <= index < len(pool.rows) and (holder := pool.rows[index]) is not None:
                 table.remove(holder)  # the peer gave this port to another flow since
-            proxied = bool(r.proxy_flags & PROXIED)
-            row = table.adopt(
-                now, service, r.proto, r.client_ip, r.client_port, engine.lb_ip, backend,
-                r.nat_port, r.state, ProxiedSession if proxied else Session,
-            )  # fmt: skip
+            row = rebuild(engine, r, service, backend, now)
             if row is None:
-                self.counts["conflict"] += 1
+                self.counts[Dropped.CONFLICT.value] += 1
                 continue
-            if proxied:
-                adopt_proxy(cast(ProxiedSession, row), r)
-            row.wscale, row.fins = r.wscale, r.fins
             created = floor_now - ((clock - r.created) & U32)  # the peer's age of the row
             if 0 <= created <= floor_now:
                 row.created = table.expiry.shared_second(created)
@@ -254,26 +253,16 @@ class Standby:
         self.counts["updated"] += 1
 
     def _end(self, keys: Sequence[RowKey]) -> None:
-        table = self.engine.table
         for k in keys:
-            if not self._mine(k.nat_port):
-                continue
-            key = forward_key(k.proto, k.client_ip, k.client_port, k.service_port)
-            row = table.forward.get(key)
-            if row is not None and row.nat_port == k.nat_port:
-                table.remove(row)
+            if self._mine(k.nat_port) and (row := self._row_named(k)) is not None:
+                self.engine.table.remove(row)
                 self.counts["ended"] += 1
 
     def _refresh(self, refreshes: Sequence[RowRefresh], now: float) -> None:
-        table = self.engine.table
         for refresh in refreshes:
             k = refresh.key
-            if not self._mine(k.nat_port):
-                continue
-            key = forward_key(k.proto, k.client_ip, k.client_port, k.service_port)
-            row = table.forward.get(key)
-            if row is not None and row.nat_port == k.nat_port:
-                self.stale.discard(key)
+            if self._mine(k.nat_port) and (row := self._row_named(k)) is not None:
+                self.stale.discard(row.key)
                 self._hold(row, refresh.idle, now)
                 self.counts["refreshed"] += 1
 

@@ -40,7 +40,7 @@ from typing import Any
 
 from lbnat.config import SyncConfig
 from lbnat.messages import StandbyChange
-from lbnat.standby import RowChange, SyncRecords
+from lbnat.standby import RowChange, SyncRecords, client_key
 from lbnat.syncwire import (
     EndRows,
     InstallRows,
@@ -92,13 +92,6 @@ def address_id(address: str) -> int:
     return int(ipaddress.IPv4Address(address))
 
 
-BulkKey = tuple[int, int, int, int]  # protocol, service port, client address, client port
-
-
-def bulk_key(proto: int, service_port: int, client_ip: int, client_port: int) -> BulkKey:
-    return (proto, service_port, client_ip, client_port)
-
-
 @dataclass(slots=True)
 class _Bulk:
     """A bulk under way to one peer: the rows still to send (a snapshot taken when it was
@@ -106,7 +99,7 @@ class _Bulk:
     queue, so no older snapshot of it follows its newer state."""
 
     request: RequestId
-    rows: dict[BulkKey, RowUpdate]
+    rows: dict[int, RowUpdate]  # by client socket (standby.client_key)
     sent: int = 0
 
 
@@ -138,7 +131,6 @@ class SyncNode:
             for peer in self.peers
         }
         self.role = Role.UNKNOWN
-        self.ready = False
         self.counts: Counter[str] = Counter()  # datagrams and records each way, ...
         self.drops: Counter[str] = Counter()  # datagrams refused before the inbox saw them
         self._lock = threading.Lock()
@@ -209,6 +201,15 @@ class SyncNode:
             self.log(f"sync: role {previous.value} -> {role.value} (keepalived)", "sync_role",
                      role=role.value, previous=previous.value)  # fmt: skip
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def ready(self) -> bool:
+        """This node holds its peers' flows (lbnat-ha check), and its sync is running."""
+        return self.inbox.ready and (self._thread is None or self._thread.is_alive())
+
     def status(self) -> dict[str, Any]:
         now = self.clock()
         peers = []
@@ -227,12 +228,12 @@ class SyncNode:
         dropped.update(dict(self.inbox.drops))
         return {
             "role": self.role.value,
-            "ready": self.ready and (self._thread is None or self._thread.is_alive()),
+            "ready": self.ready,
             "listen": f"{self.settings.listen}:{self.settings.port}",
             "epoch": self.epoch,
             "peers": peers,
             "counts": dict(self.counts),
-            "running": self._thread is not None and self._thread.is_alive(),
+            "running": self.running,
             "dropped": dict(dropped),
         }
 
@@ -318,8 +319,7 @@ class SyncNode:
                     peer = self.peers[peer_id]
                     why = f"{peer.address} silent since the start" if alone else (
                         f"holds {peer.address}'s flows")  # fmt: skip
-                    if self.inbox.ready and not self.ready:
-                        self.ready = True
+                    if self.inbox.ready:  # each peer's MarkReady comes once: the last one logs
                         self.log(f"sync: ready ({why})", "sync_ready", peer=peer.address,
                                  alone=alone)  # fmt: skip
 
@@ -331,9 +331,7 @@ class SyncNode:
                      "sync_bulk_failed", level=logging.WARNING)  # fmt: skip
             return
         # A new request from the peer replaces a bulk still going to it.
-        queue = {bulk_key(u.row.proto, u.row.service_port, u.row.client_ip, u.row.client_port): u
-                 for u in rows}  # fmt: skip
-        self._bulks[peer_id] = _Bulk(request, queue)
+        self._bulks[peer_id] = _Bulk(request, {client_key(u.row): u for u in rows})
         self.log(f"sync: sending {len(rows)} flows to {self.peers[peer_id].address} (resync "
                  f"{request.number})", "sync_bulk", rows=len(rows))  # fmt: skip
 
@@ -367,11 +365,9 @@ class SyncNode:
         if self._bulks:  # these rows' newer state goes now: their snapshot must not follow
             for record in records:
                 if isinstance(record, RowUpdate):
-                    r = record.row
-                    key = bulk_key(r.proto, r.service_port, r.client_ip, r.client_port)
+                    key = client_key(record.row)
                 elif isinstance(record, RowEnd):
-                    k = record.key
-                    key = bulk_key(k.proto, k.service_port, k.client_ip, k.client_port)
+                    key = client_key(record.key)
                 else:  # a refresh carries no row: the snapshot still has to install it
                     continue
                 for bulk in self._bulks.values():
