@@ -46,7 +46,6 @@ declare -A lbnat_pid=() keepalived_pid=()
 transfer_pid=""
 fds=()
 
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 die() {
 	echo "demo-ha: $*" >&2
 	exit 1
@@ -113,19 +112,6 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 now() { date +%s.%N; }
 # seconds FROM TO: TO - FROM, two decimals
 seconds() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$1" "$2"; }
-
-# wait_for FILE PATTERN SECONDS: until a line of FILE matches.
-wait_for() {
-	local deadline=$((SECONDS + $3))
-	until grep -q -- "$2" "$1" 2>/dev/null; do
-		if [ "$SECONDS" -ge "$deadline" ]; then
-			echo "demo-ha: timed out waiting for '$2' in $1" >&2
-			tail -n 20 "$1" >&2 || true
-			exit 1
-		fi
-		sleep 0.1
-	done
-}
 
 # wait_until SECONDS WHAT COMMAND...: until COMMAND succeeds
 wait_until() {
@@ -226,12 +212,7 @@ scripts/ha-lab.sh up
 scripts/ha-lab.sh status
 
 say "three chat servers on b1 b2 b3, port 9000"
-for b in 1 2 3; do
-	ip netns exec "$P-b$b" scripts/provision-backend.sh --foreground --name "b$b" --port 9000 \
-		>"$work/b$b.log" 2>&1 &
-	pids+=("$!")
-done
-for b in 1 2 3; do wait_for "$work/b$b.log" "listening" 10; done
+start_chat_servers
 
 say "lbnat on lb1 and lb2, session sync between them (UDP 7001)"
 (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/sync.secret")

@@ -24,8 +24,6 @@ work=$(mktemp -d /tmp/lbnat-demo.XXXXXX)
 . scripts/lib.sh
 lbnat_pid=""
 
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-
 cleanup() {
 	set +e
 	for fd in "${fds[@]:-}"; do [ -n "$fd" ] && exec {fd}>&-; done 2>/dev/null
@@ -42,31 +40,12 @@ if [ "$(id -u)" -ne 0 ]; then
 	exit 1
 fi
 
-# wait_for FILE PATTERN SECONDS: until a line of FILE matches.
-wait_for() {
-	local deadline=$((SECONDS + $3))
-	until grep -q -- "$2" "$1" 2>/dev/null; do
-		if [ "$SECONDS" -ge "$deadline" ]; then
-			echo "demo: timed out waiting for '$2' in $1" >&2
-			cat "$1" >&2 || true
-			exit 1
-		fi
-		sleep 0.1
-	done
-}
-
 say "lab up"
 scripts/lab.sh up
 scripts/lab.sh status
 
 say "three chat servers on b1 b2 b3, port 9000"
-for b in 1 2 3; do
-	# the Vagrant backends run the same script (--systemd there); --foreground execs the server
-	ip netns exec "$P-b$b" scripts/provision-backend.sh --foreground --name "b$b" --port 9000 \
-		>"$work/b$b.log" 2>&1 &
-	pids+=("$!")
-done
-for b in 1 2 3; do wait_for "$work/b$b.log" "listening" 10; done
+start_chat_servers
 
 say "sudo loadbalancerLobin $LB_IP 198.18.0.21 9000 198.18.0.22 9000 198.18.0.23 9000"
 ip netns exec "$P-lb" loadbalancerLobin $LB_IP 198.18.0.21 9000 198.18.0.22 9000 198.18.0.23 9000 \
