@@ -38,7 +38,8 @@ from lbnat.config import (
     build_config,
     load_config,
 )
-from lbnat.control.protocol import HA_ROLES, sign
+from lbnat.control.client import HA_ROLES
+from lbnat.control.protocol import sign
 from lbnat.control.server import AdminError, ask_lbnat
 from lbnat.daemon import Daemon, StartError
 from lbnat.dataplane import handover

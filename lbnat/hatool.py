@@ -22,12 +22,11 @@ import os
 import sys
 from typing import Any
 
-from lbnat.control.client import request_line
+from lbnat.control.client import HA_ROLES, request_line
 
 DEFAULT_ADMIN_SOCKET = "/run/lbnat/lbnat.sock"  # lbnat.config.DEFAULT_ADMIN_SOCKET (a test
 # keeps them equal: importing lbnat.config here would cost what this module saves)
 ADMIN_SOCKET_ENV = "LBNAT_ADMIN_SOCKET"
-ROLES = ("master", "backup", "fault", "stop")
 TIMEOUT = 3.0  # seconds for lbnat's reply (keepalived's own timeout is the real bound)
 
 
@@ -63,8 +62,8 @@ def check(path: str) -> str:
 
 
 def tell_role(path: str, role: str) -> dict[str, Any]:
-    if role.lower() not in ROLES:
-        raise HaError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    if role.lower() not in HA_ROLES:
+        raise HaError(f"role {role!r} is not one of {', '.join(HA_ROLES)}")
     return ask(path, {"op": "ha_role", "role": role.lower()})
 
 

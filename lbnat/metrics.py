@@ -34,6 +34,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
+from lbnat.control.client import HA_ROLES
+
 __all__ = [
     "DIRECTIONS",
     "HEALTH_STATES",
@@ -138,7 +140,7 @@ def _control_families(f: _Families, snap: Snapshot) -> None:
         restarts.add_metric([index], worker["restarts"])
 
 
-SYNC_ROLES = ("unknown", "master", "backup", "fault", "stop")  # lbnat.dataplane.syncnode.Role
+SYNC_ROLES = ("unknown", *HA_ROLES)  # lbnat.dataplane.syncnode.Role: before keepalived speaks
 SYNC_COUNTS = {  # the sync node's counts: (metric, label value)
     "datagrams_sent": ("datagrams", "sent"), "datagrams_received": ("datagrams", "received"),
     "records_sent": ("records", "sent"), "records_withheld": ("records", "withheld"),

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import socket
 
+HA_ROLES = ("master", "backup", "fault", "stop")
+"""keepalived's states, as its notify script names them: the roles `ha_role` takes (here, where
+lbnat-ha, the protocol's parser and the CLI all find them)."""
+
 
 def request_line(target: str | tuple[str, int], line: bytes, timeout: float = 5.0) -> bytes:
     """The client side: send one request line to a Unix socket path or a (host, port), return

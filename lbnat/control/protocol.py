@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from lbnat import fields as checks
+from lbnat.control.client import HA_ROLES
 
 MAX_LINE = 4096
 """Bytes in a request line, its newline included; a longer line is refused."""
@@ -57,7 +58,6 @@ OPS = REGISTRATION_OPS + ADMIN_OPS
 
 AUTH_FIELDS = ("ts", "nonce", "mac")
 REQUEST_FIELDS = ("op", "service", "ip", "port", "weight", "name", "role")
-HA_ROLES = ("master", "backup", "fault", "stop")  # keepalived's states, as its notify names them
 
 MAX_NAME = 64  # characters in a backend name
 MAX_SERVICE = 64  # characters in a service name

@@ -117,3 +117,11 @@ def test_the_cli_s_ha_check_and_ha_role_are_the_same(lbnat: FakeLbnat) -> None:
     result = runner.invoke(main, ["ha-role", "MASTER", "--admin-socket", lbnat.path])
     assert result.exit_code == 0 and result.output == "ha-role: backup (sync ready)\n"
     assert lbnat.requests[-1] == {"op": "ha_role", "role": "master"}
+
+
+def test_the_sync_node_s_roles_are_keepalived_s_and_unknown() -> None:
+    from lbnat.control.client import HA_ROLES
+    from lbnat.dataplane.syncnode import Role
+    from lbnat.metrics import SYNC_ROLES
+
+    assert tuple(role.value for role in Role) == SYNC_ROLES == ("unknown", *HA_ROLES)
