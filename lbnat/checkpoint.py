@@ -354,7 +354,7 @@ def rebuild(
     the restore below and the session sync's standby rows (lbnat.standby)."""
     proxied = bool(r.proxy_flags & PROXIED)
     row = engine.table.adopt(
-        now, service, r.proto, r.client_ip, r.client_port, engine.lb_ip, backend,
+        now, service, r.proto, r.client_ip, r.client_port, engine.vip, backend,
         r.nat_port, r.state, ProxiedSession if proxied else Session,
     )  # fmt: skip
     if row is None:

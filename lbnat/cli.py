@@ -103,6 +103,13 @@ def main() -> None:
 )
 @click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
 @click.option("--interface", default=None, help="Interface holding SRCIP (found automatically).")
+@click.option(
+    "--vip",
+    default=None,
+    metavar="ADDRESS",
+    help="The virtual IP clients connect to, when it is not SRCIP: instances behind an ECMP "
+    "router share it, each sourcing backend traffic from its own SRCIP (docs/scale-out.md).",
+)
 @click.option("--scheduler", type=click.Choice(sorted(SCHEDULERS)), default="rr", show_default=True)
 @click.option(
     "--nat-ports",

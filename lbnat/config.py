@@ -184,6 +184,9 @@ class SyncConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     lb_ip: str | None = None  # SRCIP; may come from the command line instead
+    # The address clients connect to, when it is not SRCIP: instances behind an ECMP router
+    # share it, each sourcing its backend traffic from its own SRCIP (docs/scale-out.md)
+    vip: str | None = None
     interface: str | None = None
     nat_ports: tuple[int, int] = DEFAULT_NAT_PORTS
     table_cap: int = DEFAULT_TABLE_CAP
@@ -220,6 +223,7 @@ class Config:
 
 TOP_KEYS: Final = (
     "lb_ip",
+    "vip",
     "interface",
     "nat_ports",
     "table_cap",
@@ -497,6 +501,7 @@ def _refuse_duplicate_keys(data: object) -> None:
 
 def _native(data: dict[str, Any], default_port: int, read_file: FileReader) -> Config:
     lb_ip = None if data.get("lb_ip") is None else _check(fields.host_ipv4, data["lb_ip"], "lb_ip")
+    vip = None if data.get("vip") is None else _check(fields.host_ipv4, data["vip"], "vip")
     interface = None
     if data.get("interface") is not None:
         interface = _check(fields.interface, data["interface"], "interface")
@@ -538,6 +543,7 @@ def _native(data: dict[str, Any], default_port: int, read_file: FileReader) -> C
         sync = _sync(data["sync"], "sync", read_file)
     return Config(
         lb_ip=lb_ip,
+        vip=vip,
         interface=interface,
         nat_ports=nat_ports,
         table_cap=data.get("table_cap", DEFAULT_TABLE_CAP),
@@ -833,6 +839,7 @@ class Overrides:
 
     words: tuple[str, ...] = ()  # [SRCIP] [IP PORT]...
     config_file: str | None = None
+    vip: str | None = None  # --vip: clients' address when it is not SRCIP
     given: frozenset[str] = frozenset()
     vip_port: str = str(DEFAULT_PORT)
     proto: str = "tcp"
@@ -920,6 +927,7 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
     # Without a file the first word is SRCIP; with one, an odd count means SRCIP comes first.
     has_srcip = base is None or len(words) % 2 == 1
     lb_ip = parse_ip(words[0], "SRCIP") if has_srcip else None
+    vip = None if overrides.vip is None else parse_ip(overrides.vip, "--vip")
     backends = _parse_backends(words[1:] if has_srcip else words)
     nat_ports = _parse_nat_ports(overrides.nat_ports)
     ours = _command_line_service(
@@ -936,6 +944,7 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
             _fail("", "give at least one backend: IP PORT [IP PORT ...]")
         config = Config(
             lb_ip=lb_ip,
+            vip=vip,
             nat_ports=nat_ports,
             timeouts=Timeouts(
                 **{field: getattr(overrides, option) for option, field in _TIMEOUT_OVERRIDES}
@@ -968,6 +977,8 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
             changes["metrics"] = metrics
         if sync is not None:
             changes["sync"] = sync
+        if vip is not None:
+            changes["vip"] = vip
         config = dataclasses.replace(
             base,
             lb_ip=lb_ip or base.lb_ip,
@@ -976,6 +987,8 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
         )
     if config.lb_ip is None:
         _fail("", "no SRCIP: give it first on the command line or as lb_ip in the config")
+    if config.vip == config.lb_ip:
+        config = dataclasses.replace(config, vip=None)  # the same as no --vip
     if metrics is not None:
         _check_listen_port("--metrics", *metrics, config.lb_ip, config.nat_ports, config.services)
     problem = check_slices(config.nat_ports, config.workers)

@@ -69,7 +69,7 @@ from lbnat.dataplane.workers import (
     open_worker_sockets,
     start_plane,
 )
-from lbnat.engine import Engine, Event
+from lbnat.engine import Engine, Event, ip_int
 from lbnat.eventlog import (
     INFO,
     EventLog,
@@ -149,9 +149,13 @@ def ring_spec(config: Config) -> RingSpec:
 
 
 def packet_filter(lb_ip: int, control: ControlPlane) -> bytes:
-    """The packet sockets' filter: lbnat's address, the services' ports and the NAT range."""
+    """The packet sockets' filter: lbnat's address (and VIP), the services' ports and the NAT
+    range."""
     tcp, udp = list(control.ports("tcp")), list(control.ports("udp"))
-    return build_filter(lb_ip, tcp, udp, control.config.nat_ports)
+    vip = control.config.vip
+    return build_filter(
+        lb_ip, tcp, udp, control.config.nat_ports, None if vip is None else ip_int(vip)
+    )
 
 
 def worker_setup(
@@ -170,6 +174,7 @@ def worker_setup(
     return WorkerSetup(
         index=index,
         lb_ip=lb_ip,
+        vip=config.vip or lb_ip,
         link=link,
         specs=specs,
         nat_ports=nat_ports,
@@ -283,6 +288,7 @@ class Daemon(Questions, SyncGlue):
         if config.lb_ip is None:
             raise StartError("no SRCIP: give it on the command line or as lb_ip in the config")
         self.lb_ip: str = config.lb_ip
+        self.vip: str = config.vip or config.lb_ip  # where clients connect (--vip)
         self.reload_config = reload_config
         self.log = Log(out, config.log_format, config.quiet, config.log_level)
         self.control = ControlPlane(config, started=time.monotonic())
@@ -328,18 +334,18 @@ class Daemon(Questions, SyncGlue):
         self.syn_proxy = fit_mss(self.syn_proxy, link_mtu(link.interface))
         self.link_watch = LinkWatch(time.monotonic(), self.link_probe.state())
         for service in self.control.services.values():
-            check_port_free(self.lb_ip, service.service.port, service.service.proto)
+            check_port_free(self.vip, service.service.port, service.service.proto)
         try:
             engine = Engine(
                 self.lb_ip, self.control.specs(), c.nat_ports, c.timeouts, c.table_cap,
-                syn_proxy=self.syn_proxy,
+                syn_proxy=self.syn_proxy, vip=c.vip,
             )  # fmt: skip
             slices = nat_slices(c.nat_ports, c.workers)
             checks = self.control.health_checks()
         except ValueError as error:
             raise StartError(str(error)) from None
         tcp, udp = list(self.control.ports("tcp")), list(self.control.ports("udp"))
-        self.guard = KernelGuard(self.lb_ip, tcp, udp, c.nat_ports)
+        self.guard = KernelGuard(self.lb_ip, tcp, udp, c.nat_ports, vip=c.vip)
         try:
             row_files = None if self.handover is None else self.handover.take(c, link.interface)
             self.guard.install()  # over a predecessor's table in one transaction
@@ -590,7 +596,7 @@ class Daemon(Questions, SyncGlue):
                 if plan.error is not None:
                     return self._reload_failed(plan.error)
                 for service in plan.added:
-                    check_port_free(self.lb_ip, service.service.port, service.service.proto)
+                    check_port_free(self.vip, service.service.port, service.service.proto)
                 self._locked(lambda: self.control.commit_reload(plan))
             except (ConfigError, ValueError, OSError, GuardError, StartError) as error:
                 # StartError: a new service's port is taken (before, a traceback)

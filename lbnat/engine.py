@@ -265,8 +265,13 @@ class Engine:
         table_cap: int = 1_000_000,
         cursors: Callable[[str], SharedCursor | None] | None = None,
         syn_proxy: SynProxySettings | None = None,
+        vip: str | None = None,
     ) -> None:
+        # lb_ip (SRCIP) sources the traffic to backends, whose replies come back to it; vip is
+        # where clients connect: the same address, unless instances share a VIP (--vip,
+        # docs/scale-out.md), when each must get back the replies of its own flows.
         self.lb_ip = ip_int(lb_ip)
+        self.vip = self.lb_ip if vip is None else ip_int(vip)
         self.table = SessionTable(self.lb_ip, nat_ports, timeouts, table_cap)
         # The table's parts the packet path uses, bound once (none of them is ever replaced).
         self._forward = self.table.forward
@@ -288,7 +293,7 @@ class Engine:
         self.icmp_translated = 0
         self.syn_proxy = SynProxy(
             syn_proxy or SynProxySettings(mode="off"), self.lb_ip, self._tracker,
-            self._flow_ended, self.count_drop, self._open, self._send_first.take,
+            self._flow_ended, self.count_drop, self._open, self._send_first.take, self.vip,
         )  # fmt: skip
 
     def set_backends(self, service: str, backends: Sequence[Backend]) -> None:
@@ -323,10 +328,10 @@ class Engine:
                 return self._icmp_error(buf, start, end)
             return self._drop(headers)  # type: ignore[arg-type]
         proto, l4, src, dst, sport, dport, flags, seq, ack, win, length = headers
-        if dst != self.lb_ip:
+        if dst != self.lb_ip and dst != self.vip:
             return self._drop(DropReason.NOT_FOR_US)
 
-        if self.nat_first <= dport <= self.nat_last:  # backend -> client
+        if self.nat_first <= dport <= self.nat_last and dst == self.lb_ip:  # backend -> client
             pool = self._pools.get(pool_key(proto, src, sport))
             if pool is None:
                 return self._drop(DropReason.NO_SESSION)
@@ -359,7 +364,7 @@ class Engine:
             return (FORWARD, key_client_ip(s.key))
 
         target = self._by_port.get((proto << 16) | dport)
-        if target is None:
+        if target is None or dst != self.vip:
             return self._drop(DropReason.NOT_FOR_US)
         service = target
         row = self._forward.get(forward_key(proto, src, sport, dport))
@@ -487,13 +492,11 @@ class Engine:
                 # Refuse at once, as a closed port would: a RST+ACK acknowledging the SYN and
                 # any data it carried (RFC 793: SEG.SEQ + SEG.LEN, the SYN counting one).
                 ack = (seq + 1 + length) & 0xFFFFFFFF
-                rst = tcp_segment(
-                    self.lb_ip, client_ip, service.port, client_port, 0, ack, RST | ACK
-                )
+                rst = tcp_segment(self.vip, client_ip, service.port, client_port, 0, ack, RST | ACK)
                 return (REPLY, rst, client_ip)
             return _DROP_ACTIONS[DropReason.NO_BACKEND]
         opened, evicted = self.table.open(
-            now, service, proto, client_ip, client_port, self.lb_ip, backend, nat_port, row_class
+            now, service, proto, client_ip, client_port, self.vip, backend, nat_port, row_class
         )
         for victim in evicted:
             self._flow_ended(victim, now)
@@ -556,7 +559,7 @@ class Engine:
                 client_ip, client_port = row.client_ip, row.client_port
                 if row.state is not State.SYN_SENT and row.ack_c != UNKNOWN_ACK:
                     rst = tcp_segment(
-                        self.lb_ip, client_ip, state.port, client_port, row.ack_c, 0, RST
+                        self.vip, client_ip, state.port, client_port, row.ack_c, 0, RST
                     )
                     packets.append((rst, client_ip))
                 if row.ack_s != UNKNOWN_ACK:

@@ -202,7 +202,7 @@ def start_lines(
     c = config
     out = [
         line(
-            f"srcIP : {lb_ip}",
+            f"srcIP : {lb_ip}" if c.vip is None else f"srcIP : {lb_ip}  VIP : {c.vip}",
             "start",
             interface=interface,
             workers=c.workers,

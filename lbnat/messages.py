@@ -110,6 +110,7 @@ class WorkerSetup:
 
     index: int
     lb_ip: str
+    vip: str  # where clients connect: lb_ip unless --vip (Engine)
     link: Link
     specs: tuple[Service, ...]
     nat_ports: tuple[int, int]  # this worker's slice

@@ -182,10 +182,12 @@ class SynProxy:
         count_drop: Callable[[DropReason], None],
         open_flow: Callable[..., Session | Action],
         take_resets: Callable[[], tuple[tuple[bytes, int], ...]],
+        vip: int | None = None,
     ) -> None:
         self.settings = settings
         self.mode = settings.mode
-        self.lb_ip = lb_ip
+        self.lb_ip = lb_ip  # towards backends
+        self.vip = lb_ip if vip is None else vip  # towards clients (Engine.vip)
         self.active = settings.mode == "on"
         self._tracker = tracker
         self._flow_ended = flow_ended
@@ -222,10 +224,10 @@ class SynProxy:
         wscale = tcp_window_scale(buf, l4, end)
         facts = CookieFacts(536 if mss is None else mss, wscale, sack)
         cookie = make_cookie(
-            self.settings.secret, client_ip, client_port, self.lb_ip, service.port, seq, now, facts
+            self.settings.secret, client_ip, client_port, self.vip, service.port, seq, now, facts
         )
         synack = syn_segment(
-            self.lb_ip, client_ip, service.port, client_port, cookie, (seq + 1) & MASK32,
+            self.vip, client_ip, service.port, client_port, cookie, (seq + 1) & MASK32,
             SYN | ACK, 0xFFFF, self.settings.mss, None if wscale is None else self.settings.wscale,
             sack,
         )  # fmt: skip
@@ -255,7 +257,7 @@ class SynProxy:
                 return (REPLIES, 0, resets + after)
             return action
         if opened[0] == REPLY:  # no backend: the client, connected, needs our sequence
-            return (REPLY, tcp_segment(self.lb_ip, src, dport, sport, ack, 0, RST), src)
+            return (REPLY, tcp_segment(self.vip, src, dport, sport, ack, 0, RST), src)
         return opened
 
     def check_ack(
@@ -264,7 +266,7 @@ class SynProxy:
     ) -> CookieFacts | None:  # fmt: skip
         """The facts of the cookie a pure ACK with no row acknowledges, or None (counted)."""
         facts = check_cookie(
-            self.settings.secret, client_ip, client_port, self.lb_ip, service.port,
+            self.settings.secret, client_ip, client_port, self.vip, service.port,
             (seq - 1) & MASK32, (ack - 1) & MASK32, now,
         )  # fmt: skip
         service.syn_cookies["validated" if facts is not None else "invalid"] += 1
@@ -390,7 +392,7 @@ class SynProxy:
             row.kept = None
             client_ip = row.client_ip
             rst = tcp_segment(
-                self.lb_ip, client_ip, service.port, row.client_port,
+                self.vip, client_ip, service.port, row.client_port,
                 (row.cookie + 1) & MASK32, 0, RST,
             )  # fmt: skip
             return (REPLY, rst, client_ip)

@@ -96,7 +96,7 @@ class ReloadPlan:
 # a worker restarted after a reload is told the same as the others).
 LOG_SETTINGS = ("log_format", "quiet", "log_level")
 # Settings a reload cannot change in a running lbnat.
-RESTART_KEYS = ("lb_ip", "interface", "nat_ports", "table_cap", "timeouts", "control",
+RESTART_KEYS = ("lb_ip", "vip", "interface", "nat_ports", "table_cap", "timeouts", "control",
                 "admin_socket", "syn_proxy", "syn_proxy_threshold", "syn_proxy_mss",
                 "metrics", "state_file", "sync", *LOG_SETTINGS)  # fmt: skip
 
@@ -257,6 +257,7 @@ class ControlPlane:
         c = self.config
         return {
             "lb_ip": c.lb_ip,
+            "vip": c.vip or c.lb_ip,
             "uptime": round(now - self.started, 1),
             "workers": workers,
             "io": io_text(c),
@@ -363,7 +364,7 @@ class ControlPlane:
             effects.append(UpdateGuard(self.ports("tcp"), self.ports("udp")))
         effects.append(SetHealthChecks({n: check for n, check in checks.items() if check}))
         old = self.config
-        self.config = replace(new, lb_ip=old.lb_ip, interface=old.interface,
+        self.config = replace(new, lb_ip=old.lb_ip, vip=old.vip, interface=old.interface,
                               nat_ports=old.nat_ports,
                               **{key: getattr(old, key) for key in LOG_SETTINGS})  # fmt: skip
         effects.append(reload_applied_line(len(specs), len(added)))

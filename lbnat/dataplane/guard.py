@@ -47,13 +47,19 @@ def _set(ports: Iterable[int], nat_ports: tuple[int, int]) -> str:
 
 
 def ruleset(
-    lb_ip: str, tcp_ports: Iterable[int], udp_ports: Iterable[int], nat_ports: tuple[int, int]
+    lb_ip: str,
+    tcp_ports: Iterable[int],
+    udp_ports: Iterable[int],
+    nat_ports: tuple[int, int],
+    vip: str | None = None,
 ) -> str:
     """The nft script: replace any old table (a crash leftover) and create the new one, in one
-    atomic transaction."""
+    atomic transaction. With a VIP apart from lb_ip (--vip) both addresses are guarded: the
+    VIP (on lo, shared by instances) would otherwise be answered by the kernel."""
     name = table_name(lb_ip)
     tcp = _set(tcp_ports, nat_ports)
     udp = _set(udp_ports, nat_ports)
+    ours = lb_ip if vip is None or vip == lb_ip else f"{{ {lb_ip}, {vip} }}"
     return f"""
 table ip {name}
 delete table ip {name}
@@ -61,12 +67,12 @@ table ip {name} {{
     comment "lbnat reserved ports {nat_ports[0]}-{nat_ports[1]}"
     chain prerouting {{
         type filter hook prerouting priority raw - 10; policy accept;
-        ip daddr {lb_ip} tcp dport {tcp} counter drop comment "lbnat owns these"
-        ip daddr {lb_ip} udp dport {udp} counter drop comment "lbnat owns these"
+        ip daddr {ours} tcp dport {tcp} counter drop comment "lbnat owns these"
+        ip daddr {ours} udp dport {udp} counter drop comment "lbnat owns these"
     }}
     chain output {{
         type filter hook output priority raw - 10; policy accept;
-        ip saddr {lb_ip} tcp sport {tcp} tcp flags & rst == rst counter comment "kernel RSTs"
+        ip saddr {ours} tcp sport {tcp} tcp flags & rst == rst counter comment "kernel RSTs"
     }}
 }}
 """
@@ -157,6 +163,7 @@ class KernelGuard:
     udp_ports: list[int]
     nat_ports: tuple[int, int]
     reserved_path: str = RESERVED_PORTS
+    vip: str | None = None  # guarded too, when --vip sets it apart from lb_ip
     _saved_reserved: str | None = field(default=None, init=False)
     installed: bool = field(default=False, init=False)
     notice: str | None = field(default=None, init=False)
@@ -205,7 +212,7 @@ class KernelGuard:
         """Create the table, or replace it with one for the current ports (a crash's leftover,
         a service added on reload), in one transaction: no moment without a guard. The reserved
         ports are install()'s business."""
-        nft(ruleset(self.lb_ip, self.tcp_ports, self.udp_ports, self.nat_ports))
+        nft(ruleset(self.lb_ip, self.tcp_ports, self.udp_ports, self.nat_ports, self.vip))
 
     def remove(self) -> None:
         """Undo install(). Safe to call twice and after a partial install."""

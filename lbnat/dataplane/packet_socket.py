@@ -40,19 +40,26 @@ def build_filter(
     tcp_ports: Iterable[int],
     udp_ports: Iterable[int],
     nat_ports: tuple[int, int],
+    vip: int | None = None,
 ) -> bytes:
-    """Accept IPv4 TCP/UDP to lb_ip whose destination port is a service port of its protocol
-    or in the NAT range (either protocol); ICMP errors to lb_ip (they may be about a
-    translated flow); IP fragments of TCP/UDP to lb_ip, so they are counted as drops.
-    Everything else is left to the kernel and never copied to Python."""
+    """Accept IPv4 TCP/UDP to lb_ip (or the vip, when --vip sets one apart) whose destination
+    port is a service port of its protocol or in the NAT range (either protocol); ICMP errors
+    to them (they may be about a translated flow); IP fragments of TCP/UDP to them, so they
+    are counted as drops. Everything else is left to the kernel and never copied to Python."""
     first, last = nat_ports
     ip = ETH_HLEN  # offsets below are from the frame's start: the IPv4 header follows Ethernet
     p: list[Line] = [
         (None, Insn(Op.LD_H_ABS, k=12)),  # ethertype
         (None, Insn(Op.JEQ, NEXT, "reject", ETH_P_IP)),
         (None, Insn(Op.LD_W_ABS, k=ip + 16)),  # destination address
-        (None, Insn(Op.JEQ, NEXT, "reject", lb_ip)),
-        (None, Insn(Op.LD_H_ABS, k=ip + 6)),  # flags + fragment offset
+    ]
+    if vip is None or vip == lb_ip:
+        p.append((None, Insn(Op.JEQ, NEXT, "reject", lb_ip)))
+    else:
+        p.append((None, Insn(Op.JEQ, "ours", NEXT, lb_ip)))
+        p.append((None, Insn(Op.JEQ, NEXT, "reject", vip)))
+    p += [
+        ("ours", Insn(Op.LD_H_ABS, k=ip + 6)),  # flags + fragment offset
         (None, Insn(Op.JSET, "fragment", NEXT, 0x3FFF)),  # MF or an offset: a fragment
         (None, Insn(Op.LD_B_ABS, k=ip + 9)),  # protocol
         (None, Insn(Op.JEQ, "tcp", NEXT, TCP)),

@@ -714,6 +714,7 @@ def worker_main(argv: list[str] | None = None) -> int:
             setup.table_cap,
             cursor,
             setup.syn_proxy,
+            setup.vip,
         )
     except ValueError as error:
         send_message(control, WorkerFailed(str(error)))

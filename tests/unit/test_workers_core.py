@@ -183,6 +183,7 @@ def test_a_worker_that_fails_before_it_is_ready_fails_its_start() -> None:
     setup = WorkerSetup(
         index=0,
         lb_ip="198.18.0.2",
+        vip="198.18.0.2",
         link=Link("lo", "198.18.0.2", ipaddress.IPv4Network("198.18.0.0/24"), bytes(6)),
         specs=(),
         nat_ports=(65000, 61000),  # backwards: the engine refuses it
