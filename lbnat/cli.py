@@ -292,6 +292,15 @@ def main() -> None:
     help="UDP port of the session sync.",
 )
 @click.option(
+    "--sync-mode",
+    type=click.Choice(["pair", "mesh"]),
+    default="pair",
+    show_default=True,
+    help="pair: an active/backup pair (standby rows, docs/ha.md); mesh: instances sharing "
+    "--vip behind an ECMP router, each forwarding packets of another's flows to it "
+    "(docs/scale-out.md).",
+)
+@click.option(
     "--sync-secret-file",
     default=None,
     metavar="PATH",
@@ -681,6 +690,39 @@ def ha_check(admin_socket: str) -> None:
     if problem:
         click.echo(f"lbnat: {problem}", err=True)
         raise SystemExit(1)
+
+
+@main.command("bgp-status")
+@admin_socket_option
+@json_option
+def bgp_status(admin_socket: str, as_json: bool) -> None:
+    """Whether a running lbnat wants its VIP announced to the router, and why (what lbnat-bgp,
+    the ExaBGP process, asks every half second; docs/scale-out.md). Exits 1 when withdrawn.
+
+    Example: lbnat bgp-status
+    """
+    reply = talk(admin_socket, {"op": "bgp_status"})
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+    else:
+        verb = "announce" if reply.get("announce") else "withdraw"
+        click.echo(f"{verb} {reply.get('vip')}/32: {reply.get('why')} ({reply.get('phase')})")
+    if not reply.get("announce"):
+        raise SystemExit(1)
+
+
+@main.command("drain-node")
+@admin_socket_option
+def drain_node(admin_socket: str) -> None:
+    """Take this instance out of the ECMP group without breaking a flow: withdraw the VIP,
+    serve the open flows until they end (at most the drain timeout), then stop
+    (docs/scale-out.md).
+
+    Example: sudo lbnat drain-node
+    """
+    reply = talk(admin_socket, {"op": "drain_node"})
+    click.echo(f"drain-node: {reply.get('phase')}; {reply.get('flows')} flows open, lbnat stops "
+               f"when they have ended (at most {reply.get('timeout')} s)")  # fmt: skip
 
 
 @main.command()

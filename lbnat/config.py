@@ -179,6 +179,10 @@ class SyncConfig:
     port: int
     peers: tuple[tuple[str, int], ...]  # (address, port) of each peer
     secret: bytes
+    # "pair": an active/backup pair keeps its peer's rows as standby rows (docs/ha.md);
+    # "mesh": instances behind an ECMP router keep who owns which flow, and forward a packet
+    # the router's hash moved to its owner (lbnat.owners, docs/scale-out.md)
+    mode: str = "pair"
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +246,8 @@ TOP_KEYS: Final = (
 DATAPLANE_KEYS: Final = ("workers", "io", "rx_ring", "offload")
 SYN_PROXY_KEYS: Final = ("mode", "threshold", "mss")
 METRICS_KEYS: Final = ("listen",)
-SYNC_KEYS: Final = ("listen", "port", "peers", "secret_file")
+SYNC_KEYS: Final = ("listen", "port", "peers", "secret_file", "mode")
+SYNC_MODES: Final = ("pair", "mesh")
 TIMEOUT_KEYS: Final = tuple(f.name for f in dataclasses.fields(Timeouts))
 LOG_KEYS: Final = ("format", "quiet", "level", "transitions")
 CONTROL_KEYS: Final = ("listen", "secret", "secret_file", "allow", "window")
@@ -631,7 +636,8 @@ def _sync(block: dict[str, Any], path: str, read_file: FileReader) -> SyncConfig
     )
     where = _at(path, "secret_file")
     secret = _read_secret(_check(fields.text, block["secret_file"], where), where, read_file)
-    return checked_sync(SyncConfig(listen, port, peers, secret), path)
+    mode = block.get("mode", "pair")
+    return checked_sync(SyncConfig(listen, port, peers, secret, mode), path)
 
 
 def _sync_peer(text: object, default_port: int, path: str) -> tuple[str, int]:
@@ -883,6 +889,7 @@ class Overrides:
     sync_peers: tuple[str, ...] = ()  # --sync-peer ADDRESS[:PORT], repeatable
     sync_port: int = DEFAULT_SYNC_PORT
     sync_secret_file: str | None = None
+    sync_mode: str = "pair"  # --sync-mode: "pair" (HA) or "mesh" (ECMP instances)
 
 
 # option -> the Config field it sets; with a config file only when given
@@ -989,6 +996,9 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
         _fail("", "no SRCIP: give it first on the command line or as lb_ip in the config")
     if config.vip == config.lb_ip:
         config = dataclasses.replace(config, vip=None)  # the same as no --vip
+    if config.sync is not None and config.sync.mode == "mesh" and config.vip is None:
+        _fail("", "the sync's mesh mode is for instances sharing a VIP: give --vip (each "
+                  "instance's SRCIP is its own address)")  # fmt: skip
     if metrics is not None:
         _check_listen_port("--metrics", *metrics, config.lb_ip, config.nat_ports, config.services)
     problem = check_slices(config.nat_ports, config.workers)
@@ -1023,7 +1033,9 @@ def _command_line_sync(overrides: Overrides, read_file: FileReader) -> SyncConfi
         parse_host_port(peer, overrides.sync_port, "sync peer") for peer in overrides.sync_peers
     )
     secret = _read_secret(overrides.sync_secret_file, "--sync-secret-file", read_file)
-    return checked_sync(SyncConfig(listen, overrides.sync_port, peers, secret), "--sync-peer")
+    return checked_sync(
+        SyncConfig(listen, overrides.sync_port, peers, secret, overrides.sync_mode), "--sync-peer"
+    )
 
 
 def _command_line_service(

@@ -45,7 +45,7 @@ from lbnat.control.plane import (
 )
 from lbnat.control.protocol import Request, ack, nack
 from lbnat.control.server import AdminServer, RegistrationServer, start_servers
-from lbnat.daemon_questions import Questions
+from lbnat.daemon_scaleout import ScaleOut
 from lbnat.daemon_sync import SyncGlue
 from lbnat.dataplane.fanout import nat_slices
 from lbnat.dataplane.guard import GuardError, KernelGuard
@@ -84,7 +84,6 @@ from lbnat.health import HealthChecker
 from lbnat.health.checker import Report
 from lbnat.linkwatch import LinkState, LinkWatch
 from lbnat.messages import (
-    AskCounters,
     DataPlane,
     ResetBackend,
     SetBackends,
@@ -92,10 +91,10 @@ from lbnat.messages import (
     WorkerSetup,
 )
 from lbnat.metrics import Instruments, ScrapeCollector
+from lbnat.owners import FlowOwners
 from lbnat.sdnotify import Lifecycle
 from lbnat.service import Service
 from lbnat.syncookie import DEFAULT_WSCALE, SECRET_BYTES, SynProxySettings, kernel_wscale
-from lbnat.views import merge_counters
 
 __all__ = [
     "INTERFACE_GONE",
@@ -188,6 +187,7 @@ def worker_setup(
         offload_fd=-1 if offload is None else offload.map_fd,
         ifindex=0 if offload is None else offload.ifindex,
         sync=config.sync is not None,
+        sync_mode="pair" if config.sync is None else config.sync.mode,
     )
 
 
@@ -278,7 +278,7 @@ def in_thread(target: Callable[[], object], name: str) -> Callable[[int, FrameTy
     return handler
 
 
-class Daemon(Questions, SyncGlue):
+class Daemon(ScaleOut, SyncGlue):
     def __init__(
         self,
         config: Config,
@@ -288,7 +288,6 @@ class Daemon(Questions, SyncGlue):
         if config.lb_ip is None:
             raise StartError("no SRCIP: give it on the command line or as lb_ip in the config")
         self.lb_ip: str = config.lb_ip
-        self.vip: str = config.vip or config.lb_ip  # where clients connect (--vip)
         self.reload_config = reload_config
         self.log = Log(out, config.log_format, config.quiet, config.log_level)
         self.control = ControlPlane(config, started=time.monotonic())
@@ -340,6 +339,8 @@ class Daemon(Questions, SyncGlue):
                 self.lb_ip, self.control.specs(), c.nat_ports, c.timeouts, c.table_cap,
                 syn_proxy=self.syn_proxy, vip=c.vip,
             )  # fmt: skip
+            if c.sync is not None and c.sync.mode == "mesh":  # (a worker does the same)
+                engine.owners = FlowOwners(c.timeouts)
             slices = nat_slices(c.nat_ports, c.workers)
             checks = self.control.health_checks()
         except ValueError as error:
@@ -412,7 +413,7 @@ class Daemon(Questions, SyncGlue):
         return self.exit_code
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.plane is not None:
+        if self.plane is not None and not self.withdraw_then_stop():  # (behind ECMP: later)
             self.plane.stop()
 
     def close(self, keep: bool = False) -> None:
@@ -506,11 +507,7 @@ class Daemon(Questions, SyncGlue):
         change = watch.observe(probe.state(), now)
         if change is None:
             return
-        try:
-            flows: int | None = int(merge_counters(self.ask(AskCounters()))["open_flows"])
-        except (TimeoutError, RuntimeError):
-            flows = None
-        self.log.write(link_line(link.interface, change, flows))
+        self.log.write(link_line(link.interface, change, self.open_flows()))
         if self.health is not None:
             if change.state is LinkState.UP:
                 self.health.resume()
@@ -569,6 +566,8 @@ class Daemon(Questions, SyncGlue):
                     return (nack(error), "rejected") if error else (ack(op="reload"), None)
                 case "ha_role" | "ha_status":
                     return self.ha_request(request)
+                case "bgp_status" | "drain_node":
+                    return self.scaleout_request(request)
                 case _:
                     now = time.monotonic()
                     with self._lock:

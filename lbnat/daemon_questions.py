@@ -58,6 +58,13 @@ class Questions:
             raise RuntimeError("lbnat is not running")
         return plane.ask_each(question, timeout)
 
+    def open_flows(self) -> int | None:
+        """Open flows over every worker; None when they cannot say (stopping, stuck)."""
+        try:
+            return int(merge_counters(self.ask(AskCounters()))["open_flows"])
+        except (TimeoutError, RuntimeError):
+            return None
+
     def status(self) -> dict[str, object]:
         """Services, backends with state, and counters summed over every worker."""
         return self.status_of(merge_counters(self.ask(AskCounters())))

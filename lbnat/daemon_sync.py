@@ -68,5 +68,8 @@ class SyncGlue:
         if self.sync is None:
             return nack("the session sync is off: start lbnat with --sync-peer"), "rejected"
         if request.op == "ha_role":
+            if self.sync.settings.mode == "mesh":
+                return nack("the sync is in mesh mode (instances behind ECMP): roles are for an "
+                            "active/backup pair"), "rejected"  # fmt: skip
             self.sync.set_role(Role(request.role))
         return ack(op=request.op, **self.sync.status()), None

@@ -30,6 +30,8 @@ class DropReason(enum.IntEnum):
     SYN_PROXY_PENDING = 31  # a client segment while lbnat's SYN to the backend is unanswered
     SYN_PROXY_UNEXPECTED = 32  # a backend segment of a proxied row before its SYN-ACK
     LINK_DOWN = 28  # data plane: the interface was down or gone when the frame was to leave
+    # Decided by the flow owners of instances behind an ECMP router (lbnat.owners).
+    OWNER_LOOP = 40  # a packet for another instance's flow whose TTL ran out between instances
 
     @property
     def label(self) -> str:

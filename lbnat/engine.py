@@ -74,6 +74,7 @@ from lbnat.syncookie import SynProxySettings
 from lbnat.synproxy import ProxiedSession, SynProxy
 
 if TYPE_CHECKING:  # an annotation only: lbnat.standby builds on this module
+    from lbnat.owners import FlowOwners
     from lbnat.standby import Standby
 
 _DROP_ACTIONS = DROP_ACTIONS
@@ -287,6 +288,8 @@ class Engine:
             self.services.add(spec)
         self.events: list[Event] = []
         self.standby: Standby | None = None  # the session sync, when on (lbnat.standby)
+        # Other instances' flows (lbnat.owners), with the sync in mesh mode: forwarded to them
+        self.owners: FlowOwners | None = None
         self._send_first = PendingResets()  # RSTs for rows _open evicted
         self.drops: dict[DropReason, int] = {}
         self.packets = 0
@@ -368,6 +371,14 @@ class Engine:
             return self._drop(DropReason.NOT_FOR_US)
         service = target
         row = self._forward.get(forward_key(proto, src, sport, dport))
+        if row is None and self.owners is not None and (flags & (SYN | ACK | RST)) != SYN:
+            # Not a new flow, and no row: another instance's flow that the router's hash moved
+            # here (instances behind ECMP, --sync-mode mesh)? Its owner gets it unchanged.
+            owner = self.owners.owner_of(forward_key(proto, src, sport, dport), now)
+            if owner is not None:
+                if self.owners.pass_on(buf, start):
+                    return (FORWARD, owner)
+                return self._drop(DropReason.OWNER_LOOP)
         if row is None or (flags & SYN and not flags & ACK and row.state in ENDED):
             if proto == TCP and (flags & (SYN | ACK | RST)) != SYN:
                 proxy = self.syn_proxy
@@ -539,35 +550,8 @@ class Engine:
         )
 
     def reset_flows(self, service: str, backend: BackendKey, now: float) -> list[tuple[bytes, int]]:
-        """End every open flow of `service` to `backend` (`--on-dead reset`, HAProxy's
-        on-marked-down shutdown-sessions): a RST to each end, rows removed, FlowEnded events.
-        Returns the packets to send, with their next hop.
-
-        Each RST carries the sequence number its receiver expects next (the peer's last ACK
-        tracked), so the endpoint accepts it. A client in SYN_SENT has not seen the backend's
-        numbers (it gets none, retries its SYN), nor has a restored row's end (UNKNOWN_ACK)."""
-        state = self.services[service]
-        pool = self.pool_of(service, backend)
-        if pool is None:
-            return []
-        backend_ip, port = ip_int(backend[0]), backend[1]
-        packets: list[tuple[bytes, int]] = []
-        for row in [r for r in pool.rows if r is not None and r.service is state and not r.ended]:
-            if self.table.kernel is not None:  # its latest ACKs are the kernel's
-                self.table.kernel.refresh(row)
-            if state.proto == TCP:
-                client_ip, client_port = row.client_ip, row.client_port
-                if row.state is not State.SYN_SENT and row.ack_c != UNKNOWN_ACK:
-                    rst = tcp_segment(
-                        self.vip, client_ip, state.port, client_port, row.ack_c, 0, RST
-                    )
-                    packets.append((rst, client_ip))
-                if row.ack_s != UNKNOWN_ACK:
-                    rst = tcp_segment(self.lb_ip, backend_ip, row.nat_port, port, row.ack_s, 0, RST)
-                    packets.append((rst, backend_ip))
-            self.table.remove(row)
-            self._flow_ended(Ended(row, EndReason.BACKEND_DEAD, self.table.open_flows), now)
-        return packets
+        """End every open flow of `service` to `backend` (`--on-dead reset`): see reset_flows."""
+        return reset_flows(self, service, backend, now)
 
     # --- between batches ---------------------------------------------------------------------
 
@@ -575,6 +559,8 @@ class Engine:
         """Expire rows and affinity records whose time has come."""
         for ended in self.table.expire(now):
             self._flow_ended(ended, now)
+        if self.owners is not None:
+            self.owners.expire(now)
         for affinity in self._affinity.values():
             affinity.expire(now)
 
@@ -585,3 +571,37 @@ class Engine:
     @property
     def open_flows(self) -> int:
         return self.table.open_flows
+
+
+def reset_flows(
+    engine: Engine, service: str, backend: BackendKey, now: float
+) -> list[tuple[bytes, int]]:
+    """End every open flow of `service` to `backend` (`--on-dead reset`, HAProxy's
+    on-marked-down shutdown-sessions): a RST to each end, rows removed, FlowEnded events.
+    Returns the packets to send, with their next hop.
+
+    Each RST carries the sequence number its receiver expects next (the peer's last ACK
+    tracked), so the endpoint accepts it. A client in SYN_SENT has not seen the backend's
+    numbers (it gets none, retries its SYN), nor has a restored row's end (UNKNOWN_ACK)."""
+    state = engine.services[service]
+    pool = engine.pool_of(service, backend)
+    if pool is None:
+        return []
+    backend_ip, port = ip_int(backend[0]), backend[1]
+    packets: list[tuple[bytes, int]] = []
+    for row in [r for r in pool.rows if r is not None and r.service is state and not r.ended]:
+        if engine.table.kernel is not None:  # its latest ACKs are the kernel's
+            engine.table.kernel.refresh(row)
+        if state.proto == TCP:
+            client_ip, client_port = row.client_ip, row.client_port
+            if row.state is not State.SYN_SENT and row.ack_c != UNKNOWN_ACK:
+                rst = tcp_segment(
+                    engine.vip, client_ip, state.port, client_port, row.ack_c, 0, RST
+                )
+                packets.append((rst, client_ip))
+            if row.ack_s != UNKNOWN_ACK:
+                rst = tcp_segment(engine.lb_ip, backend_ip, row.nat_port, port, row.ack_s, 0, RST)
+                packets.append((rst, backend_ip))
+        engine.table.remove(row)
+        engine._flow_ended(Ended(row, EndReason.BACKEND_DEAD, engine.table.open_flows), now)
+    return packets

@@ -126,6 +126,8 @@ class WorkerSetup:
     offload_fd: int = -1
     ifindex: int = 0  # the interface the program redirects to
     sync: bool = False  # the session sync is on: journal the rows, apply a peer's (lbnat.standby)
+    # "mesh": the peers' rows say which instance owns a flow (lbnat.owners), "pair": standby rows
+    sync_mode: str = "pair"
 
 
 @dataclass(frozen=True, slots=True)

@@ -218,6 +218,11 @@ def _worker_families(f: _Families, workers: Iterable[tuple[int, Mapping[str, Any
     standby = f.counter("lbnat_standby_rows", "A peer's rows applied here (the session sync): "
                         "installed, updated, ended, refreshed, swept, or refused by why.",
                         ["event", "worker"])  # fmt: skip
+    owned = f.gauge("lbnat_owner_records", "Flows of other instances sharing the VIP that this "
+                    "worker knows the owner of (--sync-mode mesh).", ["worker"])  # fmt: skip
+    to_owner = f.counter("lbnat_owner_forwarded_packets", "Packets of another instance's flow "
+                         "that the router sent here, forwarded to their owner.",
+                         ["worker"])  # fmt: skip
     for index, c in workers:
         w = str(index)
         for name, service in c.get("services", {}).items():
@@ -252,6 +257,10 @@ def _worker_families(f: _Families, workers: Iterable[tuple[int, Mapping[str, Any
         kernel_bytes.add_metric([w], kernel.get("bytes", 0))
         for event, n in c.get("standby", {}).items():
             standby.add_metric([event, w], n)
+        owners = c.get("owners", {})
+        if owners:
+            owned.add_metric([w], owners.get("records", 0))
+            to_owner.add_metric([w], owners.get("forwarded", 0))
 
 
 class ScrapeCollector:

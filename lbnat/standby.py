@@ -160,6 +160,9 @@ class Standby:
         self.counts: Counter[str] = Counter()  # installed, updated, ended, refreshed, swept, ...
 
     def apply(self, effect: StandbyEffect, now: float) -> None:
+        if self.engine.owners is not None:  # mesh: the peers' rows tell whose flows they are
+            self._own(effect, now)
+            return
         self.journal.muted = True
         try:
             match effect:
@@ -176,6 +179,25 @@ class Standby:
                     self._sweep()
         finally:
             self.journal.muted = False
+
+    def _own(self, effect: StandbyEffect, now: float) -> None:
+        """Instances behind an ECMP router (--sync-mode mesh): a peer's rows are not copied
+        into this table (the peer's NAT source address is its own) but kept as who owns
+        which flow, for the packets the router sends here by mistake (lbnat.owners)."""
+        owners = self.engine.owners
+        assert owners is not None
+        match effect:
+            case InstallRows(peer, rows, _):
+                owners.install(peer, rows, now)
+                self.counts["owned"] += len(rows)
+            case EndRows(peer, keys):
+                owners.end(peer, keys)
+            case RefreshRows(peer, refreshes):
+                owners.refresh(peer, refreshes, now)
+            case MarkStale(peer):
+                owners.mark_stale(peer)
+            case ResyncComplete(peer):
+                self.counts["swept"] += owners.resync_complete(peer)
 
     def bulk(self, now: float) -> list[RowUpdate]:
         """Every row a peer should hold a copy of, as it is now (a resync's answer)."""

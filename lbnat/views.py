@@ -114,6 +114,11 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
         "offload": kernel.counters() if isinstance(kernel, FastPath) else dict(FastPath.ZEROS),
         # a peer's rows applied here (lbnat.standby: installed, updated, ended, ...); {} off
         "standby": {} if engine.standby is None else dict(engine.standby.counts),
+        # other instances' flows known here (each worker holds them all) and packets sent on
+        # to their owner (lbnat.owners, --sync-mode mesh); {} off
+        "owners": {} if engine.owners is None else {
+            "records": len(engine.owners.flows), "forwarded": engine.owners.forwarded,
+        },
     }
 
 

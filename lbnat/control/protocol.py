@@ -51,7 +51,7 @@ REGISTRATION_OPS = ("register", "unregister")
 """Ops allowed on the TCP control channel (and on the admin socket)."""
 
 ADMIN_OPS = ("status", "sessions", "backend_add", "backend_remove", "backend_drain", "reload",
-             "ha_role", "ha_status")  # fmt: skip
+             "ha_role", "ha_status", "bgp_status", "drain_node")  # fmt: skip
 """Ops allowed only on the admin socket."""
 
 OPS = REGISTRATION_OPS + ADMIN_OPS
@@ -79,6 +79,8 @@ _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "reload": (_NONE, _NONE),
     "ha_role": (frozenset({"role"}), _NONE),
     "ha_status": (_NONE, _NONE),  # the sync's status alone: no worker is asked (lbnat-ha check)
+    "bgp_status": (_NONE, _NONE),  # announce the VIP? (lbnat-bgp, every 0.5 s): no worker asked
+    "drain_node": (_NONE, _NONE),  # withdraw the VIP, stop when the flows have ended
 }
 
 _NONCE = re.compile(f"[0-9a-fA-F]{{{NONCE_MIN_HEX},{NONCE_MAX_HEX}}}")

@@ -75,6 +75,7 @@ from lbnat.messages import (
     WorkerFailed,
     WorkerSetup,
 )
+from lbnat.owners import FlowOwners
 from lbnat.scheduler import SharedCursor
 from lbnat.standby import Standby, SyncRecords
 from lbnat.views import answer, apply_change
@@ -747,6 +748,8 @@ def worker_main(argv: list[str] | None = None) -> int:
         return 1
     restored = restore(engine, checkpoint, time.monotonic())
     if setup.sync:  # after the restore: the journal tees into the checkpoint
+        if setup.sync_mode == "mesh":
+            engine.owners = FlowOwners(setup.timeouts)
         engine.standby = Standby(engine, setup.index)
         loop.on_sync = lambda records: send(SyncOut(records))
 

@@ -442,6 +442,7 @@ def test_status_is_built_from_the_given_counters() -> None:
     b1, b2, b4 = status.pop("services")[0].pop("backends")  # type: ignore[index]
     assert status == {
         "lb_ip": LB,
+        "vip": LB,
         "uptime": 10.5,
         "workers": workers,
         "io": "rings (frames)",

@@ -177,6 +177,8 @@ ADMIN_REQUESTS: list[tuple[dict[str, object], Request]] = [
     ({"op": "ha_role", "role": "MASTER"}, Request("ha_role", role="master")),
     ({"op": "ha_role", "role": "backup"}, Request("ha_role", role="backup")),
     ({"op": "ha_status"}, Request("ha_status")),
+    ({"op": "bgp_status"}, Request("bgp_status")),
+    ({"op": "drain_node"}, Request("drain_node")),
     (REGISTER, REGISTERED),
     (UNREGISTER, UNREGISTERED),
 ]
@@ -818,7 +820,7 @@ ADDRESSES = st.ip_addresses(v=4).filter(
 def valid_requests(draw: st.DrawFn, ops: tuple[str, ...]) -> tuple[dict[str, object], Request]:
     op = draw(st.sampled_from(ops))
     message: dict[str, object] = {"op": op}
-    if op == "ha_status":
+    if op in ("ha_status", "bgp_status", "drain_node"):
         return message, Request(op)
     if op in ("status", "sessions", "reload"):
         filtered = op != "reload" and draw(st.booleans())
