@@ -1,7 +1,7 @@
 """`lbnat-bgp`: ExaBGP's `process` program for one lbnat instance behind an ECMP router
 (docs/scale-out.md), on the standard library alone.
 
-    lbnat-bgp [--admin-socket PATH] [--interval 0.5] [--timeout 1] [--vip IP]
+    lbnat-bgp [--admin-socket PATH] [--interval 0.5] [--timeout 1] [--vip IP] [--once]
 
 ExaBGP starts it (`process lbnat { run .../lbnat-bgp ...; encoder text; }`) and reads its
 stdout: every `--interval` seconds it asks lbnat's admin socket `{"op": "bgp_status"}` and,
@@ -13,7 +13,7 @@ when the answer changes, prints
 which ExaBGP turns into BGP UPDATEs to the router. When lbnat cannot be asked (no socket,
 refused, no reply within `--timeout`, a reply it cannot read) the VIP is withdrawn: a router
 should not send flows to an instance that cannot say it serves them. One line on stderr per
-change says why (ExaBGP copies a process's stderr into its log). It exits when its stdin
+change says why (a process shares ExaBGP's stderr: the journal, or the lab's log file). It exits when its stdin
 ends (ExaBGP is gone) and on SIGTERM or SIGINT, withdrawing first.
 
 `--vip` pins the VIP: lbnat's answer must name the same one (or none), else nothing is
@@ -256,12 +256,21 @@ def parser() -> argparse.ArgumentParser:
                    help=f"seconds for lbnat's reply; slower is a withdraw ({TIMEOUT:g})")
     p.add_argument("--vip", type=ipv4, default=None,
                    help="announce this VIP only: lbnat's answer must name the same one")
+    p.add_argument("--once", action="store_true",
+                   help="ask once, print what would be said, exit 0 if it would announce, "
+                   "1 if not (for a person or a script, not ExaBGP)")
     return p  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)  # bad arguments: argparse's message, exit 2
     path = args.admin_socket or os.environ.get(ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET)
+    if args.once:
+        state, lines, log = decide(State(fresh=False), ask(path, args.timeout), args.vip)
+        for line in lines:
+            print(line)
+        print(log, file=sys.stderr)
+        return 0 if state.announced else 1
     return run(path, args.interval, args.timeout, args.vip, sys.stdin, sys.stdout, sys.stderr)
 
 

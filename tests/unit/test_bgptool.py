@@ -294,3 +294,15 @@ def test_bad_arguments_exit_2_with_one_message(
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_once_says_what_it_would_and_exits_0_when_it_would_announce(
+    lbnat: FakeLbnat, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bgptool.main(["--admin-socket", lbnat.path, "--once"]) == 0
+    out, err = capsys.readouterr()
+    assert out == ANNOUNCE + "\n" and err == "lbnat-bgp: announce 198.18.100.1/32: serving\n"
+    lbnat.reply = {"ok": False, "error": "unknown op 'bgp_status'"}
+    assert bgptool.main(["--admin-socket", lbnat.path, "--once"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "lbnat refused bgp_status: unknown op" in err
