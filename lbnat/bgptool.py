@@ -13,8 +13,8 @@ when the answer changes, prints
 which ExaBGP turns into BGP UPDATEs to the router. When lbnat cannot be asked (no socket,
 refused, no reply within `--timeout`, a reply it cannot read) the VIP is withdrawn: a router
 should not send flows to an instance that cannot say it serves them. One line on stderr per
-change says why (a process shares ExaBGP's stderr: the journal, or the lab's log file). It exits when its stdin
-ends (ExaBGP is gone) and on SIGTERM or SIGINT, withdrawing first.
+change says why (a process shares ExaBGP's stderr: the journal, or the lab's log file). It
+exits when its stdin ends (ExaBGP is gone) and on SIGTERM or SIGINT, withdrawing first.
 
 `--vip` pins the VIP: lbnat's answer must name the same one (or none), else nothing is
 announced and the line says why. A pinned VIP never makes the tool announce an address lbnat
