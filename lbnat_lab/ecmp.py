@@ -27,7 +27,9 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ LOCAL_AS = 65001
 ROUTER_AS = 65000
 BLACKHOLE_TABLE = "lbnat_bgp_blackhole"
 SBIN = "/usr/sbin:/sbin"
+GREETING = "* connected to "  # the chat server's first line (lbnat_lab.chat)
 
 _HOST_RE = re.compile(r"^(rt|c[1-9]|lb[1-9]|b[1-9])$")
 
@@ -287,3 +290,34 @@ class EcmpLab(Lab):
         if done.returncode != 0:
             raise LabError(f"{' '.join(argv[:2])} failed ({done.returncode}):\n{done.stderr}")
         return done.stdout
+
+
+def short_connections(ip: str, port: int, count: int, timeout: float = 5.0) -> dict[str, int]:
+    """`count` connections to a chat service one after another, each closed once its greeting
+    (``* connected to bN``) arrived: the backends they landed on, counted ("failed": none)."""
+    landed: dict[str, int] = {}
+    for _ in range(count):
+        name = "failed"
+        with contextlib.suppress(OSError), socket.create_connection((ip, port), timeout) as sock:
+            greeting = sock.makefile("rb").readline().decode(errors="replace").strip()
+            if greeting.startswith(GREETING):
+                name = greeting[len(GREETING) :]
+        landed[name] = landed.get(name, 0) + 1
+    return landed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lbnat_lab.ecmp connect IP PORT COUNT` (run in a client's namespace by
+    scripts/demo-ecmp.sh): short connections, one line of where they landed; exit 1 if any
+    failed."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 4 or args[0] != "connect" or not (args[2] + args[3]).isdigit():
+        print("usage: python -m lbnat_lab.ecmp connect IP PORT COUNT", file=sys.stderr)
+        return 2
+    landed = short_connections(args[1], int(args[2]), int(args[3]))
+    print(" ".join(f"{name} {n}" for name, n in sorted(landed.items())))
+    return 1 if "failed" in landed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
