@@ -228,10 +228,18 @@ echo "  the route lost $DRAINED $(seconds "$drained" "$withdrawn") s after the d
 ip -n "$P-rt" route show "$VIP" | sed 's/^/    /'
 grep -h "lbnat-bgp:" "$work/$DRAINED-exabgp.log" | tail -n 1 | sed 's/^/  /'
 connections "after the drain"
-wait_until 30 "$DRAINED's lbnat to exit" bash -c "! kill -0 ${lbnat_pid[$DRAINED]} 2>/dev/null"
+# a drained lbnat exits once its flows are done (bounded here: SIGTERM after 30 s)
+deadline=$((SECONDS + 30))
+while kill -0 "${lbnat_pid[$DRAINED]}" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do
+	sleep 0.1
+done
+if kill -0 "${lbnat_pid[$DRAINED]}" 2>/dev/null; then
+	echo "  $DRAINED's lbnat still runs 30 s after the drain began: SIGTERM"
+	kill -TERM "${lbnat_pid[$DRAINED]}"
+fi
 wait "${lbnat_pid[$DRAINED]}" 2>/dev/null || true
 lbnat_pid[$DRAINED]=""
-echo "  $DRAINED's lbnat exited; its last lines:"
+echo "  $DRAINED's lbnat exited $(seconds "$drained" "$(now)") s after the drain began; its last lines:"
 tail -n 3 "$work/$DRAINED-lbnat.log" | sed 's/^/    /'
 
 say "result"
