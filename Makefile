@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: deps bpf demo demo-ha test lint unit netns faults soak bench-core bench bench-quick screenshots dashboard config-reference clean-lab lab-compose-check lab-vagrant-check
+.PHONY: deps bpf demo demo-ha demo-ecmp test lint unit netns faults soak bench-core bench bench-quick screenshots dashboard config-reference clean-lab lab-compose-check lab-vagrant-check
 
 deps:  ## Debian tools + the project with its test extras (+ the eBPF fast path's object)
 	scripts/install-deps.sh
@@ -16,6 +16,9 @@ demo: deps  ## the netns lab: three chat servers, lbnat, six clients, the NAT ta
 
 demo-ha: deps  ## the HA pair in the netns lab: keepalived moves the VIP, the flows carry on
 	scripts/demo-ha.sh
+
+demo-ecmp: deps  ## scale-out in the netns lab: 3 lbnat instances behind an ECMP router (BGP: ExaBGP, BIRD)
+	scripts/demo-ecmp.sh
 
 lint:
 	ruff check .
@@ -57,6 +60,7 @@ config-reference:  ## rewrite the README's configuration reference from lbnat/co
 clean-lab:  ## remove the demo labs if a run was interrupted
 	LAB_PREFIX=lbnat scripts/lab.sh down
 	LAB_PREFIX=lbha scripts/ha-lab.sh down
+	LAB_PREFIX=lbecmp scripts/ecmp-lab.sh down
 
 lab-compose-check:  ## the compose lab end to end (root; starts a private dockerd if none answers)
 	$(PYTHON) -m lbnat_lab.compose_check $(ARGS)
