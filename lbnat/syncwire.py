@@ -34,6 +34,10 @@ The receiver's states, per peer (`SyncReceiver`; the table is `TRANSITIONS`):
     any            a datagram of an older epoch           dropped: old_epoch       (same)
     not IN_SYNC    a tick alone_after the start with      MarkReady(alone=True)    (same)
                    nothing ever heard from the peer
+    RESYNCING      the first datagram ever heard from a   its records' effects     RESYNC_NEEDED
+                   peer that started after this node,     (asks again when due)
+                   not a chunk of our bulk (our request
+                   went before it listened)
 
 The first datagram from a peer (no epoch known yet) is taken in order: its epoch and
 sequence number are adopted. A receiver starts in RESYNC_NEEDED, so its first tick asks.
@@ -670,12 +674,26 @@ class SyncReceiver:
                 self._move(Event.GAP)  # the datagram itself is newer than what we hold: used
         elif self.epoch is not None:  # a newer epoch: the peer restarted, its stream is new
             self._move(Event.NEW_EPOCH)
+        elif (
+            self.state is SyncState.RESYNCING
+            and message.epoch > self.own_epoch
+            and not self._answers(message)
+        ):
+            # The first word from a peer that started after this node, whose first request
+            # went at its start: most likely to nobody. Asked again when the spacing allows,
+            # not after resync_timeout (instances started one after another, an added one).
+            self._move(Event.NEW_EPOCH)
         self.epoch = message.epoch
         self.expected = message.seq + 1
         effects = apply_records(message)
         effects += self._bulk(message, now)
         effects += self._ask_if_due(now)
         return effects
+
+    def _answers(self, message: Message) -> bool:
+        """Is this a chunk of the bulk our request under way asked for?"""
+        chunk = message.records[0] if message.records else None
+        return isinstance(chunk, BulkChunk) and chunk.request == self.request
 
     def _bulk(self, message: Message, now: float) -> list[Effect]:
         """A BULK datagram's part in the resync under way (rows of any bulk are installed:

@@ -503,6 +503,21 @@ SCENARIOS: dict[str, list[Step]] = {
         ("tick", 3.0, None, [MarkReady(PEER, alone=True)], SyncState.RESYNCING),
         ("tick", 4.0, None, [], SyncState.RESYNCING),
     ],
+    "a-peer-that-started-later-is-asked-again-at-its-first-word": [
+        ("tick", 0.0, None, requested(1), SyncState.RESYNCING),  # to nobody yet
+        ("receive", 2.0, message(0, epoch=OWN_EPOCH + 2_000_000), requested(2),
+         SyncState.RESYNCING),
+    ],
+    "a-peer-that-started-earlier-is-not-asked-twice": [
+        ("tick", 0.0, None, requested(1), SyncState.RESYNCING),
+        ("receive", 0.1, message(0), [], SyncState.RESYNCING),  # its heartbeat before the bulk
+    ],
+    "a-later-peers-first-word-that-is-our-bulk-completes-it": [
+        ("tick", 0.0, None, requested(1), SyncState.RESYNCING),
+        ("receive", 0.1, Message(MessageType.BULK, PEER, OWN_EPOCH + 1, 0, CLOCK,
+         (BulkChunk(RequestId(OWN_EPOCH, 1)), BulkDone(RequestId(OWN_EPOCH, 1), 0))),
+         [ResyncComplete(PEER), MarkReady(PEER)], SyncState.IN_SYNC),
+    ],
     "a-peers-request-is-answered-with-a-bulk": [
         ("receive", 0.0, message(0, [ResyncRequest(RequestId(EPOCH, 3))], MessageType.REQUEST),
          [SendBulk(PEER, RequestId(EPOCH, 3)), *requested(1)], SyncState.RESYNCING),
