@@ -20,11 +20,10 @@
 # 4. short connections from c1 and c2 through the VIP: each instance's share (from its
 #    `lbnat status --json`) and each backend's;
 # 5. chat sessions held open, until lb2 owns at least two of them;
-# 6. lb2 is drained (`lbnat drain-node`; an lbnat without it gets SIGTERM, which also
-#    withdraws first): the route shrinks to two next hops (measured), new connections go to
-#    lb1 and lb3 alone, and every chat session still carries lines: the router rehashed lb2's
-#    flows (and some of the others') to other instances, which forward them to their owner;
-#    the sessions end, lb2 stops once its last flow has ended;
+# 6. lb2 is drained (`lbnat drain-node`): the route shrinks to two next hops (measured), new
+#    connections go to lb1 and lb3 alone, and every chat session still carries lines: the
+#    router rehashed lb2's flows (and some of the others') to other instances, which forward
+#    them to their owner; the sessions end, lb2 stops once its last flow has ended;
 # 7. the timings.
 # Every wait is bounded; everything started is stopped by pid and the lab taken down, also
 # on Ctrl-C or error.
@@ -292,13 +291,8 @@ chat_round hello
 
 say "$DRAINED is drained: its VIP withdrawn, then lbnat stops once its flows are done"
 drained=$(now)
-if "$LBNAT" drain-node --help >/dev/null 2>&1; then
-	echo "  lbnat drain-node (on $DRAINED)"
-	ip netns exec "$P-$DRAINED" "$LBNAT" drain-node --admin-socket "$work/$DRAINED.sock" | sed 's/^/  /'
-else
-	echo "  (this lbnat has no drain-node: SIGTERM, which withdraws first too)"
-	kill -TERM "${lbnat_pid[$DRAINED]}"
-fi
+echo "  lbnat drain-node (on $DRAINED)"
+ip netns exec "$P-$DRAINED" "$LBNAT" drain-node --admin-socket "$work/$DRAINED.sock" | indent ""
 rest="$(for node in "${NODES[@]}"; do [ "$node" = "$DRAINED" ] || node_ip "$node"; done | sort | tr '\n' ' ')"
 rest="${rest% }"
 wait_until 15 "the route without $DRAINED" hops_are "$rest"
@@ -311,13 +305,13 @@ chat_round "after the drain"
 echo "  open flows per instance: $(per_instance)"
 for ((i = 1; i <= ${#fds[@]}; i++)); do echo q >&"${fds[$((i - 1))]}"; done
 echo "  the chat sessions end"
-# a drained lbnat exits once its flows are done (bounded here: SIGTERM after 30 s)
+# a drained lbnat stops once its flows have ended (bounded here: SIGTERM after 30 s)
 deadline=$((SECONDS + 30))
 while kill -0 "${lbnat_pid[$DRAINED]}" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do
 	sleep 0.1
 done
 if kill -0 "${lbnat_pid[$DRAINED]}" 2>/dev/null; then
-	echo "  $DRAINED's lbnat still runs 30 s after the drain began: SIGTERM"
+	echo "  $DRAINED's lbnat still runs 30 s after its sessions ended: SIGTERM"
 	kill -TERM "${lbnat_pid[$DRAINED]}"
 fi
 wait "${lbnat_pid[$DRAINED]}" 2>/dev/null || true
