@@ -171,6 +171,12 @@ class EcmpLab(Lab):
         log.close()
         return self.bird
 
+    def stop_bird(self) -> None:
+        """SIGTERM BIRD (SIGKILL after 5 s): its sessions close, the kernel route goes."""
+        if self.bird is not None:
+            self.stop(self.bird)
+            self.bird = None
+
     def birdc(self, *command: str) -> str:
         """A birdc command on the router's BIRD (its own socket); its output."""
         return self.run("rt", "birdc", "-s", str(self.bird_socket), *command).stdout

@@ -11,16 +11,20 @@
 #
 # 1. the lab, three chat servers, BIRD on the router (scripts/bird/router-conf.sh);
 # 2. lbnat on each instance: `lbnat run 198.18.1.1N <b1..b3> --vip 198.18.100.1 --scheduler
-#    maglev` (maglev: every instance maps a flow to the same backend), its own admin socket;
+#    maglev` (maglev: every instance maps a flow to the same backend), its own admin socket,
+#    and the session sync in mesh mode among the three (UDP 7001): each knows which instance
+#    owns which flow, and forwards a packet the router sent it for another's flow to its owner;
 # 3. ExaBGP on each instance (scripts/exabgp/exabgp-conf.sh) running lbnat-bgp, which asks
 #    lbnat's bgp_status every 0.5 s: the router's route to the VIP gets three next hops (the
 #    time from the speakers' start is measured);
 # 4. short connections from c1 and c2 through the VIP: each instance's share (from its
 #    `lbnat status --json`) and each backend's;
-# 5. lb2 is drained (`lbnat drain-node`; an lbnat without it gets SIGTERM, which also
-#    withdraws first): the route shrinks to two next hops (measured), new connections go to
-#    lb1 and lb3 alone;
-# 6. the timings.
+# 5. chat sessions held open, until lb2 owns at least two of them;
+# 6. lb2 is drained (`lbnat drain-node`): the route shrinks to two next hops (measured), new
+#    connections go to lb1 and lb3 alone, and every chat session still carries lines: the
+#    router rehashed lb2's flows (and some of the others') to other instances, which forward
+#    them to their owner; the sessions end, lb2 stops once its last flow has ended;
+# 7. the timings.
 # Every wait is bounded; everything started is stopped by pid and the lab taken down, also
 # on Ctrl-C or error.
 set -euo pipefail
@@ -41,6 +45,8 @@ work=$(mktemp -d /tmp/lbnat-demo-ecmp.XXXXXX)
 . scripts/lib.sh
 declare -A lbnat_pid=() exabgp_pid=()
 bird_pid=""
+fds=()
+SESSIONS_MAX=16
 
 die() {
 	echo "demo-ecmp: $*" >&2
@@ -60,6 +66,7 @@ stop_pid() {
 
 cleanup() {
 	set +e
+	for fd in "${fds[@]:-}"; do [ -n "$fd" ] && exec {fd}>&-; done 2>/dev/null
 	for node in "${NODES[@]}"; do
 		stop_pid "${exabgp_pid[$node]:-}"
 		stop_pid "${lbnat_pid[$node]:-}"
@@ -150,12 +157,64 @@ connections() {
 }
 
 start_lbnat() {
-	local node="$1"
+	local node="$1" other peers=()
+	for other in "${NODES[@]}"; do
+		[ "$other" = "$node" ] || peers+=(--sync-peer "$(node_ip "$other")")
+	done
 	ip netns exec "$P-$node" "$LBNAT" run "$(node_ip "$node")" \
 		198.18.1.21 9000 198.18.1.22 9000 198.18.1.23 9000 --vip "$VIP" --port "$VIP_PORT" \
 		--interface eth0 --scheduler maglev --admin-socket "$work/$node.sock" \
+		--sync-mode mesh --sync-listen "$(node_ip "$node")" "${peers[@]}" \
+		--sync-secret-file "$work/sync.secret" \
 		--health-interval 1 --log-transitions "${LBNAT_ARGS[@]}" >"$work/$node-lbnat.log" 2>&1 &
 	lbnat_pid[$node]=$!
+}
+
+# open_flows NODE: the flows lbnat on NODE serves now (0 when it does not answer)
+open_flows() {
+	local json
+	json="$(ip netns exec "$P-$1" "$LBNAT" status --json --admin-socket "$work/$1.sock" 2>/dev/null)" ||
+		{ echo 0; return 0; }
+	python3 -c 'import json, sys; print(json.loads(sys.argv[1])["open_flows"])' "$json"
+}
+
+# mkclient I HOST: chat session testI from HOST through the VIP, its stdin a fifo held open
+mkclient() {
+	local i="$1" host="$2" fd
+	mkfifo "$work/test$i.in"
+	ip netns exec "$P-$host" python3 -m lbnat_lab.chat client "$VIP" "$VIP_PORT" "test$i" \
+		<"$work/test$i.in" >"$work/test$i.out" 2>&1 &
+	pids+=("$!")
+	exec {fd}>"$work/test$i.in"
+	fds+=("$fd")
+	wait_for "$work/test$i.out" "connected to" 10
+}
+
+# chat_round WORD: every session says a line; each must hear its own line back (the chat
+# server relays to every client of its own) within 10 s. Fails unless all did.
+chat_round() {
+	local word="$1" i ok=0 deadline=$((SECONDS + 10))
+	for ((i = 1; i <= ${#fds[@]}; i++)); do
+		echo "$word" >&"${fds[$((i - 1))]}"
+	done
+	for ((i = 1; i <= ${#fds[@]}; i++)); do
+		until grep -qF "[test$i] $word" "$work/test$i.out" || [ "$SECONDS" -ge "$deadline" ]; do
+			sleep 0.1
+		done
+		if grep -qF "[test$i] $word" "$work/test$i.out"; then
+			ok=$((ok + 1))
+		else
+			echo "  test$i: '$word' did not come back" >&2
+		fi
+	done
+	echo "  chat: '$word' carried by $ok of ${#fds[@]} sessions"
+	[ "$ok" -eq "${#fds[@]}" ]
+}
+
+# per_instance: "lb1 N lb2 N lb3 N", each instance's open flows
+per_instance() {
+	local node
+	for node in "${NODES[@]}"; do printf '%s %s ' "$node" "$(open_flows "$node")"; done
 }
 
 start_exabgp() {
@@ -188,14 +247,23 @@ echo "  bird -c bird.conf (AS 65000, hold time 3 s, keepalive 1 s; sessions to $
 say "lbnat on each instance: its own SRCIP, the shared VIP $VIP"
 echo "  lbnat run 198.18.1.1N 198.18.1.21 9000 198.18.1.22 9000 198.18.1.23 9000 --vip $VIP"
 echo "    --port $VIP_PORT --interface eth0 --scheduler maglev ${LBNAT_ARGS[*]}"
+echo "    --sync-mode mesh --sync-listen OWN --sync-peer OTHER --sync-peer OTHER --sync-secret-file FILE"
+(umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/sync.secret")
 for node in "${NODES[@]}"; do start_lbnat "$node"; done
 for node in "${NODES[@]}"; do wait_for "$work/$node-lbnat.log" "Server is alive" 30; done
-# lbnat-bgp --once: what ExaBGP would be told now (exit 0: announce)
-if ! answer="$(ip netns exec "$P-lb1" "$LBNAT_BGP" --admin-socket "$work/lb1.sock" --once 2>&1)"; then
-	indent "lb1: " <<<"$answer" >&2
-	die "lb1's lbnat does not ask for its VIP to be announced (an lbnat without bgp_status refuses it)"
-fi
-indent "lb1: " <<<"$answer"
+# lbnat-bgp --once: what ExaBGP would be told now (exit 0: announce). An instance asks for
+# the VIP once it can serve: a backend alive, and the mesh sync holding the others' flows
+for node in "${NODES[@]}"; do
+	deadline=$((SECONDS + 30))
+	until answer="$(ip netns exec "$P-$node" "$LBNAT_BGP" --admin-socket "$work/$node.sock" --once 2>&1)"; do
+		if [ "$SECONDS" -ge "$deadline" ]; then
+			indent "$node: " <<<"$answer" >&2
+			die "$node's lbnat did not ask for its VIP within 30 s (an lbnat without bgp_status refuses it)"
+		fi
+		sleep 0.2
+	done
+	indent "$node: " <<<"$answer" | tail -n 1
+done
 
 say "ExaBGP on each instance: lbnat-bgp announces the VIP while lbnat serves it"
 started=$(now)
@@ -211,15 +279,20 @@ grep -h "lbnat-bgp:" "$work"/lb*-exabgp.log | sed 's/^/  /'
 say "short connections through the VIP, spread by the router's 5-tuple hash"
 connections "spread over three"
 
+say "chat sessions held open, until $DRAINED owns two of them"
+n=0
+while [ "$(open_flows "$DRAINED")" -lt 2 ] && [ "$n" -lt "$SESSIONS_MAX" ]; do
+	n=$((n + 1))
+	if [ $((n % 2)) = 1 ]; then mkclient "$n" c1; else mkclient "$n" c2; fi
+	sleep 0.2 # the row reaches the status (and the mesh) within a batch
+done
+echo "  $n sessions; open flows per instance: $(per_instance)"
+chat_round hello
+
 say "$DRAINED is drained: its VIP withdrawn, then lbnat stops once its flows are done"
 drained=$(now)
-if "$LBNAT" drain-node --help >/dev/null 2>&1; then
-	echo "  lbnat drain-node (on $DRAINED)"
-	ip netns exec "$P-$DRAINED" "$LBNAT" drain-node --admin-socket "$work/$DRAINED.sock" | sed 's/^/  /'
-else
-	echo "  (this lbnat has no drain-node: SIGTERM, which withdraws first too)"
-	kill -TERM "${lbnat_pid[$DRAINED]}"
-fi
+echo "  lbnat drain-node (on $DRAINED)"
+ip netns exec "$P-$DRAINED" "$LBNAT" drain-node --admin-socket "$work/$DRAINED.sock" | indent ""
 rest="$(for node in "${NODES[@]}"; do [ "$node" = "$DRAINED" ] || node_ip "$node"; done | sort | tr '\n' ' ')"
 rest="${rest% }"
 wait_until 15 "the route without $DRAINED" hops_are "$rest"
@@ -228,13 +301,17 @@ echo "  the route lost $DRAINED $(seconds "$drained" "$withdrawn") s after the d
 ip -n "$P-rt" route show "$VIP" | sed 's/^/    /'
 grep -h "lbnat-bgp:" "$work/$DRAINED-exabgp.log" | tail -n 1 | sed 's/^/  /'
 connections "after the drain"
-# a drained lbnat exits once its flows are done (bounded here: SIGTERM after 30 s)
+chat_round "after the drain"
+echo "  open flows per instance: $(per_instance)"
+for ((i = 1; i <= ${#fds[@]}; i++)); do echo q >&"${fds[$((i - 1))]}"; done
+echo "  the chat sessions end"
+# a drained lbnat stops once its flows have ended (bounded here: SIGTERM after 30 s)
 deadline=$((SECONDS + 30))
 while kill -0 "${lbnat_pid[$DRAINED]}" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do
 	sleep 0.1
 done
 if kill -0 "${lbnat_pid[$DRAINED]}" 2>/dev/null; then
-	echo "  $DRAINED's lbnat still runs 30 s after the drain began: SIGTERM"
+	echo "  $DRAINED's lbnat still runs 30 s after its sessions ended: SIGTERM"
 	kill -TERM "${lbnat_pid[$DRAINED]}"
 fi
 wait "${lbnat_pid[$DRAINED]}" 2>/dev/null || true
@@ -244,5 +321,6 @@ tail -n 3 "$work/$DRAINED-lbnat.log" | sed 's/^/    /'
 
 say "result"
 echo "  BGP: the router's route over 3 instances $(seconds "$started" "$learned") s after the speakers started"
-echo "  drain: $DRAINED out of the route $(seconds "$drained" "$withdrawn") s after the drain began" \
-	"(lbnat-bgp asks every 0.5 s, then one UPDATE)"
+echo "  drain: $DRAINED out of the route $(seconds "$drained" "$withdrawn") s after \`lbnat drain-node\` was run" \
+	"(the CLI's start, lbnat-bgp's poll every 0.5 s, one UPDATE)"
+echo "  chat sessions carried through the drain: ${#fds[@]} of ${#fds[@]}"

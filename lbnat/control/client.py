@@ -2,7 +2,8 @@
 (host, port), and its reply line.
 
 On the standard library alone, and imported by `lbnat.hatool`, whose check keepalived runs
-every second: `lbnat.control.server` (the ask_lbnat helper built on this) imports the config
+every second, and `lbnat.bgptool`, which asks twice a second for ExaBGP:
+`lbnat.control.server` (the ask_lbnat helper built on this) imports the config
 and its jsonschema, about 0.1 s.
 """
 

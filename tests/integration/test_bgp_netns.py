@@ -21,12 +21,16 @@ room for 2 busy cores):
   session, the router drops the routes at once; restarted: back;
 - the instance's BGP blackholed (nftables drops TCP 179 both ways: a hung machine): the
   router's hold timer (3 s) expires; the drop lifted: back;
-- an instance added to the lab (and its speaker started) joins the route; removed, it leaves.
+- an instance added to the lab (and its speaker started) joins the route; removed, it leaves;
+- with two real lbnats (`--vip`) instead of the stand-in: the route over both, a chat session
+  through it; every backend dead: both say no and the route goes; alive: back; SIGTERM to one
+  lbnat: its next hop withdrawn while it still runs (it says no, then stops 2 s later).
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +41,14 @@ import pytest
 
 from lbnat_lab.ecmp import VIP, EcmpLab, host_ip
 from lbnat_lab.netns import REPO, skip_reason
-from tests.integration.conftest import require
+from tests.integration.conftest import (
+    BACKEND_PORT,
+    VIP_PORT,
+    Bed,
+    Proc,
+    console_script,
+    require,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -92,8 +103,8 @@ class Bgp:
         self.lab.stop(self.stubs.pop(instance))
         Path(self.socket(instance)).unlink(missing_ok=True)
 
-    def start_speaker(self, instance: str) -> None:
-        self.lab.start_exabgp(instance, str(self.lbnat_bgp), self.socket(instance))
+    def start_speaker(self, instance: str, admin_socket: str | None = None) -> None:
+        self.lab.start_exabgp(instance, str(self.lbnat_bgp), admin_socket or self.socket(instance))
 
     def measure(self, what: str, expected: set[str], since: float, bound: float) -> float:
         try:
@@ -205,3 +216,62 @@ def test_an_instance_added_joins_the_route_and_leaves_it_when_removed(bgp: Bgp) 
     lab.remove_instance(4)
     bgp.measure("left: instance removed", hops("lb1", "lb2", "lb3"), t, SLACK)
     assert not Path(f"/run/netns/{lab.prefix}-lb4").exists()
+
+
+# -- with lbnat itself -------------------------------------------------------------------------
+
+
+def test_lbnat_s_own_answer_moves_the_route(bgp: Bgp) -> None:
+    """Two real lbnats (--vip) on lb1 and lb2: the router learns the VIP from both and a chat
+    session goes through it; every backend dead makes both say no (the route goes), alive
+    again yes; SIGTERM to lb2's lbnat withdraws its next hop before lbnat has stopped."""
+    lab = bgp.lab
+    bed = Bed(lab, bgp.tmp)
+    try:
+        servers = {b: bed.chat_server(b) for b in ("b1", "b2", "b3")}
+        lbnats = {node: start_lbnat(bed, node) for node in ("lb1", "lb2")}
+        lab.start_bird()
+        for node in lbnats:
+            bgp.start_speaker(node, admin_socket=lbnat_socket(bed, node))
+        bgp.measure("learned from 2 lbnats", hops("lb1", "lb2"), time.monotonic(), 20.0)
+        client, server = bed.chat_client("c1", "alice", ip=VIP)
+        assert server in servers
+        client.send_line("hello")
+        client.expect("[alice] hello")
+
+        t = time.monotonic()
+        for proc in servers.values():
+            bed.stop(proc)
+        # dead after 3 failed probes of 0.3 s, then a poll
+        bgp.measure("withdrawn: every backend dead", set(), t, 3 * 0.3 + 0.5 + POLL + SLACK)
+        t = time.monotonic()
+        servers = {b: bed.chat_server(b) for b in ("b1", "b2", "b3")}
+        bgp.measure("announced again: backends alive", hops("lb1", "lb2"), t, 0.3 + POLL + SLACK)
+
+        t = time.monotonic()
+        lbnats["lb2"].signal(signal.SIGTERM)
+        bgp.measure("withdrawn: lbnat stopping (SIGTERM)", hops("lb1"), t, POLL + SLACK)
+        assert lbnats["lb2"].popen.poll() is None, "lb2's lbnat stopped before its withdraw"
+        assert lbnats["lb2"].wait(15.0) == 0
+        assert "withdraw 198.18.100.1/32" in lab.exabgp_log("lb2")
+    finally:
+        bed.close()
+
+
+def lbnat_socket(bed: Bed, node: str) -> str:
+    return str(bed.tmp / f"{node}-lbnat.sock")
+
+
+def start_lbnat(bed: Bed, node: str) -> Proc:
+    """`lbnat run <node's address> b1..b3 --vip VIP` on `node`, its first health reports seen."""
+    words: list[str] = []
+    for b in ("b1", "b2", "b3"):
+        words += [host_ip(b), str(BACKEND_PORT)]
+    proc = bed.start(
+        node, console_script("lbnat"), "run", host_ip(node), *words, "--vip", VIP,
+        "--port", str(VIP_PORT), "--interface", "eth0", "--workers", "1",
+        "--scheduler", "maglev", "--health-interval", "0.3", "--health-timeout", "0.5",
+        "--admin-socket", lbnat_socket(bed, node), name=f"{node} lbnat",
+    )  # fmt: skip
+    proc.expect("Server is alive", timeout=20.0)
+    return proc
