@@ -494,7 +494,10 @@ class Engine:
                 if candidate is not None and candidate.eligible:
                     backend = candidate
         if backend is None:
-            backend = service.scheduler.pick(key, _ActiveFlows(self.table, service))
+            # With affinity a client hashes by its address alone: maglev then gives its flows
+            # one backend in every worker and every instance behind ECMP, record or not.
+            flow_hash = key if affinity is None else forward_key(proto, client_ip, 0, service.port)
+            backend = service.scheduler.pick(flow_hash, _ActiveFlows(self.table, service))
         if backend is None:
             service.count_drop(DropReason.NO_BACKEND)
             self.count_drop(DropReason.NO_BACKEND)
