@@ -26,6 +26,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lbnat_lab.netns import REPO, SCRIPT_TIMEOUT, Lab, LabError, checkout_env
+from lbnat_lab.netns import REPO, Lab, LabError, checkout_env, skip_reason
 
 ECMP_LAB_SH = REPO / "scripts" / "ecmp-lab.sh"
 ROUTER_CONF_SH = REPO / "scripts" / "bird" / "router-conf.sh"
@@ -95,32 +96,18 @@ class EcmpLab(Lab):
         self.instances = instances
         self.workdir = workdir
         self.bird: subprocess.Popen[bytes] | None = None
+        self.measured: dict[str, float] = {}  # what -> seconds (measure_routes)
         self.exabgp: dict[str, subprocess.Popen[bytes]] = {}
         workdir.mkdir(parents=True, exist_ok=True)
         super().__init__(backends=backends, prefix=prefix or f"lbe{secrets.token_hex(3)}")
 
     # -- the lab itself ------------------------------------------------------------------------
 
-    def script(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """Run ``scripts/ecmp-lab.sh ARGS`` for this lab's prefix; raise with its output on
-        error (but for status)."""
-        result = subprocess.run(
-            ["bash", str(ECMP_LAB_SH), *args],
-            env=checkout_env(
-                LAB_PREFIX=self.prefix,
-                LAB_INSTANCES=str(self.instances),
-                LAB_BACKENDS=str(self.backends),
-            ),
-            capture_output=True,
-            text=True,
-            timeout=SCRIPT_TIMEOUT,
-        )
-        if result.returncode != 0 and args[0] != "status":
-            raise LabError(
-                f"ecmp-lab.sh {' '.join(args)} failed ({result.returncode}):\n"
-                f"{result.stdout}{result.stderr}"
-            )
-        return result
+    script_path = ECMP_LAB_SH
+
+    def script_env(self) -> dict[str, str]:
+        return {"LAB_PREFIX": self.prefix, "LAB_INSTANCES": str(self.instances),
+                "LAB_BACKENDS": str(self.backends)}  # fmt: skip
 
     def add_instance(self, n: int) -> str:
         """Create instance lbN (198.18.1.(10+N), the VIP on lo) in the running lab."""
@@ -131,10 +118,6 @@ class EcmpLab(Lab):
         """Kill what runs in lbN (by pid, the script) and delete it."""
         self.exabgp.pop(f"lb{n}", None)
         self.script("remove-instance", str(n))
-
-    def ns(self, host: str) -> str:
-        host_ip(host)  # validates the name
-        return f"{self.prefix}-{host}"
 
     @staticmethod
     def ip(host: str) -> str:
@@ -264,6 +247,27 @@ class EcmpLab(Lab):
             time.sleep(0.02)
         return time.monotonic() - start
 
+    def measure_routes(self, what: str, expected: set[str], since: float, bound: float) -> float:
+        """wait_routes, printed, kept in `measured` and held to `bound` seconds (an
+        AssertionError with the daemons' logs otherwise): the tests' measurements."""
+        try:
+            took = self.wait_routes(expected, timeout=bound + 5, since=since)
+        except TimeoutError as error:
+            raise AssertionError(f"{what}: {error}\n{self.logs()}") from None
+        print(f"{what}: {took:.2f} s")
+        self.measured[what] = took
+        assert took < bound, f"{what} took {took:.2f} s (bound {bound} s)"
+        return took
+
+    def logs(self) -> str:
+        """The tails of BIRD's log and every running speaker's."""
+        bird = self.workdir / "bird.log"
+        text = bird.read_text(errors="replace") if bird.exists() else ""
+        parts = [f"--- bird.log\n{text[-3000:]}"]
+        for instance in sorted(self.exabgp):
+            parts.append(f"--- {instance}\n{self.exabgp_log(instance)[-3000:]}")
+        return "\n".join(parts)
+
     # -- faults --------------------------------------------------------------------------------
 
     def blackhole(self, instance: str) -> None:
@@ -296,6 +300,26 @@ class EcmpLab(Lab):
         if done.returncode != 0:
             raise LabError(f"{' '.join(argv[:2])} failed ({done.returncode}):\n{done.stderr}")
         return done.stdout
+
+
+def missing_tools() -> str | None:
+    """Why the ECMP lab cannot run here (not root, no netns, no BIRD or ExaBGP), or None."""
+    if (reason := skip_reason()) is not None:
+        return reason
+    for tool in ("bird", "birdc", "exabgp", "nft"):
+        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
+            return f"needs {tool} (apt-get install bird2 exabgp nftables)"
+    return None
+
+
+def checkout_lbnat_bgp(directory: Path) -> Path:
+    """An executable `lbnat-bgp` in `directory` that runs this checkout's lbnat.bgptool (the
+    console script may be another checkout's, or missing until `pip install -e .`): ExaBGP
+    runs its process by absolute path."""
+    path = directory / "lbnat-bgp"
+    path.write_text(f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m lbnat.bgptool \"$@\"\n")
+    path.chmod(0o755)
+    return path
 
 
 def short_connections(ip: str, port: int, count: int, timeout: float = 5.0) -> dict[str, int]:

@@ -145,20 +145,26 @@ class Lab:
 
     # -- the lab itself ------------------------------------------------------------------------
 
+    script_path = LAB_SH  # the script that builds this kind of lab (EcmpLab: ecmp-lab.sh)
+
+    def script_env(self) -> dict[str, str]:
+        """The script's settings for this lab."""
+        return {"LAB_PREFIX": self.prefix, "LAB_BACKENDS": str(self.backends),
+                "LAB_LBS": str(self.lbs)}  # fmt: skip
+
     def script(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """Run ``scripts/lab.sh ARGS`` for this lab's prefix; raise with its output on error."""
+        """Run the lab's script (``scripts/lab.sh ARGS``) for this lab's prefix; raise with
+        its output on error (but for status)."""
         result = subprocess.run(
-            ["bash", str(LAB_SH), *args],
-            env=checkout_env(
-                LAB_PREFIX=self.prefix, LAB_BACKENDS=str(self.backends), LAB_LBS=str(self.lbs)
-            ),
+            ["bash", str(self.script_path), *args],
+            env=checkout_env(**self.script_env()),
             capture_output=True,
             text=True,
             timeout=SCRIPT_TIMEOUT,
         )
         if result.returncode != 0 and args[0] != "status":
             raise LabError(
-                f"lab.sh {' '.join(args)} failed ({result.returncode}):\n"
+                f"{self.script_path.name} {' '.join(args)} failed ({result.returncode}):\n"
                 f"{result.stdout}{result.stderr}"
             )
         return result
@@ -173,7 +179,7 @@ class Lab:
 
     def ns(self, host: str) -> str:
         """Namespace name of a lab host ("c1" -> "<prefix>-c1")."""
-        host_ip(host)  # validates the name
+        self.ip(host)  # validates the name (this kind of lab's hosts)
         return f"{self.prefix}-{host}"
 
     @staticmethod

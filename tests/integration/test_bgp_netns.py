@@ -29,7 +29,6 @@ room for 2 busy cores):
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,15 +38,13 @@ from pathlib import Path
 
 import pytest
 
-from lbnat_lab.ecmp import VIP, EcmpLab, host_ip
-from lbnat_lab.netns import REPO, skip_reason
+from lbnat_lab.ecmp import VIP, EcmpLab, checkout_lbnat_bgp, host_ip, missing_tools
 from tests.integration.conftest import (
     BACKEND_PORT,
     VIP_PORT,
     Bed,
     Proc,
     console_script,
-    require,
 )
 
 pytestmark = pytest.mark.netns
@@ -68,14 +65,7 @@ class Bgp:
         self.lab = lab
         self.tmp = tmp
         self.stubs: dict[str, subprocess.Popen[bytes]] = {}
-        # lbnat-bgp from this checkout (the console script may be another checkout's, or
-        # missing until `pip install -e .`): ExaBGP runs it with an absolute path
-        self.lbnat_bgp = tmp / "lbnat-bgp"
-        self.lbnat_bgp.write_text(
-            f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m lbnat.bgptool \"$@\"\n"
-        )
-        self.lbnat_bgp.chmod(0o755)
-        self.measured: dict[str, float] = {}
+        self.lbnat_bgp = checkout_lbnat_bgp(tmp)
 
     def socket(self, instance: str) -> str:
         return str(self.tmp / f"{instance}.sock")
@@ -107,37 +97,23 @@ class Bgp:
         self.lab.start_exabgp(instance, str(self.lbnat_bgp), admin_socket or self.socket(instance))
 
     def measure(self, what: str, expected: set[str], since: float, bound: float) -> float:
-        try:
-            took = self.lab.wait_routes(expected, timeout=bound + 5, since=since)
-        except TimeoutError as error:
-            raise AssertionError(f"{what}: {error}\n{self.logs()}") from None
-        print(f"{what}: {took:.2f} s")
-        self.measured[what] = took
-        assert took < bound, f"{what} took {took:.2f} s (bound {bound} s)"
-        return took
+        return self.lab.measure_routes(what, expected, since, bound)
 
     def logs(self) -> str:
-        parts = [f"--- bird.log\n{(self.tmp / 'bird.log').read_text(errors='replace')[-3000:]}"]
-        for instance in sorted(self.lab.exabgp):
-            parts.append(f"--- {instance}\n{self.lab.exabgp_log(instance)[-3000:]}")
-        return "\n".join(parts)
+        return self.lab.logs()
 
 
 @pytest.fixture
 def bgp(tmp_path: Path) -> Iterator[Bgp]:
-    if (reason := skip_reason()) is not None:
+    if (reason := missing_tools()) is not None:
         pytest.skip(reason)
-    require("nft")
-    for tool in ("bird", "birdc", "exabgp"):
-        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
-            pytest.skip(f"needs {tool} (apt-get install bird2 exabgp)")
     with EcmpLab(workdir=tmp_path) as lab:
         the_bgp = Bgp(lab, tmp_path)
         try:
             yield the_bgp
         finally:
-            print(the_bgp.logs())
-            print("measured: " + ", ".join(f"{k} {v:.2f} s" for k, v in the_bgp.measured.items()))
+            print(lab.logs())
+            print("measured: " + ", ".join(f"{k} {v:.2f} s" for k, v in lab.measured.items()))
 
 
 def start_all(bgp: Bgp, instances: tuple[str, ...] = ("lb1", "lb2", "lb3")) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -36,8 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from lbnat_lab.ecmp import VIP, EcmpLab, host_ip
-from lbnat_lab.netns import REPO, skip_reason
+from lbnat_lab.ecmp import VIP, EcmpLab, checkout_lbnat_bgp, host_ip, missing_tools
 from tests.integration.conftest import MB, Bed, Proc, console_script, random_file, require, sha256
 from tests.integration.transfer import paced_source
 
@@ -69,13 +67,7 @@ class Fleet:
         self.secret = tmp / "sync.secret"
         self.secret.write_text(os.urandom(32).hex())
         self.lbnat_cmd = console_script("lbnat")
-        # lbnat-bgp from this checkout: ExaBGP runs it by absolute path
-        self.lbnat_bgp = tmp / "lbnat-bgp"
-        self.lbnat_bgp.write_text(
-            f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m lbnat.bgptool \"$@\"\n"
-        )
-        self.lbnat_bgp.chmod(0o755)
-        self.measured: dict[str, float] = {}
+        self.lbnat_bgp = checkout_lbnat_bgp(tmp)
 
     def socket(self, node: str) -> str:
         return str(self.tmp / f"{node}.sock")
@@ -135,30 +127,14 @@ class Fleet:
         return {r["client"] for r in rows if r["service"] == CHAT and r["state"] == "ESTABLISHED"}
 
     def wait_routes(self, what: str, expected: set[str], since: float, bound: float) -> float:
-        try:
-            took = self.lab.wait_routes(expected, timeout=bound + 10, since=since)
-        except TimeoutError as error:
-            raise AssertionError(f"{what}: {error}\n{self.logs()}") from None
-        print(f"{what}: {took:.2f} s")
-        self.measured[what] = took
-        assert took < bound, f"{what} took {took:.2f} s (bound {bound} s)"
-        return took
-
-    def logs(self) -> str:
-        parts = [f"--- bird.log\n{(self.tmp / 'bird.log').read_text(errors='replace')[-2000:]}"]
-        for node in sorted(self.lab.exabgp):
-            parts.append(f"--- {node} exabgp\n{self.lab.exabgp_log(node)[-2000:]}")
-        return "\n".join(parts)
+        return self.lab.measure_routes(what, expected, since, bound)
 
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    if (reason := skip_reason()) is not None:
+    if (reason := missing_tools()) is not None:
         pytest.skip(reason)
-    require("nft", "socat")
-    for tool in ("bird", "birdc", "exabgp"):
-        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
-            pytest.skip(f"needs {tool} (apt-get install bird2 exabgp)")
+    require("socat")
     with EcmpLab(workdir=tmp_path) as lab:
         bed = Bed(lab, tmp_path)
         the_fleet = Fleet(lab, bed, tmp_path)
@@ -168,7 +144,8 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
             for node in list(lab.exabgp):
                 lab.stop_exabgp(node)
             bed.close()
-            print("measured: " + ", ".join(f"{k} {v:.2f} s" for k, v in the_fleet.measured.items()))
+            print(lab.logs())
+            print("measured: " + ", ".join(f"{k} {v:.2f} s" for k, v in lab.measured.items()))
 
 
 def start_fleet(fleet: Fleet, nodes: tuple[str, ...], mesh: bool = True) -> None:

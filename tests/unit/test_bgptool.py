@@ -5,7 +5,6 @@ real pipes (ExaBGP's side) with a scripted lbnat."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import socket
@@ -21,6 +20,7 @@ import pytest
 from lbnat import bgptool
 from lbnat.bgptool import Answer, State, answer_of, decide, stop_lines
 from lbnat.config import DEFAULT_ADMIN_SOCKET
+from tests.unit.fake_admin import FakeLbnat
 
 VIP = "198.18.100.1"
 OTHER = "198.18.100.2"
@@ -139,51 +139,17 @@ def test_answer_of(reply: bytes, expected: Answer | str) -> None:
 # -- against a stand-in admin socket -----------------------------------------------------------
 
 
-class FakeLbnat:
-    """Answers bgp_status with `self.reply` (a dict, or bytes sent as they are; None: accept
-    and say nothing, as a hung lbnat)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-        self.reply: dict[str, object] | bytes | None = {
-            "ok": True, "announce": True, "vip": VIP, "why": "serving",
-        }  # fmt: skip
-        self.requests: list[bytes] = []
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(self.path)
-        self.server.listen()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            with conn:
-                self.requests.append(conn.makefile("rb").readline())
-                reply = self.reply
-                if reply is None:
-                    time.sleep(1.5)
-                    continue
-                line = reply if isinstance(reply, bytes) else json.dumps(reply).encode() + b"\n"
-                conn.sendall(line)
-
-    def close(self) -> None:
-        self.server.close()
-
-
 @pytest.fixture
 def lbnat(tmp_path: Path) -> Iterator[FakeLbnat]:
-    fake = FakeLbnat(tmp_path / "admin.sock")
+    fake = FakeLbnat(tmp_path / "admin.sock", {"ok": True, "announce": True, "vip": VIP,
+                                               "why": "serving"})  # fmt: skip
     yield fake
     fake.close()
 
 
 def test_ask_sends_bgp_status(lbnat: FakeLbnat) -> None:
     assert bgptool.ask(lbnat.path) == YES
-    assert json.loads(lbnat.requests[0]) == {"op": "bgp_status"}
+    assert lbnat.requests[0] == {"op": "bgp_status"}
 
 
 def test_ask_without_lbnat(tmp_path: Path) -> None:

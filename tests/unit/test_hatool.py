@@ -4,9 +4,6 @@ the CLI's ha-check / ha-role, which call the same functions."""
 
 from __future__ import annotations
 
-import json
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,34 +13,7 @@ from click.testing import CliRunner
 from lbnat import hatool
 from lbnat.cli import main
 from lbnat.config import DEFAULT_ADMIN_SOCKET
-
-
-class FakeLbnat:
-    """Answers each request line with `reply(request)`; keeps the requests."""
-
-    def __init__(self, path: Path, reply: dict[str, object]) -> None:
-        self.path = str(path)
-        self.reply = reply
-        self.requests: list[dict[str, object]] = []
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(self.path)
-        self.server.listen()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            with conn:
-                line = conn.makefile("rb").readline()
-                self.requests.append(json.loads(line))
-                conn.sendall(json.dumps(self.reply).encode() + b"\n")
-
-    def close(self) -> None:
-        self.server.close()
+from tests.unit.fake_admin import FakeLbnat
 
 
 @pytest.fixture
