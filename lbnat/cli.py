@@ -537,6 +537,10 @@ def status(admin_socket: str, as_json: bool) -> None:
     link = reply.get("link")
     if link and link["state"] != "up":
         click.echo(f"  link {link['interface']} {link['state']} for {link['since']} s")
+    bgp = reply.get("bgp")
+    if bgp:  # behind an ECMP router (--vip): what the speaker should say
+        verb = "announce" if bgp["announce"] else "withdraw"
+        click.echo(f"  VIP {reply.get('vip')}: {verb} ({bgp['why']}; {bgp['phase']})")
     if len(workers) > 1:
         for w in workers:
             state = "running" if w["alive"] else "restarting"

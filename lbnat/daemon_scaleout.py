@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 from lbnat.control.protocol import Request, ack
 from lbnat.daemon_questions import Questions
@@ -51,6 +52,15 @@ class ScaleOut(Questions):
             eligible={name: sum(b.eligible for b in group) for name, group in backends.items()},
             sync_ready=None if sync is None or sync.settings.mode != "mesh" else sync.ready,
         )
+
+    def status_of(self, counters: dict[str, Any]) -> dict[str, object]:
+        """Questions' status, and with a VIP apart (--vip) whether it should be announced."""
+        status = super().status_of(counters)
+        if self.control.config.vip is not None:
+            answer = announcement(self.node_view())
+            status["bgp"] = {"announce": answer.announce, "why": answer.why,
+                             "phase": self._phase.value}  # fmt: skip
+        return status
 
     def scaleout_request(self, request: Request) -> tuple[bytes, str | None]:
         """`bgp_status` (the speaker's question) or `drain_node`: the reply, and why a nack."""

@@ -105,6 +105,11 @@ def _control_families(f: _Families, snap: Snapshot) -> None:
     sync = status.get("sync")
     if isinstance(sync, Mapping):
         _sync_families(f, sync)
+    bgp = status.get("bgp")
+    if isinstance(bgp, Mapping):  # behind an ECMP router: what lbnat-bgp tells the router
+        f.gauge("lbnat_bgp_announce", "1 while this instance wants its VIP announced (lbnat "
+                "bgp-status), 0 while it wants it withdrawn.", []).add_metric(
+            [], int(bool(bgp.get("announce"))))  # fmt: skip
     link = status.get("link")
     if isinstance(link, Mapping):
         up = f.gauge("lbnat_link_up", "1 when lbnat's interface is up.", ["interface"])

@@ -227,6 +227,7 @@ class SyncNode:
         dropped = Counter(dict(self.drops))  # copies first: the sync thread adds reasons
         dropped.update(dict(self.inbox.drops))
         return {
+            "mode": self.settings.mode,
             "role": self.role.value,
             "ready": self.ready,
             "listen": f"{self.settings.listen}:{self.settings.port}",

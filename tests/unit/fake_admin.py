@@ -31,7 +31,10 @@ class FakeLbnat:
             except OSError:
                 return
             with conn:
-                self.requests.append(json.loads(conn.makefile("rb").readline()))
+                line = conn.makefile("rb").readline()
+                if not line:  # a client that went before it asked (a tool stopping)
+                    continue
+                self.requests.append(json.loads(line))
                 reply = self.reply
                 if reply is None:
                     time.sleep(1.5)

@@ -195,6 +195,24 @@ def test_the_session_sync_s_status_and_standby_rows(
     assert value(samples, "lbnat_standby_rows_total", event="swept", worker="0") == 1
 
 
+@pytest.mark.parametrize("announce", [True, False])
+def test_scale_out_s_announcement_and_flow_owners(
+    scraped: tuple[Samples, dict[str, str], list[dict[str, Any]]], announce: bool
+) -> None:
+    samples, types, _ = scraped
+    assert "lbnat_bgp_announce" not in types  # no --vip
+    assert not [name for name, _ in samples if name.startswith("lbnat_owner_")]  # no mesh
+    bgp = {"announce": announce, "why": "...", "phase": "serving"}
+    worker = {"owners": {"records": 12, "forwarded": 40}}
+    instruments = Instruments()
+    snapshot = Snapshot({"bgp": bgp}, [(0, worker)], offload=False, version="1.2")
+    instruments.add(ScrapeCollector(lambda: snapshot))
+    samples, types = scrape(instruments)
+    assert value(samples, "lbnat_bgp_announce") == int(announce)
+    assert value(samples, "lbnat_owner_records", worker="0") == 12
+    assert value(samples, "lbnat_owner_forwarded_packets_total", worker="0") == 40
+
+
 def test_instruments_count_probes_requests_and_reloads() -> None:
     instruments = Instruments()
     instruments.probe("web", "198.18.0.21:8080", 0.002, ok=True)
