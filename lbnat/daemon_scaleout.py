@@ -117,17 +117,22 @@ class ScaleOut(Questions):
             plane.stop()
 
     def withdraw_then_stop(self) -> bool:
-        """At SIGTERM: when a speaker announces the VIP, withdraw first and stop WITHDRAW_WAIT
-        later (True); otherwise, or at a second signal, stop at once (False)."""
+        """At SIGTERM (in the signal handler): when a speaker announces the VIP, withdraw first
+        and stop WITHDRAW_WAIT later (True); otherwise, or at a second signal, stop at once
+        (False). The log line and the wait are a thread's: a handler that wrote to the log
+        could land inside the main thread's own write (a reentrant call)."""
         plane = self.plane
         recent = time.monotonic() - self._asked_at < ASKED_RECENTLY
         if plane is None or self._phase is Phase.STOPPING or not recent:
             return False
         self._phase = Phase.STOPPING
-        self.log(f"stopping: {self.vip} is withdrawn first; the data plane stops in "
-                 f"{WITHDRAW_WAIT:g} s (a second signal stops it now)", "stop_withdraw",
-                 level=logging.INFO)  # fmt: skip
-        timer = threading.Timer(WITHDRAW_WAIT, plane.stop)
-        timer.daemon = True
-        timer.start()
+
+        def withdraw_and_stop() -> None:
+            self.log(f"stopping: {self.vip} is withdrawn first; the data plane stops in "
+                     f"{WITHDRAW_WAIT:g} s (a second signal stops it now)", "stop_withdraw",
+                     level=logging.INFO)  # fmt: skip
+            time.sleep(WITHDRAW_WAIT)
+            plane.stop()
+
+        threading.Thread(target=withdraw_and_stop, name="lbnat-withdraw", daemon=True).start()
         return True
