@@ -147,16 +147,7 @@ open_flows() {
 }
 
 # mkclient I HOST: chat session testI from HOST through the VIP, its stdin a fifo held open
-mkclient() {
-	local i="$1" host="$2" fd
-	mkfifo "$work/test$i.in"
-	ip netns exec "$P-$host" python3 -m lbnat_lab.chat client "$VIP" "$VIP_PORT" "test$i" \
-		<"$work/test$i.in" >"$work/test$i.out" 2>&1 &
-	pids+=("$!")
-	exec {fd}>"$work/test$i.in"
-	fds+=("$fd")
-	wait_for "$work/test$i.out" "connected to" 10
-}
+mkclient() { start_chat_client "$1" "$2" "$VIP" "$VIP_PORT"; }
 
 # chat_round WORD: every session says a line; each must hear its own line back (the chat
 # server relays to every client of its own) within 10 s. Fails unless all did.

@@ -213,16 +213,11 @@ scripts/ha-lab.sh status | tail -n 1
 show_logs
 
 say "clients through the VIP: four chat sessions and a long transfer"
+# mkclient I HOST: chat session testI from HOST through the VIP (its stdin a fifo held open),
+# and the server it landed on
 mkclient() {
-	local i="$1" host="$2"
-	mkfifo "$work/test$i.in"
-	ip netns exec "$P-$host" python3 -m lbnat_lab.chat client "$VIP" "$VIP_PORT" "test$i" \
-		<"$work/test$i.in" >"$work/test$i.out" 2>&1 &
-	pids+=("$!")
-	exec {fd}>"$work/test$i.in"
-	fds+=("$fd")
-	wait_for "$work/test$i.out" "connected to" 10
-	printf '  test%s (from %s) -> %s\n' "$i" "$host" "$(head -n 1 "$work/test$i.out")"
+	start_chat_client "$1" "$2" "$VIP" "$VIP_PORT"
+	printf '  test%s (from %s) -> %s\n' "$1" "$2" "$(head -n 1 "$work/test$1.out")"
 }
 mkclient 1 c1
 mkclient 2 c2

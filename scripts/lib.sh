@@ -104,6 +104,21 @@ wait_for() {
 	done
 }
 
+# start_chat_client I HOST ADDRESS PORT: chat session testI from lab $P's HOST to ADDRESS:PORT,
+# its output in $work/testI.out, its stdin the fifo $work/testI.in held open in fds (a line
+# written there is said; close_fds ends the session), remembered by pid; returns once it is
+# connected.
+start_chat_client() {
+	local i="$1" fd
+	mkfifo "$work/test$i.in"
+	ip netns exec "$P-$2" python3 -m lbnat_lab.chat client "$3" "$4" "test$i" \
+		<"$work/test$i.in" >"$work/test$i.out" 2>&1 &
+	pids+=("$!")
+	exec {fd}>"$work/test$i.in"
+	fds+=("$fd")
+	wait_for "$work/test$i.out" "connected to" 10
+}
+
 # start_chat_servers: a chat server on b1 b2 b3 of lab $P, port 9000, run by the script the
 # Vagrant backends run (--systemd there; --foreground execs the server), logs in $work/bN.log,
 # remembered by pid; returns once each listens.
