@@ -45,55 +45,37 @@ work=$(mktemp -d /tmp/lbnat-demo-ecmp.XXXXXX)
 . scripts/lib.sh
 declare -A lbnat_pid=() exabgp_pid=()
 bird_pid=""
-fds=()
 SESSIONS_MAX=16
-
-die() {
-	echo "demo-ecmp: $*" >&2
-	exit 1
-}
+# the route's changes are timed: wait_until polls them every 20 ms
+wait_poll=0.02
 
 node_ip() { echo "198.18.1.$((10 + ${1#lb}))"; }
 # indent PREFIX: stdin's lines, indented and prefixed
 indent() { sed "s/^/  $1/"; }
 
-stop_pid() {
-	local pid="$1"
-	[ -n "$pid" ] || return 0
-	kill -TERM "$pid" 2>/dev/null || true
-	wait "$pid" 2>/dev/null || true
-}
-
 cleanup() {
 	set +e
-	for fd in "${fds[@]:-}"; do [ -n "$fd" ] && exec {fd}>&-; done 2>/dev/null
+	close_fds
 	for node in "${NODES[@]}"; do
 		stop_pid "${exabgp_pid[$node]:-}"
 		stop_pid "${lbnat_pid[$node]:-}"
 	done
 	stop_pid "$bird_pid"
-	stop_pids
 	# whatever is left in the namespaces (ExaBGP's lbnat-bgp, say) is killed by pid there
-	scripts/ecmp-lab.sh down >/dev/null
-	rm -rf "$work"
+	cleanup_lab scripts/ecmp-lab.sh
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if [ "$(id -u)" -ne 0 ]; then
-	die "run as root (sudo make demo-ecmp): lbnat opens a packet socket, the lab makes namespaces"
-fi
-BIRD="$(PATH="$PATH:/usr/sbin:/sbin" command -v bird || true)"
-EXABGP="$(PATH="$PATH:/usr/sbin:/sbin" command -v exabgp || true)"
+need_root "sudo make demo-ecmp" "lbnat opens a packet socket, the lab makes namespaces"
+BIRD="$(find_command bird)"
+EXABGP="$(find_command exabgp)"
 if [ -z "$BIRD" ] || [ -z "$EXABGP" ]; then
 	die "needs bird and exabgp (Debian: apt-get install bird2 exabgp; make deps)"
 fi
 # ExaBGP runs lbnat-bgp by an absolute path: the one beside this python's lbnat, else a
 # wrapper running this checkout's (an lbnat installed before lbnat-bgp existed has none)
-LBNAT="${LBNAT:-$(dirname "$(python3 -c 'import sys; print(sys.executable)')")/lbnat}"
-[ -x "$LBNAT" ] || LBNAT="$(command -v lbnat || true)"
-[ -x "$LBNAT" ] || die "no lbnat command (make deps)"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+find_lbnat
 EXABGP_ENV="$PWD/scripts/exabgp/exabgp.env"
 LBNAT_BGP="${LBNAT_BGP:-$(dirname "$LBNAT")/lbnat-bgp}"
 if [ ! -x "$LBNAT_BGP" ]; then
@@ -102,20 +84,6 @@ if [ ! -x "$LBNAT_BGP" ]; then
 		"$(python3 -c 'import sys; print(sys.executable)')" >"$LBNAT_BGP"
 	chmod 0755 "$LBNAT_BGP"
 fi
-
-now() { date +%s.%N; }
-# seconds FROM TO: TO - FROM, two decimals
-seconds() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$1" "$2"; }
-
-# wait_until SECONDS WHAT COMMAND...: until COMMAND succeeds (polled every 20 ms)
-wait_until() {
-	local deadline=$((SECONDS + $1)) what="$2"
-	shift 2
-	until "$@" >/dev/null 2>&1; do
-		[ "$SECONDS" -lt "$deadline" ] || die "timed out waiting for $what"
-		sleep 0.02
-	done
-}
 
 # next_hops: the router's next hops for the VIP, sorted, one line ("" when it has no route)
 next_hops() {
@@ -179,16 +147,7 @@ open_flows() {
 }
 
 # mkclient I HOST: chat session testI from HOST through the VIP, its stdin a fifo held open
-mkclient() {
-	local i="$1" host="$2" fd
-	mkfifo "$work/test$i.in"
-	ip netns exec "$P-$host" python3 -m lbnat_lab.chat client "$VIP" "$VIP_PORT" "test$i" \
-		<"$work/test$i.in" >"$work/test$i.out" 2>&1 &
-	pids+=("$!")
-	exec {fd}>"$work/test$i.in"
-	fds+=("$fd")
-	wait_for "$work/test$i.out" "connected to" 10
-}
+mkclient() { start_chat_client "$1" "$2" "$VIP" "$VIP_PORT"; }
 
 # chat_round WORD: every session says a line; each must hear its own line back (the chat
 # server relays to every client of its own) within 10 s. Fails unless all did.

@@ -44,12 +44,6 @@ work=$(mktemp -d /tmp/lbnat-demo-ha.XXXXXX)
 . scripts/lib.sh
 declare -A lbnat_pid=() keepalived_pid=()
 transfer_pid=""
-fds=()
-
-die() {
-	echo "demo-ha: $*" >&2
-	exit 1
-}
 
 # keepalived_kill NODE SIGNAL [nowait]: the parent and its VRRP child (SIGKILL to the parent
 # alone makes the child stop cleanly, priority 0: not a crash); the parent is stopped first so
@@ -75,53 +69,29 @@ keepalived_reap() {
 }
 
 lbnat_kill() {
-	local node="$1" signal="$2" pid="${lbnat_pid[$1]:-}"
-	[ -n "$pid" ] || return 0
-	kill "-$signal" "$pid" 2>/dev/null || true
-	wait "$pid" 2>/dev/null || true
-	lbnat_pid[$node]=""
+	stop_pid "${lbnat_pid[$1]:-}" "$2"
+	lbnat_pid[$1]=""
 }
 
 cleanup() {
 	set +e
-	for fd in "${fds[@]:-}"; do [ -n "$fd" ] && exec {fd}>&-; done 2>/dev/null
-	[ -n "$transfer_pid" ] && kill -TERM "$transfer_pid" 2>/dev/null && wait "$transfer_pid" 2>/dev/null
+	close_fds
+	stop_pid "$transfer_pid"
 	for node in lb1 lb2; do
 		keepalived_kill "$node" TERM
 		lbnat_kill "$node" TERM
 	done
-	stop_pids
-	scripts/ha-lab.sh down >/dev/null
-	rm -rf "$work"
+	cleanup_lab scripts/ha-lab.sh
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if [ "$(id -u)" -ne 0 ]; then
-	die "run as root (sudo make demo-ha): lbnat opens a packet socket, keepalived adds the VIP"
-fi
-KEEPALIVED="$(PATH="$PATH:/usr/sbin:/sbin" command -v keepalived || true)"
+need_root "sudo make demo-ha" "lbnat opens a packet socket, keepalived adds the VIP"
+KEEPALIVED="$(find_command keepalived)"
 [ -n "$KEEPALIVED" ] || die "needs keepalived (Debian: apt-get install keepalived; make deps)"
 # keepalived runs `lbnat ha-check` and the notify script with its environment (PYTHONPATH
 # included) but wants an absolute path, root's: the lbnat beside this python, else on PATH
-LBNAT="${LBNAT:-$(dirname "$(python3 -c 'import sys; print(sys.executable)')")/lbnat}"
-[ -x "$LBNAT" ] || LBNAT="$(command -v lbnat || true)"
-[ -x "$LBNAT" ] || die "no lbnat command (make deps)"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-
-now() { date +%s.%N; }
-# seconds FROM TO: TO - FROM, two decimals
-seconds() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$1" "$2"; }
-
-# wait_until SECONDS WHAT COMMAND...: until COMMAND succeeds
-wait_until() {
-	local deadline=$((SECONDS + $1)) what="$2"
-	shift 2
-	until "$@" >/dev/null 2>&1; do
-		[ "$SECONDS" -lt "$deadline" ] || die "timed out waiting for $what"
-		sleep 0.05
-	done
-}
+find_lbnat
 
 vip_on() { [ "$(scripts/ha-lab.sh vip 2>/dev/null)" = "$1" ]; }
 ready() { ip netns exec "$P-$1" "$LBNAT" ha-check --admin-socket "$work/$1.sock"; }
@@ -243,16 +213,11 @@ scripts/ha-lab.sh status | tail -n 1
 show_logs
 
 say "clients through the VIP: four chat sessions and a long transfer"
+# mkclient I HOST: chat session testI from HOST through the VIP (its stdin a fifo held open),
+# and the server it landed on
 mkclient() {
-	local i="$1" host="$2"
-	mkfifo "$work/test$i.in"
-	ip netns exec "$P-$host" python3 -m lbnat_lab.chat client "$VIP" "$VIP_PORT" "test$i" \
-		<"$work/test$i.in" >"$work/test$i.out" 2>&1 &
-	pids+=("$!")
-	exec {fd}>"$work/test$i.in"
-	fds+=("$fd")
-	wait_for "$work/test$i.out" "connected to" 10
-	printf '  test%s (from %s) -> %s\n' "$i" "$host" "$(head -n 1 "$work/test$i.out")"
+	start_chat_client "$1" "$2" "$VIP" "$VIP_PORT"
+	printf '  test%s (from %s) -> %s\n' "$1" "$2" "$(head -n 1 "$work/test$1.out")"
 }
 mkclient 1 c1
 mkclient 2 c2

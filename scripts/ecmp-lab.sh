@@ -48,9 +48,6 @@
 
 set -euo pipefail
 
-# Kselftest framework requirement - SKIP code is 4.
-ksft_skip=4
-
 P="${LAB_PREFIX:-lbecmp}"
 NINSTANCES="${LAB_INSTANCES:-3}"
 NBACKENDS="${LAB_BACKENDS:-3}"
@@ -60,36 +57,21 @@ CLIENT_NET="198.18.2"
 VIP=198.18.100.1
 PLEN=24
 MAX_HOSTS=9
+# what runs in this lab (BIRD, ExaBGP, lbnat) gets 3 s after SIGTERM at down, not lab.sh's 2
+KILL_WAIT=30
 
 log() { echo "ecmp-lab: $*"; }
 die() { echo "ecmp-lab: error: $*" >&2; exit 1; }
 
+# require, valid_prefix, valid_count, ns_exists, make_ns, make_switch, plug, wait_link_up,
+# kill_ns_pids, cmd_down (they use P, SW, PLEN, KILL_WAIT, log, die and lab_namespaces,
+# defined here)
+# shellcheck source=scripts/netns-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/netns-lib.sh"
+
 usage() {
 	echo "usage: LAB_PREFIX=P LAB_INSTANCES=N LAB_BACKENDS=N $0 up|down|status|check|add-instance N|remove-instance N" >&2
 	exit 2
-}
-
-require() {
-	if [ "$(id -u)" -ne 0 ]; then
-		echo "SKIP: ecmp-lab.sh needs root" >&2
-		exit $ksft_skip
-	fi
-	if ! command -v ip >/dev/null 2>&1; then
-		echo "SKIP: could not run without the ip tool (iproute2)" >&2
-		exit $ksft_skip
-	fi
-}
-
-valid_prefix() {
-	# Namespace names become file names under /run/netns; keep them plain and short.
-	[[ "$P" =~ ^[A-Za-z0-9_.]{1,16}$ ]] || die "bad LAB_PREFIX '$P' (1-16 of [A-Za-z0-9_.])"
-}
-
-valid_count() {
-	# $1 what, $2 number
-	if ! [[ "$2" =~ ^[0-9]+$ ]] || [ "$2" -lt 1 ] || [ "$2" -gt $MAX_HOSTS ]; then
-		die "$1 number '$2' out of range 1..$MAX_HOSTS"
-	fi
 }
 
 # host name (rt, c1, lb2, b3) -> address on its eth0
@@ -109,10 +91,6 @@ host_bridge() {
 	c[0-9]) echo br1 ;;
 	*) echo br0 ;;
 	esac
-}
-
-ns_exists() {
-	ip netns list | awk '{print $1}' | grep -x -- "$1" >/dev/null
 }
 
 # Namespaces of this lab that exist now (exact prefix, so lbe1 never matches lbe12-*).
@@ -137,60 +115,6 @@ lab_hosts() {
 		existing_instances
 		for ((i = 1; i <= NBACKENDS; i++)); do echo "b$i"; done
 	} | awk '!seen[$0]++'
-}
-
-no_ipv6() {
-	# $1 namespace, $2.. interfaces; quiet no-op where the kernel has no IPv6
-	local ns="$1" dev
-	shift
-	[ -d /proc/sys/net/ipv6 ] || return 0
-	for dev in "$@"; do
-		ip netns exec "$ns" sysctl -qw "net.ipv6.conf.$dev.disable_ipv6=1" >/dev/null 2>&1 || true
-	done
-}
-
-make_ns() {
-	local ns="$1"
-	if ! ns_exists "$ns"; then
-		ip netns add "$ns"
-	fi
-	ip -n "$ns" link set lo up
-	# new interfaces in this namespace start without IPv6
-	no_ipv6 "$ns" default all
-}
-
-make_switch() {
-	local br
-	make_ns "$SW"
-	for br in br0 br1; do
-		if ! ip -n "$SW" link show "$br" >/dev/null 2>&1; then
-			# STP off (the default): ports forward at once, no listening/learning delay
-			ip -n "$SW" link add "$br" type bridge stp_state 0
-		fi
-		no_ipv6 "$SW" "$br"
-		ip -n "$SW" link set "$br" up
-	done
-	# with br_netfilter loaded, bridged IPv4 would also traverse this namespace's
-	# netfilter hooks; a switch should just switch
-	ip netns exec "$SW" sysctl -qw net.bridge.bridge-nf-call-iptables=0 \
-		net.bridge.bridge-nf-call-ip6tables=0 net.bridge.bridge-nf-call-arptables=0 \
-		>/dev/null 2>&1 || true
-}
-
-# plug NS DEV PORT BRIDGE ADDR: veth DEV in namespace NS, its peer PORT on BRIDGE in the switch
-plug() {
-	local ns="$1" dev="$2" port="$3" br="$4" addr="$5"
-	if ! ip -n "$ns" link show "$dev" >/dev/null 2>&1; then
-		# a stale switch-side peer (its host end is gone) would block the name
-		ip -n "$SW" link del "$port" >/dev/null 2>&1 || true
-		ip -n "$SW" link add "$port" type veth peer name "$dev" netns "$ns"
-	fi
-	no_ipv6 "$ns" "$dev"
-	no_ipv6 "$SW" "$port"
-	ip -n "$SW" link set "$port" master "$br"
-	ip -n "$SW" link set "$port" up
-	ip -n "$ns" addr replace "$addr/$PLEN" dev "$dev"
-	ip -n "$ns" link set "$dev" up
 }
 
 make_router() {
@@ -230,62 +154,24 @@ make_host() {
 }
 
 wait_up() {
-	# veth carrier comes up asynchronously; give it a moment
-	local ns dev i
+	local ns dev
 	for ns in $(lab_namespaces | grep -v -- "-sw\$" || true); do
 		for dev in eth0 eth1; do
 			ip -n "$ns" link show "$dev" >/dev/null 2>&1 || continue
-			for ((i = 0; i < 50; i++)); do
-				if ip -n "$ns" link show "$dev" 2>/dev/null | grep 'state UP' >/dev/null; then
-					break
-				fi
-				sleep 0.1
-			done
+			wait_link_up "$ns" "$dev"
 		done
 	done
 }
 
 cmd_up() {
 	local h
-	make_switch
+	make_switch br0 br1
 	make_router
 	for h in $(lab_hosts); do
 		make_host "$h"
 	done
 	wait_up
 	log "up: $(lab_namespaces | tr '\n' ' ')"
-}
-
-kill_ns_pids() {
-	local ns="$1" pids pid i
-	pids="$(ip netns pids "$ns" 2>/dev/null || true)"
-	[ -n "$pids" ] || return 0
-	for pid in $pids; do
-		log "killing pid $pid left in $ns"
-		kill -TERM "$pid" 2>/dev/null || true
-	done
-	for ((i = 0; i < 30; i++)); do
-		[ -n "$(ip netns pids "$ns" 2>/dev/null || true)" ] || return 0
-		sleep 0.1
-	done
-	for pid in $(ip netns pids "$ns" 2>/dev/null || true); do
-		kill -KILL "$pid" 2>/dev/null || true
-	done
-}
-
-cmd_down() {
-	local ns
-	for ns in $(lab_namespaces); do
-		kill_ns_pids "$ns"
-	done
-	# hosts first, the switch last: deleting a host namespace destroys its veth pair
-	for ns in $(lab_namespaces | grep -v -- "-sw\$" || true) $(lab_namespaces | grep -- "-sw\$" || true); do
-		ip netns del "$ns" 2>/dev/null || true
-	done
-	if [ -n "$(lab_namespaces)" ]; then
-		die "down: namespaces left: $(lab_namespaces | tr '\n' ' ')"
-	fi
-	log "down: prefix $P clean"
 }
 
 # vip_route: the router's route to the VIP, one line ("none" when it has none)
@@ -361,10 +247,7 @@ ping_from() {
 
 cmd_check() {
 	local h b ret=0
-	if ! command -v ping >/dev/null 2>&1; then
-		echo "SKIP: check needs ping (iputils-ping)" >&2
-		exit $ksft_skip
-	fi
+	require_ping
 	cmd_status >/dev/null || die "check: lab is not up (run: $0 up)"
 	ping_from c1 "$CLIENT_NET.1" rt || ret=1
 	for h in $(lab_hosts); do
@@ -382,7 +265,7 @@ cmd_check() {
 
 cmd_add_instance() {
 	local n="$1"
-	valid_count instance "$n"
+	valid_count instance "$n" $MAX_HOSTS
 	if ! ns_exists "$SW" || ! ns_exists "${P}-rt"; then
 		die "add-instance: lab $P is not up"
 	fi
@@ -393,7 +276,7 @@ cmd_add_instance() {
 
 cmd_remove_instance() {
 	local n="$1" ns
-	valid_count instance "$n"
+	valid_count instance "$n" $MAX_HOSTS
 	ns="${P}-lb$n"
 	if ns_exists "$ns"; then
 		kill_ns_pids "$ns"
@@ -407,8 +290,8 @@ main() {
 	[ $# -ge 1 ] || usage
 	require
 	valid_prefix
-	valid_count instance "$NINSTANCES"
-	valid_count backend "$NBACKENDS"
+	valid_count instance "$NINSTANCES" $MAX_HOSTS
+	valid_count backend "$NBACKENDS" $MAX_HOSTS
 	case "$1" in
 	up) cmd_up ;;
 	down) cmd_down ;;

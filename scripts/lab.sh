@@ -36,9 +36,6 @@
 
 set -euo pipefail
 
-# Kselftest framework requirement - SKIP code is 4.
-ksft_skip=4
-
 P="${LAB_PREFIX:-lbnat}"
 NBACKENDS="${LAB_BACKENDS:-3}"
 NLBS="${LAB_LBS:-1}"
@@ -47,35 +44,21 @@ BR="br0"
 NET="198.18.0"
 PLEN=24
 MAX_BACKENDS=99
+# down gives whatever still runs in the lab 2 s after SIGTERM, then SIGKILLs it
+KILL_WAIT=20
 
 log() { echo "lab: $*"; }
 die() { echo "lab: error: $*" >&2; exit 1; }
 
+# require, valid_prefix, valid_count, ns_exists, make_ns, make_switch, plug, wait_link_up,
+# kill_ns_pids, cmd_down (they use P, SW, PLEN, KILL_WAIT, log, die and lab_namespaces,
+# defined here)
+# shellcheck source=scripts/netns-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/netns-lib.sh"
+
 usage() {
 	echo "usage: LAB_PREFIX=P LAB_BACKENDS=N LAB_LBS=1|2 $0 up|down|status|check|add-backend N" >&2
 	exit 2
-}
-
-require() {
-	if [ "$(id -u)" -ne 0 ]; then
-		echo "SKIP: lab.sh needs root" >&2
-		exit $ksft_skip
-	fi
-	if ! command -v ip >/dev/null 2>&1; then
-		echo "SKIP: could not run without the ip tool (iproute2)" >&2
-		exit $ksft_skip
-	fi
-}
-
-valid_prefix() {
-	# Namespace names become file names under /run/netns; keep them plain and short.
-	[[ "$P" =~ ^[A-Za-z0-9_.]{1,16}$ ]] || die "bad LAB_PREFIX '$P' (1-16 of [A-Za-z0-9_.])"
-}
-
-valid_count() {
-	if ! [[ "$1" =~ ^[0-9]+$ ]] || [ "$1" -lt 1 ] || [ "$1" -gt $MAX_BACKENDS ]; then
-		die "backend number '$1' out of range 1..$MAX_BACKENDS"
-	fi
 }
 
 valid_lbs() {
@@ -96,10 +79,6 @@ host_ip() {
 	b[0-9]*) echo "$NET.$((20 + ${1#b}))" ;;
 	*) die "unknown host '$1'" ;;
 	esac
-}
-
-ns_exists() {
-	ip netns list | awk '{print $1}' | grep -x -- "$1" >/dev/null
 }
 
 # Namespaces of this lab that exist now (exact prefix, so lbt1 never matches lbt12-*).
@@ -128,113 +107,29 @@ lab_hosts() {
 	expected_hosts | awk '!seen[$0]++'
 }
 
-no_ipv6() {
-	# $1 namespace, $2.. interfaces; quiet no-op where the kernel has no IPv6
-	local ns="$1" dev
-	shift
-	[ -d /proc/sys/net/ipv6 ] || return 0
-	for dev in "$@"; do
-		ip netns exec "$ns" sysctl -qw "net.ipv6.conf.$dev.disable_ipv6=1" >/dev/null 2>&1 || true
-	done
-}
-
-make_ns() {
-	local ns="$1"
-	if ! ns_exists "$ns"; then
-		ip netns add "$ns"
-	fi
-	ip -n "$ns" link set lo up
-	# new interfaces in this namespace start without IPv6
-	no_ipv6 "$ns" default all
-}
-
-make_switch() {
-	make_ns "$SW"
-	if ! ip -n "$SW" link show "$BR" >/dev/null 2>&1; then
-		# STP off (the default): ports forward at once, no listening/learning delay
-		ip -n "$SW" link add "$BR" type bridge stp_state 0
-	fi
-	no_ipv6 "$SW" "$BR"
-	# with br_netfilter loaded, bridged IPv4 would also traverse this namespace's
-	# netfilter hooks; a switch should just switch
-	ip netns exec "$SW" sysctl -qw net.bridge.bridge-nf-call-iptables=0 \
-		net.bridge.bridge-nf-call-ip6tables=0 net.bridge.bridge-nf-call-arptables=0 \
-		>/dev/null 2>&1 || true
-	ip -n "$SW" link set "$BR" up
-}
-
 # make_host NAME: namespace ${P}-NAME, eth0 with its address, peer NAME on the bridge
 make_host() {
 	local h="$1" ns="${P}-$1" addr
 	addr="$(host_ip "$h")"
 	make_ns "$ns"
-	if ! ip -n "$ns" link show eth0 >/dev/null 2>&1; then
-		# a stale switch-side peer (its host end is gone) would block the name
-		ip -n "$SW" link del "$h" >/dev/null 2>&1 || true
-		ip -n "$SW" link add "$h" type veth peer name eth0 netns "$ns"
-	fi
-	no_ipv6 "$ns" eth0
-	no_ipv6 "$SW" "$h"
-	ip -n "$SW" link set "$h" master "$BR"
-	ip -n "$SW" link set "$h" up
-	ip -n "$ns" addr replace "$addr/$PLEN" dev eth0
-	ip -n "$ns" link set eth0 up
+	plug "$ns" eth0 "$h" "$BR" "$addr"
 }
 
 wait_up() {
-	# veth carrier comes up asynchronously; give it a moment
-	local h ns i
+	local h
 	for h in $(lab_hosts); do
-		ns="${P}-$h"
-		for ((i = 0; i < 50; i++)); do
-			if ip -n "$ns" link show eth0 2>/dev/null | grep 'state UP' >/dev/null; then
-				break
-			fi
-			sleep 0.1
-		done
+		wait_link_up "${P}-$h" eth0
 	done
 }
 
 cmd_up() {
 	local h
-	make_switch
+	make_switch "$BR"
 	for h in $(lab_hosts); do
 		make_host "$h"
 	done
 	wait_up
 	log "up: $(lab_namespaces | tr '\n' ' ')"
-}
-
-kill_ns_pids() {
-	local ns="$1" pids pid i
-	pids="$(ip netns pids "$ns" 2>/dev/null || true)"
-	[ -n "$pids" ] || return 0
-	for pid in $pids; do
-		log "killing pid $pid left in $ns"
-		kill -TERM "$pid" 2>/dev/null || true
-	done
-	for ((i = 0; i < 20; i++)); do
-		[ -n "$(ip netns pids "$ns" 2>/dev/null || true)" ] || return 0
-		sleep 0.1
-	done
-	for pid in $(ip netns pids "$ns" 2>/dev/null || true); do
-		kill -KILL "$pid" 2>/dev/null || true
-	done
-}
-
-cmd_down() {
-	local ns
-	for ns in $(lab_namespaces); do
-		kill_ns_pids "$ns"
-	done
-	# hosts first, the switch last: deleting a host namespace destroys its veth pair
-	for ns in $(lab_namespaces | grep -v -- "-sw\$" || true) $(lab_namespaces | grep -- "-sw\$" || true); do
-		ip netns del "$ns" 2>/dev/null || true
-	done
-	if [ -n "$(lab_namespaces)" ]; then
-		die "down: namespaces left: $(lab_namespaces | tr '\n' ' ')"
-	fi
-	log "down: prefix $P clean"
 }
 
 cmd_status() {
@@ -273,10 +168,7 @@ cmd_status() {
 
 cmd_check() {
 	local from h ret=0
-	if ! command -v ping >/dev/null 2>&1; then
-		echo "SKIP: check needs ping (iputils-ping)" >&2
-		exit $ksft_skip
-	fi
+	require_ping
 	cmd_status >/dev/null || die "check: lab is not up (run: $0 up)"
 	for from in $(lb_hosts | awk '{print $1}') c1; do
 		for h in $(lab_hosts); do
@@ -294,9 +186,9 @@ cmd_check() {
 
 cmd_add_backend() {
 	local n="$1"
-	valid_count "$n"
+	valid_count backend "$n" $MAX_BACKENDS
 	ns_exists "$SW" || die "add-backend: lab $P is not up (no $SW)"
-	make_switch
+	make_switch "$BR"
 	make_host "b$n"
 	log "added ${P}-b$n $(host_ip "b$n")"
 }
@@ -305,7 +197,7 @@ main() {
 	[ $# -ge 1 ] || usage
 	require
 	valid_prefix
-	valid_count "$NBACKENDS"
+	valid_count backend "$NBACKENDS" $MAX_BACKENDS
 	valid_lbs
 	case "$1" in
 	up) cmd_up ;;

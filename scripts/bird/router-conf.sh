@@ -65,27 +65,20 @@ for opt in router_id local_ip; do
 done
 [ ${#instances[@]} -gt 0 ] || bad_usage "give at least one --instance NAME=IP"
 for opt in local_as peer_as; do
-	if ! [[ "${!opt}" =~ ^[0-9]{1,10}$ ]] || [ "${!opt}" -lt 1 ] || [ "${!opt}" -gt 4294967295 ]; then
-		bad_usage "--${opt/_/-} must be an AS number, 1-4294967295"
-	fi
+	in_range "${!opt}" 1 4294967295 || bad_usage "--${opt/_/-} must be an AS number, 1-4294967295"
 done
 [[ "$vip_prefix" =~ ^[0-9.]+/[0-9]{1,2}$ ]] || bad_usage "--vip-prefix must be NET/LEN"
 valid_ipv4 "${vip_prefix%/*}"
 [ "${vip_prefix#*/}" -le 32 ] || bad_usage "--vip-prefix: a length of 0-32"
-if ! [[ "$hold_time" =~ ^[0-9]{1,5}$ ]] || [ "$hold_time" -lt 3 ] || [ "$hold_time" -gt 65535 ]; then
-	bad_usage "--hold-time must be 3-65535 seconds"
-fi
+in_range "$hold_time" 3 65535 || bad_usage "--hold-time must be 3-65535 seconds"
 if ! [[ "$keepalive_time" =~ ^[0-9]{1,5}$ ]] || [ "$keepalive_time" -lt 1 ] ||
 	[ "$keepalive_time" -ge "$hold_time" ]; then
 	bad_usage "--keepalive-time must be 1 or more and below the hold time"
 fi
 
-conf="$(sed -e "s|@ROUTER_ID@|$router_id|g" -e "s|@LOCAL_IP@|$local_ip|g" \
-	-e "s|@LOCAL_AS@|$local_as|g" -e "s|@PEER_AS@|$peer_as|g" -e "s|@VIP_PREFIX@|$vip_prefix|g" \
-	-e "s|@HOLD_TIME@|$hold_time|g" -e "s|@KEEPALIVE_TIME@|$keepalive_time|g" "$here/router.conf.in")"
-if grep -q '@[A-Z_]*@' <<<"$conf"; then
-	die "placeholders left: $(grep -o '@[A-Z_]*@' <<<"$conf" | sort -u | tr '\n' ' ')"
-fi
+conf="$(fill_template "$here/router.conf.in" ROUTER_ID="$router_id" LOCAL_IP="$local_ip" \
+	LOCAL_AS="$local_as" PEER_AS="$peer_as" VIP_PREFIX="$vip_prefix" HOLD_TIME="$hold_time" \
+	KEEPALIVE_TIME="$keepalive_time")"
 declare -A seen=()
 for instance in "${instances[@]}"; do
 	[[ "$instance" == *=* ]] || bad_usage "--instance '$instance' is not NAME=IP"
@@ -100,13 +93,10 @@ for instance in "${instances[@]}"; do
 	seen[$name]=1 seen[$ip]=1
 	conf+="$(printf '\n\nprotocol bgp %s from lbnat_instance {\n\tneighbor %s as %s;\n}' "$name" "$ip" "$peer_as")"
 done
-if [ "$check" = 1 ] && PATH="$PATH:/usr/sbin:/sbin" command -v bird >/dev/null 2>&1; then
+if [ "$check" = 1 ] && installed bird; then
 	tmp="$(mktemp)"
 	trap 'rm -f "$tmp"' EXIT
 	printf '%s\n' "$conf" >"$tmp"
-	if ! out="$(PATH="$PATH:/usr/sbin:/sbin" bird -p -c "$tmp" 2>&1)"; then
-		echo "$out" >&2
-		die "bird -p refuses the config written for router $router_id"
-	fi
+	check_conf bird -p -c "$tmp" || die "bird -p refuses the config written for router $router_id"
 fi
 printf '%s\n' "$conf"

@@ -73,36 +73,25 @@ if [ -n "$vip" ]; then
 	vip_option=" --vip $vip"
 fi
 for opt in local_as peer_as; do
-	if ! [[ "${!opt}" =~ ^[0-9]{1,10}$ ]] || [ "${!opt}" -lt 1 ] || [ "${!opt}" -gt 4294967295 ]; then
-		bad_usage "--${opt/_/-} must be an AS number, 1-4294967295"
-	fi
+	in_range "${!opt}" 1 4294967295 || bad_usage "--${opt/_/-} must be an AS number, 1-4294967295"
 done
 if ! [[ "$hold_time" =~ ^[0-9]{1,5}$ ]] || [ "$hold_time" -gt 65535 ] ||
 	{ [ "$hold_time" -ne 0 ] && [ "$hold_time" -lt 3 ]; }; then
 	bad_usage "--hold-time must be 0 or 3-65535 seconds (RFC 4271)"
 fi
-for opt in lbnat_bgp admin_socket; do
-	[[ "${!opt}" == /* ]] || bad_usage "--${opt/_/-} must be an absolute path"
-	[[ "${!opt}" =~ ^[A-Za-z0-9_./+-]+$ ]] || bad_usage "--${opt/_/-}: no spaces or quotes"
-done
+valid_abs_path --lbnat-bgp "$lbnat_bgp"
+valid_abs_path --admin-socket "$admin_socket"
 
-conf="$(sed -e "s|@NAME@|$name|g" -e "s|@OWN@|$own|g" -e "s|@ROUTER@|$router|g" \
-	-e "s|@LOCAL_AS@|$local_as|g" -e "s|@PEER_AS@|$peer_as|g" -e "s|@HOLD_TIME@|$hold_time|g" \
-	-e "s|@LBNAT_BGP@|$lbnat_bgp|g" -e "s|@ADMIN_SOCKET@|$admin_socket|g" \
-	-e "s|@VIP_OPTION@|$vip_option|g" "$here/exabgp.conf.in")"
-if grep -q '@[A-Z_]*@' <<<"$conf"; then
-	die "placeholders left: $(grep -o '@[A-Z_]*@' <<<"$conf" | sort -u | tr '\n' ' ')"
-fi
-if [ "$check" = 1 ] && PATH="$PATH:/usr/sbin:/sbin" command -v exabgp >/dev/null 2>&1; then
+conf="$(fill_template "$here/exabgp.conf.in" NAME="$name" OWN="$own" ROUTER="$router" \
+	LOCAL_AS="$local_as" PEER_AS="$peer_as" HOLD_TIME="$hold_time" LBNAT_BGP="$lbnat_bgp" \
+	ADMIN_SOCKET="$admin_socket" VIP_OPTION="$vip_option")"
+if [ "$check" = 1 ] && installed exabgp; then
 	tmp="$(mktemp -d)"
 	trap 'rm -rf "$tmp"' EXIT
 	printf '%s\n' "$conf" >"$tmp/exabgp.conf"
 	# --test parses the file and exits (1 on a mistake); from an empty directory, with this
 	# environment, so that it looks for no CLI pipes
-	if ! out="$(cd "$tmp" && PATH="$PATH:/usr/sbin:/sbin" exabgp --env "$here/exabgp.env" --test \
-		"$tmp/exabgp.conf" 2>&1)"; then
-		echo "$out" >&2
+	(cd "$tmp" && check_conf exabgp --env "$here/exabgp.env" --test "$tmp/exabgp.conf") ||
 		die "exabgp --test refuses the config written for $name"
-	fi
 fi
 printf '%s\n' "$conf"

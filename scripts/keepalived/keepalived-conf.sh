@@ -81,39 +81,25 @@ done
 if [ "$vip" = "$own" ] || [ "$vip" = "$peer" ]; then
 	bad_usage "--vip must be neither node's own address"
 fi
-if ! [[ "$priority" =~ ^[0-9]{1,3}$ ]] || [ "$priority" -lt 1 ] || [ "$priority" -gt 254 ]; then
-	bad_usage "--priority must be 1-254"
-fi
-if ! [[ "$vip_prefix" =~ ^[0-9]{1,2}$ ]] || [ "$vip_prefix" -lt 1 ] || [ "$vip_prefix" -gt 32 ]; then
-	bad_usage "--vip-prefix must be 1-32"
-fi
-if ! [[ "$vrid" =~ ^[0-9]{1,3}$ ]] || [ "$vrid" -lt 1 ] || [ "$vrid" -gt 255 ]; then
-	bad_usage "--vrid must be 1-255"
-fi
+in_range "$priority" 1 254 || bad_usage "--priority must be 1-254"
+in_range "$vip_prefix" 1 32 || bad_usage "--vip-prefix must be 1-32"
+in_range "$vrid" 1 255 || bad_usage "--vrid must be 1-255"
 [[ "$interface" =~ ^[A-Za-z0-9_.-]{1,15}$ ]] || bad_usage "'$interface' is not an interface name"
-for opt in lbnat admin_socket notify; do
-	[[ "${!opt}" == /* ]] || bad_usage "--${opt/_/-} must be an absolute path"
-	[[ "${!opt}" =~ ^[A-Za-z0-9_./+-]+$ ]] || bad_usage "--${opt/_/-}: no spaces or quotes"
-done
+valid_abs_path --lbnat "$lbnat"
+valid_abs_path --admin-socket "$admin_socket"
+valid_abs_path --notify "$notify"
 if [ -n "$notify_log" ]; then
 	[[ "$notify_log" =~ ^/[A-Za-z0-9_./+-]+$ ]] || bad_usage "--notify-log must be a plain absolute path"
 	notify_log=" --log $notify_log"
 fi
 
-conf="$(sed -e "s|@ROUTER_ID@|$name|g" -e "s|@OWN@|$own|g" -e "s|@PEER@|$peer|g" \
-	-e "s|@VIP@|$vip|g" -e "s|@VIP_PREFIX@|$vip_prefix|g" -e "s|@PRIORITY@|$priority|g" -e "s|@INTERFACE@|$interface|g" \
-	-e "s|@VRID@|$vrid|g" -e "s|@LBNAT@|$lbnat|g" -e "s|@ADMIN_SOCKET@|$admin_socket|g" \
-	-e "s|@NOTIFY@|$notify|g" -e "s|@NOTIFY_LOG@|$notify_log|g" "$here/keepalived.conf.in")"
-if grep -q '@[A-Z_]*@' <<<"$conf"; then
-	die "placeholders left: $(grep -o '@[A-Z_]*@' <<<"$conf" | sort -u | tr '\n' ' ')"
-fi
-if [ "$check" = 1 ] && PATH="$PATH:/usr/sbin:/sbin" command -v keepalived >/dev/null 2>&1; then
+conf="$(fill_template "$here/keepalived.conf.in" ROUTER_ID="$name" OWN="$own" PEER="$peer" \
+	VIP="$vip" VIP_PREFIX="$vip_prefix" PRIORITY="$priority" INTERFACE="$interface" VRID="$vrid" \
+	LBNAT="$lbnat" ADMIN_SOCKET="$admin_socket" NOTIFY="$notify" NOTIFY_LOG="$notify_log")"
+if [ "$check" = 1 ] && installed keepalived; then
 	tmp="$(mktemp)"
 	trap 'rm -f "$tmp"' EXIT
 	printf '%s\n' "$conf" >"$tmp"
-	if ! out="$(PATH="$PATH:/usr/sbin:/sbin" keepalived -t -f "$tmp" 2>&1)"; then
-		echo "$out" >&2
-		die "keepalived -t refuses the config written for $name"
-	fi
+	check_conf keepalived -t -f "$tmp" || die "keepalived -t refuses the config written for $name"
 fi
 printf '%s\n' "$conf"
