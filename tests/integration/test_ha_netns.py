@@ -134,16 +134,24 @@ class Pair:
         return self.bed.tmp / f"{node}-keepalived-vrrp.pid"
 
     def kill_node(self, node: str) -> None:
-        """SIGKILL to lbnat and to keepalived, its parent and its VRRP child, by pid."""
+        """SIGKILL to lbnat and to keepalived, its parent and its VRRP child, by pid. The
+        parent is stopped (SIGSTOP) first and killed last: killed first, its death would make
+        the child stop cleanly (priority 0, the VIP removed: not a crash) before the child's
+        own SIGKILL lands, and a running parent would respawn a killed child (demo-ha.sh's
+        keepalived_kill does the same)."""
         n = self.nodes[node]
         pids = []
-        if n.keepalived is not None:
-            pids.append(n.keepalived.pid)
+        parent = None if n.keepalived is None else n.keepalived.pid
+        if parent is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(parent, signal.SIGSTOP)
             child = self.vrrp_pidfile(node).read_text().strip()
             if child.isdigit():
                 pids.append(int(child))
         if n.lbnat is not None:
             pids.append(n.lbnat.pid)
+        if parent is not None:
+            pids.append(parent)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
