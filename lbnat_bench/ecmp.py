@@ -48,6 +48,11 @@ from lbnat_lab.ecmp import VIP, EcmpLab, host_ip
 from lbnat_lab.netns import REPO, LabError, checkout_env, terminate
 
 WORKLOAD = "ecmp"
+PACED = "ecmp_paced"
+"""the same flows held to a fixed total rate well below what the machine can carry: the
+cores the lbnat hop adds per Gbit/s are the difference in busy cores between lbnat and direct
+at the same rate (at saturation both use every core, and the difference is in the noise)"""
+PACED_GBIT = 4.0
 BACKENDS = ("b1", "b2")
 IPERF_PORT = 5201
 VIP_PORTS = {"b1": 5201, "b2": 5202}  # one service per backend (see the module's doc)
@@ -90,20 +95,23 @@ def summarize(records: Sequence[Record]) -> list[Record]:
     """One row per instance count: the medians of lbnat's and of direct's aggregate Gbit/s
     (direct measured between lbnat's runs at that count), lbnat ÷ direct, the scaling factor
     (lbnat's aggregate over its aggregate with one instance), each instance's median share
-    and median lbnat CPU seconds, and the machine's busy cores during lbnat's runs."""
+    and median lbnat CPU seconds, the machine's busy cores during lbnat's and direct's runs,
+    and the same at the paced rate with the cores lbnat adds per Gbit/s there."""
     by_n: dict[int, dict[str, list[Record]]] = {}
+    paced: dict[int, dict[str, list[Record]]] = {}
     for r in records:
-        if "error" in r or r.get("workload") != WORKLOAD:
+        if "error" in r or r.get("workload") not in (WORKLOAD, PACED):
             continue
-        by_n.setdefault(int(r["instances"]), {}).setdefault(str(r["path"]), []).append(r)
+        into = by_n if r["workload"] == WORKLOAD else paced
+        into.setdefault(int(r["instances"]), {}).setdefault(str(r["path"]), []).append(r)
 
     def median(rows: Sequence[Record], key: str) -> float | None:
         values = [float(r[key]) for r in rows if isinstance(r.get(key), int | float)]
         return statistics.median(values) if values else None
 
     rows: list[Record] = []
-    for n in sorted(by_n):
-        lb, direct = by_n[n].get("lbnat", []), by_n[n].get("direct", [])
+    for n in sorted(by_n.keys() | paced.keys()):
+        lb, direct = by_n.get(n, {}).get("lbnat", []), by_n.get(n, {}).get("direct", [])
         row: Record = {
             "instances": n,
             "lbnat_gbit_s": median(lb, "gbit_s"),
@@ -120,6 +128,12 @@ def summarize(records: Sequence[Record]) -> list[Record]:
             if cpu:
                 row["lb_cpu_s"][name] = statistics.median(cpu)
         row["lbnat_per_direct"] = _div(row["lbnat_gbit_s"], row["direct_gbit_s"])
+        p_lb, p_direct = paced.get(n, {}).get("lbnat", []), paced.get(n, {}).get("direct", [])
+        row["paced_lbnat_gbit_s"] = median(p_lb, "gbit_s")
+        row["paced_direct_gbit_s"] = median(p_direct, "gbit_s")
+        row["paced_lbnat_cores_busy"] = median(p_lb, "cores_busy")
+        row["paced_direct_cores_busy"] = median(p_direct, "cores_busy")
+        row["added_cores_per_gbit"] = _added(row)
         rows.append(row)
     base = next((r["lbnat_gbit_s"] for r in rows if r["instances"] == 1), None)
     for row in rows:
@@ -131,17 +145,24 @@ def _div(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
+def _added(row: Mapping[str, Any]) -> float | None:
+    """Busy cores per Gbit/s through lbnat minus direct's, at the paced rate (each divided by
+    its own measured rate: the paced rates are close but not equal)."""
+    lb = _div(row.get("paced_lbnat_cores_busy"), row.get("paced_lbnat_gbit_s"))
+    direct = _div(row.get("paced_direct_cores_busy"), row.get("paced_direct_gbit_s"))
+    return None if lb is None or direct is None else lb - direct
+
+
 def cost_per_gbit(row: Mapping[str, Any], seconds: float) -> Mapping[str, float | None]:
-    """From one summary row: the machine's busy cores per Gbit/s with lbnat and direct, their
-    difference (what the lbnat hop adds per Gbit/s: the instances' kernel fast path, their
-    extra veth and bridge crossing, the Python process) and the lbnat processes' own CPU
-    per Gbit/s (seconds of CPU per second, i.e. cores)."""
-    lb, direct = row.get("lbnat_gbit_s"), row.get("direct_gbit_s")
-    lb_cores, direct_cores = row.get("lbnat_cores_busy"), row.get("direct_cores_busy")
-    per_lb = _div(lb_cores, lb)
-    per_direct = _div(direct_cores, direct)
+    """From one summary row, at the paced rate: the machine's busy cores per Gbit/s with lbnat
+    and direct, their difference (what the lbnat hop adds per Gbit/s: the instances' kernel
+    fast path, their extra veth and bridge crossing, the Python process); and, at full
+    speed, the lbnat processes' own CPU per Gbit/s (seconds of CPU per second: cores)."""
+    per_lb = _div(row.get("paced_lbnat_cores_busy"), row.get("paced_lbnat_gbit_s"))
+    per_direct = _div(row.get("paced_direct_cores_busy"), row.get("paced_direct_gbit_s"))
     added = None if per_lb is None or per_direct is None else per_lb - per_direct
     process = sum(row.get("lb_cpu_s", {}).values()) / seconds if seconds else None
+    lb = row.get("lbnat_gbit_s")
     return {
         "cores_per_gbit_lbnat": per_lb,
         "cores_per_gbit_direct": per_direct,
@@ -155,8 +176,9 @@ def markdown_table(rows: Sequence[Record]) -> str:
     lines = [
         "| instances | lbnat (Gbit/s) ↑ | direct (Gbit/s) ↑ | lbnat ÷ direct "
         "| scaling (÷ 1 instance) | per-instance share | lbnat CPU s per instance "
-        "| machine cores busy (lbnat / direct) |",
-        "|---:|---:|---:|---:|---:|---|---|---:|",
+        "| machine cores busy (lbnat / direct) | paced: Gbit/s, cores busy (lbnat / direct) "
+        "| paced: cores lbnat adds per Gbit/s ↓ |",
+        "|---:|---:|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     for r in rows:
         share = ", ".join(f"{k} {100 * v:.0f} %" for k, v in sorted(r["share"].items()))
@@ -168,13 +190,16 @@ def markdown_table(rows: Sequence[Record]) -> str:
             f"| {'–' if ratio is None else f'{ratio:.2f} ×'} "
             f"| {'–' if scaling is None else f'{scaling:.2f} ×'} | {share or '–'} "
             f"| {cpu or '–'} | {_fmt(r.get('lbnat_cores_busy'))} / "
-            f"{_fmt(r.get('direct_cores_busy'))} |"
+            f"{_fmt(r.get('direct_cores_busy'))} "
+            f"| {_fmt(r.get('paced_lbnat_gbit_s'))}: {_fmt(r.get('paced_lbnat_cores_busy'))} / "
+            f"{_fmt(r.get('paced_direct_gbit_s'))}: {_fmt(r.get('paced_direct_cores_busy'))} "
+            f"| {_fmt(r.get('added_cores_per_gbit'), 3)} |"
         )
     return "\n".join(lines)
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:,.2f}"
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -296,13 +321,16 @@ def machine_ticks() -> tuple[int, int]:
 
 
 def aggregate(lab: EcmpLab, targets: Mapping[str, tuple[str, int]], seconds: float,
-              streams: int) -> Record:
+              streams: int, gbit: float | None = None) -> Record:
     """iperf3 from every client at once, each to its (address, port) with `streams` parallel
-    connections: the aggregate Gbit/s (the receivers' sums), bytes, and the machine's busy
-    cores over the run."""
+    connections (all of them together held to `gbit` Gbit/s if given): the aggregate Gbit/s
+    (the receivers' sums), bytes, and the machine's busy cores over the run."""
+    pace: list[str] = []
+    if gbit is not None:  # iperf3's -b is per stream
+        pace = ["-b", f"{gbit * 1e9 / (len(targets) * streams):.0f}"]
     procs = {
         client: lab.popen(client, "iperf3", "-c", ip, "-p", str(port), "-t", f"{seconds:g}",
-                          "-P", str(streams), "-J")
+                          "-P", str(streams), "-J", *pace)
         for client, (ip, port) in targets.items()
     }  # fmt: skip
     busy0, total0 = machine_ticks()
@@ -346,24 +374,26 @@ def start_servers(lab: EcmpLab, work: Path) -> list[subprocess.Popen[bytes]]:
 
 
 def measure(lab: EcmpLab, fleet: Fleet | None, n: int, rep: int, seconds: float,
-            streams: int, log: IO[str]) -> Record:
-    """One run at `n` instances: through the VIP (`fleet` up) or direct (`fleet` None)."""
+            streams: int, log: IO[str], gbit: float | None = None) -> Record:
+    """One run at `n` instances: through the VIP (`fleet` up) or direct (`fleet` None); at
+    full speed, or paced to `gbit` (the PACED workload)."""
     path = "direct" if fleet is None else "lbnat"
     if fleet is None:
         targets = {c: (host_ip(b), IPERF_PORT) for c, b in CLIENTS.items()}
     else:
         targets = {c: (VIP, VIP_PORTS[b]) for c, b in CLIENTS.items()}
-    record: Record = {"workload": WORKLOAD, "path": path, "instances": n, "rep": rep}
+    workload = WORKLOAD if gbit is None else PACED
+    record: Record = {"workload": workload, "path": path, "instances": n, "rep": rep}
     nodes = sorted(fleet.lbnat) if fleet is not None else []
     for attempt in (1, 2):
         try:
             rx0 = rx_bytes(lab, nodes)
             cpu0 = fleet.cpu() if fleet is not None else {}
-            figures = aggregate(lab, targets, seconds, streams)
+            figures = aggregate(lab, targets, seconds, streams, gbit)
             cpu1 = fleet.cpu() if fleet is not None else {}
             rx1 = rx_bytes(lab, nodes)
         except (LabError, report.ParseError, subprocess.SubprocessError) as exc:
-            print(f"  {WORKLOAD} {path} N={n}: attempt {attempt} failed: {exc}", file=log)
+            print(f"  {workload} {path} N={n}: attempt {attempt} failed: {exc}", file=log)
             if attempt == 2:
                 return {**record, "error": str(exc)}
             time.sleep(1)  # an iperf3 server stays 'busy' for a moment after a failed test
@@ -387,7 +417,7 @@ def one_line(record: Record) -> str:
 
 
 def run(instances: Sequence[int], reps: int, seconds: float, streams: int, work: Path,
-        log: IO[str]) -> tuple[list[Record], dict[str, str]]:
+        log: IO[str], paced_gbit: float = PACED_GBIT) -> tuple[list[Record], dict[str, str]]:
     """The workload at each instance count in turn (a fleet of N brought up, `reps` runs of
     direct and of lbnat alternating, the fleet taken down): its records, and each instance's
     data path ("tc offload" or lbnat's fallback) as seen at the largest N."""
@@ -407,11 +437,13 @@ def run(instances: Sequence[int], reps: int, seconds: float, streams: int, work:
                     for rep in range(reps):
                         # alternate which goes first, so slow drift favours neither
                         order = (fleet, None) if rep % 2 == 0 else (None, fleet)
-                        for which in order:
-                            record = measure(lab, which, n, rep, seconds, streams, log)
-                            print(f"  rep {rep + 1} ecmp N={n} {record['path']:<7}"
-                                  f"{one_line(record)}", file=log, flush=True)
-                            records.append(record)
+                        for gbit in (None, paced_gbit):
+                            for which in order:
+                                record = measure(lab, which, n, rep, seconds, streams, log, gbit)
+                                print(f"  rep {rep + 1} {record['workload']:<10} N={n} "
+                                      f"{record['path']:<7}{one_line(record)}", file=log,
+                                      flush=True)
+                                records.append(record)
                 finally:
                     fleet.down()
         finally:
@@ -437,15 +469,18 @@ def estimate_lines(rows: Sequence[Record], seconds: float, cores: int) -> list[s
     if per_lb is None or per_direct is None:
         return []
     lines = [
-        f"Estimate (arithmetic, not a measurement of bigger machines): with one instance the "
-        f"machine spent {per_lb:.3f} busy cores per Gbit/s through lbnat and {per_direct:.3f} "
-        f"direct, so the lbnat hop (its tc fast path, its extra veth and bridge crossing, "
-        f"its process) costs {per_lb:.3f} − {per_direct:.3f} = {added:.3f} cores per Gbit/s"
+        f"Estimate (arithmetic, not a measurement of bigger machines): at the paced rate, with "
+        f"one instance, the machine spent {per_lb:.3f} busy cores per Gbit/s through lbnat and "
+        f"{per_direct:.3f} direct, so the lbnat hop (its tc fast path, its extra veth and "
+        f"bridge crossing, its process) costs {per_lb:.3f} − {per_direct:.3f} = "
+        f"{per_lb - per_direct:.3f} cores per Gbit/s"
         + (f", of which the lbnat process itself {process:.4f}." if process is not None else "."),
     ]
     if added is not None and added > 0:
         lines[0] += (
-            f" One instance on a machine of its own with {cores} such cores would forward about "
+            f" One instance on a machine of its own with {cores} such cores (veth carries 64 KB "
+            f"GSO packets: a real NIC's 1,500-byte frames cost more per Gbit/s, GRO "
+            f"or not) would forward about "
             f"{cores} ÷ {added:.3f} = {cores / added:,.0f} Gbit/s before its CPU is the limit, "
             f"and N instances on N machines N times that (the router hashes flows evenly; the "
             f"bulk flows here are few, so the mesh sync's per-flow cost is not in it), until "
@@ -479,15 +514,19 @@ def markdown_section(results: Mapping[str, Any]) -> list[str]:
         f"Share: each instance's part of the bytes the instances received (their eth0 "
         f"counters); CPU: each lbnat process's user + system seconds in a run (the fast path "
         f"runs in the kernel's softirq and is not in it); cores busy: the whole machine's, "
-        f"from /proc/stat.",
+        f"from /proc/stat. Paced: the same runs held to "
+        f"{meta.get('ecmp_paced_gbit', PACED_GBIT):g} Gbit/s in all (iperf3 `-b`), where the "
+        f"machine has cores to spare, so the busy cores through lbnat minus direct's, per "
+        f"Gbit/s, is what the lbnat hop costs.",
         "",
         markdown_table(rows),
         "",
         f"On this machine ({meta.get('cpus')} CPUs) the clients, the router, every instance "
         f"and the backends share the same cores, and both are busy in every run (last "
         f"column): the aggregate is bounded by the machine's CPU, not by the instances, so "
-        f"the scaling factor here says only that adding instances costs little, not what "
-        f"separate machines would give.",
+        f"the scaling factor here measures what more instances cost on the same cores (more "
+        f"processes, more sync), not what separate machines would give; and it is noisy, as "
+        f"the direct column at each N shows (nothing about direct changes with N).",
         "",
         *estimate_lines(rows, seconds, int(meta.get("cpus") or 1)),
     ]
@@ -516,10 +555,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = ecmp_seconds(settings)
     with tempfile.TemporaryDirectory(prefix="lbnat-bench-ecmp.") as tmp:
         records, offload = run(settings.ecmp_instances, settings.reps, seconds,
-                               settings.ecmp_streams, Path(tmp), sys.stdout)
+                               settings.ecmp_streams, Path(tmp), sys.stdout,
+                               settings.ecmp_paced_gbit)
     rows = summarize(records)
     results = {
         "meta": {"cpus": os.cpu_count(), "ecmp_seconds": seconds, "ecmp_offload": offload,
+                 "ecmp_paced_gbit": settings.ecmp_paced_gbit,
                  "settings": {"ecmp_streams": settings.ecmp_streams}},
         "ecmp": records,
         "ecmp_summary": rows,

@@ -124,6 +124,7 @@ class Settings:
     # the scale-out workload (lbnat_bench.ecmp): lbnat instances behind the ECMP router
     ecmp_instances: list[int] = field(default_factory=lambda: [1, 2, 3])
     ecmp_streams: int = 16  # parallel connections from each client: source ports to hash
+    ecmp_paced_gbit: float = ecmp.PACED_GBIT  # all clients together, for the cost per Gbit/s
     conn_rate_connections: int = 32
     keepalive_connections: int = 64
     fixed_rate_rps: int = 1000
@@ -672,7 +673,7 @@ def scale_out(settings: Settings, log: IO[str]) -> tuple[list[Record], dict[str,
     with tempfile.TemporaryDirectory(prefix="lbnat-bench-ecmp.") as tmp:
         try:
             return ecmp.run(settings.ecmp_instances, settings.reps, ecmp_seconds(settings),
-                            settings.ecmp_streams, Path(tmp), log)
+                            settings.ecmp_streams, Path(tmp), log, settings.ecmp_paced_gbit)
         except (LabError, OSError, subprocess.SubprocessError) as exc:
             print(f"  ecmp: failed: {exc}", file=log)
             return [{"workload": ecmp.WORKLOAD, "path": "lbnat", "rep": 0,
@@ -789,6 +790,7 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
             "metrics_scrapes": scrapes,  # Prometheus' good scrapes of lbnat-metrics
             "ecmp_offload": ecmp_offload,  # instance -> "tc offload" or lbnat's fallback
             "ecmp_seconds": ecmp_seconds(settings),
+            "ecmp_paced_gbit": settings.ecmp_paced_gbit,
         },
         "paths": settings.paths,
         "records": records,

@@ -54,9 +54,10 @@ def test_shares() -> None:
     assert ecmp.shares({"lb1": 0, "lb2": 0}) == {"lb1": 0.0, "lb2": 0.0}
 
 
-def rec(path: str, n: int, gbit: float, rep: int = 0, **extra: Any) -> Record:
-    r: Record = {"workload": "ecmp", "path": path, "instances": n, "rep": rep,
-                 "gbit_s": gbit, "cores_busy": 2.0}  # fmt: skip
+def rec(path: str, n: int, gbit: float, rep: int = 0, cores: float = 2.0,
+        workload: str = "ecmp", **extra: Any) -> Record:
+    r: Record = {"workload": workload, "path": path, "instances": n, "rep": rep,
+                 "gbit_s": gbit, "cores_busy": cores}  # fmt: skip
     if path == "lbnat":
         nodes = [f"lb{i}" for i in range(1, n + 1)]
         r["share"] = {node: 1 / n for node in nodes}
@@ -71,6 +72,11 @@ RECORDS = [
     rec("lbnat", 2, 15.0), rec("direct", 2, 15.0),
     rec("lbnat", 3, 18.0, share={"lb1": 0.2, "lb2": 0.3, "lb3": 0.5}), rec("direct", 3, 12.0),
     {"workload": "ecmp", "path": "lbnat", "instances": 3, "rep": 1, "error": "iperf3: busy"},
+    # paced to 4 Gbit/s: lbnat's hop costs 0.8 - 0.5 = 0.3 cores at 4 Gbit/s with one instance
+    rec("lbnat", 1, 4.0, cores=0.8, workload="ecmp_paced"),
+    rec("direct", 1, 4.0, cores=0.5, workload="ecmp_paced"),
+    rec("lbnat", 2, 4.0, cores=0.9, workload="ecmp_paced"),
+    rec("direct", 2, 4.0, cores=0.5, workload="ecmp_paced"),
     {"workload": "bulk_1", "path": "lbnat", "rep": 0, "gbit_s": 99.0},
 ]  # fmt: skip
 
@@ -87,6 +93,10 @@ def test_summarize_medians_ratios_and_the_scaling_factor() -> None:
     assert three["share"] == {"lb1": 0.2, "lb2": 0.3, "lb3": 0.5}
     assert three["lb_cpu_s"] == {"lb1": 0.1, "lb2": 0.1, "lb3": 0.1}
     assert one["lbnat_cores_busy"] == 2.0
+    assert (one["paced_lbnat_cores_busy"], one["paced_direct_cores_busy"]) == (0.8, 0.5)
+    assert one["added_cores_per_gbit"] == pytest.approx(0.075)
+    assert two["added_cores_per_gbit"] == pytest.approx(0.1)
+    assert three["added_cores_per_gbit"] is None  # not paced
 
 
 def test_summarize_without_one_instance_has_no_scaling() -> None:
@@ -96,7 +106,7 @@ def test_summarize_without_one_instance_has_no_scaling() -> None:
 
 
 def test_cost_per_gbit() -> None:
-    one = ecmp.summarize(RECORDS)[0]  # 2 cores busy at 10 Gbit/s through lbnat, 16 direct
+    one = ecmp.summarize(RECORDS)[0]  # paced: 0.8 cores busy through lbnat, 0.5 direct
     cost = ecmp.cost_per_gbit(one, seconds=4.0)
     assert cost["cores_per_gbit_lbnat"] == pytest.approx(0.2)
     assert cost["cores_per_gbit_direct"] == pytest.approx(0.125)
@@ -109,7 +119,7 @@ def test_markdown_table() -> None:
     lines = text.splitlines()
     assert lines[0].startswith("| instances | lbnat (Gbit/s) ↑ | direct (Gbit/s) ↑ |")
     assert lines[2] == ("| 1 | 10.00 | 16.00 | 0.62 × | 1.00 × | lb1 100 % | lb1 0.10 "
-                        "| 2.00 / 2.00 |")  # fmt: skip
+                        "| 2.00 / 2.00 | 4.00: 0.80 / 4.00: 0.50 | 0.075 |")  # fmt: skip
     assert lines[4].startswith("| 3 | 18.00 | 12.00 | 1.50 × | 1.80 × | lb1 20 %, lb2 30 %, "
                                "lb3 50 % |")  # fmt: skip
 
@@ -118,13 +128,15 @@ def test_estimate_shows_its_arithmetic_and_says_it_is_one() -> None:
     rows = ecmp.summarize(RECORDS)
     (text,) = ecmp.estimate_lines(rows, seconds=4.0, cores=2)
     assert text.startswith("Estimate (arithmetic, not a measurement")
+    assert "at the paced rate" in text
     assert "0.200 − 0.125 = 0.075 cores per Gbit/s" in text
     assert "2 ÷ 0.075 = 27 Gbit/s" in text
     assert "N instances on N machines N times that" in text
 
 
 def test_estimate_within_noise_claims_no_capacity() -> None:
-    rows = ecmp.summarize([rec("lbnat", 1, 16.0), rec("direct", 1, 14.0)])
+    rows = ecmp.summarize([rec("lbnat", 1, 4.0, cores=0.5, workload="ecmp_paced"),
+                           rec("direct", 1, 4.0, cores=0.52, workload="ecmp_paced")])
     (text,) = ecmp.estimate_lines(rows, seconds=4.0, cores=2)
     assert "within this run's noise" in text and "÷" not in text.split("so the lbnat")[0]
     assert ecmp.estimate_lines([], 4.0, 2) == []
