@@ -525,13 +525,16 @@ def markdown_section(results: Mapping[str, Any]) -> list[str]:
         f"{meta.get('ecmp_paced_gbit', PACED_GBIT):g} Gbit/s in all (iperf3 `-b`), where the "
         f"machine has cores to spare, so the busy cores through lbnat minus direct's, per "
         f"Gbit/s, is what the lbnat hop costs (the least busy repetition of each: anything "
-        f"else running on the machine only adds).",
+        f"else running on the machine only adds; a negative figure means every direct run "
+        f"at that N was disturbed more than the least disturbed lbnat run: noise, not a "
+        f"gain).",
         "",
         markdown_table(rows),
         "",
         f"On this machine ({meta.get('cpus')} CPUs) the clients, the router, every instance "
-        f"and the backends share the same cores, and both are busy in every run (last "
-        f"column): the aggregate is bounded by the machine's CPU, not by the instances, so "
+        f"and the backends share the same cores, and every core is busy in every full-speed "
+        f"run (the \"machine cores busy\" column): the aggregate is bounded by the "
+        f"machine's CPU, not by the instances, so "
         f"the scaling factor here measures what more instances cost on the same cores (more "
         f"processes, more sync), not what separate machines would give; and it is noisy, as "
         f"the direct column at each N shows (nothing about direct changes with N).",
