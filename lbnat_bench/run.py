@@ -18,6 +18,10 @@ All load balancers run at once (idle ones cost nothing measurable); each workloa
 each path in turn, the order rotating every repetition so slow drift in the machine does not
 favour one path. The load balancer's CPU time is read from /proc before and after each run.
 
+After that lab is down, the scale-out workload runs in a lab of its own (lbnat_bench.ecmp:
+1, 2 and 3 lbnat instances behind an ECMP router, and direct through the same router); its
+records are results["ecmp"], its table results["ecmp_summary"].
+
 Tuning, the same for every path:
 
 - The client may reuse its own TIME_WAIT ports for new connections (net.ipv4.tcp_tw_reuse=1),
@@ -853,7 +857,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
         "Example: sudo python -m lbnat_bench --quick --out /tmp/bench",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run of about a minute: 1 repetition of 1 s, small scale")
+                        help="smoke run of about two minutes: 1 repetition of 1 s (2 s for "
+                        "the scale-out workload), small scale")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output directory (default {DEFAULT_OUT.relative_to(REPO)})")
     parser.add_argument("--reps", type=int, help="repetitions per workload and path")
