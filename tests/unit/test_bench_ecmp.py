@@ -201,3 +201,14 @@ def test_ecmp_arguments() -> None:
     assert quick.ecmp_instances == [1, 2, 3] and run.ecmp_seconds(quick) == 2.0
     none, _, _ = run.parse_args(["--ecmp-instances", ""])
     assert none.ecmp_instances == []
+
+
+def test_the_scale_out_chart(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from lbnat_bench import charts
+
+    res = results(RECORDS)
+    names = charts.draw_all({**res, "meta": {**res["meta"], "kernel": "6.1.0"}}, tmp_path)
+    assert names == ["ecmp.png"]  # the run has nothing else
+    assert (tmp_path / "ecmp.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert charts.draw_all(results([]), tmp_path / "none") == []
