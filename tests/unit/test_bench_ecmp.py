@@ -212,3 +212,40 @@ def test_the_scale_out_chart(tmp_path: Path) -> None:
     assert names == ["ecmp.png"]  # the run has nothing else
     assert (tmp_path / "ecmp.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert charts.draw_all(results([]), tmp_path / "none") == []
+
+
+def test_scale_out_skips_without_its_tools_and_keeps_a_failed_setup_as_a_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+
+    from lbnat_bench import run
+    from lbnat_lab.netns import LabError
+
+    settings = run.Settings.quick_mode()
+    log = io.StringIO()
+    monkeypatch.setattr(ecmp, "missing_tools", lambda: ["exabgp"])
+    assert run.scale_out(settings, log) == ([], {})
+    assert "ecmp workload skipped: missing exabgp" in log.getvalue()
+
+    calls: list[tuple[Any, ...]] = []
+
+    def fake_run(*args: Any) -> tuple[list[Record], dict[str, str]]:
+        calls.append(args)
+        return [rec("lbnat", 1, 9.0)], {"lb1": "tc offload"}
+
+    monkeypatch.setattr(ecmp, "missing_tools", lambda: [])
+    monkeypatch.setattr(ecmp, "run", fake_run)
+    assert run.scale_out(settings, log) == ([rec("lbnat", 1, 9.0)], {"lb1": "tc offload"})
+    instances, reps, seconds, streams, _work, _log, paced = calls[0]
+    assert (instances, reps, seconds, streams, paced) == ([1, 2, 3], 1, 2.0, 16, 4.0)
+
+    def failing_run(*_args: Any) -> tuple[list[Record], dict[str, str]]:
+        raise LabError("ecmp-lab.sh up failed")
+
+    monkeypatch.setattr(ecmp, "run", failing_run)
+    records, offload = run.scale_out(settings, log)
+    assert offload == {} and records[0]["error"] == "ecmp-lab.sh up failed"
+    assert ecmp.summarize(records) == []
+    settings.ecmp_instances = []
+    assert run.scale_out(settings, log) == ([], {})
