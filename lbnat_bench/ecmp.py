@@ -26,6 +26,9 @@ thread per test, so each backend's server is one process (one core at most). The
 has the same clients, servers and router hop, so lbnat ÷ direct is the instances' cost, and
 aggregate(N) ÷ aggregate(1) is bounded by the cores, not by lbnat: the report says so, with
 the machine's busy CPU seconds per run (all of it, from /proc/stat) to show where it went.
+Each full-speed run has a paced twin (PACED_GBIT in all), where the cores are not all busy:
+the busy cores through lbnat minus direct's, per Gbit/s, is what the lbnat hop costs, the
+figure the report's estimate for one instance per machine starts from.
 """
 
 from __future__ import annotations
