@@ -161,6 +161,8 @@ def draw_all(results: Mapping[str, Any], out_dir: Path) -> list[str]:
         "load balancer CPU seconds (lower is better)",
         "Load balancer CPU cost",
     )
+    if _ecmp(results, out_dir / "ecmp.png", title):
+        written.append("ecmp.png")
     scale = results.get("scale") or []
     if scale:
         rows = sorted(scale, key=lambda r: r["rows"])
@@ -184,3 +186,27 @@ def draw_all(results: Mapping[str, Any], out_dir: Path) -> list[str]:
         _save(fig, out_dir / "scale.png")
         written.append("scale.png")
     return written
+
+
+def _ecmp(results: Mapping[str, Any], out: Path, title: str) -> bool:
+    """The scale-out workload's aggregate per instance count, lbnat beside direct (the same
+    grouped bars as the others: a group per N); False when the run has none."""
+    rows = results.get("ecmp_summary") or []
+    summary: Summary = {}
+    for row in rows:
+        group = f"{row['instances']} instance{'s' if row['instances'] > 1 else ''}"
+        summary[group] = {path: {"gbit_s": row[f"{path}_gbit_s"]}
+                          for path in ("direct", "lbnat") if row.get(f"{path}_gbit_s")}
+    if not any(summary.values()):
+        return False
+    records = [
+        {**r, "workload": f"{r['instances']} instance{'s' if r['instances'] > 1 else ''}"}
+        for r in results.get("ecmp", [])
+        if r.get("workload") == "ecmp" and "error" not in r
+    ]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    _bars(ax, summary, records, ["direct", "lbnat"], [(g, "gbit_s", g) for g in summary],
+          "aggregate Gbit/s (higher is better)")
+    ax.set_title(f"Scale-out: 2 iperf3 clients through the ECMP router ({title})", fontsize=10)
+    _save(fig, out)
+    return True

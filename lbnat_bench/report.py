@@ -509,6 +509,8 @@ def markdown_report(results: Mapping[str, Any], charts: Sequence[str] = ()) -> s
             "",
             markdown_scale(results["scale"]),
         ]
+    if scale_out := _ecmp_section(results):
+        parts += ["", *scale_out]
     if results.get("profiles"):
         parts += [
             "",
@@ -527,6 +529,25 @@ def markdown_report(results: Mapping[str, Any], charts: Sequence[str] = ()) -> s
     parts += ["", "Settings of this run:", "", "```", json.dumps(meta["settings"], indent=2),
               "```", ""]
     return "\n".join(parts)
+
+
+def _ecmp_section(results: Mapping[str, Any]) -> list[str]:
+    from lbnat_bench import ecmp  # it imports this module
+
+    return ecmp.markdown_section(results)
+
+
+def _ecmp_readme(results: Mapping[str, Any]) -> list[str]:
+    """The scale-out table under the README's goals (nothing for a run without it)."""
+    from lbnat_bench import ecmp
+
+    rows = results.get("ecmp_summary") or []
+    if not rows:
+        return []
+    return ["", "Scale-out (`lbnat_bench.ecmp`: 1-N instances behind the router's ECMP route, "
+            "all on this machine's cores; the estimate for separate machines is in "
+            "[docs/benchmarks/](docs/benchmarks/README.md) and "
+            "[docs/scale-out.md](docs/scale-out.md#scaling)):", "", ecmp.markdown_table(rows)]
 
 
 # --- profiles and the README block ------------------------------------------------------------
@@ -584,6 +605,7 @@ def readme_block(results: Mapping[str, Any]) -> str:
         markdown_table(results["summary"], paths, headline),
         "",
         markdown_goals(results.get("goals", [])),
+        *_ecmp_readme(results),
         "",
         "![bulk throughput](docs/benchmarks/bulk.png)",
         "![requests](docs/benchmarks/requests.png)",

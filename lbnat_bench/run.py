@@ -18,6 +18,10 @@ All load balancers run at once (idle ones cost nothing measurable); each workloa
 each path in turn, the order rotating every repetition so slow drift in the machine does not
 favour one path. The load balancer's CPU time is read from /proc before and after each run.
 
+After that lab is down, the scale-out workload runs in a lab of its own (lbnat_bench.ecmp:
+1, 2 and 3 lbnat instances behind an ECMP router, and direct through the same router); its
+records are results["ecmp"], its table results["ecmp_summary"].
+
 Tuning, the same for every path:
 
 - The client may reuse its own TIME_WAIT ports for new connections (net.ipv4.tcp_tw_reuse=1),
@@ -50,7 +54,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from lbnat_bench import nftlb, report
+from lbnat_bench import ecmp, nftlb, report
 from lbnat_bench.report import Record, is_lbnat
 from lbnat_lab.netns import REPO, Lab, LabError, checkout_env, terminate
 
@@ -121,6 +125,10 @@ class Settings:
         ]
     )
     scale_rows: list[int] = field(default_factory=lambda: [10_000, 100_000, 1_000_000])
+    # the scale-out workload (lbnat_bench.ecmp): lbnat instances behind the ECMP router
+    ecmp_instances: list[int] = field(default_factory=lambda: [1, 2, 3])
+    ecmp_streams: int = 16  # parallel connections from each client: source ports to hash
+    ecmp_paced_gbit: float = ecmp.PACED_GBIT  # all clients together, for the cost per Gbit/s
     conn_rate_connections: int = 32
     keepalive_connections: int = 64
     fixed_rate_rps: int = 1000
@@ -649,6 +657,33 @@ def profile_lbnat(bed: Bed, workload: str, log: IO[str]) -> str | None:
     return report.profile_summary(raw.read_text(), workload)
 
 
+def ecmp_seconds(settings: Settings) -> float:
+    # a run of 1 s (quick mode) is mostly 32 connections' slow start: 2 s at least
+    return max(2.0, settings.seconds)
+
+
+def scale_out(settings: Settings, log: IO[str]) -> tuple[list[Record], dict[str, str]]:
+    """The scale-out workload in a lab of its own, after the main one is down (they would
+    share the cores): its records (a failed setup is one failed record, so the rest of the
+    run is still written) and each instance's data path."""
+    if not settings.ecmp_instances:
+        return [], {}
+    if missing := ecmp.missing_tools():
+        print(f"bench: ecmp workload skipped: missing {', '.join(missing)} "
+              "(apt-get install bird2 exabgp)", file=log)
+        return [], {}
+    print(f"bench: ecmp workload, {', '.join(map(str, settings.ecmp_instances))} instance(s), "
+          f"{settings.reps} rep(s) x {ecmp_seconds(settings):g} s", file=log, flush=True)
+    with tempfile.TemporaryDirectory(prefix="lbnat-bench-ecmp.") as tmp:
+        try:
+            return ecmp.run(settings.ecmp_instances, settings.reps, ecmp_seconds(settings),
+                            settings.ecmp_streams, Path(tmp), log, settings.ecmp_paced_gbit)
+        except (LabError, OSError, subprocess.SubprocessError) as exc:
+            print(f"  ecmp: failed: {exc}", file=log)
+            return [{"workload": ecmp.WORKLOAD, "path": "lbnat", "rep": 0,
+                     "error": str(exc)[-1000:]}], {}
+
+
 def versions() -> dict[str, str]:
     def first_line(argv: Sequence[str], pattern: str) -> str:
         try:
@@ -738,6 +773,7 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
                         profiles.append(profile)
         finally:
             bed.down()
+    ecmp_records, ecmp_offload = scale_out(settings, log)
     scale = scale_records(settings.scale_rows, log)
     good = [r for r in records if "error" not in r]
     summary = report.summarize(good)
@@ -756,11 +792,16 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
             "settings": asdict(settings),
             "offload": offload,  # lbnat variant -> "tc offload", "off" or lbnat's fallback
             "metrics_scrapes": scrapes,  # Prometheus' good scrapes of lbnat-metrics
+            "ecmp_offload": ecmp_offload,  # instance -> "tc offload" or lbnat's fallback
+            "ecmp_seconds": ecmp_seconds(settings),
+            "ecmp_paced_gbit": settings.ecmp_paced_gbit,
         },
         "paths": settings.paths,
         "records": records,
-        "failed": [r for r in records if "error" in r],
+        "failed": [r for r in records + ecmp_records if "error" in r],
         "summary": summary,
+        "ecmp": ecmp_records,
+        "ecmp_summary": ecmp.summarize(ecmp_records),
         "scale": scale,
         "goals": report.goal_rows(summary, scale),
         "profiles": profiles,
@@ -796,6 +837,7 @@ def redraw(out: Path, readme: bool) -> int:
         results = json.loads((out / "results.json").read_text())
         results["summary"] = report.summarize(r for r in results["records"] if "error" not in r)
         results["goals"] = report.goal_rows(results["summary"], results.get("scale", []))
+        results["ecmp_summary"] = ecmp.summarize(results.get("ecmp", []))
         write_outputs(results, out)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"bench: error: cannot redraw from {out / 'results.json'}: {exc!r}",
@@ -815,7 +857,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
         "Example: sudo python -m lbnat_bench --quick --out /tmp/bench",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run of about a minute: 1 repetition of 1 s, small scale")
+                        help="smoke run of about two minutes: 1 repetition of 1 s (2 s for "
+                        "the scale-out workload), small scale")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output directory (default {DEFAULT_OUT.relative_to(REPO)})")
     parser.add_argument("--reps", type=int, help="repetitions per workload and path")
@@ -824,6 +867,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
     parser.add_argument("--workloads", help=f"comma-separated subset of {','.join(WORKLOADS)}")
     parser.add_argument("--scale-rows", help="comma-separated table sizes, e.g. 10000,1000000; "
                         "'' to skip")
+    parser.add_argument("--ecmp-instances", help="comma-separated instance counts of the "
+                        "scale-out workload (default 1,2,3); '' to skip")
     parser.add_argument("--profile", action="store_true",
                         help="also sample lbnat with py-spy under keep-alive, UDP and bulk load")
     parser.add_argument("--no-readme", action="store_true",
@@ -851,6 +896,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
             parser.error(f"--scale-rows: not a list of integers: {args.scale_rows!r}")
         if any(not 1 <= r <= 2_000_000 for r in settings.scale_rows):
             parser.error("--scale-rows: each size must be between 1 and 2,000,000")
+    if args.ecmp_instances is not None:
+        try:
+            settings.ecmp_instances = [int(x) for x in args.ecmp_instances.split(",") if x.strip()]
+        except ValueError:
+            parser.error(f"--ecmp-instances: not a list of integers: {args.ecmp_instances!r}")
+        if any(not 1 <= n <= 9 for n in settings.ecmp_instances):
+            parser.error("--ecmp-instances: each count must be between 1 and 9")
     settings.profile = args.profile
     settings.redraw = args.redraw
     out = args.out or DEFAULT_OUT
@@ -889,6 +941,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.markdown_table(results["summary"], results["paths"]))
     print()
     print(report.markdown_goals(results["goals"]))
+    if results["ecmp_summary"]:
+        print()
+        print(ecmp.markdown_table(results["ecmp_summary"]))
     for profile in results["profiles"]:
         print()
         print(profile)

@@ -60,6 +60,17 @@ def test_quick_benchmark_produces_every_result(tmp_path: Path) -> None:
                 assert record["lb_cpu_s"] >= 0, (workload, path, record)
     assert results["meta"]["metrics_scrapes"] > 10  # Prometheus scraped lbnat-metrics, 1/s
     assert [r["rows"] for r in results["scale"]] == [10_000, 100_000]
+    if results["ecmp"]:  # the scale-out workload ran (it needs bird and exabgp)
+        assert {(r["path"], r["instances"]) for r in results["ecmp"]} == {
+            (path, n) for path in ("lbnat", "direct") for n in (1, 2, 3)
+        }
+        rows = results["ecmp_summary"]
+        assert [r["instances"] for r in rows] == [1, 2, 3]
+        for row in rows:
+            assert row["lbnat_gbit_s"] > 0 and row["direct_gbit_s"] > 0
+            assert sorted(row["share"]) == [f"lb{i}" for i in range(1, row["instances"] + 1)]
+        assert rows[0]["scaling"] == 1.0
+        assert set(results["meta"]["ecmp_offload"]) == {"lb1", "lb2", "lb3"}
     for row in results["scale"]:
         assert row["us_per_packet"] > 0 and row["bytes_per_session"] > 0
 
@@ -72,8 +83,13 @@ def test_quick_benchmark_produces_every_result(tmp_path: Path) -> None:
     assert (
         "| lbnat ÷ direct | lbnat ÷ nftables | lbnat ÷ HAProxy |" in readme
     )
+    if results["ecmp"]:
+        assert "## Scale-out: aggregate throughput over 1-N instances (ECMP)" in readme
     charts = sorted(p.name for p in out.glob("*.png"))
-    assert charts == ["bulk.png", "cpu.png", "latency.png", "requests.png", "scale.png", "udp.png"]
+    expected = ["bulk.png", "cpu.png", "latency.png", "requests.png", "scale.png", "udp.png"]
+    if results["ecmp"]:
+        expected = sorted([*expected, "ecmp.png"])
+    assert charts == expected
     for chart in charts:
         assert (out / chart).read_bytes().startswith(PNG)
         assert f"![{chart}]({chart})" in readme
