@@ -133,7 +133,8 @@ def decide(state: State, answer: Answer, pinned: str | None = None) -> tuple[Sta
         lines.append(route("withdraw", str(pinned or answer.vip)))
     if target is not None and target != state.announced:
         lines.append(route("announce", target))
-    new = State(announced=target, fresh=False, why=why)
+    # fresh until a VIP is known: a respawn that cannot ask lbnat yet still owes the withdraw
+    new = State(announced=target, fresh=state.fresh and not (pinned or answer.vip), why=why)
     if not lines and not state.fresh and why == state.why:
         return new, [], ""
     if target is not None:

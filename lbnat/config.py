@@ -996,6 +996,13 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
         _fail("", "no SRCIP: give it first on the command line or as lb_ip in the config")
     if config.vip == config.lb_ip:
         config = dataclasses.replace(config, vip=None)  # the same as no --vip
+    if overrides.sync_mode != "pair" and sync is None:  # --sync-mode mesh: the file's sync
+        if config.sync is None:
+            _fail("", "--sync-mode mesh needs the session sync: --sync-listen, --sync-peer and "
+                      "--sync-secret-file (or a config file's sync block)")  # fmt: skip
+        config = dataclasses.replace(
+            config, sync=dataclasses.replace(config.sync, mode=overrides.sync_mode)
+        )
     if config.sync is not None and config.sync.mode == "mesh" and config.vip is None:
         _fail("", "the sync's mesh mode is for instances sharing a VIP: give --vip (each "
                   "instance's SRCIP is its own address)")  # fmt: skip

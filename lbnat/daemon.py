@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from types import FrameType
 from typing import TextIO
 
@@ -45,7 +46,7 @@ from lbnat.control.plane import (
 )
 from lbnat.control.protocol import Request, ack, nack
 from lbnat.control.server import AdminServer, RegistrationServer, start_servers
-from lbnat.daemon_scaleout import ScaleOut
+from lbnat.daemon_scaleout import ScaleOut, mesh_misfit
 from lbnat.daemon_sync import SyncGlue
 from lbnat.dataplane.fanout import nat_slices
 from lbnat.dataplane.guard import GuardError, KernelGuard
@@ -327,6 +328,8 @@ class Daemon(ScaleOut, SyncGlue):
         try:
             # a pair's VIP may be absent: keepalived adds it on the master (docs/ha.md)
             self.link = link = find_link(self.lb_ip, c.interface, c.sync is not None)
+            if (misfit := mesh_misfit(c, link)) is not None:  # (the mesh's addresses on it)
+                raise LinkError(misfit)
             self.link_probe = LinkProbe(link.interface)
         except LinkError as error:
             raise StartError(str(error)) from None
@@ -353,7 +356,8 @@ class Daemon(ScaleOut, SyncGlue):
             socks, self.offload, offload_text = open_sockets(link, self.control, rings)
             self.plane = start_plane(
                 socks,
-                lambda: inline_loop(engine, socks[0], link, c, self._on_inline, self.offload),
+                lambda: inline_loop(engine, socks[0], link, c, partial(self._on_events, 0),
+                                    self.offload),
                 lambda index: self._setup(index, slices[index]),
                 self._on_events,
                 self.log,
@@ -516,9 +520,6 @@ class Daemon(ScaleOut, SyncGlue):
         if change.state is LinkState.GONE and self.plane is not None:
             self.exit_code = INTERFACE_GONE
             self.plane.stop()
-
-    def _on_inline(self, events: list[Event]) -> None:
-        self._on_events(0, events)
 
     def _on_events(self, worker: int, events: list[Event]) -> None:
         """Events from worker `worker` (on its reader thread, or on the loop with one worker)."""

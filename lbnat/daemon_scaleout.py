@@ -9,20 +9,38 @@ themselves are pure, in lbnat.scaleout.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
 from typing import Any
 
+from lbnat.config import Config
 from lbnat.control.protocol import Request, ack
 from lbnat.daemon_questions import Questions
+from lbnat.dataplane.link import Link
 from lbnat.linkwatch import LinkState
 from lbnat.scaleout import WITHDRAW_WAIT, Announcement, NodeView, Phase, announcement
 
-__all__ = ["ScaleOut"]
+__all__ = ["ScaleOut", "mesh_misfit"]
 
 ASKED_RECENTLY = 5.0  # seconds: a speaker that asked this recently is still polling
 DRAIN_POLL = 1.0  # seconds between looks at the open flows while the node drains
+
+
+def mesh_misfit(config: Config, link: Link) -> str | None:
+    """Why the mesh sync cannot work on `link`, or None: a packet goes to its owner's sync
+    address on the segment the instances share; an address elsewhere would send it to the
+    gateway, the router, which would hash it back to an instance, and so on."""
+    sync = config.sync
+    if sync is None or sync.mode != "mesh":
+        return None
+    for host, _ in (sync.listen, 0), *sync.peers:
+        if ipaddress.IPv4Address(host) not in link.network:
+            return (f"the mesh sync's address {host} is not on {link.interface}'s subnet "
+                    f"{link.network}: instances forward moved flows to each other's sync "
+                    "address on the segment they share")  # fmt: skip
+    return None
 
 
 class ScaleOut(Questions):
@@ -30,6 +48,7 @@ class ScaleOut(Questions):
     Daemon's; the open flows come from Questions.ask)."""
 
     _phase = Phase.SERVING
+    _phase_lock = threading.Lock()  # one per process: one daemon
     _announced: bool | None = None  # the last answer given to a speaker
     _asked_at = float("-inf")  # when a speaker last asked (monotonic)
 
@@ -51,6 +70,7 @@ class ScaleOut(Questions):
             link_up=watch is None or watch.state is LinkState.UP,
             eligible={name: sum(b.eligible for b in group) for name, group in backends.items()},
             sync_ready=None if sync is None or sync.settings.mode != "mesh" else sync.ready,
+            pair_role=None if sync is None or sync.settings.mode != "pair" else sync.role.value,
         )
 
     def status_of(self, counters: dict[str, Any]) -> dict[str, object]:
@@ -89,8 +109,11 @@ class ScaleOut(Questions):
         (lbnat.owners). Asked twice, the drain under way goes on."""
         flows = self.open_flows()
         timeout = self.control.config.drain_timeout
-        if self._phase is Phase.SERVING:
-            self._phase = Phase.DRAINING
+        with self._phase_lock:  # two drain-node at once start one drain
+            starts = self._phase is Phase.SERVING
+            if starts:
+                self._phase = Phase.DRAINING
+        if starts:
             self.log(f"draining the node: {self.vip} is withdrawn; lbnat stops when its last "
                      f"{flows} flows have ended (at most {timeout:g} s)", "node_drain",
                      flows=flows, timeout=timeout)  # fmt: skip
@@ -125,7 +148,7 @@ class ScaleOut(Questions):
         recent = time.monotonic() - self._asked_at < ASKED_RECENTLY
         if plane is None or self._phase is Phase.STOPPING or not recent:
             return False
-        self._phase = Phase.STOPPING
+        self._phase = Phase.STOPPING  # (a drain under way stops with it: plane.stop twice is fine)
 
         def withdraw_and_stop() -> None:
             self.log(f"stopping: {self.vip} is withdrawn first; the data plane stops in "

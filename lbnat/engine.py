@@ -77,6 +77,7 @@ if TYPE_CHECKING:  # an annotation only: lbnat.standby builds on this module
     from lbnat.owners import FlowOwners
     from lbnat.standby import Standby
 
+_SAR = SYN | ACK | RST  # a bare SYN has only the first of these: a new flow
 _DROP_ACTIONS = DROP_ACTIONS
 _REFUSAL_DROPS = {
     Refusal.NAT_PORTS_EXHAUSTED: DropReason.NAT_PORTS_EXHAUSTED,
@@ -371,12 +372,13 @@ class Engine:
             return self._drop(DropReason.NOT_FOR_US)
         service = target
         row = self._forward.get(forward_key(proto, src, sport, dport))
-        if row is None and self.owners is not None and (flags & (SYN | ACK | RST)) != SYN:
-            # Not a new flow, and no row: another instance's flow that the router's hash moved
-            # here (instances behind ECMP, --sync-mode mesh)? Its owner gets it unchanged.
-            owner = self.owners.owner_of(forward_key(proto, src, sport, dport), now)
+        owners = self.owners
+        if owners is not None and (row is None or row.ended) and flags & _SAR != SYN:
+            # Not a new flow, and no live row: another instance's live flow that the router's
+            # hash moved here (behind ECMP, --sync-mode mesh)? Its owner gets it unchanged.
+            owner = owners.owner_of(forward_key(proto, src, sport, dport), now)
             if owner is not None:
-                if self.owners.pass_on(buf, start):
+                if owners.pass_on(buf, start):
                     return (FORWARD, owner)
                 return self._drop(DropReason.OWNER_LOOP)
         if row is None or (flags & SYN and not flags & ACK and row.state in ENDED):

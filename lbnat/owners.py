@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lbnat.nat import Timeouts, forward_key
+from lbnat.nat import ENDED, Timeouts, forward_key
 from lbnat.syncwire import RowKey, RowRefresh, RowUpdate
 
 GRACE = 5.0  # lbnat.standby.GRACE: the owner's refresh arrives before the record goes
@@ -38,6 +38,7 @@ class Owned:
     nat_port: int
     timeout: float  # of the row's state there
     deadline: float
+    live: bool = True  # not TIME_WAIT or CLOSE: packets are forwarded to live flows only
 
 
 def _key(k: RowKey) -> int:
@@ -62,7 +63,9 @@ class FlowOwners:
         if owned.deadline < now:
             del self.flows[key]
             return None
-        return owned.owner
+        # An ended flow's socket is free for the client's next flow (a SYN-proxy cookie ACK, a
+        # new SYN elsewhere): that one is not the owner's. Its last ACK is not worth a risk.
+        return owned.owner if owned.live else None
 
     def pass_on(self, buf: bytearray, start: int) -> bool:
         """Ready the IPv4 packet at `start` for its owner: unchanged but for its TTL, which
@@ -87,8 +90,13 @@ class FlowOwners:
         for update in rows:
             r = update.row
             key = forward_key(r.proto, r.client_ip, r.client_port, r.service_port)
+            live = r.state not in ENDED
+            known = self.flows.get(key)
+            if not live and known is not None and known.live and known.owner != owner:
+                continue  # an old flow's end (a late bulk) never hides a newer flow elsewhere
             timeout = self.timeout_of[r.state]
-            self.flows[key] = Owned(owner, r.nat_port, timeout, now - update.idle + timeout + GRACE)
+            self.flows[key] = Owned(owner, r.nat_port, timeout,
+                                    now - update.idle + timeout + GRACE, live)  # fmt: skip
             if stale is not None:
                 stale.discard(key)
 

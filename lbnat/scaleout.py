@@ -12,6 +12,7 @@ withdrawn before it stops serving, so the router's ECMP never sends a flow into 
     stopping (SIGTERM)               withdraw  (then lbnat waits WITHDRAW_WAIT before it stops)
     draining (lbnat drain-node)      withdraw  (its own flows still served until they end)
     interface not up                 withdraw
+    half of an HA pair, not master   withdraw  (keepalived's master alone serves the pair's flows)
     mesh sync not ready              withdraw  (it must know the other instances' flows first,
                                                 or the flows the router moves here would break)
     no service has a backend         withdraw  (another instance may still reach some)
@@ -44,6 +45,7 @@ class NodeView:
     link_up: bool
     eligible: Mapping[str, int]  # service -> backends that may take a new flow
     sync_ready: bool | None  # the mesh sync holds its peers' flows; None: no mesh sync
+    pair_role: str | None = None  # keepalived's word when this node is half of an HA pair
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,8 @@ def announcement(view: NodeView) -> Announcement:
         return Announcement(False, "the node is draining (lbnat drain-node)")
     if not view.link_up:
         return Announcement(False, f"interface {view.interface} is not up")
+    if view.pair_role is not None and view.pair_role != "master":
+        return Announcement(False, f"this node is its pair's {view.pair_role} (keepalived)")
     if view.sync_ready is False:
         return Announcement(False, "the mesh sync does not hold the other instances' flows yet")
     serving = sorted(name for name, count in view.eligible.items() if count > 0)

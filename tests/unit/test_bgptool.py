@@ -49,6 +49,9 @@ DECISIONS: list[tuple[str, State, Answer, str | None, list[str], str | None, str
     ("first no withdraws anyway", State(), NO, None, [WITHDRAW], None, "withdraw"),
     ("first gone, no VIP known: silence", State(), GONE, None, [], None, "nothing announced"),
     ("first gone, pinned VIP withdrawn", State(), GONE, VIP, [WITHDRAW], None, "withdraw"),
+    # still fresh: lbnat's first answer naming the VIP withdraws what a predecessor left
+    ("gone then no: the owed withdraw", State(why="gone"), NO, None, [WITHDRAW], None,
+     "withdraw"),
     ("back after a withdraw", QUIET, YES, None, [ANNOUNCE], VIP, "announce"),
     (
         "the VIP changes: withdraw the old, then announce the new", TOLD,
@@ -80,7 +83,9 @@ def test_decide(
 ) -> None:
     state, printed, logged = decide(before, answer, pinned)
     assert printed == lines
-    assert state.announced == after and not state.fresh
+    assert state.announced == after
+    # fresh until a VIP is known: the withdraw a respawn owes waits for one
+    assert state.fresh is (before.fresh and not (pinned or answer.vip))
     if log:
         assert log in logged and logged.startswith("lbnat-bgp: ")
     elif not printed and not before.fresh and answer.why == before.why:

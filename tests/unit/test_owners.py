@@ -227,3 +227,30 @@ def test_its_own_rows_still_go_to_the_peers() -> None:
     records = standby.journal.drain(3.0).records
     assert any(isinstance(r, RowUpdate) and r.row.state is State.ESTABLISHED for r in records)
     assert not any(isinstance(r, RowEnd) for r in records)
+
+
+def test_an_ended_flow_of_another_instance_is_not_forwarded_and_its_socket_is_free() -> None:
+    """A SYN-proxy cookie ACK (or any segment) of a client that reused the socket of a flow
+    that ended on lb1 is not lb1's: lb1's TIME_WAIT record must not take it."""
+    engine, standby = lb2()
+    standby.apply(InstallRows(OWNER, (record(state=State.TIME_WAIT),), 0), 0.0)
+    action, _ = send(engine, tcp(CLIENT, VIP, 40000, 80, "A", 1001, 5001))
+    assert action == (DROP, DropReason.NO_SESSION)
+
+
+def test_a_live_flow_elsewhere_wins_over_an_ended_row_here() -> None:
+    engine, standby = lb2()
+    send(engine, tcp(CLIENT, VIP, 40000, 80, "S", 1000))
+    row = next(iter(engine.table.forward.values()))
+    send(engine, tcp(CLIENT, VIP, 40000, 80, "R", 1001))  # ended here (CLOSE)
+    assert row.ended
+    standby.apply(InstallRows(OWNER, (record(),), 0), 0.0)  # the socket's new flow, on lb1
+    action, _ = send(engine, tcp(CLIENT, VIP, 40000, 80, "A", 1001, 5001))
+    assert action == (FORWARD, OWNER)
+
+
+def test_a_late_end_from_one_owner_never_hides_a_live_flow_of_another() -> None:
+    owners = FlowOwners()
+    owners.install(OTHER, [record()], 0.0)  # lb3's live flow of the socket
+    owners.install(OWNER, [record(state=State.TIME_WAIT)], 0.1)  # lb1's old one, in a bulk
+    assert owners.owner_of(next(iter(owners.flows)), 1.0) == OTHER

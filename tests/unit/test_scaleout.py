@@ -27,6 +27,9 @@ CASES = [
     ({"eligible": {}}, False, "no service has an eligible backend"),
     ({"running": False, "phase": Phase.DRAINING}, False, "not running"),  # the first rule wins
     ({"phase": Phase.DRAINING, "link_up": False}, False, "draining"),
+    ({"pair_role": "master", "sync_ready": None}, True, "1 of 2 services"),
+    ({"pair_role": "backup", "sync_ready": None}, False, "this node is its pair's backup"),
+    ({"pair_role": "unknown", "sync_ready": None}, False, "its pair's unknown"),
 ]
 
 

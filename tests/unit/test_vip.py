@@ -9,6 +9,8 @@ cover both addresses.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import json
 import struct
 from pathlib import Path
@@ -21,7 +23,9 @@ from scapy.packet import Packet
 
 from lbnat.backends import Backend
 from lbnat.config import ConfigError, Overrides, build_config, load_config
+from lbnat.daemon_scaleout import mesh_misfit
 from lbnat.dataplane.guard import ruleset
+from lbnat.dataplane.link import Link
 from lbnat.dataplane.packet_socket import build_filter
 from lbnat.drops import DropReason
 from lbnat.engine import DROP, FORWARD, REPLY, Engine, ip_int, ip_text
@@ -168,3 +172,40 @@ def test_the_config_file_vip(tmp_path: Path) -> None:
         "services": [{"name": "web", "port": 80, "backends": [{"ip": BACKEND, "port": 8080}]}],
     }))  # fmt: skip
     assert load_config(str(path)).vip == VIP
+
+
+def test_the_mesh_mode_needs_a_sync_and_a_vip(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--sync-mode mesh needs the session sync"):
+        build_config(Overrides(words=(OWN, BACKEND, "8080"), vip=VIP, sync_mode="mesh"))
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret")
+    mesh = Overrides(words=(OWN, BACKEND, "8080"), sync_mode="mesh", sync_listen=OWN,
+                     sync_peers=("198.18.1.12",), sync_secret_file=str(secret))  # fmt: skip
+    with pytest.raises(ConfigError, match="give --vip"):
+        build_config(mesh)
+    config = build_config(dataclasses.replace(mesh, vip=VIP))
+    assert config.sync is not None and config.sync.mode == "mesh"
+
+
+def test_the_command_line_s_mesh_mode_applies_to_the_file_s_sync(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("s3cret")
+    path = tmp_path / "lbnat.json"
+    path.write_text(json.dumps({
+        "lb_ip": OWN, "vip": VIP,
+        "sync": {"listen": OWN, "peers": ["198.18.1.12"], "secret_file": "secret"},
+        "services": [{"name": "web", "port": 80, "backends": [{"ip": BACKEND, "port": 8080}]}],
+    }))  # fmt: skip
+    config = build_config(Overrides(config_file=str(path), sync_mode="mesh"))
+    assert config.sync is not None and config.sync.mode == "mesh"
+
+
+def test_the_mesh_s_addresses_must_be_on_the_instances_segment(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("s3cret")
+    link = Link("eth0", OWN, ipaddress.IPv4Network("198.18.1.0/24"), bytes(6))
+    for peer, misfit in (("198.18.1.12", None), ("198.18.9.12", "198.18.9.12 is not on eth0")):
+        config = build_config(Overrides(
+            words=(OWN, BACKEND, "8080"), vip=VIP, sync_mode="mesh", sync_listen=OWN,
+            sync_peers=(peer,), sync_secret_file=str(tmp_path / "secret"),
+        ))  # fmt: skip
+        found = mesh_misfit(config, link)
+        assert found is None if misfit is None else misfit in str(found)
