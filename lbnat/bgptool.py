@@ -210,6 +210,13 @@ def run(
                     os.read(wake_r, 64)
                     continue  # a signal first: its withdraw goes out even if stdin ended too
                 if acks in readable and not os.read(acks, 4096):
+                    if select.select([wake_r], [], [], 0)[0]:
+                        # A signal came with the end (ExaBGP stopping): the kernel delivered it
+                        # before this select returned, its byte is in the pipe, but Python may
+                        # not have run its handler yet. Its withdraw goes out first.
+                        woke = os.read(wake_r, 64)[:1]  # the signal's number
+                        stopping.append(woke[0] if woke else int(signal.SIGTERM))
+                        break
                     say([], f"{PROG}: stdin closed (ExaBGP gone): exiting")
                     return 0
             if stopping:
