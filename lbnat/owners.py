@@ -23,7 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lbnat.nat import ENDED, Timeouts, forward_key
+from lbnat.nat import ENDED, Timeouts
+from lbnat.standby import client_key
 from lbnat.syncwire import RowKey, RowRefresh, RowUpdate
 
 GRACE = 5.0  # lbnat.standby.GRACE: the owner's refresh arrives before the record goes
@@ -39,10 +40,6 @@ class Owned:
     timeout: float  # of the row's state there
     deadline: float
     live: bool = True  # not TIME_WAIT or CLOSE: packets are forwarded to live flows only
-
-
-def _key(k: RowKey) -> int:
-    return forward_key(k.proto, k.client_ip, k.client_port, k.service_port)
 
 
 class FlowOwners:
@@ -89,7 +86,7 @@ class FlowOwners:
         stale = self.stale.get(owner)
         for update in rows:
             r = update.row
-            key = forward_key(r.proto, r.client_ip, r.client_port, r.service_port)
+            key = client_key(r)
             live = r.state not in ENDED
             known = self.flows.get(key)
             if not live and known is not None and known.live and known.owner != owner:
@@ -102,14 +99,14 @@ class FlowOwners:
 
     def end(self, owner: int, keys: Sequence[RowKey]) -> None:
         for k in keys:
-            key = _key(k)
+            key = client_key(k)
             owned = self.flows.get(key)
             if owned is not None and owned.owner == owner and owned.nat_port == k.nat_port:
                 del self.flows[key]
 
     def refresh(self, owner: int, refreshes: Sequence[RowRefresh], now: float) -> None:
         for refresh in refreshes:
-            key = _key(refresh.key)
+            key = client_key(refresh.key)
             owned = self.flows.get(key)
             if owned is not None and (owned.owner, owned.nat_port) == (owner, refresh.key.nat_port):
                 owned.deadline = now - refresh.idle + owned.timeout + GRACE
