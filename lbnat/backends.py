@@ -11,8 +11,11 @@ import enum
 import ipaddress
 from dataclasses import dataclass, field, replace
 
+from lbnat.addresses import V6
+
 BackendKey = tuple[str, int]
-"""A backend's identity: (IPv4 address as dotted text, port)."""
+"""A backend's identity: (address as text, port); an IPv6 address in RFC 5952 form (lower case,
+compressed), so one backend has one key however it was written."""
 
 
 class Health(enum.Enum):
@@ -35,12 +38,16 @@ class Backend:
     ip_int: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        address = ipaddress.IPv4Address(self.ip)  # raises ValueError on bad input
+        address = ipaddress.ip_address(self.ip)  # raises ValueError on bad input
         if not 0 < self.port < 65536:
             raise ValueError(f"{self.port} is not a valid port")
         if self.weight < 0:
             raise ValueError(f"weight {self.weight} is negative")
-        object.__setattr__(self, "ip_int", int(address))
+        if address.version == 6:
+            object.__setattr__(self, "ip", str(address))
+            object.__setattr__(self, "ip_int", V6 | int(address))
+        else:
+            object.__setattr__(self, "ip_int", int(address))
         if not self.name:
             object.__setattr__(self, "name", f"{self.ip}:{self.port}")
 

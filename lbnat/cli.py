@@ -110,6 +110,13 @@ def main() -> None:
     help="The virtual IP clients connect to, when it is not SRCIP: instances behind an ECMP "
     "router share it, each sourcing backend traffic from its own SRCIP (docs/scale-out.md).",
 )
+@click.option(
+    "--ip6",
+    default=None,
+    metavar="ADDRESS",
+    help="The LB's IPv6 address (dual stack): every service is offered on it too, to IPv6 "
+    "backends or, NAT64, to IPv4 ones (docs/ipv6.md).",
+)
 @click.option("--scheduler", type=click.Choice(sorted(SCHEDULERS)), default="rr", show_default=True)
 @click.option(
     "--nat-ports",

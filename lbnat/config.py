@@ -191,6 +191,9 @@ class Config:
     # The address clients connect to, when it is not SRCIP: instances behind an ECMP router
     # share it, each sourcing its backend traffic from its own SRCIP (docs/scale-out.md)
     vip: str | None = None
+    # The LB's IPv6 address (dual stack, docs/ipv6.md): clients of every service may connect to
+    # it too, and it sources the traffic to IPv6 backends; None: IPv4 only
+    ip6: str | None = None
     interface: str | None = None
     nat_ports: tuple[int, int] = DEFAULT_NAT_PORTS
     table_cap: int = DEFAULT_TABLE_CAP
@@ -228,6 +231,7 @@ class Config:
 TOP_KEYS: Final = (
     "lb_ip",
     "vip",
+    "ip6",
     "interface",
     "nat_ports",
     "table_cap",
@@ -507,6 +511,7 @@ def _refuse_duplicate_keys(data: object) -> None:
 def _native(data: dict[str, Any], default_port: int, read_file: FileReader) -> Config:
     lb_ip = None if data.get("lb_ip") is None else _check(fields.host_ipv4, data["lb_ip"], "lb_ip")
     vip = None if data.get("vip") is None else _check(fields.host_ipv4, data["vip"], "vip")
+    ip6 = None if data.get("ip6") is None else _check(fields.host_ipv6, data["ip6"], "ip6")
     interface = None
     if data.get("interface") is not None:
         interface = _check(fields.interface, data["interface"], "interface")
@@ -549,6 +554,7 @@ def _native(data: dict[str, Any], default_port: int, read_file: FileReader) -> C
     return Config(
         lb_ip=lb_ip,
         vip=vip,
+        ip6=ip6,
         interface=interface,
         nat_ports=nat_ports,
         table_cap=data.get("table_cap", DEFAULT_TABLE_CAP),
@@ -846,6 +852,7 @@ class Overrides:
     words: tuple[str, ...] = ()  # [SRCIP] [IP PORT]...
     config_file: str | None = None
     vip: str | None = None  # --vip: clients' address when it is not SRCIP
+    ip6: str | None = None  # --ip6: the LB's IPv6 address (dual stack)
     given: frozenset[str] = frozenset()
     vip_port: str = str(DEFAULT_PORT)
     proto: str = "tcp"
@@ -935,6 +942,7 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
     has_srcip = base is None or len(words) % 2 == 1
     lb_ip = parse_ip(words[0], "SRCIP") if has_srcip else None
     vip = None if overrides.vip is None else parse_ip(overrides.vip, "--vip")
+    ip6 = None if overrides.ip6 is None else _check(fields.host_ipv6, overrides.ip6, "--ip6")
     backends = _parse_backends(words[1:] if has_srcip else words)
     nat_ports = _parse_nat_ports(overrides.nat_ports)
     ours = _command_line_service(
@@ -952,6 +960,7 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
         config = Config(
             lb_ip=lb_ip,
             vip=vip,
+            ip6=ip6,
             nat_ports=nat_ports,
             timeouts=Timeouts(
                 **{field: getattr(overrides, option) for option, field in _TIMEOUT_OVERRIDES}
@@ -986,6 +995,8 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
             changes["sync"] = sync
         if vip is not None:
             changes["vip"] = vip
+        if ip6 is not None:
+            changes["ip6"] = ip6
         config = dataclasses.replace(
             base,
             lb_ip=lb_ip or base.lb_ip,

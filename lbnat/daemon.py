@@ -175,6 +175,7 @@ def worker_setup(
         index=index,
         lb_ip=lb_ip,
         vip=config.vip or lb_ip,
+        ip6=config.ip6,
         link=link,
         specs=specs,
         nat_ports=nat_ports,
@@ -340,7 +341,7 @@ class Daemon(ScaleOut, SyncGlue):
         try:
             engine = Engine(
                 self.lb_ip, self.control.specs(), c.nat_ports, c.timeouts, c.table_cap,
-                syn_proxy=self.syn_proxy, vip=c.vip,
+                syn_proxy=self.syn_proxy, vip=c.vip, ip6=c.ip6,
             )  # fmt: skip
             if c.sync is not None and c.sync.mode == "mesh":  # (a worker does the same)
                 engine.owners = FlowOwners(c.timeouts)

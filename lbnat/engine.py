@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
+from lbnat import addresses
 from lbnat.actions import DROP as DROP  # re-exported: the data plane and the tests read them here
 from lbnat.actions import DROP_ACTIONS
 from lbnat.actions import FORWARD as FORWARD
@@ -268,12 +269,16 @@ class Engine:
         cursors: Callable[[str], SharedCursor | None] | None = None,
         syn_proxy: SynProxySettings | None = None,
         vip: str | None = None,
+        ip6: str | None = None,
     ) -> None:
         # lb_ip (SRCIP) sources the traffic to backends, whose replies come back to it; vip is
         # where clients connect: the same address, unless instances share a VIP (--vip,
         # docs/scale-out.md), when each must get back the replies of its own flows.
         self.lb_ip = ip_int(lb_ip)
         self.vip = self.lb_ip if vip is None else ip_int(vip)
+        # The LB's IPv6 address (dual stack, lbnat.engine6): clients' VIP and the source towards
+        # IPv6 backends alike; -1 (no address equals it) when lbnat serves IPv4 alone.
+        self.lb_ip6 = -1 if ip6 is None else addresses.parse(ip6)
         self.table = SessionTable(self.lb_ip, nat_ports, timeouts, table_cap)
         # The table's parts the packet path uses, bound once (none of them is ever replaced).
         self._forward = self.table.forward

@@ -124,6 +124,19 @@ def host_ipv4(value: object) -> str:
     return str(address)
 
 
+def host_ipv6(value: object) -> str:
+    """An IPv6 unicast address a packet may be sent to or from, in RFC 5952 text."""
+    try:
+        address = ipaddress.IPv6Address(text(value))
+    except ValueError as error:
+        if isinstance(error, FieldError):
+            raise
+        raise FieldError("is not an IPv6 address") from None
+    if address.is_unspecified or address.is_multicast or address.ipv4_mapped is not None:
+        raise FieldError(f"{address} is not a host address", follows_value=False)
+    return str(address)
+
+
 def backend_unusable(address: ipaddress.IPv4Address) -> str | None:
     """Why lbnat cannot forward to this address (a registered backend's), or None."""
     for network, what in _NOT_BACKENDS:

@@ -120,6 +120,7 @@ class WorkerSetup:
     rings: RingSpec
     flow_events: bool  # send FlowOpened/FlowEnded (the log shows them) or only NoBackend
     cursor_slots: dict[str, int] = field(default_factory=dict)
+    ip6: str | None = None  # the LB's IPv6 address (dual stack), or None (Engine)
     # The same secret in every worker: each checks any worker's cookies.
     syn_proxy: SynProxySettings = field(default_factory=lambda: SynProxySettings(mode="off"))
     # The kernel fast path's map (lbnat.dataplane.offload): an fd the worker inherits, -1: none.

@@ -36,12 +36,12 @@ from __future__ import annotations
 import enum
 import heapq
 import math
-import socket
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from lbnat import addresses
 from lbnat.backends import Backend, BackendKey
 from lbnat.packet import ACK, ADDRESS, FIN, PORT_PAIR, RST, SYN, TCP, rewrite_deltas
 from lbnat.service import ServiceState
@@ -131,13 +131,37 @@ def forward_key(proto: int, client_ip: int, client_port: int, service_port: int)
 
 
 def key_client_ip(key: int) -> int:
-    """The client's address in a forward key."""
+    """The client's IPv4 address in a forward key (the IPv4 packet path's; `key_client` reads
+    either family)."""
     return (key >> 16) & 0xFFFFFFFF
 
 
 def pool_key(proto: int, backend_ip: int, backend_port: int) -> int:
-    """One int for (proto, backend ip, backend port): the key of a backend's port pool."""
+    """One int for (proto, backend ip, backend port): the key of an IPv4 backend's port pool."""
     return (proto << 48) | (backend_ip << 16) | backend_port
+
+
+# Both families (lbnat.addresses: an IPv6 address is an int with bit 128 set). The IPv4 keys
+# above are these keys' low bits: an IPv6 address's bits above its low 32 go on top of them,
+# so an IPv4 key is the same int either way and the IPv4 packet path keeps its cheaper
+# functions, while the IPv6 path, the sync, the checkpoint and the views use these.
+
+
+def flow_key(proto: int, client_ip: int, client_port: int, service_port: int) -> int:
+    """`forward_key` for a client of either family."""
+    return forward_key(proto, client_ip & 0xFFFFFFFF, client_port, service_port) | (
+        (client_ip >> 32) << 72
+    )
+
+
+def key_client(key: int) -> int:
+    """The client's address (either family) in a forward key."""
+    return ((key >> 72) << 32) | ((key >> 16) & 0xFFFFFFFF)
+
+
+def backend_pool_key(proto: int, backend_ip: int, backend_port: int) -> int:
+    """`pool_key` for a backend of either family."""
+    return pool_key(proto, backend_ip & 0xFFFFFFFF, backend_port) | ((backend_ip >> 32) << 56)
 
 
 # Shared int objects for every port and window value: a row that holds one of these holds a
@@ -351,7 +375,7 @@ class Session:
 
     @property
     def proto(self) -> int:
-        return self.key >> 64
+        return (self.key >> 64) & 0xFF
 
     @property
     def service_port(self) -> int:
@@ -359,7 +383,7 @@ class Session:
 
     @property
     def client_ip(self) -> int:
-        return key_client_ip(self.key)
+        return key_client(self.key)
 
     @property
     def client_port(self) -> int:
@@ -367,7 +391,7 @@ class Session:
 
     @property
     def client(self) -> tuple[str, int]:
-        return socket.inet_ntoa(ADDRESS.pack(self.client_ip)), self.client_port
+        return addresses.text(self.client_ip), self.client_port
 
     @property
     def backend(self) -> Backend:

@@ -716,6 +716,7 @@ def worker_main(argv: list[str] | None = None) -> int:
             cursor,
             setup.syn_proxy,
             setup.vip,
+            setup.ip6,
         )
     except ValueError as error:
         send_message(control, WorkerFailed(str(error)))
