@@ -96,7 +96,7 @@ def checksums_ok(raw: bytes) -> bool:
         for name in ("chksum", "cksum"):
             if name in layer.fields:
                 delattr(layer, name)
-        if layer.name.startswith("ICMP"):
+        if str(layer.name).startswith("ICMP"):
             break
         layer = layer.payload
     return bytes(packet) == raw
