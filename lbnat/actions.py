@@ -1,7 +1,8 @@
 """What the engine decides for a packet: a plain tuple, so a verdict costs no object.
 
-    (FORWARD, next_hop)          send buf[start:end] as rewritten, to IPv4 address next_hop (int)
-    (REPLY, packet, next_hop)    send this new IPv4 packet instead (a packet lbnat makes itself)
+    (FORWARD, next_hop)          send buf[start:end] as rewritten, to address next_hop (an int of
+                                 either family, lbnat.addresses)
+    (REPLY, packet, next_hop)    send this new IPv4 or IPv6 packet instead (one lbnat makes itself)
     (DROP, reason)               send nothing; the reason has been counted
     (SEND_FIRST, next_hop, ((packet, next_hop), ...))
                                  send these new packets, then forward buf[start:end] as FORWARD
@@ -9,6 +10,12 @@
     (REPLIES, 0, ((packet, next_hop), ...))
                                  send these new packets in order, and not this one (the SYN
                                  proxy's SYN to a backend after the RSTs of evicted rows)
+    (TRANSLATED, next_hop, new_start)
+                                 the packet was translated in place into the other family
+                                 (NAT64): its IP header now starts at new_start (up to 20 bytes
+                                 before start, or after it), it still ends at end; send
+                                 buf[new_start - 24:end] with the vnet and Ethernet headers
+                                 rewritten before new_start (lbnat.dataplane.frames.translated)
 
 (A module of its own so that lbnat.engine and lbnat.synproxy share it without a cycle.)
 """
@@ -24,6 +31,7 @@ REPLY = 2
 DROP = 3
 SEND_FIRST = 4
 REPLIES = 5
+TRANSLATED = 6
 
 Action = tuple[Any, ...]  # (FORWARD, int) | (REPLY, bytes, int) | (DROP, int) | see above
 
