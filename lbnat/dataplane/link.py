@@ -70,26 +70,32 @@ def find_link(
     that same interface: lbnat's frames of both families go through its packet sockets there,
     and the kernel answers neighbour solicitations for it there."""
     link = _find_link4(ip, interface, absent_ok)
-    return link if ip6 is None else with_ip6(link, ip6)
+    return link if ip6 is None else with_ip6(link, ip6, absent_ok)
 
 
-def with_ip6(link: Link, ip6: str) -> Link:
-    """`link` with its IPv6 address, which must be on the same interface (LinkError if not)."""
+def with_ip6(link: Link, ip6: str, absent_ok: bool = False) -> Link:
+    """`link` with its IPv6 address, which must be on the same interface (LinkError if not).
+    `absent_ok` (a pair, as for its VIP): the interface may hold another address of ip6's
+    prefix instead."""
     try:
         wanted = ipaddress.IPv6Address(ip6)
     except ValueError:
         raise LinkError(f"{ip6!r} (ip6) is not an IPv6 address") from None
+    subnet: ipaddress.IPv6Network | None = None
     for entry in netifaces.ifaddresses(link.interface).get(netifaces.AF_INET6, []):
         text = str(entry.get("addr", "")).partition("%")[0]  # fe80::1%eth0: the scope goes
         try:
             address = ipaddress.IPv6Address(text)
         except ValueError:
             continue
+        length = _prefix_length(str(entry.get("netmask", "")))
+        network = ipaddress.IPv6Network(f"{address}/{length}", strict=False)
         if address == wanted:
-            network = ipaddress.IPv6Network(
-                f"{wanted}/{_prefix_length(str(entry.get('netmask', '')))}", strict=False
-            )
             return dataclasses.replace(link, ip6=str(wanted), network6=network)
+        if wanted in network and not address.is_link_local and subnet is None:
+            subnet = network
+    if absent_ok and subnet is not None:
+        return dataclasses.replace(link, ip6=str(wanted), network6=subnet)
     raise LinkError(
         f"{wanted} (ip6) is not an address of {link.interface}, the interface of {link.ip}: "
         f"lbnat serves both families on one interface (ip -6 addr add {wanted}/64 dev "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
+import netifaces
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,9 +17,11 @@ from lbnat.dataplane.link import (
     NLMSG_HEADER,
     RTATTR,
     Link,
+    LinkError,
     Neighbours,
     _prefix_length,
     parse_neighbour_dump,
+    with_ip6,
 )
 
 OUR_MAC = bytes.fromhex("020000000002")
@@ -166,3 +169,37 @@ def test_without_ip6_no_ipv6_next_hop_and_no_ndp_read(tmp_path: Path) -> None:
     assert not n.hold(B6, b"frame", 0.0)
     n.refresh()
     assert reads == []
+
+
+FD00 = [
+    {"addr": "fe80::1%eth0", "netmask": "ffff:ffff:ffff:ffff::/64"},
+    {"addr": "fd00::2", "netmask": "ffff:ffff:ffff:ffff::/64"},
+]
+
+
+@pytest.mark.parametrize(
+    ("ip6", "absent_ok", "network"),
+    [
+        ("fd00::2", False, "fd00::/64"),  # held by the interface
+        ("fd00:0::2", False, "fd00::/64"),  # any spelling
+        ("fd00::99", True, "fd00::/64"),  # a pair's, absent until keepalived adds it
+        ("fd00::99", False, None),
+        ("fd01::2", True, None),  # not even the interface's prefix
+        ("fe80::99", True, None),  # a link-local prefix does not count
+        ("198.18.0.9", False, None),
+    ],
+)
+def test_ip6_must_be_on_srcips_interface(
+    monkeypatch: pytest.MonkeyPatch, ip6: str, absent_ok: bool, network: str | None
+) -> None:
+    monkeypatch.setattr(
+        "lbnat.dataplane.link.netifaces.ifaddresses", lambda name: {netifaces.AF_INET6: FD00}
+    )
+    link4 = Link("eth0", "198.18.0.2", ipaddress.IPv4Network("198.18.0.0/24"), OUR_MAC)
+    if network is None:
+        with pytest.raises(LinkError, match="ip6"):
+            with_ip6(link4, ip6, absent_ok)
+        return
+    link = with_ip6(link4, ip6, absent_ok)
+    assert link.network6 == ipaddress.IPv6Network(network)
+    assert link.ip6 == str(ipaddress.IPv6Address(ip6))
