@@ -18,7 +18,7 @@ from typing import Any, cast
 import pytest
 
 from lbnat import addresses
-from lbnat.actions import FORWARD, Action
+from lbnat.actions import FORWARD, TRANSLATED, Action
 from lbnat.dataplane.fanout import nat_slices
 from lbnat.dataplane.guard import KernelGuard
 from lbnat.dataplane.kernel import (
@@ -29,7 +29,7 @@ from lbnat.dataplane.kernel import (
     VNET_HDR_LEN,
 )
 from lbnat.dataplane.link import Neighbours, find_link, read_ndp_table
-from lbnat.dataplane.loop import RingLoop
+from lbnat.dataplane.loop import PacketLoop, RingLoop
 from lbnat.dataplane.packet_socket import build_filter, build_filter6
 from lbnat.dataplane.rings import RingSpec, RxFrames
 from lbnat.dataplane.workers import open_worker_sockets
@@ -197,6 +197,102 @@ def test_a_ring_loop_forwards_ipv6_through_the_transmit_ring(veth: str) -> None:
         out, _ = peer.communicate(timeout=5)
         assert engine.handled == 1
         assert out.strip() == "lbnat-v6"
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+            peer.wait()
+        loop.close()
+        neighbours.close()
+        sock.close()
+        sock6.close()
+
+
+def _sum16(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+class Nat64:
+    """A stand-in for the engine's NAT64, for one IPv4 UDP datagram: the vnet header moved
+    clear first (the contract's rule when the header grows), then an IPv6 header written 20
+    bytes before the IPv4 one, from ip6 to the peer; the UDP checksum for the new
+    pseudo-header (partial when the vnet header says so, else whole)."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self.standby = None
+        self.partial: bool | None = None
+
+    def handle(self, buf: Any, start: int, end: int, partial: bool, now: float) -> Action:
+        self.partial = partial
+        l4 = start + (buf[start] & 0xF) * 4
+        length = int.from_bytes(buf[l4 + 4 : l4 + 6], "big")
+        new_start = l4 - 40
+        buf[new_start - 24 : new_start - 14] = bytes(buf[start - 24 : start - 14])
+        src, dst = addresses.packed(addresses.parse(LB6)), addresses.packed(addresses.parse(PEER6))
+        buf[new_start : new_start + 40] = (
+            bytes([0x60, 0, 0, 0]) + length.to_bytes(2, "big") + bytes([17, 64]) + src + dst
+        )
+        pseudo = src + dst + length.to_bytes(4, "big") + bytes([0, 0, 0, 17])
+        if partial:
+            value = _sum16(pseudo)
+        else:
+            buf[l4 + 6 : l4 + 8] = b"\0\0"
+            value = 0xFFFF - _sum16(pseudo + bytes(buf[l4 : l4 + length])) or 0xFFFF
+        buf[l4 + 6 : l4 + 8] = value.to_bytes(2, "big")
+        return (TRANSLATED, addresses.parse(PEER6), new_start)
+
+    def count_drop(self, reason: Any) -> None:
+        raise AssertionError(f"dropped: {reason}")
+
+
+@pytest.mark.parametrize("io", ["rings", "socket"])
+def test_a_translated_datagram_leaves_as_ipv6(veth: str, io: str) -> None:
+    """IPv4 in on the IPv4 socket, translated in place, out as IPv6 to the peer, whose IPv6
+    socket gets the payload (so the kernel took the rewritten vnet header and checksum)."""
+    link = find_link(LB4, "v6a", ip6=LB6)
+    spec = RingSpec(frames=64, tx_frames=64)
+    program = build_filter(link.ip_int, [], [20000], NAT)
+    program6 = build_filter6(addresses.parse(LB6), [], [20000], NAT)
+    (sock,) = open_worker_sockets(link, program, NAT, 1, io, spec)
+    (sock6,) = open_worker_sockets(link, program6, NAT, 1, io, spec, ipv6=True)
+    engine = Nat64()
+    neighbours = Neighbours(link, gateway=None, gateway6=None)
+    loop: PacketLoop
+    if io == "rings":
+        loop = RingLoop(cast(Engine, engine), sock, neighbours, lambda _: None, spec, sock6=sock6)
+    else:
+        loop = PacketLoop(cast(Engine, engine), sock, neighbours, lambda _: None, sock6=sock6)
+    peer_code = (
+        "import socket, time\n"
+        "s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+        "s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); s6.bind(('::', 20000))\n"
+        "s6.settimeout(3)\n"
+        f"s6.sendto(b'hello', ('{LB6}', 9))  # our kernel learns the peer's MAC (NDP)\n"
+        "time.sleep(0.3)\n"
+        "s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s4.bind(('0.0.0.0', 20000))\n"
+        f"s4.sendto(b'translated-payload', ('{LB4}', 20000))\n"
+        "data, sender = s6.recvfrom(100)\n"
+        "print(data.decode(), sender[0])\n"
+    )
+    peer = subprocess.Popen(
+        ["ip", "netns", "exec", veth, sys.executable, "-c", peer_code],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert select.select([sock], [], [], 3.0)[0], "nothing reached the IPv4 socket"
+        neighbours.refresh()
+        loop._receive(0.0, sock)
+        if isinstance(loop, RingLoop):
+            loop._flush()
+        out, _ = peer.communicate(timeout=5)
+        assert out.split() == ["translated-payload", LB6]
+        assert engine.partial is not None
     finally:
         if peer.poll() is None:
             peer.kill()
