@@ -29,14 +29,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from types import FrameType
 from typing import TextIO
 
 from lbnat import addresses, privileges
 from lbnat.backends import Backend
-from lbnat.config import Config, ConfigError
+from lbnat.config import Config, ConfigError, ServiceConfig
 from lbnat.control.metrics_server import MetricsError, MetricsServer
 from lbnat.control.plane import (
     ControlPlane,
@@ -137,6 +137,19 @@ def check_port_free(ip: str, port: int, proto: str) -> None:
             ) from None
 
 
+def check_ports_free(addresses: Sequence[str], services: Iterable[ServiceConfig]) -> None:
+    """Every service's port free on every address it is offered on (SRCIP or the VIP, and
+    ip6 with --ip6)."""
+    for service in services:
+        for address in addresses:
+            check_port_free(address, service.service.port, service.service.proto)
+
+
+def offered_on(vip: str, ip6: str | None) -> list[str]:
+    """The addresses every service is offered on."""
+    return [vip] if ip6 is None else [vip, ip6]
+
+
 def check_can_start(config: Config) -> None:
     """The capabilities lbnat needs, and something to balance."""
     if lacking := privileges.missing_here():
@@ -161,6 +174,11 @@ def packet_filter(lb_ip: int, control: ControlPlane) -> bytes:
     return build_filter(
         lb_ip, tcp, udp, control.config.nat_ports, None if vip is None else ip_int(vip)
     )
+
+
+def packet_filters(lb_ip: int, control: ControlPlane) -> tuple[bytes, bytes | None]:
+    """The IPv4 sockets' filter and the IPv6 ones' (None without --ip6)."""
+    return packet_filter(lb_ip, control), packet_filter6(control)
 
 
 def packet_filter6(control: ControlPlane) -> bytes | None:
@@ -359,10 +377,7 @@ class Daemon(ScaleOut, SyncGlue):
             raise StartError(str(error)) from None
         self.syn_proxy = fit_mss(self.syn_proxy, link_mtu(link.interface))
         self.link_watch = LinkWatch(time.monotonic(), self.link_probe.state())
-        for service in self.control.services.values():
-            check_port_free(self.vip, service.service.port, service.service.proto)
-            if c.ip6 is not None:  # every service is offered on ip6 too
-                check_port_free(c.ip6, service.service.port, service.service.proto)
+        check_ports_free(offered_on(self.vip, c.ip6), self.control.services.values())
         try:
             engine = Engine(
                 self.lb_ip, self.control.specs(), c.nat_ports, c.timeouts, c.table_cap,
@@ -507,9 +522,7 @@ class Daemon(ScaleOut, SyncGlue):
                         guard.tcp_ports = list(tcp_ports)
                         guard.udp_ports = list(udp_ports)
                         guard.update()
-                        plane.set_filter(
-                            packet_filter(link.ip_int, self.control), packet_filter6(self.control)
-                        )
+                        plane.set_filter(*packet_filters(link.ip_int, self.control))
                 case SetHealthChecks(checks):
                     if self.health is not None:
                         self.health.set_checks(checks)
@@ -624,8 +637,7 @@ class Daemon(ScaleOut, SyncGlue):
                 self._carry_out(plan.notes)
                 if plan.error is not None:
                     return self._reload_failed(plan.error)
-                for service in plan.added:
-                    check_port_free(self.vip, service.service.port, service.service.proto)
+                check_ports_free(offered_on(self.vip, self.config.ip6), plan.added)
                 self._locked(lambda: self.control.commit_reload(plan))
             except (ConfigError, ValueError, OSError, GuardError, StartError) as error:
                 # StartError: a new service's port is taken (before, a traceback)
