@@ -250,12 +250,14 @@ class Nat64:
         raise AssertionError(f"dropped: {reason}")
 
 
-@pytest.mark.parametrize("io", ["rings", "socket"])
+@pytest.mark.parametrize("io", ["frames", "blocks", "socket"])
 def test_a_translated_datagram_leaves_as_ipv6(veth: str, io: str) -> None:
     """IPv4 in on the IPv4 socket, translated in place, out as IPv6 to the peer, whose IPv6
-    socket gets the payload (so the kernel took the rewritten vnet header and checksum)."""
+    socket gets the payload (so the kernel took the rewritten vnet header and checksum); in
+    both ring layouts (tp_reserve gives the room) and the recv_into buffer."""
     link = find_link(LB4, "v6a", ip6=LB6)
-    spec = RingSpec(frames=64, tx_frames=64)
+    spec = RingSpec(rx="blocks" if io == "blocks" else "frames", frames=64, tx_frames=64)
+    io = "socket" if io == "socket" else "rings"
     program = build_filter(link.ip_int, [], [20000], NAT)
     program6 = build_filter6(addresses.parse(LB6), [], [20000], NAT)
     (sock,) = open_worker_sockets(link, program, NAT, 1, io, spec)
