@@ -1,7 +1,8 @@
 """What the engine decides for a packet: a plain tuple, so a verdict costs no object.
 
-    (FORWARD, next_hop)          send buf[start:end] as rewritten, to IPv4 address next_hop (int)
-    (REPLY, packet, next_hop)    send this new IPv4 packet instead (a packet lbnat makes itself)
+    (FORWARD, next_hop)          send buf[start:end] as rewritten, to address next_hop (an int of
+                                 either family, lbnat.addresses)
+    (REPLY, packet, next_hop)    send this new IPv4 or IPv6 packet instead (one lbnat makes itself)
     (DROP, reason)               send nothing; the reason has been counted
     (SEND_FIRST, next_hop, ((packet, next_hop), ...))
                                  send these new packets, then forward buf[start:end] as FORWARD
@@ -10,11 +11,15 @@
                                  send these new packets in order, and not this one (the SYN
                                  proxy's SYN to a backend after the RSTs of evicted rows)
     (TRANSLATED, next_hop, new_start)
-                                 this packet changed family in place (NAT64, lbnat.packet6): its
-                                 new IP header starts at new_start, up to 20 bytes before the
-                                 old start (the data plane keeps that headroom), and it still
-                                 ends at end; send it as FORWARD does, its virtio_net_hdr's
-                                 offsets and GSO type moved with it (docs/ipv6.md)
+                                 the packet was translated in place into the other family
+                                 (NAT64): its IP header now starts at new_start (up to 20 bytes
+                                 before start, or after it), it still ends at end; send
+                                 buf[new_start - 24:end] with the vnet and Ethernet headers
+                                 rewritten before new_start (lbnat.dataplane.frames.translated,
+                                 docs/ipv6.md). A packet that grew would overwrite the end of
+                                 the 10 bytes the data plane keeps 24 bytes before a packet
+                                 (its virtio_net_hdr): the engine moves them first, to 24
+                                 bytes before new_start, without reading them.
 
 Next hops are lbnat.addresses ints: an IPv6 one (bit 128 set) goes out in an 0x86DD frame.
 

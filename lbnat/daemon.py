@@ -29,14 +29,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from types import FrameType
 from typing import TextIO
 
-from lbnat import privileges
+from lbnat import addresses, privileges
 from lbnat.backends import Backend
-from lbnat.config import Config, ConfigError
+from lbnat.config import Config, ConfigError, ServiceConfig
 from lbnat.control.metrics_server import MetricsError, MetricsServer
 from lbnat.control.plane import (
     ControlPlane,
@@ -61,7 +61,7 @@ from lbnat.dataplane.link import (
 )
 from lbnat.dataplane.loop import PacketLoop
 from lbnat.dataplane.offload import KernelPath, OffloadError, attach_fast_path, start_offload
-from lbnat.dataplane.packet_socket import build_filter
+from lbnat.dataplane.packet_socket import build_filter, build_filter6
 from lbnat.dataplane.rings import RingSpec
 from lbnat.dataplane.syncnode import SyncNode
 from lbnat.dataplane.workers import (
@@ -108,6 +108,7 @@ __all__ = [
 ]
 
 IP_FREEBIND = 15  # linux/in.h: bind an address this host does not hold (yet)
+IPV6_FREEBIND = 78  # linux/in6.h: the same for IPv6 (an address still in DAD, say)
 INTERFACE_GONE = 1  # exit code: the interface went away under lbnat (systemd restarts it)
 
 
@@ -118,8 +119,12 @@ class StartError(Exception):
 def check_port_free(ip: str, port: int, proto: str) -> None:
     """A VIP port another program of this host already listens on cannot be balanced."""
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)  # a pair's VIP may be on the master only
+    family = addresses.text_family(ip)
+    with socket.socket(family, kind) as probe:
+        if family == socket.AF_INET6:  # --ip6
+            probe.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+        else:  # a pair's VIP may be on the master only
+            probe.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
         try:
             probe.bind((ip, port))
         except OSError as error:
@@ -130,6 +135,19 @@ def check_port_free(ip: str, port: int, proto: str) -> None:
             raise StartError(
                 f"cannot check {proto} port {port} on {ip}: {error.strerror}"
             ) from None
+
+
+def check_ports_free(addresses: Sequence[str], services: Iterable[ServiceConfig]) -> None:
+    """Every service's port free on every address it is offered on (SRCIP or the VIP, and
+    ip6 with --ip6)."""
+    for service in services:
+        for address in addresses:
+            check_port_free(address, service.service.port, service.service.proto)
+
+
+def offered_on(vip: str, ip6: str | None) -> list[str]:
+    """The addresses every service is offered on."""
+    return [vip] if ip6 is None else [vip, ip6]
 
 
 def check_can_start(config: Config) -> None:
@@ -156,6 +174,20 @@ def packet_filter(lb_ip: int, control: ControlPlane) -> bytes:
     return build_filter(
         lb_ip, tcp, udp, control.config.nat_ports, None if vip is None else ip_int(vip)
     )
+
+
+def packet_filters(lb_ip: int, control: ControlPlane) -> tuple[bytes, bytes | None]:
+    """The IPv4 sockets' filter and the IPv6 ones' (None without --ip6)."""
+    return packet_filter(lb_ip, control), packet_filter6(control)
+
+
+def packet_filter6(control: ControlPlane) -> bytes | None:
+    """The IPv6 packet sockets' filter (--ip6): the same services on ip6; None without it."""
+    ip6 = control.config.ip6
+    if ip6 is None:
+        return None
+    tcp, udp = list(control.ports("tcp")), list(control.ports("udp"))
+    return build_filter6(addresses.parse(ip6), tcp, udp, control.config.nat_ports)
 
 
 def worker_setup(
@@ -200,9 +232,11 @@ def inline_loop(
     config: Config,
     on_events: Callable[[list[Event]], None],
     offload: KernelPath | None,
+    sock6: socket.socket | None = None,
 ) -> PacketLoop:
-    """The loop of the one-worker data plane (on the main thread), given the kernel's map."""
-    loop = build_loop(engine, sock, link, config.io, ring_spec(config), on_events)
+    """The loop of the one-worker data plane (on the main thread), given the kernel's map
+    (and the IPv6 socket with --ip6)."""
+    loop = build_loop(engine, sock, link, config.io, ring_spec(config), on_events, sock6=sock6)
     if offload is not None:
         attach_fast_path(engine, offload.map_fd, loop.neighbours, offload.ifindex)
     return loop
@@ -213,21 +247,28 @@ START_ERRORS = (GuardError, OSError, WorkerError, OffloadError, MetricsError, Ha
 
 def open_sockets(
     link: Link, control: ControlPlane, rings: RingSpec
-) -> tuple[list[socket.socket], KernelPath | None, str]:
-    """Every worker's packet socket, then the kernel fast path (and what the start-up line
-    says of it). The sockets first: a tc filter left by a predecessor (a hitless restart) is
-    replaced by one with an empty map, and its flows' packets come up from then on; queued in
-    the rings, they wait there for their rows to be restored."""
+) -> tuple[list[socket.socket], list[socket.socket], KernelPath | None, str]:
+    """Every worker's packet socket (and, with --ip6, its IPv6 socket: all of them after the
+    IPv4 ones, each family in a fanout group of its own), then the kernel fast path (and what
+    the start-up line says of it). The sockets first: a tc filter left by a predecessor (a
+    hitless restart) is replaced by one with an empty map, and its flows' packets come up from
+    then on; queued in the rings, they wait there for their rows to be restored."""
     c = control.config
     program = packet_filter(link.ip_int, control)
     socks = open_worker_sockets(link, program, c.nat_ports, c.workers, c.io, rings)
+    socks6: list[socket.socket] = []
     try:
+        program6 = packet_filter6(control)
+        if program6 is not None:
+            socks6 = open_worker_sockets(
+                link, program6, c.nat_ports, c.workers, c.io, rings, ipv6=True
+            )
         offload, text = start_offload(c.offload, link.interface, link.ip_int, c.table_cap)
     except BaseException:
-        for sock in socks:
+        for sock in [*socks, *socks6]:
             sock.close()
         raise
-    return socks, offload, text
+    return socks, socks6, offload, text
 
 
 def syn_proxy_settings(config: Config) -> SynProxySettings:
@@ -328,7 +369,7 @@ class Daemon(ScaleOut, SyncGlue):
         check_can_start(c)
         try:
             # a pair's VIP may be absent: keepalived adds it on the master (docs/ha.md)
-            self.link = link = find_link(self.lb_ip, c.interface, c.sync is not None)
+            self.link = link = find_link(self.lb_ip, c.interface, c.sync is not None, c.ip6)
             if (misfit := mesh_misfit(c, link)) is not None:  # (the mesh's addresses on it)
                 raise LinkError(misfit)
             self.link_probe = LinkProbe(link.interface)
@@ -336,8 +377,7 @@ class Daemon(ScaleOut, SyncGlue):
             raise StartError(str(error)) from None
         self.syn_proxy = fit_mss(self.syn_proxy, link_mtu(link.interface))
         self.link_watch = LinkWatch(time.monotonic(), self.link_probe.state())
-        for service in self.control.services.values():
-            check_port_free(self.vip, service.service.port, service.service.proto)
+        check_ports_free(offered_on(self.vip, c.ip6), self.control.services.values())
         try:
             engine = Engine(
                 self.lb_ip, self.control.specs(), c.nat_ports, c.timeouts, c.table_cap,
@@ -350,21 +390,21 @@ class Daemon(ScaleOut, SyncGlue):
         except ValueError as error:
             raise StartError(str(error)) from None
         tcp, udp = list(self.control.ports("tcp")), list(self.control.ports("udp"))
-        self.guard = KernelGuard(self.lb_ip, tcp, udp, c.nat_ports, vip=c.vip)
+        self.guard = KernelGuard(self.lb_ip, tcp, udp, c.nat_ports, vip=c.vip, ip6=c.ip6)
         try:
             row_files = None if self.handover is None else self.handover.take(c, link.interface)
             self.guard.install()  # over a predecessor's table in one transaction
-            socks, self.offload, offload_text = open_sockets(link, self.control, rings)
+            socks, socks6, self.offload, offload_text = open_sockets(link, self.control, rings)
             self.plane = start_plane(
                 socks,
-                lambda: inline_loop(
-                    engine, socks[0], link, c, partial(self._on_events, 0), self.offload
-                ),
+                lambda: inline_loop(engine, socks[0], link, c, partial(self._on_events, 0),
+                                    self.offload, socks6[0] if socks6 else None),
                 lambda index: self._setup(index, slices[index]),
                 self._on_events,
                 self.log,
                 row_files,
                 self._open_sync(c),  # the engines' journals go to its node (--sync-peer)
+                socks6,
             )
             self._start_sync()
             self._servers = start_servers(
@@ -482,7 +522,7 @@ class Daemon(ScaleOut, SyncGlue):
                         guard.tcp_ports = list(tcp_ports)
                         guard.udp_ports = list(udp_ports)
                         guard.update()
-                        plane.set_filter(packet_filter(link.ip_int, self.control))
+                        plane.set_filter(*packet_filters(link.ip_int, self.control))
                 case SetHealthChecks(checks):
                     if self.health is not None:
                         self.health.set_checks(checks)
@@ -597,8 +637,7 @@ class Daemon(ScaleOut, SyncGlue):
                 self._carry_out(plan.notes)
                 if plan.error is not None:
                     return self._reload_failed(plan.error)
-                for service in plan.added:
-                    check_port_free(self.vip, service.service.port, service.service.proto)
+                check_ports_free(offered_on(self.vip, self.config.ip6), plan.added)
                 self._locked(lambda: self.control.commit_reload(plan))
             except (ConfigError, ValueError, OSError, GuardError, StartError) as error:
                 # StartError: a new service's port is taken (before, a traceback)

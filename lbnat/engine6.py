@@ -67,6 +67,9 @@ if TYPE_CHECKING:
     from lbnat.service import ServiceState
 
 _SAR = SYN | ACK | RST
+# What the data plane keeps before a packet: 10 bytes (its virtio_net_hdr, opaque here) and the
+# 14 of the Ethernet header. A packet that grows moves the 10 with it (lbnat.actions).
+FRAME_PRELUDE = 24
 _FRAGMENTATION_NEEDED = 4  # ICMPv4 destination unreachable's code
 
 
@@ -214,6 +217,9 @@ class IPv6Path:
         else:
             self._tracker.track_udp_reply(s, now)
         deltas = s.deltas
+        if start >= FRAME_PRELUDE:  # the data plane's 10 bytes before the frame move with it
+            moved = l4 - 40 - FRAME_PRELUDE
+            buf[moved : moved + 10] = bytes(buf[start - FRAME_PRELUDE : start - 14])
         new_start = translate_to_v6(
             buf, start, l4, proto, s.rev_addresses, s.rev_ports,
             (deltas >> 16) & 0xFFFF, deltas & 0xFFFF, partial,

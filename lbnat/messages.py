@@ -211,7 +211,7 @@ class DataPlane(Protocol):
     def ask_each(self, question: Question, timeout: float = 5.0) -> list[tuple[int, Any]]:
         """The same, each with its worker's index (metrics label their series by worker)."""
 
-    def set_filter(self, program: bytes) -> None: ...
+    def set_filter(self, program: bytes, program6: bytes | None = None) -> None: ...
 
     def info(self) -> list[dict[str, object]]:
         """Index, pid, alive and restarts of each worker (for status)."""

@@ -8,9 +8,21 @@ socket got its copy) -- only to the LB address, only those ports: the rest of th
 other services and its own connections, are untouched. The C++ guideline dropped every RST the
 host sent; that breaks every other TCP service of the host and is not done here.
 
+IPv6 (--ip6): a second table of the same name in the `ip6` family drops lbnat's IPv6 packets
+(to ip6, TCP and UDP, service ports and NAT ports) the same way; only TCP and UDP, so neighbour
+discovery and every other ICMPv6 stay the kernel's. Beside the `ip` table rather than one `inet`
+table for both: the IPv4 table stays exactly what it was (an older lbnat hands its `ip` table
+over in a hitless restart, found by family and name, and replaced in the same transaction;
+an `inet` table of that name would be another table, leaving the old one behind), and an
+lbnat without --ip6 has no IPv6 rule at all. Every script deletes the `ip6` table too (a
+predecessor's, when this lbnat has no ip6), and removal and `lbnat cleanup` delete both.
+
 The NAT port range is also added to net.ipv4.ip_local_reserved_ports, so the host never picks
 one of lbnat's NAT ports as the source port of its own connections (their replies would be
-dropped by the guard). Both are undone at exit; a table left by a crash is replaced at start.
+dropped by the guard). That one setting covers IPv6 too: the kernel's port allocator checks it
+for sockets of both families (inet_is_local_reserved_port, in __inet_hash_connect and
+inet_csk_find_open_port, which IPv6 sockets use), so there is no IPv6 reservation to make.
+Both are undone at exit; a table left by a crash is replaced at start.
 Where /proc/sys is read-only (a container: Docker mounts it so) the reservation can be made
 for lbnat beforehand -- the setting is per network namespace, and `docker run --sysctl` or
 compose's `sysctls:` set it for the container -- and lbnat accepts it when it covers the NAT
@@ -52,10 +64,12 @@ def ruleset(
     udp_ports: Iterable[int],
     nat_ports: tuple[int, int],
     vip: str | None = None,
+    ip6: str | None = None,
 ) -> str:
     """The nft script: replace any old table (a crash leftover) and create the new one, in one
     atomic transaction. With a VIP apart from lb_ip (--vip) both addresses are guarded: the
-    VIP (on lo, shared by instances) would otherwise be answered by the kernel."""
+    VIP (on lo, shared by instances) would otherwise be answered by the kernel. With `ip6` the
+    ip6 table too (and without, any old one goes)."""
     name = table_name(lb_ip)
     tcp = _set(tcp_ports, nat_ports)
     udp = _set(udp_ports, nat_ports)
@@ -75,7 +89,33 @@ table ip {name} {{
         ip saddr {ours} tcp sport {tcp} tcp flags & rst == rst counter comment "kernel RSTs"
     }}
 }}
+table ip6 {name}
+delete table ip6 {name}
+{"" if ip6 is None else _ip6_table(name, ip6, tcp, udp)}"""
+
+
+def _ip6_table(name: str, ip6: str, tcp: str, udp: str) -> str:
+    """The ip6 family's table: the same drops and count for lbnat's IPv6 address. `tcp
+    dport` and `udp dport` find the transport header behind extension headers (nft walks
+    them); ICMPv6, neighbour discovery included, is never matched."""
+    return f"""table ip6 {name} {{
+    chain prerouting {{
+        type filter hook prerouting priority raw - 10; policy accept;
+        ip6 daddr {ip6} tcp dport {tcp} counter drop comment "lbnat owns these"
+        ip6 daddr {ip6} udp dport {udp} counter drop comment "lbnat owns these"
+    }}
+    chain output {{
+        type filter hook output priority raw - 10; policy accept;
+        ip6 saddr {ip6} tcp sport {tcp} tcp flags & rst == rst counter comment "kernel RSTs"
+    }}
+}}
 """
+
+
+def delete_tables(lb_ip: str) -> str:
+    """The nft script that removes lbnat's tables of both families (absent ones too)."""
+    name = table_name(lb_ip)
+    return "".join(f"table {f} {name}\ndelete table {f} {name}\n" for f in ("ip", "ip6"))
 
 
 def nft(script: str) -> None:
@@ -121,8 +161,7 @@ def remove_leftover(lb_ip: str, reserved_path: str = RESERVED_PORTS) -> tuple[in
                 f.write(_format_ranges(ranges) + "\n")
     except OSError as error:
         raise GuardError(f"cannot give back the NAT ports in {reserved_path}: {error}") from None
-    name = table_name(lb_ip)
-    nft(f"table ip {name}\ndelete table ip {name}\n")
+    nft(delete_tables(lb_ip))
     return left
 
 
@@ -164,6 +203,7 @@ class KernelGuard:
     nat_ports: tuple[int, int]
     reserved_path: str = RESERVED_PORTS
     vip: str | None = None  # guarded too, when --vip sets it apart from lb_ip
+    ip6: str | None = None  # --ip6: guarded in the ip6 table
     _saved_reserved: str | None = field(default=None, init=False)
     installed: bool = field(default=False, init=False)
     notice: str | None = field(default=None, init=False)
@@ -212,7 +252,7 @@ class KernelGuard:
         """Create the table, or replace it with one for the current ports (a crash's leftover,
         a service added on reload), in one transaction: no moment without a guard. The reserved
         ports are install()'s business."""
-        nft(ruleset(self.lb_ip, self.tcp_ports, self.udp_ports, self.nat_ports, self.vip))
+        nft(ruleset(self.lb_ip, self.tcp_ports, self.udp_ports, self.nat_ports, self.vip, self.ip6))
 
     def remove(self) -> None:
         """Undo install(). Safe to call twice and after a partial install."""
@@ -224,9 +264,8 @@ class KernelGuard:
                 pass
             self._saved_reserved = None
         if self.installed:
-            name = table_name(self.lb_ip)
             with contextlib.suppress(GuardError):
-                nft(f"table ip {name}\ndelete table ip {name}\n")
+                nft(delete_tables(self.lb_ip))
             self.installed = False
 
     def release(self) -> None:
@@ -238,15 +277,18 @@ class KernelGuard:
         self.installed = False
 
     def kernel_rsts(self) -> int:
-        """Packets counted by the output chain: RSTs the kernel sent from lbnat's ports."""
-        result = subprocess.run(
-            ["nft", "list", "chain", "ip", table_name(self.lb_ip), "output"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        for line in result.stdout.splitlines():
-            if "kernel RSTs" in line and "packets" in line:
-                words = line.split()
-                return int(words[words.index("packets") + 1])
-        return 0
+        """Packets counted by the output chains: RSTs the kernel sent from lbnat's ports (of
+        both families with --ip6)."""
+        total = 0
+        for family in ("ip",) if self.ip6 is None else ("ip", "ip6"):
+            result = subprocess.run(
+                ["nft", "list", "chain", family, table_name(self.lb_ip), "output"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            for line in result.stdout.splitlines():
+                if "kernel RSTs" in line and "packets" in line:
+                    words = line.split()
+                    total += int(words[words.index("packets") + 1])
+        return total

@@ -20,6 +20,7 @@ SO_RCVBUFFORCE = 33  # asm-generic/socket.h: SO_RCVBUF past rmem_max (needs CAP_
 # --- packet-socket options (include/uapi/linux/if_packet.h) -------------------------------------
 
 PACKET_RX_RING = 5
+PACKET_RESERVE = 12  # headroom (tp_reserve) the kernel leaves before each ring frame's MAC
 PACKET_COPY_THRESH = 7  # a frame too big for a ring slot is also queued whole on the socket
 PACKET_VERSION = 10  # which TPACKET_V* layout the rings use
 PACKET_TX_RING = 13
@@ -68,14 +69,33 @@ BLOCK_STATUS_OFFSET = 8  # block_status: after version and offset_to_priv
 # --- frames (include/uapi/linux/virtio_net.h, include/uapi/linux/if_ether.h) -------------------
 
 ETH_P_IP = 0x0800  # if_ether.h: IPv4, the protocol lbnat's packet socket is bound to
+ETH_P_IPV6 = 0x86DD  # if_ether.h: IPv6, the protocol of the second packet socket (--ip6)
 ETH_HLEN = 14  # if_ether.h: destination MAC, source MAC, ethertype
 
 # struct virtio_net_hdr without the num_buffers field (PACKET_VNET_HDR never adds it): flags,
 # gso_type, hdr_len, gso_size, csum_start, csum_offset.
 VNET_HDR_LEN = 10
 VNET_F_NEEDS_CSUM = 1  # VIRTIO_NET_HDR_F_NEEDS_CSUM in flags (the header's first byte)
+# flags, gso_type, hdr_len, gso_size, csum_start, csum_offset: little-endian (PACKET_VNET_HDR
+# speaks the host's order, vio_le() on the machines lbnat runs on)
+VNET_HDR = struct.Struct("<BBHHHH")
+VNET_GSO_NONE = 0  # virtio_net.h: VIRTIO_NET_HDR_GSO_NONE
+VNET_GSO_TCPV4 = 1  # VIRTIO_NET_HDR_GSO_TCPV4
+VNET_GSO_TCPV6 = 4  # VIRTIO_NET_HDR_GSO_TCPV6
+VNET_GSO_UDP_L4 = 5  # VIRTIO_NET_HDR_GSO_UDP_L4 (either family)
+VNET_GSO_ECN = 0x80  # VIRTIO_NET_HDR_GSO_ECN: a flag bit of gso_type
 NO_VNET_HDR = bytes(VNET_HDR_LEN)  # no GSO, checksums complete: for frames lbnat builds itself
 
 # Every frame lbnat reads or writes: virtio_net_hdr, Ethernet header, IPv4 packet.
 ETH_OFFSET = VNET_HDR_LEN  # where the Ethernet header starts
-IP_OFFSET = VNET_HDR_LEN + ETH_HLEN  # where the IPv4 header starts
+IP_OFFSET = VNET_HDR_LEN + ETH_HLEN  # where the IPv4 (or IPv6) header starts
+
+# A translated packet (NAT64, lbnat.actions.TRANSLATED) may start up to 20 bytes before the
+# frame's IP header (an IPv6 header is 20 bytes longer than an option-less IPv4 one): every
+# receive path keeps at least this many writable bytes before the frame's virtio_net_hdr.
+HEADROOM = 20
+# The rings' tp_reserve: the kernel writes a struct sockaddr_ll (20 bytes) between a slot's
+# tpacket header and the frame, and leaves 14 free bytes before the vnet header (V2 and V3
+# alike: netoff = TPACKET_ALIGN(tp_hdrlen + 16) + tp_reserve + vnet_hdr_sz). lbnat never reads
+# that sockaddr_ll, but it is the kernel's: the headroom comes from tp_reserve alone.
+RING_RESERVE = 32

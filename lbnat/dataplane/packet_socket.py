@@ -10,7 +10,12 @@ back with the header it came with, so a 64 KB segment costs one trip through Pyt
 Why ETH_P_IP and not ETH_P_ALL: a protocol-specific packet socket is not fed the host's own
 outgoing frames (only ETH_P_ALL taps see those), so lbnat never reads back what it sent, and it
 is fed before ip_rcv's prerouting hook, where the kernel guard drops lbnat's packets
-(lbnat.dataplane.guard).
+(lbnat.dataplane.guard). It is also fed after tc ingress, so a frame the kernel fast path
+redirected never reaches it (an ETH_P_ALL tap would see those too).
+
+IPv6 (--ip6) has a packet socket of its own, bound to ETH_P_IPV6 for the same reasons, with
+its own filter (`build_filter6`); a socket is bound to one protocol, and a fanout group takes
+members of one protocol only (lbnat.dataplane.fanout).
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterable
 
+from lbnat import addresses
 from lbnat.dataplane.bpf import NEXT, Insn, Line, Op, assemble, attach_filter
 from lbnat.dataplane.kernel import (
     ETH_HLEN,
     ETH_P_IP,
+    ETH_P_IPV6,
     PACKET_QDISC_BYPASS,
     PACKET_VNET_HDR,
     SO_RCVBUFFORCE,
@@ -30,6 +37,17 @@ from lbnat.dataplane.kernel import (
 )
 from lbnat.dataplane.rings import RingSpec, setup_rx_ring
 from lbnat.packet import ICMP, ICMP_DEST_UNREACHABLE, ICMP_TIME_EXCEEDED, TCP, UDP
+
+ICMPV6 = socket.IPPROTO_ICMPV6  # 58
+ICMPV6_ERRORS = (1, 2, 3)  # destination unreachable, packet too big, time exceeded
+# Extension headers the filter lets through to the engine, which walks them to the transport
+# header (and drops a fragment, counted): hop-by-hop, routing, fragment, destination options.
+IPV6_EXTENSIONS = (
+    socket.IPPROTO_HOPOPTS,
+    socket.IPPROTO_ROUTING,
+    socket.IPPROTO_FRAGMENT,
+    socket.IPPROTO_DSTOPTS,
+)
 
 ACCEPT = 0x40000  # a filter's "keep this many bytes": all of a 64 KB GSO super-packet
 REJECT = 0
@@ -88,6 +106,57 @@ def build_filter(
     return assemble(p)
 
 
+def build_filter6(
+    lb_ip6: int,
+    tcp_ports: Iterable[int],
+    udp_ports: Iterable[int],
+    nat_ports: tuple[int, int],
+) -> bytes:
+    """The IPv6 socket's filter: accept IPv6 TCP/UDP to lb_ip6 (a flagged int,
+    lbnat.addresses) whose destination port is a service port of its protocol or in the NAT
+    range (either protocol); ICMPv6 errors to it (types 1-3: they may be about a translated
+    flow); packets to it whose first next header is an extension header (the engine walks the
+    chain: ports behind it cannot be read here; rare, and a packet that turns out not to be
+    lbnat's is dropped by the engine while the kernel gets the original, as for everything
+    else). Never neighbour discovery (ICMPv6 133-137) or any other ICMPv6: the kernel's."""
+    first, last = nat_ports
+    ip = ETH_HLEN  # offsets below are from the frame's start: the IPv6 header follows Ethernet
+    l4 = ip + 40  # the transport header, right after a header without extensions
+    words = [(addresses.packed(lb_ip6)[i : i + 4]) for i in range(0, 16, 4)]
+    p: list[Line] = [
+        (None, Insn(Op.LD_H_ABS, k=12)),  # ethertype
+        (None, Insn(Op.JEQ, NEXT, "reject", ETH_P_IPV6)),
+    ]
+    for i, word in enumerate(words):  # destination address, a 32-bit word at a time
+        p.append((None, Insn(Op.LD_W_ABS, k=ip + 24 + 4 * i)))
+        p.append((None, Insn(Op.JEQ, NEXT, "reject", int.from_bytes(word, "big"))))
+    p += [
+        (None, Insn(Op.LD_B_ABS, k=ip + 6)),  # next header
+        (None, Insn(Op.JEQ, "tcp", NEXT, TCP)),
+        (None, Insn(Op.JEQ, "udp", NEXT, UDP)),
+        (None, Insn(Op.JEQ, "icmp", NEXT, ICMPV6)),
+    ]
+    p.extend((None, Insn(Op.JEQ, "accept", NEXT, header)) for header in IPV6_EXTENSIONS)
+    p += [
+        (None, Insn(Op.JA, "reject")),
+        # ICMPv6 errors only: never neighbour discovery (133-137), echo or the rest.
+        ("icmp", Insn(Op.LD_B_ABS, k=l4)),  # ICMPv6 type
+        (None, Insn(Op.JGE, NEXT, "reject", ICMPV6_ERRORS[0])),
+        (None, Insn(Op.JGT, "reject", "accept", ICMPV6_ERRORS[-1])),
+    ]
+    for label, ports in (("tcp", sorted(set(tcp_ports))), ("udp", sorted(set(udp_ports)))):
+        p.append((label, Insn(Op.LD_H_ABS, k=l4 + 2)))  # destination port
+        p.extend((None, Insn(Op.JEQ, "accept", NEXT, port)) for port in ports)
+        p.append((None, Insn(Op.JA, "nat_range")))
+    p += [
+        ("nat_range", Insn(Op.JGE, NEXT, "reject", first)),
+        (None, Insn(Op.JGT, "reject", "accept", last)),
+        ("accept", Insn(Op.RET_K, k=ACCEPT)),
+        ("reject", Insn(Op.RET_K, k=REJECT)),
+    ]
+    return assemble(p)
+
+
 def reject_all() -> bytes:
     """A filter that accepts nothing: a socket waiting to join its fanout group."""
     return assemble([(None, Insn(Op.RET_K, k=REJECT))])
@@ -98,10 +167,11 @@ def open_packet_socket(
     program: bytes,
     buffer_bytes: int = 32 << 20,
     rx_ring: RingSpec | None = None,
+    protocol: int = ETH_P_IP,
 ) -> socket.socket:
-    """An AF_PACKET socket on `interface`, vnet headers on, filter attached before bind (so no
-    unfiltered frame is ever queued), large buffers, and a receive ring if asked for (it must be
-    set up before bind)."""
+    """An AF_PACKET socket on `interface` for `protocol` (ETH_P_IP, or ETH_P_IPV6 for the
+    IPv6 socket), vnet headers on, filter attached before bind (so no unfiltered frame is ever
+    queued), large buffers, and a receive ring if asked for (it must be set up before bind)."""
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: no frames yet
     try:
         sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
@@ -117,7 +187,7 @@ def open_packet_socket(
         attach_filter(sock, program)
         if rx_ring is not None:
             setup_rx_ring(sock, rx_ring)
-        sock.bind((interface, ETH_P_IP))
+        sock.bind((interface, protocol))
     except BaseException:
         sock.close()
         raise

@@ -41,10 +41,12 @@ from lbnat.dataplane.kernel import (
     PACKET_COPY_THRESH,
     PACKET_LOSS,
     PACKET_QDISC_BYPASS,
+    PACKET_RESERVE,
     PACKET_RX_RING,
     PACKET_TX_RING,
     PACKET_VERSION,
     PACKET_VNET_HDR,
+    RING_RESERVE,
     SO_SNDBUFFORCE,
     SOL_PACKET,
     TP_STATUS_AVAILABLE,
@@ -100,7 +102,10 @@ def _frame_request(frame_size: int, frames: int) -> bytes:
 
 def setup_rx_ring(sock: socket.socket, spec: RingSpec) -> None:
     """Give an unbound packet socket its receive ring (the socket must already have
-    PACKET_VNET_HDR set: the kernel then writes a virtio_net_hdr before each frame's MAC)."""
+    PACKET_VNET_HDR set: the kernel then writes a virtio_net_hdr before each frame's MAC),
+    with RING_RESERVE bytes of headroom before that header in every slot: a translated packet
+    (NAT64) grows forward into it (lbnat.dataplane.kernel.HEADROOM)."""
+    sock.setsockopt(SOL_PACKET, PACKET_RESERVE, RING_RESERVE)  # before the ring, or EBUSY
     if spec.rx == "blocks":
         sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
         request = TPACKET_REQ3.pack(

@@ -20,6 +20,10 @@ rows in files instead (lbnat.statefile, lbnat.dataplane.handover): then the next
 them too, through the same path. With one worker the loop keeps a checkpoint only then (no
 process of its own restarts it: without a file nobody would ever read it).
 
+With --ip6 every loop has a second packet socket, bound to ETH_P_IPV6 (its own filter, ring and,
+with several workers, fanout group: lbnat.dataplane.fanout.steering_program6); the main process
+holds both sockets of every worker and passes both to each incarnation.
+
 Both implement lbnat.messages.DataPlane: `change()` sends a change to every engine, `ask()`
 returns every engine's answer (lbnat.views), events come back through `on_events`. The
 messages on a worker's socketpair are the frozen dataclasses of lbnat.messages.
@@ -52,8 +56,9 @@ from lbnat.checkpoint import (
     restore,
 )
 from lbnat.dataplane.bpf import attach_filter
-from lbnat.dataplane.fanout import join, steering_program
-from lbnat.dataplane.link import Link, Neighbours
+from lbnat.dataplane.fanout import join, steering_program, steering_program6
+from lbnat.dataplane.kernel import ETH_P_IPV6
+from lbnat.dataplane.link import Link, Neighbours, link_mtu
 from lbnat.dataplane.loop import PacketLoop, RingLoop
 from lbnat.dataplane.offload import attach_fast_path
 from lbnat.dataplane.packet_socket import open_packet_socket, reject_all
@@ -236,26 +241,47 @@ def build_loop(
     rings: RingSpec,
     on_events: Callable[[list[Event]], None],
     on_tick: Callable[[Engine, float], None] | None = None,
+    sock6: socket.socket | None = None,
 ) -> PacketLoop:
+    """The loop over `sock` (and `sock6`, the IPv6 socket, with --ip6); the engine learns the
+    interface's MTU (path MTU of translated packets)."""
+    set_mtu(engine, link_mtu(link.interface))
     neighbours = Neighbours(link)
     if io == "rings":
-        return RingLoop(engine, sock, neighbours, on_events, rings, on_tick=on_tick)
-    return PacketLoop(engine, sock, neighbours, on_events, on_tick=on_tick)
+        return RingLoop(engine, sock, neighbours, on_events, rings, on_tick=on_tick, sock6=sock6)
+    return PacketLoop(engine, sock, neighbours, on_events, on_tick=on_tick, sock6=sock6)
+
+
+def set_mtu(engine: Engine, mtu: int | None) -> None:
+    """engine.mtu (lbnat.engine: 1500 unless told) from the interface's; unchanged when the
+    MTU cannot be read."""
+    if mtu is not None:
+        engine.mtu = mtu
 
 
 def open_worker_sockets(
-    link: Link, program: bytes, nat_ports: tuple[int, int], workers: int, io: str, rings: RingSpec
+    link: Link,
+    program: bytes,
+    nat_ports: tuple[int, int],
+    workers: int,
+    io: str,
+    rings: RingSpec,
+    ipv6: bool = False,
 ) -> list[socket.socket]:
     """One packet socket per worker (with its receive ring when `io` is rings), in one fanout
     group when there are several. Each rejects everything until the group is complete, so no
-    frame is ever queued on a socket the group does not steer."""
+    frame is ever queued on a socket the group does not steer. `ipv6`: the IPv6 sockets
+    (ETH_P_IPV6, `program` from build_filter6), in a group of their own; open them after the
+    IPv4 ones, so that each group's members are in creation order (lbnat.dataplane.fanout)."""
     ring = rings if io == "rings" else None
     socks: list[socket.socket] = []
+    extra = {"protocol": ETH_P_IPV6} if ipv6 else {}
+    steering = steering_program6 if ipv6 else steering_program
     try:
         for _ in range(workers):
-            socks.append(open_packet_socket(link.interface, reject_all(), rx_ring=ring))
+            socks.append(open_packet_socket(link.interface, reject_all(), rx_ring=ring, **extra))
         if workers > 1:
-            join(socks, steering_program(nat_ports, workers))
+            join(socks, steering(nat_ports, workers))
         for sock in socks:
             attach_filter(sock, program)
     except BaseException:
@@ -273,12 +299,14 @@ def start_plane(
     log: Callable[..., None],
     row_files: Sequence[str] | None = None,
     on_sync: SyncSink | None = None,
+    socks6: Sequence[socket.socket] = (),
 ) -> InlinePlane | WorkerPool:
     """One socket: the loop `inline_loop()` builds, on the main thread. Several: a worker
     process on each, started and ready. With `row_files` (one per worker: --state-file) each
     engine keeps its rows in its file and starts with the rows found there. With `on_sync`
     (the session sync is on) each engine journals its rows to it and applies a peer's
-    (lbnat.standby). On failure the sockets are closed."""
+    (lbnat.standby). `socks6` (--ip6): every worker's IPv6 socket, in the same order (the
+    inline loop is given socks6[0] by `inline_loop`). On failure the sockets are closed."""
     if len(socks) == 1:
         rows: RowMemory | None = None
         try:
@@ -296,9 +324,13 @@ def start_plane(
             if rows is not None:
                 rows.close()
             socks[0].close()
+            for sock in socks6:
+                sock.close()
             raise
-        return InlinePlane(loop, socks[0], rows, report)
-    pool = WorkerPool(socks, setup_for, on_events, log, SharedCursors(), row_files, on_sync)
+        return InlinePlane(loop, socks[0], rows, report, socks6[0] if socks6 else None)
+    pool = WorkerPool(
+        socks, setup_for, on_events, log, SharedCursors(), row_files, on_sync, list(socks6)
+    )
     try:
         pool.start()
     except BaseException:
@@ -319,9 +351,11 @@ class InlinePlane:
         sock: socket.socket,
         rows: RowMemory | None = None,
         restored: RestoreReport | None = None,
+        sock6: socket.socket | None = None,
     ) -> None:
         self.loop = loop
         self.sock = sock
+        self.sock6 = sock6
         self.rows = rows  # the loop's row checkpoint (--state-file only)
         self._restored = restored or RestoreReport()
         self._thread: threading.Thread | None = None
@@ -373,8 +407,10 @@ class InlinePlane:
             raise value
         return [(0, value)]
 
-    def set_filter(self, program: bytes) -> None:
+    def set_filter(self, program: bytes, program6: bytes | None = None) -> None:
         attach_filter(self.sock, program)
+        if self.sock6 is not None and program6 is not None:
+            attach_filter(self.sock6, program6)
 
     def info(self) -> list[dict[str, object]]:
         return [{"index": 0, "pid": os.getpid(), "alive": True, "restarts": 0}]
@@ -383,6 +419,8 @@ class InlinePlane:
         self.loop.close()
         self.loop.neighbours.close()
         self.sock.close()
+        if self.sock6 is not None:
+            self.sock6.close()
         if self.rows is not None:
             self.rows.close()
             self.rows = None
@@ -402,11 +440,13 @@ class WorkerProcess:
         on_events: EventSink,
         row_file: str | None = None,
         on_sync: SyncSink | None = None,
+        sock6: socket.socket | None = None,
     ) -> None:
         self.index = index
         self.on_sync = on_sync
         self.row_file = row_file  # --state-file: the rows in this file, not in a memfd
         self.sock = sock
+        self.sock6 = sock6  # its IPv6 packet socket (--ip6)
         self.cursors = cursors
         self.on_events = on_events
         self.proc: subprocess.Popen[bytes] | None = None
@@ -430,6 +470,8 @@ class WorkerProcess:
         parent, child = socket.socketpair()
         fds = (self.sock.fileno(), child.fileno(), self.cursors.fd, self.rows.fd)
         inherited = (*fds, setup.offload_fd) if setup.offload_fd >= 0 else fds  # the BPF map
+        if self.sock6 is not None:
+            inherited = (*inherited, self.sock6.fileno())
         command = [
             sys.executable,
             "-m",
@@ -443,6 +485,8 @@ class WorkerProcess:
             "--rows-fd",
             str(fds[3]),
         ]
+        if self.sock6 is not None:
+            command += ["--packet6-fd", str(self.sock6.fileno())]
         ready = threading.Event()  # this start's own: a reader of a stopped process sets only its
         self.ready_pid = None
         self.restored = RestoreReport()
@@ -560,15 +604,18 @@ class WorkerPool:
         cursors: SharedCursors,
         row_files: Sequence[str] | None = None,
         on_sync: SyncSink | None = None,
+        socks6: Sequence[socket.socket] = (),
     ) -> None:
         self.socks = socks
+        self.socks6 = list(socks6)
         self.setup_for = setup_for
         self.log = log
         self.cursors = cursors
         files: Sequence[str | None] = row_files or [None] * len(socks)
+        six: Sequence[socket.socket | None] = self.socks6 or [None] * len(socks)
         self.procs = [
-            WorkerProcess(i, s, cursors, on_events, f, on_sync)
-            for i, (s, f) in enumerate(zip(socks, files, strict=True))
+            WorkerProcess(i, s, cursors, on_events, f, on_sync, s6)
+            for i, (s, f, s6) in enumerate(zip(socks, files, six, strict=True))
         ]
         self._first: list[RestoreReport] = []  # each worker's rows taken over at start
         self.stopping = threading.Event()
@@ -654,9 +701,12 @@ class WorkerPool:
             answers.append((proc.index, value))
         return answers
 
-    def set_filter(self, program: bytes) -> None:
+    def set_filter(self, program: bytes, program6: bytes | None = None) -> None:
         for sock in self.socks:
             attach_filter(sock, program)
+        if program6 is not None:
+            for sock in self.socks6:
+                attach_filter(sock, program6)
 
     def info(self) -> list[dict[str, object]]:
         return [
@@ -672,7 +722,7 @@ class WorkerPool:
     def close(self) -> None:
         for proc in self.procs:
             proc.close()
-        for sock in self.socks:
+        for sock in [*self.socks, *self.socks6]:
             sock.close()
         self.cursors.close()
 
@@ -686,6 +736,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--cursor-fd", type=int, required=True)
     parser.add_argument("--rows-fd", type=int, required=True)
+    parser.add_argument("--packet6-fd", type=int, default=-1)  # the IPv6 socket (--ip6)
     args = parser.parse_args(argv)
     # Ctrl-C reaches the whole process group: the main process decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -706,6 +757,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         return None if slot is None else cursors.cursor(slot)
 
     sock = socket.socket(fileno=args.packet_fd)
+    sock6 = None if args.packet6_fd < 0 else socket.socket(fileno=args.packet6_fd)
     try:
         engine = Engine(
             setup.lb_ip,
@@ -734,7 +786,7 @@ def worker_main(argv: list[str] | None = None) -> int:
             send(Events(events))
 
     try:
-        loop = build_loop(engine, sock, setup.link, setup.io, setup.rings, on_events)
+        loop = build_loop(engine, sock, setup.link, setup.io, setup.rings, on_events, sock6=sock6)
     except OSError as error:
         send(WorkerFailed(f"cannot open its rings: {error}"))
         return 1

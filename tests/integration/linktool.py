@@ -70,10 +70,10 @@ def loop_case(io: str) -> dict[str, object]:
     try:
         link("down")
         out["readable_when_down"] = bool(select_readable(sock))
-        loop._receive(time.monotonic())  # the ENETDOWN the kernel reports once
+        loop._receive(time.monotonic(), sock)  # the ENETDOWN the kernel reports once
         out["readable_after"] = bool(select_readable(sock))
         out["send_when_down"] = errno_of(lambda: sock.send(frame))
-        loop._send(frame)
+        loop._send(frame, sock)
         if isinstance(loop, RingLoop):
             loop.tx.put(frame)
             loop._flush()
@@ -85,9 +85,9 @@ def loop_case(io: str) -> dict[str, object]:
     out["send_when_up"] = errno_of(lambda: sock.send(frame))
     subprocess.run(["ip", "link", "del", "eth0"], check=True, timeout=10)
     out["readable_when_gone"] = bool(select_readable(sock))
-    loop._receive(time.monotonic())
+    loop._receive(time.monotonic(), sock)
     out["send_when_gone"] = errno_of(lambda: sock.send(frame))
-    loop._send(frame)
+    loop._send(frame, sock)
     if isinstance(loop, RingLoop):
         loop.tx.put(frame)
         loop._flush()

@@ -40,7 +40,10 @@ from lbnat.service import Service
 LB4, LB6 = "198.18.0.2", "2001:db8::2"
 CLIENT4, CLIENT6, ROUTER6 = "198.18.0.11", "2001:db8::11", "2001:db8::1"
 B4, B6 = "198.18.0.21", "2001:db8:1::21"
-HEADROOM = 20  # what the data plane keeps before a frame (an IPv4 packet may become IPv6)
+# What the data plane keeps before a packet: 20 bytes of headroom (an IPv4 packet may become
+# IPv6), then its 10-byte virtio_net_hdr and the 14-byte Ethernet header.
+HEADROOM = 44
+VNET = b"VNETHEADER"
 
 
 def engine(mtu: int = 1500) -> Engine:
@@ -58,6 +61,9 @@ def engine(mtu: int = 1500) -> Engine:
     return e
 
 
+last_buffer: list[bytes] = []  # the whole buffer of the last `send`, headroom included
+
+
 @dataclass
 class Sent:
     """What the engine did with one packet: its action and the bytes it sent."""
@@ -69,8 +75,9 @@ class Sent:
 def send(e: Engine, packet: bytes | Packet, partial: bool = False) -> Sent:
     """Hand `packet` to the engine in a buffer with the data plane's headroom."""
     raw = bytes(packet)
-    buf = bytearray(HEADROOM) + bytearray(raw)
+    buf = bytearray(20) + VNET + bytearray(14) + bytearray(raw)
     action = e.handle(buf, HEADROOM, len(buf), partial, 0.0)
+    last_buffer[:] = [bytes(buf)]
     kind = action[0]
     if kind == FORWARD:
         return Sent(action, bytes(buf[HEADROOM:]))
@@ -219,7 +226,8 @@ def test_nat64_flow_both_ways() -> None:
     back = send(e, IP(src=B4, dst=LB4, ttl=63) / TCP(sport=8080, dport=nat, flags="SA",
                                                      seq=99, ack=8))  # fmt: skip
     assert back.action[:2] == (TRANSLATED, a(CLIENT6))
-    assert back.action[2] == 0  # 20 bytes before the IPv4 packet's start: the headroom
+    assert back.action[2] == HEADROOM - 20  # 20 bytes before the IPv4 packet's start
+    assert last_buffer[0][back.action[2] - 24 : back.action[2] - 14] == VNET  # moved with it
     q = IPv6(back.packet)
     assert (q.src, q.dst, q[TCP].sport, q[TCP].dport, q.hlim) == (LB6, CLIENT6, 81, 40002, 63)
     assert checksums_ok(back.packet)
@@ -447,5 +455,5 @@ def test_translations_checksums_equal_a_full_recompute(
     ip_delta, l4_delta = rewrite_deltas(bytes(raw[at + 12 : at + 20]), v6,
                                         bytes(raw[at + 20 : at + 24]), ports)  # fmt: skip
     start = translate_to_v6(raw, at, at + 20, proto, v6, ports, ip_delta, l4_delta, False)
-    assert start == 0
+    assert start == HEADROOM - 20
     assert checksums_ok(bytes(raw[start:]))
