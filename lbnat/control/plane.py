@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from lbnat import addresses
 from lbnat.backends import Backend, BackendKey, Health
 from lbnat.config import Config, ServiceConfig
 from lbnat.control.protocol import Request, ack, nack
@@ -96,7 +97,7 @@ class ReloadPlan:
 # a worker restarted after a reload is told the same as the others).
 LOG_SETTINGS = ("log_format", "quiet", "log_level")
 # Settings a reload cannot change in a running lbnat.
-RESTART_KEYS = ("lb_ip", "vip", "interface", "nat_ports", "table_cap", "timeouts", "control",
+RESTART_KEYS = ("lb_ip", "vip", "ip6", "interface", "nat_ports", "table_cap", "timeouts", "control",
                 "admin_socket", "syn_proxy", "syn_proxy_threshold", "syn_proxy_mss",
                 "metrics", "state_file", "sync", *LOG_SETTINGS)  # fmt: skip
 
@@ -115,6 +116,11 @@ def health_check(config: ServiceConfig) -> HealthCheck | None:
     if config.health is None:
         return None
     return HealthCheck(config.health, make_probe(config.probe, config.service.proto))
+
+
+def _address(ip: str, port: int) -> str:
+    """ "ip:port", an IPv6 address in brackets."""
+    return addresses.with_port(addresses.parse(ip), port)
 
 
 class ControlPlane:
@@ -173,6 +179,11 @@ class ControlPlane:
         match request.op:
             case "register" | "backend_add":
                 backend = Backend(request.ip, request.port, request.weight, request.name)
+                if self.config.ip6 is None and addresses.is_v6(backend.ip_int):
+                    raise ValueError(
+                        f"backend {addresses.with_port(backend.ip_int, backend.port)} is IPv6 "
+                        "and this lbnat has no IPv6 address (ip6 in the config, or --ip6)"
+                    )
                 origin = "registered" if request.op == "register" else "admin"
                 entry = self.registry.add(service, backend, origin)
                 state = "alive" if entry.health is Health.ALIVE else "waiting for a good probe"
@@ -180,7 +191,7 @@ class ControlPlane:
                 self.registry.remove(service, key)
             case _:  # unregister, backend_drain
                 self.registry.drain(service, key, now)
-        address = f"{request.ip}:{request.port}"
+        address = _address(request.ip, request.port)
         return Reply(
             ack(op=request.op, service=service, backend=address, state=state),
             [
@@ -245,7 +256,7 @@ class ControlPlane:
         effects: list[Effect] = [self._push(s) for s in dict.fromkeys(name for name, _ in removed)]
         for service, entry in removed:
             b = entry.backend
-            effects.append(drained_line(service, f"{b.ip}:{b.port}"))
+            effects.append(drained_line(service, _address(b.ip, b.port)))
         return effects
 
     # --- status -------------------------------------------------------------------------------
@@ -258,6 +269,7 @@ class ControlPlane:
         return {
             "lb_ip": c.lb_ip,
             "vip": c.vip or c.lb_ip,
+            "ip6": c.ip6,
             "uptime": round(now - self.started, 1),
             "workers": workers,
             "io": io_text(c),
@@ -364,7 +376,8 @@ class ControlPlane:
             effects.append(UpdateGuard(self.ports("tcp"), self.ports("udp")))
         effects.append(SetHealthChecks({n: check for n, check in checks.items() if check}))
         old = self.config
-        self.config = replace(new, lb_ip=old.lb_ip, vip=old.vip, interface=old.interface,
+        self.config = replace(new, lb_ip=old.lb_ip, vip=old.vip, ip6=old.ip6,
+                              interface=old.interface,
                               nat_ports=old.nat_ports,
                               **{key: getattr(old, key) for key in LOG_SETTINGS})  # fmt: skip
         effects.append(reload_applied_line(len(specs), len(added)))
