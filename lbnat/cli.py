@@ -572,10 +572,16 @@ def status(admin_socket: str, as_json: bool) -> None:
                 f"  probe {b['last_probe']} {b['last_probe_age']} s ago" if b["last_probe"] else ""
             )
             click.echo(
-                f"  {b['ip']}:{b['port']:<5}  {b['name']:<16}  {state:<14}  weight {b['weight']}  "
+                f"  {_bracketed(b['ip'])}:{b['port']:<5}  {b['name']:<16}  {state:<14}  "
+                f"weight {b['weight']}  "
                 f"active {b['active']}  flows {b['flows']}  packets {b['packets']}  "
                 f"bytes {human_bytes(b['bytes'])}{probe}"
             )
+
+
+def _bracketed(ip: str) -> str:
+    """An IPv6 address before a ":port" goes in brackets."""
+    return f"[{ip}]" if ":" in ip else ip
 
 
 @main.command()
@@ -591,12 +597,16 @@ def sessions(admin_socket: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    # 22 columns fit "255.255.255.255:65535 "; an IPv6 address widens its column
+    cw = max([22, *(len(str(r["client"])) + 1 for r in rows)])
+    bw = max([22, *(len(str(r["backend"])) + 1 for r in rows)])
     click.echo(
-        f"{'proto':<6}{'client':<22}{'backend':<22}{'NAT port':<10}{'state':<14}{'worker':<8}age"
+        f"{'proto':<6}{'client':<{cw}}{'backend':<{bw}}{'NAT port':<10}{'state':<14}"
+        f"{'worker':<8}age"
     )
     for r in rows:
         click.echo(
-            f"{r['proto']:<6}{r['client']:<22}{r['backend']:<22}{r['nat_port']:<10}"
+            f"{r['proto']:<6}{r['client']:<{cw}}{r['backend']:<{bw}}{r['nat_port']:<10}"
             f"{r['state']:<14}{r.get('worker', 0):<8}{r['age']:.0f} s"
         )
     click.echo(f"{len(rows)} rows")

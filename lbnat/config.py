@@ -804,12 +804,11 @@ def _backends(items: list[Any], path: str) -> tuple[Backend, ...]:
     return tuple(backends)
 
 
+_with_port: Final = fields.host_port_text
+
+
 def _is_v6(ip: str) -> bool:
     return ":" in ip
-
-
-def _with_port(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if _is_v6(ip) else f"{ip}:{port}"
 
 
 def family_misfit(service: str, backends: Sequence[Backend]) -> str | None:

@@ -249,6 +249,12 @@ def host_port(value: object) -> tuple[str, int]:
     return str(address), _range_end(digits)
 
 
+def host_port_text(host: str, port: int) -> str:
+    """`host_port`'s inverse: "198.18.0.21:9000", an IPv6 host in brackets
+    ("[2001:db8::21]:9000"). For address text; `lbnat.addresses.with_port` for address ints."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def interface(value: object) -> str:
     """A network interface's name."""
     name = text(value, empty=False)

@@ -14,6 +14,7 @@ from typing import Any
 from lbnat.backends import Backend, BackendKey
 from lbnat.engine import Engine
 from lbnat.fastpath import FastPath
+from lbnat.fields import host_port_text
 from lbnat.messages import (
     AskActive,
     AskCounters,
@@ -170,8 +171,8 @@ def session_rows(engine: Engine, now: float) -> list[dict[str, object]]:
             {
                 "service": row.service.name,
                 "proto": row.service.spec.proto,
-                "client": f"{ip}:{port}",
-                "backend": f"{backend.ip}:{backend.port}",
+                "client": host_port_text(ip, port),
+                "backend": host_port_text(backend.ip, backend.port),
                 "nat_port": row.nat_port,
                 "state": row.state.name,
                 "path": "kernel" if row in in_kernel else "python",

@@ -49,6 +49,7 @@ from lbnat.eventlog import (
     reload_applied_line,
     reload_note_line,
 )
+from lbnat.fields import host_port_text
 from lbnat.health import HealthCheck, make_probe, probe_kind
 from lbnat.health.checker import Report
 from lbnat.messages import AskActive, Change, ResetBackend, SetBackends, SetServices
@@ -116,11 +117,6 @@ def health_check(config: ServiceConfig) -> HealthCheck | None:
     if config.health is None:
         return None
     return HealthCheck(config.health, make_probe(config.probe, config.service.proto))
-
-
-def _address(ip: str, port: int) -> str:
-    """ "ip:port", an IPv6 address in brackets."""
-    return addresses.with_port(addresses.parse(ip), port)
 
 
 class ControlPlane:
@@ -191,7 +187,7 @@ class ControlPlane:
                 self.registry.remove(service, key)
             case _:  # unregister, backend_drain
                 self.registry.drain(service, key, now)
-        address = _address(request.ip, request.port)
+        address = host_port_text(request.ip, request.port)
         return Reply(
             ack(op=request.op, service=service, backend=address, state=state),
             [
@@ -256,7 +252,7 @@ class ControlPlane:
         effects: list[Effect] = [self._push(s) for s in dict.fromkeys(name for name, _ in removed)]
         for service, entry in removed:
             b = entry.backend
-            effects.append(drained_line(service, _address(b.ip, b.port)))
+            effects.append(drained_line(service, host_port_text(b.ip, b.port)))
         return effects
 
     # --- status -------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from lbnat.control.protocol import (
     nack,
     parse_request,
 )
+from lbnat.fields import host_port_text
 
 Apply = Callable[[Request, str], bytes]  # (request, who asked) -> the reply line
 # (who asked, why, one word for why: Nack.kind, or "connection", "busy") -> log and count it
@@ -291,10 +292,6 @@ def serve_in_thread(server: socketserver.BaseServer, name: str) -> threading.Thr
     return thread
 
 
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class AdminError(Exception):
     """lbnat could not be asked, or its answer was not a reply (one line, for the user)."""
 
@@ -313,7 +310,7 @@ def ask_lbnat(
     """One request to a running lbnat (its admin socket path, or its registration channel's
     (host, port)) and its acked reply; AdminError (RequestRefused for a nack) otherwise. The
     CLI's commands and `lbnat top` say these errors each in their own way."""
-    where = target if isinstance(target, str) else _host_port(*target)
+    where = target if isinstance(target, str) else host_port_text(*target)
     try:
         line = request_line(target, encode(message), timeout)
     except FileNotFoundError:
