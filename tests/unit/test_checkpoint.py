@@ -392,7 +392,9 @@ def test_a_format_1_buffer_is_converted_in_place_and_its_rows_restored() -> None
     original = EngineHarness()
     attached(original, buffer := new_buffer())
     flows = [established(original, CLIENT2, port) for port in (40000, 40001, 40002)]
-    original.table.remove(flows[1].session)  # a free slot in the middle
+    middle = flows[1].session
+    assert middle is not None
+    original.table.remove(middle)  # a free slot in the middle
     old = memoryview(bytearray(len(buffer)))  # the same rows, as format 1 wrote them
     old[:HEADER_SIZE] = struct.pack("<8sHHI48x", b"lbnatrow", 1, 40, 3)
     for slot in range(3):
