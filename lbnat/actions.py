@@ -9,6 +9,14 @@
     (REPLIES, 0, ((packet, next_hop), ...))
                                  send these new packets in order, and not this one (the SYN
                                  proxy's SYN to a backend after the RSTs of evicted rows)
+    (TRANSLATED, next_hop, new_start)
+                                 this packet changed family in place (NAT64, lbnat.packet6): its
+                                 new IP header starts at new_start, up to 20 bytes before the
+                                 old start (the data plane keeps that headroom), and it still
+                                 ends at end; send it as FORWARD does, its virtio_net_hdr's
+                                 offsets and GSO type moved with it (docs/ipv6.md)
+
+Next hops are lbnat.addresses ints: an IPv6 one (bit 128 set) goes out in an 0x86DD frame.
 
 (A module of its own so that lbnat.engine and lbnat.synproxy share it without a cycle.)
 """
@@ -24,6 +32,7 @@ REPLY = 2
 DROP = 3
 SEND_FIRST = 4
 REPLIES = 5
+TRANSLATED = 6
 
 Action = tuple[Any, ...]  # (FORWARD, int) | (REPLY, bytes, int) | (DROP, int) | see above
 

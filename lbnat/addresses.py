@@ -67,7 +67,7 @@ def text_family(address_text: str) -> socket.AddressFamily:
 
 
 def with_port(address: int, port: int) -> str:
-    """"1.2.3.4:80" or "[2001:db8::1]:80"."""
+    """ "1.2.3.4:80" or "[2001:db8::1]:80"."""
     if address > V4_MAX:
         return f"[{text(address)}]:{port}"
     return f"{text(address)}:{port}"

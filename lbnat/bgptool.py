@@ -256,17 +256,35 @@ def parser() -> argparse.ArgumentParser:
         description="ExaBGP's process program: announce lbnat's VIP while lbnat says it "
         "serves it, withdraw it otherwise (docs/scale-out.md)",
     )
-    p.add_argument("--admin-socket", default=None,
-                   help=f"lbnat's admin socket (${ADMIN_SOCKET_ENV}, else {DEFAULT_ADMIN_SOCKET})")
-    p.add_argument("--interval", type=positive_seconds, default=INTERVAL,
-                   help=f"seconds between asks ({INTERVAL:g})")
-    p.add_argument("--timeout", type=positive_seconds, default=TIMEOUT,
-                   help=f"seconds for lbnat's reply; slower is a withdraw ({TIMEOUT:g})")
-    p.add_argument("--vip", type=ipv4, default=None,
-                   help="announce this VIP only: lbnat's answer must name the same one")
-    p.add_argument("--once", action="store_true",
-                   help="ask once, print what would be said, exit 0 if it would announce, "
-                   "1 if not (for a person or a script, not ExaBGP)")
+    p.add_argument(
+        "--admin-socket",
+        default=None,
+        help=f"lbnat's admin socket (${ADMIN_SOCKET_ENV}, else {DEFAULT_ADMIN_SOCKET})",
+    )
+    p.add_argument(
+        "--interval",
+        type=positive_seconds,
+        default=INTERVAL,
+        help=f"seconds between asks ({INTERVAL:g})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=TIMEOUT,
+        help=f"seconds for lbnat's reply; slower is a withdraw ({TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--vip",
+        type=ipv4,
+        default=None,
+        help="announce this VIP only: lbnat's answer must name the same one",
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="ask once, print what would be said, exit 0 if it would announce, "
+        "1 if not (for a person or a script, not ExaBGP)",
+    )
     return p  # fmt: skip
 
 

@@ -357,8 +357,9 @@ class Daemon(ScaleOut, SyncGlue):
             socks, self.offload, offload_text = open_sockets(link, self.control, rings)
             self.plane = start_plane(
                 socks,
-                lambda: inline_loop(engine, socks[0], link, c, partial(self._on_events, 0),
-                                    self.offload),
+                lambda: inline_loop(
+                    engine, socks[0], link, c, partial(self._on_events, 0), self.offload
+                ),
                 lambda index: self._setup(index, slices[index]),
                 self._on_events,
                 self.log,

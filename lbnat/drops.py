@@ -32,6 +32,10 @@ class DropReason(enum.IntEnum):
     LINK_DOWN = 28  # data plane: the interface was down or gone when the frame was to leave
     # Decided by the flow owners of instances behind an ECMP router (lbnat.owners).
     OWNER_LOOP = 40  # a packet for another instance's flow whose TTL ran out between instances
+    # IPv6 (lbnat.packet6, lbnat.engine6).
+    BAD_IPV6 = 50  # a payload length of 0 (jumbogram) or an extension header chain too long
+    NO_NAT46 = 51  # an IPv4 client of a service whose backends are IPv6 (not translated)
+    PACKET_TOO_BIG = 52  # grew past the MTU in translation: an ICMP error went to its sender
 
     @property
     def label(self) -> str:

@@ -22,7 +22,6 @@ client -> backend; a port in the NAT range means backend -> client (a reply to a
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -35,40 +34,41 @@ from lbnat.actions import REPLIES as REPLIES
 from lbnat.actions import REPLY as REPLY
 from lbnat.actions import SEND_FIRST as SEND_FIRST
 from lbnat.actions import Action as Action
+from lbnat.addresses import V4_MAX
 from lbnat.backends import Backend, BackendKey
 from lbnat.drops import DropReason
+from lbnat.engine6 import IPv6Path
+from lbnat.engine_icmp import IcmpTurns
 from lbnat.nat import (
     ENDED,
     UNKNOWN_ACK,
     Affinity,
     Ended,
     EndReason,
+    Nat64Session,
     PortPool,
     Refusal,
     Session,
     SessionTable,
     State,
     Timeouts,
+    backend_pool_key,
+    flow_key,
     forward_key,
     key_client_ip,
     pool_key,
 )
 from lbnat.packet import (
     ACK,
-    ADDRESS,
     ICMP,
-    IP_DESTINATION,
     RST,
     SYN,
     TCP,
     parse,
-    parse_icmp_error,
     rewrite,
-    rewrite_deltas,
-    rewrite_icmp_error,
-    tcp_segment,
     tcp_window_scale,
 )
+from lbnat.packet6 import tcp_segment_any
 from lbnat.scheduler import Scheduler, SharedCursor, make_scheduler
 from lbnat.service import Service, ServiceState
 from lbnat.syncookie import SynProxySettings
@@ -86,15 +86,18 @@ _REFUSAL_DROPS = {
 }
 
 
+_MASK64 = (1 << 64) - 1
 SHARES_TURNS = ("rr", "lc")  # schedulers whose rotation workers can share (see _Rotation)
 
 
 def ip_text(address: int) -> str:
-    return socket.inet_ntoa(ADDRESS.pack(address))
+    """An address int of either family as text (lbnat.addresses)."""
+    return addresses.text(address)
 
 
 def ip_int(text: str) -> int:
-    return int.from_bytes(socket.inet_aton(text), "big")
+    """Address text of either family as an int (lbnat.addresses)."""
+    return addresses.parse(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +139,9 @@ class _ActiveFlows(Mapping[BackendKey, int]):
 
     def __getitem__(self, key: BackendKey) -> int:
         backend = self._service.by_key[key]
-        pool = self._table.pools.get(pool_key(self._service.proto, backend.ip_int, backend.port))
+        pool = self._table.pools.get(
+            backend_pool_key(self._service.proto, backend.ip_int, backend.port)
+        )
         return 0 if pool is None else pool.active
 
     def __iter__(self) -> Iterator[BackendKey]:
@@ -211,11 +216,13 @@ class Services(Mapping[str, ServiceState]):
         return make_scheduler(spec.scheduler)
 
 
-def backend_reset(lb_ip: int, row: Session) -> tuple[bytes, int]:
+def backend_reset(row: Session) -> tuple[bytes, int]:
     """A RST that makes an evicted half-open row's backend forget its half-open connection on
-    (LB, NAT port): at the sequence number it expects (the client's ISN + 1, kept in ack_s)."""
+    (LB, NAT port): at the sequence number it expects (the client's ISN + 1, kept in ack_s).
+    Its source is the row's own (the LB's address of the backend's family)."""
     server = row.pool.backend
-    return tcp_segment(lb_ip, server.ip_int, row.nat_port, server.port, row.ack_s, 0, RST), (
+    lb_ip = addresses.from_packed(row.pool.fwd_addresses[: len(row.pool.fwd_addresses) // 2])
+    return tcp_segment_any(lb_ip, server.ip_int, row.nat_port, server.port, row.ack_s, 0, RST), (
         server.ip_int
     )
 
@@ -258,7 +265,7 @@ class PendingResets(list[tuple[bytes, int]]):
         return resets
 
 
-class Engine:
+class Engine(IPv6Path, IcmpTurns):
     def __init__(
         self,
         lb_ip: str,
@@ -279,7 +286,10 @@ class Engine:
         # The LB's IPv6 address (dual stack, lbnat.engine6): clients' VIP and the source towards
         # IPv6 backends alike; -1 (no address equals it) when lbnat serves IPv4 alone.
         self.lb_ip6 = -1 if ip6 is None else addresses.parse(ip6)
-        self.table = SessionTable(self.lb_ip, nat_ports, timeouts, table_cap)
+        if self.lb_ip > addresses.V4_MAX or (ip6 is not None and self.lb_ip6 <= addresses.V4_MAX):
+            raise ValueError("SRCIP is an IPv4 address and ip6 an IPv6 one")
+        self.mtu = 1500  # the interface's, set by the data plane: what a translation may grow to
+        self.table = SessionTable(self.lb_ip, nat_ports, timeouts, table_cap, self.lb_ip6)
         # The table's parts the packet path uses, bound once (none of them is ever replaced).
         self._forward = self.table.forward
         self._pools = self.table.pools
@@ -310,14 +320,14 @@ class Engine:
         state = self.services[service]
         state.publish(tuple(backends))
         for backend in state.backends:
-            pool = self.table.pools.get(pool_key(state.proto, backend.ip_int, backend.port))
+            pool = self.table.pools.get(backend_pool_key(state.proto, backend.ip_int, backend.port))
             if pool is not None:
                 pool.backend = backend
 
     def pool_of(self, service: str, backend: BackendKey) -> PortPool | None:
         """The port pool (rows and counters) of one backend of a service, if it has had flows."""
         state = self.services[service]
-        return self.table.pools.get(pool_key(state.proto, ip_int(backend[0]), backend[1]))
+        return self.table.pools.get(backend_pool_key(state.proto, ip_int(backend[0]), backend[1]))
 
     def active_flows(self, service: str, backend: BackendKey) -> int:
         """Open flows of `service` to `backend` (a pool may be shared by two services)."""
@@ -335,6 +345,8 @@ class Engine:
         if headers.__class__ is not tuple:
             if headers is DropReason.NOT_TCP_UDP and buf[start + 9] == ICMP:
                 return self._icmp_error(buf, start, end)
+            if headers is DropReason.NOT_IPV4 and buf[start] >> 4 == 6 and self.lb_ip6 >= 0:
+                return self._handle6(buf, start, end, partial, now)  # lbnat.engine6
             return self._drop(headers)  # type: ignore[arg-type]
         proto, l4, src, dst, sport, dport, flags, seq, ack, win, length = headers
         if dst != self.lb_ip and dst != self.vip:
@@ -347,7 +359,12 @@ class Engine:
             s = pool.rows[dport - pool.first]
             if s is None:
                 return self._drop(DropReason.NO_SESSION)
-            if s.__class__ is not Session:  # a SYN-proxied row: sequence numbers translated
+            if s.__class__ is not Session:
+                if s.__class__ is Nat64Session:  # its client is IPv6: lbnat.engine6
+                    return self._nat64_from_backend(
+                        s, buf, start, l4, end, proto, flags, seq, ack, win, partial, now
+                    )
+                # a SYN-proxied row: sequence numbers translated
                 return self.syn_proxy.from_backend(
                     cast(ProxiedSession, s), buf, start, l4, end, flags, seq, ack, win, partial, now
                 )
@@ -438,34 +455,6 @@ class Engine:
         service.bytes += end - start
         return (FORWARD, pool.backend.ip_int)
 
-    def _icmp_error(self, buf: bytearray, start: int, end: int) -> Action:
-        """An ICMP error about a packet lbnat sent to a backend (port unreachable, fragmentation
-        needed, ...), from the backend or a router on the way: translated for the client, as if
-        the VIP had answered about the client's own packet."""
-        error = parse_icmp_error(buf, start, end)
-        if not isinstance(error, tuple):
-            return self._drop(error)
-        _, _, proto, src, dst, sport, dport = error
-        (outer_dst,) = ADDRESS.unpack_from(buf, start + IP_DESTINATION)
-        if (
-            outer_dst != self.lb_ip
-            or src != self.lb_ip
-            or not self.nat_first <= sport <= self.nat_last
-        ):
-            return self._drop(DropReason.NOT_FOR_US)  # about the LB host's own traffic
-        row = self.table.reverse(proto, dst, dport, sport)
-        if row is None:
-            return self._drop(DropReason.NO_SESSION)
-        # The quote is the packet as lbnat forwarded it (LB:NAT port -> backend): it becomes
-        # the client's own packet again, and the error comes from the VIP to the client.
-        addresses, ports = row.as_client_sends()
-        ip_delta, l4_delta = rewrite_deltas(row.pool.fwd_addresses, addresses, row.fwd_ports, ports)
-        rewrite_icmp_error(
-            buf, start, error, row.rev_addresses, addresses, ports, ip_delta, l4_delta
-        )
-        self.icmp_translated += 1
-        return (FORWARD, row.client_ip)
-
     def _open(
         self,
         service: ServiceState,
@@ -486,7 +475,7 @@ class Engine:
 
         `reopen` is the ended row this client socket had: its backend and NAT port are taken
         again if that backend may still take new flows."""
-        key = forward_key(proto, client_ip, client_port, service.port)
+        key = flow_key(proto, client_ip, client_port, service.port)
         backend: Backend | None = None
         nat_port: int | None = None
         if reopen is not None:
@@ -503,8 +492,14 @@ class Engine:
         if backend is None:
             # With affinity a client hashes by its address alone: maglev then gives its flows
             # one backend in every worker and every instance behind ECMP, record or not.
-            flow_hash = key if affinity is None else forward_key(proto, client_ip, 0, service.port)
+            flow_hash = key if affinity is None else flow_key(proto, client_ip, 0, service.port)
+            if client_ip > V4_MAX:  # the schedulers hash the low 64 bits: fold the rest in
+                flow_hash = (flow_hash ^ (flow_hash >> 64) ^ (flow_hash >> 128)) & _MASK64
             backend = service.scheduler.pick(flow_hash, _ActiveFlows(self.table, service))
+        if backend is not None and backend.ip_int > V4_MAX >= client_ip:
+            # An IPv4 client and IPv6 backends: not translated (lbnat.engine6, NO_NAT46)
+            service.count_drop(DropReason.NO_NAT46)
+            return self._drop(DropReason.NO_NAT46)
         if backend is None:
             service.count_drop(DropReason.NO_BACKEND)
             self.count_drop(DropReason.NO_BACKEND)
@@ -513,17 +508,19 @@ class Engine:
                 # Refuse at once, as a closed port would: a RST+ACK acknowledging the SYN and
                 # any data it carried (RFC 793: SEG.SEQ + SEG.LEN, the SYN counting one).
                 ack = (seq + 1 + length) & 0xFFFFFFFF
-                rst = tcp_segment(self.vip, client_ip, service.port, client_port, 0, ack, RST | ACK)
+                vip = self.vip_of(client_ip)
+                rst = tcp_segment_any(vip, client_ip, service.port, client_port, 0, ack, RST | ACK)
                 return (REPLY, rst, client_ip)
             return _DROP_ACTIONS[DropReason.NO_BACKEND]
         opened, evicted = self.table.open(
-            now, service, proto, client_ip, client_port, self.vip, backend, nat_port, row_class
-        )
+            now, service, proto, client_ip, client_port, self.vip_of(client_ip), backend,
+            nat_port, row_class,
+        )  # fmt: skip
         for victim in evicted:
             self._flow_ended(victim, now)
             gone = victim.session
             if gone.proto == TCP and gone.ack_s != UNKNOWN_ACK:  # (a restored row may not know)
-                self._send_first.append(backend_reset(self.lb_ip, gone))
+                self._send_first.append(backend_reset(gone))
         if isinstance(opened, Refusal):
             self._send_first.clear()  # (a refusal after an eviction: the backend times out)
             service.count_drop(_REFUSAL_DROPS[opened])
@@ -598,6 +595,8 @@ def reset_flows(
     if pool is None:
         return []
     backend_ip, port = ip_int(backend[0]), backend[1]
+    half = len(pool.fwd_addresses) // 2
+    lb_ip = addresses.from_packed(pool.fwd_addresses[:half])  # of the backend's family
     packets: list[tuple[bytes, int]] = []
     for row in [r for r in pool.rows if r is not None and r.service is state and not r.ended]:
         if engine.table.kernel is not None:  # its latest ACKs are the kernel's
@@ -605,12 +604,13 @@ def reset_flows(
         if state.proto == TCP:
             client_ip, client_port = row.client_ip, row.client_port
             if row.state is not State.SYN_SENT and row.ack_c != UNKNOWN_ACK:
-                rst = tcp_segment(
-                    engine.vip, client_ip, state.port, client_port, row.ack_c, 0, RST
-                )
+                rst = tcp_segment_any(
+                    engine.vip_of(client_ip), client_ip, state.port, client_port, row.ack_c, 0,
+                    RST,
+                )  # fmt: skip
                 packets.append((rst, client_ip))
             if row.ack_s != UNKNOWN_ACK:
-                rst = tcp_segment(engine.lb_ip, backend_ip, row.nat_port, port, row.ack_s, 0, RST)
+                rst = tcp_segment_any(lb_ip, backend_ip, row.nat_port, port, row.ack_s, 0, RST)
                 packets.append((rst, backend_ip))
         engine.table.remove(row)
         engine._flow_ended(Ended(row, EndReason.BACKEND_DEAD, engine.table.open_flows), now)

@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from lbnat import addresses
+from lbnat.addresses import V4_MAX
 from lbnat.backends import Backend, BackendKey
-from lbnat.packet import ACK, ADDRESS, FIN, PORT_PAIR, RST, SYN, TCP, rewrite_deltas
+from lbnat.packet import ACK, FIN, PORT_PAIR, RST, SYN, TCP, rewrite_deltas
 from lbnat.service import ServiceState
 
 
@@ -256,7 +257,7 @@ class PortPool:
         self._closed = _Fifo(_is_ended)  # this backend's ended rows, oldest first
         self._half_open = _Fifo(_is_half_open)  # its half-open rows: ports to take back
         # src LB, dst backend: the same for every flow to this backend.
-        self.fwd_addresses = ADDRESS.pack(lb_ip) + ADDRESS.pack(backend.ip_int)
+        self.fwd_addresses = addresses.packed(lb_ip) + addresses.packed(backend.ip_int)
         self.active = 0  # open flows (not ended)
         self.flows = 0  # flows ever scheduled here
         # what lbnat forwarded for this backend's flows, per direction (the kernel's folded in)
@@ -401,14 +402,31 @@ class Session:
         """(addresses, ports) of the flow's packets as the client sends them, before the
         forward rewrite: (client, VIP) and (client port, service port), the reply rewrite's
         bytes swapped."""
+        half = len(self.rev_addresses) // 2
         return (
-            self.rev_addresses[4:] + self.rev_addresses[:4],
+            self.rev_addresses[half:] + self.rev_addresses[:half],
             self.rev_ports[2:] + self.rev_ports[:2],
         )
 
     @property
     def ended(self) -> bool:
         return self.state in ENDED
+
+
+class Nat64Session(Session):
+    """A row whose client is IPv6 and whose backend is IPv4 (NAT64, lbnat.engine6): its
+    packets change family both ways, so its rewrite bytes are 32 address bytes towards the
+    client and its pool's 8 towards the backend. The kernel fast path never takes it."""
+
+    __slots__ = ()
+
+
+def row_class_for(row_class: type[Session], client_ip: int, backend: Backend) -> type[Session]:
+    """The class of a new row: `Nat64Session` when a plain row's client is IPv6 and its
+    backend IPv4."""
+    if row_class is Session and client_ip > V4_MAX and backend.ip_int <= V4_MAX:
+        return Nat64Session
+    return row_class
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,6 +556,7 @@ class SessionTable:
         port_range: tuple[int, int] = (61000, 65535),
         timeouts: Timeouts | None = None,
         cap: int = 1_000_000,
+        lb_ip6: int = -1,
     ) -> None:
         first, last = port_range
         if not 0 < first <= last < 65536:
@@ -545,6 +564,7 @@ class SessionTable:
         if cap < 1:
             raise ValueError("the table cap must be at least 1")
         self.lb_ip = lb_ip
+        self.lb_ip6 = lb_ip6  # the source towards IPv6 backends (lbnat.addresses int), -1: none
         self.port_range = (first, last)
         self.timeouts = timeouts or Timeouts()
         self.timeout_of = self.timeouts.by_state()  # the pressure tuple while under pressure
@@ -592,14 +612,17 @@ class SessionTable:
     def reverse(
         self, proto: int, backend_ip: int, backend_port: int, nat_port: int
     ) -> Session | None:
-        pool = self.pools.get(pool_key(proto, backend_ip, backend_port))
+        pool = self.pools.get(backend_pool_key(proto, backend_ip, backend_port))
         return None if pool is None else pool.lookup(nat_port)
 
     def pool_for(self, proto: int, backend: Backend) -> PortPool:
-        key = pool_key(proto, backend.ip_int, backend.port)
+        key = backend_pool_key(proto, backend.ip_int, backend.port)
         pool = self.pools.get(key)
         if pool is None:
-            pool = PortPool(backend, self.lb_ip, *self.port_range, self.timeout_of)
+            source = self.lb_ip6 if backend.ip_int > V4_MAX else self.lb_ip
+            if source < 0:
+                raise ValueError(f"backend {backend.name} is IPv6 and lbnat has no IPv6 address")
+            pool = PortPool(backend, source, *self.port_range, self.timeout_of)
             self.pools[key] = pool
         else:
             pool.backend = backend  # the newest snapshot's record (health, weight)
@@ -657,9 +680,10 @@ class SessionTable:
             else:
                 ended.append(self._evict(victim))
 
-        key = forward_key(proto, client_ip, client_port, service.port)
+        key = flow_key(proto, client_ip, client_port, service.port)
         state = State.SYN_SENT if proto == TCP else State.UDP_UNREPLIED
-        s = self._file(row_class(), key, service, pool, nat_port, state, now, vip)
+        row = row_class_for(row_class, client_ip, backend)()
+        s = self._file(row, key, service, pool, nat_port, state, now, vip)
         pool.flows += 1
         if self._half_open.live > PRESSURE_HALF_OPEN and not self.under_pressure:
             self._enter_pressure()
@@ -690,13 +714,14 @@ class SessionTable:
         (`row_class`: as in `open`; the caller fills in a subclass's own slots).
         None when the client socket or the port is taken, or the table is full. The flow is not
         counted as a new one (it was scheduled before)."""
-        key = forward_key(proto, client_ip, client_port, service.port)
+        key = flow_key(proto, client_ip, client_port, service.port)
         if key in self.forward or len(self.forward) >= self.cap:
             return None
         pool = self.pool_for(proto, backend)
         if not pool.claim(nat_port):
             return None
-        s = self._file(row_class(), key, service, pool, PORTS[nat_port], state, now, vip)
+        row = row_class_for(row_class, client_ip, backend)()
+        s = self._file(row, key, service, pool, PORTS[nat_port], state, now, vip)
         s.ack_c = s.ack_s = UNKNOWN_ACK
         return s
 
@@ -711,7 +736,7 @@ class SessionTable:
         s.pool = pool
         s.nat_port = nat_port
         s.created = self.expiry.shared_second(math.floor(now))
-        _prepare_rewrites(s, key_client_ip(key), key & 0xFFFF, vip, pool.backend.port)
+        _prepare_rewrites(s, key_client(key), key & 0xFFFF, vip, pool.backend.port)
         s.state = state
         self.forward[key] = s
         pool.rows[nat_port - pool.first] = s
@@ -852,8 +877,8 @@ def _prepare_rewrites(
     write and the checksum deltas (lbnat.packet.rewrite), packed into `s.deltas` as
     (fwd_ip << 48) | (fwd_l4 << 32) | (rev_ip << 16) | rev_l4."""
     pool, service = s.pool, s.service
-    client_address = ADDRESS.pack(client_ip)
-    vip_address = ADDRESS.pack(vip)
+    client_address = addresses.packed(client_ip)
+    vip_address = addresses.packed(vip)
     s.fwd_ports = PORT_PAIR.pack(s.nat_port, backend_port)
     fwd_ip, fwd_l4 = rewrite_deltas(
         client_address + vip_address,
@@ -863,8 +888,9 @@ def _prepare_rewrites(
     )
     s.rev_addresses = vip_address + client_address
     s.rev_ports = service.reply_ports(client_port)
+    half = len(pool.fwd_addresses) // 2
     rev_ip, rev_l4 = rewrite_deltas(
-        pool.fwd_addresses[4:] + pool.fwd_addresses[:4],
+        pool.fwd_addresses[half:] + pool.fwd_addresses[:half],
         s.rev_addresses,
         PORT_PAIR.pack(backend_port, s.nat_port),
         s.rev_ports,

@@ -106,6 +106,13 @@ def parse(buf: bytearray | bytes | memoryview, start: int, end: int) -> Headers 
     return DropReason.NOT_TCP_UDP
 
 
+def tcp_check_flags(flags: int) -> bool:
+    """Are these TCP flags a combination a segment may carry (`parse`'s rule, written inline
+    there for speed): some flag set, and not SYN with FIN or RST."""
+    syn_like = flags & (SYN | FIN | RST)
+    return bool(flags & 0x3F) and syn_like not in (SYN | FIN, SYN | RST, SYN | FIN | RST)
+
+
 # --- ones' complement arithmetic ------------------------------------------------------------
 
 
@@ -138,12 +145,19 @@ def checksum(data: bytes | bytearray | memoryview) -> int:
 
 
 def delta(old: bytes, new: bytes) -> int:
-    """The folded sum of ~m + m' over the 16-bit words of equal-length `old` and `new`."""
-    if len(old) != len(new) or len(old) % 2:
-        raise ValueError("delta needs two byte strings of the same even length")
+    """The folded sum of ~m over the 16-bit words of `old` and of m' over those of `new`.
+
+    The two may differ in length: a translation between IPv6 and IPv4 (lbnat.packet6) swaps
+    32 bytes of pseudo-header addresses for 8, and the sum of what leaves and what comes is
+    still the change of the checksum (the lengths and the protocol in both pseudo-headers are
+    the same number)."""
+    if len(old) % 2 or len(new) % 2:
+        raise ValueError("delta needs byte strings of even length")
     total = 0
     for i in range(0, len(old), 2):
-        total += (~((old[i] << 8) | old[i + 1]) & 0xFFFF) + ((new[i] << 8) | new[i + 1])
+        total += ~((old[i] << 8) | old[i + 1]) & 0xFFFF
+    for i in range(0, len(new), 2):
+        total += (new[i] << 8) | new[i + 1]
     return fold(total)
 
 
@@ -247,12 +261,27 @@ def tcp_segment(
     window: int = 0,
     payload: bytes = b"",
 ) -> bytes:
-    """A complete IPv4 + TCP packet with correct checksums (used for RSTs lbnat sends itself)."""
+    """A complete IPv4 + TCP packet with correct checksums (used for RSTs lbnat sends itself;
+    lbnat.packet6.tcp_segment_any for addresses of either family)."""
     segment = bytearray(
         struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, window, 0, 0) + payload
     )
     _U16.pack_into(segment, 16, transport_checksum(src, dst, TCP, segment))
     return ipv4_header(src, dst, TCP, len(segment)) + bytes(segment)
+
+
+def finish_checksum4(packet: bytearray, partial: bool) -> bytes:
+    """An IPv4 TCP/UDP packet whose transport checksum may be partial (the kernel was to finish
+    it: PACKET_VNET_HDR) with it computed whole, for a packet sent as one lbnat made itself."""
+    if partial:
+        ihl = (packet[0] & 0x0F) << 2
+        proto = packet[9]
+        src, dst = struct.unpack_from("!II", packet, IP_ADDRESSES)
+        at = ihl + L4_CHECKSUM[proto]
+        packet[at : at + 2] = b"\0\0"
+        total = (packet[2] << 8) | packet[3]
+        _U16.pack_into(packet, at, transport_checksum(src, dst, proto, packet[ihl:total]))
+    return bytes(packet)
 
 
 def seq_after(a: int, b: int) -> bool:

@@ -212,6 +212,7 @@ class Lifecycle:
     @classmethod
     def from_environment(cls, status: Callable[[], str | None], log: Log) -> Lifecycle:
         """The notifier of os.environ; a failed send goes to `log` as event "sdnotify_failed"."""
+
         def failed(text: str) -> None:
             log(text, "sdnotify_failed", level=logging.WARNING)
 

@@ -117,8 +117,11 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
         "standby": {} if engine.standby is None else dict(engine.standby.counts),
         # other instances' flows known here (each worker holds them all) and packets sent on
         # to their owner (lbnat.owners, --sync-mode mesh); {} off
-        "owners": {} if engine.owners is None else {
-            "records": len(engine.owners.flows), "forwarded": engine.owners.forwarded,
+        "owners": {}
+        if engine.owners is None
+        else {
+            "records": len(engine.owners.flows),
+            "forwarded": engine.owners.forwarded,
         },
     }
 

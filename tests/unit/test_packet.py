@@ -522,11 +522,18 @@ def test_ones_sum_and_checksum_match_scapy() -> None:
         assert ones_sum(data) == fx.ones_sum(data)
 
 
-def test_delta_rejects_unequal_lengths() -> None:
-    with pytest.raises(ValueError):
-        delta(b"\0\0", b"\0\0\0\0")
+def test_delta_rejects_odd_lengths() -> None:
     with pytest.raises(ValueError):
         delta(b"\0", b"\1")
+    with pytest.raises(ValueError):
+        delta(b"\0\0", b"\0\0\0")
+
+
+def test_delta_of_unequal_lengths_is_the_change_of_the_sum() -> None:
+    old, new = bytes(range(1, 33)), bytes(range(200, 208))
+    prefix = b"\x12\x34\x00\x06"
+    before, after = checksum(prefix + old), checksum(prefix + new)
+    assert apply_delta(before, delta(old, new)) == after
 
 
 def test_seq_after_wraps() -> None:
