@@ -525,7 +525,8 @@ def status(admin_socket: str, as_json: bool) -> None:
         return
     workers = reply.get("workers", [])
     click.echo(
-        f"lbnat {reply['lb_ip']}  up {reply['uptime']} s  rows {reply['rows']}  "
+        f"lbnat {reply['lb_ip']}{' ' + reply['ip6'] if reply.get('ip6') else ''}  "
+        f"up {reply['uptime']} s  rows {reply['rows']}  "
         f"open flows {reply['open_flows']}  workers {len(workers)}  io {reply.get('io', '?')}"
     )
     table = reply.get("table", {})

@@ -116,10 +116,15 @@ class StartError(Exception):
 
 
 def check_port_free(ip: str, port: int, proto: str) -> None:
-    """A VIP port another program of this host already listens on cannot be balanced."""
+    """A VIP port another program of this host already listens on cannot be balanced (the
+    VIP of either family: SRCIP or --vip, and ip6)."""
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)  # a pair's VIP may be on the master only
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, kind) as probe:
+        # a pair's VIP may be on the master only (IP_FREEBIND serves IPv6 sockets too)
+        probe.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             probe.bind((ip, port))
         except OSError as error:
@@ -337,7 +342,8 @@ class Daemon(ScaleOut, SyncGlue):
         self.syn_proxy = fit_mss(self.syn_proxy, link_mtu(link.interface))
         self.link_watch = LinkWatch(time.monotonic(), self.link_probe.state())
         for service in self.control.services.values():
-            check_port_free(self.vip, service.service.port, service.service.proto)
+            for vip in (self.vip, c.ip6) if c.ip6 else (self.vip,):
+                check_port_free(vip, service.service.port, service.service.proto)
         try:
             engine = Engine(
                 self.lb_ip, self.control.specs(), c.nat_ports, c.timeouts, c.table_cap,
@@ -598,7 +604,8 @@ class Daemon(ScaleOut, SyncGlue):
                 if plan.error is not None:
                     return self._reload_failed(plan.error)
                 for service in plan.added:
-                    check_port_free(self.vip, service.service.port, service.service.proto)
+                    for vip in (self.vip, self.config.ip6) if self.config.ip6 else (self.vip,):
+                        check_port_free(vip, service.service.port, service.service.proto)
                 self._locked(lambda: self.control.commit_reload(plan))
             except (ConfigError, ValueError, OSError, GuardError, StartError) as error:
                 # StartError: a new service's port is taken (before, a traceback)

@@ -190,7 +190,7 @@ def compute(before: Status, after: Status, seconds: float) -> Frame:
     drops = _reasons(after.get("drops", {}), before.get("drops", {}), seconds)
     workers = after.get("workers", [])
     return Frame(
-        lb_ip=str(after.get("lb_ip", "?")),
+        lb_ip=" ".join(str(a) for a in (after.get("lb_ip", "?"), after.get("ip6")) if a),
         uptime=float(after.get("uptime", 0.0)),
         seconds=seconds,
         rows=int(after.get("rows", 0)),

@@ -217,3 +217,17 @@ def test_the_control_channel_on_ipv6_and_dual_stack(refused: Log) -> None:
             for client in clients:
                 assert request_line((client, port), line) == b'{"ok":true,"op":"unregister"}\n'
     assert peers == ["::1", "::1", "127.0.0.1"]
+
+
+@pytest.mark.usefixtures("private_netns")
+def test_a_service_port_taken_on_ip6_is_found_before_start() -> None:
+    from lbnat.daemon import StartError, check_port_free
+
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StartError, match=f"tcp port {port} on ::1 is already used"):
+            check_port_free("::1", port, "tcp")
+    check_port_free("::1", port, "tcp")  # free again
+    check_port_free("2001:db8::99", port, "udp")  # not (yet) this host's: free-bound
