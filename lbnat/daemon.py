@@ -29,14 +29,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from types import FrameType
 from typing import TextIO
 
 from lbnat import privileges
 from lbnat.backends import Backend
-from lbnat.config import Config, ConfigError
+from lbnat.config import Config, ConfigError, ServiceConfig
 from lbnat.control.metrics_server import MetricsError, MetricsServer
 from lbnat.control.plane import (
     ControlPlane,
@@ -115,9 +115,20 @@ class StartError(Exception):
     """lbnat cannot start; the message is for the user, exit code 2."""
 
 
-def check_port_free(ip: str, port: int, proto: str) -> None:
-    """A VIP port another program of this host already listens on cannot be balanced (the
-    VIP of either family: SRCIP or --vip, and ip6)."""
+def check_port_free(ip: str, port: int, proto: str, ip6: str | None = None) -> None:
+    """A VIP port another program of this host already listens on cannot be balanced: on the
+    IPv4 VIP (SRCIP or --vip) and on ip6, when given."""
+    for address in (ip, ip6) if ip6 else (ip,):
+        _check_port_free(address, port, proto)
+
+
+def check_ports_free(vip: str, ip6: str | None, services: Iterable[ServiceConfig]) -> None:
+    """`check_port_free` for every service's port."""
+    for spec in services:
+        check_port_free(vip, spec.service.port, spec.service.proto, ip6)
+
+
+def _check_port_free(ip: str, port: int, proto: str) -> None:
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     with socket.socket(family, kind) as probe:
@@ -341,9 +352,7 @@ class Daemon(ScaleOut, SyncGlue):
             raise StartError(str(error)) from None
         self.syn_proxy = fit_mss(self.syn_proxy, link_mtu(link.interface))
         self.link_watch = LinkWatch(time.monotonic(), self.link_probe.state())
-        for service in self.control.services.values():
-            for vip in (self.vip, c.ip6) if c.ip6 else (self.vip,):
-                check_port_free(vip, service.service.port, service.service.proto)
+        check_ports_free(self.vip, c.ip6, self.control.services.values())
         try:
             engine = Engine(
                 self.lb_ip, self.control.specs(), c.nat_ports, c.timeouts, c.table_cap,
@@ -603,9 +612,7 @@ class Daemon(ScaleOut, SyncGlue):
                 self._carry_out(plan.notes)
                 if plan.error is not None:
                     return self._reload_failed(plan.error)
-                for service in plan.added:
-                    for vip in (self.vip, self.config.ip6) if self.config.ip6 else (self.vip,):
-                        check_port_free(vip, service.service.port, service.service.proto)
+                check_ports_free(self.vip, self.config.ip6, plan.added)
                 self._locked(lambda: self.control.commit_reload(plan))
             except (ConfigError, ValueError, OSError, GuardError, StartError) as error:
                 # StartError: a new service's port is taken (before, a traceback)
