@@ -397,6 +397,8 @@ def check_config(file: str, vip_port: str) -> None:
     click.echo(
         f"{file}: ok: {len(config.services)} services: {names or 'none'}; {backends} backends"
     )
+    if (problem := config_module.ip6_misfit(config)) is not None:  # unless --ip6 gives it
+        click.echo(f"{file}: note: {problem}")
 
 
 # --- lbnat cleanup -------------------------------------------------------------------------------
@@ -442,11 +444,13 @@ def talk(target: str | tuple[str, int], message: dict[str, object]) -> dict[str,
 
 def registration(op: str, lb: str, service: str, ip: str, port: str, weight: int, name: str,
                  secret: str | None, secret_file: str | None) -> None:  # fmt: skip
-    host, control_port = checked(config_module.parse_host_port, lb, DEFAULT_CONTROL_PORT, "--lb")
+    host, control_port = checked(
+        lambda: config_module.parse_host_port(lb, DEFAULT_CONTROL_PORT, "--lb", ipv6=True)
+    )
     message: dict[str, object] = {
         "op": op,
         "service": service,
-        "ip": checked(config_module.parse_ip, ip, "backend address"),
+        "ip": checked(config_module.parse_backend_ip, ip),
         "port": checked(config_module.parse_port, port, "backend port"),
     }
     if op == "register":
@@ -656,7 +660,7 @@ def backend(action: str, service: str, ip: str, port: str, weight: int, name: st
     message: dict[str, object] = {
         "op": f"backend_{action}",
         "service": service,
-        "ip": checked(config_module.parse_ip, ip, "backend address"),
+        "ip": checked(config_module.parse_backend_ip, ip),
         "port": checked(config_module.parse_port, port, "backend port"),
     }
     if action == "add":
