@@ -350,8 +350,27 @@ class ControlPlane:
                     (),
                     f"changing the protocol or port of service {name} needs a restart",
                 )
+            if (mixed := self._family_change(name, spec.backends)) is not None:
+                return ReloadPlan(new, notes, (), mixed)
         added = tuple(s for name, s in wanted.items() if name not in self.services)
         return ReloadPlan(new, notes, added)
+
+    def _family_change(self, name: str, backends: Sequence[Backend]) -> str | None:
+        """A service's backends are all of one family: new config backends of the other family
+        than the ones it holds now (registered, or draining with their flows) are refused."""
+        held = [e.backend for e in self.registry.entries(name)]
+        held = [b for b in held if b.key not in {n.key for n in backends}]
+        if not held or not backends:
+            return None
+        now_v6, new_v6 = addresses.is_v6(held[0].ip_int), addresses.is_v6(backends[0].ip_int)
+        if now_v6 == new_v6:
+            return None
+        return (
+            f"service {name} holds IPv{6 if now_v6 else 4} backends "
+            f"({host_port_text(held[0].ip, held[0].port)}) and the new config gives it "
+            f"IPv{6 if new_v6 else 4} ones: a service's backends are all of one family "
+            "(unregister or remove the others first, or restart)"
+        )
 
     def commit_reload(self, plan: ReloadPlan) -> list[Effect]:
         """Apply an accepted plan: the registry takes the new backends, every engine the new

@@ -592,3 +592,16 @@ def test_an_ipv4_backend_is_refused_by_a_service_of_ipv6_backends() -> None:
         "backend 198.18.0.21:8080 is IPv4 and service web has IPv6 backends "
         "([2001:db8::24]:8080): a service's backends are all of one family"
     )
+
+
+def test_a_reload_that_changes_a_services_family_is_refused() -> None:
+    cp = plane(web(B1, B2), ip6="2001:db8::2")
+    plan = cp.plan_reload(config(web(V6), ip6="2001:db8::2"))
+    assert plan.error == (
+        "service web holds IPv4 backends (198.18.0.21:8080) and the new config gives it IPv6 "
+        "ones: a service's backends are all of one family (unregister or remove the others "
+        "first, or restart)"
+    )
+    assert cp.plan_reload(config(web(B2, B3), ip6="2001:db8::2")).error is None
+    empty = plane(web(), ip6="2001:db8::2")
+    assert empty.plan_reload(config(web(V6), ip6="2001:db8::2")).error is None
