@@ -122,6 +122,7 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
         else {
             "records": len(engine.owners.flows),
             "forwarded": engine.owners.forwarded,
+            "ipv6_skipped": engine.owners.ipv6_skipped,  # a peer's IPv6 rows: no mesh flows
         },
     }
 
