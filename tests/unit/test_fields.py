@@ -6,6 +6,8 @@ import ipaddress
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lbnat import fields
 from lbnat.fields import FieldError
@@ -139,3 +141,32 @@ def test_a_bad_pattern_names_the_regex_error() -> None:
 )
 def test_backend_unusable(address: str, reason: str | None) -> None:
     assert fields.backend_unusable(ipaddress.ip_address(address)) == reason
+
+
+ADDRESSY = st.text(alphabet="0123456789abcdefABCDEF:.[]/%-x ", max_size=50)
+
+
+@given(ADDRESSY | st.text(max_size=50) | st.integers() | st.none())
+def test_the_address_checks_raise_only_field_errors(value: object) -> None:
+    """Bad input gets a FieldError with a phrase, never another exception (IPv6 text
+    included: brackets, zones, too many colons)."""
+    for check in (
+        fields.ip, fields.host_ip, fields.backend_ip, fields.host_ipv6, fields.network,
+        fields.host_port,
+    ):  # fmt: skip
+        try:
+            check(value)
+        except FieldError as error:
+            assert error.problem
+
+
+@given(st.integers(0, 2**128 - 1))
+def test_an_ipv6_backend_is_usable_or_says_why(low: int) -> None:
+    address = ipaddress.IPv6Address(low)
+    reason = fields.backend_unusable(address)
+    try:
+        assert fields.backend_ip(str(address)) == str(address) and reason is None
+    except FieldError as error:
+        assert (
+            reason is not None and error.problem == f"{address} is not a backend address ({reason})"
+        )
