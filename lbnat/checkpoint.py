@@ -119,6 +119,7 @@ RECORD_SIZE = _RECORD.size  # 64
 _EXTRA_AT = V4_RECORD_SIZE
 _HIGH = struct.Struct(">12s12s")  # the addresses' high 96 bits (bytes 40-63)
 _LOW32 = 0xFFFFFFFF
+_NO_HIGH = bytes(24)
 _V6_BITS = addresses.V6 - 1
 
 _TCP_STATES = frozenset(s for s in State if s not in (State.UDP_UNREPLIED, State.UDP_REPLIED))
@@ -216,7 +217,7 @@ def _pack(
         backend_ip & _LOW32, nat_port, proxy_flags, proxy_window, seq_offset, created,
     )  # fmt: skip
     if form == FORM_V4:
-        return _RECORD.pack(fixed, crc32(fixed), state, fins, wscale, bytes(24))
+        return _RECORD.pack(fixed, crc32(fixed), state, fins, wscale, _NO_HIGH)
     extra = _HIGH.pack(_high(client_ip), _high(backend_ip))
     return _RECORD.pack(fixed, crc32(fixed + extra), state, fins, wscale, extra)
 
@@ -353,13 +354,21 @@ class RowCheckpoint:
         # Packed field by field from the row rather than through record_of(): no RowRecord
         # per write (the engine opens flows at thousands per second).
         backend = s.pool.backend
-        client_ip = s.client_ip
-        form = _form(client_ip, backend.ip_int)
+        client_ip, backend_ip = s.client_ip, backend.ip_int
         at = HEADER_SIZE + slot * RECORD_SIZE
+        if client_ip <= _LOW32 and backend_ip <= _LOW32:  # IPv4: format 1's record, inline
+            fixed = _FIXED.pack(
+                FORM_V4, s.proto, s.service_port, s.client_port, backend.port, client_ip,
+                backend_ip, s.nat_port, proxy_flags, proxy_window, offset, s.created & _LOW32,
+            )  # fmt: skip
+            _RECORD.pack_into(
+                buffer, at, fixed, crc32(fixed), s.state, s.fins, s.wscale, _NO_HIGH
+            )  # (bytes 40-63 cleared: the slot may have held an IPv6 row)
+            return
         buffer[at : at + RECORD_SIZE] = _pack(
-            form, s.proto, s.service_port, s.client_port, backend.port, client_ip,
-            backend.ip_int, s.nat_port, proxy_flags, proxy_window, offset,
-            s.created & 0xFFFFFFFF, s.state, s.fins, s.wscale,
+            _form(client_ip, backend_ip), s.proto, s.service_port, s.client_port, backend.port,
+            client_ip, backend_ip, s.nat_port, proxy_flags, proxy_window, offset,
+            s.created & _LOW32, s.state, s.fins, s.wscale,
         )  # fmt: skip
 
     def clear(self, s: Session) -> None:

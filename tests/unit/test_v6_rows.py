@@ -148,3 +148,17 @@ def test_the_sessions_view_shows_ipv6_addresses_with_brackets() -> None:
         f"[{CLIENT6}]:40002": f"[{B6}]:8080",
         f"[{CLIENT6}]:40003": "198.18.0.21:8080",
     }
+
+
+def test_a_slot_an_ipv6_row_left_is_clean_for_the_ipv4_row_that_takes_it() -> None:
+    e = engine()
+    checkpoint = RowCheckpoint(memoryview(bytearray(checkpoint_bytes(4))))
+    restore(e, checkpoint, 0.0)
+    row6, _ = open_flow(e, 40004, WEB6)
+    slot = row6.slot
+    e.table.remove(row6)
+    syn4 = IP(src="198.18.0.11", dst="198.18.0.2") / TCP(sport=40005, dport=WEB4, flags="S")
+    send(e, syn4)
+    (row4,) = list(e.table)
+    assert row4.slot == slot
+    assert checkpoint.record(slot) == record_of(row4)
