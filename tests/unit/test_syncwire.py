@@ -708,3 +708,24 @@ def test_the_worked_example_is_what_encode_makes() -> None:
     text = DOC.read_text()  # the shell check's input and output
     assert f"printf '%s' {datagram[:-MAC_SIZE].hex()} " in text
     assert f"{datagram[-MAC_SIZE:].hex()} *stdin" in text
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([Kind.ROW6, Kind.END6, Kind.REFRESH6, Kind.ROW]), st.binary()),
+        max_size=6,
+    ),
+    st.sampled_from([MessageType.UPDATE, MessageType.BULK]),
+)
+def test_signed_ipv6_records_of_any_bytes_decode_or_drop(
+    parts: list[tuple[Kind, bytes]], message_type: MessageType
+) -> None:
+    """Records of the IPv6 kinds (and ROW, whose 40 bytes must be an IPv4 row's) with any
+    contents, whole or cut: a Message whose rows encode back to what came, or a Dropped."""
+    body = b"".join(
+        bytes([kind]) + (data + bytes(SIZES[kind]))[: SIZES[kind] - 1] for kind, data in parts
+    )
+    outcome = decode(forge(body, len(parts), message_type), SECRET, PEERS)
+    assert isinstance(outcome, Message | Dropped)
+    if isinstance(outcome, Message):
+        assert b"".join(pack_record(record) for record in outcome.records) == body
