@@ -49,7 +49,8 @@ class Backend:
         else:
             object.__setattr__(self, "ip_int", int(address))
         if not self.name:
-            object.__setattr__(self, "name", f"{self.ip}:{self.port}")
+            name = f"[{self.ip}]:{self.port}" if address.version == 6 else f"{self.ip}:{self.port}"
+            object.__setattr__(self, "name", name)
 
     @property
     def key(self) -> BackendKey:

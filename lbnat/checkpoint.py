@@ -14,22 +14,26 @@ Layout, little-endian. A 64-byte header:
 
     offset size
      0     8    magic b"lbnatrow"
-     8     2    format (1)
-    10     2    record size (40)
+     8     2    format (2; 1 was the IPv4-only layout of 40-byte slots, read and converted)
+    10     2    record size (64)
     12     4    high water: slots ever handed out; records are looked for only below it
     16    48    reserved (0)
 
-then one 40-byte record per slot. Bytes 0-31 are what a row keeps for its life, written once
-when it opens and covered by a CRC; bytes 32-34 are what its state changes move, written
-alone (three bytes, no CRC to redo) and checked by range when read:
+then one 64-byte slot per row. Bytes 0-39 are format 1's whole record, unchanged: an IPv4
+row's record is the same 40 bytes as before IPv6 (and the session sync still sends just those,
+so an IPv4-only pair of two versions still understands each other); bytes 40-63 hold what an
+IPv6 address has beyond its low 32 bits. Bytes 0-31 (and 40-63) are what a row keeps for its
+life, written once when it opens and covered by a CRC; bytes 32-34 are what its state changes
+move, written alone (three bytes, no CRC to redo) and checked by range when read:
 
-     0     1    format of the record: 0 = a free slot, 1 = a row in this layout
+     0     1    the row's form: 0 = a free slot, 1 = IPv4 (client and backend), 2 = IPv6
+                (client and backend), 3 = NAT64 (an IPv6 client, an IPv4 backend)
      1     1    protocol (6 TCP, 17 UDP)
      2     2    service port
      4     2    client port
      6     2    backend port
-     8     4    client IPv4 address
-    12     4    backend IPv4 address
+     8     4    client address, its low 32 bits (an IPv4 address: all of it)
+    12     4    backend address, its low 32 bits
     16     2    NAT port
     18     1    SYN-proxy flags: bit 0 the row is SYN-proxied (lbnat.synproxy), bit 1 its
                 offset is known (the backend has answered), bits 2-6 its window shift towards
@@ -37,11 +41,20 @@ alone (three bytes, no CRC to redo) and checked by range when read:
     19     1    SYN-proxy: its window shift towards the backend + 15 (0 for any other row)
     20     4    SYN-proxy: its sequence offset (0 for any other row)
     24     4    created: the whole second the row was opened (the engine's clock)
-    28     4    CRC-32 of bytes 0-27: a record torn by a kill in mid-write is refused
+    28     4    CRC-32 of bytes 0-27, and of bytes 40-63 after them in forms 2 and 3: a
+                record torn by a kill in mid-write is refused
     32     1    state (lbnat.nat.State)
     33     1    flags: bits 0-1 the FINs seen (1 client, 2 backend; Session.fins), 2-7 zero
     34     1    window scales, (client << 4) | backend, 15 = not offered (Session.wscale)
     35     5    reserved (0)
+    40    12    forms 2 and 3: the client's IPv6 address, its high 96 bits (big-endian, as
+                the address is written); 0 in form 1
+    52    12    form 2: the backend's IPv6 address, its high 96 bits; 0 in forms 1 and 3
+
+A buffer in format 1 (40-byte slots, left by an lbnat before IPv6 in a --state-file's row
+file) is converted in place when it is opened, its records moved to 64-byte slots from the
+last one down (the file is already large enough: it is sized for 64-byte slots), then its
+header rewritten.
 
 (A field of bytes 0-27 that changes later, a SYN-proxied row's offset and window shifts, is
 written with the whole of them and the CRC again: a proxied row's state changes rewrite its
@@ -68,8 +81,9 @@ from dataclasses import dataclass, field
 from typing import cast
 from zlib import crc32
 
+from lbnat import addresses
 from lbnat.backends import Backend
-from lbnat.engine import Engine, ip_text
+from lbnat.engine import Engine
 from lbnat.nat import Session, State
 from lbnat.packet import TCP, UDP
 from lbnat.service import ServiceState
@@ -80,7 +94,12 @@ OFFSET_KNOWN = 0x02  # and its backend has answered: the offset and window shift
 _SHIFT_BIAS = 15  # window shifts (-14..14) are kept + 15
 
 MAGIC = b"lbnatrow"
-FORMAT = 1
+FORMAT = 2
+V4_FORMAT = 1  # the layout before IPv6: 40-byte slots (converted when opened)
+
+FORM_V4 = 1  # a record's first byte: the row's families
+FORM_V6 = 2
+FORM_NAT64 = 3
 
 _HEADER = struct.Struct("<8sHHI48x")
 _HIGH_WATER = struct.Struct("<I")
@@ -94,8 +113,14 @@ FIXED_SIZE = _FIXED.size  # 28
 _CRC = struct.Struct("<I")
 _MOVING = struct.Struct("<BBB")
 MOVING_AT = FIXED_SIZE + _CRC.size  # 32
-_RECORD = struct.Struct("<28sIBBB5x")
-RECORD_SIZE = _RECORD.size  # 40
+V4_RECORD_SIZE = 40  # format 1's record, and an IPv4 row's bytes in the session sync
+_RECORD = struct.Struct("<28sIBBB5x24s")
+RECORD_SIZE = _RECORD.size  # 64
+_EXTRA_AT = V4_RECORD_SIZE
+_HIGH = struct.Struct(">12s12s")  # the addresses' high 96 bits (bytes 40-63)
+_LOW32 = 0xFFFFFFFF
+_NO_HIGH = bytes(24)
+_V6_BITS = addresses.V6 - 1
 
 _TCP_STATES = frozenset(s for s in State if s not in (State.UDP_UNREPLIED, State.UDP_REPLIED))
 _UDP_STATES = frozenset((State.UDP_UNREPLIED, State.UDP_REPLIED))
@@ -116,6 +141,25 @@ def records_below(header: bytes) -> int:
     if (magic, form, record_size) != (MAGIC, FORMAT, RECORD_SIZE):
         return 0
     return int(high_water)
+
+
+def _form(client_ip: int, backend_ip: int) -> int:
+    """The record form of a row of these addresses (ValueError: an IPv4 client is never
+    translated to an IPv6 backend)."""
+    if client_ip <= _LOW32:
+        if backend_ip > _LOW32:
+            raise ValueError("an IPv4 client with an IPv6 backend is no row (no NAT46)")
+        return FORM_V4
+    return FORM_V6 if backend_ip > _LOW32 else FORM_NAT64
+
+
+def _high(address: int) -> bytes:
+    """An IPv6 address's high 96 bits as 12 bytes (zeros for an IPv4 address)."""
+    return ((address & _V6_BITS) >> 32).to_bytes(12, "big") if address > _LOW32 else bytes(12)
+
+
+def _address(low: int, high: bytes, v6: bool) -> int:
+    return addresses.V6 | (int.from_bytes(high, "big") << 32) | low if v6 else low
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +183,11 @@ class RowRecord:
 
 
 def record_of(s: Session) -> RowRecord:
-    """What `RowCheckpoint.write` stores for row `s`."""
+    """What `RowCheckpoint.write` stores for row `s` (either family)."""
     backend = s.pool.backend
     flags = window = offset = 0
-    if s.__class__ is not Session:
-        flags, window, offset = proxy_fields(cast(ProxiedSession, s))
+    if isinstance(s, ProxiedSession):  # not a NAT64 row, the other subclass of Session
+        flags, window, offset = proxy_fields(s)
     return RowRecord(
         s.proto, s.state, s.fins, s.service_port, s.client_ip, s.client_port,
         backend.ip_int, backend.port, s.nat_port, s.wscale, s.created & 0xFFFFFFFF,
@@ -152,31 +196,62 @@ def record_of(s: Session) -> RowRecord:
 
 
 def encode_record(record: RowRecord) -> bytes:
-    """The record's RECORD_SIZE bytes."""
-    fixed = _FIXED.pack(
-        FORMAT, record.proto, record.service_port, record.client_port, record.backend_port,
+    """The record's RECORD_SIZE bytes (an IPv4 row's first V4_RECORD_SIZE bytes are its whole
+    record of format 1). ValueError for an IPv4 client with an IPv6 backend."""
+    form = _form(record.client_ip, record.backend_ip)
+    return _pack(
+        form, record.proto, record.service_port, record.client_port, record.backend_port,
         record.client_ip, record.backend_ip, record.nat_port, record.proxy_flags,
-        record.proxy_window, record.seq_offset, record.created,
+        record.proxy_window, record.seq_offset, record.created, record.state, record.fins,
+        record.wscale,
     )  # fmt: skip
-    return _RECORD.pack(fixed, crc32(fixed), record.state, record.fins, record.wscale)
+
+
+def _pack(
+    form: int, proto: int, service_port: int, client_port: int, backend_port: int,
+    client_ip: int, backend_ip: int, nat_port: int, proxy_flags: int, proxy_window: int,
+    seq_offset: int, created: int, state: int, fins: int, wscale: int,
+) -> bytes:  # fmt: skip
+    fixed = _FIXED.pack(
+        form, proto, service_port, client_port, backend_port, client_ip & _LOW32,
+        backend_ip & _LOW32, nat_port, proxy_flags, proxy_window, seq_offset, created,
+    )  # fmt: skip
+    if form == FORM_V4:
+        return _RECORD.pack(fixed, crc32(fixed), state, fins, wscale, _NO_HIGH)
+    extra = _HIGH.pack(_high(client_ip), _high(backend_ip))
+    return _RECORD.pack(fixed, crc32(fixed + extra), state, fins, wscale, extra)
 
 
 def decode_record(data: bytes) -> RowRecord | None:
     """The row a record holds; None for a free slot. ValueError (with the reason) for a record
-    that is torn or holds what no row can (an unknown format, protocol, state or flag)."""
+    that is torn or holds what no row can (an unknown form, protocol, state or flag). `data`
+    is a whole record (RECORD_SIZE bytes), or an IPv4 row's V4_RECORD_SIZE bytes (format 1's
+    record, as the session sync's ROW records carry it)."""
+    if len(data) == V4_RECORD_SIZE:
+        if data[0] not in (0, FORM_V4):
+            raise ValueError(f"a {V4_RECORD_SIZE}-byte record is an IPv4 row's, not form {data[0]}")
+        data = bytes(data) + bytes(RECORD_SIZE - V4_RECORD_SIZE)
     if len(data) != RECORD_SIZE:
         raise ValueError(f"a record is {RECORD_SIZE} bytes, not {len(data)}")
     if data[0] == 0:
         return None
-    fixed, crc, state, flags, wscale = _RECORD.unpack(data)
-    if crc != crc32(fixed):
+    fixed, crc, state, flags, wscale, extra = _RECORD.unpack(data)
+    form = data[0]
+    if form not in (FORM_V4, FORM_V6, FORM_NAT64):
+        raise ValueError(f"record form {form} is not one of 1-3")
+    if crc != crc32(fixed if form == FORM_V4 else fixed + extra):
         raise ValueError("its CRC does not match (torn by a kill in mid-write?)")
     (
-        form, proto, service_port, client_port, backend_port, client_ip, backend_ip, nat_port,
+        _, proto, service_port, client_port, backend_port, client_low, backend_low, nat_port,
         proxy_flags, proxy_window, seq_offset, created,
     ) = _FIXED.unpack(fixed)  # fmt: skip
-    if form != FORMAT:
-        raise ValueError(f"record format {form} is not {FORMAT}")
+    client_high, backend_high = _HIGH.unpack(extra)
+    if form == FORM_V4 and extra.count(0) != len(extra):
+        raise ValueError("an IPv4 row's record has address bytes past its own")
+    if form == FORM_NAT64 and backend_high.count(0) != len(backend_high):
+        raise ValueError("a NAT64 row's IPv4 backend has IPv6 address bytes")
+    client_ip = _address(client_low, client_high, form != FORM_V4)
+    backend_ip = _address(backend_low, backend_high, form == FORM_V6)
     states = _STATES_OF.get(proto)
     if states is None:
         raise ValueError(f"protocol {proto} is not TCP or UDP")
@@ -184,6 +259,8 @@ def decode_record(data: bytes) -> RowRecord | None:
         raise ValueError(f"state {state} is not one of a protocol {proto} row")
     if flags & ~0x03:
         raise ValueError(f"unknown flags {flags:#x}")
+    if proxy_flags and form != FORM_V4:
+        raise ValueError("an IPv6 row is never SYN-proxied")
     if proxy_flags & 0x80 or proxy_window > 2 * _SHIFT_BIAS or (proxy_flags and proto != TCP):
         raise ValueError(f"SYN-proxy fields {proxy_flags:#x} {proxy_window:#x} are not a row's")
     return RowRecord(
@@ -208,13 +285,30 @@ class RowCheckpoint:
             raise ValueError(f"a checkpoint needs at least {HEADER_SIZE} bytes, not {size}")
         self.slots = (size - HEADER_SIZE) // RECORD_SIZE
         magic, form, record_size, high_water = _HEADER.unpack_from(self._buffer, 0)
-        if (magic, form, record_size) != (MAGIC, FORMAT, RECORD_SIZE):
+        if (magic, form, record_size) == (MAGIC, V4_FORMAT, V4_RECORD_SIZE):
+            high_water = self._convert_v4(min(int(high_water), self.slots))
+        elif (magic, form, record_size) != (MAGIC, FORMAT, RECORD_SIZE):
             # A fresh buffer, or another layout: nothing in it is a row of this one.
             self._buffer[:HEADER_SIZE] = _HEADER.pack(MAGIC, FORMAT, RECORD_SIZE, 0)
             high_water = 0
         self.high_water: int = min(int(high_water), self.slots)
         self._free: list[int] = []  # slots below the high water mark, last freed on top
         self.full = 0  # rows that found no free slot (the buffer is smaller than the table)
+
+    def _convert_v4(self, high_water: int) -> int:
+        """Format 1's 40-byte slots (an earlier lbnat's row file) as this format's 64-byte
+        ones, in place: from the last slot down, so no record is overwritten before it has
+        moved (slot i moves from 40 i to 64 i, never below where it was). A record keeps its
+        40 bytes, its form byte 1 and its CRC; the bytes after it are zeroed. Returns the high
+        water mark, the same slots."""
+        buffer = self._buffer
+        for slot in range(high_water - 1, -1, -1):
+            old = HEADER_SIZE + slot * V4_RECORD_SIZE
+            new = HEADER_SIZE + slot * RECORD_SIZE
+            record = buffer[old : old + V4_RECORD_SIZE].tobytes()
+            buffer[new : new + RECORD_SIZE] = record + bytes(RECORD_SIZE - V4_RECORD_SIZE)
+        self._buffer[:HEADER_SIZE] = _HEADER.pack(MAGIC, FORMAT, RECORD_SIZE, high_water)
+        return high_water
 
     def used_slots(self) -> list[int]:
         """Slots below the high water mark whose format byte says they hold a row."""
@@ -238,8 +332,8 @@ class RowCheckpoint:
         slot = s.slot
         buffer = self._buffer
         proxy_flags = proxy_window = offset = 0
-        if s.__class__ is not Session:  # SYN-proxied: its offset is set on a change of state
-            proxy_flags, proxy_window, offset = proxy_fields(cast(ProxiedSession, s))
+        if isinstance(s, ProxiedSession):  # its offset is set on a change of state
+            proxy_flags, proxy_window, offset = proxy_fields(s)
         elif slot >= 0:
             # A change of state: a row's addresses, ports, backend and NAT port are fixed for
             # its life; only the three bytes its state changes move are written.
@@ -257,18 +351,24 @@ class RowCheckpoint:
                 self.full += 1
                 return
             s.slot = slot
-        # Packed field by field from the row rather than through record_of(): no object per
-        # write (the engine opens flows at thousands per second).
-        key = s.key
+        # Packed field by field from the row rather than through record_of(): no RowRecord
+        # per write (the engine opens flows at thousands per second).
         backend = s.pool.backend
-        fixed = _FIXED.pack(
-            FORMAT, key >> 64, (key >> 48) & 0xFFFF, key & 0xFFFF, backend.port,
-            (key >> 16) & 0xFFFFFFFF, backend.ip_int, s.nat_port, proxy_flags, proxy_window,
-            offset, s.created & 0xFFFFFFFF,
-        )  # fmt: skip
-        _RECORD.pack_into(
-            buffer, HEADER_SIZE + slot * RECORD_SIZE, fixed, crc32(fixed), s.state, s.fins,
-            s.wscale,
+        client_ip, backend_ip = s.client_ip, backend.ip_int
+        at = HEADER_SIZE + slot * RECORD_SIZE
+        if client_ip <= _LOW32 and backend_ip <= _LOW32:  # IPv4: format 1's record, inline
+            fixed = _FIXED.pack(
+                FORM_V4, s.proto, s.service_port, s.client_port, backend.port, client_ip,
+                backend_ip, s.nat_port, proxy_flags, proxy_window, offset, s.created & _LOW32,
+            )  # fmt: skip
+            _RECORD.pack_into(
+                buffer, at, fixed, crc32(fixed), s.state, s.fins, s.wscale, _NO_HIGH
+            )  # (bytes 40-63 cleared: the slot may have held an IPv6 row)
+            return
+        buffer[at : at + RECORD_SIZE] = _pack(
+            _form(client_ip, backend_ip), s.proto, s.service_port, s.client_port, backend.port,
+            client_ip, backend_ip, s.nat_port, proxy_flags, proxy_window, offset,
+            s.created & _LOW32, s.state, s.fins, s.wscale,
         )  # fmt: skip
 
     def clear(self, s: Session) -> None:
@@ -337,12 +437,21 @@ def place_of(engine: Engine, r: RowRecord) -> tuple[ServiceState, Backend] | Dro
     service = engine.services.by_port.get((r.proto << 16) | r.service_port)
     if service is None:
         return Dropped.NO_SERVICE
-    backend = service.by_key.get((ip_text(r.backend_ip), r.backend_port))
+    backend = service.by_key.get((addresses.text(r.backend_ip), r.backend_port))
     if backend is None:
         return Dropped.NO_BACKEND
     if r.proxy_flags & PROXIED and not r.proxy_flags & OFFSET_KNOWN:
         return Dropped.HANDSHAKE
     return service, backend
+
+
+def vip_of(engine: Engine, client_ip: int) -> int:
+    """The VIP a client of this family connected to: the engine's IPv4 VIP, or its ip6
+    (`Engine.vip_of` where the engine has it)."""
+    own = getattr(engine, "vip_of", None)
+    if own is not None:
+        return int(own(client_ip))
+    return engine.lb_ip6 if addresses.is_v6(client_ip) else engine.vip
 
 
 def rebuild(
@@ -354,8 +463,8 @@ def rebuild(
     the restore below and the session sync's standby rows (lbnat.standby)."""
     proxied = bool(r.proxy_flags & PROXIED)
     row = engine.table.adopt(
-        now, service, r.proto, r.client_ip, r.client_port, engine.vip, backend,
-        r.nat_port, r.state, ProxiedSession if proxied else Session,
+        now, service, r.proto, r.client_ip, r.client_port, vip_of(engine, r.client_ip),
+        backend, r.nat_port, r.state, ProxiedSession if proxied else Session,
     )  # fmt: skip
     if row is None:
         return None

@@ -397,6 +397,8 @@ def check_config(file: str, vip_port: str) -> None:
     click.echo(
         f"{file}: ok: {len(config.services)} services: {names or 'none'}; {backends} backends"
     )
+    if (problem := config_module.ip6_misfit(config)) is not None:  # unless --ip6 gives it
+        click.echo(f"{file}: note: {problem}")
 
 
 # --- lbnat cleanup -------------------------------------------------------------------------------
@@ -442,11 +444,13 @@ def talk(target: str | tuple[str, int], message: dict[str, object]) -> dict[str,
 
 def registration(op: str, lb: str, service: str, ip: str, port: str, weight: int, name: str,
                  secret: str | None, secret_file: str | None) -> None:  # fmt: skip
-    host, control_port = checked(config_module.parse_host_port, lb, DEFAULT_CONTROL_PORT, "--lb")
+    host, control_port = checked(
+        lambda: config_module.parse_host_port(lb, DEFAULT_CONTROL_PORT, "--lb", ipv6=True)
+    )
     message: dict[str, object] = {
         "op": op,
         "service": service,
-        "ip": checked(config_module.parse_ip, ip, "backend address"),
+        "ip": checked(config_module.parse_backend_ip, ip),
         "port": checked(config_module.parse_port, port, "backend port"),
     }
     if op == "register":
@@ -525,7 +529,8 @@ def status(admin_socket: str, as_json: bool) -> None:
         return
     workers = reply.get("workers", [])
     click.echo(
-        f"lbnat {reply['lb_ip']}  up {reply['uptime']} s  rows {reply['rows']}  "
+        f"lbnat {reply['lb_ip']}{' ' + reply['ip6'] if reply.get('ip6') else ''}  "
+        f"up {reply['uptime']} s  rows {reply['rows']}  "
         f"open flows {reply['open_flows']}  workers {len(workers)}  io {reply.get('io', '?')}"
     )
     table = reply.get("table", {})
@@ -572,10 +577,16 @@ def status(admin_socket: str, as_json: bool) -> None:
                 f"  probe {b['last_probe']} {b['last_probe_age']} s ago" if b["last_probe"] else ""
             )
             click.echo(
-                f"  {b['ip']}:{b['port']:<5}  {b['name']:<16}  {state:<14}  weight {b['weight']}  "
+                f"  {_bracketed(b['ip'])}:{b['port']:<5}  {b['name']:<16}  {state:<14}  "
+                f"weight {b['weight']}  "
                 f"active {b['active']}  flows {b['flows']}  packets {b['packets']}  "
                 f"bytes {human_bytes(b['bytes'])}{probe}"
             )
+
+
+def _bracketed(ip: str) -> str:
+    """An IPv6 address before a ":port" goes in brackets."""
+    return f"[{ip}]" if ":" in ip else ip
 
 
 @main.command()
@@ -591,12 +602,16 @@ def sessions(admin_socket: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    # 22 columns fit "255.255.255.255:65535 "; an IPv6 address widens its column
+    cw = max([22, *(len(str(r["client"])) + 1 for r in rows)])
+    bw = max([22, *(len(str(r["backend"])) + 1 for r in rows)])
     click.echo(
-        f"{'proto':<6}{'client':<22}{'backend':<22}{'NAT port':<10}{'state':<14}{'worker':<8}age"
+        f"{'proto':<6}{'client':<{cw}}{'backend':<{bw}}{'NAT port':<10}{'state':<14}"
+        f"{'worker':<8}age"
     )
     for r in rows:
         click.echo(
-            f"{r['proto']:<6}{r['client']:<22}{r['backend']:<22}{r['nat_port']:<10}"
+            f"{r['proto']:<6}{r['client']:<{cw}}{r['backend']:<{bw}}{r['nat_port']:<10}"
             f"{r['state']:<14}{r.get('worker', 0):<8}{r['age']:.0f} s"
         )
     click.echo(f"{len(rows)} rows")
@@ -645,7 +660,7 @@ def backend(action: str, service: str, ip: str, port: str, weight: int, name: st
     message: dict[str, object] = {
         "op": f"backend_{action}",
         "service": service,
-        "ip": checked(config_module.parse_ip, ip, "backend address"),
+        "ip": checked(config_module.parse_backend_ip, ip),
         "port": checked(config_module.parse_port, port, "backend port"),
     }
     if action == "add":

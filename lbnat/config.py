@@ -167,7 +167,7 @@ class ControlConfig:
     host: str  # listen address of the registration channel
     port: int
     secret: bytes | None = None
-    allow: tuple[ipaddress.IPv4Network, ...] = ()  # empty: any source
+    allow: tuple[fields.IPNetwork, ...] = ()  # empty: any source
     window: float = DEFAULT_WINDOW  # seconds a signed message's timestamp may be off
 
 
@@ -542,12 +542,12 @@ def _native(data: dict[str, Any], default_port: int, read_file: FileReader) -> C
     control = None
     if data.get("control") is not None:
         control = _control(data["control"], "control", read_file)
-        _check_listen_port("control.listen", control.host, control.port, lb_ip, nat_ports,
-                           services)  # fmt: skip
+        _check_listen_port("control.listen", control.host, control.port, (lb_ip, ip6),
+                           nat_ports, services)  # fmt: skip
     metrics = None
     if data.get("metrics") is not None:
         metrics = _check(fields.host_port, data["metrics"]["listen"], "metrics.listen")
-        _check_listen_port("metrics.listen", *metrics, lb_ip, nat_ports, services)
+        _check_listen_port("metrics.listen", *metrics, (lb_ip, ip6), nat_ports, services)
     sync = None
     if data.get("sync") is not None:
         sync = _sync(data["sync"], "sync", read_file)
@@ -592,11 +592,18 @@ def _servers_json(data: dict[str, Any], default_port: int) -> Config:
     for i, server in enumerate(data["servers"]):
         path = _item("servers", i)
         proto = server["protocol"].lower()
-        ip = _check(fields.host_ipv4, server["ipAddress"], _at(path, "ipAddress"))
+        ip = _check(fields.backend_ip, server["ipAddress"], _at(path, "ipAddress"))
         port: int = server["port"]
         if (proto, ip, port) in seen:
             also = seen[proto, ip, port]
-            _fail(path, f"{proto.upper()} {ip}:{port} is listed twice (also {also})")
+            _fail(path, f"{proto.upper()} {_with_port(ip, port)} is listed twice (also {also})")
+        if backends[proto] and _is_v6(backends[proto][0].ip) != _is_v6(ip):
+            _fail(
+                _at(path, "ipAddress"),
+                f"{ip} is not of the family of the {proto.upper()} servers before it "
+                f"({backends[proto][0].ip}): one protocol's servers form one service, whose "
+                "backends are all IPv4 or all IPv6",
+            )
         seen[proto, ip, port] = path
         backends[proto].append(Backend(ip, port))
     first, last = DEFAULT_NAT_PORTS
@@ -680,16 +687,17 @@ def _check_listen_port(
     path: str,
     host: str,
     port: int,
-    lb_ip: str | None,
+    own: tuple[str | None, str | None],
     nat_ports: tuple[int, int],
     services: tuple[ServiceConfig, ...],
 ) -> None:
-    """The guard drops packets to SRCIP on the service ports and the NAT range: a listener
-    (the control channel, the metrics server) there would never hear a thing."""
+    """The guard drops packets to SRCIP and ip6 (`own`) on the service ports and the NAT
+    range: a listener (the control channel, the metrics server) there would never hear a
+    thing. "::" listens on every address of both families."""
     first, last = nat_ports
     if first <= port <= last:
         _fail(path, f"port {port} is inside nat_ports {first}-{last}")
-    if host not in ("0.0.0.0", lb_ip):
+    if host not in ("0.0.0.0", "::", *own):
         return
     for spec in services:
         if spec.service.port == port:
@@ -736,6 +744,9 @@ def _service(
     affinity = _seconds(block.get("affinity", 0), _at(path, "affinity"), zero=True)
     health, probe = _health(block.get("health", {}), _at(path, "health"), proto)
     backends = _backends(block.get("backends", []), _at(path, "backends"))
+    mixed = family_misfit(name, backends)
+    if mixed:
+        _fail(_at(path, "backends"), mixed)
     try:
         service = Service(name, proto, port, block.get("scheduler", "rr"), affinity, backends)
     except ValueError as error:  # everything was checked above; kept as a safety net
@@ -774,13 +785,14 @@ def _backends(items: list[Any], path: str) -> tuple[Backend, ...]:
     names: dict[str, str] = {}
     for i, block in enumerate(items):
         where = _item(path, i)
-        ip = _check(fields.host_ipv4, block["ip"], _at(where, "ip"))
+        ip = _check(fields.backend_ip, block["ip"], _at(where, "ip"))
         port: int = block["port"]
         name = ""
         if block.get("name", "") != "":
             name = _check(fields.word, block["name"], _at(where, "name"))
         if (ip, port) in keys:
-            _fail(where, f"backend {ip}:{port} is listed twice (also {keys[ip, port]})")
+            shown = _with_port(ip, port)
+            _fail(where, f"backend {shown} is listed twice (also {keys[ip, port]})")
         backend = Backend(ip, port, block.get("weight", 1), name)
         if backend.name in names:
             _fail(
@@ -790,6 +802,43 @@ def _backends(items: list[Any], path: str) -> tuple[Backend, ...]:
         keys[ip, port] = names[backend.name] = where
         backends.append(backend)
     return tuple(backends)
+
+
+_with_port: Final = fields.host_port_text
+
+
+def _is_v6(ip: str) -> bool:
+    return ":" in ip
+
+
+def family_misfit(service: str, backends: Sequence[Backend]) -> str | None:
+    """A service's backends are all IPv4 or all IPv6 (its pool has one source address and
+    one row form): the problem, naming the service, or None."""
+    families = {_is_v6(b.ip) for b in backends}
+    if len(families) < 2:
+        return None
+    v4 = next(b for b in backends if not _is_v6(b.ip))
+    v6 = next(b for b in backends if _is_v6(b.ip))
+    return (
+        f"service {_show(service)} mixes IPv4 and IPv6 backends ({_with_port(v4.ip, v4.port)} "
+        f"and {_with_port(v6.ip, v6.port)}): a service's backends are all of one family"
+    )
+
+
+def ip6_misfit(config: Config) -> str | None:
+    """IPv6 backends are reached from the LB's IPv6 address: without ip6 there is none. The
+    problem, naming the first such service and backend, or None."""
+    if config.ip6 is not None:
+        return None
+    for spec in config.services:
+        for backend in spec.service.backends:
+            if _is_v6(backend.ip):
+                return (
+                    f"service {_show(spec.service.name)} has the IPv6 backend "
+                    f"{_with_port(backend.ip, backend.port)}, which needs the LB's IPv6 "
+                    "address: give ip6 in the config or --ip6"
+                )
+    return None
 
 
 def _nat_ports(value: str | Sequence[int], path: str) -> tuple[int, int]:
@@ -952,7 +1001,9 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
     sync = _command_line_sync(overrides, read)
     metrics = None
     if overrides.metrics:
-        metrics = parse_host_port(overrides.metrics, DEFAULT_METRICS_PORT, "metrics address")
+        metrics = parse_host_port(
+            overrides.metrics, DEFAULT_METRICS_PORT, "metrics address", ipv6=True
+        )
     given = overrides.given
     if base is None:
         if not backends:
@@ -1018,7 +1069,19 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
         _fail("", "the sync's mesh mode is for instances sharing a VIP: give --vip (each "
                   "instance's SRCIP is its own address)")  # fmt: skip
     if metrics is not None:
-        _check_listen_port("--metrics", *metrics, config.lb_ip, config.nat_ports, config.services)
+        own = (config.lb_ip, config.ip6)
+        _check_listen_port("--metrics", *metrics, own, config.nat_ports, config.services)
+    if control is not None:
+        own = (config.lb_ip, config.ip6)
+        _check_listen_port("--control", control.host, control.port, own, config.nat_ports,
+                           config.services)  # fmt: skip
+    for spec in config.services:
+        mixed = family_misfit(spec.service.name, spec.service.backends)
+        if mixed:
+            _fail("", mixed)
+    problem = ip6_misfit(config)
+    if problem:
+        _fail("", problem)
     problem = check_slices(config.nat_ports, config.workers)
     if problem:
         _fail("", problem)
@@ -1089,7 +1152,9 @@ def _command_line_service(
 def _command_line_control(overrides: Overrides, read_file: FileReader) -> ControlConfig | None:
     if not overrides.control_listen:
         return None
-    host, port = parse_host_port(overrides.control_listen, DEFAULT_CONTROL_PORT, "control address")
+    host, port = parse_host_port(
+        overrides.control_listen, DEFAULT_CONTROL_PORT, "control address", ipv6=True
+    )
     secret = None
     if overrides.secret_file:
         try:
@@ -1097,7 +1162,7 @@ def _command_line_control(overrides: Overrides, read_file: FileReader) -> Contro
         except OSError as error:
             _fail("", f"cannot read the secret file: {error.strerror}")
     try:
-        allow = tuple(ipaddress.IPv4Network(net, strict=False) for net in overrides.allow)
+        allow = tuple(ipaddress.ip_network(net, strict=False) for net in overrides.allow)
     except ValueError as error:
         _fail("", f"--allow: {error}")
     return ControlConfig(host, port, secret, allow, DEFAULT_WINDOW)
@@ -1125,7 +1190,8 @@ def _merge_service(
         if backend.key in keys:
             _fail(
                 f"services[{file.service.name}].backends",
-                f"{backend.ip}:{backend.port} is both in the config and on the command line",
+                f"{_with_port(backend.ip, backend.port)} is both in the config and on the "
+                "command line",
             )
     service = dataclasses.replace(
         file.service, backends=file.service.backends + ours.service.backends
@@ -1154,6 +1220,18 @@ def parse_ip(text: str, what: str) -> str:
         _fail("", f"{what} {text!r} is not an IPv4 address")
 
 
+def parse_backend_ip(text: str) -> str:
+    """A command-line backend address: IPv4, or IPv6 as plain text or in brackets."""
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if ":" not in bare:
+        return parse_ip(text, "backend address")
+    try:
+        return fields.backend_ip(bare)
+    except fields.FieldError as error:
+        problem = error.problem if not error.follows_value else f"{text!r} {error.problem}"
+        _fail("", f"backend address {problem}")
+
+
 def parse_port(text: str, what: str) -> int:
     """A command-line port; ConfigError naming `what`."""
     try:
@@ -1166,8 +1244,20 @@ def parse_port(text: str, what: str) -> int:
         _fail("", f"{what} {number} is out of range (1-65535)")
 
 
-def parse_host_port(text: str, default_port: int, what: str) -> tuple[str, int]:
-    """HOST[:PORT] on the command line."""
+def parse_host_port(
+    text: str, default_port: int, what: str, *, ipv6: bool = False
+) -> tuple[str, int]:
+    """HOST[:PORT] on the command line; with `ipv6`, HOST may be an IPv6 address: in brackets
+    with a port ("[::]:7000"), or bare without one ("::")."""
+    if ipv6 and (text.startswith("[") or text.count(":") > 1):
+        host, close, port = text[1:].partition("]") if text.startswith("[") else (text, "", "")
+        if text.startswith("[") and (not close or (port and not port.startswith(":"))):
+            _fail("", f"{what} {text!r} is not [IPv6]:PORT")
+        try:
+            address = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            _fail("", f"{what} {host!r} is not an IPv6 address")
+        return address, parse_port(port[1:], f"{what} port") if port else default_port
     host, colon, port = text.rpartition(":")
     if not colon:
         host, port = text, str(default_port)
@@ -1181,10 +1271,10 @@ def _parse_backends(words: Sequence[str]) -> tuple[Backend, ...]:
     backends: list[Backend] = []
     seen: set[tuple[str, int]] = set()
     for i in range(0, len(words), 2):
-        ip = parse_ip(words[i], "backend address")
+        ip = parse_backend_ip(words[i])
         port = parse_port(words[i + 1], "backend port")
         if (ip, port) in seen:
-            _fail("", f"backend {ip}:{port} is given twice")
+            _fail("", f"backend {_with_port(ip, port)} is given twice")
         seen.add((ip, port))
         backends.append(Backend(ip, port))
     return tuple(backends)

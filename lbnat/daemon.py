@@ -108,7 +108,6 @@ __all__ = [
 ]
 
 IP_FREEBIND = 15  # linux/in.h: bind an address this host does not hold (yet)
-IPV6_FREEBIND = 78  # linux/in6.h: the same for IPv6 (an address still in DAD, say)
 INTERFACE_GONE = 1  # exit code: the interface went away under lbnat (systemd restarts it)
 
 
@@ -116,15 +115,27 @@ class StartError(Exception):
     """lbnat cannot start; the message is for the user, exit code 2."""
 
 
-def check_port_free(ip: str, port: int, proto: str) -> None:
-    """A VIP port another program of this host already listens on cannot be balanced."""
+def check_port_free(ip: str, port: int, proto: str, ip6: str | None = None) -> None:
+    """A VIP port another program of this host already listens on cannot be balanced: on the
+    IPv4 VIP (SRCIP or --vip) and on ip6, when given."""
+    for address in (ip, ip6) if ip6 else (ip,):
+        _check_port_free(address, port, proto)
+
+
+def check_ports_free(vip: str, ip6: str | None, services: Iterable[ServiceConfig]) -> None:
+    """`check_port_free` for every service's port."""
+    for spec in services:
+        check_port_free(vip, spec.service.port, spec.service.proto, ip6)
+
+
+def _check_port_free(ip: str, port: int, proto: str) -> None:
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-    family = addresses.text_family(ip)
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     with socket.socket(family, kind) as probe:
-        if family == socket.AF_INET6:  # --ip6
-            probe.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
-        else:  # a pair's VIP may be on the master only
-            probe.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        # a pair's VIP may be on the master only (IP_FREEBIND serves IPv6 sockets too)
+        probe.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             probe.bind((ip, port))
         except OSError as error:
@@ -135,19 +146,6 @@ def check_port_free(ip: str, port: int, proto: str) -> None:
             raise StartError(
                 f"cannot check {proto} port {port} on {ip}: {error.strerror}"
             ) from None
-
-
-def check_ports_free(addresses: Sequence[str], services: Iterable[ServiceConfig]) -> None:
-    """Every service's port free on every address it is offered on (SRCIP or the VIP, and
-    ip6 with --ip6)."""
-    for service in services:
-        for address in addresses:
-            check_port_free(address, service.service.port, service.service.proto)
-
-
-def offered_on(vip: str, ip6: str | None) -> list[str]:
-    """The addresses every service is offered on."""
-    return [vip] if ip6 is None else [vip, ip6]
 
 
 def check_can_start(config: Config) -> None:
@@ -377,7 +375,7 @@ class Daemon(ScaleOut, SyncGlue):
             raise StartError(str(error)) from None
         self.syn_proxy = fit_mss(self.syn_proxy, link_mtu(link.interface))
         self.link_watch = LinkWatch(time.monotonic(), self.link_probe.state())
-        check_ports_free(offered_on(self.vip, c.ip6), self.control.services.values())
+        check_ports_free(self.vip, c.ip6, self.control.services.values())
         try:
             engine = Engine(
                 self.lb_ip, self.control.specs(), c.nat_ports, c.timeouts, c.table_cap,
@@ -637,7 +635,7 @@ class Daemon(ScaleOut, SyncGlue):
                 self._carry_out(plan.notes)
                 if plan.error is not None:
                     return self._reload_failed(plan.error)
-                check_ports_free(offered_on(self.vip, self.config.ip6), plan.added)
+                check_ports_free(self.vip, self.config.ip6, plan.added)
                 self._locked(lambda: self.control.commit_reload(plan))
             except (ConfigError, ValueError, OSError, GuardError, StartError) as error:
                 # StartError: a new service's port is taken (before, a traceback)

@@ -25,6 +25,7 @@ from typing import Final, TextIO
 from lbnat.backends import Health
 from lbnat.config import Config
 from lbnat.engine import Event, FlowEnded, FlowOpened, NoBackend
+from lbnat.fields import host_port_text
 from lbnat.health.checker import Report
 from lbnat.linkwatch import LinkChange, LinkState
 from lbnat.nat import ENDED
@@ -223,8 +224,8 @@ def start_lines(
     for service in c.services:
         name = service.service.name
         for b in service.service.backends:
-            out.append(line(f"server {name} : {b.ip}:{b.port}", "backend", level=INFO,
-                            service=name))  # fmt: skip
+            shown = host_port_text(b.ip, b.port)
+            out.append(line(f"server {name} : {shown}", "backend", level=INFO, service=name))
     return out
 
 
@@ -264,8 +265,8 @@ def flow_ended_lines(event: FlowEnded, total_open: int) -> list[LogLine]:
             f"\nclient <{ip},{port}> terminated ",
             "flow_ended",
             level=INFO,
-            client=f"{ip}:{port}",
-            backend=f"{event.backend[0]}:{event.backend[1]}",
+            client=host_port_text(ip, port),
+            backend=host_port_text(*event.backend),
             reason=event.reason.value,
         ),
         line(
@@ -280,12 +281,12 @@ def flow_ended_lines(event: FlowEnded, total_open: int) -> list[LogLine]:
 def flow_opened_line(event: FlowOpened) -> LogLine:
     ip, port = event.client
     return line(
-        f"new client <{ip},{port}> -> server {event.backend[0]}:{event.backend[1]} "
+        f"new client <{ip},{port}> -> server {host_port_text(*event.backend)} "
         f"(NAT port {event.nat_port})",
         "flow_opened",
         level=INFO,
-        client=f"{ip}:{port}",
-        backend=f"{event.backend[0]}:{event.backend[1]}",
+        client=host_port_text(ip, port),
+        backend=host_port_text(*event.backend),
         nat_port=event.nat_port,
     )
 
@@ -296,7 +297,7 @@ def no_backend_line(event: NoBackend) -> LogLine:
         f"no backend available for client <{ip},{port}> (service {event.service})",
         "no_backend",
         level=WARNING,
-        client=f"{ip}:{port}",
+        client=host_port_text(ip, port),
         service=event.service,
     )
 
@@ -318,7 +319,7 @@ def health_line(report: Report, transitions_only: bool) -> LogLine | None:
         "health",
         level=level,
         service=report.service,
-        backend=f"{backend.ip}:{backend.port}",
+        backend=host_port_text(backend.ip, backend.port),
         health=report.health.value,
         changed=report.changed,
         probe=report.result.detail,

@@ -24,12 +24,23 @@ _BROADCAST: Final = ipaddress.IPv4Address("255.255.255.255")
 _PORT_RANGE: Final = re.compile(r"\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*")
 _HOST_PORT: Final = re.compile(r"(.+):([0-9]{1,5})")
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 # Never a backend: lbnat forwards frames to these neither on the wire nor to itself.
 _NOT_BACKENDS: Final = (
     (ipaddress.IPv4Network("0.0.0.0/8"), "this network"),
     (ipaddress.IPv4Network("127.0.0.0/8"), "loopback"),
     (ipaddress.IPv4Network("224.0.0.0/4"), "multicast"),
     (ipaddress.IPv4Network("240.0.0.0/4"), "reserved or broadcast"),
+)
+_NOT_BACKENDS6: Final = (
+    (ipaddress.IPv6Network("::/128"), "unspecified"),
+    (ipaddress.IPv6Network("::1/128"), "loopback"),
+    (ipaddress.IPv6Network("::ffff:0:0/96"), "IPv4-mapped: give the IPv4 address"),
+    (ipaddress.IPv6Network("::/96"), "IPv4-compatible, deprecated"),
+    (ipaddress.IPv6Network("ff00::/8"), "multicast"),
+    (ipaddress.IPv6Network("fe80::/10"), "link-local"),
 )
 
 
@@ -137,25 +148,58 @@ def host_ipv6(value: object) -> str:
     return str(address)
 
 
-def backend_unusable(address: ipaddress.IPv4Address) -> str | None:
+def ip(value: object) -> IPAddress:
+    """IPv4 or IPv6 text (an IPv6 address as plain text, not in brackets)."""
+    try:
+        return ipaddress.ip_address(text(value))
+    except ValueError as error:
+        if isinstance(error, FieldError):
+            raise
+        raise FieldError("is not an IPv4 or IPv6 address") from None
+
+
+def host_ip(value: object) -> str:
+    """`host_ipv4` or `host_ipv6`, by the text's family (an IPv6 address has a colon)."""
+    spelled = text(value)
+    return host_ipv6(spelled) if ":" in spelled else host_ipv4(spelled)
+
+
+def backend_ip(value: object) -> str:
+    """A backend's address in the config: a `host_ipv4` (as ever), or an IPv6 address that
+    `backend_unusable` does not refuse, in RFC 5952 text."""
+    spelled = text(value)
+    if ":" not in spelled:
+        return host_ipv4(spelled)
+    try:
+        address = ipaddress.IPv6Address(spelled)
+    except ValueError:
+        raise FieldError("is not an IPv6 address") from None
+    unusable = backend_unusable(address)
+    if unusable:
+        raise FieldError(f"{address} is not a backend address ({unusable})", follows_value=False)
+    return str(address)
+
+
+def backend_unusable(address: IPAddress) -> str | None:
     """Why lbnat cannot forward to this address (a registered backend's), or None."""
-    for network, what in _NOT_BACKENDS:
+    table = _NOT_BACKENDS6 if address.version == 6 else _NOT_BACKENDS
+    for network, what in table:
         if address in network:
             return what
     return None
 
 
-def network(value: object) -> ipaddress.IPv4Network:
-    """An IPv4 network with its host bits clear (or one address, a /32)."""
+def network(value: object) -> IPNetwork:
+    """An IPv4 or IPv6 network with its host bits clear (or one address, a /32 or /128)."""
     spelled = text(value)
     try:
-        return ipaddress.IPv4Network(spelled)
+        return ipaddress.ip_network(spelled)
     except ValueError:
         pass
     try:
-        loose = ipaddress.IPv4Network(spelled, strict=False)
+        loose = ipaddress.ip_network(spelled, strict=False)
     except ValueError:
-        raise FieldError('is not an IPv4 network like "198.18.0.0/24"') from None
+        raise FieldError('is not a network like "198.18.0.0/24" or "2001:db8::/64"') from None
     raise FieldError(f'has host bits set (did you mean "{loose}"?)')
 
 
@@ -184,16 +228,31 @@ def _range_end(digits: str) -> int:
 
 
 def host_port(value: object) -> tuple[str, int]:
-    """An address to listen on, "HOST:PORT" with an IPv4 HOST."""
+    """An address to listen on, "HOST:PORT": an IPv4 HOST, or an IPv6 one in brackets
+    ("[::]:7000"); the HOST comes back without brackets, in its normal text."""
     match = _HOST_PORT.fullmatch(text(value))
     if match is None:
-        raise FieldError('is not HOST:PORT like "127.0.0.1:7000"')
+        raise FieldError('is not HOST:PORT like "127.0.0.1:7000" or "[::1]:7000"')
     host, digits = match[1], match[2]
     try:
-        address = ipv4(host)
+        if host.startswith("[") and host.endswith("]"):
+            try:
+                address: IPAddress = ipaddress.IPv6Address(host[1:-1])
+            except ValueError:
+                raise FieldError("is not an IPv6 address") from None
+        elif ":" in host:
+            raise FieldError("is an IPv6 address without brackets (write [HOST]:PORT)")
+        else:
+            address = ipv4(host)
     except FieldError as error:
         raise FieldError(f"{json.dumps(host)} {error.problem}", follows_value=False) from None
     return str(address), _range_end(digits)
+
+
+def host_port_text(host: str, port: int) -> str:
+    """`host_port`'s inverse: "198.18.0.21:9000", an IPv6 host in brackets
+    ("[2001:db8::21]:9000"). For address text; `lbnat.addresses.with_port` for address ints."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def interface(value: object) -> str:

@@ -35,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 
 from lbnat.control.client import HA_ROLES
+from lbnat.fields import host_port_text
 
 __all__ = [
     "DIRECTIONS",
@@ -65,8 +66,9 @@ class Snapshot:
 
 
 def backend_label(key: tuple[str, int]) -> str:
-    """A backend key (ip, port) as the `backend` label: "198.18.0.21:9000"."""
-    return f"{key[0]}:{key[1]}"
+    """A backend key (ip, port) as the `backend` label: "198.18.0.21:9000", an IPv6 one
+    "[2001:db8::21]:9000"."""
+    return host_port_text(*key)
 
 
 class _Families:
@@ -130,7 +132,7 @@ def _control_families(f: _Families, snap: Snapshot) -> None:
     for service in status.get("services", []):
         name = str(service["name"])
         for b in service["backends"]:
-            labels = [name, f"{b['ip']}:{b['port']}"]
+            labels = [name, host_port_text(str(b["ip"]), int(b["port"]))]
             for state in HEALTH_STATES:
                 health.add_metric([*labels, state], int(b["health"] == state))
             backend_up.add_metric(labels, int(b["health"] == "alive" and not b["draining"]))

@@ -14,6 +14,9 @@ port and source address are the flow's, and the backend's replies still go to th
     owner lb1 ── ROW/END/REFRESH ──► lb2's FlowOwners: client socket -> (lb1, NAT port, deadline)
     client ──► router ──(rehash)──► lb2: no row, lb1 owns it ──► frame to lb1 (TTL - 1) ──► lb1
 
+The mesh is IPv4 (a shared VIP is IPv4; IPv6 clients reach an instance's own ip6): records
+of IPv6 clients' rows are skipped and counted (`ipv6_skipped`), never kept.
+
 A record lives as long as the owner's row would (its state's timeout from the owner's last
 packet) plus `GRACE`, and each of the owner's records sets it again, as for standby rows.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lbnat.addresses import V4_MAX
 from lbnat.nat import ENDED, Timeouts
 from lbnat.standby import client_key
 from lbnat.syncwire import RowKey, RowRefresh, RowUpdate
@@ -50,6 +54,7 @@ class FlowOwners:
         self.flows: dict[int, Owned] = {}
         self.stale: dict[int, set[int]] = {}  # owner -> keys a running resync has not confirmed
         self.forwarded = 0  # packets sent on to their owner
+        self.ipv6_skipped = 0  # records of IPv6 clients' rows (the mesh is IPv4): not kept
         self._next_sweep = 0.0
 
     def owner_of(self, key: int, now: float) -> int | None:
@@ -86,6 +91,9 @@ class FlowOwners:
         stale = self.stale.get(owner)
         for update in rows:
             r = update.row
+            if r.client_ip > V4_MAX:
+                self.ipv6_skipped += 1
+                continue
             key = client_key(r)
             live = r.state not in ENDED
             known = self.flows.get(key)
@@ -99,6 +107,9 @@ class FlowOwners:
 
     def end(self, owner: int, keys: Sequence[RowKey]) -> None:
         for k in keys:
+            if k.client_ip > V4_MAX:
+                self.ipv6_skipped += 1
+                continue
             key = client_key(k)
             owned = self.flows.get(key)
             if owned is not None and owned.owner == owner and owned.nat_port == k.nat_port:
@@ -106,6 +117,9 @@ class FlowOwners:
 
     def refresh(self, owner: int, refreshes: Sequence[RowRefresh], now: float) -> None:
         for refresh in refreshes:
+            if refresh.key.client_ip > V4_MAX:
+                self.ipv6_skipped += 1
+                continue
             key = client_key(refresh.key)
             owned = self.flows.get(key)
             if owned is not None and (owned.owner, owned.nat_port) == (owner, refresh.key.nat_port):

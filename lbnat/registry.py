@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
+from lbnat.addresses import is_v6
 from lbnat.backends import Backend, BackendKey, Health
+from lbnat.fields import host_port_text
 
 
 class RegistryError(ValueError):
@@ -89,8 +91,16 @@ class Registry:
         entries = self._entries(service)
         entry = entries.get(backend.key)
         if entry is not None and not entry.draining:
+            shown = host_port_text(backend.ip, backend.port)
+            raise RegistryError(f"backend {shown} is already in service {service}")
+        v6 = is_v6(backend.ip_int)
+        other = next((e.backend for e in entries.values() if is_v6(e.backend.ip_int) != v6), None)
+        if other is not None:  # a draining one too: its flows still use the service's pool
             raise RegistryError(
-                f"backend {backend.ip}:{backend.port} is already in service {service}"
+                f"backend {host_port_text(backend.ip, backend.port)} is IPv{6 if v6 else 4} and "
+                f"service {service} has IPv{4 if v6 else 6} backends "
+                f"({host_port_text(other.ip, other.port)}): a service's backends are all of "
+                "one family"
             )
         # A probed service takes a new backend only after a good probe; an unprobed one at once.
         health = Health.DEAD if service in self._probed else Health.ALIVE
@@ -155,5 +165,5 @@ class Registry:
     def _entry(self, service: str, key: BackendKey) -> Entry:
         entry = self._entries(service).get(key)
         if entry is None:
-            raise RegistryError(f"backend {key[0]}:{key[1]} is not in service {service}")
+            raise RegistryError(f"backend {host_port_text(*key)} is not in service {service}")
         return entry

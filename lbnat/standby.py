@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lbnat.checkpoint import Dropped, RowRecord, place_of, rebuild, record_of
-from lbnat.nat import ENDED, HALF_OPEN, EndReason, RowSink, Session, forward_key
+from lbnat.nat import ENDED, HALF_OPEN, EndReason, RowSink, Session, flow_key
 from lbnat.syncwire import (
     EndRows,
     InstallRows,
@@ -73,8 +73,9 @@ def row_key(s: Session) -> RowKey:
 
 
 def client_key(k: RowKey | RowRecord) -> int:
-    """The forward key (lbnat.nat.forward_key) of the client socket a record names."""
-    return forward_key(k.proto, k.client_ip, k.client_port, k.service_port)
+    """The forward key (lbnat.nat.flow_key: an IPv4 client's is its forward_key) of the client
+    socket a record names."""
+    return flow_key(k.proto, k.client_ip, k.client_port, k.service_port)
 
 
 def idle_of(s: Session, now: float) -> int:

@@ -7,14 +7,18 @@ before, now in a file that outlives the process). One file per worker rather tha
 regions: a worker maps its whole file from offset 0 exactly as it mapped its memfd, so the
 worker side does not change, and a file's size follows its own worker's table cap.
 
-The header says who wrote the rows (format, lb_ip, interface, NAT range, worker count, the
-services), when, and whether that lbnat stopped cleanly (`saved`, with how many rows it left)
+The header says who wrote the rows (format, lb_ip, ip6, interface, NAT range, worker count,
+the services), when, and whether that lbnat stopped cleanly (`saved`, with how many rows it left)
 or is still running or was killed (`saved` false: it is written so at start). The rows fit a
-new lbnat when the address, the NAT range and the worker count are the same: a row's NAT port
+new lbnat when the addresses (lb_ip, and ip6: an IPv6 client's row holds its VIP, and an IPv6
+backend's row its source), the NAT range and the worker count are the same: a row's NAT port
 decides which worker the fanout program hands the backend's replies to (its worker's slice of
 the range), so a row restored under another range or another worker count would be in the
 wrong worker or outside every slice. Services may differ: `checkpoint.restore` drops (and
 counts) the rows of a service or backend that is gone, as it does after a reload.
+
+`ip6` joined the header with IPv6 (issue 21) without a new format: a header without it was
+written by an lbnat that had no IPv6 address (null), and an lbnat before IPv6 reads past it.
 
 Pure: encodes, decodes and decides; the files are lbnat.dataplane.handover's.
 """
@@ -41,6 +45,7 @@ class StateHeader:
     offload_kept: bool = False  # a tc filter was left attached (cleanup removes it)
     pid: int = 0  # the writer's (cleanup leaves a running lbnat alone)
     format: int = field(default=FORMAT)
+    ip6: str | None = None  # the writer's IPv6 address (config ip6), None: IPv4 only
 
 
 def row_file(path: str, worker: int) -> str:
@@ -52,6 +57,7 @@ def encode(header: StateHeader) -> bytes:
     data = {
         "format": header.format,
         "lb_ip": header.lb_ip,
+        "ip6": header.ip6,
         "interface": header.interface,
         "nat_ports": list(header.nat_ports),
         "workers": header.workers,
@@ -97,7 +103,11 @@ def decode(raw: bytes) -> StateHeader:
         ):
             raise ValueError(f"its service {service!r} is not [name, protocol, port]")
         services.append((service[0], service[1], service[2]))
+    ip6 = data.get("ip6")
+    if ip6 is not None and not isinstance(ip6, str):
+        raise ValueError("its 'ip6' is not a string or null")
     return StateHeader(
+        ip6=ip6,
         lb_ip=_field(data, "lb_ip", str),
         interface=_field(data, "interface", str),
         nat_ports=(ports[0], ports[1]),
@@ -116,6 +126,11 @@ def misfit(saved: StateHeader, wanted: StateHeader) -> str | None:
     None when they fit (see the module: address, NAT range and worker count)."""
     if saved.lb_ip != wanted.lb_ip:
         return f"it is for address {saved.lb_ip}, this lbnat balances {wanted.lb_ip}"
+    if saved.ip6 != wanted.ip6:
+        return (
+            f"it is for IPv6 address {saved.ip6 or 'none'}, this lbnat's is "
+            f"{wanted.ip6 or 'none'} (an IPv6 client's row holds it)"
+        )
     if saved.nat_ports != wanted.nat_ports:
         (a, b), (c, d) = saved.nat_ports, wanted.nat_ports
         return f"its NAT ports are {a}-{b}, this lbnat's are {c}-{d}"

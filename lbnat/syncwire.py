@@ -59,7 +59,15 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from lbnat.checkpoint import RECORD_SIZE, RowRecord, decode_record, encode_record
+from lbnat.addresses import V4_MAX, V6
+from lbnat.checkpoint import (
+    FORM_V4,
+    RECORD_SIZE,
+    V4_RECORD_SIZE,
+    RowRecord,
+    decode_record,
+    encode_record,
+)
 from lbnat.packet import TCP, UDP
 
 MAGIC = b"lbsy"
@@ -83,9 +91,10 @@ U16, U32, U64 = 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
 class MessageType(enum.IntEnum):
     """The header's type byte: which records a datagram may carry."""
 
-    UPDATE = 1  # ROW, END, REFRESH records (none: a heartbeat)
+    UPDATE = 1  # ROW, END, REFRESH records and their IPv6 kinds (none: a heartbeat)
     REQUEST = 2  # exactly one RESYNC_REQUEST record
-    BULK = 3  # a BULK_CHUNK record first, then ROW records, a BULK_DONE record last if final
+    BULK = 3  # a BULK_CHUNK record first, then ROW (ROW6) records, a BULK_DONE record last if
+    # final
 
 
 class Kind(enum.IntEnum):
@@ -97,6 +106,11 @@ class Kind(enum.IntEnum):
     RESYNC_REQUEST = 4
     BULK_CHUNK = 5
     BULK_DONE = 6
+    # Rows of IPv6 clients (issue 21): kinds of their own, so that an IPv4 row's records are
+    # the bytes they were (an IPv4-only pair of two versions still understands each other).
+    ROW6 = 7
+    END6 = 8
+    REFRESH6 = 9
 
 
 # --- records --------------------------------------------------------------------------------
@@ -118,7 +132,8 @@ class RowUpdate:
 class RowKey:
     """Names one row: its forward key (protocol, service port, client address and port) and
     its NAT port, so an END or REFRESH for an older row of a reused client socket, to which the
-    sender may have given another NAT port, cannot touch the newer one."""
+    sender may have given another NAT port, cannot touch the newer one. `client_ip` is either
+    family's (lbnat.addresses: an IPv6 address has bit 128 set)."""
 
     proto: int
     service_port: int
@@ -176,9 +191,13 @@ class BulkDone:
 
 Record = RowUpdate | RowEnd | RowRefresh | ResyncRequest | BulkChunk | BulkDone
 
-_ROW = struct.Struct(f"<BBH{RECORD_SIZE}s")  # kind, worker, idle, checkpoint record: 44
+# kind, worker, idle, an IPv4 row's checkpoint record (its first 40 bytes, format 1's): 44
+_ROW = struct.Struct(f"<BBH{V4_RECORD_SIZE}s")
+_ROW6 = struct.Struct(f"<BBH{RECORD_SIZE}s")  # the same with a whole 64-byte record: 68
 _END = struct.Struct("<BBHIHH")  # kind, proto, service port, client ip, client port, NAT port
 _REFRESH = struct.Struct("<BBHIHHH")  # the same, then idle
+_END6 = struct.Struct("<BBH16sHH")  # the same with the client's IPv6 address (network order)
+_REFRESH6 = struct.Struct("<BBH16sHHH")
 _REQUEST = struct.Struct("<BQI")  # kind, requester's epoch, request number (also BULK_CHUNK)
 _DONE = struct.Struct("<BQII")  # kind, epoch, number, rows
 
@@ -189,6 +208,9 @@ SIZES = {
     Kind.RESYNC_REQUEST: _REQUEST.size,  # 13
     Kind.BULK_CHUNK: _REQUEST.size,  # 13
     Kind.BULK_DONE: _DONE.size,  # 17
+    Kind.ROW6: _ROW6.size,  # 68
+    Kind.END6: _END6.size,  # 24
+    Kind.REFRESH6: _REFRESH6.size,  # 26
 }
 _KIND_OF: dict[type, Kind] = {
     RowUpdate: Kind.ROW,
@@ -199,14 +221,27 @@ _KIND_OF: dict[type, Kind] = {
     BulkDone: Kind.BULK_DONE,
 }
 _ALLOWED = {
-    MessageType.UPDATE: frozenset({Kind.ROW, Kind.END, Kind.REFRESH}),
+    MessageType.UPDATE: frozenset(
+        {Kind.ROW, Kind.END, Kind.REFRESH, Kind.ROW6, Kind.END6, Kind.REFRESH6}
+    ),
     MessageType.REQUEST: frozenset({Kind.RESYNC_REQUEST}),
-    MessageType.BULK: frozenset({Kind.BULK_CHUNK, Kind.ROW, Kind.BULK_DONE}),
+    MessageType.BULK: frozenset({Kind.BULK_CHUNK, Kind.ROW, Kind.ROW6, Kind.BULK_DONE}),
 }
+_V6_KIND = {Kind.ROW: Kind.ROW6, Kind.END: Kind.END6, Kind.REFRESH: Kind.REFRESH6}
+
+
+def kind_of(record: Record) -> Kind:
+    """The record's kind on the wire: a row of an IPv6 client takes the IPv6 kind."""
+    kind = _KIND_OF[type(record)]
+    if isinstance(record, RowUpdate):
+        return Kind.ROW6 if record.row.client_ip > V4_MAX else kind
+    if isinstance(record, RowEnd | RowRefresh):
+        return _V6_KIND[kind] if record.key.client_ip > V4_MAX else kind
+    return kind
 
 
 def record_size(record: Record) -> int:
-    return SIZES[_KIND_OF[type(record)]]
+    return SIZES[kind_of(record)]
 
 
 def _check(name: str, value: int, top: int) -> None:
@@ -214,13 +249,20 @@ def _check(name: str, value: int, top: int) -> None:
         raise ValueError(f"{name} {value} does not fit (0-{top})")
 
 
-def _key_fields(key: RowKey) -> tuple[int, int, int, int, int]:
+def _key_fields(key: RowKey) -> tuple[int, int, int | bytes, int, int]:
+    """The key's fields for END/REFRESH (an IPv4 client) or END6/REFRESH6 (an IPv6 one, its
+    address as 16 bytes)."""
     if key.proto not in (TCP, UDP):
         raise ValueError(f"protocol {key.proto} is not TCP or UDP")
-    _check("client_ip", key.client_ip, U32)
+    client: int | bytes = key.client_ip
+    if key.client_ip > V4_MAX:
+        _check("IPv6 client_ip's 128 bits", key.client_ip - V6, V6 - 1)  # V6 | 128 bits
+        client = (key.client_ip - V6).to_bytes(16, "big")
+    else:
+        _check("client_ip", key.client_ip, U32)
     for name in ("service_port", "client_port", "nat_port"):
         _check(name, getattr(key, name), U16)
-    return key.proto, key.service_port, key.client_ip, key.client_port, key.nat_port
+    return key.proto, key.service_port, client, key.client_port, key.nat_port
 
 
 def pack_record(record: Record) -> bytes:
@@ -229,12 +271,21 @@ def pack_record(record: Record) -> bytes:
     if isinstance(record, RowUpdate):
         _check("worker", record.worker, 0xFF)
         _check("idle", record.idle, U16)
-        return _ROW.pack(Kind.ROW, record.worker, record.idle, encode_record(record.row))
+        data = encode_record(record.row)
+        if data[0] == FORM_V4:  # format 1's 40 bytes, as before IPv6
+            return _ROW.pack(Kind.ROW, record.worker, record.idle, data[:V4_RECORD_SIZE])
+        return _ROW6.pack(Kind.ROW6, record.worker, record.idle, data)
     if isinstance(record, RowEnd):
-        return _END.pack(Kind.END, *_key_fields(record.key))
+        fields = _key_fields(record.key)
+        if isinstance(fields[2], bytes):
+            return _END6.pack(Kind.END6, *fields)
+        return _END.pack(Kind.END, *fields)
     if isinstance(record, RowRefresh):
         _check("idle", record.idle, U16)
-        return _REFRESH.pack(Kind.REFRESH, *_key_fields(record.key), record.idle)
+        fields = _key_fields(record.key)
+        if isinstance(fields[2], bytes):
+            return _REFRESH6.pack(Kind.REFRESH6, *fields, record.idle)
+        return _REFRESH.pack(Kind.REFRESH, *fields, record.idle)
     request = record.request
     _check("epoch", request.epoch, U64)
     _check("request number", request.number, U32)
@@ -340,7 +391,7 @@ def encode(
     allowed = _ALLOWED[message_type]
     packed: list[bytes] = []
     for record in body:
-        if _KIND_OF[type(record)] not in allowed:
+        if kind_of(record) not in allowed:
             raise ValueError(f"a {message_type.name} datagram does not carry {record!r}")
         packed.append(pack_record(record))
     head_size = sum(map(len, head))
@@ -363,19 +414,25 @@ def encode(
 
 def _unpack_record(kind: Kind, data: bytes, at: int) -> Record | DropReason:
     """The record of `kind` at `at` (its size checked by the caller)."""
-    if kind is Kind.ROW:
-        _, worker, idle, raw = _ROW.unpack_from(data, at)
+    if kind in (Kind.ROW, Kind.ROW6):
+        _, worker, idle, raw = (_ROW if kind is Kind.ROW else _ROW6).unpack_from(data, at)
+        if kind is Kind.ROW6 and raw[0] == FORM_V4:
+            return DropReason.BAD_RECORD  # an IPv4 row is a ROW: one encoding per row
         try:
             row = decode_record(raw)
         except ValueError:
             return DropReason.BAD_RECORD
         return DropReason.BAD_RECORD if row is None else RowUpdate(row, worker, idle)
-    if kind in (Kind.END, Kind.REFRESH):
-        fields = (_END if kind is Kind.END else _REFRESH).unpack_from(data, at)
+    if kind in (Kind.END, Kind.REFRESH, Kind.END6, Kind.REFRESH6):
+        layout = {Kind.END: _END, Kind.REFRESH: _REFRESH, Kind.END6: _END6}.get(kind, _REFRESH6)
+        fields = layout.unpack_from(data, at)
         if fields[1] not in (TCP, UDP):
             return DropReason.BAD_RECORD
-        key = RowKey(*fields[1:6])
-        return RowEnd(key) if kind is Kind.END else RowRefresh(key, fields[6])
+        client = fields[3]
+        if isinstance(client, bytes):
+            client = V6 | int.from_bytes(client, "big")
+        key = RowKey(fields[1], fields[2], client, fields[4], fields[5])
+        return RowEnd(key) if kind in (Kind.END, Kind.END6) else RowRefresh(key, fields[6])
     if kind is Kind.BULK_DONE:
         _, epoch, number, rows = _DONE.unpack_from(data, at)
         return BulkDone(RequestId(epoch, number), rows)

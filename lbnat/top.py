@@ -25,6 +25,8 @@ from rich.console import Console, ConsoleOptions, Group, JustifyMethod, Renderab
 from rich.table import Table
 from rich.text import Text
 
+from lbnat.fields import host_port_text
+
 Status = Mapping[str, Any]  # one reply of {"op": "status"}
 
 HEALTH_STYLES = {"alive": "green", "bad": "yellow", "dead": "bold red"}
@@ -135,7 +137,7 @@ def _backend_key(b: Mapping[str, Any]) -> tuple[str, int]:
 
 def _backend(new: Mapping[str, Any], old: Mapping[str, Any] | None, seconds: float) -> BackendRow:
     ports = new.get("nat_ports", {})
-    address = f"{new['ip']}:{new['port']}"
+    address = host_port_text(str(new["ip"]), int(new["port"]))
     return BackendRow(
         address=address,
         name=str(new.get("name") or address),
@@ -188,7 +190,7 @@ def compute(before: Status, after: Status, seconds: float) -> Frame:
     drops = _reasons(after.get("drops", {}), before.get("drops", {}), seconds)
     workers = after.get("workers", [])
     return Frame(
-        lb_ip=str(after.get("lb_ip", "?")),
+        lb_ip=" ".join(str(a) for a in (after.get("lb_ip", "?"), after.get("ip6")) if a),
         uptime=float(after.get("uptime", 0.0)),
         seconds=seconds,
         rows=int(after.get("rows", 0)),

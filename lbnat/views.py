@@ -14,6 +14,7 @@ from typing import Any
 from lbnat.backends import Backend, BackendKey
 from lbnat.engine import Engine
 from lbnat.fastpath import FastPath
+from lbnat.fields import host_port_text
 from lbnat.messages import (
     AskActive,
     AskCounters,
@@ -121,6 +122,7 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
         else {
             "records": len(engine.owners.flows),
             "forwarded": engine.owners.forwarded,
+            "ipv6_skipped": engine.owners.ipv6_skipped,  # a peer's IPv6 rows: no mesh flows
         },
     }
 
@@ -173,8 +175,8 @@ def session_rows(engine: Engine, now: float) -> list[dict[str, object]]:
             {
                 "service": row.service.name,
                 "proto": row.service.spec.proto,
-                "client": f"{ip}:{port}",
-                "backend": f"{backend.ip}:{backend.port}",
+                "client": host_port_text(ip, port),
+                "backend": host_port_text(backend.ip, backend.port),
                 "nat_port": row.nat_port,
                 "state": row.state.name,
                 "path": "kernel" if row in in_kernel else "python",

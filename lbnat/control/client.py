@@ -19,7 +19,10 @@ lbnat-ha, the protocol's parser and the CLI all find them)."""
 def request_line(target: str | tuple[str, int], line: bytes, timeout: float = 5.0) -> bytes:
     """The client side: send one request line to a Unix socket path or a (host, port), return
     the reply line."""
-    family = socket.AF_UNIX if isinstance(target, str) else socket.AF_INET
+    if isinstance(target, str):
+        family = socket.AF_UNIX
+    else:
+        family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(target)

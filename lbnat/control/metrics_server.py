@@ -10,6 +10,7 @@ prometheus-client (0.16, what the provisioned LB runs) returns no handle to stop
 
 from __future__ import annotations
 
+import socket
 import threading
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -31,6 +32,17 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+class _Server6(ThreadingWSGIServer):
+    """The metrics server on an IPv6 address; on "::" dual stack (IPv4 scrapers too)."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        dual = self.server_address[0] == "::"
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
+        super().server_bind()
+
+
 class MetricsServer:
     """Serving from `start` until `close`. A scrape runs on a thread of the server's."""
 
@@ -40,16 +52,18 @@ class MetricsServer:
 
     @classmethod
     def start(cls, host: str, port: int, registry: CollectorRegistry) -> MetricsServer:
-        """Listen on host:port (IPv4), or raise MetricsError (the port is taken, the address
-        is not one of this host's)."""
+        """Listen on host:port (an IPv4 host, or an IPv6 one: "::" takes both families), or
+        raise MetricsError (the port is taken, the address is not one of this host's)."""
+        server_class = _Server6 if ":" in host else ThreadingWSGIServer
         try:
             server = make_server(
-                host, port, make_wsgi_app(registry), ThreadingWSGIServer,
+                host, port, make_wsgi_app(registry), server_class,
                 handler_class=_QuietHandler,
             )  # fmt: skip
         except OSError as error:
             reason = error.strerror or str(error)
-            raise MetricsError(f"cannot serve metrics on {host}:{port}: {reason}") from None
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise MetricsError(f"cannot serve metrics on {shown}: {reason}") from None
         thread = threading.Thread(target=server.serve_forever, name="lbnat-metrics", daemon=True)
         thread.start()
         return cls(server, thread)

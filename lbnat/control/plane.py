@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from lbnat import addresses
 from lbnat.backends import Backend, BackendKey, Health
 from lbnat.config import Config, ServiceConfig
 from lbnat.control.protocol import Request, ack, nack
@@ -48,6 +49,7 @@ from lbnat.eventlog import (
     reload_applied_line,
     reload_note_line,
 )
+from lbnat.fields import host_port_text
 from lbnat.health import HealthCheck, make_probe, probe_kind
 from lbnat.health.checker import Report
 from lbnat.messages import AskActive, Change, ResetBackend, SetBackends, SetServices
@@ -96,7 +98,7 @@ class ReloadPlan:
 # a worker restarted after a reload is told the same as the others).
 LOG_SETTINGS = ("log_format", "quiet", "log_level")
 # Settings a reload cannot change in a running lbnat.
-RESTART_KEYS = ("lb_ip", "vip", "interface", "nat_ports", "table_cap", "timeouts", "control",
+RESTART_KEYS = ("lb_ip", "vip", "ip6", "interface", "nat_ports", "table_cap", "timeouts", "control",
                 "admin_socket", "syn_proxy", "syn_proxy_threshold", "syn_proxy_mss",
                 "metrics", "state_file", "sync", *LOG_SETTINGS)  # fmt: skip
 
@@ -173,6 +175,11 @@ class ControlPlane:
         match request.op:
             case "register" | "backend_add":
                 backend = Backend(request.ip, request.port, request.weight, request.name)
+                if self.config.ip6 is None and addresses.is_v6(backend.ip_int):
+                    raise ValueError(
+                        f"backend {addresses.with_port(backend.ip_int, backend.port)} is IPv6 "
+                        "and this lbnat has no IPv6 address (ip6 in the config, or --ip6)"
+                    )
                 origin = "registered" if request.op == "register" else "admin"
                 entry = self.registry.add(service, backend, origin)
                 state = "alive" if entry.health is Health.ALIVE else "waiting for a good probe"
@@ -180,7 +187,7 @@ class ControlPlane:
                 self.registry.remove(service, key)
             case _:  # unregister, backend_drain
                 self.registry.drain(service, key, now)
-        address = f"{request.ip}:{request.port}"
+        address = host_port_text(request.ip, request.port)
         return Reply(
             ack(op=request.op, service=service, backend=address, state=state),
             [
@@ -245,7 +252,7 @@ class ControlPlane:
         effects: list[Effect] = [self._push(s) for s in dict.fromkeys(name for name, _ in removed)]
         for service, entry in removed:
             b = entry.backend
-            effects.append(drained_line(service, f"{b.ip}:{b.port}"))
+            effects.append(drained_line(service, host_port_text(b.ip, b.port)))
         return effects
 
     # --- status -------------------------------------------------------------------------------
@@ -258,6 +265,7 @@ class ControlPlane:
         return {
             "lb_ip": c.lb_ip,
             "vip": c.vip or c.lb_ip,
+            "ip6": c.ip6,
             "uptime": round(now - self.started, 1),
             "workers": workers,
             "io": io_text(c),
@@ -342,8 +350,27 @@ class ControlPlane:
                     (),
                     f"changing the protocol or port of service {name} needs a restart",
                 )
+            if (mixed := self._family_change(name, spec.backends)) is not None:
+                return ReloadPlan(new, notes, (), mixed)
         added = tuple(s for name, s in wanted.items() if name not in self.services)
         return ReloadPlan(new, notes, added)
+
+    def _family_change(self, name: str, backends: Sequence[Backend]) -> str | None:
+        """A service's backends are all of one family: new config backends of the other family
+        than the ones it holds now (registered, or draining with their flows) are refused."""
+        held = [e.backend for e in self.registry.entries(name)]
+        held = [b for b in held if b.key not in {n.key for n in backends}]
+        if not held or not backends:
+            return None
+        now_v6, new_v6 = addresses.is_v6(held[0].ip_int), addresses.is_v6(backends[0].ip_int)
+        if now_v6 == new_v6:
+            return None
+        return (
+            f"service {name} holds IPv{6 if now_v6 else 4} backends "
+            f"({host_port_text(held[0].ip, held[0].port)}) and the new config gives it "
+            f"IPv{6 if new_v6 else 4} ones: a service's backends are all of one family "
+            "(unregister or remove the others first, or restart)"
+        )
 
     def commit_reload(self, plan: ReloadPlan) -> list[Effect]:
         """Apply an accepted plan: the registry takes the new backends, every engine the new
@@ -364,7 +391,8 @@ class ControlPlane:
             effects.append(UpdateGuard(self.ports("tcp"), self.ports("udp")))
         effects.append(SetHealthChecks({n: check for n, check in checks.items() if check}))
         old = self.config
-        self.config = replace(new, lb_ip=old.lb_ip, vip=old.vip, interface=old.interface,
+        self.config = replace(new, lb_ip=old.lb_ip, vip=old.vip, ip6=old.ip6,
+                              interface=old.interface,
                               nat_ports=old.nat_ports,
                               **{key: getattr(old, key) for key in LOG_SETTINGS})  # fmt: skip
         effects.append(reload_applied_line(len(specs), len(added)))

@@ -92,7 +92,7 @@ _SHOW_NAMES = 5  # unknown field names quoted in a reason
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A valid request. `ip` is dotted IPv4 text as `Backend` takes it."""
+    """A valid request. `ip` is IPv4 or IPv6 text as `Backend` takes it (IPv6 in RFC 5952 form)."""
 
     op: str
     service: str | None = None  # required for register/unregister/backend_*
@@ -137,7 +137,7 @@ class Authenticator:
         self,
         secret: bytes | None,
         window: float = 30.0,
-        allow: Sequence[ipaddress.IPv4Network] = (),
+        allow: Sequence[checks.IPNetwork] = (),
         nonce_capacity: int = 100_000,
     ) -> None:
         if secret is not None:
@@ -152,11 +152,11 @@ class Authenticator:
         if nonce_capacity < 1:
             raise ValueError(f"nonce_capacity {nonce_capacity} is not positive")
         for network in allow:
-            if not isinstance(network, ipaddress.IPv4Network):
-                raise TypeError(f"allow: {network!r} is not an IPv4Network")
+            if not isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network):
+                raise TypeError(f"allow: {network!r} is not an IPv4Network or IPv6Network")
         self.secret: bytes | None = None if secret is None else bytes(secret)
         self.window = float(window)
-        self.allow: tuple[ipaddress.IPv4Network, ...] = tuple(allow)
+        self.allow: tuple[checks.IPNetwork, ...] = tuple(allow)
         self.nonce_capacity = nonce_capacity
         self._seen: set[str] = set()
         self._heap: list[tuple[float, str]] = []  # (ts, nonce), one per remembered nonce
@@ -164,19 +164,17 @@ class Authenticator:
 
     def source_allowed(self, source_ip: str) -> bool:
         """May this peer address talk to the control channel? An empty allow list allows any
-        source; otherwise only IPv4 addresses (or IPv4-mapped IPv6 ones) in a listed network.
-        A string that is not an address is not allowed."""
+        source; otherwise only addresses in a listed network of their family (an IPv4-mapped
+        IPv6 source, from a dual-stack "::" listener, is its IPv4 address). A string that is not
+        an address is not allowed."""
         if not self.allow:
             return True
         try:
-            address = ipaddress.ip_address(source_ip)
+            address: checks.IPAddress = ipaddress.ip_address(source_ip)
         except ValueError:
             return False
-        if isinstance(address, ipaddress.IPv6Address):
-            mapped = address.ipv4_mapped
-            if mapped is None:
-                return False
-            address = mapped
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
         return any(address in network for network in self.allow)
 
     def __len__(self) -> int:
@@ -428,9 +426,9 @@ def _ip(value: object) -> str | Nack:
     if not isinstance(value, str):
         return Nack(f"ip: must be a string, not {_show(value)}")
     try:
-        address = checks.ipv4(value)
+        address = checks.ip(value)
     except checks.FieldError:
-        return Nack(f"ip: {_show(value)} is not a dotted IPv4 address")
+        return Nack(f"ip: {_show(value)} is not an IPv4 or IPv6 address")
     unusable = checks.backend_unusable(address)
     if unusable:
         return Nack(f"ip: {address} is not a backend address ({unusable})")

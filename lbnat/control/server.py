@@ -35,6 +35,7 @@ from lbnat.control.protocol import (
     nack,
     parse_request,
 )
+from lbnat.fields import host_port_text
 
 Apply = Callable[[Request, str], bytes]  # (request, who asked) -> the reply line
 # (who asked, why, one word for why: Nack.kind, or "connection", "busy") -> log and count it
@@ -133,7 +134,17 @@ class _LineServer(socketserver.ThreadingMixIn):
         self._open_lock = threading.Lock()
 
     def peer_name(self, address: Any) -> str:
-        return "admin" if self.admin else str(address[0])
+        """The peer's address as text; an IPv4 peer of a dual-stack ("::") listener, which
+        the kernel shows IPv4-mapped, as its IPv4 address."""
+        if self.admin:
+            return "admin"
+        host = str(address[0])
+        if host.startswith("::ffff:"):
+            with contextlib.suppress(ValueError):
+                mapped = ipaddress.IPv6Address(host).ipv4_mapped
+                if mapped is not None:
+                    return str(mapped)
+        return host
 
     def answer(self, line: bytes, peer: str) -> bytes:
         source = "127.0.0.1" if self.admin else peer
@@ -175,6 +186,9 @@ class _LineServer(socketserver.ThreadingMixIn):
 
 
 class RegistrationServer(_LineServer, socketserver.TCPServer):
+    """The control channel on one address: an IPv4 one, or an IPv6 one; "::" takes both
+    families (a dual-stack socket, whatever net.ipv6.bindv6only says)."""
+
     allow_reuse_address = True
     request_queue_size = BACKLOG
 
@@ -185,7 +199,14 @@ class RegistrationServer(_LineServer, socketserver.TCPServer):
         self.apply = apply
         self.refused = refused
         self._start_counting()
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         socketserver.TCPServer.__init__(self, (host, port), _LineHandler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            dual = ipaddress.IPv6Address(self.server_address[0]).is_unspecified
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
+        super().server_bind()
 
 
 class AdminServer(_LineServer, socketserver.UnixStreamServer):
@@ -244,7 +265,7 @@ def start_servers(
     servers: list[RegistrationServer | AdminServer] = []
     try:
         if control is not None:
-            if control.secret is None and not ipaddress.IPv4Address(control.host).is_loopback:
+            if control.secret is None and not ipaddress.ip_address(control.host).is_loopback:
                 raise OSError(
                     f"the control channel on {control.host} needs a secret; without one it "
                     "listens on loopback only"
@@ -289,7 +310,7 @@ def ask_lbnat(
     """One request to a running lbnat (its admin socket path, or its registration channel's
     (host, port)) and its acked reply; AdminError (RequestRefused for a nack) otherwise. The
     CLI's commands and `lbnat top` say these errors each in their own way."""
-    where = target if isinstance(target, str) else f"{target[0]}:{target[1]}"
+    where = target if isinstance(target, str) else host_port_text(*target)
     try:
         line = request_line(target, encode(message), timeout)
     except FileNotFoundError:

@@ -86,7 +86,7 @@ def header_for(config: Config, interface: str) -> StateHeader:
     services = tuple((s.service.name, s.service.proto, s.service.port) for s in config.services)
     return StateHeader(
         config.lb_ip, interface, config.nat_ports, config.workers, services, time.time(),
-        pid=os.getpid(),
+        pid=os.getpid(), ip6=config.ip6,
     )  # fmt: skip
 
 
@@ -176,6 +176,7 @@ class Handover:
         saved = StateHeader(
             header.lb_ip, header.interface, header.nat_ports, header.workers, header.services,
             time.time(), saved=True, rows=rows, offload_kept=offload is not None, pid=header.pid,
+            ip6=header.ip6,
         )  # fmt: skip
         try:
             write_header(self.path, saved)

@@ -19,13 +19,14 @@ class HttpProbe:
         self.status = status
 
     def check(self, ip: str, port: int, timeout: float) -> ProbeResult:
+        host = f"[{ip}]" if ":" in ip else ip  # an IPv6 address in the Host header: [..]
         connection = http.client.HTTPConnection(ip, port, timeout=timeout)
         try:
             connection.request(
                 "GET",
                 self.path,
                 headers={
-                    "Host": f"{ip}:{port}",
+                    "Host": f"{host}:{port}",
                     "User-Agent": "lbnat-health",
                     "Connection": "close",
                 },

@@ -18,7 +18,8 @@ class UdpProbe:
         self.pattern = re.compile((expect if expect is not None else "OK").encode())
 
     def check(self, ip: str, port: int, timeout: float) -> ProbeResult:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
             sock.settimeout(timeout)
             try:
                 sock.connect((ip, port))

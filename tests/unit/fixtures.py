@@ -40,8 +40,8 @@ from lbnat.nat import (
     SessionTable,
     State,
     Timeouts,
+    backend_pool_key,
     forward_key,
-    pool_key,
 )
 from lbnat.service import Service
 from lbnat.syncookie import SynProxySettings
@@ -614,7 +614,8 @@ def check_table(table: SessionTable, grace: float = 0.0) -> None:
     for key, s in table.forward.items():
         assert s.key == key and s.bucket >= 0
         pool = s.pool
-        assert table.pools[pool_key(s.proto, pool.backend.ip_int, pool.backend.port)] is pool
+        backend = pool.backend
+        assert table.pools[backend_pool_key(s.proto, backend.ip_int, backend.port)] is pool
         assert pool.rows[s.nat_port - pool.first] is s
         # (`grace`: a standby row of the session sync outlives its deadline by that much)
         assert s.bucket <= math.ceil(s.expires + grace), "the row's bucket comes due too late"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import struct
 import zlib
 from collections.abc import Callable
 
@@ -14,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lbnat import addresses
 from lbnat.checkpoint import (
     HEADER_SIZE,
     RECORD_SIZE,
@@ -85,6 +87,12 @@ RECORD = RowRecord(
 )  # fmt: skip
 
 
+def recrc6(data: bytes) -> bytes:
+    """An IPv6 record with its CRC (of bytes 0-27 and 40-63) made right again."""
+    crc = zlib.crc32(data[:28] + data[40:]).to_bytes(4, "little")
+    return data[:28] + crc + data[32:]
+
+
 def with_byte(data: bytes, at: int, value: int) -> bytes:
     changed = bytearray(data)
     changed[at] = value
@@ -106,12 +114,12 @@ DECODE_CASES += ["flags", "short", "proxy-bit-7", "proxy-window", "proxied-udp"]
         (bytes(RECORD_SIZE), None),  # a free slot
         (with_byte(encode_record(RECORD), 12, 0x99), "CRC"),  # a torn record
         (with_byte(encode_record(RECORD), 29, 0x99), "CRC"),
-        (recrc(with_byte(encode_record(RECORD), 0, 2)), "format 2"),
+        (recrc(with_byte(encode_record(RECORD), 0, 4)), "form 4"),
         (recrc(with_byte(encode_record(RECORD), 1, 1)), "protocol 1"),
         (with_byte(encode_record(RECORD), 32, int(State.UDP_REPLIED)), "state 7"),
         (with_byte(encode_record(RECORD), 32, 99), "state 99"),
         (with_byte(encode_record(RECORD), 33, 4), "flags"),
-        (encode_record(RECORD)[:20], "40 bytes"),
+        (encode_record(RECORD)[:20], "64 bytes"),
         (recrc(with_byte(encode_record(RECORD), 18, 0x80)), "SYN-proxy fields"),
         (recrc(with_byte(encode_record(RECORD), 19, 31)), "SYN-proxy fields"),
         (
@@ -132,7 +140,7 @@ def test_decode_refuses_what_no_row_can_be(data: bytes, error: str | None) -> No
 def test_the_layout_is_the_documented_one() -> None:
     record = dataclasses.replace(RECORD, fins=3, proxy_flags=5, seq_offset=0x01020304)
     data = encode_record(record)
-    assert len(data) == RECORD_SIZE == 40 and HEADER_SIZE == 64
+    assert len(data) == RECORD_SIZE == 64 and HEADER_SIZE == 64
     assert data[0] == 1 and data[1] == 6
     assert int.from_bytes(data[2:4], "little") == 80
     assert int.from_bytes(data[4:6], "little") == 40000
@@ -145,7 +153,50 @@ def test_the_layout_is_the_documented_one() -> None:
     assert int.from_bytes(data[24:28], "little") == 1234
     assert int.from_bytes(data[28:32], "little") == zlib.crc32(data[:28])
     assert data[32] == State.ESTABLISHED and data[33] == 3 and data[34] == 0x79
-    assert data[35:] == bytes(5)
+    assert data[35:] == bytes(29)  # reserved, then no IPv6 address bytes
+    assert decode_record(data[:40]) == record  # format 1's record: what the sync sends
+
+
+V6_CLIENT = addresses.parse("2001:db8::11")
+V6_BACKEND = addresses.parse("2001:db8:1::21")
+RECORD6 = dataclasses.replace(RECORD, client_ip=V6_CLIENT, backend_ip=V6_BACKEND)
+RECORD64 = dataclasses.replace(RECORD, client_ip=V6_CLIENT)  # NAT64: an IPv4 backend
+
+
+def test_the_ipv6_layouts_are_the_documented_ones() -> None:
+    data = encode_record(RECORD6)
+    assert data[0] == 2 and data[8:12] == bytes([0x11, 0, 0, 0])  # the low 32 bits, LE
+    assert data[12:16] == bytes([0x21, 0, 0, 0])
+    assert data[40:52] == bytes.fromhex("20010db8" + "00000000" * 2)
+    assert data[52:64] == bytes.fromhex("20010db8" + "00010000" + "00000000")
+    assert int.from_bytes(data[28:32], "little") == zlib.crc32(data[:28] + data[40:])
+    nat64 = encode_record(RECORD64)
+    assert nat64[0] == 3 and nat64[12:16] == bytes([21, 0, 18, 198]) and nat64[52:] == bytes(12)
+    assert decode_record(data) == RECORD6 and decode_record(nat64) == RECORD64
+    with pytest.raises(ValueError, match="no NAT46"):
+        encode_record(dataclasses.replace(RECORD, backend_ip=V6_BACKEND))
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (encode_record(RECORD6)[:40], "an IPv4 row's, not form 2"),
+        (with_byte(encode_record(RECORD6), 50, 0x99), "CRC"),  # the address's high bits
+        (with_byte(encode_record(RECORD), 45, 1), "address bytes past its own"),
+        (
+            recrc6(with_byte(encode_record(RECORD64), 60, 1)),
+            "IPv4 backend has IPv6 address bytes",
+        ),
+        (
+            recrc6(with_byte(encode_record(RECORD6), 18, 1)),
+            "never SYN-proxied",
+        ),
+    ],
+    ids=["v6-in-40-bytes", "torn-high-bits", "v4-with-high-bits", "nat64-backend", "v6-proxy"],
+)
+def test_decode_refuses_ipv6_records_no_row_can_be(data: bytes, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        decode_record(data)
 
 
 records = st.builds(
@@ -178,6 +229,31 @@ records = st.builds(
     wscale=st.just(0),
     created=st.integers(0, 2**32 - 1),
 )
+ipv6_addresses = st.integers(0, 2**128 - 1).map(lambda low: addresses.V6 | low)
+ipv6_records = st.builds(  # IPv6 rows (both sides IPv6, or NAT64): never SYN-proxied
+    RowRecord,
+    proto=st.sampled_from([6, 17]),
+    state=st.just(State.ESTABLISHED),
+    fins=st.integers(0, 3),
+    service_port=st.integers(1, 65535),
+    client_ip=ipv6_addresses,
+    client_port=st.integers(0, 65535),
+    backend_ip=ipv6_addresses | st.integers(0, 2**32 - 1),
+    backend_port=st.integers(1, 65535),
+    nat_port=st.integers(1, 65535),
+    wscale=st.integers(0, 255),
+    created=st.integers(0, 2**32 - 1),
+).map(lambda r: r if r.proto == 6 else dataclasses.replace(r, state=State.UDP_REPLIED, fins=0))
+records = records | ipv6_records
+
+
+@given(st.binary(min_size=64, max_size=64) | st.binary(min_size=40, max_size=40) | st.binary())
+def test_decode_never_raises_but_value_error_on_any_bytes(data: bytes) -> None:
+    try:
+        record = decode_record(data)
+    except ValueError:
+        return
+    assert record is None or decode_record(encode_record(record)) == record
 
 
 @given(records)
@@ -187,7 +263,7 @@ def test_a_record_comes_back_as_it_was_written(record: RowRecord) -> None:
     assert decode_record(data) == record
 
 
-@given(records, st.integers(0, 31), st.integers(1, 255))
+@given(records, st.integers(0, 31) | st.integers(40, 63), st.integers(1, 255))
 def test_a_changed_byte_of_the_fixed_part_or_its_crc_is_caught(
     record: RowRecord, at: int, flip: int
 ) -> None:
@@ -308,6 +384,28 @@ def test_a_buffer_smaller_than_the_table_counts_the_rows_it_cannot_hold() -> Non
     for port in range(40000, 40004):
         assert lab.flow(CLIENT1, port).syn().forwarded  # forwarding does not depend on it
     assert len(checkpoint) == 2 and checkpoint.full == 2
+
+
+def test_a_format_1_buffer_is_converted_in_place_and_its_rows_restored() -> None:
+    """An lbnat before IPv6 left 40-byte slots (a --state-file's row file): this one moves them
+    to 64-byte slots, last first, and restores them as its own."""
+    original = EngineHarness()
+    attached(original, buffer := new_buffer())
+    flows = [established(original, CLIENT2, port) for port in (40000, 40001, 40002)]
+    middle = flows[1].session
+    assert middle is not None
+    original.table.remove(middle)  # a free slot in the middle
+    old = memoryview(bytearray(len(buffer)))  # the same rows, as format 1 wrote them
+    old[:HEADER_SIZE] = struct.pack("<8sHHI48x", b"lbnatrow", 1, 40, 3)
+    for slot in range(3):
+        record = buffer[HEADER_SIZE + slot * RECORD_SIZE : HEADER_SIZE + slot * RECORD_SIZE + 40]
+        old[HEADER_SIZE + slot * 40 : HEADER_SIZE + (slot + 1) * 40] = record
+    assert records_below(old[:HEADER_SIZE].tobytes()) == 0  # not this format's, until opened
+    checkpoint = RowCheckpoint(old)
+    assert old[8:12].tobytes() == struct.pack("<HH", 2, 64) and checkpoint.used_slots() == [0, 2]
+    assert old.tobytes() == buffer.tobytes()
+    lab = restored(old)
+    assert report(lab).rows == 2 and report(lab).dropped == {}
 
 
 def test_a_buffer_of_another_layout_is_started_afresh() -> None:

@@ -173,3 +173,62 @@ def test_cleanup_of_a_bad_state_file_is_one_line(
         result.output
         == f"lbnat: {state}: it is not JSON (Expecting value: line 1 column 1 (char 0))\n"
     )
+
+
+def test_ipv6_backends_and_addresses_on_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """IPv6 in and out: a backend's IP plain or in brackets, the control channel's host in
+    brackets; status and sessions show IPv6 addresses with their ports in brackets."""
+    sent: list[tuple[object, dict[str, object]]] = []
+
+    def talk(target: object, message: dict[str, object]) -> dict[str, object]:
+        sent.append((target, message))
+        return {"ok": True, "backend": "[2001:db8::24]:9000", "service": "web6", "state": "ok"}
+
+    monkeypatch.setattr("lbnat.cli.talk", talk)
+    runner = CliRunner()
+    drain = ["backend", "drain", "web6", "[2001:DB8::24]", "9000", "--admin-socket", "/x.sock"]
+    result = runner.invoke(main, drain)
+    assert result.exit_code == 0, result.output
+    register = ["register", "--lb", "[2001:db8::2]:7000", "--service", "web6", "2001:db8::24"]
+    result = runner.invoke(main, [*register, "9000"])
+    assert result.exit_code == 0, result.output
+    assert [(t, m["ip"]) for t, m in sent] == [
+        ("/x.sock", "2001:db8::24"),
+        (("2001:db8::2", 7000), "2001:db8::24"),
+    ]
+    result = runner.invoke(main, ["backend", "add", "web6", "fe80::1", "9000"])
+    assert result.exit_code != 0
+    assert "backend address fe80::1 is not a backend address (link-local)" in result.output
+    backend = {
+        "ip": "2001:db8::24", "port": 9000, "name": "[2001:db8::24]:9000", "health": "alive",
+        "draining": False, "weight": 1, "active": 0, "flows": 0, "packets": 0, "bytes": 0,
+        "last_probe": "",
+    }  # fmt: skip
+    service = {
+        "name": "web6", "proto": "tcp", "port": 80, "scheduler": "rr", "health_check": "syn",
+        "flows": 0, "packets": 0, "bytes": 0, "drops": {}, "backends": [backend],
+    }  # fmt: skip
+    status = {"lb_ip": "198.18.0.2", "ip6": "2001:db8::2", "uptime": 1.0, "rows": 0,
+              "open_flows": 0, "workers": [], "services": [service]}  # fmt: skip
+    monkeypatch.setattr("lbnat.cli.talk", lambda *_: status)
+    result = runner.invoke(main, ["status", "--admin-socket", "/nonexistent"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("lbnat 198.18.0.2 2001:db8::2  up 1.0 s")
+    assert "  [2001:db8::24]:9000   [2001:db8::24]:9000" in result.output
+    row = {"proto": "tcp", "client": "[2001:db8::11]:40000", "backend": "[2001:db8::24]:9000",
+           "nat_port": 61000, "state": "ESTABLISHED", "age": 3.0}  # fmt: skip
+    monkeypatch.setattr("lbnat.cli.talk", lambda *_: {"sessions": [row]})
+    result = runner.invoke(main, ["sessions", "--admin-socket", "/nonexistent"])
+    assert result.exit_code == 0, result.output
+    assert "tcp   [2001:db8::11]:40000  [2001:db8::24]:9000   61000" in result.output
+
+
+def test_check_config_notes_ipv6_backends_without_ip6(tmp_path: Path) -> None:
+    path = tmp_path / "v6.json"
+    path.write_text(json.dumps({"services": [{"backends": [{"ip": "2001:db8::21", "port": 80}]}]}))
+    result = CliRunner().invoke(main, ["check-config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[1] == (
+        f'{path}: note: service "tcp:20000" has the IPv6 backend [2001:db8::21]:80, which needs '
+        "the LB's IPv6 address: give ip6 in the config or --ip6"
+    )

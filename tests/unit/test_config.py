@@ -99,9 +99,47 @@ BAD: list[tuple[str, object, str]] = [
         'services[0].backends[0].ip: "198.18.0.300" is not an IPv4 address',
     ),
     (
-        "backend-ip-ipv6",
+        "backend-ip-ipv6-loopback",
         one(backends=[{"ip": "::1", "port": 9000}]),
-        'services[0].backends[0].ip: "::1" is not an IPv4 address',
+        "services[0].backends[0].ip: ::1 is not a backend address (loopback)",
+    ),
+    (
+        "backend-ip-ipv6-link-local",
+        one(backends=[{"ip": "fe80::1", "port": 9000}]),
+        "services[0].backends[0].ip: fe80::1 is not a backend address (link-local)",
+    ),
+    (
+        "backend-ip-ipv6-mapped",
+        one(backends=[{"ip": "::ffff:198.18.0.1", "port": 9000}]),
+        "services[0].backends[0].ip: ::ffff:c612:1 is not a backend address (IPv4-mapped: give "
+        "the IPv4 address)",
+    ),
+    (
+        "backend-ip-ipv6-multicast",
+        one(backends=[{"ip": "ff02::1", "port": 9000}]),
+        "services[0].backends[0].ip: ff02::1 is not a backend address (multicast)",
+    ),
+    (
+        "backend-ip-ipv6-garbage",
+        one(backends=[{"ip": "2001:db8::zz", "port": 9000}]),
+        'services[0].backends[0].ip: "2001:db8::zz" is not an IPv6 address',
+    ),
+    (
+        "backend-ip-not-an-address",
+        one(backends=[{"ip": "backend1", "port": 9000}]),
+        'services[0].backends[0].ip: "backend1" is not an IPv4 address',
+    ),
+    (
+        "backend-families-mixed",
+        one(backends=[{"ip": "198.18.0.21", "port": 9000}, {"ip": "2001:db8::21", "port": 9000}]),
+        'services[0].backends: service "tcp:20000" mixes IPv4 and IPv6 backends '
+        "(198.18.0.21:9000 and [2001:db8::21]:9000): a service's backends are all of one family",
+    ),
+    (
+        "backend-ipv6-twice",
+        one(backends=[{"ip": "2001:db8::21", "port": 90}, {"ip": "2001:DB8::0:21", "port": 90}]),
+        "services[0].backends[1]: backend [2001:db8::21]:90 is listed twice "
+        "(also services[0].backends[0])",
     ),
     (
         "backend-ip-unspecified",
@@ -306,7 +344,7 @@ BAD: list[tuple[str, object, str]] = [
     (
         "control-listen-no-port",
         {"control": {"listen": "127.0.0.1"}},
-        'control.listen: "127.0.0.1" is not HOST:PORT like "127.0.0.1:7000"',
+        'control.listen: "127.0.0.1" is not HOST:PORT like "127.0.0.1:7000" or "[::1]:7000"',
     ),
     (
         "control-listen-port",
@@ -362,7 +400,7 @@ BAD: list[tuple[str, object, str]] = [
     (
         "control-allow-garbage",
         control(allow=["198.18.0.0/24", "lan"]),
-        'control.allow[1]: "lan" is not an IPv4 network like "198.18.0.0/24"',
+        'control.allow[1]: "lan" is not a network like "198.18.0.0/24" or "2001:db8::/64"',
     ),
     (
         "control-allow-string",
@@ -374,6 +412,33 @@ BAD: list[tuple[str, object, str]] = [
         "servers-ip",
         {"servers": [server(), server(ip="198.18.0.22"), server(ip="198.18.0.256")]},
         'servers[2].ipAddress: "198.18.0.256" is not an IPv4 address',
+    ),
+    (
+        "servers-ipv6-mixed",
+        {"servers": [server(), server(ip="2001:db8::22")]},
+        "servers[1].ipAddress: 2001:db8::22 is not of the family of the TCP servers before it "
+        "(198.18.0.21): one protocol's servers form one service, whose backends are all IPv4 "
+        "or all IPv6",
+    ),
+    (
+        "servers-ipv6-bad",
+        {"servers": [server(ip="fe80::22")]},
+        "servers[0].ipAddress: fe80::22 is not a backend address (link-local)",
+    ),
+    (
+        "control-listen-ipv6-service-port",
+        {**one(port=7000), "ip6": "2001:db8::2", "control": {"listen": "[2001:db8::2]:7000"}},
+        'control.listen: port 7000 is also the port of service "tcp:7000"',
+    ),
+    (
+        "metrics-listen-ipv6-any-service-port",
+        {**one(port=9120), "metrics": {"listen": "[::]:9120"}},
+        'metrics.listen: port 9120 is also the port of service "tcp:9120"',
+    ),
+    (
+        "ip6-not-ipv6",
+        {"ip6": "198.18.0.2"},
+        'ip6: "198.18.0.2" is not an IPv6 address',
     ),
     (
         "servers-protocol",
@@ -660,7 +725,7 @@ def test_servers_json_shape() -> None:
                     backends=(Backend("198.18.0.21", 9053), Backend("198.18.0.21", 9000)),
                 )
             ),
-        )
+        ),
     )
     (udp_only,) = parse_config({"servers": [server("UDP")]}, default_port=30000).services
     assert (udp_only.service.name, udp_only.service.port) == ("udp", 30000)
@@ -868,3 +933,28 @@ def test_deeply_nested_values_are_an_error_not_a_crash() -> None:
         inner = inner[0]  # type: ignore[assignment]
     with pytest.raises(ConfigError, match=r"^nested too deeply$"):
         parse_config({"services": deep})
+
+
+def test_ipv6_backends_listeners_and_allow_list_in_the_native_file() -> None:
+    config = parse_config(
+        {
+            "lb_ip": "198.18.0.2",
+            "ip6": "2001:DB8::2",
+            "control": {"listen": "[::]:7000", "allow": ["2001:db8::/64", "198.18.0.0/24"]},
+            "metrics": {"listen": "[2001:db8::2]:9120"},
+            "services": [
+                {"name": "v6", "backends": [{"ip": "2001:db8:0:0::21", "port": 80}]},
+                {"name": "v4", "port": 8080, "backends": [{"ip": "198.18.0.21", "port": 80}]},
+            ],
+        }
+    )
+    assert config.ip6 == "2001:db8::2"
+    assert config.services[0].service.backends[0].ip == "2001:db8::21"
+    assert config.control is not None and config.control.host == "::"
+    assert [str(n) for n in config.control.allow] == ["2001:db8::/64", "198.18.0.0/24"]
+    assert config.metrics == ("2001:db8::2", 9120)
+
+
+def test_ipv6_servers_json() -> None:
+    config = parse_config({"servers": [server(ip="2001:db8::21"), server(ip="2001:db8::22")]})
+    assert [b.ip for b in config.services[0].service.backends] == ["2001:db8::21", "2001:db8::22"]

@@ -236,9 +236,7 @@ def test_overrides_are_frozen() -> None:
 
 def test_metrics_address_from_the_command_line_and_the_file(tmp_path: Path) -> None:
     assert build_config(Overrides(words=WORDS)).metrics is None
-    assert build_config(Overrides(words=WORDS, metrics="127.0.0.1")).metrics == (
-        "127.0.0.1", 9120
-    )
+    assert build_config(Overrides(words=WORDS, metrics="127.0.0.1")).metrics == ("127.0.0.1", 9120)
     path = tmp_path / "lbnat.json"
     path.write_text(json.dumps({"lb_ip": "198.18.0.2", "metrics": {"listen": "0.0.0.0:9200"}}))
     assert build_config(Overrides(config_file=str(path))).metrics == ("0.0.0.0", 9200)
@@ -267,3 +265,98 @@ def test_state_file_from_the_command_line_and_the_file(tmp_path: Path) -> None:
     assert build_config(Overrides(config_file=path)).state_file == "/var/lib/lbnat/state.json"
     given = Overrides(config_file=path, state_file="/tmp/s.json", given=frozenset({"state_file"}))
     assert build_config(given).state_file == "/tmp/s.json"
+
+
+# --- IPv6 (issue 21) --------------------------------------------------------------------------
+
+V6_WORDS = ("198.18.0.2", "2001:db8::21", "9000", "[2001:DB8::22]", "9000")
+
+
+def test_ipv6_backends_on_the_command_line_plain_or_in_brackets() -> None:
+    config = build_config(Overrides(words=V6_WORDS, ip6="2001:db8::2", workers="1"))
+    backends = config.services[0].service.backends
+    assert [(b.ip, b.port) for b in backends] == [("2001:db8::21", 9000), ("2001:db8::22", 9000)]
+    assert config.ip6 == "2001:db8::2"
+
+
+def test_the_command_lines_ip6_overrides_the_files(tmp_path: Path) -> None:
+    path = config_file(tmp_path, {**FILE, "ip6": "2001:db8::2"})
+    assert build_config(Overrides(config_file=path, workers="1")).ip6 == "2001:db8::2"
+    config = build_config(Overrides(config_file=path, ip6="2001:db8::9", workers="1"))
+    assert config.ip6 == "2001:db8::9"
+
+
+def test_a_files_ipv6_backends_may_take_their_ip6_from_the_command_line(tmp_path: Path) -> None:
+    data = {"lb_ip": "198.18.0.2", "services": [{"backends": [{"ip": "2001:db8::21", "port": 80}]}]}
+    path = config_file(tmp_path, data)
+    assert "give ip6 in the config or --ip6" in refused(Overrides(config_file=path))
+    assert build_config(Overrides(config_file=path, ip6="2001:db8::2")).ip6 == "2001:db8::2"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            Overrides(words=V6_WORDS),
+            'service "tcp:20000" has the IPv6 backend [2001:db8::21]:9000, which needs the LB\'s '
+            "IPv6 address: give ip6 in the config or --ip6",
+        ),
+        (
+            Overrides(words=(*WORDS, "2001:db8::23", "9000"), ip6="2001:db8::2"),
+            'service "tcp:20000" mixes IPv4 and IPv6 backends (198.18.0.21:9000 and '
+            "[2001:db8::23]:9000): a service's backends are all of one family",
+        ),
+        (
+            Overrides(words=("198.18.0.2", "::1", "9000"), ip6="2001:db8::2"),
+            "backend address ::1 is not a backend address (loopback)",
+        ),
+        (
+            Overrides(words=("198.18.0.2", "2001:db8::zz", "9000"), ip6="2001:db8::2"),
+            "backend address '2001:db8::zz' is not an IPv6 address",
+        ),
+        (
+            Overrides(
+                words=("198.18.0.2", "2001:db8::21", "9000", "[2001:db8::21]", "9000"),
+                ip6="2001:db8::2",
+            ),
+            "backend [2001:db8::21]:9000 is given twice",
+        ),
+        (Overrides(words=WORDS, ip6="198.18.0.3"), '--ip6: "198.18.0.3" is not an IPv6 address'),
+        (Overrides(words=WORDS, ip6="ff02::1"), "--ip6: ff02::1 is not a host address"),
+        (
+            Overrides(words=WORDS, metrics="[::]:20000"),
+            '--metrics: port 20000 is also the port of service "tcp:20000"',
+        ),
+        (
+            Overrides(words=WORDS, ip6="2001:db8::2", control_listen="[2001:db8::2]:20000"),
+            '--control: port 20000 is also the port of service "tcp:20000"',
+        ),
+        (Overrides(words=WORDS, metrics="[::1"), "metrics address '[::1' is not [IPv6]:PORT"),
+        (
+            Overrides(words=WORDS, metrics="[::zz]:9"),
+            "metrics address '::zz' is not an IPv6 address",
+        ),
+    ],
+)
+def test_ipv6_command_line_mistakes(overrides: Overrides, message: str) -> None:
+    assert refused(overrides) == message
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [("[::]:9120", ("::", 9120)), ("::1", ("::1", 9120)), ("[2001:db8::1]", ("2001:db8::1", 9120))],
+)
+def test_ipv6_listen_addresses_on_the_command_line(address: str, expected: object) -> None:
+    assert build_config(Overrides(words=WORDS, metrics=address)).metrics == expected
+
+
+def test_an_ipv6_allow_list_from_the_command_line() -> None:
+    config = build_config(
+        Overrides(words=WORDS, control_listen="[::]:7000", allow=("2001:db8::/64", "10.0.0.0/8"))
+    )
+    assert config.control is not None
+    assert config.control.host == "::"
+    assert config.control.allow == (
+        ipaddress.ip_network("2001:db8::/64"),
+        ipaddress.ip_network("10.0.0.0/8"),
+    )

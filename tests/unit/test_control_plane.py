@@ -415,8 +415,14 @@ def test_status_is_built_from_the_given_counters() -> None:
         "rows_cap": 500_000,
         "open_flows": 3,
         "table": {"half_open": 1, "evicted": 7, "ports_reclaimed": 5, "pressure_spells": 1},
-        "offload": {"rows": 2, "offloaded": 3, "withdrawn": 1, "refused": 0, "packets": 70,
-                    "bytes": 7000},
+        "offload": {
+            "rows": 2,
+            "offloaded": 3,
+            "withdrawn": 1,
+            "refused": 0,
+            "packets": 70,
+            "bytes": 7000,
+        },
         "packets": 99,
         "drops": {"no_session": 2},
         "services": {
@@ -428,7 +434,10 @@ def test_status_is_built_from_the_given_counters() -> None:
                 "ended": {"fin": 2, "rst": 1},
                 "backends": {
                     B1.key: {
-                        "active": 2, "flows": 4, "packets": 80, "bytes": 8000,
+                        "active": 2,
+                        "flows": 4,
+                        "packets": 80,
+                        "bytes": 8000,
                         "to_backend": {"packets": 50, "bytes": 3000},
                         "to_client": {"packets": 30, "bytes": 5000},
                         "nat_ports": {"in_use": 3, "size": 4535},
@@ -443,6 +452,7 @@ def test_status_is_built_from_the_given_counters() -> None:
     assert status == {
         "lb_ip": LB,
         "vip": LB,
+        "ip6": None,
         "uptime": 10.5,
         "workers": workers,
         "io": "rings (frames)",
@@ -451,8 +461,14 @@ def test_status_is_built_from_the_given_counters() -> None:
         "rows_cap": 500_000,
         "open_flows": 3,
         "table": {"half_open": 1, "evicted": 7, "ports_reclaimed": 5, "pressure_spells": 1},
-        "offload": {"rows": 2, "offloaded": 3, "withdrawn": 1, "refused": 0, "packets": 70,
-                    "bytes": 7000},
+        "offload": {
+            "rows": 2,
+            "offloaded": 3,
+            "withdrawn": 1,
+            "refused": 0,
+            "packets": 70,
+            "bytes": 7000,
+        },
         "drops": {"no_session": 2},
     }
     assert b1 == {
@@ -520,3 +536,72 @@ def test_status_of_a_service() -> None:
             "syn_cookies": {"sent": 0, "validated": 0, "invalid": 0},
         },
     ]
+
+
+# --- IPv6 backends (issue 21) --------------------------------------------------------------------
+
+V6 = Backend("2001:db8::24", WEB_BACKEND_PORT)
+
+
+def test_an_ipv6_backend_registers_when_lbnat_has_ip6() -> None:
+    cp = plane(web(), ip6="2001:db8::2")
+    reply = cp.request(request("register", V6), "2001:db8::24", now=5.0)
+    assert json.loads(reply.line) == {
+        "ok": True,
+        "op": "register",
+        "service": "web",
+        "backend": "[2001:db8::24]:8080",
+        "state": "waiting for a good probe",
+    }
+    assert "[2001:db8::24]:8080" in logged(reply.effects)[0]
+    assert (
+        cp.status({"rows": 0, "open_flows": 0, "drops": {}, "services": {}}, [], 6.0)["ip6"]
+        == "2001:db8::2"
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "backends", "error"),
+    [
+        (
+            {},
+            (),
+            "backend [2001:db8::24]:8080 is IPv6 and this lbnat has no IPv6 address (ip6 in "
+            "the config, or --ip6)",
+        ),
+        (
+            {"ip6": "2001:db8::2"},
+            (B1,),
+            "backend [2001:db8::24]:8080 is IPv6 and service web has IPv4 backends "
+            "(198.18.0.21:8080): a service's backends are all of one family",
+        ),
+    ],
+)
+def test_an_ipv6_backend_is_refused(
+    settings: dict[str, object], backends: tuple[Backend, ...], error: str
+) -> None:
+    cp = plane(web(*backends), **settings)
+    reply = cp.request(request("register", V6), PEER, now=5.0)
+    assert json.loads(reply.line) == {"ok": False, "error": error}
+
+
+def test_an_ipv4_backend_is_refused_by_a_service_of_ipv6_backends() -> None:
+    cp = plane(web(V6), ip6="2001:db8::2")
+    reply = cp.request(request("register", B1), PEER, now=5.0)
+    assert json.loads(reply.line)["error"] == (
+        "backend 198.18.0.21:8080 is IPv4 and service web has IPv6 backends "
+        "([2001:db8::24]:8080): a service's backends are all of one family"
+    )
+
+
+def test_a_reload_that_changes_a_services_family_is_refused() -> None:
+    cp = plane(web(B1, B2), ip6="2001:db8::2")
+    plan = cp.plan_reload(config(web(V6), ip6="2001:db8::2"))
+    assert plan.error == (
+        "service web holds IPv4 backends (198.18.0.21:8080) and the new config gives it IPv6 "
+        "ones: a service's backends are all of one family (unregister or remove the others "
+        "first, or restart)"
+    )
+    assert cp.plan_reload(config(web(B2, B3), ip6="2001:db8::2")).error is None
+    empty = plane(web(), ip6="2001:db8::2")
+    assert empty.plan_reload(config(web(V6), ip6="2001:db8::2")).error is None

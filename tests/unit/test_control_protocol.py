@@ -41,7 +41,7 @@ NOW = 1_700_000_000.0
 WINDOW = 30.0
 EPSILON = 1e-3
 SOURCE = "198.18.0.21"
-ALLOW = (ipaddress.IPv4Network("198.18.0.0/15"),)
+ALLOW = (ipaddress.IPv4Network("198.18.0.0/15"), ipaddress.IPv6Network("2001:db8::/64"))
 NONCE = "00112233445566778899aabbccddeeff"
 
 REGISTER: dict[str, object] = {
@@ -425,6 +425,8 @@ def test_source_refused_burns_no_nonce() -> None:
         ("::ffff:198.18.0.21", True),  # a dual-stack listener's view of an IPv4 peer
         ("::ffff:10.0.0.1", False),
         ("::1", False),
+        ("2001:db8::21", True),
+        ("2001:db8:0:1::21", False),
         ("", False),
         ("not an address", False),
         ("198.18.0.21:7000", False),
@@ -500,12 +502,21 @@ MALFORMED_REQUESTS: list[tuple[dict[str, object], str]] = [
     ({**BACKEND, "service": "s" * 65}, "is not a service name (1-64 printable characters)"),
     ({**BACKEND, "service": "a\tb"}, 'service: "a\\tb" is not a service name'),
     ({**BACKEND, "ip": 167772161}, "ip: must be a string, not 167772161"),
-    ({**BACKEND, "ip": "1.2.3"}, 'ip: "1.2.3" is not a dotted IPv4 address'),
-    ({**BACKEND, "ip": "256.1.1.1"}, "is not a dotted IPv4 address"),
-    ({**BACKEND, "ip": "010.0.0.1"}, "is not a dotted IPv4 address"),
-    ({**BACKEND, "ip": " 10.0.0.1"}, "is not a dotted IPv4 address"),
-    ({**BACKEND, "ip": "::1"}, "is not a dotted IPv4 address"),
-    ({**BACKEND, "ip": "example.com"}, "is not a dotted IPv4 address"),
+    ({**BACKEND, "ip": "1.2.3"}, 'ip: "1.2.3" is not an IPv4 or IPv6 address'),
+    ({**BACKEND, "ip": "256.1.1.1"}, "is not an IPv4 or IPv6 address"),
+    ({**BACKEND, "ip": "010.0.0.1"}, "is not an IPv4 or IPv6 address"),
+    ({**BACKEND, "ip": " 10.0.0.1"}, "is not an IPv4 or IPv6 address"),
+    ({**BACKEND, "ip": "example.com"}, "is not an IPv4 or IPv6 address"),
+    ({**BACKEND, "ip": "[2001:db8::1]"}, 'ip: "[2001:db8::1]" is not an IPv4 or IPv6 address'),
+    ({**BACKEND, "ip": "2001:db8::zz"}, "is not an IPv4 or IPv6 address"),
+    ({**BACKEND, "ip": "::1"}, "ip: ::1 is not a backend address (loopback)"),
+    ({**BACKEND, "ip": "::"}, "ip: :: is not a backend address (unspecified)"),
+    ({**BACKEND, "ip": "ff02::1"}, "ip: ff02::1 is not a backend address (multicast)"),
+    ({**BACKEND, "ip": "fe80::1"}, "ip: fe80::1 is not a backend address (link-local)"),
+    (
+        {**BACKEND, "ip": "::ffff:10.0.0.1"},
+        "ip: ::ffff:a00:1 is not a backend address (IPv4-mapped: give the IPv4 address)",
+    ),
     ({**BACKEND, "ip": "0.0.0.0"}, "ip: 0.0.0.0 is not a backend address (this network)"),
     ({**BACKEND, "ip": "127.0.0.1"}, "ip: 127.0.0.1 is not a backend address (loopback)"),
     ({**BACKEND, "ip": "224.0.0.5"}, "(multicast)"),
@@ -876,3 +887,12 @@ def test_admin_round_trips(request: tuple[dict[str, object], Request]) -> None:
 )
 def test_ha_role_takes_only_keepalived_s_states(message: dict[str, object], reason: str) -> None:
     refused(parse(json.dumps(message).encode() + b"\n", None, admin=True), reason)
+
+
+def test_an_ipv6_backend_is_registered_in_its_canonical_text() -> None:
+    message = {**UNREGISTER, "op": "register", "ip": "2001:DB8:0:0::21"}
+    request = parse_request(
+        encode(message), source_ip="2001:db8::5", now=0.0, auth=Authenticator(None)
+    )
+    assert isinstance(request, Request)
+    assert request.ip == "2001:db8::21"

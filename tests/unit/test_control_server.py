@@ -196,3 +196,38 @@ def test_connections_past_the_cap_are_refused_at_once(
     assert b"3 connections open already" in reply
     assert ("127.0.0.1", "3 connections open already; connection closed") in refused.lines
     assert "busy" in refused.kinds
+
+
+def test_the_control_channel_on_ipv6_and_dual_stack(refused: Log) -> None:
+    """An IPv6 listen address; on "::" IPv4 peers too, seen (and allow-listed) as IPv4."""
+    from lbnat.control.client import request_line
+    from lbnat.control.protocol import encode
+
+    peers: list[str] = []
+
+    def note(request: Request, peer: str) -> bytes:
+        peers.append(peer)
+        return ack(op=request.op)
+
+    line = encode({"op": "unregister", "service": "web", "ip": "2001:db8::21", "port": 80})
+    for host, clients in (("::1", ["::1"]), ("::", ["::1", "127.0.0.1"])):
+        server = RegistrationServer(host, 0, Authenticator(None), note, refused)
+        port = int(server.server_address[1])
+        with served(server):
+            for client in clients:
+                assert request_line((client, port), line) == b'{"ok":true,"op":"unregister"}\n'
+    assert peers == ["::1", "::1", "127.0.0.1"]
+
+
+@pytest.mark.usefixtures("private_netns")
+def test_a_service_port_taken_on_ip6_is_found_before_start() -> None:
+    from lbnat.daemon import StartError, check_port_free
+
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StartError, match=f"tcp port {port} on ::1 is already used"):
+            check_port_free("::1", port, "tcp")
+    check_port_free("::1", port, "tcp")  # free again
+    check_port_free("2001:db8::99", port, "udp")  # not (yet) this host's: free-bound

@@ -377,3 +377,17 @@ def test_the_nat_table_dump() -> None:
         "  tcp client 198.18.0.12:40000 <-> server 198.18.0.22:9000 NAT port 61001 "
         "TIME_WAIT age 3.0s\n"
     )
+
+
+def test_ipv6_addresses_are_bracketed_before_a_port() -> None:
+    from lbnat.eventlog import flow_opened_line
+
+    opened = flow_opened_line(
+        FlowOpened("chat", ("2001:db8::7", 40000), ("2001:db8::21", 9000), 61000)
+    )
+    assert (
+        opened.text
+        == "new client <2001:db8::7,40000> -> server [2001:db8::21]:9000 (NAT port 61000)"
+    )
+    assert opened.fields["client"] == "[2001:db8::7]:40000"
+    assert opened.fields["backend"] == "[2001:db8::21]:9000"

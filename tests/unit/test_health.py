@@ -28,7 +28,14 @@ from lbnat.health import (
 from lbnat.health.checker import Report
 from lbnat.health.hello import HelloProbe
 from lbnat.health.http import HttpProbe
-from lbnat.health.syn import SynProbe, classify, reply_filter, syn_segment
+from lbnat.health.syn import (
+    SynProbe,
+    classify,
+    classify_segment,
+    reply_filter,
+    reply_filter6,
+    syn_segment,
+)
 from lbnat.health.tcp import TcpProbe
 from lbnat.health.udp import UdpProbe
 from tests.unit.cbpf import run_bpf
@@ -363,3 +370,104 @@ def test_checker_with_nothing_to_probe_sleeps() -> None:
         assert published == ["web"]  # woken at once, probed, published
     finally:
         checker.stop()
+
+
+# --- IPv6 backends (issue 21) -------------------------------------------------------------------
+
+HOST6 = "::1"  # lo's IPv6 address in the private namespace (the probes do not refuse loopback)
+
+
+def segment(flags: str, ack: int, sport: int = 9000, dport: int = 40000) -> bytes:
+    """A TCP segment without an IP header, as an AF_INET6 raw socket reads it."""
+    return bytes(TCP(sport=sport, dport=dport, flags=flags, seq=5, ack=ack))
+
+
+@pytest.mark.parametrize(
+    ("description", "data", "verdict"),
+    [
+        ("SYN-ACK acking ISN + 1", segment("SA", 1001), ProbeResult(True, "syn-ack")),
+        ("RST+ACK acking ISN + 1", segment("RA", 1001), ProbeResult(False, "connection refused")),
+        ("SYN-ACK acking something else", segment("SA", 5), None),
+        ("a plain ACK", segment("A", 1001), None),
+        ("from another port", segment("SA", 1001, sport=9001), None),
+        ("to another local port", segment("SA", 1001, dport=40001), None),
+        ("garbage", b"\x23\x28", None),
+        ("empty", b"", None),
+    ],
+)
+def test_classify_segment_answers(
+    description: str, data: bytes, verdict: ProbeResult | None
+) -> None:
+    assert classify_segment(data, 9000, 40000, 1000) == verdict, description
+
+
+def test_reply_filter6_passes_only_the_answer() -> None:
+    program = reply_filter6(9000, 40000)
+    assert run_bpf(program, segment("SA", 1)) > 0
+    assert run_bpf(program, segment("SA", 1, sport=9001)) == 0
+    assert run_bpf(program, segment("SA", 1, dport=40001)) == 0
+
+
+@contextmanager
+def listener6(kind: int = socket.SOCK_STREAM) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET6, kind)
+    try:
+        sock.bind((HOST6, 0))
+        if kind == socket.SOCK_STREAM:
+            sock.listen()
+        yield sock
+    finally:
+        sock.close()
+
+
+def free_port6(kind: int = socket.SOCK_STREAM) -> int:
+    with listener6(kind) as sock:
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.mark.usefixtures("private_netns")
+def test_every_probe_kind_reaches_an_ipv6_backend() -> None:
+    with listener6() as server:
+        port = server.getsockname()[1]
+        assert SynProbe().check(HOST6, port, 1.0) == ProbeResult(True, "syn-ack")
+        assert TcpProbe().check(HOST6, port, 1.0).ok
+    closed = free_port6()
+    assert SynProbe().check(HOST6, closed, 1.0) == ProbeResult(False, "connection refused")
+    assert TcpProbe().check(HOST6, closed, 1.0) == ProbeResult(False, "connection refused")
+    with listener6(socket.SOCK_DGRAM) as server:
+
+        def serve() -> None:
+            server.settimeout(2)
+            _, peer = server.recvfrom(2048)
+            server.sendto(b"OK", peer)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        assert UdpProbe().check(HOST6, server.getsockname()[1], 1.0).ok
+        thread.join(2)
+    hosts: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hosts.append(self.headers["Host"])
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    class Server6(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    server6 = Server6((HOST6, 0), Handler)
+    thread = threading.Thread(target=server6.serve_forever, args=(0.1,), daemon=True)
+    thread.start()
+    try:
+        port = server6.server_address[1]
+        assert HttpProbe("/").check(HOST6, port, 1.0) == ProbeResult(True, "status 200")
+    finally:
+        server6.shutdown()
+        server6.server_close()
+    assert hosts == [f"[::1]:{port}"]

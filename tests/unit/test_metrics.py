@@ -270,3 +270,19 @@ def test_the_server_serves_the_registry_and_stops() -> None:
         server.close()
     with pytest.raises(OSError):
         urllib.request.urlopen(url, timeout=2)
+
+
+def test_ipv6_backend_labels_and_a_dual_stack_server() -> None:
+    from lbnat.metrics import backend_label
+
+    assert backend_label(("2001:db8::21", 9000)) == "[2001:db8::21]:9000"
+    assert backend_label(("198.18.0.21", 9000)) == "198.18.0.21:9000"
+    instruments = Instruments()
+    server = MetricsServer.start("::", 0, instruments.registry)
+    try:
+        for host in ("127.0.0.1", "[::1]"):  # "::" takes both families
+            url = f"http://{host}:{server.port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                assert reply.status == 200
+    finally:
+        server.close()

@@ -9,6 +9,7 @@ is never forwarded; a TTL that runs out ends a loop.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -254,3 +255,17 @@ def test_a_late_end_from_one_owner_never_hides_a_live_flow_of_another() -> None:
     owners.install(OTHER, [record()], 0.0)  # lb3's live flow of the socket
     owners.install(OWNER, [record(state=State.TIME_WAIT)], 0.1)  # lb1's old one, in a bulk
     assert owners.owner_of(next(iter(owners.flows)), 1.0) == OTHER
+
+
+def test_an_ipv6_clients_records_are_skipped_and_counted() -> None:
+    """The mesh is IPv4: a peer's rows of IPv6 clients are no ownership to keep here."""
+    from lbnat import addresses
+
+    owners = FlowOwners(Timeouts())
+    v4 = record()
+    row6 = dataclasses.replace(v4.row, client_ip=addresses.parse("2001:db8::11"))
+    v6 = RowUpdate(row6, 0, 0)
+    owners.install(OWNER, [v6, v4], now=1.0)
+    owners.refresh(OWNER, [RowRefresh(key_of(v6), 0)], now=2.0)
+    owners.end(OWNER, [key_of(v6)])
+    assert len(owners.flows) == 1 and owners.ipv6_skipped == 3

@@ -27,6 +27,17 @@ def test_a_header_survives_encoding() -> None:
     assert decode(encode(HEADER)) == HEADER
     saved = dataclasses.replace(HEADER, saved=True, rows=7, offload_kept=True)
     assert decode(encode(saved)) == saved
+    dual = dataclasses.replace(HEADER, ip6="2001:db8::2")
+    assert decode(encode(dual)) == dual
+
+
+def test_a_header_from_before_ipv6_has_no_ip6() -> None:
+    data: dict[str, Any] = json.loads(encode(HEADER))
+    del data["ip6"]
+    assert decode(json.dumps(data).encode()) == HEADER
+    data["ip6"] = 6
+    with pytest.raises(ValueError, match="'ip6' is not a string or null"):
+        decode(json.dumps(data).encode())
 
 
 @pytest.mark.parametrize(
@@ -66,6 +77,10 @@ def test_a_header_with_a_field_of_the_wrong_type_is_refused() -> None:
         ({"nat_ports": (62000, 65535)}, "its NAT ports are 61000-65535, this lbnat's are 62000"),
         ({"workers": 1}, "it was written by 2 workers, this lbnat has 1"),
         ({"workers": 3}, "it was written by 2 workers, this lbnat has 3"),
+        (
+            {"ip6": "2001:db8::2"},
+            "it is for IPv6 address none, this lbnat's is 2001:db8::2 (an IPv6 client's row",
+        ),
     ],
 )
 def test_rows_fit_when_address_nat_ports_and_workers_are_the_same(

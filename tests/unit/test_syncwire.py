@@ -9,6 +9,7 @@ parameter: no test sleeps.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import re
@@ -20,6 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lbnat import addresses
 from lbnat.checkpoint import RowRecord, encode_record
 from lbnat.nat import State
 from lbnat.syncwire import (
@@ -91,6 +93,12 @@ KEY = RowKey(6, 80, addr(CLIENT1), 40000, 61000)
 REQUEST = RequestId(OWN_EPOCH, 1)
 
 UPDATE = RowUpdate(ROW, worker=1, idle=5)
+ROW6 = dataclasses.replace(
+    ROW, client_ip=addresses.parse("2001:db8::11"), backend_ip=addresses.parse("2001:db8::21")
+)
+NAT64_ROW = dataclasses.replace(ROW, client_ip=addresses.parse("2001:db8::11"))
+UPDATE6 = RowUpdate(ROW6, worker=1, idle=5)
+KEY6 = RowKey(6, 80, addresses.parse("2001:db8::11"), 40000, 61000)
 END = RowEnd(KEY)
 REFRESH = RowRefresh(KEY, idle=30)
 
@@ -145,14 +153,24 @@ def test_the_sizes_are_the_documented_ones() -> None:
     assert (HEADER_SIZE, MAC_SIZE, ROOM, MAX_DATAGRAM) == (32, 32, 1336, 1400)
     assert SIZES == {
         Kind.ROW: 44, Kind.END: 12, Kind.REFRESH: 14, Kind.RESYNC_REQUEST: 13,
-        Kind.BULK_CHUNK: 13, Kind.BULK_DONE: 17,
+        Kind.BULK_CHUNK: 13, Kind.BULK_DONE: 17, Kind.ROW6: 68, Kind.END6: 24, Kind.REFRESH6: 26,
     }  # fmt: skip
 
 
 def test_a_row_record_carries_the_checkpoint_record_verbatim() -> None:
     data = pack_record(UPDATE)
     assert data[:4] == bytes([Kind.ROW, 1, 5, 0])
-    assert data[4:] == encode_record(ROW)
+    assert data[4:] == encode_record(ROW)[:40]  # an IPv4 row: format 1's record, as ever
+    data6 = pack_record(UPDATE6)
+    assert data6[:4] == bytes([Kind.ROW6, 1, 5, 0])
+    assert data6[4:] == encode_record(ROW6)
+
+
+def test_ipv6_end_and_refresh_carry_the_whole_address() -> None:
+    assert pack_record(RowEnd(KEY6)) == bytes([Kind.END6, 6]) + (80).to_bytes(2, "little") + (
+        bytes.fromhex("20010db8000000000000000000000011")
+    ) + (40000).to_bytes(2, "little") + (61000).to_bytes(2, "little")
+    assert pack_record(RowRefresh(KEY6, 9))[-2:] == (9).to_bytes(2, "little")
 
 
 ROUND_TRIPS = {
@@ -162,6 +180,9 @@ ROUND_TRIPS = {
     "end": (MessageType.UPDATE, [END]),
     "refresh": (MessageType.UPDATE, [REFRESH]),
     "mixed-in-order": (MessageType.UPDATE, [UPDATE, REFRESH, END, UPDATE]),
+    "ipv6": (MessageType.UPDATE, [UPDATE6, RowRefresh(KEY6, 3), RowEnd(KEY6), UPDATE]),
+    "nat64": (MessageType.UPDATE, [RowUpdate(NAT64_ROW, worker=3, idle=1)]),
+    "bulk-ipv6": (MessageType.BULK, [BulkChunk(REQUEST), UPDATE, UPDATE6, BulkDone(REQUEST, 2)]),
     "heartbeat": (MessageType.UPDATE, []),
     "resync-request": (MessageType.REQUEST, [ResyncRequest(REQUEST)]),
     "bulk-chunk": (MessageType.BULK, [BulkChunk(REQUEST), UPDATE, RowUpdate(UDP_ROW)]),
@@ -192,7 +213,8 @@ def test_encode_refuses_what_the_wire_cannot_carry() -> None:
         (MessageType.UPDATE, [RowUpdate(ROW, worker=256)]),
         (MessageType.UPDATE, [RowRefresh(KEY, idle=65536)]),
         (MessageType.UPDATE, [RowEnd(RowKey(1, 80, 1, 2, 3))]),  # ICMP is no row's
-        (MessageType.UPDATE, [RowEnd(RowKey(6, 80, 2**32, 2, 3))]),
+        (MessageType.UPDATE, [RowEnd(RowKey(6, 80, 2**32, 2, 3))]),  # neither family's
+        (MessageType.UPDATE, [RowEnd(RowKey(6, 80, 2**130, 2, 3))]),
     ]
     for message_type, records in cases:
         with pytest.raises(ValueError):
@@ -600,9 +622,15 @@ rows = st.builds(
     fins=st.just(0), service_port=u16, client_ip=u32, client_port=u16, backend_ip=u32,
     backend_port=u16, nat_port=u16, wscale=st.just(0), created=u32,
 )  # fmt: skip
+v6 = st.integers(0, 2**128 - 1).map(lambda low: addresses.V6 | low)
+rows = rows | st.builds(  # IPv6 clients: to IPv6 backends or (NAT64) IPv4 ones; never proxied
+    RowRecord, proto=st.just(6), state=st.sampled_from(TCP_STATES), fins=st.integers(0, 3),
+    service_port=u16, client_ip=v6, client_port=u16, backend_ip=v6 | u32, backend_port=u16,
+    nat_port=u16, wscale=st.integers(0, 255), created=u32,
+)  # fmt: skip
 keys = st.builds(
-    RowKey, proto=st.sampled_from([6, 17]), service_port=u16, client_ip=u32, client_port=u16,
-    nat_port=u16,
+    RowKey, proto=st.sampled_from([6, 17]), service_port=u16, client_ip=u32 | v6,
+    client_port=u16, nat_port=u16,
 )  # fmt: skip
 updates = st.one_of(
     st.builds(RowUpdate, rows, worker=st.integers(0, 255), idle=u16),
@@ -680,3 +708,24 @@ def test_the_worked_example_is_what_encode_makes() -> None:
     text = DOC.read_text()  # the shell check's input and output
     assert f"printf '%s' {datagram[:-MAC_SIZE].hex()} " in text
     assert f"{datagram[-MAC_SIZE:].hex()} *stdin" in text
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([Kind.ROW6, Kind.END6, Kind.REFRESH6, Kind.ROW]), st.binary()),
+        max_size=6,
+    ),
+    st.sampled_from([MessageType.UPDATE, MessageType.BULK]),
+)
+def test_signed_ipv6_records_of_any_bytes_decode_or_drop(
+    parts: list[tuple[Kind, bytes]], message_type: MessageType
+) -> None:
+    """Records of the IPv6 kinds (and ROW, whose 40 bytes must be an IPv4 row's) with any
+    contents, whole or cut: a Message whose rows encode back to what came, or a Dropped."""
+    body = b"".join(
+        bytes([kind]) + (data + bytes(SIZES[kind]))[: SIZES[kind] - 1] for kind, data in parts
+    )
+    outcome = decode(forge(body, len(parts), message_type), SECRET, PEERS)
+    assert isinstance(outcome, Message | Dropped)
+    if isinstance(outcome, Message):
+        assert b"".join(pack_record(record) for record in outcome.records) == body
