@@ -187,6 +187,7 @@ def worker_setup(
         syn_proxy=syn_proxy,
         cursor_slots=cursor_slots,
         offload_fd=-1 if offload is None else offload.map_fd,
+        offload6_fd=-1 if offload is None else offload.map6_fd,
         ifindex=0 if offload is None else offload.ifindex,
         sync=config.sync is not None,
         sync_mode="pair" if config.sync is None else config.sync.mode,
@@ -204,7 +205,9 @@ def inline_loop(
     """The loop of the one-worker data plane (on the main thread), given the kernel's map."""
     loop = build_loop(engine, sock, link, config.io, ring_spec(config), on_events)
     if offload is not None:
-        attach_fast_path(engine, offload.map_fd, loop.neighbours, offload.ifindex)
+        attach_fast_path(
+            engine, offload.map_fd, loop.neighbours, offload.ifindex, offload.map6_fd
+        )
     return loop
 
 
