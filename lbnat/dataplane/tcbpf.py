@@ -52,6 +52,7 @@ _BPF_TC_INGRESS = 1 << 0  # enum bpf_tc_attach_point
 _BPF_TC_EGRESS = 1 << 1
 _BPF_TC_F_REPLACE = 1 << 0  # enum bpf_tc_flags
 _BPF_ANY = 0
+_BPF_F_TEST_SKB_CHECKSUM_COMPLETE = 1 << 2  # <linux/bpf.h>, kernel 6.17 and later
 _MAP_FULL = (errno.E2BIG, errno.ENOMEM)  # a hash map at max_entries; no memory for an element
 _GONE = (errno.ENOENT, errno.ENODEV, errno.EINVAL)  # no such filter, device or qdisc
 _LOG_BUFFER = 1 << 20  # one libbpf message (the verifier log is one message)
@@ -399,9 +400,12 @@ class TcProgram:
                     f"cannot remove the clsact qdisc of ifindex {ifindex}: {_why(code, messages)}"
                 )
 
-    def test_run(self, frame: bytes) -> tuple[int, bytes]:
+    def test_run(self, frame: bytes, checksum_complete: bool = False) -> tuple[int, bytes]:
         """BPF_PROG_TEST_RUN: run the program once on `frame` (Ethernet first); (its return
-        value, the frame as the program left it). The map is the real one."""
+        value, the frame as the program left it). The maps are the real ones.
+        `checksum_complete`: the skb is CHECKSUM_COMPLETE (skb->csum the sum of the packet
+        after the Ethernet header), and the kernel checks that the program left skb->csum
+        matching the packet (OSError EBADMSG if not)."""
         self._check_open()
         data_in = ctypes.create_string_buffer(frame, len(frame))
         data_out = ctypes.create_string_buffer(len(frame) + 256)
@@ -412,6 +416,7 @@ class TcProgram:
             data_size_in=len(frame),
             data_size_out=len(data_out),
             repeat=1,
+            flags=_BPF_F_TEST_SKB_CHECKSUM_COMPLETE if checksum_complete else 0,
         )
         code = -int(self._lib.bpf_prog_test_run_opts(self._prog_fd, ctypes.byref(opts)))
         if code:
