@@ -9,8 +9,10 @@
  *
  * IPv6 flows (issue 21: an IPv6 client to IPv6 backends; NAT64 rows never come here) are looked
  * up in a second map, `lbnat_flows6`, by a subprogram of their own (`fastpath6`), so the IPv4
- * path's instructions stay what they were. Only a TCP or UDP header right after the fixed
- * 40-byte header is taken: extension headers and fragments go up to the engine unchanged.
+ * path's instructions stay what they were (llvm-objdump: the first branch is taken rather than
+ * fallen through, and a redirect jumps to the shared exit: two jumps). Only a TCP or UDP header
+ * right after the fixed 40-byte header is taken: extension headers and fragments go up to the
+ * engine unchanged.
  *
  * Headers: the UAPI ones (linux-libc-dev, -I/usr/include/x86_64-linux-gnu for <asm/...>) and
  * libbpf-dev's helpers, not a vmlinux.h. The program touches only __sk_buff and the wire formats,
@@ -137,7 +139,7 @@ union l4hdr {
  * An IPv6 packet (skb->protocol is ETH_P_IPV6): the IPv4 path's checks, lookup, rewrite and
  * accounting, with the fixed 40-byte header and lbnat_flows6. No L3 checksum; the hop limit is
  * left alone as the IPv4 path leaves the TTL. A subprogram (not inlined): the IPv4 path's code
- * does not change with it, and the verifier sees each path on its own stack frame.
+ * stays as it was, and each path has a stack frame of its own.
  */
 static __noinline int fastpath6(struct __sk_buff *skb)
 {
