@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import (
@@ -456,6 +456,57 @@ def test_fastpath_s_ipv6_entries_rewrite_both_directions(
     assert row.pool.to_client_packets == 1 and row.service.packets == 2
     fastpath.withdraw(row)
     assert flows6.keys() == [] and row not in fastpath
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    proto=st.sampled_from([TCP_N, UDP_N]),
+    hosts=st.tuples(v6_addresses, v6_addresses, v6_addresses),
+    ports=st.tuples(ports, ports, ports, ports),
+    payload=st.binary(max_size=600),
+    towards_client=st.booleans(),
+)
+def test_any_ipv6_row_s_entries_rewrite_as_a_full_recompute_does(
+    program: tcbpf.TcProgram,  # noqa: F811
+    flows6: tcbpf.FlowMap,
+    flows4: tcbpf.FlowMap,
+    proto: int,
+    hosts: tuple[str, str, str],
+    ports: tuple[int, int, int, int],
+    payload: bytes,
+    towards_client: bool,
+) -> None:
+    """The row's own bytes and deltas (lbnat.fastpath's entries, not the hand-packed ones)
+    over random addresses and ports, either direction."""
+    client, vip, backend = hosts
+    client_port, service_port, backend_port, nat_port = ports
+    # the two entries' keys differ (a backend is never the client on the same ports)
+    assume((client, client_port, service_port) != (backend, backend_port, nat_port))
+    row = r6.make_row(proto, client, client_port, vip, service_port, vip, backend,
+                      backend_port, nat_port, seen=1.0)  # fmt: skip
+    if towards_client:
+        flow = r6.Rewrite6(proto, backend, vip, backend_port, nat_port, vip, client,
+                           service_port, client_port)  # fmt: skip
+    else:
+        flow = r6.Rewrite6(proto, client, vip, client_port, service_port, vip, backend,
+                           nat_port, backend_port)  # fmt: skip
+    if proto == TCP_N:
+        packet = r6.tcp6(flow.src, flow.dst, flow.sport, flow.dport, "A", 1, 2, payload)
+    else:
+        packet = r6.udp6(flow.src, flow.dst, flow.sport, flow.dport, payload)
+    fastpath = FastPath(flows4, header_for, IFINDEX, flows6)
+    fastpath.changed(row)
+    fastpath.settle(2.0)
+    try:
+        assert row in fastpath
+        retval, out = program.test_run(frame(packet))
+        assert retval == tcbpf.TC_ACT_REDIRECT
+        assert out[14:].hex() == r6.expected(bytes(packet), flow).hex()
+    finally:
+        fastpath.removed(row)
+    assert flows6.keys() == []
 
 
 @pytest.mark.parametrize("cls", [r6.Nat64Session, Session], ids=["Nat64Session", "Session"])
