@@ -205,9 +205,7 @@ def inline_loop(
     """The loop of the one-worker data plane (on the main thread), given the kernel's map."""
     loop = build_loop(engine, sock, link, config.io, ring_spec(config), on_events)
     if offload is not None:
-        attach_fast_path(
-            engine, offload.map_fd, loop.neighbours, offload.ifindex, offload.map6_fd
-        )
+        attach_fast_path(engine, offload.map_fd, loop.neighbours, offload.ifindex, offload.map6_fd)
     return loop
 
 
