@@ -217,6 +217,7 @@ def worker_setup(
         syn_proxy=syn_proxy,
         cursor_slots=cursor_slots,
         offload_fd=-1 if offload is None else offload.map_fd,
+        offload6_fd=-1 if offload is None else offload.map6_fd,
         ifindex=0 if offload is None else offload.ifindex,
         sync=config.sync is not None,
         sync_mode="pair" if config.sync is None else config.sync.mode,
@@ -236,7 +237,7 @@ def inline_loop(
     (and the IPv6 socket with --ip6)."""
     loop = build_loop(engine, sock, link, config.io, ring_spec(config), on_events, sock6=sock6)
     if offload is not None:
-        attach_fast_path(engine, offload.map_fd, loop.neighbours, offload.ifindex)
+        attach_fast_path(engine, offload.map_fd, loop.neighbours, offload.ifindex, offload.map6_fd)
     return loop
 
 

@@ -25,6 +25,14 @@ engine computed:
 - idle expiry: a due row in the kernel first takes the kernel's last-seen time (`refresh`);
 - SYN-proxied rows (`lbnat.synproxy.ProxiedSession`) stay in Python: every packet of theirs
   has its sequence numbers shifted, which the program does not do.
+
+IPv6 (issue 21): a row whose client and backend are both IPv6 (`rev_addresses` and
+`pool.fwd_addresses` 32 bytes each) goes into the second map, `lbnat_flows6`, with KEY6 and
+VALUE6 entries of the same meaning; the FastPath is given that map as `kernel6` (without it,
+IPv6 rows stay in Python). A NAT64 row (`lbnat.nat.Nat64Session`: an IPv6 client, an IPv4
+backend) never enters the kernel: the program does not translate headers. Two checks keep it
+out: only rows of the class `Session` itself are offloaded (as for the SYN proxy's rows), and
+only rows whose two address blocks have the same length (`family`).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final, Protocol
 
+from lbnat import addresses
 from lbnat.nat import Session, State
 from lbnat.packet import ADDRESS, fold
 
@@ -46,8 +55,19 @@ ports to write, the checksum deltas of the address change and of the port change
 and source MAC, the egress ifindex; then what the kernel writes: packets, bytes, last-seen
 (CLOCK_MONOTONIC ns), and for TCP the last ACK number and raw window, and whether it has one."""
 
+KEY6 = struct.Struct("!16s16sHHB3x")
+"""An IPv6 entry's key (40 bytes): as KEY, with the addresses as their 16 bytes."""
+
+VALUE6 = struct.Struct("<32s4sHH12sIQQQIHBx")
+"""An IPv6 entry's value (88 bytes): as VALUE, with 32 bytes of addresses (src16, dst16); the
+deltas are those of the row's `deltas`, over the 32 bytes (the pseudo-header's part alone:
+IPv6 has no header checksum)."""
+
 KERNEL_PART = struct.Struct("<QQQIHB")
 KERNEL_PART_AT = 32  # offset of the kernel-written part in VALUE
+KERNEL_PART_AT6 = 56  # in VALUE6
+_KERNEL_TAIL = 32  # the kernel-written part and its pad end both values
+assert VALUE.size - KERNEL_PART_AT == VALUE6.size - KERNEL_PART_AT6 == _KERNEL_TAIL
 
 OFFLOADED = (State.ESTABLISHED, State.UDP_REPLIED)
 
@@ -59,7 +79,8 @@ than a short connection's whole Python path saves, so only flows that last get i
 
 
 class KernelMap(Protocol):
-    """The flow map (lbnat.dataplane.tcbpf.FlowMap); keys and values are KEY and VALUE bytes."""
+    """A flow map (lbnat.dataplane.tcbpf.FlowMap); keys and values are KEY and VALUE bytes
+    (KEY6 and VALUE6 in the IPv6 map)."""
 
     def put(self, key: bytes, value: bytes) -> bool:
         """Insert or replace; False when the map is full."""
@@ -80,12 +101,29 @@ def port_delta(ip_delta: int, l4_delta: int) -> int:
 Entry = tuple[bytes, bytes]  # (KEY bytes, VALUE bytes)
 
 
+def family(row: Session) -> int:
+    """4 or 6 when the row's client and backend are of that one family (its two address blocks,
+    `rev_addresses` and `pool.fwd_addresses`, 8 or 32 bytes each); 0 for a row across the
+    families (NAT64: 32 and 8), which has no kernel entries."""
+    size = len(row.rev_addresses)
+    if size != len(row.pool.fwd_addresses):
+        return 0
+    return 4 if size == 8 else 6 if size == 32 else 0
+
+
 def flow_entries(
     row: Session, ethernet: Callable[[int], bytes | None], ifindex: int
 ) -> tuple[Entry, Entry] | None:
-    """The row's two kernel entries, client -> VIP then backend -> NAT port; None while the
-    Ethernet header of either next hop is unknown. `ethernet(ip)` returns the 14-byte header
-    the data plane writes for a frame to `ip` (lbnat.dataplane.link.Neighbours.header_for)."""
+    """The row's two kernel entries, client -> VIP then backend -> NAT port (KEY/VALUE for an
+    IPv4 row, KEY6/VALUE6 for an IPv6 one); None while the Ethernet header of either next hop
+    is unknown. `ethernet(ip)` returns the 14-byte header the data plane writes for a frame to
+    `ip` (lbnat.dataplane.link.Neighbours.header_for; an IPv6 int for an IPv6 row's hops).
+    ValueError for a row across the families (`family` 0: NAT64)."""
+    kind = family(row)
+    if kind != 4:
+        if kind == 6:
+            return _flow_entries6(row, ethernet, ifindex)
+        raise ValueError("a row across the families (NAT64) has no kernel entries")
     pool = row.pool
     backend = pool.backend
     client_ip = ADDRESS.unpack(row.rev_addresses[4:])[0]
@@ -116,13 +154,49 @@ def flow_entries(
     return forward, reverse
 
 
+def _flow_entries6(
+    row: Session, ethernet: Callable[[int], bytes | None], ifindex: int
+) -> tuple[Entry, Entry] | None:
+    """flow_entries of an IPv6 row: the same entries with KEY6 and VALUE6."""
+    pool = row.pool
+    backend = pool.backend
+    vip, client = row.rev_addresses[:16], row.rev_addresses[16:]
+    lb, backend_address = pool.fwd_addresses[:16], pool.fwd_addresses[16:]
+    to_backend = ethernet(addresses.from_packed(backend_address))
+    to_client = ethernet(addresses.from_packed(client))
+    if to_backend is None or to_client is None:
+        return None
+    proto = row.proto
+    deltas = row.deltas
+    fwd_ip, fwd_l4 = deltas >> 48, (deltas >> 32) & 0xFFFF
+    rev_ip, rev_l4 = (deltas >> 16) & 0xFFFF, deltas & 0xFFFF
+    forward = (
+        KEY6.pack(client, vip, row.client_port, row.service_port, proto),
+        VALUE6.pack(
+            pool.fwd_addresses, row.fwd_ports, fwd_ip, port_delta(fwd_ip, fwd_l4),
+            to_backend[:12], ifindex, 0, 0, 0, 0, 0, 0,
+        ),
+    )  # fmt: skip
+    reverse = (
+        KEY6.pack(backend_address, lb, backend.port, row.nat_port, proto),
+        VALUE6.pack(
+            row.rev_addresses, row.rev_ports, rev_ip, port_delta(rev_ip, rev_l4),
+            to_client[:12], ifindex, 0, 0, 0, 0, 0, 0,
+        ),
+    )  # fmt: skip
+    return forward, reverse
+
+
 class _InKernel:
-    """A row in the kernel: its two keys and, per entry, the kernel's packets and bytes already
+    """A row in the kernel: the map it is in (IPv4's or IPv6's) and where the kernel's part of
+    its values starts, its two keys and, per entry, the kernel's packets and bytes already
     folded into the row's pool and service (the kernel's counters only grow while it lives)."""
 
-    __slots__ = ("forward", "fwd_counts", "rev_counts", "reverse")
+    __slots__ = ("at", "forward", "fwd_counts", "kernel", "rev_counts", "reverse")
 
-    def __init__(self, forward: bytes, reverse: bytes) -> None:
+    def __init__(self, kernel: KernelMap, at: int, forward: bytes, reverse: bytes) -> None:
+        self.kernel = kernel
+        self.at = at
         self.forward = forward
         self.reverse = reverse
         self.fwd_counts = [0, 0]  # packets, bytes
@@ -133,12 +207,18 @@ class FastPath:
     """Which rows the kernel rewrites (`rows`), and their entries kept in step with the engine.
     Set as `SessionTable.kernel`: the table calls `changed`/`removed` on every change of state
     and removal, `refresh` before expiring a row; the tracker calls `refresh` before judging a
-    FIN, RST or SYN of an established row."""
+    FIN, RST or SYN of an established row. IPv4 rows go into `kernel`, IPv6 rows into
+    `kernel6` (None: they stay in Python); rows across the families never go in."""
 
     def __init__(
-        self, kernel: KernelMap, ethernet: Callable[[int], bytes | None], ifindex: int
+        self,
+        kernel: KernelMap,
+        ethernet: Callable[[int], bytes | None],
+        ifindex: int,
+        kernel6: KernelMap | None = None,
     ) -> None:
         self.kernel = kernel
+        self.kernel6 = kernel6
         self.ethernet = ethernet
         self.ifindex = ifindex
         self.rows: dict[Session, _InKernel] = {}
@@ -156,9 +236,11 @@ class FastPath:
         return row in self.rows
 
     def changed(self, row: Session) -> None:
-        """The row's state changed (`row.seen` is when): it waits for the kernel, or leaves it."""
+        """The row's state changed (`row.seen` is when): it waits for the kernel, or leaves it.
+        Only rows of the class Session itself (not a SYN-proxied row, not a NAT64 row) whose
+        family has a map wait."""
         if row.state in OFFLOADED and row.__class__ is Session:
-            if row not in self.rows:
+            if row not in self.rows and self._takes(row):
                 self.waiting.append((row.seen, row))
         elif row in self.rows:
             self.withdraw(row)
@@ -177,20 +259,30 @@ class FastPath:
         if row in self.rows:
             self.withdraw(row)
 
+    def _takes(self, row: Session) -> bool:
+        """Whether the row's family has a map here (IPv4: always; IPv6: with kernel6)."""
+        kind = family(row)
+        return kind == 4 or (kind == 6 and self.kernel6 is not None)
+
     def _offload(self, row: Session) -> None:
+        kernel, at = self.kernel, KERNEL_PART_AT
+        if len(row.rev_addresses) != 8:
+            if self.kernel6 is None or family(row) != 6:
+                return
+            kernel, at = self.kernel6, KERNEL_PART_AT6
         entries = flow_entries(row, self.ethernet, self.ifindex)
         if entries is None:
             self.refused += 1
             return
         (fwd_key, fwd_value), (rev_key, rev_value) = entries
-        if not self.kernel.put(fwd_key, fwd_value):
+        if not kernel.put(fwd_key, fwd_value):
             self.refused += 1
             return
-        if not self.kernel.put(rev_key, rev_value):
-            self.kernel.delete(fwd_key)
+        if not kernel.put(rev_key, rev_value):
+            kernel.delete(fwd_key)
             self.refused += 1
             return
-        self.rows[row] = _InKernel(fwd_key, rev_key)
+        self.rows[row] = _InKernel(kernel, at, fwd_key, rev_key)
         self.offloaded += 1
 
     def withdraw(self, row: Session) -> None:
@@ -201,8 +293,8 @@ class FastPath:
         if self._refreshed is not row:  # the tracker or the sweep has just read it: once will do
             self.refresh(row)
         self._refreshed = None
-        self.kernel.delete(entry.forward)
-        self.kernel.delete(entry.reverse)
+        entry.kernel.delete(entry.forward)
+        entry.kernel.delete(entry.reverse)
         del self.rows[row]
         self.withdrawn += 1
 
@@ -214,25 +306,23 @@ class FastPath:
         if entry is None:
             return
         self._refreshed = row
-        acked = self._fold(row, entry.forward, entry.fwd_counts, False)
+        acked = self._fold(row, entry, entry.forward, entry.fwd_counts, False)
         if acked is not None:
             row.ack_c, row.win_c = acked
-        acked = self._fold(row, entry.reverse, entry.rev_counts, True)
+        acked = self._fold(row, entry, entry.reverse, entry.rev_counts, True)
         if acked is not None:
             row.ack_s, row.win_s = acked
 
     def _fold(
-        self, row: Session, key: bytes, counts: list[int], to_client: bool
+        self, row: Session, entry: _InKernel, key: bytes, counts: list[int], to_client: bool
     ) -> tuple[int, int] | None:
         """Fold one entry's new packets and bytes into the row (the reverse entry's go to the
         client); the ACK and window of the side's last segment if the kernel carried one
         since the last fold."""
-        value = self.kernel.get(key)
+        value = entry.kernel.get(key)
         if value is None:
             return None
-        packets, octets, seen_ns, ack, window, acked = KERNEL_PART.unpack_from(
-            value, KERNEL_PART_AT
-        )
+        packets, octets, seen_ns, ack, window, acked = KERNEL_PART.unpack_from(value, entry.at)
         if packets <= counts[0]:
             return None
         self._count(row, packets - counts[0], octets - counts[1], seen_ns, to_client)
@@ -278,9 +368,10 @@ class FastPath:
 
 
 class SimulatedMap:
-    """The kernel map in memory, with the program's bookkeeping done by `carry` (what the tc
-    program writes for each packet it rewrites): the engine's tests run the fast path's
-    decisions without BPF, as katran's tests run against its simulator."""
+    """A kernel map in memory (IPv4's or IPv6's: the values say which), with the program's
+    bookkeeping done by `carry` (what the tc program writes for each packet it rewrites): the
+    engine's tests run the fast path's decisions without BPF, as katran's tests run against
+    its simulator."""
 
     def __init__(self, capacity: int = 1 << 16) -> None:
         self.capacity = capacity
@@ -303,12 +394,11 @@ class SimulatedMap:
         value = self.entries.get(key)
         if value is None:
             return False
-        packets, octets, _seen, old_ack, old_window, acked = KERNEL_PART.unpack_from(
-            value, KERNEL_PART_AT
-        )
+        at = len(value) - _KERNEL_TAIL  # KERNEL_PART_AT, or KERNEL_PART_AT6 in a VALUE6
+        packets, octets, _seen, old_ack, old_window, acked = KERNEL_PART.unpack_from(value, at)
         if ack is not None:
             old_ack, old_window, acked = ack, window, 1
         written = KERNEL_PART.pack(packets + 1, octets + length, now_ns, old_ack, old_window, acked)
-        tail = value[KERNEL_PART_AT + KERNEL_PART.size :]
-        self.entries[key] = value[:KERNEL_PART_AT] + written + tail
+        tail = value[at + KERNEL_PART.size :]
+        self.entries[key] = value[:at] + written + tail
         return True

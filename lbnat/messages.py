@@ -125,6 +125,7 @@ class WorkerSetup:
     syn_proxy: SynProxySettings = field(default_factory=lambda: SynProxySettings(mode="off"))
     # The kernel fast path's map (lbnat.dataplane.offload): an fd the worker inherits, -1: none.
     offload_fd: int = -1
+    offload6_fd: int = -1  # its IPv6 flows' map, the same way
     ifindex: int = 0  # the interface the program redirects to
     sync: bool = False  # the session sync is on: journal the rows, apply a peer's (lbnat.standby)
     # "mesh": the peers' rows say which instance owns a flow (lbnat.owners), "pair": standby rows

@@ -9,11 +9,12 @@ the next.
                          (`Handover.leave`); PATH is rewritten with `saved` true and the rows
     (the gap)            the host's kernel drops the packets to the VIP and NAT ports (the
                          guard) instead of answering RSTs, so TCP retransmits; the tc program
-                         keeps rewriting the flows in its map (it holds the map)
+                         keeps rewriting the flows in its maps (it holds both, IPv4's and
+                         IPv6's)
     lbnat B starts       `Handover.take`: PATH fits (same address, NAT range, workers)? keep
                          the row files, else remove them (one line why); the guard is installed
                          over A's in one nft transaction, the tc filter replaced (A's program
-                         and map go), every worker restores its rows before its first frame
+                         and maps go), every worker restores its rows before its first frame
                          (the same path a restarted worker takes) and puts the established
                          ones back into the kernel; one line says how many rows came back
 

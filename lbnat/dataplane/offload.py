@@ -2,10 +2,12 @@
 handed to each engine. The decisions are lbnat.fastpath's; the syscalls lbnat.dataplane.tcbpf's.
 
     main process: start_offload() loads lbnat/bpf/fastpath.bpf.o and attaches it (clsact
-                  ingress of the LB's interface); its map's fd goes to every worker (inherited,
-                  like the row checkpoint's memfd: no bpffs pin, so no mount namespace can hide
-                  it, and the map dies with lbnat)
-    each engine:  engine.table.kernel = FastPath(FlowMap(fd), neighbours.header_for, ifindex)
+                  ingress of the LB's interface); its two maps' fds (IPv4 flows, IPv6 flows) go
+                  to every worker (inherited, like the row checkpoint's memfd: no bpffs pin, so
+                  no mount namespace can hide them, and the maps die with lbnat, or with the
+                  filter a hitless restart leaves attached)
+    each engine:  engine.table.kernel = FastPath(FlowMap(fd), neighbours.header_for, ifindex,
+                                                 FlowMap(fd6))
 
 `auto` falls back to the Python path alone with one line saying why; `tc` refuses to start.
 """
@@ -20,7 +22,7 @@ from lbnat.dataplane.tcbpf import FlowMap, OffloadUnavailable, TcProgram, object
 from lbnat.engine import Engine
 from lbnat.fastpath import FastPath
 
-MAX_ENTRIES = 1 << 21  # two entries a row; the hash map allocates them as rows come
+MAX_ENTRIES = 1 << 21  # two entries a row, in each map; the hash maps allocate them as rows come
 
 
 class OffloadError(Exception):
@@ -36,7 +38,13 @@ class KernelPath:
 
     @property
     def map_fd(self) -> int:
+        """The IPv4 flows' map."""
         return self.program.map_fd
+
+    @property
+    def map6_fd(self) -> int:
+        """The IPv6 flows' map."""
+        return self.program.map6_fd
 
     def close(self) -> None:
         self.program.close()  # detaches the filter first
@@ -74,6 +82,10 @@ def start_offload(
     return KernelPath(program, ifindex), "tc offload"
 
 
-def attach_fast_path(engine: Engine, map_fd: int, neighbours: Neighbours, ifindex: int) -> None:
-    """Give an engine the kernel's map: from now on its established rows enter it."""
-    engine.table.kernel = FastPath(FlowMap(map_fd), neighbours.header_for, ifindex)
+def attach_fast_path(
+    engine: Engine, map_fd: int, neighbours: Neighbours, ifindex: int, map6_fd: int = -1
+) -> None:
+    """Give an engine the kernel's maps: from now on its established rows enter them, IPv4
+    rows `map_fd`'s, IPv6 rows `map6_fd`'s (-1: IPv6 rows stay in Python). NAT64 rows never."""
+    kernel6 = FlowMap(map6_fd) if map6_fd >= 0 else None
+    engine.table.kernel = FastPath(FlowMap(map_fd), neighbours.header_for, ifindex, kernel6)

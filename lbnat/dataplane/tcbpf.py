@@ -1,6 +1,7 @@
 """The tc eBPF fast path's I/O (issue 17): load lbnat/bpf/fastpath.bpf.o, attach it to a
-device's clsact ingress, detach it, and work its flow map. The entry layouts and the decisions
-(what to offload, when to withdraw) are lbnat.fastpath's; this module only moves bytes.
+device's clsact ingress, detach it, and work its flow maps (IPv4's and IPv6's). The entry
+layouts and the decisions (what to offload, when to withdraw) are lbnat.fastpath's; this module
+only moves bytes.
 
 libbpf through ctypes: no Python library loads a BPF ELF object here (pyroute2 attaches by fd
 but cannot load an ELF; bcc wants kernel headers this kernel does not have), and libbpf does the
@@ -15,7 +16,9 @@ refused rather than misread.
 
 Attachment: a filter with a fixed handle and priority on clsact ingress, so a filter left by a
 killed lbnat is found (`detach_stale`) or replaced (BPF_TC_F_REPLACE). No bpffs pin: the main
-process holds the program and map fds, workers inherit the map fd (`FlowMap` works on any fd).
+process holds the program and map fds, workers inherit the map fds (`FlowMap` works on any fd
+of either map). The program refers to both maps, so a filter left attached (a hitless restart)
+keeps both alive, and its removal (`lbnat cleanup`, the next lbnat's replacement) frees both.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ PROGRAM_NAME = "lbnat_fastpath"
 MAP_NAME = "lbnat_flows"
 KEY_SIZE = 16  # struct flow_key, lbnat/bpf/fastpath.bpf.c
 VALUE_SIZE = 64  # struct flow_value
+MAP6_NAME = "lbnat_flows6"  # IPv6 flows (issue 21)
+KEY6_SIZE = 40  # struct flow_key6
+VALUE6_SIZE = 88  # struct flow_value6
+LAYOUTS = ((KEY_SIZE, VALUE_SIZE), (KEY6_SIZE, VALUE6_SIZE))  # what a FlowMap accepts
 TC_HANDLE = 0x1B
 TC_PRIORITY = 0xB1
 TC_ACT_UNSPEC = -1  # "not mine": the next filter of the chain runs (another lbnat's), then on up
@@ -45,6 +52,7 @@ _BPF_TC_INGRESS = 1 << 0  # enum bpf_tc_attach_point
 _BPF_TC_EGRESS = 1 << 1
 _BPF_TC_F_REPLACE = 1 << 0  # enum bpf_tc_flags
 _BPF_ANY = 0
+_BPF_F_TEST_SKB_CHECKSUM_COMPLETE = 1 << 2  # <linux/bpf.h>, kernel 6.17 and later
 _MAP_FULL = (errno.E2BIG, errno.ENOMEM)  # a hash map at max_entries; no memory for an element
 _GONE = (errno.ENOENT, errno.ENODEV, errno.EINVAL)  # no such filter, device or qdisc
 _LOG_BUFFER = 1 << 20  # one libbpf message (the verifier log is one message)
@@ -264,20 +272,22 @@ def _load_refused(code: int, messages: list[tuple[int, str]]) -> OffloadUnavaila
 
 
 class TcProgram:
-    """The loaded program and its map (both fds owned by libbpf's bpf_object), attached to at
-    most one device's clsact ingress at a time."""
+    """The loaded program and its maps, IPv4 and IPv6 flows (the fds owned by libbpf's
+    bpf_object), attached to at most one device's clsact ingress at a time."""
 
-    def __init__(self, lib: ctypes.CDLL, obj: int, prog_fd: int, map_fd: int) -> None:
+    def __init__(self, lib: ctypes.CDLL, obj: int, prog_fd: int, map_fd: int, map6_fd: int) -> None:
         self._lib = lib
         self._obj: int | None = obj
         self._prog_fd = prog_fd
         self._map_fd = map_fd
+        self._map6_fd = map6_fd
         self._attached: tuple[int, bool] | None = None  # (ifindex, clsact created by us)
         self._handle = TC_HANDLE  # of the filter attached
 
     @classmethod
     def load(cls, path: Path, max_entries: int) -> TcProgram:
-        """Open the object, size the map and load both into the kernel."""
+        """Open the object, size both maps (`max_entries` each) and load it all into the
+        kernel."""
         if not path.is_file():
             raise OffloadUnavailable(f"no BPF object at {path} (build it with `make bpf`)")
         lib = _libbpf()
@@ -289,22 +299,27 @@ class TcProgram:
             try:
                 prog = lib.bpf_object__find_program_by_name(obj, PROGRAM_NAME.encode())
                 flows = lib.bpf_object__find_map_by_name(obj, MAP_NAME.encode())
-                if not prog or not flows:
-                    raise OffloadUnavailable(f"{path} has no {PROGRAM_NAME} or no {MAP_NAME}")
-                code = -int(lib.bpf_map__set_max_entries(flows, max_entries))
-                if code:
+                flows6 = lib.bpf_object__find_map_by_name(obj, MAP6_NAME.encode())
+                if not prog or not flows or not flows6:
                     raise OffloadUnavailable(
-                        f"max_entries {max_entries} refused: {_why(code, messages)}"
+                        f"{path} has no {PROGRAM_NAME}, {MAP_NAME} or {MAP6_NAME}"
                     )
+                for flow_map in (flows, flows6):
+                    code = -int(lib.bpf_map__set_max_entries(flow_map, max_entries))
+                    if code:
+                        raise OffloadUnavailable(
+                            f"max_entries {max_entries} refused: {_why(code, messages)}"
+                        )
                 code = -int(lib.bpf_object__load(obj))
                 if code:
                     raise _load_refused(code, messages)
                 prog_fd = int(lib.bpf_program__fd(prog))
                 map_fd = int(lib.bpf_map__fd(flows))
+                map6_fd = int(lib.bpf_map__fd(flows6))
             except BaseException:
                 lib.bpf_object__close(obj)
                 raise
-        return cls(lib, obj, prog_fd, map_fd)
+        return cls(lib, obj, prog_fd, map_fd, map6_fd)
 
     @property
     def prog_fd(self) -> int:
@@ -313,8 +328,15 @@ class TcProgram:
 
     @property
     def map_fd(self) -> int:
+        """The IPv4 flows' map (lbnat_flows)."""
         self._check_open()
         return self._map_fd
+
+    @property
+    def map6_fd(self) -> int:
+        """The IPv6 flows' map (lbnat_flows6)."""
+        self._check_open()
+        return self._map6_fd
 
     @property
     def attached_to(self) -> int | None:
@@ -378,9 +400,12 @@ class TcProgram:
                     f"cannot remove the clsact qdisc of ifindex {ifindex}: {_why(code, messages)}"
                 )
 
-    def test_run(self, frame: bytes) -> tuple[int, bytes]:
+    def test_run(self, frame: bytes, checksum_complete: bool = False) -> tuple[int, bytes]:
         """BPF_PROG_TEST_RUN: run the program once on `frame` (Ethernet first); (its return
-        value, the frame as the program left it). The map is the real one."""
+        value, the frame as the program left it). The maps are the real ones.
+        `checksum_complete`: the skb is CHECKSUM_COMPLETE (skb->csum the sum of the packet
+        after the Ethernet header), and the kernel checks that the program left skb->csum
+        matching the packet (OSError EBADMSG if not)."""
         self._check_open()
         data_in = ctypes.create_string_buffer(frame, len(frame))
         data_out = ctypes.create_string_buffer(len(frame) + 256)
@@ -391,6 +416,7 @@ class TcProgram:
             data_size_in=len(frame),
             data_size_out=len(data_out),
             repeat=1,
+            flags=_BPF_F_TEST_SKB_CHECKSUM_COMPLETE if checksum_complete else 0,
         )
         code = -int(self._lib.bpf_prog_test_run_opts(self._prog_fd, ctypes.byref(opts)))
         if code:
@@ -410,7 +436,7 @@ class TcProgram:
 
     def release(self) -> None:
         """Close the object but leave the filter attached: the kernel keeps the program (and
-        its map, which the program holds) as long as the filter is there, so the flows in the
+        its two maps, which the program holds) as long as the filter is there, so the flows in the
         map go on being rewritten after lbnat exits (a hitless restart: the next lbnat
         replaces the filter, `lbnat cleanup` or detach_stale removes it). Idempotent."""
         if self._obj is None:
@@ -453,11 +479,14 @@ def detach_stale(ifindex: int, handle: int = TC_HANDLE) -> bool:
 
 
 class FlowMap:
-    """The flow map by fd (the main process's, or one a worker inherited). Works on its own
-    duplicate of the fd: close() closes that copy, the caller keeps and closes `fd`.
+    """A flow map by fd, IPv4's or IPv6's (the main process's, or one a worker inherited).
+    Works on its own duplicate of the fd: close() closes that copy, the caller keeps and closes
+    `fd`.
 
-    Keys and values are the raw bytes lbnat.fastpath packs (KEY_SIZE, VALUE_SIZE). Each call is
-    one bpf() system call on preallocated ctypes buffers (so one FlowMap per thread)."""
+    Keys and values are the raw bytes lbnat.fastpath packs: KEY_SIZE and VALUE_SIZE for
+    lbnat_flows, KEY6_SIZE and VALUE6_SIZE for lbnat_flows6 (`key_size`, `value_size` say
+    which this one is). Each call is one bpf() system call on preallocated ctypes buffers (so
+    one FlowMap per thread)."""
 
     def __init__(self, fd: int) -> None:
         lib = _libbpf()
@@ -472,19 +501,22 @@ class FlowMap:
         code = -int(lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)))
         if code:
             raise OSError(code, f"fd {fd} is not a BPF map: {os.strerror(code)}")
-        if (info.key_size, info.value_size) != (KEY_SIZE, VALUE_SIZE):
+        if (info.key_size, info.value_size) not in LAYOUTS:
             raise ValueError(
                 f"map {info.name.decode()!r} has {info.key_size}-byte keys and "
-                f"{info.value_size}-byte values, not {KEY_SIZE} and {VALUE_SIZE}"
+                f"{info.value_size}-byte values, not {KEY_SIZE} and {VALUE_SIZE} "
+                f"(nor {KEY6_SIZE} and {VALUE6_SIZE})"
             )
+        self.key_size = int(info.key_size)
+        self.value_size = int(info.value_size)
         self.max_entries = int(info.max_entries)
         self._fd = os.dup(fd)
         self._update = lib.bpf_map_update_elem
         self._lookup = lib.bpf_map_lookup_elem
         self._delete = lib.bpf_map_delete_elem
         self._next_key = lib.bpf_map_get_next_key
-        self._value = ctypes.create_string_buffer(VALUE_SIZE)
-        self._key = ctypes.create_string_buffer(KEY_SIZE)
+        self._value = ctypes.create_string_buffer(self.value_size)
+        self._key = ctypes.create_string_buffer(self.key_size)
 
     @property
     def fd(self) -> int:
@@ -492,9 +524,9 @@ class FlowMap:
 
     def put(self, key: bytes, value: bytes) -> bool:
         """Insert or replace; False when the map is full (or the kernel has no memory)."""
-        # The kernel reads KEY_SIZE and VALUE_SIZE bytes from these pointers: check first.
-        if len(key) != KEY_SIZE or len(value) != VALUE_SIZE:
-            raise ValueError(f"a key is {KEY_SIZE} bytes and a value {VALUE_SIZE}")
+        # The kernel reads the map's key and value sizes from these pointers: check first.
+        if len(key) != self.key_size or len(value) != self.value_size:
+            raise ValueError(f"a key is {self.key_size} bytes and a value {self.value_size}")
         code = -int(self._update(self._fd, key, value, _BPF_ANY))
         if code:
             if code in _MAP_FULL:
@@ -504,8 +536,8 @@ class FlowMap:
 
     def get(self, key: bytes) -> bytes | None:
         """The value (counters as the kernel last wrote them), or None."""
-        if len(key) != KEY_SIZE:
-            raise ValueError(f"a key is {KEY_SIZE} bytes")
+        if len(key) != self.key_size:
+            raise ValueError(f"a key is {self.key_size} bytes")
         code = -int(self._lookup(self._fd, key, self._value))
         if code:
             if code == errno.ENOENT:
@@ -515,8 +547,8 @@ class FlowMap:
 
     def delete(self, key: bytes) -> None:
         """Remove the entry; an absent one is fine."""
-        if len(key) != KEY_SIZE:
-            raise ValueError(f"a key is {KEY_SIZE} bytes")
+        if len(key) != self.key_size:
+            raise ValueError(f"a key is {self.key_size} bytes")
         code = -int(self._delete(self._fd, key))
         if code and code != errno.ENOENT:
             raise OSError(code, f"bpf_map_delete_elem: {os.strerror(code)}")

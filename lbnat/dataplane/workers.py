@@ -469,7 +469,8 @@ class WorkerProcess:
             self.rows = RowMemory(self.index, setup.table_cap, self.row_file)
         parent, child = socket.socketpair()
         fds = (self.sock.fileno(), child.fileno(), self.cursors.fd, self.rows.fd)
-        inherited = (*fds, setup.offload_fd) if setup.offload_fd >= 0 else fds  # the BPF map
+        maps = tuple(fd for fd in (setup.offload_fd, setup.offload6_fd) if fd >= 0)
+        inherited = (*fds, *maps)  # the BPF maps
         if self.sock6 is not None:
             inherited = (*inherited, self.sock6.fileno())
         command = [
@@ -791,7 +792,9 @@ def worker_main(argv: list[str] | None = None) -> int:
         send(WorkerFailed(f"cannot open its rings: {error}"))
         return 1
     if setup.offload_fd >= 0:
-        attach_fast_path(engine, setup.offload_fd, loop.neighbours, setup.ifindex)
+        attach_fast_path(
+            engine, setup.offload_fd, loop.neighbours, setup.ifindex, setup.offload6_fd
+        )
     # The rows of this worker's predecessor, rebuilt before the first frame is read (and
     # those in the kernel handed to it again: their entries outlived the dead worker).
     try:

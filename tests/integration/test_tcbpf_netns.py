@@ -18,6 +18,7 @@ import select
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,6 +198,34 @@ def test_a_killed_holder_s_filter_is_replaced_by_the_next_attach(netns: Namespac
     assert after != before  # another program id, same handle and priority
     second.finish()
     assert netns.ours() == []
+
+
+def bpftool(*argv: str) -> Any:
+    done = subprocess.run(["bpftool", "--json", *argv], capture_output=True, text=True,
+                          timeout=WAIT, check=False)  # fmt: skip
+    return json.loads(done.stdout) if done.returncode == 0 else None
+
+
+def test_a_left_filter_keeps_both_maps_until_it_is_removed(netns: Namespace) -> None:
+    """What a hitless restart relies on (Handover.leave releases the object, the filter stays)
+    and `lbnat cleanup` undoes (detach_stale): the program holds the IPv4 and the IPv6 flow
+    maps, which live as long as the filter and go with it."""
+    if shutil.which("bpftool") is None:
+        pytest.skip("needs bpftool")
+    holder = netns.hold()
+    holder.kill()
+    [line] = netns.ours()
+    prog_id = int(line.split(" id ")[1].split()[0])
+    shown = bpftool("prog", "show", "id", str(prog_id))
+    assert shown is not None, f"no program {prog_id}"
+    map_ids = shown["map_ids"]
+    names = sorted(bpftool("map", "show", "id", str(i))["name"] for i in map_ids)
+    assert names == ["lbnat_flows", "lbnat_flows6"]
+    assert netns.stale() is True
+    deadline = time.monotonic() + WAIT  # the kernel frees them after an RCU grace period
+    while any(bpftool("map", "show", "id", str(i)) is not None for i in map_ids):
+        assert time.monotonic() < deadline, f"maps {map_ids} outlived the filter"
+        time.sleep(0.1)
 
 
 def test_detach_stale_removes_a_leftover_filter(netns: Namespace) -> None:
