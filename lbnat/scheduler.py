@@ -60,7 +60,12 @@ class SharedCursor(Protocol):
 
 
 def backend_code(backend: Backend) -> int:
-    """A backend as one non-zero integer, for a SharedCursor (0 means nothing picked yet)."""
+    """A backend as one non-zero integer that fits the SharedCursor's 64 bits (0 means nothing
+    picked yet): an IPv4 backend's address and port as they are; an IPv6 one's hashed into
+    bit 62 and below (its own range: an IPv4 code stays under 2**48)."""
+    if backend.ip_int > 0xFFFFFFFF:
+        digest = hashlib.blake2b(f"{backend.ip}:{backend.port}".encode(), digest_size=8).digest()
+        return (int.from_bytes(digest, "big") >> 2) | (1 << 62)
     return ((backend.ip_int << 16) | backend.port) + 1
 
 

@@ -457,3 +457,16 @@ def test_translations_checksums_equal_a_full_recompute(
     start = translate_to_v6(raw, at, at + 20, proto, v6, ports, ip_delta, l4_delta, False)
     assert start == HEADROOM - 20
     assert checksums_ok(bytes(raw[start:]))
+
+
+def test_ipv6_backends_fit_the_shared_round_robin_cursor() -> None:
+    """Workers share round-robin turns through a 64-bit word (SharedCursor): an IPv6
+    backend's code fits it and differs from its neighbours' and from IPv4 codes."""
+    from lbnat.scheduler import backend_code
+
+    codes = {backend_code(Backend(f"2001:db8::{n}", port)) for n in range(1, 50)
+             for port in (80, 8080)}  # fmt: skip
+    assert len(codes) == 98
+    assert all(0 < code < 1 << 64 for code in codes)
+    assert all(code >= 1 << 62 for code in codes)
+    assert backend_code(Backend("255.255.255.255", 65535)) < 1 << 62
