@@ -201,9 +201,12 @@ def start_lines(
     """What lbnat prints once it forwards: SRCIP, the data plane (and which path runs: `tc
     offload`, or why not), every configured backend."""
     c = config
+    first = f"srcIP : {lb_ip}" if c.vip is None else f"srcIP : {lb_ip}  VIP : {c.vip}"
+    if c.ip6 is not None:
+        first += f"  IPv6 : {c.ip6}"
     out = [
         line(
-            f"srcIP : {lb_ip}" if c.vip is None else f"srcIP : {lb_ip}  VIP : {c.vip}",
+            first,
             "start",
             interface=interface,
             workers=c.workers,

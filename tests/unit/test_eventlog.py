@@ -391,3 +391,11 @@ def test_ipv6_addresses_are_bracketed_before_a_port() -> None:
     )
     assert opened.fields["client"] == "[2001:db8::7]:40000"
     assert opened.fields["backend"] == "[2001:db8::21]:9000"
+
+
+def test_the_start_line_names_the_ipv6_address() -> None:
+    import dataclasses
+
+    dual = dataclasses.replace(CONFIG, ip6="fd18::2")
+    assert start_lines(dual, "198.18.0.2", "eth0")[0].text == "srcIP : 198.18.0.2  IPv6 : fd18::2"
+    assert start_lines(CONFIG, "198.18.0.2", "eth0")[0].text == "srcIP : 198.18.0.2"
