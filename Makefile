@@ -45,7 +45,7 @@ soak:  ## 10 minutes of mixed traffic through lbnat, RSS sampled every 10 s (roo
 bench-core:  ## engine only: cost per packet and memory per session with 1,000,000 rows
 	$(PYTHON) -m lbnat_bench.scale --rows 1000000 --tracemalloc
 
-bench: deps  ## direct, lbnat (4 variants), HAProxy, nginx stream, nftables side by side, then 1-3 lbnat instances behind ECMP (~16 min); docs/benchmarks/
+bench: deps  ## direct, lbnat (4 variants), HAProxy, nginx stream, nftables side by side, the IPv6 rows (direct, lbnat, HAProxy, NAT64), then 1-3 lbnat instances behind ECMP (~18 min); docs/benchmarks/
 	$(PYTHON) -m lbnat_bench $(BENCH_ARGS)
 
 bench-quick: deps  ## the same, one short repetition (about two minutes), into /tmp/lbnat-bench
