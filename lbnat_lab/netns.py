@@ -72,7 +72,8 @@ ROUTER_IP = "198.18.0.254"
 ROUTER_IP6 = "fd18::254"
 ROUTED_CLIENT = "rc1"
 """`Lab.add_router`: the client behind the router r1, on 198.18.1.0/24 and fd18:1::/64, whose
-link has the narrow MTU; the LB hosts and the backends route to it through r1."""
+link has the narrow MTU; the LB hosts and the backends have their default routes through r1
+(lbnat's next hop for an address off its segment is the default gateway)."""
 ROUTED_CLIENT_IP = "198.18.1.11"
 ROUTED_CLIENT_IP6 = "fd18:1::11"
 ROUTED_MTU = 1280
@@ -215,7 +216,8 @@ class Lab:
 
     def add_router(self, mtu: int = ROUTED_MTU) -> str:
         """Create the router r1 and the client rc1 behind it, on a link of `mtu` bytes
-        (lab.sh add-router: the LB hosts and the backends route to rc1 through r1, and rc1
+        (lab.sh add-router: the LB hosts and the backends route to rc1 through r1, their
+        default gateway, and rc1
         announces the MSS of a 1500-byte path, so only path-MTU discovery fits the segments
         sent to it); return the client's host name."""
         self.script("add-router", str(mtu))

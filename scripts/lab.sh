@@ -37,7 +37,8 @@
 # The routed client (add-router [MTU]): a router ${P}-r1 on br0 (198.18.0.254, fd18::254)
 # and, behind it on a second bridge br1 whose links have MTU bytes (default 1280), the client
 # ${P}-rc1 (198.18.1.11, fd18:1::11; the router's side 198.18.1.1, fd18:1::1). The LB hosts
-# and the backends route 198.18.1.0/24 (and fd18:1::/64) through the router. The client
+# and the backends get their default route (both families) through the router: lbnat sends a
+# frame for an address off its own segment to the default gateway. The client
 # advertises the MSS of a 1500-byte path (route advmss 1460 / 1440, as behind a tunnel), so
 # what comes back to it is cut down only by path-MTU discovery: the router's ICMP
 # "fragmentation needed" / ICMPv6 "packet too big" to the sender.
@@ -278,7 +279,7 @@ cmd_add_backend() {
 }
 
 # add-router [MTU]: the router r1 and the routed client rc1 behind it, on br1 whose links
-# all have MTU bytes; routes to the routed segment on the LBs and the backends
+# all have MTU bytes; the LBs' and the backends' default routes through r1
 cmd_add_router() {
 	local mtu="${1:-$ROUTED_MTU}" ns="${P}-r1" h dev
 	if ! [[ "$mtu" =~ ^[0-9]+$ ]] || [ "$mtu" -lt 1280 ] || [ "$mtu" -gt 1500 ]; then
@@ -303,9 +304,9 @@ cmd_add_router() {
 	fi
 	for h in $(lb_hosts) $(existing_backends); do
 		ns_exists "${P}-$h" || continue
-		ip -n "${P}-$h" route replace "$ROUTED_NET.0/24" via "$(host_ip r1)"
+		ip -n "${P}-$h" route replace default via "$(host_ip r1)"
 		if [ "$IPV6" = 1 ]; then
-			ip -n "${P}-$h" -6 route replace "${ROUTED_NET6}:/$PLEN6" via "$(host_ip6 r1)"
+			ip -n "${P}-$h" -6 route replace default via "$(host_ip6 r1)"
 		fi
 	done
 	wait_link_up "$ns" eth1
