@@ -9,9 +9,11 @@ it short: c1 c2 lb b1 b2 b3 on br0 (198.18.0.0/24 and fd18::/64), the router r1 
 client rc1 (198.18.1.11, fd18:1::11) behind a 1280-byte link. Each test starts its own lbnat
 (from a config file: SRCIP 198.18.0.2 and ip6 fd18::2) and servers; `Bed.close` stops them by
 pid at the end of the test, whether it passed or not, and any nftables table left in the LB's
-namespace is deleted; the lab goes at the end of the module. lbnat runs with two workers
-(PACKET_FANOUT: an ICMP error must reach the worker of its flow) and the kernel fast path where
-it can (--offload auto). Every wait and transfer is bounded.
+namespace is deleted; the lab goes at the end of the module. Each test runs twice: lbnat with
+two workers (PACKET_FANOUT: an ICMP error must reach the worker of its flow) and the kernel
+fast path (tc: lbnat refuses to start without it), and with one worker, every packet through
+Python (two of conftest's four variants, to keep the module short). Every wait and transfer
+is bounded.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from tests.integration.conftest import (
     random_file,
     require,
     sha256,
+    variant_id,
 )
 
 pytestmark = pytest.mark.netns
@@ -75,13 +78,29 @@ def lab6() -> Iterator[Lab]:
         yield lab
 
 
-@pytest.fixture
-def bed(lab6: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bed]:
+VARIANTS = [(2, "tc"), (1, "off")]  # (workers, offload), as conftest.VARIANTS
+
+
+@pytest.fixture(params=VARIANTS, ids=variant_id)
+def bed(
+    request: pytest.FixtureRequest, lab6: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Bed]:
     """The module's lab with this test's processes, stopped by pid afterwards; any nftables
     table left in the LB's namespace (an lbnat that had to be killed) is deleted too."""
-    monkeypatch.setenv("LBNAT_WORKERS", "2")
-    monkeypatch.setenv("LBNAT_OFFLOAD", "auto")
-    testbed = Bed(lab6, tmp_path)
+    workers, offload = request.param
+    monkeypatch.setenv("LBNAT_WORKERS", str(workers))
+    monkeypatch.setenv("LBNAT_OFFLOAD", offload)
+    yield from _bed(lab6, tmp_path)
+
+
+@pytest.fixture
+def lab_bed(lab6: Lab, tmp_path: Path) -> Iterator[Bed]:
+    """The same without lbnat (no variants): the lab's own test."""
+    yield from _bed(lab6, tmp_path)
+
+
+def _bed(lab: Lab, tmp: Path) -> Iterator[Bed]:
+    testbed = Bed(lab, tmp)
     try:
         yield testbed
     finally:
@@ -89,8 +108,8 @@ def bed(lab6: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
             testbed.close()
         finally:
             for host in ("lb", "b1", "b2", "b3"):
-                for family, table in nft_tables(lab6, host):
-                    lab6.run(host, "nft", "delete", "table", family, table, check=False)
+                for family, table in nft_tables(lab, host):
+                    lab.run(host, "nft", "delete", "table", family, table, check=False)
 
 
 def nft_tables(lab: Lab, host: str) -> list[tuple[str, str]]:
@@ -253,11 +272,12 @@ def curl(bed: Bed, client: str, url: str, out: Path | None = None) -> str:
 # -- the lab without lbnat ---------------------------------------------------------------------
 
 
-def test_dual_stack_lab_carries_ipv6_directly(bed: Bed, scratch: Path) -> None:
+def test_dual_stack_lab_carries_ipv6_directly(lab_bed: Bed, scratch: Path) -> None:
     """The lab itself, no lbnat: every host has its IPv6 address at once (nodad), curl, socat
     TCP and UDP and iperf3 -6 from a client straight to a backend, and path-MTU discovery
     from a backend to the routed client for both families (the router's ICMPv6 packet too
     big / ICMP fragmentation needed reaches the backend and the download completes)."""
+    bed = lab_bed
     lab = bed.lab
     for host in ("c1", "c2", "lb", "b1", "b2", "b3", "r1", ROUTED_CLIENT):
         shown = lab.run(host, "ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope",
