@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import sys
 import time
@@ -53,6 +54,7 @@ from tests.integration.conftest import (
     sha256,
     variant_id,
 )
+from tests.integration.transfer import sent_from
 
 pytestmark = pytest.mark.netns
 
@@ -337,8 +339,9 @@ def learned_mtu(bed: Bed, host: str, destination: str) -> int | None:
 
 def test_v6_to_v6_curl_socat_udp_iperf3(bed: Bed, scratch: Path) -> None:
     """IPv6 clients through lbnat's IPv6 address to IPv6 backends: curl round-robin over two
-    nginx with a body of known hash (nginx sees lbnat's IPv6 address), a 2 MB socat upload,
-    UDP datagrams echoed unaltered, and a bounded iperf3 -6 run."""
+    nginx with a body of known hash (nginx sees lbnat's IPv6 address), a 4 MB socat upload
+    (most of it through the kernel's IPv6 fast path in the tc variant), UDP datagrams echoed
+    unaltered, and a bounded iperf3 -6 run."""
     blob = scratch / "blob"
     digest = random_file(blob, MB)
     dirs = {b: nginx6(bed, b, blob) for b in ("b1", "b2")}
@@ -365,12 +368,19 @@ def test_v6_to_v6_curl_socat_udp_iperf3(bed: Bed, scratch: Path) -> None:
         assert len(requests) == 3, requests
         assert all(line.startswith(f"{LB_IP6} ") and " 200 " in line for line in requests), requests
 
+    # paced (its first MB, a pause, the rest): with the kernel fast path, the flow is handed
+    # to the kernel's IPv6 map on the way and the rest rides it
     upload = scratch / "upload"
-    up_digest = random_file(upload, 2 * MB)
-    finished(send_file(bed, "c2", vip(True, 7000), upload, "upload"))
+    up_digest = random_file(upload, 4 * MB)
+    sender = bed.start("c2", "socat", "-u", sent_from(upload, paced=True), vip(True, 7000),
+                       name="paced upload")  # fmt: skip
+    finished(sender)
     finished(up)
     assert sha256(scratch / "up") == up_digest
     assert same_ip(peer_of(up), LB_IP6)
+    if os.environ["LBNAT_OFFLOAD"] == "tc":
+        offload = admin(bed, "status")["offload"]
+        assert offload["offloaded"] >= 1 and offload["bytes"] > 2 * MB, offload
 
     counts = udptool(bed, "c1", "flood", LB_IP6, "7000", "--count", "2000", "--limit", "30")
     assert counts == {"sent": 2000, "received": 2000, "altered": 0, "lost": 0}
