@@ -603,6 +603,8 @@ def _iperf(bed: Bed, path: PathSpec, extra: Sequence[str], udp: bool) -> Record:
     s = bed.settings
     argv = ["iperf3", "-c", path.host, "-p", str(path.iperf_port), "-t", f"{s.seconds:g}",
             "-J", *extra]
+    if ":" in path.host:  # the IPv6 rows: a path that does not connect fails in 5 s, not 30
+        argv[1:1] = ["--connect-timeout", "5000"]
     text = bed.run(CLIENT, argv, timeout=s.seconds + 30)
     return report.parse_iperf_udp(text) if udp else report.parse_iperf_tcp(text)
 
