@@ -384,6 +384,9 @@ def test_v6_to_v6_curl_socat_udp_iperf3(bed: Bed, scratch: Path) -> None:
 
     counts = udptool(bed, "c1", "flood", LB_IP6, "7000", "--count", "2000", "--limit", "30")
     assert counts == {"sent": 2000, "received": 2000, "altered": 0, "lost": 0}
+    said = bed.lab.run("c2", "socat", "-T", "3", "-", f"UDP6:[{LB_IP6}]:7000",
+                       input="hello over UDP6\n").stdout  # fmt: skip
+    assert said == "[b3] hello over UDP6\n"
 
     text = bed.lab.run("c2", "iperf3", "-6", "-c", LB_IP6, "-p", "5201", "-t", "2", "-J",
                        timeout=40).stdout  # fmt: skip
