@@ -18,10 +18,13 @@ is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -101,7 +104,13 @@ def lab_bed(lab6: Lab, tmp_path: Path) -> Iterator[Bed]:
     yield from _bed(lab6, tmp_path)
 
 
+HOSTS = ("c1", "c2", "lb", "b1", "b2", "b3", "r1", ROUTED_CLIENT)
+
+
 def _bed(lab: Lab, tmp: Path) -> Iterator[Bed]:
+    """A Bed on the shared lab; afterwards the lab is as the next test expects it: the test's
+    processes stopped by pid (Bed.close), then anything still running in the lab's namespaces
+    (a worker of a killed lbnat) ended by pid, lbnat's nftables tables and tc hook gone."""
     testbed = Bed(lab, tmp)
     try:
         yield testbed
@@ -109,9 +118,19 @@ def _bed(lab: Lab, tmp: Path) -> Iterator[Bed]:
         try:
             testbed.close()
         finally:
-            for host in ("lb", "b1", "b2", "b3"):
-                for family, table in nft_tables(lab, host):
-                    lab.run(host, "nft", "delete", "table", family, table, check=False)
+            leftovers(lab)
+
+
+def leftovers(lab: Lab) -> None:
+    for host in HOSTS:
+        listed = subprocess.run(["ip", "netns", "pids", lab.ns(host)], capture_output=True,
+                                text=True, timeout=10, check=False)  # fmt: skip
+        for pid in map(int, listed.stdout.split()):  # only this lab's namespaces: ours
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for family, table in nft_tables(lab, host):
+            lab.run(host, "nft", "delete", "table", family, table, check=False)
+    lab.run("lb", "tc", "qdisc", "del", "dev", "eth0", "clsact", check=False)
 
 
 def nft_tables(lab: Lab, host: str) -> list[tuple[str, str]]:
