@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: deps bpf demo demo-ha demo-ecmp test lint unit netns faults soak bench-core bench bench-quick screenshots dashboard config-reference clean-lab lab-compose-check lab-vagrant-check
+.PHONY: deps bpf demo demo6 demo-ha demo-ecmp test lint unit netns faults soak bench-core bench bench-quick screenshots dashboard config-reference clean-lab lab-compose-check lab-vagrant-check
 
 deps:  ## Debian tools + the project with its test extras (+ the eBPF fast path's object)
 	scripts/install-deps.sh
@@ -13,6 +13,9 @@ bpf:  ## the tc eBPF fast path: lbnat/bpf/fastpath.bpf.c -> fastpath.bpf.o (clan
 
 demo: deps  ## the netns lab: three chat servers, lbnat, six clients, the NAT table draining
 	scripts/demo.sh
+
+demo6: deps  ## the chat demo over IPv6 in the dual-stack netns lab: IPv6 clients, IPv6 backends, and NAT64 to an IPv4 one
+	scripts/demo6.sh
 
 demo-ha: deps  ## the HA pair in the netns lab: keepalived moves the VIP, the flows carry on
 	scripts/demo-ha.sh
@@ -42,7 +45,7 @@ soak:  ## 10 minutes of mixed traffic through lbnat, RSS sampled every 10 s (roo
 bench-core:  ## engine only: cost per packet and memory per session with 1,000,000 rows
 	$(PYTHON) -m lbnat_bench.scale --rows 1000000 --tracemalloc
 
-bench: deps  ## direct, lbnat (4 variants), HAProxy, nginx stream, nftables side by side, then 1-3 lbnat instances behind ECMP (~16 min); docs/benchmarks/
+bench: deps  ## direct, lbnat (4 variants), HAProxy, nginx stream, nftables side by side, the IPv6 rows (direct, lbnat, HAProxy, NAT64), then 1-3 lbnat instances behind ECMP (~18 min); docs/benchmarks/
 	$(PYTHON) -m lbnat_bench $(BENCH_ARGS)
 
 bench-quick: deps  ## the same, one short repetition (about two minutes), into /tmp/lbnat-bench
@@ -59,6 +62,7 @@ config-reference:  ## rewrite the README's configuration reference from lbnat/co
 
 clean-lab:  ## remove the demo labs if a run was interrupted
 	LAB_PREFIX=lbnat scripts/lab.sh down
+	LAB_PREFIX=lbnat6 scripts/lab.sh down
 	LAB_PREFIX=lbha scripts/ha-lab.sh down
 	LAB_PREFIX=lbecmp scripts/ecmp-lab.sh down
 

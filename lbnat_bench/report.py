@@ -172,7 +172,28 @@ PATH_LABELS = {
     "haproxy": "HAProxy",
     "nginx": "nginx stream",
     "nftables": "nftables",  # the kernel's own NAT: DNAT + SNAT, conntrack, no process
+    # the IPv6 rows (issue 21): client and backend over IPv6, and NAT64
+    "direct-v6": "direct, IPv6",
+    "lbnat-v6": "lbnat, IPv6",  # an lbnat of its own with ip6, its defaults otherwise
+    "haproxy-v6": "HAProxy, IPv6",
+    "lbnat-nat64": "lbnat, NAT64",  # the same lbnat: an IPv6 client, the IPv4 backend
 }
+
+IPV6_PATHS = ("direct-v6", "lbnat-v6", "haproxy-v6", "lbnat-nat64")
+"""the IPv6 rows' paths, in the IPv6 table's column order"""
+IPV6_METRICS: tuple[Metric, ...] = tuple(
+    m for m in METRICS if (m.workload, m.key) in {
+        ("bulk_1", "gbit_s"), ("bulk_1", "cpu_s_per_gb"),
+        ("conn_rate", "rps"), ("conn_rate", "cpu_s_per_kconn"),
+    }
+)  # fmt: skip
+IPV6_RATIOS = (
+    ("lbnat-v6", "direct-v6"),
+    ("lbnat-v6", "haproxy-v6"),
+    ("lbnat-nat64", "direct-v6"),
+    ("lbnat-v6", "lbnat"),  # IPv6 against IPv4 through the same kind of lbnat
+)
+"""the IPv6 table's ratio columns: (path, peer); "lbnat" is the IPv4 table's"""
 
 PEERS = ("direct", "nftables", "haproxy")
 """what each lbnat path is divided by, in this order; nftables only in runs that have it"""
@@ -421,6 +442,50 @@ def markdown_table(
     return "\n".join(lines)
 
 
+def markdown_ipv6(ipv6_summary: Summary, summary: Summary | None = None) -> str:
+    """The IPv6 rows: medians of bulk (1 stream) and new connections/s (and the LB's CPU for
+    them) direct over IPv6, through lbnat over IPv6, through HAProxy over IPv6 and through lbnat
+    from an IPv6 client to the IPv4 backend (NAT64), then lbnat's ratios to direct and HAProxy
+    over IPv6, NAT64's to direct over IPv6, and lbnat over IPv6 to lbnat over IPv4 (`summary`,
+    the IPv4 table's medians, when given)."""
+    both: Summary = {}
+    for part in (summary or {}, ipv6_summary):
+        for workload, by_path in part.items():
+            both.setdefault(workload, {}).update(by_path)
+    head = ["metric", *(path_label(p) for p in IPV6_PATHS)]
+    head += [f"{path_label(p)} ÷ {path_label(peer)}" + (", IPv4" if peer == "lbnat" else "")
+             for p, peer in IPV6_RATIOS]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for metric in IPV6_METRICS:
+        by_path = ipv6_summary.get(metric.workload, {})
+        if not any(metric.key in by_path.get(p, {}) for p in IPV6_PATHS):
+            continue
+        arrow = "↑" if metric.higher_is_better else "↓"
+        cells = [f"{metric.label} ({metric.unit}) {arrow}"]
+        cells += [_fmt(by_path.get(p, {}).get(metric.key), metric.digits) for p in IPV6_PATHS]
+        for p, peer in IPV6_RATIOS:
+            r = ratio(both, metric.workload, metric.key, p, peer)
+            cells.append("–" if r is None else f"{r:.2f} ×")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _ipv6_section(results: Mapping[str, Any], heading: str) -> list[str]:
+    """The IPv6 table with its heading and a line on what it is (nothing for a run without)."""
+    if not results.get("ipv6_summary"):
+        return []
+    return [
+        heading,
+        "",
+        "Client and backend over IPv6 (the lab's fd18::/64), through an lbnat of its own with "
+        "`ip6` (its defaults otherwise) and through HAProxy, in the same lab and run as the "
+        "rows above, each path in turn; \"lbnat, NAT64\" is the same lbnat from an IPv6 client "
+        "to the backend's IPv4 address.",
+        "",
+        markdown_ipv6(results["ipv6_summary"], results.get("summary")),
+    ]
+
+
 def markdown_scale(scale: Sequence[Record]) -> str:
     lines = [
         "| table rows | µs per packet (client→backend) | µs per packet (backend→client) "
@@ -498,6 +563,8 @@ def markdown_report(results: Mapping[str, Any], charts: Sequence[str] = ()) -> s
         "",
         markdown_goals(results.get("goals", [])),
     ]
+    if ipv6 := _ipv6_section(results, "## IPv6"):
+        parts += ["", *ipv6]
     if results.get("scale"):
         parts += [
             "",
@@ -604,6 +671,8 @@ def readme_block(results: Mapping[str, Any]) -> str:
         *_fallbacks(meta),
         markdown_table(results["summary"], paths, headline),
         "",
+        *_ipv6_section(results, "IPv6:"),
+        *([""] if results.get("ipv6_summary") else []),
         markdown_goals(results.get("goals", [])),
         *_ecmp_readme(results),
         "",

@@ -10,6 +10,17 @@ Topology (scripts/lab.sh with one backend; every host a network namespace on one
     c1 ──► lb 198.18.0.2 :9201 tcp+udp, :9080 nginx stream ──────────► b1  nginx
     c1 ──► lb 198.18.0.5 :5201 tcp+udp, :80   nftables DNAT+SNAT ────► b1  nftables
 
+The IPv6 rows (issue 21), in the same lab made dual stack (fd18::/64 beside 198.18.0.0/24),
+after the rows above, bulk (1 stream) and new connections/s::
+
+    c1 fd18::11 ──► b1 fd18::21 :5201 iperf3, :80 nginx                    direct-v6
+    c1 ──► fd18::8 :5201, :80   lbnat (SRCIP 198.18.0.8, ip6 fd18::8) ──► b1  lbnat-v6
+    c1 ──► fd18::2 :8201, :8080 HAProxy (mode tcp) ──────────────────────► b1  haproxy-v6
+    c1 ──► fd18::8 :5202        the same lbnat, NAT64 ──► b1 198.18.0.21   lbnat-nat64 (bulk)
+
+Their records are results["ipv6"], their medians results["ipv6_summary"], their table the
+report's "IPv6" section; a failed start of the IPv6 lbnat fails its rows, not the run's others.
+
 The lbnat variants sit on addresses of their own (198.18.0.2-4, 6), and so does the nftables
 path: the kernel's own NAT (conntrack, a jhash over a backend map), no process in the way,
 the physical limit of a NAT load balancer on this machine (lbnat_bench/nftlb.py).
@@ -71,6 +82,11 @@ IPERF_PORT = 5201
 HTTP_PORT = 80
 EPHEMERAL = "10000 32767"
 NAT_PORTS = "32768-65535"
+LB_IP6 = "fd18::2"  # the lab's LB address over IPv6: HAProxy's IPv6 frontends
+BACKEND_IP6 = "fd18::21"
+LBNAT6_IP = "198.18.0.8"  # the IPv6 rows' lbnat: SRCIP (NAT64's source towards b1)
+LBNAT6_IP6 = "fd18::8"  # ... and its ip6, the IPv6 clients' address of its services
+NAT64_IPERF_PORT = 5202  # its service of the IPv4 backend, for IPv6 clients
 
 
 @dataclass(frozen=True)
@@ -111,6 +127,18 @@ PATHS: dict[str, PathSpec] = {
     "nginx": PathSpec("nginx", LB_IP, 9201, 9080),
     "nftables": PathSpec("nftables", NFT_IP, IPERF_PORT, HTTP_PORT),
 }
+IPV6_PATHS: dict[str, PathSpec] = {
+    "direct-v6": PathSpec("direct-v6", BACKEND_IP6, IPERF_PORT, HTTP_PORT),
+    "lbnat-v6": PathSpec("lbnat-v6", LBNAT6_IP6, IPERF_PORT, HTTP_PORT),
+    "haproxy-v6": PathSpec("haproxy-v6", LB_IP6, 8201, 8080, udp=False),
+    "lbnat-nat64": PathSpec("lbnat-nat64", LBNAT6_IP6, NAT64_IPERF_PORT, 0, udp=False),
+}
+"""the IPv6 rows' paths (report.IPV6_PATHS); lbnat-nat64 has no HTTP service (bulk only)"""
+IPV6_WORKLOADS: dict[str, tuple[str, ...]] = {
+    "bulk_1": tuple(IPV6_PATHS),
+    "conn_rate": ("direct-v6", "lbnat-v6", "haproxy-v6"),
+}
+LBNAT6 = "lbnat-v6"  # its process (log, admin socket) serves lbnat-nat64 too
 
 
 @dataclass
@@ -138,6 +166,7 @@ class Settings:
     udp_payload: int = 64
     threads: int = 2
     nat_ports: str = NAT_PORTS
+    ipv6: bool = True  # the IPv6 rows (IPV6_WORKLOADS through IPV6_PATHS), after the others
     profile: bool = False
     redraw: bool = False
 
@@ -186,9 +215,10 @@ def cpu_seconds(pids: Sequence[int]) -> float:
 # --- configuration files of the peers ---------------------------------------------------------
 
 
-def backend_nginx_conf(work: Path) -> str:
+def backend_nginx_conf(work: Path, ipv6: bool = False) -> str:
     root = work / "b1-nginx"
     root.mkdir(exist_ok=True)
+    listen6 = f"listen [{BACKEND_IP6}]:{HTTP_PORT} reuseport backlog=4096;" if ipv6 else ""
     return f"""
 worker_processes 1;
 pid {root}/nginx.pid;
@@ -205,14 +235,37 @@ http {{
     scgi_temp_path {root};
     server {{
         listen {BACKEND_IP}:{HTTP_PORT} reuseport backlog=4096;
+        {listen6}
         location / {{ return 200 "hello from b1\\n"; }}
     }}
 }}
 """
 
 
-def haproxy_conf(cpus: int) -> str:
+def haproxy_conf(cpus: int, ipv6: bool = False) -> str:
     p = PATHS["haproxy"]
+    return haproxy_v4_conf(cpus, p) + (haproxy_v6_conf() if ipv6 else "")
+
+
+def haproxy_v6_conf() -> str:
+    """HAProxy's IPv6 frontends (the haproxy-v6 path), in the same process as the IPv4 ones."""
+    p = IPV6_PATHS["haproxy-v6"]
+    return f"""
+frontend iperf6
+    bind [{LB_IP6}]:{p.iperf_port}
+    default_backend iperf6
+backend iperf6
+    server b1 [{BACKEND_IP6}]:{IPERF_PORT}
+
+frontend http6
+    bind [{LB_IP6}]:{p.http_port}
+    default_backend http6
+backend http6
+    server b1 [{BACKEND_IP6}]:{HTTP_PORT}
+"""
+
+
+def haproxy_v4_conf(cpus: int, p: PathSpec) -> str:
     return f"""
 global
     nbthread {cpus}
@@ -278,6 +331,28 @@ def lbnat_conf(work: Path, nat_ports: str, variant: str = "lbnat") -> dict[str, 
     }
 
 
+def lbnat6_conf(work: Path, nat_ports: str) -> dict[str, Any]:
+    """The IPv6 rows' lbnat: SRCIP LBNAT6_IP and ip6 LBNAT6_IP6; iperf3 and HTTP on the
+    backend's IPv6 address, and iperf3 on its IPv4 address for IPv6 clients (NAT64)."""
+    off = {"enabled": False}
+    return {
+        "lb_ip": LBNAT6_IP,
+        "ip6": LBNAT6_IP6,
+        "nat_ports": nat_ports,
+        "admin_socket": str(work / f"{LBNAT6}.sock"),
+        "log": {"quiet": True},
+        "services": [
+            {"name": "iperf6", "protocol": "tcp", "port": IPERF_PORT, "health": off,
+             "backends": [{"ip": BACKEND_IP6, "port": IPERF_PORT}]},
+            {"name": "http6", "protocol": "tcp", "port": HTTP_PORT,
+             "health": {"check": "syn", "interval": 2},
+             "backends": [{"ip": BACKEND_IP6, "port": HTTP_PORT}]},
+            {"name": "iperf-nat64", "protocol": "tcp", "port": NAT64_IPERF_PORT, "health": off,
+             "backends": [{"ip": BACKEND_IP, "port": IPERF_PORT}]},
+        ],
+    }  # fmt: skip
+
+
 def nft_services() -> list[nftlb.Service]:
     """The nftables path's services: the same three as lbnat's, each port to itself."""
     return [
@@ -309,19 +384,23 @@ class Bed:
 
     def up(self) -> None:
         # one backend: every path ends at b1
-        self._lab = Lab(backends=1, prefix=f"lbb{secrets.token_hex(3)}")
+        ipv6 = self.settings.ipv6  # dual stack for the IPv6 rows
+        self._lab = Lab(backends=1, prefix=f"lbb{secrets.token_hex(3)}", ipv6=ipv6)
         lab, work = self.lab, self.work
-        self.sysctl("lb", f"net.ipv4.ip_local_port_range={EPHEMERAL}")
-        self.sysctl(CLIENT, "net.ipv4.tcp_tw_reuse=1")
-        (work / "b1-nginx.conf").write_text(backend_nginx_conf(work))
+        self.sysctl("lb", f"net.ipv4.ip_local_port_range={EPHEMERAL}")  # IPv6's too
+        self.sysctl(CLIENT, "net.ipv4.tcp_tw_reuse=1")  # IPv6's too
+        (work / "b1-nginx.conf").write_text(backend_nginx_conf(work, ipv6))
         self.start(BACKEND, "b1-nginx", ["nginx", "-e", str(work / "b1-nginx" / "error.log"),
                                         "-c", str(work / "b1-nginx.conf"), "-g", "daemon off;"])
         self.start_iperf_server()
-        (work / "haproxy.cfg").write_text(haproxy_conf(self.cpus))
+        (work / "haproxy.cfg").write_text(haproxy_conf(self.cpus, ipv6))
         (work / "lb-nginx.conf").write_text(nginx_stream_conf(work, self.cpus))
-        if "haproxy" in self.settings.paths:
+        if "haproxy" in self.settings.paths or ipv6:
             proc = self.start("lb", "haproxy", ["haproxy", "-db", "-f", str(work / "haproxy.cfg")])
-            self.lb_pid["haproxy"] = proc.pid
+            if "haproxy" in self.settings.paths:
+                self.lb_pid["haproxy"] = proc.pid
+            if ipv6:
+                self.lb_pid["haproxy-v6"] = proc.pid
         if "nginx" in self.settings.paths:
             proc = self.start("lb", "lb-nginx", [
                 "nginx", "-e", str(work / "lb-nginx" / "error.log"),
@@ -348,6 +427,9 @@ class Bed:
             if path in self.lb_pid:
                 self.wait_listening("lb", PATHS[path].http_port)
                 self.wait_listening("lb", PATHS[path].iperf_port)
+        if "haproxy-v6" in self.lb_pid:
+            self.wait_listening("lb", IPV6_PATHS["haproxy-v6"].http_port)
+            self.wait_listening("lb", IPV6_PATHS["haproxy-v6"].iperf_port)
         for variant in LBNAT_VARIANTS:
             if variant in self.lb_pid:
                 self.wait_lbnat(variant)
@@ -355,7 +437,7 @@ class Bed:
     def offload(self, variant: str) -> str:
         """Which data path an lbnat variant runs: "off" (asked for), "tc offload", or the
         fallback lbnat printed at start ("no offload (why; ...)", said even with quiet logs)."""
-        options = LBNAT_VARIANTS[variant][1]
+        options = LBNAT_VARIANTS[variant][1] if variant in LBNAT_VARIANTS else []
         if "--offload" in options and options[options.index("--offload") + 1] == "off":
             return "off"
         log = (self.work / f"{variant}.log").read_text(errors="replace")
@@ -387,6 +469,26 @@ class Bed:
                 raise BenchError(f"lbnat exited {proc.returncode} at start: {log[-500:]}")
             time.sleep(0.2)
         raise BenchError(f"lbnat did not become ready in {timeout} s: {last[-300:]}")
+
+    def lbnat6_up(self) -> None:
+        """The IPv6 rows' lbnat (LBNAT6), its addresses on the LB's interface, ready; on a
+        failed start it is stopped and forgotten (its rows fail, the others' retries do not)
+        and the BenchError raised."""
+        self.run("lb", ["ip", "addr", "add", f"{LBNAT6_IP}/24", "dev", "eth0"], timeout=10)
+        self.run("lb", ["ip", "-6", "addr", "add", f"{LBNAT6_IP6}/64", "dev", "eth0", "nodad"],
+                 timeout=10)  # fmt: skip
+        conf = self.work / f"{LBNAT6}.json"
+        conf.write_text(json.dumps(lbnat6_conf(self.work, self.settings.nat_ports)))
+        proc = self.start("lb", LBNAT6, [sys.executable, "-m", "lbnat.cli", "run", "--config",
+                                         str(conf)])  # fmt: skip
+        try:
+            self.wait_lbnat(LBNAT6)
+            self.wait_listening(BACKEND, HTTP_PORT)  # nginx on b1's IPv6 address too
+        except BenchError:
+            terminate([proc])
+            del self.servers[LBNAT6]
+            raise
+        self.lb_pid[LBNAT6] = self.lb_pid["lbnat-nat64"] = proc.pid
 
     def nft_up(self) -> None:
         """The nftables path: its address on the LB's interface, forwarding on (the kernel
@@ -501,6 +603,8 @@ def _iperf(bed: Bed, path: PathSpec, extra: Sequence[str], udp: bool) -> Record:
     s = bed.settings
     argv = ["iperf3", "-c", path.host, "-p", str(path.iperf_port), "-t", f"{s.seconds:g}",
             "-J", *extra]
+    if ":" in path.host:  # the IPv6 rows: a path that does not connect fails in 5 s, not 30
+        argv[1:1] = ["--connect-timeout", "5000"]
     text = bed.run(CLIENT, argv, timeout=s.seconds + 30)
     return report.parse_iperf_udp(text) if udp else report.parse_iperf_tcp(text)
 
@@ -531,7 +635,8 @@ def udp_high(bed: Bed, path: PathSpec) -> Record:
 
 def _wrk(bed: Bed, path: PathSpec, connections: int, extra: Sequence[str]) -> Record:
     s = bed.settings
-    url = f"http://{path.host}:{path.http_port}/"
+    host = f"[{path.host}]" if ":" in path.host else path.host  # an IPv6 address in a URL
+    url = f"http://{host}:{path.http_port}/"
     argv = ["wrk", "-t", str(min(s.threads, connections)), "-c", str(connections),
             "-d", f"{max(1, round(s.seconds))}s", "--timeout", "5s", "--latency", *extra, url]
     figures = report.parse_wrk(bed.run(CLIENT, argv, timeout=s.seconds + 30))
@@ -600,6 +705,34 @@ def measure(bed: Bed, workload: str, path: PathSpec, rep: int, log: IO[str]) -> 
             record["lb_cpu_s"] = after - before
         return record
     raise AssertionError("unreachable")
+
+
+def ipv6_rows(bed: Bed, log: IO[str]) -> list[Record]:
+    """The IPv6 rows: start their lbnat (the direct and HAProxy paths run already), then each
+    of IPV6_WORKLOADS through its paths in turn, the order rotating every repetition as the
+    other rows'. If that lbnat does not start, its rows are failed records."""
+    s = bed.settings
+    down = ""
+    try:
+        bed.lbnat6_up()
+        print(f"bench: IPv6 rows: lbnat {LBNAT6_IP6} ({bed.offload(LBNAT6)})", file=log)
+    except BenchError as exc:
+        down = str(exc)[-1000:]
+        print(f"bench: IPv6 rows: lbnat over IPv6 did not start: {down}", file=log)
+    records: list[Record] = []
+    for rep in range(s.reps):
+        for w_index, (workload, order) in enumerate(IPV6_WORKLOADS.items()):
+            shift = (rep + w_index) % len(order)
+            for name in order[shift:] + order[:shift]:
+                if down and is_lbnat(name):
+                    record: Record = {"workload": workload, "path": name, "rep": rep,
+                                      "error": f"{LBNAT6} did not start: {down}"}  # fmt: skip
+                else:
+                    record = measure(bed, workload, IPV6_PATHS[name], rep, log)
+                print(f"  rep {rep + 1} {workload:<10} {name:<11} {one_line(record)}",
+                      file=log, flush=True)  # fmt: skip
+                records.append(record)
+    return records
 
 
 def one_line(record: Record) -> str:
@@ -718,12 +851,12 @@ def preflight(settings: Settings) -> None:
     needed = {"ip": "iproute2", "iperf3": "iperf3", "wrk": "wrk", "ss": "iproute2"}
     if "nftables" in settings.paths or any(is_lbnat(p) for p in settings.paths):
         needed["nft"] = "nftables"
-    if "haproxy" in settings.paths:
+    if "haproxy" in settings.paths or settings.ipv6:
         needed["haproxy"] = "haproxy"
     if "lbnat-metrics" in settings.paths:
         needed["prometheus"] = "prometheus"
         needed["curl"] = "curl"
-    if "nginx" in settings.paths or "direct" in settings.paths:
+    if "nginx" in settings.paths or "direct" in settings.paths or settings.ipv6:
         needed["nginx"] = "nginx-light"
     missing = [f"{tool} (Debian package {pkg})" for tool, pkg in needed.items()
                if shutil.which(tool) is None]
@@ -744,6 +877,7 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
     profiles: list[str] = []
     offload: dict[str, str] = {}
     scrapes: int | None = None
+    ipv6_records: list[Record] = []
     with tempfile.TemporaryDirectory(prefix="lbnat-bench.") as tmp:
         bed = Bed(settings, Path(tmp))
         try:
@@ -766,6 +900,10 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
                               file=log, flush=True)
                         records.append(record)
             scrapes = bed.scrapes()
+            if settings.ipv6:
+                ipv6_records = ipv6_rows(bed, log)
+                if LBNAT6 in bed.lb_pid:
+                    offload[LBNAT6] = bed.offload(LBNAT6)
             if settings.profile:
                 for workload in [w for w in PROFILED if w in settings.workloads]:
                     profile = profile_lbnat(bed, workload, log)
@@ -798,8 +936,10 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
         },
         "paths": settings.paths,
         "records": records,
-        "failed": [r for r in records + ecmp_records if "error" in r],
+        "failed": [r for r in records + ipv6_records + ecmp_records if "error" in r],
         "summary": summary,
+        "ipv6": ipv6_records,
+        "ipv6_summary": report.summarize(r for r in ipv6_records if "error" not in r),
         "ecmp": ecmp_records,
         "ecmp_summary": ecmp.summarize(ecmp_records),
         "scale": scale,
@@ -837,6 +977,9 @@ def redraw(out: Path, readme: bool) -> int:
         results = json.loads((out / "results.json").read_text())
         results["summary"] = report.summarize(r for r in results["records"] if "error" not in r)
         results["goals"] = report.goal_rows(results["summary"], results.get("scale", []))
+        results["ipv6_summary"] = report.summarize(
+            r for r in results.get("ipv6", []) if "error" not in r
+        )
         results["ecmp_summary"] = ecmp.summarize(results.get("ecmp", []))
         write_outputs(results, out)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -869,6 +1012,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
                         "'' to skip")
     parser.add_argument("--ecmp-instances", help="comma-separated instance counts of the "
                         "scale-out workload (default 1,2,3); '' to skip")
+    parser.add_argument("--no-ipv6", action="store_true",
+                        help="leave out the IPv6 rows (lbnat, HAProxy and direct over IPv6, "
+                        "NAT64; about a minute and a half, 15 s with --quick)")
     parser.add_argument("--profile", action="store_true",
                         help="also sample lbnat with py-spy under keep-alive, UDP and bulk load")
     parser.add_argument("--no-readme", action="store_true",
@@ -904,6 +1050,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
         if any(not 1 <= n <= 9 for n in settings.ecmp_instances):
             parser.error("--ecmp-instances: each count must be between 1 and 9")
     settings.profile = args.profile
+    settings.ipv6 = not args.no_ipv6
     settings.redraw = args.redraw
     out = args.out or DEFAULT_OUT
     readme = not args.no_readme and not args.quick and out.resolve() == DEFAULT_OUT.resolve()
@@ -940,6 +1087,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(report.markdown_table(results["summary"], results["paths"]))
     print()
+    if results["ipv6_summary"]:
+        print(report.markdown_ipv6(results["ipv6_summary"], results["summary"]))
+        print()
     print(report.markdown_goals(results["goals"]))
     if results["ecmp_summary"]:
         print()

@@ -8,6 +8,12 @@ landed on. The server never decodes what it relays, so any bytes are fine; a lin
 ``MAX_LINE`` bytes is cut to ``MAX_LINE - 1`` bytes plus a newline and the rest of it dropped.
 A client that stops reading is dropped once ``MAX_PENDING`` bytes are queued for it.
 
+Address families: the server listens on IPv4 (``--family 4``, 0.0.0.0, the default), IPv6
+only (``--family 6``, ::) or both (``--family dual``, one :: socket taking IPv4 too, whose
+IPv4 peers are shown as plain IPv4); ``--host`` with a ``:`` is IPv6. The client connects to
+whichever family its HOST is (an IPv6 literal such as fd18::2 is fine). IPv6 endpoints are
+written ``[address]:port``.
+
 Server log, one flushed line per event on stdout::
 
     chat server <name> listening on <host>:<port>
@@ -18,7 +24,7 @@ Server log, one flushed line per event on stdout::
 Client: prints every line it receives; sends each line read from stdin as
 ``[NAME] <line>\\n``; a line ``q`` or ``Q``, or the end of stdin, closes the connection.
 
-    python -m lbnat_lab.chat server [--host H] --port P [--name NAME]
+    python -m lbnat_lab.chat server [--host H] [--family 4|6|dual] --port P [--name NAME]
     python -m lbnat_lab.chat client HOST PORT NAME
 """
 
@@ -49,6 +55,9 @@ DRAIN_TIMEOUT = 2.0
 """Seconds a quitting client waits for the server to close after its own FIN."""
 
 _WILDCARDS = ("", "0.0.0.0", "::")
+FAMILIES = {"4": "0.0.0.0", "6": "::", "dual": "::"}
+"""--family -> the wildcard address the server listens on by default"""
+_MAPPED = "::ffff:"
 
 
 class TextSink(Protocol):
@@ -60,7 +69,14 @@ class TextSink(Protocol):
 
 
 def _endpoint(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    return f"{address[0]}:{address[1]}"
+    """ip:port, [ipv6]:port; an IPv4-mapped IPv6 address (a dual-stack socket's IPv4 peer) as
+    the IPv4 address it is."""
+    host = address[0]
+    if host.startswith(_MAPPED) and "." in host:
+        host = host[len(_MAPPED) :]
+    if ":" in host:
+        return f"[{host}]:{address[1]}"
+    return f"{host}:{address[1]}"
 
 
 @dataclass(eq=False)
@@ -82,11 +98,16 @@ class ChatServer:
         port: int = 0,
         name: str | None = None,
         out: TextSink | None = None,
+        dual: bool = False,
     ) -> None:
+        """`dual`: an IPv6 `host` takes IPv4 clients too (IPV6_V6ONLY off); otherwise an IPv6
+        socket is IPv6 only."""
         self._out = out if out is not None else sys.stdout
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         try:
+            if family == socket.AF_INET6:
+                self._listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(not dual))
             self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._listener.bind((host, port))
             self._listener.listen(128)
@@ -98,7 +119,7 @@ class ChatServer:
         self.port: int = self._listener.getsockname()[1]
         self._fixed_name = name
         if name is None and host not in _WILDCARDS:
-            self._fixed_name = f"{host}:{self.port}"
+            self._fixed_name = _endpoint((host, self.port))
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -112,7 +133,7 @@ class ChatServer:
     def name(self) -> str:
         """The configured name; with a wildcard host and no name, each client is greeted with
         the address it connected to instead."""
-        return self._fixed_name or f"{self.host or '*'}:{self.port}"
+        return self._fixed_name or _endpoint((self.host or "*", self.port))
 
     @property
     def client_count(self) -> int:
@@ -132,7 +153,7 @@ class ChatServer:
             self._wake_w.send(b"x")
 
     def serve_forever(self, poll_interval: float = 1.0) -> None:
-        self.log(f"chat server {self.name} listening on {self.host}:{self.port}")
+        self.log(f"chat server {self.name} listening on {_endpoint((self.host, self.port))}")
         while not self._stopping:
             for key, events in self._sel.select(poll_interval):
                 if key.fileobj is self._listener:
@@ -390,12 +411,13 @@ def _install_stop_handlers(stop: Callable[[], None]) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def run_server(host: str, port: int, name: str | None) -> int:
+def run_server(host: str, port: int, name: str | None, dual: bool = False) -> int:
     try:
-        server = ChatServer(host, port, name)
+        server = ChatServer(host, port, name, dual=dual)
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        print(f"chat server: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
+        print(f"chat server: cannot listen on {_endpoint((host, port))}: {reason}",
+              file=sys.stderr)  # fmt: skip
         return 1
     _install_stop_handlers(server.stop)
     with server:
@@ -408,7 +430,8 @@ def run_client(host: str, port: int, name: str, connect_timeout: float) -> int:
         sock = socket.create_connection((host, port), timeout=connect_timeout)
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-        print(f"chat client: cannot connect to {host}:{port}: {reason}", file=sys.stderr)
+        print(f"chat client: cannot connect to {_endpoint((host, port))}: {reason}",
+              file=sys.stderr)  # fmt: skip
         return 1
     with sock:
         sock.settimeout(None)
@@ -433,7 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="mode", required=True)
     server = sub.add_parser("server", help="run a broadcast chat server")
-    server.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0)")
+    server.add_argument(
+        "--host", default=None, help="address to listen on (default: the --family's wildcard)"
+    )
+    server.add_argument(
+        "--family",
+        choices=sorted(FAMILIES),
+        default="4",
+        help="4: IPv4 (0.0.0.0, the default); 6: IPv6 only (::); dual: IPv6 and IPv4 on one "
+        "socket (::). A --host with a ':' is IPv6.",
+    )
     server.add_argument("--port", type=_port, required=True, help="TCP port (0: any)")
     server.add_argument(
         "--name",
@@ -454,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.mode == "server":
-        return run_server(args.host, args.port, args.name)
+        host = FAMILIES[args.family] if args.host is None else args.host
+        return run_server(host, args.port, args.name, dual=args.family == "dual")
     return run_client(args.host, args.port, args.name, args.connect_timeout)
 
 

@@ -20,7 +20,10 @@ from a checkout only; `skip_reason` says so when the script is missing. Typical 
         lab.expect(client, "* connected to b1")
 
 Every host is a namespace named ``<prefix>-<host>`` (hosts: c1, c2, lb, b1, b2, ...); the
-prefix is unique per Lab so parallel runs never meet. `close` (or leaving the ``with``) ends
+prefix is unique per Lab so parallel runs never meet. ``Lab(ipv6=True)`` is the dual-stack lab
+(lab.sh's LAB_IPV6=1): every host also has an IPv6 address, `host_ip6` (lb fd18::2, c1
+fd18::11, b1 fd18::21). `Lab.add_router` adds the router r1 and the client rc1 behind a narrow
+link (path MTU). `close` (or leaving the ``with``) ends
 every process the Lab started, by pid (SIGTERM, then SIGKILL), then runs ``lab.sh down``.
 
 tests/integration/test_lab_netns.py checks it with a chat server and two clients.
@@ -58,12 +61,29 @@ LB_PAIR: dict[str, str] = {"lb1": "198.18.0.3", "lb2": "198.18.0.4"}
 pair's VIP, which keepalived adds on the master."""
 HOSTS: dict[str, str] = {"lb": LB_IP, **LB_PAIR, **CLIENTS, **BACKENDS}
 
+PLEN6 = 64
+PREFIX6 = "fd18::"
+"""The dual-stack lab's IPv6 prefix (ULA): a host's address is this with the last number of its
+IPv4 address written after it, 198.18.0.21 -> fd18::21."""
+LB_IP6 = "fd18::2"
+CLIENTS6: dict[str, str] = {"c1": "fd18::11", "c2": "fd18::12"}
+BACKENDS6: dict[str, str] = {f"b{n}": f"fd18::{20 + n}" for n in range(1, 5)}
+ROUTER_IP = "198.18.0.254"
+ROUTER_IP6 = "fd18::254"
+ROUTED_CLIENT = "rc1"
+"""`Lab.add_router`: the client behind the router r1, on 198.18.1.0/24 and fd18:1::/64, whose
+link has the narrow MTU; the LB hosts and the backends have their default routes through r1
+(lbnat's next hop for an address off its segment is the default gateway)."""
+ROUTED_CLIENT_IP = "198.18.1.11"
+ROUTED_CLIENT_IP6 = "fd18:1::11"
+ROUTED_MTU = 1280
+
 CHAT: tuple[str, ...] = (sys.executable, "-m", "lbnat_lab.chat")
 """argv prefix of the chat server/client, to run with `Lab.run` / `Lab.popen`."""
 ECHO: tuple[str, ...] = (sys.executable, "-m", "lbnat_lab.udpecho")
 """argv prefix of the UDP echo server."""
 
-_HOST_RE = re.compile(r"^(lb|lb[12]|c[1-9][0-9]?|b[1-9][0-9]?)$")
+_HOST_RE = re.compile(r"^(lb|lb[12]|c[1-9][0-9]?|b[1-9][0-9]?|r1|rc1)$")
 SCRIPT_TIMEOUT = 120.0
 RUN_TIMEOUT = 30.0
 TERMINATE_TIMEOUT = 5.0
@@ -71,15 +91,28 @@ TERMINATE_TIMEOUT = 5.0
 
 def host_ip(host: str) -> str:
     """Address of a lab host: lb, lb1 and lb2 (the pair), cN (198.18.0.10+N) or bN
-    (198.18.0.20+N)."""
+    (198.18.0.20+N); after `Lab.add_router`, r1 (198.18.0.254) and rc1 (198.18.1.11)."""
     if not _HOST_RE.match(host):
         raise ValueError(f"{host!r} is not a lab host (lb, lb1, lb2, c1, c2, b1, b2, ...)")
     if host == "lb":
         return LB_IP
     if host in LB_PAIR:
         return LB_PAIR[host]
+    if host == "r1":
+        return ROUTER_IP
+    if host == ROUTED_CLIENT:
+        return ROUTED_CLIENT_IP
     base = 10 if host[0] == "c" else 20
     return f"198.18.0.{base + int(host[1:])}"
+
+
+def host_ip6(host: str) -> str:
+    """IPv6 address of a host of the dual-stack lab (`Lab(ipv6=True)`): fd18:: and the last
+    number of its IPv4 address (lb fd18::2, c1 fd18::11, b1 fd18::21, r1 fd18::254); rc1,
+    behind the router, fd18:1::11."""
+    if host == ROUTED_CLIENT:
+        return ROUTED_CLIENT_IP6
+    return PREFIX6 + host_ip(host).rsplit(".", 1)[1]
 
 
 def skip_reason() -> str | None:
@@ -126,10 +159,14 @@ def terminate(procs: Sequence[subprocess.Popen[Any]], timeout: float = TERMINATE
 class Lab:
     """One lab: namespaces up on construction, everything gone after `close`."""
 
-    def __init__(self, backends: int = 3, prefix: str | None = None, lbs: int = 1) -> None:
-        """`lbs`: 1, one LB "lb" (198.18.0.2); 2, the HA pair "lb1" and "lb2" (LB_PAIR)."""
+    def __init__(
+        self, backends: int = 3, prefix: str | None = None, lbs: int = 1, ipv6: bool = False
+    ) -> None:
+        """`lbs`: 1, one LB "lb" (198.18.0.2); 2, the HA pair "lb1" and "lb2" (LB_PAIR).
+        `ipv6`: dual stack, every host with its `host_ip6` too (IPv6 stays off otherwise)."""
         self.prefix = prefix or f"lbt{secrets.token_hex(3)}"
         self.lbs = lbs
+        self.ipv6 = ipv6
         # Each lab's lbnat gets its own admin socket (labs may run side by side on one host).
         self.admin_socket = f"/run/lbnat/{self.prefix}.sock"
         self.backends = backends
@@ -150,7 +187,7 @@ class Lab:
     def script_env(self) -> dict[str, str]:
         """The script's settings for this lab."""
         return {"LAB_PREFIX": self.prefix, "LAB_BACKENDS": str(self.backends),
-                "LAB_LBS": str(self.lbs)}  # fmt: skip
+                "LAB_LBS": str(self.lbs), "LAB_IPV6": "1" if self.ipv6 else "0"}  # fmt: skip
 
     def script(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run the lab's script (``scripts/lab.sh ARGS``) for this lab's prefix; raise with
@@ -177,6 +214,15 @@ class Lab:
         self.script("add-backend", str(n))
         return f"b{n}"
 
+    def add_router(self, mtu: int = ROUTED_MTU) -> str:
+        """Create the router r1 and the client rc1 behind it, on a link of `mtu` bytes
+        (lab.sh add-router: the LB hosts and the backends route to rc1 through r1, their
+        default gateway, and rc1
+        announces the MSS of a 1500-byte path, so only path-MTU discovery fits the segments
+        sent to it); return the client's host name."""
+        self.script("add-router", str(mtu))
+        return ROUTED_CLIENT
+
     def ns(self, host: str) -> str:
         """Namespace name of a lab host ("c1" -> "<prefix>-c1")."""
         self.ip(host)  # validates the name (this kind of lab's hosts)
@@ -185,6 +231,11 @@ class Lab:
     @staticmethod
     def ip(host: str) -> str:
         return host_ip(host)
+
+    def ip6(self, host: str) -> str:
+        if not self.ipv6:
+            raise ValueError(f"lab {self.prefix} is IPv4 only (Lab(ipv6=True) for dual stack)")
+        return host_ip6(host)
 
     # -- commands inside the namespaces --------------------------------------------------------
 

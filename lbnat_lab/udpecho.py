@@ -1,7 +1,11 @@
 """A UDP echo server for the lab: every datagram comes back prefixed with the server's name,
 so a client can tell which backend answered; "HealthCheck" is answered "OK" (lbnat's udp probe).
 
-    python -m lbnat_lab.udpecho --port 9000 --name b1 [--host 0.0.0.0]
+    python -m lbnat_lab.udpecho --port 9000 --name b1 [--host 0.0.0.0] [--log-peers]
+
+A --host with a ``:`` is IPv6 (``::`` takes IPv4 too). --log-peers: one line for the first
+datagram of each peer (the first MAX_PEERS of them), "udp echo NAME: first datagram from
+IP:PORT", so a test can see the source address the backend sees.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import sys
 from types import FrameType
 
 HEALTH_CHECK = b"HealthCheck"
+MAX_PEERS = 1000
 
 
 def answer(name: bytes, datagram: bytes) -> bytes:
@@ -21,8 +26,9 @@ def answer(name: bytes, datagram: bytes) -> bytes:
     return b"[" + name + b"] " + datagram
 
 
-def serve(host: str, port: int, name: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+def serve(host: str, port: int, name: str, log_peers: bool = False) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
         try:
             sock.bind((host, port))
         except OSError as error:
@@ -41,6 +47,7 @@ def serve(host: str, port: int, name: str) -> int:
         signal.signal(signal.SIGINT, stop)
         label = name.encode()
         served = 0
+        peers: set[object] = set()
         while not stopping:
             try:
                 datagram, peer = sock.recvfrom(65535)
@@ -48,6 +55,9 @@ def serve(host: str, port: int, name: str) -> int:
                 continue
             except OSError:
                 continue  # an ICMP error about an earlier reply: nothing to do
+            if log_peers and peer not in peers and len(peers) < MAX_PEERS:
+                peers.add(peer)
+                print(f"udp echo {name}: first datagram from {peer[0]}:{peer[1]}", flush=True)
             try:
                 sock.sendto(answer(label, datagram), peer)
                 served += 1
@@ -62,10 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", default=None, help="default: host:port")
+    parser.add_argument(
+        "--log-peers", action="store_true", help="log each peer's first datagram (its address)"
+    )
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"port {args.port} is out of range")
-    return serve(args.host, args.port, args.name or f"{args.host}:{args.port}")
+    return serve(args.host, args.port, args.name or f"{args.host}:{args.port}", args.log_peers)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@
 #   P               its prefix (LAB_PREFIX): every namespace is ${P}-something
 #   SW              the switch namespace, ${P}-sw, which holds the bridges and the veths' peers
 #   PLEN            the prefix length of every address plugged in
+#   PLEN6           (optional, 64) the same for the IPv6 addresses of a dual-stack lab
 #   KILL_WAIT       tenths of a second kill_ns_pids gives processes after SIGTERM
 #   log MESSAGE     and die MESSAGE (exit 1), prefixed with the lab's name
 #   lab_namespaces  the lab's namespaces that exist now, one per line
@@ -92,10 +93,25 @@ make_switch() {
 		>/dev/null 2>&1 || true
 }
 
-# plug NS DEV PORT BRIDGE ADDR: veth DEV in namespace NS with ADDR/PLEN, its peer PORT on
-# BRIDGE in the switch
+# with_ipv6 NS DEV...: IPv6 on these interfaces of NS (lo included, if named), without DAD
+# (accept_dad=0: the link-local address is usable at once too), router advertisements or
+# solicitations, so a dual-stack lab is as quick and as quiet as an IPv4-only one
+with_ipv6() {
+	local ns="$1" dev
+	shift
+	[ -d /proc/sys/net/ipv6 ] || die "IPv6 asked for, but the kernel has none"
+	for dev in "$@"; do
+		ip netns exec "$ns" sysctl -qw "net.ipv6.conf.$dev.accept_dad=0" \
+			"net.ipv6.conf.$dev.accept_ra=0" "net.ipv6.conf.$dev.router_solicitations=0" \
+			"net.ipv6.conf.$dev.disable_ipv6=0" >/dev/null
+	done
+}
+
+# plug NS DEV PORT BRIDGE ADDR [ADDR6]: veth DEV in namespace NS with ADDR/PLEN (and, given,
+# ADDR6/PLEN6, nodad: dual stack; IPv6 stays off otherwise), its peer PORT on BRIDGE in the
+# switch
 plug() {
-	local ns="$1" dev="$2" port="$3" br="$4" addr="$5"
+	local ns="$1" dev="$2" port="$3" br="$4" addr="$5" addr6="${6:-}"
 	if ! ip -n "$ns" link show "$dev" >/dev/null 2>&1; then
 		# a stale switch-side peer (its host end is gone) would block the name
 		ip -n "$SW" link del "$port" >/dev/null 2>&1 || true
@@ -106,6 +122,10 @@ plug() {
 	ip -n "$SW" link set "$port" master "$br"
 	ip -n "$SW" link set "$port" up
 	ip -n "$ns" addr replace "$addr/$PLEN" dev "$dev"
+	if [ -n "$addr6" ]; then
+		with_ipv6 "$ns" "$dev"
+		ip -n "$ns" -6 addr replace "$addr6/${PLEN6:-64}" dev "$dev" nodad
+	fi
 	ip -n "$ns" link set "$dev" up
 }
 

@@ -27,6 +27,10 @@ PRIMARY = {  # workload -> the figure every path must have produced
     "udp_low": "pps",
     "udp_high": "pps",
 }
+IPV6_ROWS = {
+    "bulk_1": ("direct-v6", "lbnat-v6", "haproxy-v6", "lbnat-nat64"),
+    "conn_rate": ("direct-v6", "lbnat-v6", "haproxy-v6"),
+}
 PATHS = ("direct", "lbnat", "lbnat-python", "lbnat-1w", "lbnat-socket", "haproxy", "nginx",
          "nftables")
 
@@ -58,6 +62,14 @@ def test_quick_benchmark_produces_every_result(tmp_path: Path) -> None:
             assert record[key] > 0, (workload, path, record)
             if path not in ("direct", "nftables"):  # nftables: no process to measure
                 assert record["lb_cpu_s"] >= 0, (workload, path, record)
+    # the IPv6 rows: bulk and new connections/s direct, through lbnat and HAProxy over IPv6,
+    # and NAT64 bulk through lbnat
+    ipv6 = {(r["workload"], r["path"]): r for r in results["ipv6"]}
+    assert set(ipv6) == {(w, p) for w, paths in IPV6_ROWS.items() for p in paths}
+    for (workload, path), record in ipv6.items():
+        assert record[PRIMARY[workload]] > 0, (workload, path, record)
+        if path != "direct-v6":
+            assert record["lb_cpu_s"] >= 0, (workload, path, record)
     assert results["meta"]["metrics_scrapes"] > 10  # Prometheus scraped lbnat-metrics, 1/s
     assert [r["rows"] for r in results["scale"]] == [10_000, 100_000]
     if results["ecmp"]:  # the scale-out workload ran (it needs bird and exabgp)
@@ -83,6 +95,7 @@ def test_quick_benchmark_produces_every_result(tmp_path: Path) -> None:
     assert (
         "| lbnat ÷ direct | lbnat ÷ nftables | lbnat ÷ HAProxy |" in readme
     )
+    assert "| metric | direct, IPv6 | lbnat, IPv6 | HAProxy, IPv6 | lbnat, NAT64 |" in readme
     if results["ecmp"]:
         assert "## Scale-out: aggregate throughput over 1-N instances (ECMP)" in readme
     charts = sorted(p.name for p in out.glob("*.png"))

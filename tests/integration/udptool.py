@@ -1,4 +1,4 @@
-"""UDP clients for the netns tests, run inside a lab host:
+"""UDP clients for the netns tests, run inside a lab host (HOST may be IPv4 or IPv6):
 
 python -m tests.integration.udptool clients HOST PORT --clients 6 --count 5
     each client (its own socket, so its own source port) sends `count` datagrams in turn
@@ -24,9 +24,10 @@ NAME = re.compile(rb"^\[([^\]]+)\] ")
 
 
 def _socket(target: tuple[str, int], source_port: int = 0, timeout: float = 2.0) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    v6 = ":" in target[0]  # an IPv6 HOST (fd18::2): an IPv6 socket
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("0.0.0.0", source_port))
+    sock.bind(("::" if v6 else "0.0.0.0", source_port))
     sock.connect(target)
     sock.settimeout(timeout)
     return sock

@@ -642,3 +642,60 @@ def test_bench_arguments() -> None:
     full, out, readme = run.parse_args(["--paths", "lbnat,haproxy", "--scale-rows", ""])
     assert full.paths == ["lbnat", "haproxy"] and full.scale_rows == [] and full.reps == 3
     assert out == run.DEFAULT_OUT and readme  # only a full run into docs/benchmarks edits README
+
+
+IPV6_SUMMARY: Summary = {
+    "bulk_1": {"direct-v6": {"gbit_s": 20.0}, "lbnat-v6": {"gbit_s": 16.0, "cpu_s_per_gb": 0.5},
+               "haproxy-v6": {"gbit_s": 5.0}, "lbnat-nat64": {"gbit_s": 4.0}},
+    "conn_rate": {"direct-v6": {"rps": 20000.0}, "lbnat-v6": {"rps": 8000.0},
+                  "haproxy-v6": {"rps": 10000.0}},
+}
+
+
+def test_markdown_ipv6() -> None:
+    """The IPv6 rows: their paths, then lbnat over IPv6 against direct and HAProxy over IPv6,
+    NAT64 against direct over IPv6, and lbnat over IPv6 against the IPv4 table's lbnat."""
+    lines = report.markdown_ipv6(IPV6_SUMMARY, SUMMARY).splitlines()
+    assert lines[:2] == [
+        "| metric | direct, IPv6 | lbnat, IPv6 | HAProxy, IPv6 | lbnat, NAT64 "
+        "| lbnat, IPv6 ÷ direct, IPv6 | lbnat, IPv6 ÷ HAProxy, IPv6 "
+        "| lbnat, NAT64 ÷ direct, IPv6 | lbnat, IPv6 ÷ lbnat, IPv4 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    assert lines[2:] == [
+        "| bulk TCP, 1 stream (Gbit/s) ↑ | 20.00 | 16.00 | 5.00 | 4.00 "
+        "| 0.80 × | 3.20 × | 0.20 × | 0.80 × |",
+        "| LB CPU per GB (1 stream) (CPU s) ↓ | – | 0.50 | – | – | – | – | – | 1.22 × |",
+        "| new connections/s (Connection: close) (conn/s) ↑ | 20,000 | 8,000 | 10,000 | – "
+        "| 0.40 × | 0.80 × | – | 0.89 × |",
+    ]
+    # without the IPv4 medians, no IPv6 ÷ IPv4 ratio
+    assert report.markdown_ipv6(IPV6_SUMMARY).splitlines()[2].endswith("| 0.20 × | – |")
+
+
+def test_the_ipv6_rows_in_the_report_and_the_readme_block() -> None:
+    plain = results(SUMMARY, [], SCALE_FULL)
+    assert "IPv6" not in report.markdown_report(plain) + report.readme_block(plain)
+    res = {**plain, "ipv6_summary": IPV6_SUMMARY}
+    table = report.markdown_ipv6(IPV6_SUMMARY, SUMMARY)
+    full = report.markdown_report(res)
+    assert "## IPv6\n\nClient and backend over IPv6" in full and f"\n\n{table}\n" in full
+    assert full.index("## IPv6") > full.index("## Goals")
+    block = report.readme_block(res)
+    assert "IPv6:\n\nClient and backend over IPv6" in block and f"\n\n{table}\n" in block
+
+
+def test_bench_arguments_ipv6() -> None:
+    from lbnat_bench import run
+
+    assert run.parse_args([])[0].ipv6 and run.parse_args(["--quick"])[0].ipv6
+    assert not run.parse_args(["--no-ipv6"])[0].ipv6
+    # lbnat-nat64 has no HTTP service: it is in the bulk rows only
+    assert run.IPV6_WORKLOADS == {
+        "bulk_1": ("direct-v6", "lbnat-v6", "haproxy-v6", "lbnat-nat64"),
+        "conn_rate": ("direct-v6", "lbnat-v6", "haproxy-v6"),
+    }
+    assert tuple(run.IPV6_PATHS) == report.IPV6_PATHS
+    assert all(report.is_lbnat(p) for p in ("lbnat-v6", "lbnat-nat64"))
+    assert "[fd18::2]:8201" in run.haproxy_conf(2, ipv6=True)
+    assert "fd18" not in run.haproxy_conf(2)  # the IPv4-only lab's HAProxy as before

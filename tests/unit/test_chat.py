@@ -164,6 +164,32 @@ def test_default_name_is_the_address_the_client_reached() -> None:
         running.stop()
 
 
+@pytest.mark.parametrize("dual", [True, False])
+def test_ipv6_and_dual_stack_servers(dual: bool) -> None:
+    """--family dual: one :: socket takes IPv6 and IPv4 clients, each logged in its own form
+    ([::1]:port, HOST:port); --family 6: IPv6 only."""
+    log = Sink()
+    server = ChatServer("::", 0, "v6", out=log, dual=dual)
+    thread = threading.Thread(target=server.serve_forever, args=(0.1,))
+    thread.start()
+    try:
+        with socket.create_connection(("::1", server.port), timeout=TIMEOUT) as six:
+            assert read_line(six) == b"* connected to v6\n"
+            log.wait_for(f"connected client : [::1]:{six.getsockname()[1]} (total ")
+        if dual:
+            with socket.create_connection((HOST, server.port), timeout=TIMEOUT) as four:
+                assert read_line(four) == b"* connected to v6\n"
+                log.wait_for(f"connected client : {HOST}:{four.getsockname()[1]} (total ")
+        else:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((HOST, server.port), timeout=TIMEOUT).close()
+        assert log.text.splitlines()[0] == f"chat server v6 listening on [::]:{server.port}"
+    finally:
+        server.stop()
+        thread.join(TIMEOUT)
+        server.close()
+
+
 def test_log_lines(server: RunningServer) -> None:
     with server.connect() as first:
         read_line(first)
