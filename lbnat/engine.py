@@ -475,7 +475,11 @@ class Engine(IPv6Path, IcmpTurns):
 
         `reopen` is the ended row this client socket had: its backend and NAT port are taken
         again if that backend may still take new flows."""
-        key = flow_key(proto, client_ip, client_port, service.port)
+        # (the IPv4 key's own function where it can: a new flow's cost is the connection rate)
+        if client_ip <= V4_MAX:
+            key = forward_key(proto, client_ip, client_port, service.port)
+        else:
+            key = flow_key(proto, client_ip, client_port, service.port)
         backend: Backend | None = None
         nat_port: int | None = None
         if reopen is not None:
@@ -512,10 +516,10 @@ class Engine(IPv6Path, IcmpTurns):
                 rst = tcp_segment_any(vip, client_ip, service.port, client_port, 0, ack, RST | ACK)
                 return (REPLY, rst, client_ip)
             return _DROP_ACTIONS[DropReason.NO_BACKEND]
+        vip = self.vip if client_ip <= V4_MAX else self.lb_ip6
         opened, evicted = self.table.open(
-            now, service, proto, client_ip, client_port, self.vip_of(client_ip), backend,
-            nat_port, row_class,
-        )  # fmt: skip
+            now, service, proto, client_ip, client_port, vip, backend, nat_port, row_class, key
+        )
         for victim in evicted:
             self._flow_ended(victim, now)
             gone = victim.session

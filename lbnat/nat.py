@@ -44,7 +44,7 @@ from typing import Protocol
 from lbnat import addresses
 from lbnat.addresses import V4_MAX
 from lbnat.backends import Backend, BackendKey
-from lbnat.packet import ACK, FIN, PORT_PAIR, RST, SYN, TCP, rewrite_deltas
+from lbnat.packet import ACK, ADDRESS, FIN, PORT_PAIR, RST, SYN, TCP, rewrite_deltas
 from lbnat.service import ServiceState
 
 
@@ -163,6 +163,14 @@ def key_client(key: int) -> int:
 def backend_pool_key(proto: int, backend_ip: int, backend_port: int) -> int:
     """`pool_key` for a backend of either family."""
     return pool_key(proto, backend_ip & 0xFFFFFFFF, backend_port) | ((backend_ip >> 32) << 56)
+
+
+def _pool_key_of(proto: int, backend: Backend) -> int:
+    """A backend's pool key (IPv4's own function where it can: this runs once per new flow)."""
+    ip = backend.ip_int
+    if ip <= V4_MAX:
+        return pool_key(proto, ip, backend.port)
+    return backend_pool_key(proto, ip, backend.port)
 
 
 # Shared int objects for every port and window value: a row that holds one of these holds a
@@ -616,7 +624,7 @@ class SessionTable:
         return None if pool is None else pool.lookup(nat_port)
 
     def pool_for(self, proto: int, backend: Backend) -> PortPool:
-        key = backend_pool_key(proto, backend.ip_int, backend.port)
+        key = _pool_key_of(proto, backend)
         pool = self.pools.get(key)
         if pool is None:
             source = self.lb_ip6 if backend.ip_int > V4_MAX else self.lb_ip
@@ -641,11 +649,13 @@ class SessionTable:
         backend: Backend,
         nat_port: int | None = None,
         row_class: type[Session] = Session,
+        key: int = -1,
     ) -> tuple[Session | Refusal, list[Ended]]:
         """Make the row for a new flow to `backend`. Returns the row (or why not) and any flows
         that eviction ended to make room. `nat_port`: the port of the row just removed for
         this client socket, to be taken again (it is the last one freed). `row_class`: a
-        Session subclass with more slots (lbnat.synproxy's rows)."""
+        Session subclass with more slots (lbnat.synproxy's rows). `key`: the flow's key, when the
+        caller has it (`flow_key`)."""
         pool = self.pool_for(proto, backend)
         if nat_port is not None and pool.free and pool.free[-1] == nat_port:
             pool.free.pop()
@@ -680,9 +690,12 @@ class SessionTable:
             else:
                 ended.append(self._evict(victim))
 
-        key = flow_key(proto, client_ip, client_port, service.port)
+        if key < 0:
+            key = flow_key(proto, client_ip, client_port, service.port)
         state = State.SYN_SENT if proto == TCP else State.UDP_UNREPLIED
-        row = row_class_for(row_class, client_ip, backend)()
+        if client_ip > V4_MAX and backend.ip_int <= V4_MAX and row_class is Session:
+            row_class = Nat64Session
+        row = row_class()
         s = self._file(row, key, service, pool, nat_port, state, now, vip)
         pool.flows += 1
         if self._half_open.live > PRESSURE_HALF_OPEN and not self.under_pressure:
@@ -877,8 +890,9 @@ def _prepare_rewrites(
     write and the checksum deltas (lbnat.packet.rewrite), packed into `s.deltas` as
     (fwd_ip << 48) | (fwd_l4 << 32) | (rev_ip << 16) | rev_l4."""
     pool, service = s.pool, s.service
-    client_address = addresses.packed(client_ip)
-    vip_address = addresses.packed(vip)
+    # (ADDRESS.pack for IPv4: a C call, and this runs once per new flow)
+    client_address = ADDRESS.pack(client_ip) if client_ip <= V4_MAX else addresses.packed(client_ip)
+    vip_address = ADDRESS.pack(vip) if vip <= V4_MAX else addresses.packed(vip)
     s.fwd_ports = PORT_PAIR.pack(s.nat_port, backend_port)
     fwd_ip, fwd_l4 = rewrite_deltas(
         client_address + vip_address,

@@ -153,12 +153,12 @@ def delta(old: bytes, new: bytes) -> int:
     the same number)."""
     if len(old) % 2 or len(new) % 2:
         raise ValueError("delta needs byte strings of even length")
-    total = 0
-    for i in range(0, len(old), 2):
-        total += ~((old[i] << 8) | old[i + 1]) & 0xFFFF
-    for i in range(0, len(new), 2):
-        total += (new[i] << 8) | new[i + 1]
-    return fold(total)
+    # ~m is 0xFFFF - m for a 16-bit word: the exact sums of the words, by struct (an IPv6
+    # row has 32 address bytes a side; a loop over them was most of a new flow's cost).
+    words_old, words_new = len(old) // 2, len(new) // 2
+    old_sum = sum(struct.unpack(f"!{words_old}H", old))
+    new_sum = sum(struct.unpack(f"!{words_new}H", new))
+    return fold(words_old * 0xFFFF - old_sum + new_sum)
 
 
 def add(a: int, b: int) -> int:
