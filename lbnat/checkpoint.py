@@ -414,6 +414,7 @@ class Dropped(enum.Enum):
     CONFLICT = "conflict"  # its client socket or NAT port is taken, outside this worker's
     # NAT ports, or the table is full
     HANDSHAKE = "handshake"  # a SYN-proxied row whose backend had not answered (see above)
+    NO_IPV6 = "no_ipv6"  # an IPv6 client's row, and this lbnat has no ip6 (a peer's, say)
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +435,8 @@ def place_of(engine: Engine, r: RowRecord) -> tuple[ServiceState, Backend] | Dro
     """The service and backend the row of record `r` belongs to in `engine`, or why it cannot
     be rebuilt there (its service or backend is gone; a SYN-proxied row before its backend's
     answer)."""
+    if addresses.is_v6(r.client_ip) and engine.lb_ip6 < 0:
+        return Dropped.NO_IPV6
     service = engine.services.by_port.get((r.proto << 16) | r.service_port)
     if service is None:
         return Dropped.NO_SERVICE

@@ -36,6 +36,7 @@ class DropReason(enum.IntEnum):
     BAD_IPV6 = 50  # a payload length of 0 (jumbogram) or an extension header chain too long
     NO_NAT46 = 51  # an IPv4 client of a service whose backends are IPv6 (not translated)
     PACKET_TOO_BIG = 52  # grew past the MTU in translation: an ICMP error went to its sender
+    BAD_ICMP = 53  # an ICMP error whose quote's lengths cannot be turned (lbnat.engine_icmp)
 
     @property
     def label(self) -> str:

@@ -217,7 +217,9 @@ class IPv6Path:
         else:
             self._tracker.track_udp_reply(s, now)
         deltas = s.deltas
-        if start >= FRAME_PRELUDE:  # the data plane's 10 bytes before the frame move with it
+        if l4 - 40 < start and start >= FRAME_PRELUDE:
+            # It grows (an IPv4 header under 40 bytes): the data plane's 10 bytes before the
+            # frame move with it, before the new header overwrites their end.
             moved = l4 - 40 - FRAME_PRELUDE
             buf[moved : moved + 10] = bytes(buf[start - FRAME_PRELUDE : start - 14])
         new_start = translate_to_v6(

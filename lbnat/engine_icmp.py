@@ -20,6 +20,7 @@ RFC 7915's type and code maps.
 
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING, cast
 
 from lbnat.actions import FORWARD, REPLY, Action
@@ -78,6 +79,21 @@ class IcmpTurns:
         def _drop(self, reason: DropReason) -> Action: ...
 
     def _icmp_error(self, buf: bytearray, start: int, end: int) -> Action:
+        """`_icmp4_turn`, and a drop counted `bad_icmp` if the message's own lengths make no
+        sense where it is turned (never a traceback: a worker would die of it)."""
+        try:
+            return self._icmp4_turn(buf, start, end)
+        except (struct.error, ValueError, IndexError):
+            return self._drop(DropReason.BAD_ICMP)
+
+    def _icmp6_error(self, buf: bytearray, start: int, end: int) -> Action:
+        """`_icmp6_turn`, with `_icmp_error`'s guard."""
+        try:
+            return self._icmp6_turn(buf, start, end)
+        except (struct.error, ValueError, IndexError):
+            return self._drop(DropReason.BAD_ICMP)
+
+    def _icmp4_turn(self, buf: bytearray, start: int, end: int) -> Action:
         """An ICMP error about a packet lbnat sent to a backend (port unreachable, fragmentation
         needed, ...), from the backend or a router on the way: translated for the client, as if
         the VIP had answered about the client's own packet. Or about a packet lbnat sent to a
@@ -137,7 +153,7 @@ class IcmpTurns:
 
     # --- ICMP errors ---------------------------------------------------------------------------
 
-    def _icmp6_error(self, buf: bytearray, start: int, end: int) -> Action:
+    def _icmp6_turn(self, buf: bytearray, start: int, end: int) -> Action:
         """An ICMPv6 error to the LB's IPv6 address about a flow of either side."""
         error = parse_icmp6_error(buf, start, end)
         if error.__class__ is not tuple:

@@ -728,8 +728,8 @@ class SessionTable:
         None when the client socket or the port is taken, or the table is full. The flow is not
         counted as a new one (it was scheduled before)."""
         key = flow_key(proto, client_ip, client_port, service.port)
-        if key in self.forward or len(self.forward) >= self.cap:
-            return None
+        if key in self.forward or len(self.forward) >= self.cap or vip < 0:
+            return None  # (vip < 0: the client's family has no address here)
         pool = self.pool_for(proto, backend)
         if not pool.claim(nat_port):
             return None

@@ -367,6 +367,7 @@ def quote6_as_v4(
 ) -> bytes:  # fmt: skip
     """A quoted IPv6 packet as the IPv4 packet it was before translation (RFC 7915 5.2)."""
     payload = ((buf[quote + 4] << 8) | buf[quote + 5]) - (inner_l4 - quote - IPV6_HEADER)
+    payload = min(max(0, payload), 0xFFFF - 20)  # a quote's length is the sender's word
     header = bytearray(_IPV4.pack(0x45, 0, 20 + max(0, payload), 0, 0, buf[quote + 7], proto,
                                   0, 0, 0))  # fmt: skip
     header[12:20] = addresses

@@ -14,6 +14,7 @@ handed to each engine. The decisions are lbnat.fastpath's; the syscalls lbnat.da
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 
@@ -43,7 +44,11 @@ class KernelPath:
 
     @property
     def map6_fd(self) -> int:
-        """The IPv6 flows' map."""
+        """The IPv6 flows' map; -1 (IPv6 rows stay in Python) on a kernel older than 6.16,
+        whose bpf_l4_csum_replace refuses the BPF_F_IPV6 flag the IPv6 rewrite needs: the
+        program would load, and then drop every packet of an offloaded IPv6 flow."""
+        if not kernel_takes_ipv6_csum_flag(os.uname().release):
+            return -1
         return self.program.map6_fd
 
     def close(self) -> None:
@@ -52,6 +57,16 @@ class KernelPath:
     def release(self) -> None:
         """Exit leaving the filter attached (a hitless restart: TcProgram.release)."""
         self.program.release()
+
+
+def kernel_takes_ipv6_csum_flag(release: str) -> bool:
+    """Is this kernel release (`uname -r`) 6.16 or newer (BPF_F_IPV6 in l4_csum_replace)?"""
+    numbers = []
+    for part in release.split("-")[0].split(".")[:2]:
+        if not part.isdigit():
+            return False
+        numbers.append(int(part))
+    return len(numbers) == 2 and (numbers[0], numbers[1]) >= (6, 16)
 
 
 def filter_handle(lb_ip: int) -> int:

@@ -12,11 +12,12 @@ Topology of every test (addresses from the documentation/benchmark ranges):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, IPOption_NOP, TCPerror
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
     ICMPv6PacketTooBig,
@@ -470,3 +471,55 @@ def test_ipv6_backends_fit_the_shared_round_robin_cursor() -> None:
     assert all(0 < code < 1 << 64 for code in codes)
     assert all(code >= 1 << 62 for code in codes)
     assert backend_code(Backend("255.255.255.255", 65535)) < 1 << 62
+
+
+# --- found by review: inputs that must be drops or right bytes, never a dead worker ---------
+
+
+@pytest.mark.parametrize("options", [4, 24, 28, 40])
+def test_nat64_reply_with_ipv4_options_keeps_the_vnet_header(options: int) -> None:
+    """An IPv4 header longer than 20 bytes grows less (or not at all) into IPv6: the 10 bytes
+    the data plane keeps 24 bytes before the packet move only when it grows, and its fields
+    are read before the new header is written."""
+    e = engine()
+    forwarded = send(e, IPv6(src=CLIENT6, dst=LB6) / TCP(sport=40020, dport=81, flags="S",
+                                                         seq=7)).packet  # fmt: skip
+    nat = IP(forwarded)[TCP].sport
+    reply = IP(src=B4, dst=LB4, tos=0x28, options=[IPOption_NOP()] * options) / TCP(
+        sport=8080, dport=nat, flags="SA", seq=99, ack=8
+    )
+    back = send(e, reply)
+    assert back.action[:2] == (TRANSLATED, a(CLIENT6))
+    new_start = cast(int, back.action[2])
+    vnet_at = min(HEADROOM, new_start) - 24
+    assert last_buffer[0][vnet_at : vnet_at + 10] == VNET
+    q = IPv6(back.packet)
+    assert (q.src, q.dst, q.tc, q.plen, q[TCP].dport) == (LB6, CLIENT6, 0x28, 20, 40020)
+    assert checksums_ok(back.packet)
+
+
+def test_an_icmpv6_quote_claiming_a_huge_length_is_turned_or_dropped() -> None:
+    e = engine()
+    send(e, IPv6(src=CLIENT6, dst=LB6) / TCP(sport=40021, dport=81, flags="S", seq=7))
+    quote = IPv6(src=LB6, dst=CLIENT6, plen=0xFFFF) / TCP(sport=81, dport=40021)
+    for kind in (ICMPv6PacketTooBig(mtu=1280), ICMPv6DestUnreach(code=4)):
+        out = send(e, IPv6(src=ROUTER6, dst=LB6) / kind / Raw(bytes(quote)))
+        assert out.action[0] in (REPLY, DROP)
+        if out.action[0] == REPLY:
+            assert checksums_ok(out.packet)
+
+
+def test_a_synced_ipv6_row_on_a_node_without_ip6_is_dropped_not_a_crash() -> None:
+    from lbnat.checkpoint import Dropped, RowRecord, place_of
+    from lbnat.nat import State
+
+    e = Engine(LB4, [Service("web4", "tcp", 81, backends=(Backend(B4, 8080),))])
+    record = RowRecord(6, State.ESTABLISHED, 0, 81, a(CLIENT6), 40000, a(B4), 8080, 61000, 0, 0)
+    assert place_of(e, record) is Dropped.NO_IPV6
+    service = e.services["web4"]
+    backend = service.by_key[(B4, 8080)]
+    assert (
+        e.table.adopt(0.0, service, 6, a(CLIENT6), 40000, -1, backend, 61000, State.ESTABLISHED)
+        is None
+    )
+    assert e.table.pools == {} or all(p.ports_in_use == 0 for p in e.table.pools.values())

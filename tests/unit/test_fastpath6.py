@@ -261,3 +261,14 @@ def test_the_simulated_map_carries_either_layout() -> None:
     assert KERNEL_PART.unpack_from(v4, KERNEL_PART_AT) == (1, 10, 5, 7, 8, 1)
     assert KERNEL_PART.unpack_from(v6, KERNEL_PART_AT6) == (2, 40, 7, 9, 10, 1)
     assert not kernel.carry(b"absent", 1, 1, None, 0)
+
+
+@pytest.mark.parametrize(
+    ("release", "takes"),
+    [("6.18.0-1-amd64", True), ("6.16.0", True), ("6.15.9-arch1", False), ("5.10.0", False),
+     ("7.0.1", True), ("garbage", False), ("6", False)],
+)  # fmt: skip
+def test_the_ipv6_fast_path_needs_a_kernel_that_takes_bpf_f_ipv6(release: str, takes: bool) -> None:
+    from lbnat.dataplane.offload import kernel_takes_ipv6_csum_flag
+
+    assert kernel_takes_ipv6_csum_flag(release) is takes
