@@ -110,6 +110,8 @@ def parse6(buf: bytearray | bytes | memoryview, start: int, end: int) -> Headers
     src = V6 | int.from_bytes(buf[start + 8 : start + 24], "big")
     dst = V6 | int.from_bytes(buf[start + 24 : start + 40], "big")
     l4_len = packet_end - l4
+    # The transport checks are lbnat.packet.parse's, written again rather than shared: parse
+    # keeps them inline because a call per IPv4 packet costs (speed).
     if proto == TCP:
         if l4_len < 20:
             return DropReason.TRUNCATED
