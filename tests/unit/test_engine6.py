@@ -523,3 +523,27 @@ def test_a_synced_ipv6_row_on_a_node_without_ip6_is_dropped_not_a_crash() -> Non
         is None
     )
     assert e.table.pools == {} or all(p.ports_in_use == 0 for p in e.table.pools.values())
+
+
+def test_time_exceeded_reaches_the_client_in_its_own_family() -> None:
+    """A router between the LB and a backend sends time exceeded: the IPv6 client gets ICMPv6
+    time exceeded, for an IPv6 backend as for an IPv4 one (NAT64: ICMPv4 type 11)."""
+    from scapy.layers.inet6 import ICMPv6TimeExceeded
+
+    e = engine()
+    for dport, error_of in (
+        (80, lambda q: IPv6(src=ROUTER6, dst=LB6) / ICMPv6TimeExceeded(code=0) / Raw(q)),
+        (81, lambda q: IP(src="198.18.0.1", dst=LB4) / ICMP(type=11, code=0) / Raw(q)),
+    ):
+        original = bytes(IPv6(src=CLIENT6, dst=LB6) / TCP(sport=40030 + dport, dport=dport,
+                                                          flags="S", seq=5))  # fmt: skip
+        forwarded = send(e, original).packet
+        out = send(e, error_of(forwarded))
+        assert out.action[0] == REPLY and out.action[2] == a(CLIENT6)
+        p = IPv6(out.packet)
+        assert (p.src, p.dst, p[ICMPv6TimeExceeded].code) == (LB6, CLIENT6, 0)
+        quoted = p[IPerror6]
+        assert (quoted.src, quoted.dst, quoted[TCPerror].sport, quoted[TCPerror].dport) == (
+            CLIENT6, LB6, 40030 + dport, dport
+        )  # fmt: skip
+        assert checksums_ok(out.packet)
