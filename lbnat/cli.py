@@ -167,6 +167,14 @@ def main() -> None:
     show_default=True,
     help="Flows of a backend that dies: keep them, or RST both ends.",
 )
+@click.option(
+    "--mode",
+    type=click.Choice(["nat", "dr"]),
+    default="nat",
+    show_default=True,
+    help="The command line's service: full NAT, or direct routing (backends hold the VIP on "
+    "lo and answer clients directly; IPv4, backends on the service's port; docs/dr.md).",
+)
 @click.option("--log-transitions", is_flag=True, help="Health lines only when a state changes.")
 @click.option(
     "--time-wait",

@@ -54,7 +54,7 @@ from lbnat import fields
 from lbnat.backends import Backend
 from lbnat.health_settings import PROBE_KINDS, HealthPolicy, ProbeSettings, probe_misfit
 from lbnat.nat import Timeouts
-from lbnat.service import Service
+from lbnat.service import Service, dr_misfit
 from lbnat.syncookie import DEFAULT_MSS, DEFAULT_THRESHOLD, SYN_PROXY_MODES
 
 __all__ = [
@@ -260,6 +260,7 @@ SERVICE_KEYS: Final = (
     "protocol",
     "port",
     "scheduler",
+    "mode",
     "affinity",
     "on_dead",
     "health",
@@ -747,11 +748,27 @@ def _service(
     mixed = family_misfit(name, backends)
     if mixed:
         _fail(_at(path, "backends"), mixed)
+    mode = block.get("mode", "nat")
+    on_dead = block.get("on_dead", "keep")
+    if mode == "dr":
+        misfit = dr_misfit(name, port, backends) or _dr_misfit_more(proto, on_dead)
+        if misfit:
+            _fail(_at(path, "mode"), misfit)
     try:
-        service = Service(name, proto, port, block.get("scheduler", "rr"), affinity, backends)
+        service = Service(name, proto, port, block.get("scheduler", "rr"), affinity, backends, mode)
     except ValueError as error:  # everything was checked above; kept as a safety net
         _fail(path, str(error))
-    return ServiceConfig(service, health, probe, block.get("on_dead", "keep"))
+    return ServiceConfig(service, health, probe, on_dead)
+
+
+def _dr_misfit_more(proto: str, on_dead: str) -> str | None:
+    """What a direct-routing service cannot do besides its backends' ports (docs/dr.md)."""
+    if on_dead == "reset":
+        return (
+            "on_dead reset needs the backend's side of each flow, which a direct-routed flow "
+            "never shows lbnat: use on_dead keep with mode dr"
+        )
+    return None
 
 
 def _health(
@@ -921,6 +938,7 @@ class Overrides:
     http_path: str = "/"
     http_status: int = 200
     on_dead: str = "keep"
+    mode: str = "nat"  # the command line's service: nat or dr (direct routing)
     log_transitions: bool = False
     time_wait: float = 120.0
     udp_timeout: float = 30.0
@@ -1143,9 +1161,16 @@ def _command_line_service(
                 fields.pattern(probe.expect)
             except fields.FieldError as error:
                 _fail("", f"the expected-reply pattern {probe.expect!r} {error.problem}")
+    if overrides.mode == "dr" and backends:
+        misfit = dr_misfit(f"{proto}:{port}", port, backends) or _dr_misfit_more(
+            proto, overrides.on_dead
+        )
+        if misfit:
+            _fail("", f"--mode dr: {misfit}")
     service = Service(
-        f"{proto}:{port}", proto, port, overrides.scheduler, overrides.affinity, backends
-    )
+        f"{proto}:{port}", proto, port, overrides.scheduler, overrides.affinity, backends,
+        overrides.mode,
+    )  # fmt: skip
     return ServiceConfig(service, health, probe, overrides.on_dead)
 
 
@@ -1193,9 +1218,16 @@ def _merge_service(
                 f"{_with_port(backend.ip, backend.port)} is both in the config and on the "
                 "command line",
             )
-    service = dataclasses.replace(
-        file.service, backends=file.service.backends + ours.service.backends
-    )
+    backends = file.service.backends + ours.service.backends
+    mode = ours.service.mode if "mode" in given else file.service.mode
+    on_dead = ours.on_dead if "on_dead" in given else file.on_dead
+    if mode == "dr":
+        misfit = dr_misfit(file.service.name, file.service.port, backends) or _dr_misfit_more(
+            file.service.proto, on_dead
+        )
+        if misfit:
+            _fail(f"services[{file.service.name}]", misfit)
+    service = dataclasses.replace(file.service, backends=backends, mode=mode)
     if "scheduler" in given:
         service = dataclasses.replace(service, scheduler=ours.service.scheduler)
     if "affinity" in given:

@@ -10,6 +10,22 @@ from lbnat.packet import PORT_PAIR, TCP, UDP
 from lbnat.scheduler import Scheduler
 
 PROTOCOLS = {"tcp": TCP, "udp": UDP}
+MODES = ("nat", "dr")  # full NAT, or direct routing (lbnat.direct, docs/dr.md)
+
+
+def dr_misfit(name: str, port: int, backends: tuple[Backend, ...]) -> str | None:
+    """Why these backends cannot serve a direct-routing service, or None: the packet reaches
+    the backend unchanged (dst VIP:port), so each backend listens on the service's port, and
+    only IPv4 is routed directly."""
+    for backend in backends:
+        if backend.port != port:
+            return (
+                f"service {name} is in mode dr: backend {backend.ip}:{backend.port} must listen "
+                f"on the service's port {port} (a direct-routed packet is not rewritten)"
+            )
+        if backend.ip_int > 0xFFFFFFFF:
+            return f"service {name} is in mode dr: backend {backend.ip} is IPv6 (dr is IPv4 only)"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,8 +36,15 @@ class Service:
     scheduler: str = "rr"
     affinity_timeout: float = 0.0  # seconds a client IP stays with its backend; 0 = off
     backends: tuple[Backend, ...] = field(default=())
+    mode: str = "nat"  # or "dr": direct routing (lbnat.direct)
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not nat or dr")
+        if self.mode == "dr":
+            misfit = dr_misfit(self.name, self.port, self.backends)
+            if misfit:
+                raise ValueError(misfit)
         if self.proto not in PROTOCOLS:
             raise ValueError(f"protocol {self.proto!r} is not tcp or udp")
         if not 0 < self.port < 65536:
@@ -47,6 +70,7 @@ class ServiceState:
         self.port = spec.port
         self.proto = spec.proto_number
         self.scheduler = scheduler
+        self.dr = spec.mode == "dr"
         self.backends: tuple[Backend, ...] = ()
         self.by_key: dict[BackendKey, Backend] = {}
         self.packets = 0
@@ -69,6 +93,10 @@ class ServiceState:
 
     def publish(self, backends: tuple[Backend, ...]) -> None:
         keys = [b.key for b in backends]
+        if self.dr:
+            misfit = dr_misfit(self.name, self.port, backends)
+            if misfit:
+                raise ValueError(misfit)
         if len(set(keys)) != len(keys):
             raise ValueError(f"service {self.name}: a backend is listed twice")
         self.backends = backends
