@@ -36,6 +36,7 @@ from lbnat.actions import SEND_FIRST as SEND_FIRST
 from lbnat.actions import Action as Action
 from lbnat.addresses import V4_MAX
 from lbnat.backends import Backend, BackendKey
+from lbnat.direct import DirectPath, open_row
 from lbnat.drops import DropReason
 from lbnat.engine6 import IPv6Path
 from lbnat.engine_icmp import IcmpTurns
@@ -43,6 +44,7 @@ from lbnat.nat import (
     ENDED,
     UNKNOWN_ACK,
     Affinity,
+    DrSession,
     Ended,
     EndReason,
     Nat64Session,
@@ -164,6 +166,7 @@ class Services(Mapping[str, ServiceState]):
         self._cursors = cursors
         self._by_name: dict[str, ServiceState] = {}
         self.by_port: dict[int, ServiceState] = {}
+        self.dr_by_port: dict[int, ServiceState] = {}  # direct-routed services (lbnat.direct)
         self.affinity: dict[str, Affinity] = {}
 
     def __getitem__(self, name: str) -> ServiceState:
@@ -184,11 +187,11 @@ class Services(Mapping[str, ServiceState]):
                 f"{self._nat_first}-{self._nat_last}"
             )
         key = (spec.proto_number << 16) | spec.port
-        if key in self.by_port:
+        if key in self.by_port or key in self.dr_by_port:
             raise ValueError(f"service {spec.name}: {spec.proto} port {spec.port} is already used")
         service = ServiceState(spec, self._scheduler(spec))
         self._by_name[spec.name] = service
-        self.by_port[key] = service
+        (self.dr_by_port if service.dr else self.by_port)[key] = service
         if spec.affinity_timeout:
             self.affinity[spec.name] = Affinity(spec.affinity_timeout)
         return service
@@ -198,6 +201,8 @@ class Services(Mapping[str, ServiceState]):
         state = self._by_name[spec.name]
         if (spec.proto_number, spec.port) != (state.proto, state.port):
             raise ValueError(f"service {spec.name}: its protocol and port cannot change live")
+        if spec.mode != state.spec.mode:
+            raise ValueError(f"service {spec.name}: its mode (nat, dr) cannot change live")
         if spec.scheduler != state.spec.scheduler:
             state.scheduler = self._scheduler(spec)
             state.scheduler.update(state.backends)
@@ -265,7 +270,7 @@ class PendingResets(list[tuple[bytes, int]]):
         return resets
 
 
-class Engine(IPv6Path, IcmpTurns):
+class Engine(IPv6Path, IcmpTurns, DirectPath):
     def __init__(
         self,
         lb_ip: str,
@@ -299,6 +304,7 @@ class Engine(IPv6Path, IcmpTurns):
         self.services = Services(self.table.port_range, cursors)
         # The services' own dicts, bound once: the packet path reads them without a hop.
         self._by_port = self.services.by_port
+        self._dr_by_port = self.services.dr_by_port
         self._affinity = self.services.affinity
         for spec in services:
             self.services.add(spec)
@@ -335,6 +341,9 @@ class Engine(IPv6Path, IcmpTurns):
         if pool is None:
             return 0
         state = self.services[service]
+        if state.dr:  # its rows hold no NAT port: they are in the forward map alone
+            rows = (r for r in self.table.forward.values() if r.pool is pool)
+            return sum(1 for r in rows if r.service is state and not r.ended)
         return sum(1 for r in pool.rows if r is not None and r.service is state and not r.ended)
 
     # --- the packet path ---------------------------------------------------------------------
@@ -391,6 +400,8 @@ class Engine(IPv6Path, IcmpTurns):
 
         target = self._by_port.get((proto << 16) | dport)
         if target is None or dst != self.vip:
+            if dst == self.vip and (direct := self._dr_by_port.get((proto << 16) | dport)):
+                return self.handle_dr(direct, buf, start, end, headers, now)  # lbnat.direct
             return self._drop(DropReason.NOT_FOR_US)
         service = target
         row = self._forward.get(forward_key(proto, src, sport, dport))
@@ -517,9 +528,15 @@ class Engine(IPv6Path, IcmpTurns):
                 return (REPLY, rst, client_ip)
             return _DROP_ACTIONS[DropReason.NO_BACKEND]
         vip = self.vip if client_ip <= V4_MAX else self.lb_ip6
-        opened, evicted = self.table.open(
-            now, service, proto, client_ip, client_port, vip, backend, nat_port, row_class, key
-        )
+        if row_class is DrSession:  # a direct-routed row holds no NAT port (lbnat.direct)
+            opened, evicted = open_row(
+                self.table, now, service, proto, client_ip, client_port, vip, backend, key
+            )
+        else:
+            opened, evicted = self.table.open(
+                now, service, proto, client_ip, client_port, vip, backend, nat_port, row_class,
+                key,
+            )  # fmt: skip
         for victim in evicted:
             self._flow_ended(victim, now)
             gone = victim.session

@@ -429,6 +429,16 @@ class Nat64Session(Session):
     __slots__ = ()
 
 
+class DrSession(Session):
+    """A direct-routed row (lbnat.direct): the client's packets go to the backend unchanged and
+    its replies never pass lbnat. It holds no NAT port (`nat_port` 0, not in its pool's
+    reverse array), its state comes from the client's segments alone, both ACKs stay
+    UNKNOWN_ACK (lbnat never resets its backend), and neither the checkpoint, the session
+    sync nor the kernel fast path carries it."""
+
+    __slots__ = ()
+
+
 def row_class_for(row_class: type[Session], client_ip: int, backend: Backend) -> type[Session]:
     """The class of a new row: `Nat64Session` when a plain row's client is IPv6 and its
     backend IPv4."""
@@ -752,7 +762,8 @@ class SessionTable:
         _prepare_rewrites(s, key_client(key), key & 0xFFFF, vip, pool.backend.port)
         s.state = state
         self.forward[key] = s
-        pool.rows[nat_port - pool.first] = s
+        if nat_port:  # (a direct-routed row holds none: lbnat.direct)
+            pool.rows[nat_port - pool.first] = s
         if state in ENDED:
             self._closed.push(s)
             pool._closed.push(s)
@@ -784,8 +795,9 @@ class SessionTable:
         s.bucket = -1
         del self.forward[s.key]
         pool = s.pool
-        pool.rows[s.nat_port - pool.first] = None
-        pool.free.append(s.nat_port)
+        if s.nat_port:  # (a direct-routed row holds none: lbnat.direct)
+            pool.rows[s.nat_port - pool.first] = None
+            pool.free.append(s.nat_port)
         self.expiry.compact(len(self.forward))
         if self.checkpoint is not None:
             self.checkpoint.clear(s)

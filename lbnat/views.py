@@ -165,7 +165,7 @@ def merge_counters(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def session_rows(engine: Engine, now: float) -> list[dict[str, object]]:
-    rows = []
+    rows: list[dict[str, object]] = []
     kernel = engine.table.kernel
     in_kernel = kernel.rows if isinstance(kernel, FastPath) else {}
     for row in engine.table:
@@ -177,7 +177,7 @@ def session_rows(engine: Engine, now: float) -> list[dict[str, object]]:
                 "proto": row.service.spec.proto,
                 "client": host_port_text(ip, port),
                 "backend": host_port_text(backend.ip, backend.port),
-                "nat_port": row.nat_port,
+                "nat_port": row.nat_port or "-",  # "-": a direct-routed row holds none
                 "state": row.state.name,
                 "path": "kernel" if row in in_kernel else "python",
                 "age": round(max(0.0, now - row.created), 0),

@@ -616,7 +616,8 @@ def check_table(table: SessionTable, grace: float = 0.0) -> None:
         pool = s.pool
         backend = pool.backend
         assert table.pools[backend_pool_key(s.proto, backend.ip_int, backend.port)] is pool
-        assert pool.rows[s.nat_port - pool.first] is s
+        if s.nat_port:  # (a direct-routed row holds no NAT port: lbnat.direct)
+            assert pool.rows[s.nat_port - pool.first] is s
         # (`grace`: a standby row of the session sync outlives its deadline by that much)
         assert s.bucket <= math.ceil(s.expires + grace), "the row's bucket comes due too late"
         assert table.expiry.holds(s)
@@ -631,7 +632,7 @@ def check_table(table: SessionTable, grace: float = 0.0) -> None:
             assert table.forward.get(row.key) is row, "a pool holds a row the forward map lost"
             assert row.pool is pool and row.nat_port == pool.first + index
             in_use.add(row.nat_port)
-        assert pool.active == sum(1 for s in pool.rows if s is not None and not s.ended)
+        assert pool.active == sum(1 for s in rows if s.pool is pool and not s.ended)
         assert list(pool.closed) == [s for s in table.closed if s.pool is pool]
         assert list(pool.half_open) == [s for s in table.half_open if s.pool is pool]
         free = list(pool.free)
@@ -640,7 +641,7 @@ def check_table(table: SessionTable, grace: float = 0.0) -> None:
         assert not (set(free) & in_use) and not (set(free) & never_used)
         assert not (in_use & never_used)
         assert set(free) | in_use | never_used == set(range(pool.first, pool.last + 1))
-    assert held == len(rows)
+    assert held == sum(1 for s in rows if s.nat_port)
     assert table.open_flows == sum(1 for s in rows if s.state not in ENDED)
     assert set(table.closed) == {s for s in rows if s.state in ENDED}
     assert set(table.half_open) == {s for s in rows if s.state in HALF_OPEN}
