@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from lbnat.addresses import is_v6
 from lbnat.backends import Backend, BackendKey, Health
 from lbnat.fields import host_port_text
+from lbnat.service import dr_misfit
 
 
 class RegistryError(ValueError):
@@ -45,16 +46,23 @@ class Registry:
     drain_timeout: float = 300.0
     _services: dict[str, dict[BackendKey, Entry]] = field(default_factory=dict)
     _probed: set[str] = field(default_factory=set)  # services with a health check
+    _direct: dict[str, int] = field(default_factory=dict)  # dr services' ports (lbnat.direct)
 
     # --- services ---------------------------------------------------------------------------
 
-    def set_service(self, name: str, backends: Iterable[Backend], probed: bool) -> None:
+    def set_service(
+        self, name: str, backends: Iterable[Backend], probed: bool, dr_port: int = 0
+    ) -> None:
         """Define (or redefine, on reload) a service's configured backends.
 
         Backends that stay keep their health and drain state; new ones start alive; config
         backends that are gone are drained (their flows go on); registered backends stay.
         """
         entries = self._services.setdefault(name, {})
+        if dr_port:  # a direct-routed service takes backends on its own port alone
+            self._direct[name] = dr_port
+        else:
+            self._direct.pop(name, None)
         wanted = {b.key: b for b in backends}
         for key, backend in wanted.items():
             entry = entries.get(key)
@@ -93,6 +101,10 @@ class Registry:
         if entry is not None and not entry.draining:
             shown = host_port_text(backend.ip, backend.port)
             raise RegistryError(f"backend {shown} is already in service {service}")
+        if service in self._direct:
+            misfit = dr_misfit(service, self._direct[service], (backend,))
+            if misfit:
+                raise RegistryError(misfit)
         v6 = is_v6(backend.ip_int)
         other = next((e.backend for e in entries.values() if is_v6(e.backend.ip_int) != v6), None)
         if other is not None:  # a draining one too: its flows still use the service's pool

@@ -134,7 +134,9 @@ class ControlPlane:
         name = service.service.name
         self.services[name] = service
         self.cursor_slots.setdefault(name, len(self.cursor_slots))
-        self.registry.set_service(name, service.service.backends, probed=service.health is not None)
+        spec = service.service
+        dr_port = spec.port if spec.mode == "dr" else 0
+        self.registry.set_service(name, spec.backends, service.health is not None, dr_port)
 
     # --- what the data plane and the health thread start with --------------------------------
 
@@ -349,6 +351,10 @@ class ControlPlane:
                     notes,
                     (),
                     f"changing the protocol or port of service {name} needs a restart",
+                )
+            if spec.mode != was.mode:
+                return ReloadPlan(
+                    new, notes, (), f"changing the mode (nat, dr) of service {name} needs a restart"
                 )
             if (mixed := self._family_change(name, spec.backends)) is not None:
                 return ReloadPlan(new, notes, (), mixed)

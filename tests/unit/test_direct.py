@@ -4,12 +4,17 @@ through open, end, expiry, eviction and removal, the views, and the config's ref
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import pytest
 from scapy.packet import Packet
 
 from lbnat.backends import Backend
 from lbnat.checkpoint import RowCheckpoint
-from lbnat.config import ConfigError, Overrides, build_config, parse_config
+from lbnat.config import Config, ConfigError, Overrides, ServiceConfig, build_config, parse_config
+from lbnat.control.plane import ControlPlane
+from lbnat.control.protocol import Request
 from lbnat.direct import transition
 from lbnat.drops import DropReason
 from lbnat.engine import DROP, FORWARD, SEND_FIRST, Action, Engine, FlowEnded, FlowOpened
@@ -219,3 +224,22 @@ def test_the_command_line_mode() -> None:
         build_config(Overrides(words=words, mode="dr", given=mode))
     with pytest.raises(ConfigError, match="on_dead reset"):
         build_config(Overrides(words=words, vip_port="80", mode="dr", on_dead="reset"))
+
+
+# --- registration and reload ---------------------------------------------------------------------
+
+
+def test_a_dr_service_registers_backends_on_its_port_and_a_reload_keeps_its_mode() -> None:
+    web = Service("web", "tcp", PORT, backends=(Backend(B1, PORT),), mode="dr")
+    cp = ControlPlane(Config(lb_ip=LB, services=(ServiceConfig(web, health=None),)), started=0.0)
+    reply = cp.request(Request("register", "web", B2, 8080), "198.18.0.9", now=1.0)
+    assert json.loads(reply.line)["ok"] is False
+    assert "must listen on the service's port 80" in json.loads(reply.line)["error"]
+    reply = cp.request(Request("register", "web", B2, PORT), "198.18.0.9", now=1.0)
+    assert json.loads(reply.line)["ok"] is True
+    assert [b.key for b in cp.registry.snapshot("web")] == [(B1, PORT), (B2, PORT)]
+    nat = ServiceConfig(replace(web, mode="nat"), health=None)
+    plan = cp.plan_reload(Config(lb_ip=LB, services=(nat,)))
+    assert plan.error == "changing the mode (nat, dr) of service web needs a restart"
+    same = cp.plan_reload(Config(lb_ip=LB, services=(ServiceConfig(web, health=None),)))
+    assert same.error is None
