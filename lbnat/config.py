@@ -1076,6 +1076,11 @@ def build_config(overrides: Overrides, *, read_file: FileReader | None = None) -
         _fail("", "no SRCIP: give it first on the command line or as lb_ip in the config")
     if config.vip == config.lb_ip:
         config = dataclasses.replace(config, vip=None)  # the same as no --vip
+    direct = [s.service.name for s in config.services if s.service.mode == "dr"]
+    if direct and config.vip is None:
+        _fail("", f"service {direct[0]} is in mode dr: give it a VIP apart from SRCIP (--vip, or "
+                  "vip in the config): its backends hold the VIP on lo, so SRCIP must stay an "
+                  "address they can reach (ARP, health probes; docs/dr.md)")  # fmt: skip
     if overrides.sync_mode != "pair" and sync is None:  # --sync-mode mesh: the file's sync
         if config.sync is None:
             _fail("", "--sync-mode mesh needs the session sync: --sync-listen, --sync-peer and "

@@ -23,7 +23,8 @@ Every host is a namespace named ``<prefix>-<host>`` (hosts: c1, c2, lb, b1, b2, 
 prefix is unique per Lab so parallel runs never meet. ``Lab(ipv6=True)`` is the dual-stack lab
 (lab.sh's LAB_IPV6=1): every host also has an IPv6 address, `host_ip6` (lb fd18::2, c1
 fd18::11, b1 fd18::21). `Lab.add_router` adds the router r1 and the client rc1 behind a narrow
-link (path MTU). `close` (or leaving the ``with``) ends
+link (path MTU). `Lab.dr_backend` makes a backend hold the VIP for direct routing
+(scripts/dr-backend.sh). `close` (or leaving the ``with``) ends
 every process the Lab started, by pid (SIGTERM, then SIGKILL), then runs ``lab.sh down``.
 
 tests/integration/test_lab_netns.py checks it with a chat server and two clients.
@@ -222,6 +223,14 @@ class Lab:
         sent to it); return the client's host name."""
         self.script("add-router", str(mtu))
         return ROUTED_CLIENT
+
+    def dr_backend(self, host: str, up: bool = True, vip: str = LB_IP) -> None:
+        """Make backend `host` (bN) a direct-routing backend of `vip` (lbnat's mode dr,
+        docs/dr.md): the VIP on its lo with arp_ignore=1 and arp_announce=2, or (`up`
+        False) undo it; scripts/dr-backend.sh, through lab.sh dr-backend."""
+        if not re.fullmatch(r"b[1-9][0-9]?", host):
+            raise ValueError(f"{host!r} is not a backend (b1, b2, ...)")
+        self.script("dr-backend", host[1:], "up" if up else "down", vip)
 
     def ns(self, host: str) -> str:
         """Namespace name of a lab host ("c1" -> "<prefix>-c1")."""

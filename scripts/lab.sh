@@ -46,6 +46,9 @@
 #      ${P}-rc1  eth0 ── br1 (MTU 1280) ── eth1  ${P}-r1  eth0 ── br0 (the lab)
 #
 # Usage: lab.sh up | down | status | check | add-backend N | add-router [MTU]
+#              | dr-backend N up|down [VIP]
+#   dr-backend: backend bN holds the VIP (default 198.18.0.2) on lo with arp_ignore=1 and
+#   arp_announce=2, or not (scripts/dr-backend.sh), for lbnat's direct routing (docs/dr.md).
 #   P = ${LAB_PREFIX:-lbnat};  up creates ${LAB_BACKENDS:-3} backends and ${LAB_LBS:-1} LBs
 #   (1: lb; 2: lb1 and lb2); LAB_IPV6=1: dual stack (the same for every command of a lab).
 #   up and down are idempotent; down first kills (by pid) whatever still runs inside the
@@ -83,7 +86,7 @@ die() { echo "lab: error: $*" >&2; exit 1; }
 . "$(dirname "${BASH_SOURCE[0]}")/netns-lib.sh"
 
 usage() {
-	echo "usage: LAB_PREFIX=P LAB_BACKENDS=N LAB_LBS=1|2 LAB_IPV6=0|1 $0 up|down|status|check|add-backend N|add-router [MTU]" >&2
+	echo "usage: LAB_PREFIX=P LAB_BACKENDS=N LAB_LBS=1|2 LAB_IPV6=0|1 $0 up|down|status|check|add-backend N|add-router [MTU]|dr-backend N up|down [VIP]" >&2
 	exit 2
 }
 
@@ -333,6 +336,12 @@ main() {
 	add-router)
 		[ $# -le 2 ] || usage
 		cmd_add_router "${2:-}"
+		;;
+	dr-backend)
+		# dr-backend N up|down [VIP]: backend bN as a direct-routing backend (scripts/dr-backend.sh)
+		if [ $# -lt 3 ] || [ $# -gt 4 ]; then usage; fi
+		valid_count backend "$2" $MAX_BACKENDS
+		ip netns exec "$P-b$2" bash "$(dirname "$0")/dr-backend.sh" "$3" "${4:-198.18.0.2}"
 		;;
 	*) usage ;;
 	esac

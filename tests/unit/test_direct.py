@@ -217,9 +217,13 @@ def test_dr_refuses_ipv6_backends_on_dead_reset_and_a_live_mode_change() -> None
 def test_the_command_line_mode() -> None:
     words = (LB, B1, "80", B2, "80")
     mode = frozenset({"mode"})
-    config = build_config(Overrides(words=words, vip_port="80", mode="dr", given=mode))
+    with pytest.raises(ConfigError, match="give it a VIP apart from SRCIP"):
+        build_config(Overrides(words=words, vip_port="80", mode="dr", given=mode))
+    config = build_config(
+        Overrides(words=words, vip="198.18.0.100", vip_port="80", mode="dr", given=mode)
+    )
     (spec,) = config.services
-    assert spec.service.mode == "dr"
+    assert spec.service.mode == "dr" and config.vip == "198.18.0.100"
     with pytest.raises(ConfigError, match=r"--mode dr: .*must listen on the service's port 20000"):
         build_config(Overrides(words=words, mode="dr", given=mode))
     with pytest.raises(ConfigError, match="on_dead reset"):
