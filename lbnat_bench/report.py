@@ -177,6 +177,7 @@ PATH_LABELS = {
     "lbnat-v6": "lbnat, IPv6",  # an lbnat of its own with ip6, its defaults otherwise
     "haproxy-v6": "HAProxy, IPv6",
     "lbnat-nat64": "lbnat, NAT64",  # the same lbnat: an IPv6 client, the IPv4 backend
+    "lbnat-dr": "lbnat, DR",  # direct routing (issue 24): the backend answers the client
 }
 
 IPV6_PATHS = ("direct-v6", "lbnat-v6", "haproxy-v6", "lbnat-nat64")
@@ -194,6 +195,15 @@ IPV6_RATIOS = (
     ("lbnat-v6", "lbnat"),  # IPv6 against IPv4 through the same kind of lbnat
 )
 """the IPv6 table's ratio columns: (path, peer); "lbnat" is the IPv4 table's"""
+
+DR_PATHS = ("direct", "lbnat-dr", "haproxy", "lbnat")
+"""the direct-routing rows' paths (lbnat_bench.dr), in the DR table's column order"""
+DR_METRICS: tuple[tuple[str, str, str, int, bool], ...] = (
+    ("gbit_s", "download, backend to client", "Gbit/s", 2, True),
+    ("cpu_s_per_gb", "LB CPU per GB downloaded", "s/GB", 3, False),
+)
+"""(key, label, unit, digits, higher is better) of the DR table's rows (workload "download")"""
+DR_RATIOS = (("lbnat-dr", "direct"), ("lbnat-dr", "haproxy"), ("lbnat-dr", "lbnat"))
 
 PEERS = ("direct", "nftables", "haproxy")
 """what each lbnat path is divided by, in this order; nftables only in runs that have it"""
@@ -486,6 +496,41 @@ def _ipv6_section(results: Mapping[str, Any], heading: str) -> list[str]:
     ]
 
 
+def markdown_dr(dr_summary: Summary) -> str:
+    """The direct-routing rows: download medians (and the LB's CPU per GB) direct, through
+    lbnat in DR mode, HAProxy and lbnat in NAT mode, then lbnat DR's ratios to each."""
+    by_path = dr_summary.get("download", {})
+    head = ["metric", *(path_label(p) for p in DR_PATHS)]
+    head += [f"{path_label(p)} ÷ {path_label(peer)}" for p, peer in DR_RATIOS]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for key, label, unit, digits, higher in DR_METRICS:
+        if not any(key in by_path.get(p, {}) for p in DR_PATHS):
+            continue
+        cells = [f"{label} ({unit}) {'↑' if higher else '↓'}"]
+        cells += [_fmt(by_path.get(p, {}).get(key), digits) for p in DR_PATHS]
+        for p, peer in DR_RATIOS:
+            r = ratio(dr_summary, "download", key, p, peer)
+            cells.append("–" if r is None else f"{r:.2f} ×")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _dr_section(results: Mapping[str, Any], heading: str) -> list[str]:
+    """The direct-routing table with its heading and what it is (nothing for a run without)."""
+    if not results.get("dr_summary"):
+        return []
+    return [
+        heading,
+        "",
+        "Download (`iperf3 -R`, the backend sends) in the same lab and run: direct, through "
+        "lbnat in DR mode (`mode: dr`, docs/dr.md: the backend holds the VIP on lo and answers "
+        "the client itself, so only the client's ACKs pass lbnat), through HAProxy and through "
+        "lbnat in NAT mode; CPU is each load balancer's per GB downloaded.",
+        "",
+        markdown_dr(results["dr_summary"]),
+    ]
+
+
 def markdown_scale(scale: Sequence[Record]) -> str:
     lines = [
         "| table rows | µs per packet (client→backend) | µs per packet (backend→client) "
@@ -565,6 +610,8 @@ def markdown_report(results: Mapping[str, Any], charts: Sequence[str] = ()) -> s
     ]
     if ipv6 := _ipv6_section(results, "## IPv6"):
         parts += ["", *ipv6]
+    if dr := _dr_section(results, "## Direct routing"):
+        parts += ["", *dr]
     if results.get("scale"):
         parts += [
             "",
@@ -673,6 +720,8 @@ def readme_block(results: Mapping[str, Any]) -> str:
         "",
         *_ipv6_section(results, "IPv6:"),
         *([""] if results.get("ipv6_summary") else []),
+        *_dr_section(results, "Direct routing:"),
+        *([""] if results.get("dr_summary") else []),
         markdown_goals(results.get("goals", [])),
         *_ecmp_readme(results),
         "",

@@ -21,6 +21,10 @@ after the rows above, bulk (1 stream) and new connections/s::
 Their records are results["ipv6"], their medians results["ipv6_summary"], their table the
 report's "IPv6" section; a failed start of the IPv6 lbnat fails its rows, not the run's others.
 
+The direct-routing rows (issue 24, lbnat_bench.dr), after the IPv6 ones: download
+(``iperf3 -R``) direct, through lbnat in DR mode (VIP 198.18.0.10, b1 answering directly),
+HAProxy and lbnat in NAT mode; results["dr"], results["dr_summary"].
+
 The lbnat variants sit on addresses of their own (198.18.0.2-4, 6), and so does the nftables
 path: the kernel's own NAT (conntrack, a jhash over a backend map), no process in the way,
 the physical limit of a NAT load balancer on this machine (lbnat_bench/nftlb.py).
@@ -167,6 +171,7 @@ class Settings:
     threads: int = 2
     nat_ports: str = NAT_PORTS
     ipv6: bool = True  # the IPv6 rows (IPV6_WORKLOADS through IPV6_PATHS), after the others
+    dr: bool = True  # the direct-routing rows (lbnat_bench.dr), after the IPv6 ones
     profile: bool = False
     redraw: bool = False
 
@@ -878,6 +883,7 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
     offload: dict[str, str] = {}
     scrapes: int | None = None
     ipv6_records: list[Record] = []
+    dr_records: list[Record] = []
     with tempfile.TemporaryDirectory(prefix="lbnat-bench.") as tmp:
         bed = Bed(settings, Path(tmp))
         try:
@@ -904,6 +910,10 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
                 ipv6_records = ipv6_rows(bed, log)
                 if LBNAT6 in bed.lb_pid:
                     offload[LBNAT6] = bed.offload(LBNAT6)
+            if settings.dr:
+                from lbnat_bench import dr  # (it builds on this module)
+
+                dr_records = dr.dr_rows(bed, log)
             if settings.profile:
                 for workload in [w for w in PROFILED if w in settings.workloads]:
                     profile = profile_lbnat(bed, workload, log)
@@ -936,10 +946,14 @@ def run(settings: Settings, out: Path, command: str, log: IO[str]) -> dict[str, 
         },
         "paths": settings.paths,
         "records": records,
-        "failed": [r for r in records + ipv6_records + ecmp_records if "error" in r],
+        "failed": [
+            r for r in records + ipv6_records + dr_records + ecmp_records if "error" in r
+        ],
         "summary": summary,
         "ipv6": ipv6_records,
         "ipv6_summary": report.summarize(r for r in ipv6_records if "error" not in r),
+        "dr": dr_records,
+        "dr_summary": report.summarize(r for r in dr_records if "error" not in r),
         "ecmp": ecmp_records,
         "ecmp_summary": ecmp.summarize(ecmp_records),
         "scale": scale,
@@ -1015,6 +1029,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
     parser.add_argument("--no-ipv6", action="store_true",
                         help="leave out the IPv6 rows (lbnat, HAProxy and direct over IPv6, "
                         "NAT64; about a minute and a half, 15 s with --quick)")
+    parser.add_argument("--no-dr", action="store_true",
+                        help="leave out the direct-routing rows (download through lbnat in DR "
+                        "mode, direct, HAProxy and lbnat in NAT mode; about 30 s, 10 s with "
+                        "--quick)")
     parser.add_argument("--profile", action="store_true",
                         help="also sample lbnat with py-spy under keep-alive, UDP and bulk load")
     parser.add_argument("--no-readme", action="store_true",
@@ -1051,6 +1069,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path, bool]:
             parser.error("--ecmp-instances: each count must be between 1 and 9")
     settings.profile = args.profile
     settings.ipv6 = not args.no_ipv6
+    settings.dr = not args.no_dr
     settings.redraw = args.redraw
     out = args.out or DEFAULT_OUT
     readme = not args.no_readme and not args.quick and out.resolve() == DEFAULT_OUT.resolve()
