@@ -33,6 +33,12 @@ IPv6 rows stay in Python). A NAT64 row (`lbnat.nat.Nat64Session`: an IPv6 client
 backend) never enters the kernel: the program does not translate headers. Two checks keep it
 out: only rows of the class `Session` itself are offloaded (as for the SYN proxy's rows), and
 only rows whose two address blocks have the same length (`family`).
+
+Direct routing (issue 24, lbnat.direct): an IPv4 `DrSession` established (a UDP one replied,
+as it is from its start) for OFFLOAD_AFTER enters the kernel as ONE entry, `dr_entry`: client
+-> VIP rewritten to the same addresses and ports with zero deltas (an identity rewrite: the
+program changes nothing but the Ethernet header, the backend's MAC, and redirects the frame).
+It has no reverse entry: its replies never pass lbnat. The program needs no change for it.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from collections.abc import Callable
 from typing import Final, Protocol
 
 from lbnat import addresses
-from lbnat.nat import Session, State
+from lbnat.nat import DrSession, Session, State
 from lbnat.packet import ADDRESS, fold
 
 KEY = struct.Struct("!IIHHB3x")
@@ -187,6 +193,19 @@ def _flow_entries6(
     return forward, reverse
 
 
+def dr_entry(row: Session, ethernet: Callable[[int], bytes | None], ifindex: int) -> Entry | None:
+    """A direct-routed IPv4 row's one kernel entry: its client's packets as they arrive,
+    written back unchanged (zero deltas), to the backend's MAC; None while that is unknown."""
+    to_backend = ethernet(row.pool.backend.ip_int)
+    if to_backend is None:
+        return None
+    as_sent, ports = row.as_client_sends()  # (client, VIP), (client port, service port)
+    client_ip, vip = ADDRESS.unpack(as_sent[:4])[0], ADDRESS.unpack(as_sent[4:])[0]
+    key = KEY.pack(client_ip, vip, row.client_port, row.service_port, row.proto)
+    value = VALUE.pack(as_sent, ports, 0, 0, to_backend[:12], ifindex, 0, 0, 0, 0, 0, 0)
+    return key, value
+
+
 class _InKernel:
     """A row in the kernel: the map it is in (IPv4's or IPv6's) and where the kernel's part of
     its values starts, its two keys and, per entry, the kernel's packets and bytes already
@@ -239,7 +258,7 @@ class FastPath:
         """The row's state changed (`row.seen` is when): it waits for the kernel, or leaves it.
         Only rows of the class Session itself (not a SYN-proxied row, not a NAT64 row) whose
         family has a map wait."""
-        if row.state in OFFLOADED and row.__class__ is Session:
+        if row.state in OFFLOADED and (row.__class__ is Session or row.__class__ is DrSession):
             if row not in self.rows and self._takes(row):
                 self.waiting.append((row.seen, row))
         elif row in self.rows:
@@ -266,6 +285,9 @@ class FastPath:
 
     def _offload(self, row: Session) -> None:
         kernel, at = self.kernel, KERNEL_PART_AT
+        if row.__class__ is DrSession:
+            self._offload_dr(row)
+            return
         if len(row.rev_addresses) != 8:
             if self.kernel6 is None or family(row) != 6:
                 return
@@ -285,6 +307,15 @@ class FastPath:
         self.rows[row] = _InKernel(kernel, at, fwd_key, rev_key)
         self.offloaded += 1
 
+    def _offload_dr(self, row: Session) -> None:
+        """A direct-routed row's one entry (`dr_entry`); IPv4 only, as DR is."""
+        entry = None if family(row) != 4 else dr_entry(row, self.ethernet, self.ifindex)
+        if entry is None or not self.kernel.put(*entry):
+            self.refused += 1
+            return
+        self.rows[row] = _InKernel(self.kernel, KERNEL_PART_AT, entry[0], b"")
+        self.offloaded += 1
+
     def withdraw(self, row: Session) -> None:
         """Take the row's entries out of the kernel, its last counts folded in first."""
         entry = self.rows.get(row)
@@ -294,7 +325,8 @@ class FastPath:
             self.refresh(row)
         self._refreshed = None
         entry.kernel.delete(entry.forward)
-        entry.kernel.delete(entry.reverse)
+        if entry.reverse:  # (a direct-routed row has none)
+            entry.kernel.delete(entry.reverse)
         del self.rows[row]
         self.withdrawn += 1
 
@@ -309,6 +341,8 @@ class FastPath:
         acked = self._fold(row, entry, entry.forward, entry.fwd_counts, False)
         if acked is not None:
             row.ack_c, row.win_c = acked
+        if not entry.reverse:  # a direct-routed row: its replies never pass lbnat
+            return
         acked = self._fold(row, entry, entry.reverse, entry.rev_counts, True)
         if acked is not None:
             row.ack_s, row.win_s = acked

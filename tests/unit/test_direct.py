@@ -5,6 +5,7 @@ through open, end, expiry, eviction and removal, the views, and the config's ref
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import replace
 
 import pytest
@@ -18,6 +19,7 @@ from lbnat.control.protocol import Request
 from lbnat.direct import transition
 from lbnat.drops import DropReason
 from lbnat.engine import DROP, FORWARD, SEND_FIRST, Action, Engine, FlowEnded, FlowOpened
+from lbnat.fastpath import KEY, VALUE, FastPath, SimulatedMap
 from lbnat.nat import UNKNOWN_ACK, DrSession, EndReason, Session, State, Timeouts
 from lbnat.packet import ACK, FIN, PSH, RST, SYN
 from lbnat.service import Service
@@ -247,3 +249,29 @@ def test_a_dr_service_registers_backends_on_its_port_and_a_reload_keeps_its_mode
     assert plan.error == "changing the mode (nat, dr) of service web needs a restart"
     same = cp.plan_reload(Config(lb_ip=LB, services=(ServiceConfig(web, health=None),)))
     assert same.error is None
+
+
+# --- the kernel fast path ----------------------------------------------------------------------
+
+
+def test_an_established_dr_row_enters_the_kernel_as_one_identity_entry_and_leaves_on_fin() -> None:
+    engine = dr_engine()
+    kernel = SimulatedMap()
+    mac = bytes.fromhex("02000000aa0102000000bb02")
+    fastpath = FastPath(kernel, lambda ip: mac + b"\x08\x00", 7)
+    engine.table.kernel = fastpath
+    send(engine, seg("S"), 0.0)
+    send(engine, seg("A"), 0.1)
+    engine.tick(0.2)  # established for OFFLOAD_AFTER: into the kernel
+    (row,) = engine.table
+    assert row in fastpath and len(kernel.entries) == 1  # no reverse entry: replies bypass
+    ((key, value),) = kernel.entries.items()
+    assert key == KEY.pack(addr(CLIENT1), addr(LB), 40000, PORT, 6)
+    fields = VALUE.unpack(value)
+    assert fields[:6] == (wire(seg("A"))[12:20], struct.pack("!HH", 40000, PORT), 0, 0, mac, 7)
+    assert kernel.carry(key, 1000, 5, ack=77, window=3)  # a packet the kernel forwarded
+    assert send(engine, seg("FA"), 0.5)[0] == (FORWARD, addr(B1))  # a FIN comes up: it leaves
+    assert row not in fastpath and not kernel.entries
+    assert state_of(row) is State.TIME_WAIT
+    assert row.pool.to_backend_packets == 4 and row.ack_c == 77 and row.ack_s == UNKNOWN_ACK
+    check_table(engine.table)

@@ -649,3 +649,36 @@ def test_closing_is_idempotent_and_a_closed_program_says_so(program: tcbpf.TcPro
     other.detach()
     with pytest.raises(ValueError, match="closed"):
         _ = other.prog_fd
+
+
+# --- direct routing (issue 24): an identity entry --------------------------------------------
+
+
+def test_a_direct_routed_row_s_entry_changes_nothing_but_the_mac(
+    program: tcbpf.TcProgram, flows: tcbpf.FlowMap
+) -> None:
+    """lbnat.fastpath.dr_entry of an engine's DR row: the program forwards its client's
+    segments with the backend's MAC, every IP and TCP byte as it came (checksums too)."""
+    from lbnat.backends import Backend
+    from lbnat.engine import Engine
+    from lbnat.fastpath import dr_entry
+    from lbnat.service import Service
+
+    web = Service("web", "tcp", VPORT, backends=(Backend(BACKEND, VPORT),), mode="dr")
+    engine = Engine(VIP, [web])
+    syn = fx.wire(fx.tcp(CLIENT, VIP, CPORT, VPORT, "S", 1000))
+    engine.handle(syn, 0, len(syn), False, 0.0)
+    (row,) = engine.table
+    entry = dr_entry(row, lambda ip: ETH_OUT + b"\x08\x00", IFINDEX)
+    assert entry is not None and flows.put(*entry)
+    for packet in (
+        fx.tcp(CLIENT, VIP, CPORT, VPORT, "A", 1001, 5000, window=501),
+        fx.tcp(CLIENT, VIP, CPORT, VPORT, "PA", 1001, 5000, window=501, payload=b"GET /" * 50),
+    ):
+        raw = frame(packet)
+        retval, out = program.test_run(raw)
+        assert retval == tcbpf.TC_ACT_REDIRECT
+        assert out[:12] == ETH_OUT and out[12:] == raw[12:]
+    seen = counters(flows, Rewrite(6, CLIENT, VIP, CPORT, VPORT, CLIENT, VIP, CPORT, VPORT))
+    assert (seen.packets, seen.bytes) == (2, 40 + len(raw) - 14)
+    assert (seen.ack, seen.window, seen.acked) == (5000, 501, 1)
