@@ -3,8 +3,9 @@
 service; the replies bypass lbnat (the LB's eth0 sends far fewer bytes than the download
 moves); both backends are used; a flow that the client ends leaves the table.
 
-One lab and one lbnat for the module (one worker, kernel fast path off: DR rows stay in
-Python anyway); root only."""
+One lab and one lbnat for the module (one worker, with the kernel fast path: lbnat refuses to
+start without it, and the downloads' client ACKs go through a DR row's identity entry there);
+root only."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def dr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Bed, Proc, st
                 )  # fmt: skip
                 lab.wait_tcp_listening(b, HTTP_PORT)
             argv = [console_script("lbnat"), "run", "--config", str(config), "--workers", "1",
-                    "--offload", "off", "--admin-socket", str(tmp / "admin.sock")]  # fmt: skip
+                    "--offload", "tc", "--admin-socket", str(tmp / "admin.sock")]  # fmt: skip
             lbnat = bed.start("lb", *argv, name="lbnat")
             lbnat.expect("srcIP : ")
             for b in BACKENDS:
@@ -139,10 +140,13 @@ def test_http_replies_bypass_the_lb_and_a_finished_flow_leaves_the_table(
         )  # fmt: skip
         assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
     sent_by_lb = tx_bytes(bed) - before
+    print(f"DR: 4 x {SIZE} bytes downloaded, the LB's eth0 sent {sent_by_lb} bytes")
     assert sent_by_lb < (1 << 20), f"the LB sent {sent_by_lb} bytes for 4 x 5 MB downloads"
     opened = [m for line in lbnat.out.snapshot() if (m := NEW_CLIENT_RE.search(line))]
     used = {m["bip"] for m in opened if int(m["bport"]) == HTTP_PORT}
     assert used == {host_ip(b) for b in BACKENDS}
+    offload = admin_json(bed, "status")["offload"]
+    assert offload["offloaded"] >= 1, offload  # DR rows in the kernel (lbnat.fastpath.dr_entry)
     # curl ends each flow with its FIN: the rows end, linger time_wait (1 s), then go.
     deadline = time.monotonic() + 10.0
     while any(r["service"] == "http" for r in sessions(bed)):
