@@ -341,9 +341,8 @@ class Engine(IPv6Path, IcmpTurns, DirectPath):
         if pool is None:
             return 0
         state = self.services[service]
-        if state.dr:  # its rows hold no NAT port: they are in the forward map alone
-            rows = (r for r in self.table.forward.values() if r.pool is pool)
-            return sum(1 for r in rows if r.service is state and not r.ended)
+        if state.dr:  # the pool's open rows but its NAT rows (no other DR service shares it)
+            return pool.active - sum(1 for r in pool.rows if r is not None and not r.ended)
         return sum(1 for r in pool.rows if r is not None and r.service is state and not r.ended)
 
     # --- the packet path ---------------------------------------------------------------------

@@ -127,6 +127,12 @@ def test_rr_spreads_dr_flows_and_a_rst_ends_one() -> None:
     assert len(opened) == 4 and {e.nat_port for e in opened} == {0}
     assert engine.active_flows("web", (B2, PORT)) == 1
     assert engine.active_flows("web", (B1, PORT)) == 2
+    # A NAT service's flows to the same backend socket share its pool, not its count.
+    engine.services.add(Service("nat80", "tcp", 81, backends=(Backend(B1, PORT),)))
+    send(engine, tcp(CLIENT2, LB, 41000, 81, "S", 7))
+    assert engine.pool_of("nat80", (B1, PORT)) is engine.pool_of("web", (B1, PORT))
+    assert engine.active_flows("web", (B1, PORT)) == 2
+    assert engine.active_flows("nat80", (B1, PORT)) == 1
     check_table(engine.table)
 
 
