@@ -10,9 +10,10 @@ So a DR row's state comes from the client's segments alone (IPVS's input-only ta
 `transition`): the SYN opens it, the client's first ACK establishes it, the client's FIN or
 RST ends it, and timeouts do the rest. A DR row (lbnat.nat.DrSession) holds none of its
 backend's NAT ports: it is in the forward map and its pool's counters, not in the pool's
-reverse array. The checkpoint, the session sync and the kernel fast path leave it out (a
-restarted lbnat or a standby sends a DR flow's next packet to the backend its scheduler
-picks again; maglev keeps that the same backend).
+reverse array. The checkpoint and the session sync leave it out (a restarted lbnat or a
+standby drops a DR flow's next packet, not a SYN, as no_session: the client reconnects). An
+established DR row goes into the kernel fast path as one identity entry
+(lbnat.fastpath.dr_entry).
 
 DR services are kept apart from NAT services (`DirectPath._dr_by_port`): the packet path looks
 there only when a packet's port is not a NAT service's, so a NAT service's packets pay
@@ -176,8 +177,9 @@ class DirectPath:
             row = opened
             row.ack_c = row.ack_s = UNKNOWN_ACK  # (start_tcp set ack_s: never used for DR)
         elif proto == TCP:
-            ended = track(table, row, flags, now)
-            if ended is not None:
+            if row.state is _ESTABLISHED and not flags & 0x07:  # no FIN, SYN, RST: most
+                row.seen = now
+            elif (ended := track(table, row, flags, now)) is not None:
                 self._flow_ended(ended, now)
         else:
             row.seen = now

@@ -433,8 +433,8 @@ class DrSession(Session):
     """A direct-routed row (lbnat.direct): the client's packets go to the backend unchanged and
     its replies never pass lbnat. It holds no NAT port (`nat_port` 0, not in its pool's
     reverse array), its state comes from the client's segments alone, both ACKs stay
-    UNKNOWN_ACK (lbnat never resets its backend), and neither the checkpoint, the session
-    sync nor the kernel fast path carries it."""
+    UNKNOWN_ACK (lbnat never resets its backend), and neither the checkpoint nor the session
+    sync carries it (the kernel fast path takes an established one as one identity entry)."""
 
     __slots__ = ()
 
