@@ -576,7 +576,8 @@ def status(admin_socket: str, as_json: bool) -> None:
         )
         click.echo(
             f"service {s['name']}  {s['proto']} :{s['port']}  {s['scheduler']}  "
-            f"check {s['health_check']}  flows {s['flows']}  packets {s['packets']}  "
+            + ("direct routing  " if s.get("mode") == "dr" else "")
+            + f"check {s['health_check']}  flows {s['flows']}  packets {s['packets']}  "
             f"bytes {human_bytes(s['bytes'])}" + (f"  drops {drops}" if drops else "") + proxy
         )
         for b in s["backends"]:

@@ -320,6 +320,7 @@ class ControlPlane:
             "proto": config.service.proto,
             "port": config.service.port,
             "scheduler": config.service.scheduler,
+            "mode": config.service.mode,  # nat, or dr: direct routing (docs/dr.md)
             "health_check": probe_kind(config.probe, config.service.proto)
             if config.health
             else "off",

@@ -119,6 +119,8 @@ def test_chat_through_a_dr_service_spreads_over_both_backends(dr: tuple[Bed, Pro
     assert {server_a, server_b} == set(BACKENDS)
     a.send_line("hello over dr")
     a.expect("[alice] hello over dr")
+    status = admin_json(bed, "status")
+    assert {s["name"]: s["mode"] for s in status["services"]} == {"chat": "dr", "http": "dr"}
     rows = [r for r in sessions(bed) if r["service"] == "chat"]
     assert len(rows) == 2 and {r["nat_port"] for r in rows} == {"-"}
     assert {r["state"] for r in rows} == {"ESTABLISHED"}
