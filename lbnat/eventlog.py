@@ -285,7 +285,7 @@ def flow_opened_line(event: FlowOpened) -> LogLine:
     ip, port = event.client
     return line(
         f"new client <{ip},{port}> -> server {host_port_text(*event.backend)} "
-        f"(NAT port {event.nat_port})",
+        + (f"(NAT port {event.nat_port})" if event.nat_port else "(direct routing)"),
         "flow_opened",
         level=INFO,
         client=host_port_text(ip, port),

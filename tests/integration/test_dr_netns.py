@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,7 +23,6 @@ import pytest
 
 from lbnat_lab.netns import LB_IP, Lab, host_ip, skip_reason
 from tests.integration.conftest import (
-    NEW_CLIENT_RE,
     Bed,
     Proc,
     admin_json,
@@ -36,6 +36,9 @@ CHAT_PORT = 9000  # a DR service's port is its backends' port
 HTTP_PORT = 8000
 BACKENDS = ("b1", "b2")
 SIZE = 5 << 20  # the download that must not pass through the LB
+OPENED_RE = re.compile(
+    r"new client <[\d.]+,\d+> -> server (?P<bip>[\d.]+):(?P<bport>\d+) \(direct routing\)"
+)
 VIP = "198.18.0.100"  # apart from SRCIP (lbnat's own 198.18.0.2), which the backends must reach
 
 
@@ -144,8 +147,9 @@ def test_http_replies_bypass_the_lb_and_a_finished_flow_leaves_the_table(
     sent_by_lb = tx_bytes(bed) - before
     print(f"DR: 4 x {SIZE} bytes downloaded, the LB's eth0 sent {sent_by_lb} bytes")
     assert sent_by_lb < (1 << 20), f"the LB sent {sent_by_lb} bytes for 4 x 5 MB downloads"
-    opened = [m for line in lbnat.out.snapshot() if (m := NEW_CLIENT_RE.search(line))]
+    opened = [m for line in lbnat.out.snapshot() if (m := OPENED_RE.search(line))]
     used = {m["bip"] for m in opened if int(m["bport"]) == HTTP_PORT}
+    assert len(opened) >= 4
     assert used == {host_ip(b) for b in BACKENDS}
     offload = admin_json(bed, "status")["offload"]
     assert offload["offloaded"] >= 1, offload  # DR rows in the kernel (lbnat.fastpath.dr_entry)

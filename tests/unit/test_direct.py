@@ -281,3 +281,14 @@ def test_an_established_dr_row_enters_the_kernel_as_one_identity_entry_and_leave
     assert state_of(row) is State.TIME_WAIT
     assert row.pool.to_backend_packets == 4 and row.ack_c == 77 and row.ack_s == UNKNOWN_ACK
     check_table(engine.table)
+
+
+def test_a_dr_flow_s_log_line_says_direct_routing() -> None:
+    from lbnat.eventlog import flow_opened_line
+
+    engine = dr_engine()
+    send(engine, seg("S"))
+    (opened,) = [e for e in engine.take_events() if isinstance(e, FlowOpened)]
+    assert flow_opened_line(opened).text == (
+        f"new client <{CLIENT1},40000> -> server {B1}:{PORT} (direct routing)"
+    )
