@@ -3,9 +3,9 @@
 service; the replies bypass lbnat (the LB's eth0 sends far fewer bytes than the download
 moves); both backends are used; a flow that the client ends leaves the table.
 
-One lab and one lbnat for the module (one worker, with the kernel fast path: lbnat refuses to
-start without it, and the downloads' client ACKs go through a DR row's identity entry there);
-root only."""
+One lab and one lbnat for the module, once with one worker and once with two (PACKET_FANOUT),
+with the kernel fast path (lbnat refuses to start without it, and the downloads' client ACKs
+go through a DR row's identity entry there); root only."""
 
 from __future__ import annotations
 
@@ -42,8 +42,10 @@ OPENED_RE = re.compile(
 VIP = "198.18.0.100"  # apart from SRCIP (lbnat's own 198.18.0.2), which the backends must reach
 
 
-@pytest.fixture(scope="module")
-def dr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Bed, Proc, str]]:
+@pytest.fixture(scope="module", params=["1", "2"], ids=["1w", "2w"])
+def dr(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Bed, Proc, str]]:
     """The lab with b1 and b2 as DR backends of the chat (9000) and HTTP (8000) services,
     lbnat running them both; yields (bed, lbnat, sha256 of the 5 MB body)."""
     if (reason := skip_reason()) is not None:
@@ -75,8 +77,10 @@ def dr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Bed, Proc, st
                     name=f"http {b}",
                 )  # fmt: skip
                 lab.wait_tcp_listening(b, HTTP_PORT)
-            argv = [console_script("lbnat"), "run", "--config", str(config), "--workers", "1",
-                    "--offload", "tc", "--admin-socket", str(tmp / "admin.sock")]  # fmt: skip
+            argv = [
+                console_script("lbnat"), "run", "--config", str(config), "--offload", "tc",
+                "--workers", request.param, "--admin-socket", str(tmp / "admin.sock"),
+            ]  # fmt: skip
             lbnat = bed.start("lb", *argv, name="lbnat")
             lbnat.expect("srcIP : ")
             for b in BACKENDS:
