@@ -86,6 +86,7 @@ from lbnat.backends import Backend
 from lbnat.engine import Engine
 from lbnat.nat import DrSession, Session, State
 from lbnat.packet import TCP, UDP
+from lbnat.proxyproto import ProxyProtoSession
 from lbnat.service import ServiceState
 from lbnat.synproxy import ProxiedSession, offset_delta
 
@@ -329,8 +330,8 @@ class RowCheckpoint:
         self._free = [slot for slot in range(self.high_water - 1, -1, -1) if slot not in held]
 
     def write(self, s: Session) -> None:
-        if s.__class__ is DrSession:  # a direct-routed row is not checkpointed (lbnat.direct)
-            return
+        if s.__class__ is DrSession or s.__class__ is ProxyProtoSession:  # (lbnat.direct,
+            return  # lbnat.engine_pp: not checkpointed)
         slot = s.slot
         buffer = self._buffer
         proxy_flags = proxy_window = offset = 0

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lbnat import addresses
 from lbnat.actions import FORWARD, SEND_FIRST, Action
-from lbnat.backends import Backend
+from lbnat.backends import Backend, BackendKey
 from lbnat.drops import DropReason
 from lbnat.nat import (
     ENDED,
@@ -34,17 +35,19 @@ from lbnat.nat import (
     DrSession,
     Ended,
     EndReason,
+    PortPool,
     Refusal,
     Session,
     SessionTable,
     State,
+    backend_pool_key,
     forward_key,
 )
 from lbnat.packet import ACK, FIN, RST, SYN, TCP, Headers
 from lbnat.service import ServiceState
 
 if TYPE_CHECKING:
-    from lbnat.engine import PendingResets
+    from lbnat.engine import PendingResets, Services
 
 _SYN_SENT = State.SYN_SENT
 _ESTABLISHED = State.ESTABLISHED
@@ -130,6 +133,7 @@ class DirectPath:
     """The Engine's DR half (a mixin): DR services' packets, `handle_dr`."""
 
     _dr_by_port: dict[int, ServiceState]
+    services: Services
     table: SessionTable
     _send_first: PendingResets
 
@@ -144,6 +148,23 @@ class DirectPath:
             flags: int, seq: int, length: int, buf: bytearray, l4: int, end: int, now: float,
             reopen: Session | None = None, row_class: type[Session] = Session,
         ) -> Session | Action: ...  # fmt: skip
+
+    def pool_of(self, service: str, backend: BackendKey) -> PortPool | None:
+        """The port pool (rows and counters) of one backend of a service, if it has had flows."""
+        state = self.services[service]
+        return self.table.pools.get(
+            backend_pool_key(state.proto, addresses.parse(backend[0]), backend[1])
+        )
+
+    def active_flows(self, service: str, backend: BackendKey) -> int:
+        """Open flows of `service` to `backend` (a pool may be shared by two services)."""
+        pool = self.pool_of(service, backend)
+        if pool is None:
+            return 0
+        state = self.services[service]
+        if state.dr:  # the pool's open rows but its NAT rows (no other DR service shares it)
+            return pool.active - sum(1 for r in pool.rows if r is not None and not r.ended)
+        return sum(1 for r in pool.rows if r is not None and r.service is state and not r.ended)
 
     def handle_dr(
         self,

@@ -40,6 +40,7 @@ from lbnat.direct import DirectPath, open_row
 from lbnat.drops import DropReason
 from lbnat.engine6 import IPv6Path
 from lbnat.engine_icmp import IcmpTurns
+from lbnat.engine_pp import ProxyProtoPath
 from lbnat.nat import (
     ENDED,
     UNKNOWN_ACK,
@@ -48,7 +49,6 @@ from lbnat.nat import (
     Ended,
     EndReason,
     Nat64Session,
-    PortPool,
     Refusal,
     Session,
     SessionTable,
@@ -71,6 +71,7 @@ from lbnat.packet import (
     tcp_window_scale,
 )
 from lbnat.packet6 import tcp_segment_any
+from lbnat.proxyproto import ProxyProtoSession, start_row
 from lbnat.scheduler import Scheduler, SharedCursor, make_scheduler
 from lbnat.service import Service, ServiceState
 from lbnat.syncookie import SynProxySettings
@@ -203,6 +204,8 @@ class Services(Mapping[str, ServiceState]):
             raise ValueError(f"service {spec.name}: its protocol and port cannot change live")
         if spec.mode != state.spec.mode:
             raise ValueError(f"service {spec.name}: its mode (nat, dr) cannot change live")
+        if spec.proxy_protocol != state.spec.proxy_protocol:
+            raise ValueError(f"service {spec.name}: its proxy_protocol cannot change live")
         if spec.scheduler != state.spec.scheduler:
             state.scheduler = self._scheduler(spec)
             state.scheduler.update(state.backends)
@@ -270,7 +273,7 @@ class PendingResets(list[tuple[bytes, int]]):
         return resets
 
 
-class Engine(IPv6Path, IcmpTurns, DirectPath):
+class Engine(IPv6Path, IcmpTurns, DirectPath, ProxyProtoPath):
     def __init__(
         self,
         lb_ip: str,
@@ -330,21 +333,6 @@ class Engine(IPv6Path, IcmpTurns, DirectPath):
             if pool is not None:
                 pool.backend = backend
 
-    def pool_of(self, service: str, backend: BackendKey) -> PortPool | None:
-        """The port pool (rows and counters) of one backend of a service, if it has had flows."""
-        state = self.services[service]
-        return self.table.pools.get(backend_pool_key(state.proto, ip_int(backend[0]), backend[1]))
-
-    def active_flows(self, service: str, backend: BackendKey) -> int:
-        """Open flows of `service` to `backend` (a pool may be shared by two services)."""
-        pool = self.pool_of(service, backend)
-        if pool is None:
-            return 0
-        state = self.services[service]
-        if state.dr:  # the pool's open rows but its NAT rows (no other DR service shares it)
-            return pool.active - sum(1 for r in pool.rows if r is not None and not r.ended)
-        return sum(1 for r in pool.rows if r is not None and r.service is state and not r.ended)
-
     # --- the packet path ---------------------------------------------------------------------
 
     def handle(self, buf: bytearray, start: int, end: int, partial: bool, now: float) -> Action:
@@ -368,6 +356,9 @@ class Engine(IPv6Path, IcmpTurns, DirectPath):
             if s is None:
                 return self._drop(DropReason.NO_SESSION)
             if s.__class__ is not Session:
+                if s.__class__ is ProxyProtoSession:  # PROXY protocol: lbnat.engine_pp
+                    return self.pp_from_backend(s, buf, start, l4, end, flags, seq, ack, win,
+                                                partial, now)  # fmt: skip
                 if s.__class__ is Nat64Session:  # its client is IPv6: lbnat.engine6
                     return self._nat64_from_backend(
                         s, buf, start, l4, end, proto, flags, seq, ack, win, partial, now
@@ -420,7 +411,8 @@ class Engine(IPv6Path, IcmpTurns, DirectPath):
                     return proxy.cookie_ack(service, buf, start, l4, end, headers, partial, now)
                 service.count_drop(DropReason.NO_SESSION)
                 return self._drop(DropReason.NO_SESSION)
-            if proto == TCP and self.syn_proxy.proxies(self.table.half_open_count):
+            cookies = proto == TCP and not service.proxy_protocol  # (docs/proxy-protocol.md)
+            if cookies and self.syn_proxy.proxies(self.table.half_open_count):
                 if row is not None:
                     self.table.remove(row)  # an ended row; the client reused its port
                 return self.syn_proxy.answer_syn(service, buf, l4, end, src, sport, seq, now)
@@ -444,6 +436,9 @@ class Engine(IPv6Path, IcmpTurns, DirectPath):
                 return forward_after_resets(buf, start, l4, end, proto, row, partial, resets)
         elif proto == TCP:
             if row.__class__ is not Session:  # a SYN-proxied row: sequence numbers translated
+                if row.__class__ is ProxyProtoSession:  # or PROXY protocol's: lbnat.engine_pp
+                    return self.pp_from_client(row, service, buf, start, l4, end, flags, seq, ack,
+                                               win, partial, now)  # fmt: skip
                 proxied = cast(ProxiedSession, row)
                 return self.syn_proxy.from_client(
                     proxied, service, buf, start, l4, end, flags, seq, ack, win, partial, now
@@ -527,6 +522,8 @@ class Engine(IPv6Path, IcmpTurns, DirectPath):
                 return (REPLY, rst, client_ip)
             return _DROP_ACTIONS[DropReason.NO_BACKEND]
         vip = self.vip if client_ip <= V4_MAX else self.lb_ip6
+        if service.proxy_protocol and client_ip <= V4_MAX and row_class is Session:
+            row_class = ProxyProtoSession
         if row_class is DrSession:  # a direct-routed row holds no NAT port (lbnat.direct)
             opened, evicted = open_row(
                 self.table, now, service, proto, client_ip, client_port, vip, backend, key
@@ -547,6 +544,8 @@ class Engine(IPv6Path, IcmpTurns, DirectPath):
             return self._drop(_REFUSAL_DROPS[opened])
         if proto == TCP:
             self._tracker.start_tcp(opened, seq, flags, tcp_window_scale(buf, l4, end))
+            if opened.__class__ is ProxyProtoSession:
+                start_row(opened, client_ip, client_port, seq, vip, service.port)
         checkpoint = self.table.checkpoint
         if checkpoint is not None:  # now that the row's tracking (window scale) is set
             checkpoint.write(opened)

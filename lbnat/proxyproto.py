@@ -118,7 +118,7 @@ class ProxyProtoSession(Session):
         return len(self.pp_header) if self.pp_state else 0
 
 
-def start(row: ProxyProtoSession, client_ip: int, client_port: int, client_seq: int, vip: int,
+def start_row(row: ProxyProtoSession, client_ip: int, client_port: int, client_seq: int, vip: int,
           vip_port: int) -> None:  # fmt: skip
     """A new row (the client's SYN, sequence `client_seq`): its header, nothing sent yet."""
     row.pp_header = header_v2(client_ip, client_port, vip, vip_port)

@@ -28,6 +28,19 @@ def dr_misfit(name: str, port: int, backends: tuple[Backend, ...]) -> str | None
     return None
 
 
+def proxy_protocol_misfit(version: str | None, proto: str, mode: str) -> str | None:
+    """Why a service cannot send the PROXY protocol header, or None (docs/proxy-protocol.md)."""
+    if version is None:
+        return None
+    if version != "v2":
+        return f"proxy_protocol {version!r} is not v2 (the only version lbnat sends)"
+    if proto != "tcp":
+        return "proxy_protocol v2 is for TCP services (lbnat inserts it in the TCP stream)"
+    if mode != "nat":
+        return "proxy_protocol v2 needs mode nat (in mode dr lbnat does not see the stream)"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
     name: str
@@ -37,8 +50,12 @@ class Service:
     affinity_timeout: float = 0.0  # seconds a client IP stays with its backend; 0 = off
     backends: tuple[Backend, ...] = field(default=())
     mode: str = "nat"  # or "dr": direct routing (lbnat.direct)
+    proxy_protocol: str | None = None  # "v2": the PROXY header to backends (lbnat.proxyproto)
 
     def __post_init__(self) -> None:
+        misfit = proxy_protocol_misfit(self.proxy_protocol, self.proto, self.mode)
+        if misfit:
+            raise ValueError(misfit)
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not nat or dr")
         if self.mode == "dr":
@@ -71,6 +88,7 @@ class ServiceState:
         self.proto = spec.proto_number
         self.scheduler = scheduler
         self.dr = spec.mode == "dr"
+        self.proxy_protocol = spec.proxy_protocol is not None  # PROXY v2 (lbnat.proxyproto)
         self.backends: tuple[Backend, ...] = ()
         self.by_key: dict[BackendKey, Backend] = {}
         self.packets = 0

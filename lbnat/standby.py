@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from lbnat.checkpoint import Dropped, RowRecord, place_of, rebuild, record_of
 from lbnat.nat import ENDED, HALF_OPEN, DrSession, EndReason, RowSink, Session, flow_key
+from lbnat.proxyproto import ProxyProtoSession
 from lbnat.syncwire import (
     EndRows,
     InstallRows,
@@ -65,7 +66,11 @@ StandbyEffect = InstallRows | EndRows | RefreshRows | MarkStale | ResyncComplete
 def synced(s: Session) -> bool:
     """A row worth a peer's copy: past its handshake (a SYN flood's rows never reach the wire,
     and a SYN-proxied row whose backend has not answered cannot be restored anyway)."""
-    return s.state not in HALF_OPEN and s.__class__ is not DrSession  # (not synced: lbnat.direct)
+    return (  # (not synced: lbnat.direct, lbnat.engine_pp)
+        s.state not in HALF_OPEN
+        and s.__class__ is not DrSession
+        and s.__class__ is not ProxyProtoSession
+    )
 
 
 def row_key(s: Session) -> RowKey:

@@ -63,7 +63,7 @@ def fix(packet: bytearray, delta: int) -> None:
 
 def new_row(isn: int) -> pp.ProxyProtoSession:
     row = pp.ProxyProtoSession()
-    pp.start(row, parse(CLIENT), 40000, isn, parse(VIP), 8080)
+    pp.start_row(row, parse(CLIENT), 40000, isn, parse(VIP), 8080)
     return row
 
 
