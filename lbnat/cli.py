@@ -175,6 +175,13 @@ def main() -> None:
     help="The command line's service: full NAT, or direct routing (backends hold the VIP on "
     "lo and answer clients directly; IPv4, backends on the service's port; docs/dr.md).",
 )
+@click.option(
+    "--proxy-protocol",
+    type=click.Choice(["v2"]),
+    default=None,
+    help="The command line's service (TCP, NAT): send each backend the PROXY protocol v2 header "
+    "(the real client's address and port) before the client's bytes; docs/proxy-protocol.md.",
+)
 @click.option("--log-transitions", is_flag=True, help="Health lines only when a state changes.")
 @click.option(
     "--time-wait",
@@ -577,6 +584,7 @@ def status(admin_socket: str, as_json: bool) -> None:
         click.echo(
             f"service {s['name']}  {s['proto']} :{s['port']}  {s['scheduler']}  "
             + ("direct routing  " if s.get("mode") == "dr" else "")
+            + ("proxy protocol v2  " if s.get("proxy_protocol") == "v2" else "")
             + f"check {s['health_check']}  flows {s['flows']}  packets {s['packets']}  "
             f"bytes {human_bytes(s['bytes'])}" + (f"  drops {drops}" if drops else "") + proxy
         )
@@ -622,6 +630,7 @@ def sessions(admin_socket: str, as_json: bool) -> None:
         click.echo(
             f"{r['proto']:<6}{r['client']:<{cw}}{r['backend']:<{bw}}{r['nat_port']:<10}"
             f"{r['state']:<14}{r.get('worker', 0):<8}{r['age']:.0f} s"
+            + (f"  PROXY v2 header {r['proxy_header']}" if "proxy_header" in r else "")
         )
     click.echo(f"{len(rows)} rows")
 

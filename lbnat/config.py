@@ -54,7 +54,7 @@ from lbnat import fields
 from lbnat.backends import Backend
 from lbnat.health_settings import PROBE_KINDS, HealthPolicy, ProbeSettings, probe_misfit
 from lbnat.nat import Timeouts
-from lbnat.service import Service, dr_misfit
+from lbnat.service import Service, dr_misfit, proxy_protocol_misfit
 from lbnat.syncookie import DEFAULT_MSS, DEFAULT_THRESHOLD, SYN_PROXY_MODES
 
 __all__ = [
@@ -261,6 +261,7 @@ SERVICE_KEYS: Final = (
     "port",
     "scheduler",
     "mode",
+    "proxy_protocol",
     "affinity",
     "on_dead",
     "health",
@@ -750,12 +751,18 @@ def _service(
         _fail(_at(path, "backends"), mixed)
     mode = block.get("mode", "nat")
     on_dead = block.get("on_dead", "keep")
+    proxy = block.get("proxy_protocol")
+    misfit = proxy_protocol_misfit(proxy, proto, mode)
+    if misfit:
+        _fail(_at(path, "proxy_protocol"), misfit)
     if mode == "dr":
         misfit = dr_misfit(name, port, backends) or _dr_misfit_more(proto, on_dead)
         if misfit:
             _fail(_at(path, "mode"), misfit)
     try:
-        service = Service(name, proto, port, block.get("scheduler", "rr"), affinity, backends, mode)
+        service = Service(
+            name, proto, port, block.get("scheduler", "rr"), affinity, backends, mode, proxy
+        )
     except ValueError as error:  # everything was checked above; kept as a safety net
         _fail(path, str(error))
     return ServiceConfig(service, health, probe, on_dead)
@@ -939,6 +946,7 @@ class Overrides:
     http_status: int = 200
     on_dead: str = "keep"
     mode: str = "nat"  # the command line's service: nat or dr (direct routing)
+    proxy_protocol: str | None = None  # the command line's service: "v2" (lbnat.proxyproto)
     log_transitions: bool = False
     time_wait: float = 120.0
     udp_timeout: float = 30.0
@@ -1172,9 +1180,12 @@ def _command_line_service(
         )
         if misfit:
             _fail("", f"--mode dr: {misfit}")
+    misfit = proxy_protocol_misfit(overrides.proxy_protocol, proto, overrides.mode)
+    if misfit:
+        _fail("", f"--proxy-protocol: {misfit}")
     service = Service(
         f"{proto}:{port}", proto, port, overrides.scheduler, overrides.affinity, backends,
-        overrides.mode,
+        overrides.mode, overrides.proxy_protocol,
     )  # fmt: skip
     return ServiceConfig(service, health, probe, overrides.on_dead)
 
@@ -1232,7 +1243,13 @@ def _merge_service(
         )
         if misfit:
             _fail(f"services[{file.service.name}]", misfit)
-    service = dataclasses.replace(file.service, backends=backends, mode=mode)
+    proxy = (
+        ours.service.proxy_protocol if "proxy_protocol" in given else file.service.proxy_protocol
+    )
+    misfit = proxy_protocol_misfit(proxy, file.service.proto, mode)
+    if misfit:
+        _fail(f"services[{file.service.name}]", misfit)
+    service = dataclasses.replace(file.service, backends=backends, mode=mode, proxy_protocol=proxy)
     if "scheduler" in given:
         service = dataclasses.replace(service, scheduler=ours.service.scheduler)
     if "affinity" in given:

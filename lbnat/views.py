@@ -28,6 +28,7 @@ from lbnat.messages import (
     StandbyChange,
 )
 from lbnat.nat import PortPool
+from lbnat.proxyproto import ProxyProtoSession
 
 
 def apply_change(engine: Engine, change: Change, now: float) -> list[tuple[bytes, int]]:
@@ -164,6 +165,9 @@ def merge_counters(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
+PROXY_HEADER_STATES = ("not sent", "sent", "acknowledged")  # ProxyProtoSession.pp_state
+
+
 def session_rows(engine: Engine, now: float) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     kernel = engine.table.kernel
@@ -183,4 +187,6 @@ def session_rows(engine: Engine, now: float) -> list[dict[str, object]]:
                 "age": round(max(0.0, now - row.created), 0),
             }
         )
+        if row.__class__ is ProxyProtoSession:  # its PROXY header: lbnat.proxyproto
+            rows[-1]["proxy_header"] = PROXY_HEADER_STATES[row.pp_state]
     return rows

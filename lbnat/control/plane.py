@@ -321,6 +321,7 @@ class ControlPlane:
             "port": config.service.port,
             "scheduler": config.service.scheduler,
             "mode": config.service.mode,  # nat, or dr: direct routing (docs/dr.md)
+            "proxy_protocol": config.service.proxy_protocol,  # "v2" or None (proxyproto)
             "health_check": probe_kind(config.probe, config.service.proto)
             if config.health
             else "off",
