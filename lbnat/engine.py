@@ -629,7 +629,10 @@ def reset_flows(
                 )  # fmt: skip
                 packets.append((rst, client_ip))
             if row.ack_s != UNKNOWN_ACK:
-                rst = tcp_segment_any(lb_ip, backend_ip, row.nat_port, port, row.ack_s, 0, RST)
+                seq = row.ack_s  # a PROXY row's is the client's numbering: add the header
+                if row.__class__ is ProxyProtoSession and row.pp_state == 2:
+                    seq = (seq + len(row.pp_header)) & 0xFFFFFFFF
+                rst = tcp_segment_any(lb_ip, backend_ip, row.nat_port, port, seq, 0, RST)
                 packets.append((rst, backend_ip))
         engine.table.remove(row)
         engine._flow_ended(Ended(row, EndReason.BACKEND_DEAD, engine.table.open_flows), now)

@@ -152,3 +152,15 @@ def test_a_udp_service_cannot_have_it() -> None:
         Service("dns", "udp", 53, proxy_protocol="v2")
     with pytest.raises(ValueError, match="v2"):
         Service("web", "tcp", 80, proxy_protocol="v1")
+
+
+def test_on_dead_reset_sends_the_backend_the_sequence_it_expects() -> None:
+    lab = Lab()
+    nat_port, row = handshake(lab, 1000)
+    lab.send(tcp(CLIENT1, LB, 40000, WEB_PORT, "A", 1001, 5001))
+    lab.send(tcp(CLIENT1, LB, 40000, WEB_PORT, "PA", 1001, 5001, payload=b"hello"))
+    lab.send(tcp(lab.backend, LB, WEB_BACKEND_PORT, nat_port, "A", 5001, 1001 + 28 + 5))
+    assert row.pp_state == 2
+    packets = lab.engine.reset_flows("web", (lab.backend, WEB_BACKEND_PORT), 1.0)
+    seqs = {IP(p).dst: IP(p)[TCP].seq for p, _ in packets}
+    assert seqs == {CLIENT1: 5001, lab.backend: 1001 + 28 + 5}
