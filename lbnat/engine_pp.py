@@ -36,7 +36,8 @@ class ProxyProtoPath:
         """A client's segment: its sequence number shifted past the header, and the header
         segment before it (or instead of it) when it is due."""
         ended = self._tracker.track_client(row, flags, seq, ack, win, now)
-        extra, send = proxyproto.from_client(row, buf, l4, flags, seq, now)
+        pure = proxyproto.replaces(row, buf, start, l4, flags, seq)
+        extra, send = proxyproto.from_client(row, buf, l4, flags, seq, now, pure)
         deltas = row.deltas
         pool = row.pool
         rewrite(
@@ -53,7 +54,7 @@ class ProxyProtoPath:
         if not send:
             return (FORWARD, backend_ip)
         header = proxyproto.header_packet(row, buf[start:end], l4 - start)
-        if proxyproto.replaces(row, buf, start, l4, flags, seq):
+        if pure:
             return (REPLY, header, backend_ip)
         return (SEND_FIRST, backend_ip, ((header, backend_ip),))
 

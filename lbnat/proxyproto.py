@@ -27,7 +27,9 @@ A lost header: lbnat keeps it until the backend's acknowledgement covers it (`pp
 It is sent again, built from the client segment at hand (so its timestamp option is the
 newest: PAWS), with a client segment that arrives `RESEND_AFTER` seconds or more after the
 last send, or at once after the backend has acknowledged only up to isn + 1 since then (a
-duplicate ACK: it has the client's data but not the header). That always converges: while
+duplicate ACK: it has the client's data but not the header), and in place of any pure ACK at
+isn + 1 (shifted, that ACK could complete a backend's handshake without the header).
+That always converges: while
 the header is missing the backend acknowledges none of the client's data, so the client
 retransmits; and if the header replaced the handshake's ACK, the backend, still in SYN_RECV,
 repeats its SYN-ACK and the client answers it with an ACK. (No timer in `tick`: the engine's
@@ -135,9 +137,10 @@ def _set_word(buf: bytearray, at: int, new: int) -> int:
 
 
 def from_client(row: ProxyProtoSession, buf: bytearray, l4: int, flags: int, seq: int,
-                now: float) -> tuple[int, bool]:  # fmt: skip
+                now: float, pure: bool = False) -> tuple[int, bool]:  # fmt: skip
     """Shift a client -> backend segment (before or after the NAT rewrite: the sequence field
-    only). Returns (the checksum delta, send the header before this segment)."""
+    only; `pure`: it is a pure ACK at isn + 1, `replaces`). Returns (the checksum delta, send
+    the header before this segment, or instead of it when `pure`)."""
     state = row.pp_state
     send = False
     if state == 0:
@@ -145,7 +148,9 @@ def from_client(row: ProxyProtoSession, buf: bytearray, l4: int, flags: int, seq
             return 0, False  # the handshake (or a RST) before the header: unshifted
         row.pp_state = 1
         send = True
-    elif state == 1 and (row.pp_sent_at < 0 or now - row.pp_sent_at >= RESEND_AFTER):
+    elif state == 1 and (
+        pure or row.pp_sent_at < 0 or now - row.pp_sent_at >= RESEND_AFTER
+    ):  # (a pure ACK at isn + 1, shifted, could complete a backend's handshake without it)
         send = True
     if send:
         row.pp_sent_at = now

@@ -71,12 +71,13 @@ def client_sends(row: pp.ProxyProtoSession, packet: bytearray, now: float) -> li
     """What lbnat sends to the backend for one client segment (already NATed)."""
     parsed = TCP(bytes(packet[20:]))
     flags, seq = int(parsed.flags), parsed.seq
-    delta, send = pp.from_client(row, packet, 20, flags, seq, now)
+    pure = pp.replaces(row, packet, 0, 20, flags, seq)
+    delta, send = pp.from_client(row, packet, 20, flags, seq, now, pure)
     fix(packet, delta)
     out: list[bytes] = []
     if send:
         out.append(pp.header_packet(row, packet, 20))
-        if pp.replaces(row, packet, 0, 20, flags, seq):
+        if pure:
             return out
     out.append(bytes(packet))
     return out
@@ -132,6 +133,16 @@ def test_a_duplicate_ack_without_the_header_brings_it_with_the_next_segment() ->
     out = client_sends(row, segment(LB, BACKEND, 1001, 1, ACK, b"abc"), 0.02)
     assert [IP(p)[TCP].seq for p in out] == [1001, 1029]
     assert bytes(IP(out[0])[TCP].payload) == row.pp_header
+
+
+def test_a_pure_ack_at_the_start_while_the_header_is_unacknowledged_is_the_header_again() -> None:
+    row = new_row(1000)
+    assert len(client_sends(row, segment(LB, BACKEND, 1001, 1, ACK), 0.0)) == 1
+    (again,) = client_sends(row, segment(LB, BACKEND, 1001, 1, ACK, window=9), 0.01)
+    assert IP(again)[TCP].seq == 1001 and bytes(IP(again)[TCP].payload) == row.pp_header
+    backend_sends(row, segment(BACKEND, LB, 1, 1029, ACK))
+    (ack,) = client_sends(row, segment(LB, BACKEND, 1001, 1, ACK), 0.02)
+    assert IP(ack)[TCP].seq == 1029 and not len(IP(ack)[TCP].payload)
 
 
 def test_a_backend_segment_before_the_header_is_left_alone() -> None:
