@@ -5,8 +5,8 @@ client's address; 20 MB go both ways byte-identical; under random loss on the ba
 ingress (nftables numgen, removed after) streams stay byte-identical; a backend that does not
 expect the header gets it as data (a misconfiguration, not a crash).
 
-One lab and one lbnat for the module (one worker, the kernel fast path on: PROXY rows stay in
-Python, the test checks that); root only."""
+One lab and one lbnat for the module, once with one worker and once with two (PACKET_FANOUT),
+the kernel fast path on (PROXY rows stay in Python); root only."""
 
 from __future__ import annotations
 
@@ -109,8 +109,10 @@ backend echo
 """
 
 
-@pytest.fixture(scope="module")
-def pp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Bed, Proc, Proc, Path, str]]:
+@pytest.fixture(scope="module", params=["1", "2"], ids=["1w", "2w"])
+def pp(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Bed, Proc, Proc, Path, str]]:
     """The lab, nginx on b1, HAProxy and its echo on b2, a plain echo on b1, lbnat; yields
     (bed, lbnat, haproxy, nginx's directory, sha256 of nginx's 20 MB file)."""
     if (reason := skip_reason()) is not None:
@@ -151,7 +153,8 @@ def pp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Bed, Proc, Pr
             lab.wait_tcp_listening("b2", HAPROXY_PORT)
             lbnat = bed.start(
                 "lb", console_script("lbnat"), "run", "--config", str(config), "--offload",
-                "tc", "--workers", "1", "--admin-socket", str(tmp / "admin.sock"), name="lbnat",
+                "tc", "--workers", request.param, "--admin-socket", str(tmp / "admin.sock"),
+                name="lbnat",
             )  # fmt: skip
             lbnat.expect("srcIP : ")
             for b, port in (("b1", NGINX_PORT), ("b2", HAPROXY_PORT), ("b1", PLAIN_PORT)):
