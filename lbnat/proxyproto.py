@@ -31,8 +31,8 @@ duplicate ACK: it has the client's data but not the header), and in place of any
 isn + 1 (shifted, that ACK could complete a backend's handshake without the header). That
 always converges: while the header is missing the backend acknowledges none of the client's
 data, so the client retransmits; and if the header replaced the handshake's ACK, the backend,
-still in SYN_RECV, repeats its SYN-ACK and the client answers it with an ACK. (No timer in `tick`: the engine's
-tick sends nothing; see docs/proxy-protocol.md.)
+still in SYN_RECV, repeats its SYN-ACK and the client answers it with an ACK. (No timer in
+`tick`: the engine's tick sends nothing; see docs/proxy-protocol.md.)
 
 The engine's tracker keeps such a row in the client's sequence space (as the SYN proxy's rows).
 """
