@@ -52,6 +52,7 @@ from typing import Final, Protocol
 from lbnat import addresses
 from lbnat.nat import DrSession, Session, State
 from lbnat.packet import ADDRESS, fold
+from lbnat.proxyproto import ProxyProtoSession
 
 KEY = struct.Struct("!IIHHB3x")
 """An entry's key: the packet as it arrives at the LB (saddr, daddr, sport, dport, proto)."""
@@ -69,6 +70,8 @@ VALUE6 = struct.Struct("<32s4sHH12sIQQQIHBx")
 """An IPv6 entry's value (88 bytes): as VALUE, with 32 bytes of addresses (src16, dst16); the
 deltas are those of the row's `deltas`, over the 32 bytes (the pseudo-header's part alone:
 IPv6 has no header checksum)."""
+
+SHIFT_AT = 63  # VALUE's last byte: a PROXY protocol row's shift (L, or 0x80 | L: the ACK's)
 
 KERNEL_PART = struct.Struct("<QQQIHB")
 KERNEL_PART_AT = 32  # offset of the kernel-written part in VALUE
@@ -118,6 +121,11 @@ def family(row: Session) -> int:
     return 4 if size == 8 else 6 if size == 32 else 0
 
 
+def _shifted(row: Session) -> bool:
+    """A PROXY protocol row of IPv4 (lbnat.proxyproto): the program shifts its numbers."""
+    return row.__class__ is ProxyProtoSession and len(row.rev_addresses) == 8
+
+
 def flow_entries(
     row: Session, ethernet: Callable[[int], bytes | None], ifindex: int
 ) -> tuple[Entry, Entry] | None:
@@ -158,6 +166,10 @@ def flow_entries(
             to_client[:12], ifindex, 0, 0, 0, 0, 0, 0,
         ),
     )  # fmt: skip
+    if row.__class__ is ProxyProtoSession:  # its sequence shift, in VALUE's last byte
+        length = len(row.pp_header)
+        forward = (forward[0], forward[1][:SHIFT_AT] + bytes((length,)))
+        reverse = (reverse[0], reverse[1][:SHIFT_AT] + bytes((0x80 | length,)))
     return forward, reverse
 
 
@@ -259,7 +271,9 @@ class FastPath:
         """The row's state changed (`row.seen` is when): it waits for the kernel, or leaves it.
         Only rows of the class Session itself (not a SYN-proxied row, not a NAT64 row) whose
         family has a map wait."""
-        if row.state in OFFLOADED and (row.__class__ is Session or row.__class__ is DrSession):
+        if row.state in OFFLOADED and (
+            row.__class__ is Session or row.__class__ is DrSession or _shifted(row)
+        ):
             if row not in self.rows and self._takes(row):
                 self.waiting.append((row.seen, row))
         elif row in self.rows:
@@ -270,10 +284,15 @@ class FastPath:
         table calls this on every expiry sweep (the engine's tick)."""
         waiting = self.waiting
         since = now - OFFLOAD_AFTER
+        later: list[tuple[float, Session]] = []
         while waiting and waiting[0][0] <= since:
             _, row = waiting.popleft()
             if row.bucket >= 0 and row.state in OFFLOADED and row not in self.rows:
+                if row.__class__ is ProxyProtoSession and row.pp_state != 2:
+                    later.append((now, row))  # its header is not acknowledged yet: wait more
+                    continue
                 self._offload(row)
+        waiting.extend(later)
 
     def removed(self, row: Session) -> None:
         if row in self.rows:

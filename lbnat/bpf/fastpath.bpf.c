@@ -66,7 +66,9 @@ struct flow_value {
 	__u32 ack;         /* 56 kernel-written, TCP: ack number of the last segment with ACK */
 	__u16 window;      /* 60 kernel-written, TCP: its raw window */
 	__u8 acked;        /* 62 kernel-written: 1 once ack/window hold a segment's values */
-	__u8 pad;          /* 63 */
+	__u8 shift;        /* 63 PROXY protocol rows (lbnat.proxyproto): 0 none; else the header's
+			    * length L (bits 0-6): the sequence number + L (client -> backend),
+			    * or with bit 7 the ACK number - L (backend -> client) */
 };
 
 /* IPv6: the same meaning, 16-byte addresses (Python: "!16s16sHHB3x"). */
@@ -241,7 +243,8 @@ int lbnat_fastpath(struct __sk_buff *skb)
 	union l4hdr l4h = {};
 	struct flow_key key = {};
 	struct flow_value *v;
-	__u32 ihl, l4, total, l4_len, csum_off, mangled;
+	__u32 ihl, l4, total, l4_len, csum_off, mangled, seq_off = 0, shift;
+	__be32 seq_old = 0, seq_new = 0, opts = 0;
 	__u64 now;
 
 	/* ---- checks: any failure passes the packet on, untouched ---- */
@@ -300,8 +303,37 @@ int lbnat_fastpath(struct __sk_buff *skb)
 	v = bpf_map_lookup_elem(&lbnat_flows, &key);
 	if (!v)
 		return TC_ACT_UNSPEC;
+	/* A PROXY protocol row's sequence shift (lbnat.proxyproto): the client's sequence numbers
+	 * + L, the backend's ACK numbers - L. A backend segment with options other than Linux's
+	 * timestamps alone (NOP NOP TS: SACK blocks, whose edges need the shift too, go up to the
+	 * engine) or without ACK goes up. */
+	shift = v->shift;
+	if (shift && ip.protocol == IPPROTO_TCP) {
+		if (shift & 0x80) {
+			if (!(l4h.raw[TCP_FLAGS_BYTE] & F_ACK))
+				return TC_ACT_UNSPEC;
+			if (l4h.tcp.doff != 5) {
+				if (l4h.tcp.doff != 8 ||
+				    bpf_skb_load_bytes(skb, l4 + sizeof(struct tcphdr), &opts, 4) < 0 ||
+				    opts != bpf_htonl(0x0101080A))
+					return TC_ACT_UNSPEC;
+			}
+			seq_off = l4 + offsetof(struct tcphdr, ack_seq);
+			seq_old = l4h.tcp.ack_seq;
+			seq_new = bpf_htonl(bpf_ntohl(seq_old) - (shift & 0x7F));
+			l4h.tcp.ack_seq = seq_new; /* the engine reads the client's numbering */
+		} else {
+			seq_off = l4 + offsetof(struct tcphdr, seq);
+			seq_old = l4h.tcp.seq;
+			seq_new = bpf_htonl(bpf_ntohl(seq_old) + shift);
+		}
+	}
 
 	/* ---- rewrite: from here on, an error drops the packet ---- */
+	if (shift && ip.protocol == IPPROTO_TCP &&
+	    (bpf_skb_store_bytes(skb, seq_off, &seq_new, 4, 0) < 0 ||
+	     bpf_l4_csum_replace(skb, csum_off, seq_old, seq_new, sizeof(__u32)) < 0))
+		return TC_ACT_SHOT;
 	if (bpf_skb_store_bytes(skb, IP_ADDRS_OFF, v->addresses, 8, 0) < 0 ||
 	    bpf_skb_store_bytes(skb, l4, v->ports, 4, 0) < 0)
 		return TC_ACT_SHOT;

@@ -13,7 +13,7 @@ from lbnat import proxyproto
 from lbnat.checkpoint import RowCheckpoint, checkpoint_bytes
 from lbnat.config import ConfigError, Overrides, build_config
 from lbnat.engine import FORWARD, REPLY, SEND_FIRST, Action, Engine
-from lbnat.fastpath import OFFLOAD_AFTER, FastPath, SimulatedMap
+from lbnat.fastpath import OFFLOAD_AFTER, SHIFT_AT, FastPath, SimulatedMap
 from lbnat.packet import ACK, PSH
 from lbnat.proxyproto import ProxyProtoSession
 from lbnat.service import Service
@@ -167,15 +167,28 @@ def test_on_dead_reset_sends_the_backend_the_sequence_it_expects() -> None:
     assert seqs == {CLIENT1: 5001, lab.backend: 1001 + 28 + 5}
 
 
-def test_the_kernel_fast_path_takes_no_proxy_row() -> None:
+def test_the_kernel_fast_path_takes_a_proxy_row_once_its_header_is_acknowledged() -> None:
     lab = Lab()
     kernel = SimulatedMap(1 << 10)
     lab.engine.table.kernel = FastPath(kernel, lambda ip: b"\x02" * 12 + b"\x08\x00", 7)
     nat_port, row = handshake(lab, 1000)
     lab.send(tcp(CLIENT1, LB, 40000, WEB_PORT, "A", 1001, 5001))
     lab.send(tcp(lab.backend, LB, WEB_BACKEND_PORT, nat_port, "A", 5001, 1029))
+    lab.now = OFFLOAD_AFTER * 2
+    lab.engine.tick(lab.now)
+    assert row.pp_state == 2 and len(kernel.entries) == 2
+    shifts = sorted(value[SHIFT_AT] for value in kernel.entries.values())
+    assert shifts == [28, 0x80 | 28]  # client -> backend: seq + 28; the reverse: ACK - 28
+    assert session_rows(lab.engine, lab.now)[0]["path"] == "kernel"
+
+
+def test_a_proxy_row_whose_header_is_unacknowledged_stays_in_python() -> None:
+    lab = Lab()
+    kernel = SimulatedMap(1 << 10)
+    lab.engine.table.kernel = FastPath(kernel, lambda ip: b"\x02" * 12 + b"\x08\x00", 7)
+    _, row = handshake(lab, 1000)
+    lab.send(tcp(CLIENT1, LB, 40000, WEB_PORT, "A", 1001, 5001))  # the header: lost, say
     for second in range(1, 4):
         lab.now = OFFLOAD_AFTER * second
         lab.engine.tick(lab.now)
-    assert row.pp_state == 2 and kernel.entries == {}
-    assert session_rows(lab.engine, lab.now)[0]["path"] == "python"
+    assert row.pp_state == 1 and kernel.entries == {}

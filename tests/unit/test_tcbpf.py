@@ -682,3 +682,70 @@ def test_a_direct_routed_row_s_entry_changes_nothing_but_the_mac(
     seen = counters(flows, Rewrite(6, CLIENT, VIP, CPORT, VPORT, CLIENT, VIP, CPORT, VPORT))
     assert (seen.packets, seen.bytes) == (2, 40 + len(raw) - 14)
     assert (seen.ack, seen.window, seen.acked) == (5000, 501, 1)
+
+
+def test_a_proxy_protocol_row_s_numbers_are_shifted_as_the_engine_shifts_them(
+    program: tcbpf.TcProgram, flows: tcbpf.FlowMap
+) -> None:
+    """lbnat.fastpath.flow_entries of an engine's PROXY protocol row (lbnat.proxyproto), its
+    header acknowledged: the program's rewrite of the client's segments (seq + 28) and of the
+    backend's (ACK - 28) is the engine's, byte for byte; a backend segment with SACK blocks
+    goes up to the engine."""
+    from lbnat.backends import Backend
+    from lbnat.engine import Engine
+    from lbnat.fastpath import flow_entries
+    from lbnat.service import Service
+
+    web = Service("web", "tcp", VPORT, backends=(Backend(BACKEND, BPORT),), proxy_protocol="v2")
+    engine = Engine(VIP, [web])
+
+    def python(packet: Packet) -> bytes:
+        buf = fx.wire(packet)
+        action = engine.handle(buf, 0, len(buf), False, 1.0)
+        assert action[0] == 1, action  # FORWARD
+        return bytes(buf)
+
+    isn = 0xFFFFFFF0  # the shift wraps
+    python(fx.tcp(CLIENT, VIP, CPORT, VPORT, "S", isn))
+    (row,) = engine.table
+    nat_port = row.nat_port
+    python(fx.tcp(BACKEND, VIP, BPORT, nat_port, "SA", 5000, isn + 1))
+    buf = fx.wire(fx.tcp(CLIENT, VIP, CPORT, VPORT, "A", isn + 1, 5001))
+    engine.handle(buf, 0, len(buf), False, 1.0)  # the header segment (REPLY)
+    python(fx.tcp(BACKEND, VIP, BPORT, nat_port, "A", 5001, (isn + 1 + 28) & 0xFFFFFFFF))
+    entries = flow_entries(row, lambda ip: ETH_OUT + b"\x08\x00", IFINDEX)
+    assert entries is not None
+    for entry in entries:
+        assert flows.put(*entry)
+    ts = [("NOP", None), ("NOP", None), ("Timestamp", (7, 9))]
+    for packet in (
+        fx.tcp(CLIENT, VIP, CPORT, VPORT, "PA", isn + 1, 5001, payload=b"GET /" * 20, options=ts),
+        fx.tcp(CLIENT, VIP, CPORT, VPORT, "A", (isn + 101) & 0xFFFFFFFF, 5100),
+        fx.tcp(
+            BACKEND,
+            VIP,
+            BPORT,
+            nat_port,
+            "PA",
+            5001,
+            (isn + 129) & 0xFFFFFFFF,
+            payload=b"200 OK",
+            options=ts,
+        ),
+        fx.tcp(BACKEND, VIP, BPORT, nat_port, "A", 5007, 20),  # the ACK wraps back
+    ):
+        raw = frame(packet)
+        retval, out = program.test_run(raw)
+        assert retval == tcbpf.TC_ACT_REDIRECT
+        expected = python(packet)
+        assert out[14:].hex() == expected.hex()
+        fx.verify_checksums(out[14:])
+    for options in (
+        [("NOP", None), ("NOP", None), ("SAck", (100, 200))],  # as long as timestamps
+        [*ts, ("NOP", None), ("NOP", None), ("SAck", (100, 200))],
+    ):
+        raw = frame(fx.tcp(BACKEND, VIP, BPORT, nat_port, "A", 5007, 20, options=options))
+        retval, out = program.test_run(raw)
+        assert retval != tcbpf.TC_ACT_REDIRECT and out == raw
+    reverse = Rewrite(6, BACKEND, VIP, BPORT, nat_port, VIP, CLIENT, VPORT, CPORT)
+    assert counters(flows, reverse).ack == (20 - 28) & 0xFFFFFFFF  # the client's numbering
