@@ -4,8 +4,9 @@
 Such a row is a `ProxyProtoSession`: the engine's per-packet test `row.__class__ is not
 Session`, already paid by every packet on that branch's way, sends it here, so plain NAT rows
 pay nothing. Only IPv4 clients get such rows (an IPv6 client's row is the IPv6 path's, without
-the header); the kernel fast path takes none (lbnat.fastpath offloads plain rows only), the
-checkpoint and the session sync leave them out (their shift is not in the record).
+the header); the kernel fast path takes them once their header is acknowledged (the tc
+program shifts the numbers too, lbnat.fastpath), the checkpoint and the session sync leave
+them out (their shift is not in the record).
 """
 
 from __future__ import annotations

@@ -23,9 +23,13 @@ engine computed:
   reset, expiry) leaves the kernel (`withdraw`), its kernel counters folded into its pool and
   service first;
 - idle expiry: a due row in the kernel first takes the kernel's last-seen time (`refresh`);
-- SYN-proxied rows (`lbnat.synproxy.ProxiedSession`) and PROXY protocol rows
-  (`lbnat.proxyproto.ProxyProtoSession`) stay in Python: every packet of theirs has its
-  sequence numbers shifted, which the program does not do (docs/proxy-protocol.md).
+- SYN-proxied rows (`lbnat.synproxy.ProxiedSession`) stay in Python: every packet of theirs
+  has its sequence numbers shifted by a row's own offset and its window rescaled.
+- PROXY protocol rows (`lbnat.proxyproto.ProxyProtoSession`, IPv4) enter once their header is
+  acknowledged (`settle` waits for that): the shift L goes in VALUE's last byte (`SHIFT_AT`),
+  L for the client's entry (sequence + L), 0x80 | L for the backend's (ACK - L); the program
+  passes up a backend segment with options other than timestamps (SACK blocks) or without
+  ACK (docs/proxy-protocol.md).
 
 IPv6 (issue 21): a row whose client and backend are both IPv6 (`rev_addresses` and
 `pool.fwd_addresses` 32 bytes each) goes into the second map, `lbnat_flows6`, with KEY6 and
