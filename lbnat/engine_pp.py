@@ -19,6 +19,7 @@ from lbnat.nat import ConnectionTracker, Ended, State, key_client_ip
 from lbnat.packet import SYN, TCP, fold, rewrite, tcp_window_scale
 from lbnat.proxyproto import ProxyProtoSession
 from lbnat.service import ServiceState
+from lbnat.synproxy import rewrite_to_backend
 
 
 class ProxyProtoPath:
@@ -39,16 +40,8 @@ class ProxyProtoPath:
         ended = self._tracker.track_client(row, flags, seq, ack, win, now)
         pure = proxyproto.replaces(row, buf, start, l4, flags, seq)
         extra, send = proxyproto.from_client(row, buf, l4, flags, seq, now, pure)
-        deltas = row.deltas
         pool = row.pool
-        rewrite(
-            buf, start, l4, TCP, pool.fwd_addresses, row.fwd_ports,
-            deltas >> 48, fold(((deltas >> 32) & 0xFFFF) + extra), partial,
-        )  # fmt: skip
-        pool.to_backend_packets += 1
-        pool.to_backend_bytes += end - start
-        service.packets += 1
-        service.bytes += end - start
+        rewrite_to_backend(buf, start, l4, end, row, extra, partial)
         if ended is not None:
             self._flow_ended(ended, now)
         backend_ip = pool.backend.ip_int

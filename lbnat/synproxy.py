@@ -74,6 +74,25 @@ _WORD = struct.Struct("!I")
 _U16 = struct.Struct("!H")
 
 
+
+def rewrite_to_backend(
+    buf: bytearray, start: int, l4: int, end: int, row: Session, extra: int, partial: bool
+) -> None:
+    """A client's TCP segment of a row whose sequence numbers lbnat shifts (SYN-proxied rows,
+    PROXY protocol rows: lbnat.engine_pp) rewritten towards the backend, `extra` added to the
+    port part of the checksum delta (what the shifts changed), and counted. (The plain NAT
+    path does the same inline: there it runs for every packet, and a call costs.)"""
+    deltas = row.deltas
+    pool = row.pool
+    rewrite(
+        buf, start, l4, TCP, pool.fwd_addresses, row.fwd_ports,
+        deltas >> 48, fold(((deltas >> 32) & 0xFFFF) + extra), partial,
+    )  # fmt: skip
+    pool.to_backend_packets += 1
+    pool.to_backend_bytes += end - start
+    row.service.packets += 1
+    row.service.bytes += end - start
+
 class ProxiedSession(Session):
     """A row whose handshake lbnat made itself: the sequence offset and what it needs until
     the backend has answered. Only these rows carry the extra slots."""
@@ -335,16 +354,7 @@ class SynProxy:
             extra += translate_sack(buf, l4, end, -row.offset & MASK32, row.ack_delta)
         if row.win_to_backend:
             extra += rescale_window(buf, l4, row.win_to_backend)
-        deltas = row.deltas
-        pool = row.pool
-        rewrite(
-            buf, start, l4, TCP, pool.fwd_addresses, row.fwd_ports,
-            deltas >> 48, fold(((deltas >> 32) & 0xFFFF) + extra), partial,
-        )  # fmt: skip
-        pool.to_backend_packets += 1
-        pool.to_backend_bytes += end - start
-        service.packets += 1
-        service.bytes += end - start
+        rewrite_to_backend(buf, start, l4, end, row, extra, partial)
         if ended is not None:
             self._flow_ended(ended, now)
         return (FORWARD, backend_ip)
