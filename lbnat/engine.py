@@ -229,10 +229,9 @@ def backend_reset(row: Session) -> tuple[bytes, int]:
     (LB, NAT port): at the sequence number it expects (the client's ISN + 1, kept in ack_s).
     Its source is the row's own (the LB's address of the backend's family)."""
     server = row.pool.backend
-    lb_ip = addresses.from_packed(row.pool.fwd_addresses[: len(row.pool.fwd_addresses) // 2])
-    return tcp_segment_any(lb_ip, server.ip_int, row.nat_port, server.port, row.ack_s, 0, RST), (
-        server.ip_int
-    )
+    return tcp_segment_any(
+        row.pool.source, server.ip_int, row.nat_port, server.port, row.ack_s, 0, RST
+    ), (server.ip_int)
 
 
 def forward_after_resets(
@@ -614,8 +613,7 @@ def reset_flows(
     if pool is None:
         return []
     backend_ip, port = ip_int(backend[0]), backend[1]
-    half = len(pool.fwd_addresses) // 2
-    lb_ip = addresses.from_packed(pool.fwd_addresses[:half])  # of the backend's family
+    lb_ip = pool.source  # of the backend's family
     packets: list[tuple[bytes, int]] = []
     for row in [r for r in pool.rows if r is not None and r.service is state and not r.ended]:
         if engine.table.kernel is not None:  # its latest ACKs are the kernel's

@@ -73,12 +73,6 @@ FRAME_PRELUDE = 24
 _FRAGMENTATION_NEEDED = 4  # ICMPv4 destination unreachable's code
 
 
-def _swap(pair: bytes) -> bytes:
-    """Source and destination exchanged (addresses of either family, or ports)."""
-    half = len(pair) // 2
-    return pair[half:] + pair[:half]
-
-
 class IPv6Path:
     """`Engine._handle6` and the NAT64 and ICMP turns; the engine's attributes it uses are
     declared here for the type checker."""

@@ -35,6 +35,7 @@ from lbnat.packet import (
     parse_icmp_error,
     rewrite_deltas,
     rewrite_icmp_error,
+    swapped,
 )
 from lbnat.packet6 import (
     ICMP6_PACKET_TOO_BIG,
@@ -52,12 +53,6 @@ from lbnat.packet6 import (
 
 if TYPE_CHECKING:
     from lbnat.service import ServiceState
-
-
-def _swap(pair: bytes) -> bytes:
-    """Source and destination exchanged (addresses of either family, or ports)."""
-    half = len(pair) // 2
-    return pair[half:] + pair[:half]
 
 
 class IcmpTurns:
@@ -139,9 +134,7 @@ class IcmpTurns:
         if row is None:
             return self._drop(DropReason.NO_SESSION)
         pool = row.pool
-        half = len(pool.fwd_addresses) // 2
-        quote_addresses = pool.fwd_addresses[half:] + pool.fwd_addresses[:half]
-        quote_ports = row.fwd_ports[2:] + row.fwd_ports[:2]
+        quote_addresses, quote_ports = swapped(pool.fwd_addresses), swapped(row.fwd_ports)
         ip_delta, l4_delta = rewrite_deltas(
             row.rev_addresses, quote_addresses, row.rev_ports, quote_ports
         )
@@ -182,7 +175,7 @@ class IcmpTurns:
         if row is None:
             return self._drop(DropReason.NO_SESSION)
         pool = row.pool
-        addresses, ports = _swap(pool.fwd_addresses), _swap(row.fwd_ports)
+        addresses, ports = swapped(pool.fwd_addresses), swapped(row.fwd_ports)
         l4_delta = rewrite_deltas(row.rev_addresses, addresses, row.rev_ports, ports)[1]
         if row.__class__ is Nat64Session:
             mapped = V6_TO_V4.get((kind, code))

@@ -44,7 +44,7 @@ from typing import Protocol
 from lbnat import addresses
 from lbnat.addresses import V4_MAX
 from lbnat.backends import Backend, BackendKey
-from lbnat.packet import ACK, ADDRESS, FIN, PORT_PAIR, RST, SYN, TCP, rewrite_deltas
+from lbnat.packet import ACK, ADDRESS, FIN, PORT_PAIR, RST, SYN, TCP, rewrite_deltas, swapped
 from lbnat.service import ServiceState
 
 
@@ -240,6 +240,7 @@ class PortPool:
         "last",
         "next_unused",
         "rows",
+        "source",
         "timeout_of",
         "to_backend_bytes",
         "to_backend_packets",
@@ -265,6 +266,7 @@ class PortPool:
         self._closed = _Fifo(_is_ended)  # this backend's ended rows, oldest first
         self._half_open = _Fifo(_is_half_open)  # its half-open rows: ports to take back
         # src LB, dst backend: the same for every flow to this backend.
+        self.source = lb_ip  # the LB's address of the backend's family (lbnat.addresses int)
         self.fwd_addresses = addresses.packed(lb_ip) + addresses.packed(backend.ip_int)
         self.active = 0  # open flows (not ended)
         self.flows = 0  # flows ever scheduled here
@@ -410,11 +412,7 @@ class Session:
         """(addresses, ports) of the flow's packets as the client sends them, before the
         forward rewrite: (client, VIP) and (client port, service port), the reply rewrite's
         bytes swapped."""
-        half = len(self.rev_addresses) // 2
-        return (
-            self.rev_addresses[half:] + self.rev_addresses[:half],
-            self.rev_ports[2:] + self.rev_ports[:2],
-        )
+        return swapped(self.rev_addresses), swapped(self.rev_ports)
 
     @property
     def ended(self) -> bool:
@@ -914,9 +912,8 @@ def _prepare_rewrites(
     )
     s.rev_addresses = vip_address + client_address
     s.rev_ports = service.reply_ports(client_port)
-    half = len(pool.fwd_addresses) // 2
     rev_ip, rev_l4 = rewrite_deltas(
-        pool.fwd_addresses[half:] + pool.fwd_addresses[:half],
+        swapped(pool.fwd_addresses),
         s.rev_addresses,
         PORT_PAIR.pack(backend_port, s.nat_port),
         s.rev_ports,

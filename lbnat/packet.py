@@ -161,6 +161,12 @@ def delta(old: bytes, new: bytes) -> int:
     return fold(words_old * 0xFFFF - old_sum + new_sum)
 
 
+def swapped(pair: bytes) -> bytes:
+    """Source and destination exchanged: 8 or 32 address bytes, or 4 port bytes."""
+    half = len(pair) // 2
+    return pair[half:] + pair[:half]
+
+
 def add(a: int, b: int) -> int:
     """Ones' complement addition of two 16-bit values."""
     return fold(a + b)
@@ -318,24 +324,6 @@ def tcp_window_scale(buf: bytearray | bytes, l4: int, end: int) -> int | None:
     for kind, at, length in tcp_options(buf, l4, end):
         if kind == 3 and length == 3:
             return min(buf[at + 2], 14)  # RFC 7323 caps the shift at 14
-    return None
-    options_end = min(l4 + ((buf[l4 + 12] >> 4) << 2), end)
-    at = l4 + 20
-    while at < options_end:
-        kind = buf[at]
-        if kind == 0:
-            break
-        if kind == 1:
-            at += 1
-            continue
-        if at + 1 >= options_end:
-            break
-        length = buf[at + 1]
-        if length < 2:
-            break
-        if kind == 3 and length == 3 and at + 2 < options_end:
-            return min(buf[at + 2], 14)  # RFC 7323 caps the shift at 14
-        at += length
     return None
 
 
